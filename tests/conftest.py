@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+TOPICS = [
+    ("Where is my order?", "You can track it from the link in your confirmation email."),
+    ("Can I return a bike?", "Yes, within 30 days if it is unused."),
+    ("Do you ship abroad?", "We ship to the US and Canada only."),
+    ("What are your hours?", "Monday to Friday, 8am to 6pm Pacific."),
+    ("Is there a warranty?", "Frames have a 5-year warranty."),
+    ("How do I cancel?", "Reply CANCEL to your confirmation email within 2 hours."),
+    ("Do you price match?", "Yes, for identical items from authorised dealers."),
+    ("Can I pay later?", "Yes, in four payments with no interest."),
+]
+
+
+def chat_lines(n: int, multi_turn_every: int = 3) -> list[dict]:
+    """n small, distinct chats; every `multi_turn_every`-th is two turns, some with a weight-0 turn."""
+    lines = []
+    for i in range(n):
+        q, a = TOPICS[i % len(TOPICS)]
+        messages = [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": f"{q} (#{i})"},
+            {"role": "assistant", "content": a},
+        ]
+        if i % multi_turn_every == 0:
+            q2, a2 = TOPICS[(i + 1) % len(TOPICS)]
+            if i % 2 == 0:
+                messages[-1]["weight"] = 0
+            messages += [{"role": "user", "content": q2}, {"role": "assistant", "content": a2}]
+        lines.append({"messages": messages})
+    return lines
+
+
+def write_jsonl(path: Path, lines: list) -> Path:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def tunery_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path_factory.getbasetemp() / "tunery-home"
+    monkeypatch.setenv("TUNERY_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def chat_files(tmp_path: Path) -> tuple[Path, Path]:
+    train = write_jsonl(tmp_path / "train.jsonl", chat_lines(24))
+    valid = write_jsonl(tmp_path / "valid.jsonl", chat_lines(30)[24:])
+    return train, valid
+
+
+@pytest.fixture
+def tiny():
+    """A fresh tiny-random model and tokenizer (peft wraps models in place, so never share one)."""
+    from tunery.models.load import load_model
+
+    return load_model("tiny-random")

@@ -1,0 +1,208 @@
+"""The SFT recipe end to end on tiny-random: files, metrics, learning, exact resume, adapters, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from peft import PeftModel
+
+from tunery.cli import main
+from tunery.errors import TuneryError
+from tunery.models.load import load_model
+from tunery.models.lora import apply_lora
+from tunery.recipes import sft
+from tunery.training.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def config(train: Path, valid: Path, out: Path, **extra) -> dict:
+    base = {
+        "model": "tiny-random",
+        "data": str(train),
+        "valid": str(valid),
+        "out": str(out),
+        "epochs": 2,
+        "batch_size": 4,
+        "lr": 2e-2,
+        "lora_rank": 8,
+        "seed": 0,
+        "precision": "fp32",
+        "save_every": 2,
+        "eval_every": 3,
+        "micro_batch_tokens": 256,
+    }
+    return base | extra
+
+
+def cli_args(cfg: dict) -> list[str]:
+    return ["train", "sft"] + [a for k, v in cfg.items() for a in ("--set", f"{k}={v}")]
+
+
+def adapter_state(run: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(run / "final" / "adapter_model.safetensors"))
+
+
+def test_lora_run_writes_the_contract_and_learns(chat_files, tmp_path: Path) -> None:
+    train, valid = chat_files
+    out = tmp_path / "run"
+    summary = sft.run(None, config(train, valid, out, epochs=4))
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "final/adapter_model.safetensors",
+        "final/adapter_config.json",
+        "final/tokenizer.json",
+    ):
+        assert (out / name).is_file(), name
+    records = read_metrics(out / "metrics.jsonl")
+    steps = [r for r in records if "train_loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 25))  # ceil(24 / 4) * 4 epochs
+    for key in ("total_steps", "train_mean_token_accuracy", "lr", "tokens", "tokens_per_second"):
+        assert key in steps[0]
+    assert (
+        "valid_loss" in steps[2] and "valid_mean_token_accuracy" in steps[2] and "valid_loss" not in steps[0]
+    )
+    assert "full_valid_loss" in records[-1] and "full_valid_mean_token_accuracy" in records[-1]
+    assert steps[-1]["train_loss"] < 0.7 * steps[0]["train_loss"]
+    assert summary["trained_tokens"] == steps[-1]["tokens"] and summary["peak_memory_mb"] > 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-20", "step-22", "step-24"]
+
+    # Every trainable parameter moved away from its initial value.
+    model, _ = load_model("tiny-random")
+    torch.manual_seed(0)
+    initial = apply_lora(model, 8, 32.0, 0.0, "all-linear")
+    init_state = {k: v for k, v in initial.state_dict().items() if "lora_" in k}
+    trained = adapter_state(out)
+    assert len(trained) == len(init_state) > 0
+    for key, value in trained.items():
+        match = [v for k, v in init_state.items() if k.replace(".default", "") == key]
+        assert match and not torch.equal(match[0], value), key
+
+
+def test_full_fine_tuning_saves_a_loadable_model(chat_files, tmp_path: Path) -> None:
+    train, valid = chat_files
+    out = tmp_path / "full"
+    sft.run(None, config(train, valid, out, lora_rank=0, lr=3e-3))
+    steps = [r for r in read_metrics(out / "metrics.jsonl") if "train_loss" in r]
+    assert steps[-1]["train_loss"] < 0.7 * steps[0]["train_loss"]
+    model, _ = load_model(str(out / "final"))
+    assert model.config.num_hidden_layers == 2
+
+
+def _kill_run(cfg: dict, fault: str) -> None:
+    env = {**os.environ, "TUNERY_FAULT": fault}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunery", *cli_args(cfg)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("fault", "latest"), [("after_step:3", "step-2"), ("during_save:4", "step-2")])
+def test_resume_after_sigkill_is_exact(chat_files, tmp_path: Path, fault: str, latest: str) -> None:
+    train, valid = chat_files
+    ref = tmp_path / "ref"
+    sft.run(None, config(train, valid, ref, lora_dropout=0.1))  # dropout: RNG state must be restored too
+
+    killed = tmp_path / "killed"
+    cfg = config(train, valid, killed, lora_dropout=0.1)
+    _kill_run(cfg, fault)
+    assert not (killed / "final").exists()
+    done = sorted(p.name for p in (killed / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert done == [latest]
+    assert main(["train", "sft", "--resume", str(killed)]) == 0
+
+    ref_state, resumed_state = adapter_state(ref), adapter_state(killed)
+    assert ref_state.keys() == resumed_state.keys()
+    for key in ref_state:
+        assert torch.equal(ref_state[key], resumed_state[key]), key
+    ref_losses = [r["train_loss"] for r in read_metrics(ref / "metrics.jsonl") if "train_loss" in r]
+    resumed_losses = [r["train_loss"] for r in read_metrics(killed / "metrics.jsonl") if "train_loss" in r]
+    assert resumed_losses == ref_losses
+
+
+def test_adapter_loads_in_peft_and_merges(chat_files, tmp_path: Path) -> None:
+    train, valid = chat_files
+    out = tmp_path / "run"
+    sft.run(None, config(train, valid, out, epochs=1))
+    base, tokenizer = load_model("tiny-random")
+    ids = torch.tensor([tokenizer("Where is my order?")["input_ids"]])
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+    peft_model = PeftModel.from_pretrained(base, out / "final")
+    with torch.no_grad():
+        tuned_logits = peft_model(input_ids=ids).logits
+    assert not torch.allclose(base_logits, tuned_logits, atol=1e-4)
+
+    merged_dir = tmp_path / "merged"
+    assert (
+        main(["export", "--model", "tiny-random", "--adapter", str(out), "--merge", "--out", str(merged_dir)])
+        == 0
+    )
+    merged, _ = load_model(str(merged_dir))
+    with torch.no_grad():
+        merged_logits = merged(input_ids=ids).logits
+    assert torch.allclose(merged_logits, tuned_logits, atol=1e-4)
+
+
+def test_bad_inputs_fail_with_actionable_messages(chat_files, tmp_path: Path, capsys) -> None:
+    train, valid = chat_files
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(train.read_text() + '{"messages": [{"role": "user", "content": "q"}]}\n')
+    with pytest.raises(TuneryError, match=r"line 25: \[example_missing_assistant_message\]"):
+        sft.run(None, config(bad, valid, tmp_path / "x"))
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "something").write_text("keep me")
+    assert main(cli_args(config(train, valid, out))) == 2
+    assert "--resume" in capsys.readouterr().err and (out / "something").read_text() == "keep me"
+    assert main(["train", "sft", "--resume", str(tmp_path / "nothing")]) == 2
+    assert main(cli_args(config(train, valid, tmp_path / "y", epochs=0))) == 2
+    assert main(cli_args(config(train, valid, tmp_path / "z", model="no-such-model"))) == 2
+    err = capsys.readouterr().err
+    assert "epochs must be" in err and "unknown model 'no-such-model'" in err and "tiny-random" in err
+
+
+def test_ddp_two_processes_match_one(chat_files, tmp_path: Path) -> None:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun, "torchrun ships with torch"
+    train, valid = chat_files
+    single = tmp_path / "single"
+    sft.run(None, config(train, valid, single, epochs=1))
+    double = tmp_path / "ddp"
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "tunery",
+            *cli_args(config(train, valid, double, epochs=1)),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = [r for r in read_metrics(single / "metrics.jsonl") if "train_loss" in r]
+    two = [r for r in read_metrics(double / "metrics.jsonl") if "train_loss" in r]
+    assert len(one) == len(two) == 6
+    for a, b in zip(one, two, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["tokens"] == b["tokens"]
+    assert json.loads((double / "summary.json").read_text())["world_size"] == 2

@@ -1,0 +1,89 @@
+"""Padding-free packing: same loss as one conversation at a time, no attention across conversations."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.conftest import chat_lines
+from tunery.data.chat import check_chat_example
+from tunery.data.packing import IGNORE, pack, plan_rows, shard, shifted_targets, step_indices
+from tunery.data.template import tokenize_chat
+from tunery.recipes.sft import forward_loss
+
+
+def tokenized(tokenizer, n: int):
+    return [
+        tokenize_chat(tokenizer, check_chat_example(obj, i + 1)[0]) for i, obj in enumerate(chat_lines(n))
+    ]
+
+
+def test_packed_loss_equals_unpacked_loss(tiny) -> None:
+    model, tokenizer = tiny
+    model.eval()
+    chats = tokenized(tokenizer, 5)
+    with torch.no_grad():
+        packed_nll, packed_correct = forward_loss(model, pack(chats))
+        separate = [forward_loss(model, pack([c])) for c in chats]
+        # And a plain HF forward with the default attention, one conversation at a time, no Tunery code path.
+        plain = 0.0
+        for c in chats:
+            ids = torch.tensor([c.input_ids])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            labels = torch.tensor(c.input_ids[1:])
+            mask = torch.tensor(c.label_mask[1:])
+            plain += torch.nn.functional.cross_entropy(logits[mask], labels[mask], reduction="sum").item()
+    assert torch.allclose(packed_nll, sum(s[0] for s in separate), rtol=1e-5)
+    assert packed_correct == sum(s[1] for s in separate)
+    assert abs(packed_nll.item() - plain) < 1e-3 * plain
+
+
+def test_packing_changes_nothing_when_neighbours_change(tiny) -> None:
+    """The first conversation's logits do not depend on what is packed after it, nor vice versa."""
+    model, tokenizer = tiny
+    model.eval()
+    a, b, c = tokenized(tokenizer, 3)
+    with torch.no_grad():
+
+        def logits(row):
+            return model(
+                input_ids=row.input_ids, position_ids=row.position_ids, cu_seq_lens_q=row.cu_seq_lens
+            ).logits[0]
+
+        ab, cb = logits(pack([a, b])), logits(pack([c, b]))
+    n_a, n_c = len(a.input_ids), len(c.input_ids)
+    assert torch.allclose(ab[n_a:], cb[n_c:], atol=1e-5)
+
+
+def test_targets_never_cross_conversations(tiny) -> None:
+    _, tokenizer = tiny
+    chats = tokenized(tokenizer, 3)
+    row = pack(chats)
+    bounds = row.cu_seq_lens.tolist()
+    assert bounds[0] == 0 and bounds[-1] == row.n_tokens
+    for end in bounds[1:]:
+        assert row.targets[end - 1] == IGNORE  # the last token of a conversation predicts nothing
+    assert row.position_ids[0, bounds[1]] == 0
+    assert row.n_trained == sum(c.n_trained for c in chats)
+    assert shifted_targets(chats[0])[:-1] == [
+        t if m else IGNORE for t, m in zip(chats[0].input_ids[1:], chats[0].label_mask[1:], strict=True)
+    ]
+
+
+def test_rows_respect_the_budget_and_keep_every_chat(tiny) -> None:
+    _, tokenizer = tiny
+    chats = tokenized(tokenizer, 12)
+    budget = max(len(c.input_ids) for c in chats) + 10
+    rows = plan_rows(chats, budget)
+    assert sorted(id(c) for r in rows for c in r) == sorted(id(c) for c in chats)
+    assert all(sum(len(c.input_ids) for c in r) <= budget for r in rows)
+    shards = [shard(chats, r, 3) for r in range(3)]
+    assert sorted(id(c) for s in shards for c in s) == sorted(id(c) for c in chats)
+
+
+def test_step_indices_cover_each_epoch_once() -> None:
+    n, batch = 10, 4
+    steps = [step_indices(s, n, batch, seed=1) for s in range(3)]
+    assert [len(s) for s in steps] == [4, 4, 2]
+    assert sorted(i for s in steps for i in s) == list(range(n))
+    assert step_indices(3, n, batch, seed=1) != steps[0] or step_indices(4, n, batch, seed=1) != steps[1]
+    assert step_indices(1, n, batch, seed=1) == steps[1]  # no state needed to resume

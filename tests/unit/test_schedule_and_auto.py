@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tunery.training.auto import auto_batch_size, auto_epochs, total_steps
+from tunery.training.schedule import lr_at
+
+
+@pytest.mark.parametrize(
+    ("n", "epochs"), [(10, 10), (20, 5), (33, 3), (100, 3), (8333, 3), (8334, 2), (30000, 1)]
+)
+def test_auto_epochs_follow_openai_heuristic(n: int, epochs: int) -> None:
+    assert auto_epochs(n) == epochs
+
+
+def test_auto_batch_size_and_step_count() -> None:
+    assert auto_batch_size(100) == 1
+    assert auto_batch_size(5000) == 10
+    assert auto_batch_size(10**6) == 256
+    assert total_steps(10, 4, 3) == 9  # ceil(10 / 4) * 3, as OpenAI counts steps
+
+
+def test_warmup_then_cosine_and_linear() -> None:
+    assert lr_at(0, 100, 1.0, 10) == pytest.approx(0.1)
+    assert lr_at(9, 100, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(10, 100, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(55, 100, 1.0, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(55, 100, 1.0, 10, "linear") == pytest.approx(0.5)
+    assert lr_at(99, 100, 1.0, 0, "constant") == 1.0

@@ -1,0 +1,5 @@
+"""`python -m tunery ...` (and `torchrun -m tunery ...`) run the CLI."""
+
+from tunery.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,416 @@
+"""The `tunery` command line: one table of commands, each a plain function of its parsed arguments.
+
+Heavy imports (torch, transformers) happen inside the commands, so `tunery --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tunery.errors import TuneryError
+
+log = logging.getLogger("tunery")
+
+
+# --- commands --------------------------------------------------------------------------------------------
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from tunery.models.load import available_models_text
+
+    print(available_models_text())
+    return 0
+
+
+def cmd_data_validate(args: argparse.Namespace) -> int:
+    from tunery.data.validate import format_report, validate_chat_file
+
+    tokenizer = None
+    if args.model != "none":
+        from tunery.models.load import load_tokenizer
+
+        tokenizer = load_tokenizer(args.model)
+    report = validate_chat_file(args.file, tokenizer, args.max_length, max_bytes=args.max_bytes)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "file": report.path,
+                    "ok": not report.errors,
+                    "stats": report.stats,
+                    "problems": [
+                        {"line": p.line, "key": p.key, "message": p.message, "severity": p.severity}
+                        for p in report.problems
+                    ],
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(format_report(report))
+    return 1 if report.errors else 0
+
+
+def cmd_train_sft(args: argparse.Namespace) -> int:
+    from tunery.recipes import sft
+    from tunery.training.config import parse_set
+
+    overrides: dict[str, Any] = {
+        "model": args.model,
+        "data": args.data,
+        "valid": args.valid,
+        "out": args.out,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "learning_rate_multiplier": args.lr_multiplier,
+        "lora_rank": 0 if args.full else args.lora_rank,
+        "lora_alpha": args.lora_alpha,
+        "lora_dropout": args.lora_dropout,
+        "lora_targets": args.lora_targets,
+        "max_length": args.max_length,
+        "seed": args.seed,
+        "precision": args.precision,
+        "save_every": args.save_every,
+        "eval_every": args.eval_every,
+        "micro_batch_tokens": args.micro_batch_tokens,
+    }
+    overrides.update(parse_set(args.set or []))
+    summary = sft.run(args.config, overrides, resume_dir=args.resume, overwrite=args.overwrite)
+    if summary:
+        final = summary["final_metrics"]
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float))
+        print(
+            f"done: {summary['steps']} steps, {summary['trained_tokens']} tokens at "
+            f"{summary['tokens_per_second']:.0f} tok/s in {summary['wall_seconds']:.0f} s; {shown}"
+        )
+        print(f"saved: {Path(summary['run_dir']) / 'final'}")
+    return 0
+
+
+def _load_for_inference(model_name: str, adapter: str | None) -> tuple[Any, Any, Any]:
+    import torch
+
+    from tunery.models.load import load_model
+    from tunery.models.lora import bf16_is_fast, cast_frozen, load_adapter
+
+    model, tokenizer = load_model(model_name)
+    if adapter:
+        model = load_adapter(model, adapter)
+    model.eval()
+    dtype = torch.bfloat16 if bf16_is_fast(torch.device("cpu")) else None
+    if dtype is not None:
+        cast_frozen(model, dtype)
+    return model, tokenizer, dtype
+
+
+def _sampling_params(args: argparse.Namespace) -> Any:
+    from tunery.models.sampling import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        stop=args.stop or [],
+        seed=args.seed,
+    )
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from tunery.data.template import prompt_ids
+    from tunery.models.sampling import sample
+
+    model, tokenizer, dtype = _load_for_inference(args.model, args.adapter)
+    params = _sampling_params(args)
+    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    print(
+        "Chatting with",
+        args.model + (f" + {args.adapter}" if args.adapter else ""),
+        "- empty line or Ctrl-D to quit, /reset to start over.",
+        file=sys.stderr,
+    )
+    while True:
+        try:
+            user = input("you> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not user:
+            return 0
+        if user == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": user})
+        print("assistant> ", end="", flush=True)
+        [completion] = sample(
+            model,
+            tokenizer,
+            [prompt_ids(tokenizer, messages)],
+            params,
+            on_text=lambda _i, delta: print(delta, end="", flush=True),
+            autocast_dtype=dtype,
+        )
+        print()
+        messages.append({"role": "assistant", "content": completion.text})
+
+
+def _read_prompts(path: str) -> list[dict[str, Any]]:
+    from tunery.data.jsonl import read_jsonl
+
+    prompts = []
+    for line in read_jsonl(path):
+        if line.error:
+            raise TuneryError(f"{path} line {line.number}: {line.error}")
+        value = line.value
+        if isinstance(value, dict) and isinstance(value.get("messages"), list):
+            messages = [m for m in value["messages"] if isinstance(m, dict)]
+            if messages and messages[-1].get("role") == "assistant":
+                messages = messages[:-1]  # a full chat: complete its last user turn instead
+        elif isinstance(value, dict) and isinstance(value.get("prompt"), str):
+            messages = [{"role": "user", "content": value["prompt"]}]
+        else:
+            raise TuneryError(
+                f'{path} line {line.number}: expected {{"messages": [...]}} or {{"prompt": "..."}}'
+            )
+        if not messages or any(not isinstance(m.get("content"), str) for m in messages):
+            raise TuneryError(f"{path} line {line.number}: every message needs a string 'content'")
+        prompts.append({"line": line.number, "messages": messages, "item": value})
+    if not prompts:
+        raise TuneryError(f"{path}: no prompts found")
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tunery.data.template import prompt_ids
+    from tunery.models.sampling import sample
+    from tunery.training.io import atomic_write_text
+
+    prompts = _read_prompts(args.prompts)
+    model, tokenizer, dtype = _load_for_inference(args.model, args.adapter)
+    params = _sampling_params(args)
+    lines = []
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start : start + args.batch_size]
+        completions = sample(
+            model,
+            tokenizer,
+            [prompt_ids(tokenizer, p["messages"]) for p in chunk],
+            params,
+            autocast_dtype=dtype,
+        )
+        for p, c in zip(chunk, completions, strict=True):
+            lines.append(
+                json.dumps(
+                    {
+                        "line": p["line"],
+                        "messages": p["messages"],
+                        "completion": c.text,
+                        "finish_reason": c.finish_reason,
+                        "completion_tokens": len(c.token_ids),
+                    },
+                    ensure_ascii=False,
+                )
+            )
+        print(f"{min(start + args.batch_size, len(prompts))}/{len(prompts)} prompts", file=sys.stderr)
+    atomic_write_text(args.out, "".join(line + "\n" for line in lines))
+    print(f"wrote {len(lines)} completions to {args.out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Base vs tuned answers to the same prompts, side by side, then the run's final metrics."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tunery.data.template import prompt_ids
+    from tunery.models.sampling import sample
+
+    prompts = _read_prompts(args.prompts)
+    model, tokenizer, dtype = _load_for_inference(args.model, args.adapter)
+    params = _sampling_params(args)
+    ids = [prompt_ids(tokenizer, p["messages"]) for p in prompts]
+    with model.disable_adapter():
+        before = sample(model, tokenizer, ids, params, autocast_dtype=dtype)
+    after = sample(model, tokenizer, ids, params, autocast_dtype=dtype)
+    console = Console(width=max(100, Console().width))
+    table = Table(title="Before and after fine-tuning (held-out questions)", show_lines=True)
+    table.add_column("question", ratio=2)
+    table.add_column(f"base: {args.model}", ratio=3)
+    table.add_column("tuned", ratio=3)
+    for p, b, a in zip(prompts, before, after, strict=True):
+        table.add_row(p["messages"][-1]["content"], b.text.strip(), a.text.strip())
+    console.print(table)
+    run_dir = Path(args.adapter)
+    summary_path = (run_dir.parent if run_dir.name == "final" else run_dir) / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        metrics = Table(title="Final metrics")
+        metrics.add_column("metric")
+        metrics.add_column("value", justify="right")
+        for key, value in summary["final_metrics"].items():
+            metrics.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        for key in ("steps", "trained_tokens", "tokens_per_second", "train_seconds", "peak_memory_mb"):
+            metrics.add_row(key, str(summary[key]))
+        console.print(metrics)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import shutil
+
+    from tunery.models.load import load_model
+    from tunery.models.lora import load_adapter
+
+    if not args.merge:
+        raise TuneryError("export needs --merge (write a merged Hugging Face model directory)")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise TuneryError(f"{out} is not empty; choose a new --out directory")
+    model, tokenizer = load_model(args.model)
+    merged = load_adapter(model, args.adapter).merge_and_unload()
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    print(f"wrote merged model to {out} (load it with --model {out})")
+    return 0
+
+
+# --- argument parsing ------------------------------------------------------------------------------------
+
+
+def _add_sampling(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _int_or_auto(value: str) -> int | str:
+    return value if value == "auto" else int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tunery", description="Fine-tune and align language models locally."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the models Tunery can load")
+    p.set_defaults(func=cmd_models)
+
+    data = sub.add_parser("data", help="check training data").add_subparsers(
+        dest="data_command", required=True
+    )
+    p = data.add_parser("validate", help="validate an OpenAI chat JSONL file line by line")
+    p.add_argument("file")
+    p.add_argument(
+        "--model", default="smollm2-135m-instruct", help="tokenizer for token counts ('none' to skip)"
+    )
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--max-bytes", type=int, default=512 * 2**20)
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.set_defaults(func=cmd_data_validate)
+
+    train = sub.add_parser("train", help="train a model").add_subparsers(dest="method", required=True)
+    p = train.add_parser("sft", help="supervised fine-tuning on chat data (LoRA or full)")
+    p.add_argument("--config", help="YAML file of config fields; flags override it")
+    p.add_argument("--model")
+    p.add_argument("--data", help="training JSONL")
+    p.add_argument("--valid", help="validation JSONL")
+    p.add_argument("--out", help="run directory")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--epochs", type=_int_or_auto)
+    p.add_argument("--batch-size", type=_int_or_auto)
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--lr-multiplier", type=float, help="times the base learning rate (OpenAI's knob)")
+    p.add_argument("--lora-rank", type=int)
+    p.add_argument("--lora-alpha", type=float)
+    p.add_argument("--lora-dropout", type=float)
+    p.add_argument("--lora-targets", help="all-linear (default) or comma-separated module names")
+    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--micro-batch-tokens", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--precision", choices=["bf16", "fp32", "auto"])
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config field")
+    p.set_defaults(func=cmd_train_sft)
+
+    p = sub.add_parser("chat", help="talk to a model (streams tokens)")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--adapter", help="LoRA adapter or run directory")
+    p.add_argument("--system", help="system message")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="complete a JSONL file of prompts")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--adapter")
+    p.add_argument("--prompts", required=True, help='JSONL of {"messages": [...]} or {"prompt": "..."}')
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=8)
+    _add_sampling(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("compare", help="base vs fine-tuned answers side by side, with the run's metrics")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--adapter", required=True, help="LoRA adapter or run directory")
+    p.add_argument("--prompts", required=True)
+    _add_sampling(p, max_tokens=96)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("export", help="write a merged model (base + LoRA adapter)")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--merge", action="store_true")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        for name in ("transformers", "peft", "torch", "httpx", "huggingface_hub"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries(args.verbose)
+    try:
+        return int(args.func(args))
+    except TuneryError as exc:
+        print(f"tunery: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ntunery: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

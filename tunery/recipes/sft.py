@@ -1,0 +1,386 @@
+"""Supervised fine-tuning (LoRA or full) on OpenAI chat JSONL.
+
+    tunery train sft --model smollm2-135m-instruct --data train.jsonl --valid valid.jsonl --out runs/sft
+    tunery train sft --resume runs/sft                               # continue a killed run exactly
+    torchrun --nproc_per_node=2 -m tunery train sft ...              # DDP; same global batch, same losses
+
+A step is `batch_size` conversations (OpenAI's meaning of batch size). They are packed without padding
+into rows of at most `micro_batch_tokens` tokens, one row per forward pass, gradients accumulated over
+the rows, and the loss is the mean over every trained token of the step, whatever the split into rows
+or processes. Only assistant turns (with weight 1) and their end-of-turn tokens are trained.
+
+Speed (CPU): frozen weights are stored in bf16 and LoRA weights in fp32 under bf16 autocast; logits are
+computed only at trained positions (`logits_to_keep`); packed rows attend per conversation
+(models/attention.py) instead of through a dense block mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from peft import PeftModel
+from torch.nn.parallel import DistributedDataParallel
+
+from tunery.data.packing import IGNORE, PackedRow, pack, plan_rows, shard, step_indices
+from tunery.data.template import TokenizedChat
+from tunery.data.validate import load_chat_data
+from tunery.errors import TuneryError
+from tunery.losses.sft import sft_loss
+from tunery.models.load import load_model
+from tunery.models.lora import apply_lora, bf16_is_fast, cast_frozen
+from tunery.training import auto, distributed
+from tunery.training.checkpoint import latest_checkpoint, load_checkpoint, save_adapter, save_checkpoint
+from tunery.training.config import build_config, to_dict
+from tunery.training.faults import fault_point
+from tunery.training.io import atomic_write_json, atomic_write_yaml
+from tunery.training.metrics import MetricsLog
+from tunery.training.progress import StepProgress
+from tunery.training.schedule import lr_at
+
+log = logging.getLogger("tunery")
+
+
+# --- config ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SFTConfig:
+    model: str = "smollm2-135m-instruct"  # built-in name, HF directory or .gguf file
+    data: str = ""  # training JSONL (OpenAI chat format)
+    valid: str | None = None  # validation JSONL
+    out: str = ""  # run directory
+    epochs: int | str = "auto"  # or an int; auto follows OpenAI's heuristic
+    batch_size: int | str = "auto"  # conversations per optimizer step
+    lr: float | None = None  # absolute peak learning rate; overrides learning_rate_multiplier
+    learning_rate_multiplier: float | str = "auto"  # times 2e-4 (LoRA) or 2e-5 (full)
+    lora_rank: int = 16  # 0 means full fine-tuning
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"  # or comma-separated module names, e.g. q_proj,v_proj
+    max_length: int = 1024  # longer conversations are truncated from the end
+    micro_batch_tokens: int = 1024  # token budget of one packed forward pass
+    precision: str = "auto"  # bf16 | fp32 | auto (bf16 where the hardware runs it fast)
+    seed: int = 0
+    warmup_ratio: float = 0.05
+    schedule: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    eval_every: int = 0  # steps; 0 picks ~10 evaluations per run
+    eval_examples: int = 64  # validation conversations in each periodic evaluation (all at the end)
+    save_every: int = 0  # steps; 0 saves ~5 checkpoints per run
+    keep_checkpoints: int = 3  # most recent checkpoints kept on disk
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise TuneryError("no training data: pass --data FILE.jsonl")
+        if not self.out:
+            raise TuneryError("no run directory: pass --out DIR")
+        for name in ("epochs", "batch_size", "learning_rate_multiplier"):
+            value = getattr(self, name)
+            if value != "auto" and (isinstance(value, str) or value <= 0):
+                raise TuneryError(f"{name} must be 'auto' or a positive number, got {value!r}")
+        if self.lr is not None and not 0 < self.lr < 1:
+            raise TuneryError(f"lr must be between 0 and 1, got {self.lr}")
+        if self.lora_rank < 0:
+            raise TuneryError("lora_rank must be >= 0 (0 means full fine-tuning)")
+        if self.max_length < 16:
+            raise TuneryError("max_length must be at least 16 tokens")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise TuneryError(f"precision must be bf16, fp32 or auto, got {self.precision!r}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise TuneryError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise TuneryError("warmup_ratio must be in [0, 1)")
+        if self.micro_batch_tokens < 16:
+            raise TuneryError("micro_batch_tokens must be at least 16")
+
+
+# --- setup -----------------------------------------------------------------------------------------------
+
+
+def _resolve(cfg: SFTConfig, n_train: int, world: distributed.World) -> dict[str, Any]:
+    """Fill in every `auto` value; the result is what config.yaml records."""
+    epochs = auto.auto_epochs(n_train) if cfg.epochs == "auto" else int(cfg.epochs)
+    batch_size = auto.auto_batch_size(n_train) if cfg.batch_size == "auto" else int(cfg.batch_size)
+    batch_size = max(batch_size, world.size)  # every process needs at least one conversation per step
+    multiplier = (
+        auto.auto_lr_multiplier(n_train)
+        if cfg.learning_rate_multiplier == "auto"
+        else float(cfg.learning_rate_multiplier)
+    )
+    base = auto.BASE_LR_LORA if cfg.lora_rank else auto.BASE_LR_FULL
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if bf16_is_fast(world.device) else "fp32"
+    steps = auto.total_steps(n_train, batch_size, epochs)
+    resolved = to_dict(cfg)
+    resolved.update(
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate_multiplier=multiplier,
+        lr=cfg.lr if cfg.lr is not None else base * multiplier,
+        precision=precision,
+        eval_every=cfg.eval_every or max(1, steps // 10),
+        save_every=cfg.save_every or max(1, math.ceil(steps / 5)),
+        total_steps=steps,
+        world_size=world.size,
+    )
+    return resolved
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise TuneryError(f"cannot resume: {run_dir} is not a Tunery run directory (no config.yaml)")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise TuneryError(
+                f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
+                "or pass --overwrite to start over"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def forward_loss(model: torch.nn.Module, row: PackedRow) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL and correct-token count of one packed row; logits only where there are targets."""
+    keep = (row.targets != IGNORE).nonzero().squeeze(1)  # (N,)
+    out = model(
+        input_ids=row.input_ids,
+        position_ids=row.position_ids,
+        cu_seq_lens_q=row.cu_seq_lens,
+        cu_seq_lens_k=row.cu_seq_lens,
+        logits_to_keep=keep,
+        use_cache=False,
+    )
+    return sft_loss(out.logits[0], row.targets[keep])  # logits (N, V)
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, chats: list[TokenizedChat], cfg: dict[str, Any], world: distributed.World
+) -> tuple[float, float]:
+    """Mean token loss and accuracy over `chats` (split across processes)."""
+    was_training = model.training
+    model.eval()
+    nll = correct = count = 0.0
+    for row_chats in plan_rows(shard(chats, world.rank, world.size), cfg["micro_batch_tokens"]):
+        row = pack(row_chats)
+        with _autocast(cfg["precision"], world.device):
+            nll_sum, n_correct = forward_loss(model, row)
+        nll, correct, count = nll + nll_sum.item(), correct + n_correct.item(), count + row.n_trained
+    nll, correct, count = distributed.all_sum([nll, correct, count], world)
+    model.train(was_training)
+    return nll / max(count, 1), correct / max(count, 1)
+
+
+# --- train -----------------------------------------------------------------------------------------------
+
+
+def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    world = distributed.setup()
+    run_dir = Path(cfg.out)
+    if world.is_main:
+        _prepare_run_dir(run_dir, resume, overwrite)
+    distributed.barrier(world)
+
+    model, tokenizer = load_model(cfg.model)
+    train_chats = load_chat_data(cfg.data, tokenizer, cfg.max_length)
+    valid_chats = load_chat_data(cfg.valid, tokenizer, cfg.max_length, min_examples=1) if cfg.valid else []
+    resolved = _resolve(cfg, len(train_chats), world)
+    if world.is_main and not resume:
+        atomic_write_yaml(run_dir / "config.yaml", resolved)
+        tokenizer.save_pretrained(run_dir / "tokenizer")
+    total_steps, batch_size = resolved["total_steps"], resolved["batch_size"]
+
+    torch.manual_seed(cfg.seed)  # LoRA initialisation
+    if cfg.lora_rank:
+        model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        if resolved["precision"] == "bf16":
+            cast_frozen(model, torch.bfloat16)
+    model.to(world.device)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=resolved["lr"], weight_decay=cfg.weight_decay)
+    ddp_model: torch.nn.Module = DistributedDataParallel(model) if world.distributed else model
+
+    start_step, tokens_seen, train_seconds = 0, 0, 0.0
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, model, optimizer)
+            start_step, tokens_seen, train_seconds = state["step"], state["tokens"], state["train_seconds"]
+            if world.is_main:
+                log.info("resuming %s from %s", run_dir, ckpt.name)
+    metrics = (
+        MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if resume else None)
+        if world.is_main
+        else None
+    )
+    warmup_steps = round(cfg.warmup_ratio * total_steps)
+    if world.is_main:
+        n_trainable = sum(p.numel() for p in trainable)
+        log.info(
+            "%d training conversations, %d validation; %d steps of %d conversations; %s trainable parameters; %s",
+            len(train_chats),
+            len(valid_chats),
+            total_steps,
+            batch_size,
+            f"{n_trainable:,}",
+            resolved["precision"],
+        )
+
+    wall_start = time.monotonic()
+    step = start_step
+    with StepProgress(total_steps, start_step, "sft", enabled=world.is_main) as progress:
+        while step < total_steps:
+            t0 = time.monotonic()
+            chats = [train_chats[i] for i in step_indices(step, len(train_chats), batch_size, cfg.seed)]
+            step_trained = sum(c.n_trained for c in chats)  # the same on every process
+            mine = shard(chats, world.rank, world.size)
+            rows = plan_rows(mine, cfg.micro_batch_tokens)
+            nll = correct = tokens = 0.0
+            for k, row_chats in enumerate(rows):
+                row = pack(row_chats)
+                sync = k == len(rows) - 1 or not world.distributed
+                with contextlib.nullcontext() if sync else ddp_model.no_sync():  # type: ignore[operator]
+                    with _autocast(resolved["precision"], world.device):
+                        nll_sum, n_correct = forward_loss(ddp_model, row)
+                    # DDP averages gradients over processes, hence the world size factor.
+                    (nll_sum * world.size / step_trained).backward()
+                nll, correct, tokens = nll + nll_sum.item(), correct + n_correct.item(), tokens + row.n_tokens
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            )
+            lr = lr_at(step, total_steps, resolved["lr"], warmup_steps, cfg.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            nll, correct, tokens = distributed.all_sum([nll, correct, tokens], world)
+            step_seconds = time.monotonic() - t0
+            tokens_seen += int(tokens)
+            train_seconds += step_seconds
+            record: dict[str, Any] = {
+                "step": step,
+                "total_steps": total_steps,
+                "train_loss": nll / step_trained,
+                "train_mean_token_accuracy": correct / step_trained,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens": tokens_seen,
+                "tokens_per_second": tokens / step_seconds,
+            }
+            if valid_chats and (step % resolved["eval_every"] == 0 or step == total_steps):
+                valid_loss, valid_acc = evaluate(ddp_model, valid_chats[: cfg.eval_examples], resolved, world)
+                record.update(valid_loss=valid_loss, valid_mean_token_accuracy=valid_acc)
+            if metrics is not None:
+                metrics.write(record)
+            progress.update(
+                step,
+                f"loss {record['train_loss']:.3f} "
+                + (f"valid {record['valid_loss']:.3f} " if "valid_loss" in record else "")
+                + f"{record['tokens_per_second']:.0f} tok/s",
+            )
+            if step % resolved["save_every"] == 0 or step == total_steps:
+                if world.is_main:
+                    save_checkpoint(
+                        run_dir,
+                        step,
+                        model,
+                        optimizer,
+                        {"tokens": tokens_seen, "train_seconds": train_seconds},
+                        resolved,
+                        keep=cfg.keep_checkpoints,
+                    )
+                distributed.barrier(world)
+            fault_point("after_step", step)
+
+    # --- finish: final weights, full validation, summary ---------------------------------------------------
+    final: dict[str, Any] = {}
+    if valid_chats:
+        final["full_valid_loss"], final["full_valid_mean_token_accuracy"] = evaluate(
+            ddp_model, valid_chats, resolved, world
+        )
+    summary: dict[str, Any] = {}
+    if world.is_main:
+        assert metrics is not None
+        if final:
+            metrics.write({"step": total_steps, **final})
+        metrics.close()
+        final_dir = run_dir / "final"
+        tmp_dir = run_dir / ".tmp-final"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if isinstance(model, PeftModel):
+            save_adapter(model, tmp_dir)
+        else:
+            model.save_pretrained(tmp_dir)
+        tokenizer.save_pretrained(tmp_dir)
+        atomic_write_yaml(
+            tmp_dir / "tunery.yaml", {"base_model": cfg.model, "method": "sft", "config": resolved}
+        )
+        shutil.rmtree(final_dir, ignore_errors=True)
+        tmp_dir.rename(final_dir)
+        last = {}
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            last.update({k: v for k, v in json.loads(line).items() if k.startswith(("train_", "valid_"))})
+        summary = {
+            "method": "sft",
+            "model": cfg.model,
+            "run_dir": str(run_dir),
+            "steps": total_steps,
+            "trained_tokens": tokens_seen,
+            "wall_seconds": round(time.monotonic() - wall_start, 2),
+            "train_seconds": round(train_seconds, 2),
+            "tokens_per_second": round(tokens_seen / max(train_seconds, 1e-9), 1),
+            "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "final_metrics": {**last, **final},
+            "world_size": world.size,
+            "pid": os.getpid(),
+        }
+        atomic_write_json(run_dir / "summary.json", summary)
+    distributed.barrier(world)
+    distributed.teardown(world)
+    return summary
+
+
+def run(
+    config_path: str | None, overrides: dict[str, Any], resume_dir: str | None = None, overwrite: bool = False
+) -> dict[str, Any]:
+    """Entry point of `tunery train sft`: builds the config (YAML, then flags) and trains."""
+    if resume_dir:
+        saved = (
+            yaml.safe_load((Path(resume_dir) / "config.yaml").read_text())
+            if (Path(resume_dir) / "config.yaml").is_file()
+            else None
+        )
+        if saved is None:
+            raise TuneryError(f"cannot resume: {resume_dir} has no config.yaml")
+        fields = {f for f in SFTConfig.__dataclass_fields__}
+        cfg = build_config(
+            SFTConfig, None, {k: v for k, v in saved.items() if k in fields} | {"out": resume_dir}
+        )
+        return train(cfg, resume=True)
+    cfg = build_config(SFTConfig, config_path, overrides)
+    return train(cfg, overwrite=overwrite)

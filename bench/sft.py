@@ -80,16 +80,31 @@ def worker_tunery(args: argparse.Namespace) -> dict:
     from tunery.recipes import sft
 
     cfg = sft.SFTConfig(
-        model="smollm2-135m-instruct", data=args.data, out=args.out, epochs=1, batch_size=args.batch_size,
-        lr=args.lr, lora_rank=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=0.0,
-        max_length=args.max_length, precision=args.precision, seed=0, warmup_ratio=1 / args.steps,
-        save_every=10**6, micro_batch_tokens=args.micro_batch_tokens,
+        model="smollm2-135m-instruct",
+        data=args.data,
+        out=args.out,
+        epochs=1,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lora_rank=LORA["r"],
+        lora_alpha=LORA["lora_alpha"],
+        lora_dropout=0.0,
+        max_length=args.max_length,
+        precision=args.precision,
+        seed=0,
+        warmup_ratio=1 / args.steps,
+        save_every=10**6,
+        micro_batch_tokens=args.micro_batch_tokens,
     )
     summary = sft.train(cfg, overwrite=True)
     records = [json.loads(x) for x in (Path(args.out) / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train_loss"] for r in records if "train_loss" in r]
-    return {"tokens": summary["trained_tokens"], "seconds": summary["train_seconds"],
-            "final_train_loss": sum(losses[-3:]) / 3, "adapter": str(Path(args.out) / "final")}
+    return {
+        "tokens": summary["trained_tokens"],
+        "seconds": summary["train_seconds"],
+        "final_train_loss": sum(losses[-3:]) / 3,
+        "adapter": str(Path(args.out) / "final"),
+    }
 
 
 def worker_trl(args: argparse.Namespace, gradient_checkpointing: bool) -> dict:
@@ -107,20 +122,40 @@ def worker_trl(args: argparse.Namespace, gradient_checkpointing: bool) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     dataset = load_dataset("json", data_files=args.data, split="train")
     config = SFTConfig(
-        output_dir=args.out, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=1, bf16=args.precision == "bf16",
-        use_cpu=True, gradient_checkpointing=gradient_checkpointing, logging_steps=1, save_strategy="no",
-        report_to=[], max_length=args.max_length, seed=0, dataloader_num_workers=0,
+        output_dir=args.out,
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=1,
+        bf16=args.precision == "bf16",
+        use_cpu=True,
+        gradient_checkpointing=gradient_checkpointing,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        max_length=args.max_length,
+        seed=0,
+        dataloader_num_workers=0,
     )
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA))
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA),
+    )
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     logs = [h for h in trainer.state.log_history if "loss" in h]
     trainer.model.save_pretrained(Path(args.out) / "final", save_embedding_layers=False)
-    return {"tokens": int(logs[-1]["num_tokens"]), "seconds": seconds,
-            "final_train_loss": sum(h["loss"] for h in logs[-3:]) / 3, "adapter": str(Path(args.out) / "final")}
+    return {
+        "tokens": int(logs[-1]["num_tokens"]),
+        "seconds": seconds,
+        "final_train_loss": sum(h["loss"] for h in logs[-3:]) / 3,
+        "adapter": str(Path(args.out) / "final"),
+    }
 
 
 def worker_eval(args: argparse.Namespace) -> dict:
@@ -155,14 +190,18 @@ def run_worker(kind: str, extra: list[str]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--micro-batch-tokens", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--skip-trl-default", action="store_true", help="skip TRL with gradient checkpointing")
+    parser.add_argument(
+        "--skip-trl-default", action="store_true", help="skip TRL with gradient checkpointing"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -190,8 +229,20 @@ def main() -> None:
     resolve_model_dir(BUNDLED)  # convert the GGUF once, outside the timed runs
     work = Path(tempfile.mkdtemp(prefix="tunery-bench-"))
     paths = write_data(work, args.steps * args.batch_size)
-    common = ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-              "--lr", str(args.lr), "--precision", args.precision, "--micro-batch-tokens", str(args.micro_batch_tokens)]
+    common = [
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-length",
+        str(args.max_length),
+        "--lr",
+        str(args.lr),
+        "--precision",
+        args.precision,
+        "--micro-batch-tokens",
+        str(args.micro_batch_tokens),
+    ]
     peak = matmul_peak(args.precision)
     print(f"2048x2048 {args.precision} matmul peak: {peak:.0f} GFLOP/s", flush=True)
     runs: dict[str, dict] = {}
@@ -201,25 +252,43 @@ def main() -> None:
         print(f"running {kind} ...", flush=True)
         runs[kind] = run_worker(kind, [*common, "--data", str(data), "--out", str(work / kind)])
         runs[kind]["tok_s"] = runs[kind]["tokens"] / runs[kind]["seconds"]
-    evals = run_worker("eval", ["--data", str(paths["valid"]), "--max-length", str(args.max_length),
-                                "--adapters", *[runs[k]["adapter"] for k in order]])
+    evals = run_worker(
+        "eval",
+        [
+            "--data",
+            str(paths["valid"]),
+            "--max-length",
+            str(args.max_length),
+            "--adapters",
+            *[runs[k]["adapter"] for k in order],
+        ],
+    )
 
-    names = {"tunery": "Tunery", "trl-no-gc": "TRL SFTTrainer (grad. checkpointing off)",
-             "trl": "TRL SFTTrainer (defaults: grad. checkpointing on)"}
+    names = {
+        "tunery": "Tunery",
+        "trl-no-gc": "TRL SFTTrainer (grad. checkpointing off)",
+        "trl": "TRL SFTTrainer (defaults: grad. checkpointing on)",
+    }
     print()
-    print(f"SmolLM2-135M-Instruct, LoRA r16 all-linear, {args.precision}, batch {args.batch_size}, max length "
-          f"{args.max_length}, {args.steps} steps, {args.steps * args.batch_size} examples; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    print(
+        f"SmolLM2-135M-Instruct, LoRA r16 all-linear, {args.precision}, batch {args.batch_size}, max length "
+        f"{args.max_length}, {args.steps} steps, {args.steps * args.batch_size} examples; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    )
     print("| trainer | tokens | train s | tok/s | vs TRL | peak MB | final train loss | held-out loss |")
     print("|---|---|---|---|---|---|---|---|")
     base = runs["trl-no-gc"]["tok_s"]
     for kind in order:
         r = runs[kind]
-        print(f"| {names[kind]} | {r['tokens']} | {r['seconds']:.1f} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x | "
-              f"{r['peak_memory_mb']:.0f} | {r['final_train_loss']:.3f} | {evals[r['adapter']]:.3f} |")
+        print(
+            f"| {names[kind]} | {r['tokens']} | {r['seconds']:.1f} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x | "
+            f"{r['peak_memory_mb']:.0f} | {r['final_train_loss']:.3f} | {evals[r['adapter']]:.3f} |"
+        )
     mfu = 4 * N_PARAMS * runs["tunery"]["tok_s"] / (peak * 1e9)
-    print(f"\nTunery model FLOP utilisation (4 x 134.5M FLOP per token for LoRA): {100 * mfu:.0f}% of the measured "
-          f"{args.precision} matmul peak")
+    print(
+        f"\nTunery model FLOP utilisation (4 x 134.5M FLOP per token for LoRA): {100 * mfu:.0f}% of the measured "
+        f"{args.precision} matmul peak"
+    )
 
 
 if __name__ == "__main__":

@@ -402,6 +402,9 @@ def _quiet_libraries(verbose: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries(args.verbose)
+    from tunery.training.memory import keep_freed_memory
+
+    keep_freed_memory()
     try:
         return int(args.func(args))
     except TuneryError as exc:

@@ -22,7 +22,9 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(autouse=True)
 def real_home(monkeypatch: pytest.MonkeyPatch) -> None:
     """Use the user's model cache: converting the GGUF takes ~20 s and is shared with `make demo`."""
-    monkeypatch.setenv("TUNERY_HOME", os.environ.get("TUNERY_HOME_REAL", str(Path.home() / ".cache" / "tunery")))
+    monkeypatch.setenv(
+        "TUNERY_HOME", os.environ.get("TUNERY_HOME_REAL", str(Path.home() / ".cache" / "tunery"))
+    )
 
 
 def test_masks_with_the_real_chat_template() -> None:
@@ -39,7 +41,9 @@ def test_greedy_sampling_matches_transformers_generate() -> None:
     ours = sample(model, tokenizer, [ids], SamplingParams(max_new_tokens=16))[0]
     model.set_attn_implementation("sdpa")
     with torch.no_grad():
-        theirs = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+        theirs = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[
+            0, len(ids) :
+        ].tolist()
     theirs = [t for t in theirs if t != tokenizer.eos_token_id]
     assert ours.token_ids == theirs[: len(ours.token_ids)]
     assert "Paris" in ours.text
@@ -48,9 +52,22 @@ def test_greedy_sampling_matches_transformers_generate() -> None:
 def test_short_sft_run_on_the_bundled_model(tmp_path: Path) -> None:
     out = tmp_path / "run"
     data = tmp_path / "train.jsonl"
-    data.write_text("".join((REPO / "examples/support/train.jsonl").read_text().splitlines(keepends=True)[:32]))
-    sft.run(None, {"model": BUNDLED, "data": str(data), "valid": str(REPO / "examples/support/valid.jsonl"),
-                   "out": str(out), "epochs": 2, "batch_size": 8, "lr": 1e-3, "eval_examples": 8})
+    data.write_text(
+        "".join((REPO / "examples/support/train.jsonl").read_text().splitlines(keepends=True)[:32])
+    )
+    sft.run(
+        None,
+        {
+            "model": BUNDLED,
+            "data": str(data),
+            "valid": str(REPO / "examples/support/valid.jsonl"),
+            "out": str(out),
+            "epochs": 2,
+            "batch_size": 8,
+            "lr": 1e-3,
+            "eval_examples": 8,
+        },
+    )
     steps = [r for r in read_metrics(out / "metrics.jsonl") if "train_loss" in r]
     assert steps[-1]["train_loss"] < steps[0]["train_loss"]
     assert (out / "final" / "adapter_model.safetensors").is_file()

@@ -8,7 +8,7 @@ from tests.conftest import chat_lines
 from tunery.data.chat import check_chat_example
 from tunery.data.packing import IGNORE, pack, plan_rows, shard, shifted_targets, step_indices
 from tunery.data.template import tokenize_chat
-from tunery.recipes.sft import forward_loss
+from tunery.recipes.sft import forward_loss, output_weight
 
 
 def tokenized(tokenizer, n: int):
@@ -22,8 +22,8 @@ def test_packed_loss_equals_unpacked_loss(tiny) -> None:
     model.eval()
     chats = tokenized(tokenizer, 5)
     with torch.no_grad():
-        packed_nll, packed_correct = forward_loss(model, pack(chats))
-        separate = [forward_loss(model, pack([c])) for c in chats]
+        packed_nll, packed_correct = forward_loss(model, output_weight(model), pack(chats))
+        separate = [forward_loss(model, output_weight(model), pack([c])) for c in chats]
         # And a plain HF forward with the default attention, one conversation at a time, no Tunery code path.
         plain = 0.0
         for c in chats:

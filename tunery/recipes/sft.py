@@ -45,6 +45,7 @@ from tunery.training.checkpoint import latest_checkpoint, load_checkpoint, save_
 from tunery.training.config import build_config, to_dict
 from tunery.training.faults import fault_point
 from tunery.training.io import atomic_write_json, atomic_write_yaml
+from tunery.training.memory import keep_freed_memory
 from tunery.training.metrics import MetricsLog
 from tunery.training.progress import StepProgress
 from tunery.training.schedule import lr_at
@@ -155,18 +156,32 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def forward_loss(model: torch.nn.Module, row: PackedRow) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed NLL and correct-token count of one packed row; logits only where there are targets."""
+def forward_loss(
+    model: torch.nn.Module, lm_head_weight: torch.Tensor, row: PackedRow
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL and correct-token count of one packed row.
+
+    The model runs without its output layer (`logits_to_keep` is empty); the loss applies it to the final
+    hidden states at trained positions only, in chunks, so no (tokens x vocabulary) tensor is ever built.
+    """
     keep = (row.targets != IGNORE).nonzero().squeeze(1)  # (N,)
     out = model(
         input_ids=row.input_ids,
         position_ids=row.position_ids,
         cu_seq_lens_q=row.cu_seq_lens,
         cu_seq_lens_k=row.cu_seq_lens,
-        logits_to_keep=keep,
+        logits_to_keep=keep[:0],
+        output_hidden_states=True,
         use_cache=False,
     )
-    return sft_loss(out.logits[0], row.targets[keep])  # logits (N, V)
+    hidden = out.hidden_states[-1][0, keep]  # (N, H), after the final norm
+    return sft_loss(hidden, lm_head_weight, row.targets[keep])
+
+
+def output_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The output projection's weight (V, H), through DDP and peft wrappers."""
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    return inner.get_output_embeddings().weight  # type: ignore[operator,union-attr,no-any-return]
 
 
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -180,13 +195,14 @@ def evaluate(
     model: torch.nn.Module, chats: list[TokenizedChat], cfg: dict[str, Any], world: distributed.World
 ) -> tuple[float, float]:
     """Mean token loss and accuracy over `chats` (split across processes)."""
+    lm_head_weight = output_weight(model)
     was_training = model.training
     model.eval()
     nll = correct = count = 0.0
     for row_chats in plan_rows(shard(chats, world.rank, world.size), cfg["micro_batch_tokens"]):
         row = pack(row_chats)
         with _autocast(cfg["precision"], world.device):
-            nll_sum, n_correct = forward_loss(model, row)
+            nll_sum, n_correct = forward_loss(model, lm_head_weight, row)
         nll, correct, count = nll + nll_sum.item(), correct + n_correct.item(), count + row.n_trained
     nll, correct, count = distributed.all_sum([nll, correct, count], world)
     model.train(was_training)
@@ -197,6 +213,7 @@ def evaluate(
 
 
 def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    keep_freed_memory()
     world = distributed.setup()
     run_dir = Path(cfg.out)
     if world.is_main:
@@ -222,6 +239,7 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=resolved["lr"], weight_decay=cfg.weight_decay)
     ddp_model: torch.nn.Module = DistributedDataParallel(model) if world.distributed else model
+    lm_head_weight = output_weight(model)
 
     start_step, tokens_seen, train_seconds = 0, 0, 0.0
     if resume:
@@ -264,7 +282,7 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
                 sync = k == len(rows) - 1 or not world.distributed
                 with contextlib.nullcontext() if sync else ddp_model.no_sync():  # type: ignore[operator]
                     with _autocast(resolved["precision"], world.device):
-                        nll_sum, n_correct = forward_loss(ddp_model, row)
+                        nll_sum, n_correct = forward_loss(ddp_model, lm_head_weight, row)
                     # DDP averages gradients over processes, hence the world size factor.
                     (nll_sum * world.size / step_trained).backward()
                 nll, correct, tokens = nll + nll_sum.item(), correct + n_correct.item(), tokens + row.n_tokens

@@ -1,0 +1,44 @@
+"""Keep freed memory in the process instead of handing it back to the kernel after every tensor.
+
+A training step allocates and frees thousands of activation-sized tensors. By default glibc returns large
+freed blocks to the kernel, and every new tensor then page-faults its memory back in: on the virtual
+machines Tunery was measured on, a first-touch page fault costs as much as the arithmetic that follows,
+and an SFT step on SmolLM2-135M ran ~12% faster (median of 6) with the settings below. The process keeps
+its peak heap for its lifetime, which a training job uses anyway.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
+M_MMAP_THRESHOLD = -3
+_done = False
+
+
+def keep_freed_memory() -> bool:
+    """Tune glibc's malloc once per process; a no-op (False) elsewhere."""
+    global _done
+    if _done or not sys.platform.startswith("linux"):
+        return _done
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        ok = all(
+            (
+                libc.mallopt(
+                    M_MMAP_THRESHOLD, 32 * 2**20
+                ),  # glibc's maximum: blocks up to 32 MB come from the heap
+                libc.mallopt(M_TRIM_THRESHOLD, 2**30),  # never give heap memory back mid-run
+                libc.mallopt(M_TOP_PAD, 64 * 2**20),  # grow the heap in large steps
+            )
+        )
+    except (OSError, AttributeError):
+        return False
+    _done = ok
+    return ok

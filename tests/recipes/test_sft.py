@@ -135,6 +135,23 @@ def test_resume_after_sigkill_is_exact(chat_files, tmp_path: Path, fault: str, l
     assert resumed_losses == ref_losses
 
 
+def test_sigterm_checkpoints_at_a_step_boundary_and_resumes_exactly(chat_files, tmp_path: Path) -> None:
+    train, valid = chat_files
+    ref = tmp_path / "ref"
+    sft.run(None, config(train, valid, ref, save_every=100))
+    stopped = tmp_path / "stopped"
+    cfg = config(train, valid, stopped, save_every=100)
+    env = {**os.environ, "TUNERY_FAULT": "after_step:3:SIGTERM"}
+    proc = subprocess.run([sys.executable, "-m", "tunery", *cli_args(cfg)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "stopped at step 3/12 (SIGTERM)" in proc.stderr and f"--resume {stopped}" in proc.stderr
+    assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["step-3"]
+    assert main(["train", "sft", "--resume", str(stopped)]) == 0
+    for key, value in adapter_state(ref).items():
+        assert torch.equal(value, adapter_state(stopped)[key]), key
+
+
 def test_adapter_loads_in_peft_and_merges(chat_files, tmp_path: Path) -> None:
     train, valid = chat_files
     out = tmp_path / "run"
@@ -175,6 +192,12 @@ def test_bad_inputs_fail_with_actionable_messages(chat_files, tmp_path: Path, ca
     assert main(cli_args(config(train, valid, tmp_path / "z", model="no-such-model"))) == 2
     err = capsys.readouterr().err
     assert "epochs must be" in err and "unknown model 'no-such-model'" in err and "tiny-random" in err
+
+    done = tmp_path / "done"
+    sft.run(None, config(train, valid, done, epochs=1))
+    train.write_text(train.read_text().replace("Be brief.", "Be short."))
+    assert main(["train", "sft", "--resume", str(done)]) == 2
+    assert "changed since the run started" in capsys.readouterr().err
 
 
 def test_ddp_two_processes_match_one(chat_files, tmp_path: Path) -> None:

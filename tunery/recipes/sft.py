@@ -17,6 +17,7 @@ computed only at trained positions (`logits_to_keep`); packed rows attend per co
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -48,6 +49,7 @@ from tunery.training.io import atomic_write_json, atomic_write_yaml
 from tunery.training.memory import keep_freed_memory
 from tunery.training.metrics import MetricsLog
 from tunery.training.progress import StepProgress
+from tunery.training.signals import GracefulStop
 from tunery.training.schedule import lr_at
 
 log = logging.getLogger("tunery")
@@ -137,8 +139,32 @@ def _resolve(cfg: SFTConfig, n_train: int, world: distributed.World) -> dict[str
         save_every=cfg.save_every or max(1, math.ceil(steps / 5)),
         total_steps=steps,
         world_size=world.size,
+        data_sha256=_file_digest(cfg.data),
+        valid_sha256=_file_digest(cfg.valid),
     )
     return resolved
+
+
+def _file_digest(path: str | None) -> str | None:
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_same_data(run_dir: Path, cfg: SFTConfig) -> None:
+    """A resumed run must see the data it started with, or its data order and results silently change."""
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    for field in ("data", "valid"):
+        recorded = saved.get(f"{field}_sha256")
+        if recorded and _file_digest(getattr(cfg, field)) != recorded:
+            raise TuneryError(
+                f"cannot resume {run_dir}: {getattr(cfg, field)} changed since the run started; "
+                "restore it, or start a new run with --out"
+            )
 
 
 def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -220,6 +246,8 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
         _prepare_run_dir(run_dir, resume, overwrite)
     distributed.barrier(world)
 
+    if resume:
+        _check_same_data(run_dir, cfg)
     model, tokenizer = load_model(cfg.model)
     train_chats = load_chat_data(cfg.data, tokenizer, cfg.max_length)
     valid_chats = load_chat_data(cfg.valid, tokenizer, cfg.max_length, min_examples=1) if cfg.valid else []
@@ -269,7 +297,7 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
 
     wall_start = time.monotonic()
     step = start_step
-    with StepProgress(total_steps, start_step, "sft", enabled=world.is_main) as progress:
+    with GracefulStop() as stop, StepProgress(total_steps, start_step, "sft", enabled=world.is_main) as progress:
         while step < total_steps:
             t0 = time.monotonic()
             chats = [train_chats[i] for i in step_indices(step, len(train_chats), batch_size, cfg.seed)]
@@ -321,7 +349,9 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
                 + (f"valid {record['valid_loss']:.3f} " if "valid_loss" in record else "")
                 + f"{record['tokens_per_second']:.0f} tok/s",
             )
-            if step % resolved["save_every"] == 0 or step == total_steps:
+            # Ctrl-C / SIGTERM: finish the step, checkpoint it, stop. Processes agree on it (one all-reduce).
+            stopping = distributed.all_sum([float(stop.requested is not None)], world)[0] > 0
+            if step % resolved["save_every"] == 0 or step == total_steps or stopping:
                 if world.is_main:
                     save_checkpoint(
                         run_dir,
@@ -334,6 +364,10 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
                     )
                 distributed.barrier(world)
             fault_point("after_step", step)
+            if stopping:
+                distributed.teardown(world)
+                raise TuneryError(f"stopped at step {step}/{total_steps} ({stop.requested or 'signal'}); "
+                                  f"continue with: tunery train sft --resume {run_dir}")
 
     # --- finish: final weights, full validation, summary ---------------------------------------------------
     final: dict[str, Any] = {}

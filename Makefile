@@ -37,6 +37,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check tunery tests bench
 	$(VENV)/bin/ruff format --check tunery tests bench
 	$(VENV)/bin/mypy tunery/cli.py
+	$(VENV)/bin/mypy --strict --follow-imports=silent tunery/cli.py
 
 bench: $(BENCH_STAMP)
 	$(PY) bench/sft.py

@@ -101,6 +101,7 @@ def _load_for_inference(model_name: str, adapter: str | None) -> tuple[Any, Any,
     from tunery.models.load import load_model
     from tunery.models.lora import bf16_is_fast, cast_frozen, load_adapter
 
+    model: Any
     model, tokenizer = load_model(model_name)
     if adapter:
         model = load_adapter(model, adapter)
@@ -340,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--lr-multiplier", type=float, help="times the base learning rate (OpenAI's knob)")
     p.add_argument("--lora-rank", type=int)
-    p.add_argument("--lora-alpha", type=float)
+    p.add_argument("--lora-alpha", type=int)
     p.add_argument("--lora-dropout", type=float)
     p.add_argument("--lora-targets", help="all-linear (default) or comma-separated module names")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")

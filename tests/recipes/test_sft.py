@@ -142,8 +142,14 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_resumes_exactly(chat_files, 
     stopped = tmp_path / "stopped"
     cfg = config(train, valid, stopped, save_every=100)
     env = {**os.environ, "TUNERY_FAULT": "after_step:3:SIGTERM"}
-    proc = subprocess.run([sys.executable, "-m", "tunery", *cli_args(cfg)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunery", *cli_args(cfg)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "stopped at step 3/12 (SIGTERM)" in proc.stderr and f"--resume {stopped}" in proc.stderr
     assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["step-3"]

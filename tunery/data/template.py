@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from transformers import PreTrainedTokenizerBase
 
@@ -58,7 +58,7 @@ def render(
     add_generation_prompt: bool = False,
 ) -> str:
     text = tokenizer.apply_chat_template(
-        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages, tools=cast(Any, tools), tokenize=False, add_generation_prompt=add_generation_prompt
     )
     assert isinstance(text, str)
     return text
@@ -116,7 +116,7 @@ def tokenize_chat(
         if ends:
             inside = [j for j in inside if j <= ends[0]]
         else:
-            while inside and not tokenizer.decode([input_ids[inside[-1]]]).strip():
+            while inside and not str(tokenizer.decode([input_ids[inside[-1]]])).strip():
                 inside.pop()
             if token < len(input_ids) and input_ids[token] in special:
                 inside.append(token)  # content-search fallback: the end-of-turn token right after it

@@ -13,6 +13,7 @@ KV cache and a 4D padding mask).
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ def varlen_attention_forward(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
-    **kwargs: object,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     cu_seq_lens = kwargs.get("cu_seq_lens_q")
     if cu_seq_lens is None:

@@ -187,8 +187,10 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load weights and tokenizer for `name`, with Tunery's padding-free attention switched on."""
     tokenizer = load_tokenizer(name)
+    model: Any
     if name == TINY:
-        model = tiny_model(len(tokenizer)).to(dtype)
+        model = tiny_model(len(tokenizer))
+        torch.nn.Module.to(model, dtype)
     else:
         model_dir = resolve_model_dir(name)
         source: Any = model_dir if model_dir else name

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 from tunery.errors import TuneryError
 
 
-def apply_lora(model: PreTrainedModel, rank: int, alpha: float, dropout: float, targets: str) -> PeftModel:
+def apply_lora(model: PreTrainedModel, rank: int, alpha: int, dropout: float, targets: str) -> PeftModel:
     """Wrap `model` with LoRA adapters. `targets` is 'all-linear' (every linear layer but the LM head) or a
     comma-separated list of module names such as 'q_proj,v_proj'."""
     target_modules: str | list[str] = (
@@ -40,7 +40,7 @@ def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
     # two full-activation copies per adapted layer, ~10% of a training step. Autocast alone handles dtypes.
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = False
+            setattr(module, "cast_input_dtype_enabled", False)  # noqa: B010 (peft declares no such attribute)
 
 
 def bf16_is_fast(device: torch.device) -> bool:

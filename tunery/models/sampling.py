@@ -118,7 +118,7 @@ def sample(
                 continue
             tokens[i].append(token)
             logprobs[i].append(chosen_logps[i])
-            text = tokenizer.decode(tokens[i], skip_special_tokens=True)
+            text = str(tokenizer.decode(tokens[i], skip_special_tokens=True))
             hit = [text.find(s) for s in params.stop if s and s in text]
             if hit:
                 text, finish[i] = text[: min(hit)], "stop"

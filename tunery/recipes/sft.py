@@ -49,8 +49,8 @@ from tunery.training.io import atomic_write_json, atomic_write_yaml
 from tunery.training.memory import keep_freed_memory
 from tunery.training.metrics import MetricsLog
 from tunery.training.progress import StepProgress
-from tunery.training.signals import GracefulStop
 from tunery.training.schedule import lr_at
+from tunery.training.signals import GracefulStop
 
 log = logging.getLogger("tunery")
 
@@ -69,7 +69,7 @@ class SFTConfig:
     lr: float | None = None  # absolute peak learning rate; overrides learning_rate_multiplier
     learning_rate_multiplier: float | str = "auto"  # times 2e-4 (LoRA) or 2e-5 (full)
     lora_rank: int = 16  # 0 means full fine-tuning
-    lora_alpha: float = 32.0
+    lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_targets: str = "all-linear"  # or comma-separated module names, e.g. q_proj,v_proj
     max_length: int = 1024  # longer conversations are truncated from the end
@@ -248,6 +248,7 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
 
     if resume:
         _check_same_data(run_dir, cfg)
+    model: torch.nn.Module
     model, tokenizer = load_model(cfg.model)
     train_chats = load_chat_data(cfg.data, tokenizer, cfg.max_length)
     valid_chats = load_chat_data(cfg.valid, tokenizer, cfg.max_length, min_examples=1) if cfg.valid else []
@@ -262,7 +263,7 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
         model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
         if resolved["precision"] == "bf16":
             cast_frozen(model, torch.bfloat16)
-    model.to(world.device)
+    torch.nn.Module.to(model, world.device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=resolved["lr"], weight_decay=cfg.weight_decay)
@@ -297,7 +298,10 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
 
     wall_start = time.monotonic()
     step = start_step
-    with GracefulStop() as stop, StepProgress(total_steps, start_step, "sft", enabled=world.is_main) as progress:
+    with (
+        GracefulStop() as stop,
+        StepProgress(total_steps, start_step, "sft", enabled=world.is_main) as progress,
+    ):
         while step < total_steps:
             t0 = time.monotonic()
             chats = [train_chats[i] for i in step_indices(step, len(train_chats), batch_size, cfg.seed)]
@@ -349,6 +353,7 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
                 + (f"valid {record['valid_loss']:.3f} " if "valid_loss" in record else "")
                 + f"{record['tokens_per_second']:.0f} tok/s",
             )
+            fault_point("after_step", step)
             # Ctrl-C / SIGTERM: finish the step, checkpoint it, stop. Processes agree on it (one all-reduce).
             stopping = distributed.all_sum([float(stop.requested is not None)], world)[0] > 0
             if step % resolved["save_every"] == 0 or step == total_steps or stopping:
@@ -363,11 +368,12 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
                         keep=cfg.keep_checkpoints,
                     )
                 distributed.barrier(world)
-            fault_point("after_step", step)
             if stopping:
                 distributed.teardown(world)
-                raise TuneryError(f"stopped at step {step}/{total_steps} ({stop.requested or 'signal'}); "
-                                  f"continue with: tunery train sft --resume {run_dir}")
+                raise TuneryError(
+                    f"stopped at step {step}/{total_steps} ({stop.requested or 'signal'}); "
+                    f"continue with: tunery train sft --resume {run_dir}"
+                )
 
     # --- finish: final weights, full validation, summary ---------------------------------------------------
     final: dict[str, Any] = {}

@@ -31,7 +31,7 @@ from tunery.training.io import atomic_write_json, atomic_write_yaml, fsync_dir
 def save_adapter(model: PeftModel, out_dir: Path) -> None:
     """peft's adapter format. Embedding layers are never trained by LoRA here, and asking peft to decide
     ('auto') makes it look the base model up on the Hugging Face hub, which is offline in Tunery's world."""
-    model.save_pretrained(out_dir, save_embedding_layers=False)
+    model.save_pretrained(str(out_dir), save_embedding_layers=False)
 
 
 def save_trainable(model: torch.nn.Module, out_dir: Path) -> None:
@@ -47,8 +47,9 @@ def load_trainable(model: torch.nn.Module, src_dir: Path) -> None:
     if isinstance(model, PeftModel):
         state = safetensors.torch.load_file(str(src_dir / "adapter_model.safetensors"))
         result = set_peft_model_state_dict(model, state)
-        if getattr(result, "unexpected_keys", None):
-            raise RuntimeError(f"checkpoint {src_dir} does not match the model: {result.unexpected_keys[:3]}")
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise RuntimeError(f"checkpoint {src_dir} does not match the model: {unexpected[:3]}")
     else:
         safetensors.torch.load_model(model, str(src_dir / "model.safetensors"))
 

@@ -11,6 +11,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -32,7 +33,7 @@ class StepProgress:
         self.description = description
         self._last_log = 0.0
         self._bar: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
         self._initial = initial
 
     def __enter__(self) -> StepProgress:

@@ -14,6 +14,7 @@ import safetensors.torch
 import torch
 from peft import PeftModel
 
+from tests.conftest import chat_lines, write_jsonl
 from tunery.cli import main
 from tunery.errors import TuneryError
 from tunery.models.load import load_model
@@ -99,7 +100,8 @@ def test_full_fine_tuning_saves_a_loadable_model(chat_files, tmp_path: Path) -> 
     assert model.config.num_hidden_layers == 2
 
 
-def _kill_run(cfg: dict, fault: str) -> None:
+def run_with_fault(cfg: dict, fault: str, returncode: int) -> subprocess.CompletedProcess[str]:
+    """`tunery train sft` in a child process that TUNERY_FAULT stops at an exact point."""
     env = {**os.environ, "TUNERY_FAULT": fault}
     proc = subprocess.run(
         [sys.executable, "-m", "tunery", *cli_args(cfg)],
@@ -109,7 +111,8 @@ def _kill_run(cfg: dict, fault: str) -> None:
         text=True,
         timeout=300,
     )
-    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert proc.returncode == returncode, proc.stderr[-2000:]
+    return proc
 
 
 @pytest.mark.parametrize(("fault", "latest"), [("after_step:3", "step-2"), ("during_save:4", "step-2")])
@@ -120,7 +123,7 @@ def test_resume_after_sigkill_is_exact(chat_files, tmp_path: Path, fault: str, l
 
     killed = tmp_path / "killed"
     cfg = config(train, valid, killed, lora_dropout=0.1)
-    _kill_run(cfg, fault)
+    run_with_fault(cfg, fault, returncode=-9)  # SIGKILL
     assert not (killed / "final").exists()
     done = sorted(p.name for p in (killed / "checkpoints").iterdir() if not p.name.startswith("."))
     assert done == [latest]
@@ -141,16 +144,7 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_resumes_exactly(chat_files, 
     sft.run(None, config(train, valid, ref, save_every=100))
     stopped = tmp_path / "stopped"
     cfg = config(train, valid, stopped, save_every=100)
-    env = {**os.environ, "TUNERY_FAULT": "after_step:3:SIGTERM"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tunery", *cli_args(cfg)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    proc = run_with_fault(cfg, "after_step:3:SIGTERM", returncode=2)
     assert "stopped at step 3/12 (SIGTERM)" in proc.stderr and f"--resume {stopped}" in proc.stderr
     assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["step-3"]
     assert main(["train", "sft", "--resume", str(stopped)]) == 0
@@ -209,7 +203,10 @@ def test_bad_inputs_fail_with_actionable_messages(chat_files, tmp_path: Path, ca
 def test_ddp_two_processes_match_one(chat_files, tmp_path: Path) -> None:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert torchrun, "torchrun ships with torch"
-    train, valid = chat_files
+    _, valid = chat_files
+    # 25 conversations in steps of 4: the last step has one, so one process gets none and must still
+    # take part in the gradient all-reduce.
+    train = write_jsonl(tmp_path / "train25.jsonl", chat_lines(25))
     single = tmp_path / "single"
     sft.run(None, config(train, valid, single, epochs=1))
     double = tmp_path / "ddp"
@@ -230,7 +227,7 @@ def test_ddp_two_processes_match_one(chat_files, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = [r for r in read_metrics(single / "metrics.jsonl") if "train_loss" in r]
     two = [r for r in read_metrics(double / "metrics.jsonl") if "train_loss" in r]
-    assert len(one) == len(two) == 6
+    assert len(one) == len(two) == 7
     for a, b in zip(one, two, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert a["tokens"] == b["tokens"]

@@ -306,7 +306,9 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
             t0 = time.monotonic()
             chats = [train_chats[i] for i in step_indices(step, len(train_chats), batch_size, cfg.seed)]
             step_trained = sum(c.n_trained for c in chats)  # the same on every process
-            mine = shard(chats, world.rank, world.size)
+            mine, weight = shard(chats, world.rank, world.size), 1.0
+            if not mine:  # a short last batch: this process still joins the gradient all-reduce, weightless
+                mine, weight = chats[:1], 0.0
             rows = plan_rows(mine, cfg.micro_batch_tokens)
             nll = correct = tokens = 0.0
             for k, row_chats in enumerate(rows):
@@ -316,8 +318,10 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
                     with _autocast(resolved["precision"], world.device):
                         nll_sum, n_correct = forward_loss(ddp_model, lm_head_weight, row)
                     # DDP averages gradients over processes, hence the world size factor.
-                    (nll_sum * world.size / step_trained).backward()
-                nll, correct, tokens = nll + nll_sum.item(), correct + n_correct.item(), tokens + row.n_tokens
+                    (nll_sum * (weight * world.size / step_trained)).backward()
+                nll += weight * nll_sum.item()
+                correct += weight * n_correct.item()
+                tokens += weight * row.n_tokens
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             )

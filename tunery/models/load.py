@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -206,23 +205,3 @@ def load_model(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.name_or_path = name
     return model, tokenizer
-
-
-def model_card_name(name: str) -> str:
-    """A short printable name for logs and adapter metadata."""
-    return name if name in BUILTIN_MODELS else str(Path(name).expanduser())
-
-
-def describe(model: PreTrainedModel) -> dict[str, Any]:
-    cfg = model.config
-    return json.loads(
-        json.dumps(
-            {
-                "architecture": type(model).__name__,
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "layers": getattr(cfg, "num_hidden_layers", None),
-                "hidden_size": getattr(cfg, "hidden_size", None),
-                "vocab_size": getattr(cfg, "vocab_size", None),
-            }
-        )
-    )

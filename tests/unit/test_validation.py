@@ -184,3 +184,40 @@ def test_cli_exit_codes_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[s
         "severity": "error",
         "message": report["problems"][0]["message"],
     }
+
+
+WEIRD = [None, True, 0, 2, -1.5, "", "yes", [], [1], {}, {"a": 1}, "\x00", "é" * 3]
+
+
+def _mutations(obj, path=()):
+    """Every (path, value) pair that replaces one node of `obj` with a weird value."""
+    yield from ((path, w) for w in WEIRD)
+    children = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else []
+    for key, child in children:
+        yield from _mutations(child, (*path, key))
+
+
+def _replace(obj, path, value):
+    if not path:
+        return value
+    copy = dict(obj) if isinstance(obj, dict) else list(obj)
+    copy[path[0]] = _replace(obj[path[0]], path[1:], value)
+    return copy
+
+
+def test_no_malformed_example_crashes_validation(tmp_path: Path, tiny) -> None:
+    """Any single field replaced by a value of the wrong type or shape is reported, never raised."""
+    _, tokenizer = tiny
+    base = {
+        "messages": [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a", "weight": 1},
+        ],
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+    }
+    lines = [json.dumps(_replace(base, path, value)) for path, value in _mutations(base)]
+    assert len(lines) > 200
+    report = validate_chat_file(write_jsonl(tmp_path / "d.jsonl", lines), tokenizer, max_length=64)
+    assert report.errors  # plenty of them, each with a line number
+    assert all(p.line is not None for p in report.errors if p.key != "invalid_n_examples")

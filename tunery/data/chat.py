@@ -118,8 +118,10 @@ def check_chat_example(obj: Any, line: int) -> tuple[ChatExample | None, list[Pr
             weight = msg["weight"]
             if role != "assistant":
                 err("invalid_weight", f"{where}: 'weight' is only allowed on assistant messages")
-            elif weight not in (0, 1) or isinstance(weight, bool):
+                continue
+            if not isinstance(weight, int) or isinstance(weight, bool) or weight not in (0, 1):
                 err("invalid_weight", f"{where}: 'weight' must be 0 or 1, got {weight!r}")
+                continue
         tool_calls = msg.get("tool_calls")
         if tool_calls is not None and not (
             isinstance(tool_calls, list)

@@ -87,6 +87,15 @@ def validate_chat_file(
             except TuneryError as exc:
                 report.problems.append(Problem(line.number, "template_error", str(exc)))
                 continue
+            except Exception as exc:  # the model's chat template (Jinja) rejecting this example's shape
+                report.problems.append(
+                    Problem(
+                        line.number,
+                        "template_error",
+                        f"the model's chat template cannot render this example: {exc.__class__.__name__}: {exc}",
+                    )
+                )
+                continue
             if chat.truncated:
                 keep = "kept" if chat.n_trained else "skipped: no trained token is left"
                 report.problems.append(

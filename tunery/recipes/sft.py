@@ -9,9 +9,10 @@ into rows of at most `micro_batch_tokens` tokens, one row per forward pass, grad
 the rows, and the loss is the mean over every trained token of the step, whatever the split into rows
 or processes. Only assistant turns (with weight 1) and their end-of-turn tokens are trained.
 
-Speed (CPU): frozen weights are stored in bf16 and LoRA weights in fp32 under bf16 autocast; logits are
-computed only at trained positions (`logits_to_keep`); packed rows attend per conversation
-(models/attention.py) instead of through a dense block mask.
+Speed (CPU): frozen weights are stored in bf16 and LoRA weights in fp32 under bf16 autocast; the output
+projection runs fused with the loss at trained positions only (losses/sft.py); packed rows attend per
+conversation (models/attention.py) instead of through a dense block mask; glibc keeps freed memory
+(training/memory.py). Ctrl-C or SIGTERM checkpoints at the next step boundary and stops.
 """
 
 from __future__ import annotations

@@ -36,6 +36,40 @@ def chat_lines(n: int, multi_turn_every: int = 3) -> list[dict]:
     return lines
 
 
+BAD_ANSWERS = ["No idea.", "Figure it out yourself, it is all on the website somewhere I think.", "Sure, free!"]
+
+
+def pair_lines(n: int, openai_format: bool = True) -> list[dict]:
+    """n distinct preference pairs: the TOPICS answer is preferred over a rude, rambling or wrong one."""
+    lines = []
+    for i in range(n):
+        q, good = TOPICS[i % len(TOPICS)]
+        bad = BAD_ANSWERS[i % len(BAD_ANSWERS)]
+        prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"{q} (#{i})"}]
+        if openai_format:
+            lines.append(
+                {
+                    "input": {"messages": prompt},
+                    "preferred_output": [{"role": "assistant", "content": good}],
+                    "non_preferred_output": [{"role": "assistant", "content": bad}],
+                }
+            )
+        else:
+            lines.append({"prompt": prompt, "chosen": good, "rejected": bad})
+    return lines
+
+
+def thumbs_lines(n: int) -> list[dict]:
+    """n unpaired ratings, alternating a good answer (thumbs up) and a bad one (down)."""
+    lines = []
+    for i in range(n):
+        q, good = TOPICS[i % len(TOPICS)]
+        up = i % 2 == 0
+        answer = good if up else BAD_ANSWERS[i % len(BAD_ANSWERS)]
+        lines.append({"prompt": f"{q} (#{i})", "completion": answer, "label": up})
+    return lines
+
+
 def write_jsonl(path: Path, lines: list) -> Path:
     path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
     return path
@@ -46,6 +80,13 @@ def tunery_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mo
     home = tmp_path_factory.getbasetemp() / "tunery-home"
     monkeypatch.setenv("TUNERY_HOME", str(home))
     return home
+
+
+@pytest.fixture
+def pair_files(tmp_path: Path) -> tuple[Path, Path]:
+    train = write_jsonl(tmp_path / "pairs.jsonl", pair_lines(24))
+    valid = write_jsonl(tmp_path / "pairs-valid.jsonl", pair_lines(30)[24:])
+    return train, valid
 
 
 @pytest.fixture

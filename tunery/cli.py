@@ -30,6 +30,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_data_validate(args: argparse.Namespace) -> int:
+    from tunery.data.feedback import detect_file_kind, format_feedback_report, validate_feedback_file
     from tunery.data.validate import format_report, validate_chat_file
 
     tokenizer = None
@@ -37,12 +38,17 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
         from tunery.models.load import load_tokenizer
 
         tokenizer = load_tokenizer(args.model)
-    report = validate_chat_file(args.file, tokenizer, args.max_length, max_bytes=args.max_bytes)
+    kind = detect_file_kind(args.file, args.max_bytes)
+    if kind == "chat":
+        report = validate_chat_file(args.file, tokenizer, args.max_length, max_bytes=args.max_bytes)
+    else:
+        report = validate_feedback_file(args.file, tokenizer, args.max_length, max_bytes=args.max_bytes)
     if args.json:
         print(
             json.dumps(
                 {
                     "file": report.path,
+                    "format": kind,
                     "ok": not report.errors,
                     "stats": report.stats,
                     "problems": [
@@ -54,12 +60,12 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
             )
         )
     else:
-        print(format_report(report))
+        print(format_report(report) if kind == "chat" else format_feedback_report(report))
     return 1 if report.errors else 0
 
 
-def cmd_train_sft(args: argparse.Namespace) -> int:
-    from tunery.recipes import sft
+def _train_overrides(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Config overrides from the flags every training command shares, `extra` flags, and --set."""
     from tunery.training.config import parse_set
 
     overrides: dict[str, Any] = {
@@ -82,8 +88,40 @@ def cmd_train_sft(args: argparse.Namespace) -> int:
         "eval_every": args.eval_every,
         "micro_batch_tokens": args.micro_batch_tokens,
     }
+    overrides.update({name: getattr(args, name) for name in extra})
     overrides.update(parse_set(args.set or []))
-    summary = sft.run(args.config, overrides, resume_dir=args.resume, overwrite=args.overwrite)
+    return overrides
+
+
+def cmd_train_sft(args: argparse.Namespace) -> int:
+    from tunery.recipes import sft
+
+    summary = sft.run(args.config, _train_overrides(args), resume_dir=args.resume, overwrite=args.overwrite)
+    _print_summary(summary)
+    return 0
+
+
+def cmd_train_dpo(args: argparse.Namespace) -> int:
+    from tunery.recipes import dpo
+
+    overrides = _train_overrides(
+        args, ("adapter", "loss", "beta", "label_smoothing", "simpo_gamma", "sft_weight")
+    )
+    summary = dpo.run(args.config, overrides, resume_dir=args.resume, overwrite=args.overwrite)
+    _print_summary(summary)
+    return 0
+
+
+def cmd_train_rm(args: argparse.Namespace) -> int:
+    from tunery.recipes import reward_model
+
+    overrides = _train_overrides(args, ("adapter", "center_coef"))
+    summary = reward_model.run(args.config, overrides, resume_dir=args.resume, overwrite=args.overwrite)
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
     if summary:
         final = summary["final_metrics"]
         shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float))
@@ -92,7 +130,8 @@ def cmd_train_sft(args: argparse.Namespace) -> int:
             f"{summary['tokens_per_second']:.0f} tok/s in {summary['wall_seconds']:.0f} s; {shown}"
         )
         print(f"saved: {Path(summary['run_dir']) / 'final'}")
-    return 0
+        for warning in summary.get("warnings", []):
+            print(f"warning: {warning}")
 
 
 def _load_for_inference(model_name: str, adapter: str | None) -> tuple[Any, Any, Any]:
@@ -171,6 +210,8 @@ def _read_prompts(path: str) -> list[dict[str, Any]]:
         if line.error:
             raise TuneryError(f"{path} line {line.number}: {line.error}")
         value = line.value
+        if isinstance(value, dict) and isinstance(value.get("input"), dict):  # a preference pair's prompt
+            value = value["input"]
         if isinstance(value, dict) and isinstance(value.get("messages"), list):
             messages = [m for m in value["messages"] if isinstance(m, dict)]
             if messages and messages[-1].get("role") == "assistant":
@@ -264,6 +305,38 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from tunery.recipes.compare import score_file
+    from tunery.training.io import atomic_write_text
+
+    rows, summary = score_file(args.rm, args.data, args.max_length)
+    if args.out:
+        atomic_write_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
+        print(f"wrote {len(rows)} scores to {args.out}")
+    else:
+        for row in rows:
+            print(json.dumps(row))
+    print(json.dumps(summary), file=sys.stderr if not args.out else sys.stdout)
+    return 0
+
+
+def cmd_eval_compare(args: argparse.Namespace) -> int:
+    from tunery.recipes.compare import compare_models
+
+    prompts = [p["messages"] for p in _read_prompts(args.prompts)]
+    result = compare_models(
+        args.rm, prompts, args.model, args.adapter, args.baseline_adapter, _sampling_params(args), args.out
+    )
+    print(
+        f"{result['candidate']} vs {result['baseline']} on {result['prompts']} prompts, judged by {args.rm}: "
+        f"win rate {result['win_rate']:.1%} (mean score {result['candidate_mean_score']:.3f} vs "
+        f"{result['baseline_mean_score']:.3f}; identical answers: {result['identical_answers']})"
+    )
+    if args.out:
+        print(f"answers and scores: {args.out}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import shutil
 
@@ -317,7 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="check training data").add_subparsers(
         dest="data_command", required=True
     )
-    p = data.add_parser("validate", help="validate an OpenAI chat JSONL file line by line")
+    p = data.add_parser(
+        "validate", help="validate a chat, preference or thumbs up/down JSONL file line by line"
+    )
     p.add_argument("file")
     p.add_argument(
         "--model", default="smollm2-135m-instruct", help="tokenizer for token counts ('none' to skip)"
@@ -329,30 +404,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model").add_subparsers(dest="method", required=True)
     p = train.add_parser("sft", help="supervised fine-tuning on chat data (LoRA or full)")
-    p.add_argument("--config", help="YAML file of config fields; flags override it")
-    p.add_argument("--model")
-    p.add_argument("--data", help="training JSONL")
-    p.add_argument("--valid", help="validation JSONL")
-    p.add_argument("--out", help="run directory")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    p.add_argument("--epochs", type=_int_or_auto)
-    p.add_argument("--batch-size", type=_int_or_auto)
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--lr-multiplier", type=float, help="times the base learning rate (OpenAI's knob)")
-    p.add_argument("--lora-rank", type=int)
-    p.add_argument("--lora-alpha", type=int)
-    p.add_argument("--lora-dropout", type=float)
-    p.add_argument("--lora-targets", help="all-linear (default) or comma-separated module names")
-    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--micro-batch-tokens", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--precision", choices=["bf16", "fp32", "auto"])
-    p.add_argument("--save-every", type=int)
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config field")
+    _add_training_flags(p)
     p.set_defaults(func=cmd_train_sft)
+
+    p = train.add_parser("dpo", help="direct preference optimisation on comparisons (DPO, IPO, SimPO)")
+    _add_training_flags(p)
+    p.add_argument(
+        "--adapter", help="start from this fine-tuned adapter (e.g. the SFT run); also the reference"
+    )
+    p.add_argument("--loss", choices=["dpo", "ipo", "simpo"], help="dpo (default), ipo or simpo")
+    p.add_argument("--beta", type=float, help="strength of the pull towards the reference (0.1; simpo 2.0)")
+    p.add_argument("--label-smoothing", type=float, help="conservative DPO: probability a label is flipped")
+    p.add_argument("--simpo-gamma", type=float, help="SimPO target margin (default 1.0)")
+    p.add_argument("--sft-weight", type=float, help="add the chosen answers' NLL with this weight (RPO)")
+    p.set_defaults(func=cmd_train_dpo)
+
+    p = train.add_parser("rm", help="reward model from comparisons (Bradley-Terry)")
+    _add_training_flags(p)
+    p.add_argument("--adapter", help="start from this fine-tuned adapter (e.g. the SFT run)")
+    p.add_argument("--center-coef", type=float, help="weight of the score-centring penalty (default 0)")
+    p.set_defaults(func=cmd_train_rm)
 
     p = sub.add_parser("chat", help="talk to a model (streams tokens)")
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -377,6 +448,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p, max_tokens=96)
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser("score", help="score answers with a reward model")
+    p.add_argument("--rm", required=True, help="reward model run directory (tunery train rm)")
+    p.add_argument("--data", required=True, help="pairs, rated answers, or chats ending with the answer")
+    p.add_argument("--out", help="write one JSON line of scores per input line")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.set_defaults(func=cmd_score)
+
+    evaluation = sub.add_parser("eval", help="evaluate models").add_subparsers(
+        dest="eval_command", required=True
+    )
+    p = evaluation.add_parser("compare", help="win rate of one model over another, judged by a reward model")
+    p.add_argument("--rm", required=True, help="reward model run directory (the judge)")
+    p.add_argument("--prompts", required=True, help='JSONL of {"messages": [...]} prompts')
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--adapter", help="the candidate's adapter (default: the base model)")
+    p.add_argument("--baseline-adapter", help="the baseline's adapter (default: the base model)")
+    p.add_argument("--out", help="write prompts, both answers and their scores as JSONL")
+    _add_sampling(p, max_tokens=128)
+    p.set_defaults(func=cmd_eval_compare)
+
     p = sub.add_parser("export", help="write a merged model (base + LoRA adapter)")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--adapter", required=True)
@@ -384,6 +475,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
     return parser
+
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file of config fields; flags override it")
+    p.add_argument("--model")
+    p.add_argument("--data", help="training JSONL")
+    p.add_argument("--valid", help="validation JSONL")
+    p.add_argument("--out", help="run directory")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--epochs", type=_int_or_auto)
+    p.add_argument("--batch-size", type=_int_or_auto)
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--lr-multiplier", type=float, help="times the base learning rate (OpenAI's knob)")
+    p.add_argument("--lora-rank", type=int)
+    p.add_argument("--lora-alpha", type=int)
+    p.add_argument("--lora-dropout", type=float)
+    p.add_argument("--lora-targets", help="all-linear (default) or comma-separated module names")
+    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--micro-batch-tokens", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--precision", choices=["bf16", "fp32", "auto"])
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config field")
 
 
 def _quiet_libraries(verbose: bool) -> None:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tunery.losses import sft
+from tunery.losses import logps
 from tunery.losses.sft import sft_loss
 
 
@@ -23,8 +23,8 @@ def test_hand_worked_two_tokens() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("train_weight", [False, True])
 def test_matches_torch_cross_entropy_value_and_gradients(monkeypatch, dtype, train_weight) -> None:
-    monkeypatch.setattr(sft, "CHUNK_ROWS", 7)  # several chunks, one ragged
-    monkeypatch.setattr(sft, "_scratch", {})
+    monkeypatch.setattr(logps, "CHUNK_ROWS", 7)  # several chunks, one ragged
+    monkeypatch.setattr(logps, "_scratch", {})
     torch.manual_seed(0)
     hidden = torch.randn(20, 8).to(dtype).requires_grad_()
     weight = (2 * torch.randn(50, 8)).to(dtype).requires_grad_(train_weight)

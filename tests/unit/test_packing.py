@@ -8,7 +8,8 @@ from tests.conftest import chat_lines
 from tunery.data.chat import check_chat_example
 from tunery.data.packing import IGNORE, pack, plan_rows, shard, shifted_targets, step_indices
 from tunery.data.template import tokenize_chat
-from tunery.recipes.sft import forward_loss, output_weight
+from tunery.models.forward import output_weight
+from tunery.recipes.sft import forward_loss
 
 
 def tokenized(tokenizer, n: int):

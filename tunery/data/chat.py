@@ -87,10 +87,35 @@ def check_chat_example(obj: Any, line: int) -> tuple[ChatExample | None, list[Pr
             "'tools' must be a list of {type: 'function', function: {name, description, parameters}}",
         )
 
+    normalised, weights = check_messages(messages, line, "messages", problems)
+
+    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+        err("example_missing_assistant_message", "the example has no assistant message to learn from")
+    elif not any(problem.severity == "error" for problem in problems) and not any(weights):
+        err(
+            "no_trained_assistant_message",
+            "every assistant message has weight 0, so nothing would be trained",
+        )
+    if any(p.severity == "error" for p in problems):
+        return None, problems
+    if normalised[-1]["role"] != "assistant":
+        warn("last_message_not_assistant", "the last message is not from the assistant; it is context only")
+    return ChatExample(line, normalised, weights, tools if tools else None, obj), problems
+
+
+def check_messages(
+    messages: list[Any], line: int, path: str, problems: list[Problem]
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Check a list of chat messages (`path` names it in messages, e.g. "input.messages"), appending to
+    `problems`. Returns the messages normalised for the chat template and their training weights."""
+
+    def err(key: str, message: str) -> None:
+        problems.append(Problem(line, key, message))
+
     normalised: list[dict[str, Any]] = []
     weights: list[int] = []
     for i, msg in enumerate(messages):
-        where = f"messages[{i}]"
+        where = f"{path}[{i}]"
         if not isinstance(msg, dict):
             err("message_missing_key", f"{where} must be an object with 'role' and 'content'")
             continue
@@ -143,19 +168,7 @@ def check_chat_example(obj: Any, line: int) -> tuple[ChatExample | None, list[Pr
             out["tool_call_id"] = msg["tool_call_id"]
         normalised.append(out)
         weights.append(int(msg.get("weight", 1)) if role == "assistant" else 0)
-
-    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
-        err("example_missing_assistant_message", "the example has no assistant message to learn from")
-    elif not any(problem.severity == "error" for problem in problems) and not any(weights):
-        err(
-            "no_trained_assistant_message",
-            "every assistant message has weight 0, so nothing would be trained",
-        )
-    if any(p.severity == "error" for p in problems):
-        return None, problems
-    if normalised[-1]["role"] != "assistant":
-        warn("last_message_not_assistant", "the last message is not from the assistant; it is context only")
-    return ChatExample(line, normalised, weights, tools if tools else None, obj), problems
+    return normalised, weights
 
 
 def canonical_key(example: ChatExample) -> str:

@@ -36,6 +36,10 @@ class TokenizedChat:
     def n_trained(self) -> int:
         return sum(self.label_mask)
 
+    @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
 
 def _template_messages(example: ChatExample, uses_tool_calls: bool) -> list[dict[str, Any]]:
     """Messages as the template sees them. Tool calls go into the content for templates that ignore them."""

@@ -52,12 +52,26 @@ def bf16_is_fast(device: torch.device) -> bool:
     return bool((checker and checker()) or (amx and amx()))
 
 
-def load_adapter(model: PreTrainedModel, adapter_dir: str | Path) -> PeftModel:
-    path = Path(adapter_dir)
-    if (path / "final" / "adapter_config.json").is_file():
-        path = path / "final"  # a run directory
-    elif (path / "model" / "adapter_config.json").is_file():
-        path = path / "model"  # a checkpoint directory
-    if not (path / "adapter_config.json").is_file():
-        raise TuneryError(f"{adapter_dir} is not a LoRA adapter directory (no adapter_config.json)")
+def load_adapter(model: PreTrainedModel, path: str | Path) -> PeftModel:
+    """Apply a saved adapter (a run directory, a checkpoint or the adapter directory itself)."""
+    path = adapter_dir(path)
+    if (path / "base_adapter").is_dir():  # trained on top of another adapter (e.g. DPO after SFT)
+        model = merge_adapter(model, path / "base_adapter")
     return PeftModel.from_pretrained(model, path)
+
+
+def merge_adapter(model: PreTrainedModel, adapter_dir: str | Path) -> PreTrainedModel:
+    """The base model with an adapter merged into its weights: the starting point (and the reference) of
+    a method that trains on top of a fine-tuned model, such as DPO after SFT."""
+    merged = load_adapter(model, adapter_dir).merge_and_unload()
+    assert isinstance(merged, PreTrainedModel)
+    return merged
+
+
+def adapter_dir(path: str | Path) -> Path:
+    """The adapter directory inside a run directory, a checkpoint or itself."""
+    path = Path(path)
+    for inner in (path / "final", path / "model", path):
+        if (inner / "adapter_config.json").is_file():
+            return inner
+    raise TuneryError(f"{path} is not a LoRA adapter directory (no adapter_config.json)")

@@ -18,21 +18,16 @@ conversation (models/attention.py) instead of through a dense block mask; glibc 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import os
 import resource
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from peft import PeftModel
 from torch.nn.parallel import DistributedDataParallel
 
 from tunery.data.packing import IGNORE, PackedRow, pack, plan_rows, shard, step_indices
@@ -40,16 +35,26 @@ from tunery.data.template import TokenizedChat
 from tunery.data.validate import load_chat_data
 from tunery.errors import TuneryError
 from tunery.losses.sft import sft_loss
+from tunery.models.forward import output_weight
 from tunery.models.load import load_model
 from tunery.models.lora import apply_lora, bf16_is_fast, cast_frozen
 from tunery.training import auto, distributed
-from tunery.training.checkpoint import latest_checkpoint, load_checkpoint, save_adapter, save_checkpoint
+from tunery.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tunery.training.config import build_config, to_dict
 from tunery.training.faults import fault_point
 from tunery.training.io import atomic_write_json, atomic_write_yaml
 from tunery.training.memory import keep_freed_memory
 from tunery.training.metrics import MetricsLog
 from tunery.training.progress import StepProgress
+from tunery.training.rundir import (
+    autocast,
+    check_same_data,
+    file_digest,
+    last_metrics,
+    prepare_run_dir,
+    resumed_config,
+    save_final,
+)
 from tunery.training.schedule import lr_at
 from tunery.training.signals import GracefulStop
 
@@ -140,47 +145,10 @@ def _resolve(cfg: SFTConfig, n_train: int, world: distributed.World) -> dict[str
         save_every=cfg.save_every or max(1, math.ceil(steps / 5)),
         total_steps=steps,
         world_size=world.size,
-        data_sha256=_file_digest(cfg.data),
-        valid_sha256=_file_digest(cfg.valid),
+        data_sha256=file_digest(cfg.data),
+        valid_sha256=file_digest(cfg.valid),
     )
     return resolved
-
-
-def _file_digest(path: str | None) -> str | None:
-    if path is None:
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _check_same_data(run_dir: Path, cfg: SFTConfig) -> None:
-    """A resumed run must see the data it started with, or its data order and results silently change."""
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    for field in ("data", "valid"):
-        recorded = saved.get(f"{field}_sha256")
-        if recorded and _file_digest(getattr(cfg, field)) != recorded:
-            raise TuneryError(
-                f"cannot resume {run_dir}: {getattr(cfg, field)} changed since the run started; "
-                "restore it, or start a new run with --out"
-            )
-
-
-def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    if resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise TuneryError(f"cannot resume: {run_dir} is not a Tunery run directory (no config.yaml)")
-        return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise TuneryError(
-                f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
-                "or pass --overwrite to start over"
-            )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def forward_loss(
@@ -205,18 +173,6 @@ def forward_loss(
     return sft_loss(hidden, lm_head_weight, row.targets[keep])
 
 
-def output_weight(model: torch.nn.Module) -> torch.Tensor:
-    """The output projection's weight (V, H), through DDP and peft wrappers."""
-    inner = model.module if isinstance(model, DistributedDataParallel) else model
-    return inner.get_output_embeddings().weight  # type: ignore[operator,union-attr,no-any-return]
-
-
-def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, chats: list[TokenizedChat], cfg: dict[str, Any], world: distributed.World
@@ -228,7 +184,7 @@ def evaluate(
     nll = correct = count = 0.0
     for row_chats in plan_rows(shard(chats, world.rank, world.size), cfg["micro_batch_tokens"]):
         row = pack(row_chats)
-        with _autocast(cfg["precision"], world.device):
+        with autocast(cfg["precision"], world.device):
             nll_sum, n_correct = forward_loss(model, lm_head_weight, row)
         nll, correct, count = nll + nll_sum.item(), correct + n_correct.item(), count + row.n_trained
     nll, correct, count = distributed.all_sum([nll, correct, count], world)
@@ -244,11 +200,11 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
     world = distributed.setup()
     run_dir = Path(cfg.out)
     if world.is_main:
-        _prepare_run_dir(run_dir, resume, overwrite)
+        prepare_run_dir(run_dir, resume, overwrite)
     distributed.barrier(world)
 
     if resume:
-        _check_same_data(run_dir, cfg)
+        check_same_data(run_dir, cfg)
     model: torch.nn.Module
     model, tokenizer = load_model(cfg.model)
     train_chats = load_chat_data(cfg.data, tokenizer, cfg.max_length)
@@ -316,7 +272,7 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
                 row = pack(row_chats)
                 sync = k == len(rows) - 1 or not world.distributed
                 with contextlib.nullcontext() if sync else ddp_model.no_sync():  # type: ignore[operator]
-                    with _autocast(resolved["precision"], world.device):
+                    with autocast(resolved["precision"], world.device):
                         nll_sum, n_correct = forward_loss(ddp_model, lm_head_weight, row)
                     # DDP averages gradients over processes, hence the world size factor.
                     (nll_sum * (weight * world.size / step_trained)).backward()
@@ -392,22 +348,8 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
         if final:
             metrics.write({"step": total_steps, **final})
         metrics.close()
-        final_dir = run_dir / "final"
-        tmp_dir = run_dir / ".tmp-final"
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        if isinstance(model, PeftModel):
-            save_adapter(model, tmp_dir)
-        else:
-            model.save_pretrained(tmp_dir)
-        tokenizer.save_pretrained(tmp_dir)
-        atomic_write_yaml(
-            tmp_dir / "tunery.yaml", {"base_model": cfg.model, "method": "sft", "config": resolved}
-        )
-        shutil.rmtree(final_dir, ignore_errors=True)
-        tmp_dir.rename(final_dir)
-        last = {}
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            last.update({k: v for k, v in json.loads(line).items() if k.startswith(("train_", "valid_"))})
+        save_final(run_dir, model, tokenizer, {"base_model": cfg.model, "method": "sft", "config": resolved})
+        last = last_metrics(run_dir, ("train_", "valid_"))
         summary = {
             "method": "sft",
             "model": cfg.model,
@@ -433,17 +375,6 @@ def run(
 ) -> dict[str, Any]:
     """Entry point of `tunery train sft`: builds the config (YAML, then flags) and trains."""
     if resume_dir:
-        saved = (
-            yaml.safe_load((Path(resume_dir) / "config.yaml").read_text())
-            if (Path(resume_dir) / "config.yaml").is_file()
-            else None
-        )
-        if saved is None:
-            raise TuneryError(f"cannot resume: {resume_dir} has no config.yaml")
-        fields = {f for f in SFTConfig.__dataclass_fields__}
-        cfg = build_config(
-            SFTConfig, None, {k: v for k, v in saved.items() if k in fields} | {"out": resume_dir}
-        )
-        return train(cfg, resume=True)
+        return train(resumed_config(SFTConfig, resume_dir), resume=True)
     cfg = build_config(SFTConfig, config_path, overrides)
     return train(cfg, overwrite=overwrite)

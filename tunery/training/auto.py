@@ -25,6 +25,12 @@ def auto_batch_size(n_examples: int) -> int:
     return max(1, min(256, round(0.002 * n_examples)))
 
 
+def auto_pair_batch_size(n_examples: int) -> int:
+    """Preference methods: OpenAI's rule, but at least 8 pairs, since one pair's gradient points almost
+    anywhere and the per-step overhead dominates tiny steps."""
+    return max(8, auto_batch_size(n_examples))
+
+
 def auto_lr_multiplier(n_examples: int) -> float:
     return 1.0
 

@@ -35,15 +35,24 @@ def save_adapter(model: PeftModel, out_dir: Path) -> None:
 
 
 def save_trainable(model: torch.nn.Module, out_dir: Path) -> None:
-    """LoRA: the adapter in peft's format. Full fine-tuning: the weights as one safetensors file."""
+    """LoRA: the adapter in peft's format. Full fine-tuning: the weights as one safetensors file. A reward
+    model (a `score` head over an `lm`) adds `score.safetensors`."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    head = getattr(model, "score", None)
+    if isinstance(head, torch.nn.Linear):
+        safetensors.torch.save_model(head, str(out_dir / "score.safetensors"))
+        model = model.lm  # type: ignore[assignment]
     if isinstance(model, PeftModel):
         save_adapter(model, out_dir)
     else:
-        safetensors.torch.save_model(model, str(out_dir / "model.safetensors"))
+        safetensors.torch.save_model(model, str(out_dir / "model.safetensors"))  # type: ignore[arg-type]
 
 
 def load_trainable(model: torch.nn.Module, src_dir: Path) -> None:
+    head = getattr(model, "score", None)
+    if isinstance(head, torch.nn.Linear):
+        safetensors.torch.load_model(head, str(src_dir / "score.safetensors"))
+        model = model.lm  # type: ignore[assignment]
     if isinstance(model, PeftModel):
         state = safetensors.torch.load_file(str(src_dir / "adapter_model.safetensors"))
         result = set_peft_model_state_dict(model, state)

@@ -1,0 +1,75 @@
+"""Preference losses against numbers worked by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tunery.losses.dpo import dpo_loss, ipo_loss, kto_loss, simpo_loss
+from tunery.losses.reward import reward_loss
+
+
+def t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def softplus(x: float) -> float:  # -log sigmoid(-x)
+    return math.log1p(math.exp(x))
+
+
+def test_dpo_hand_worked() -> None:
+    # rewards: 0.1 * (-10 + 11) = 0.1 and 0.1 * (-12 + 11) = -0.1; h = 0.2; loss = log(1 + e^-0.2)
+    losses, chosen, rejected = dpo_loss(t(-10.0), t(-12.0), t(-11.0), t(-11.0), beta=0.1)
+    assert losses.item() == pytest.approx(softplus(-0.2)) == pytest.approx(0.598139, abs=1e-6)
+    assert chosen.item() == pytest.approx(0.1) and rejected.item() == pytest.approx(-0.1)
+
+
+def test_conservative_dpo_mixes_both_labels() -> None:
+    losses, _, _ = dpo_loss(t(-10.0), t(-12.0), t(-11.0), t(-11.0), beta=0.1, label_smoothing=0.25)
+    assert losses.item() == pytest.approx(0.75 * softplus(-0.2) + 0.25 * softplus(0.2))
+
+
+def test_dpo_at_the_reference_is_log_two_and_pushes_the_right_way() -> None:
+    chosen, rejected = t(-5.0).requires_grad_(), t(-7.0).requires_grad_()
+    losses, c, r = dpo_loss(chosen, rejected, t(-5.0), t(-7.0), beta=0.1)
+    assert losses.item() == pytest.approx(math.log(2)) and c.item() == r.item() == 0.0
+    losses.sum().backward()
+    assert chosen.grad.item() == pytest.approx(-0.05) and rejected.grad.item() == pytest.approx(0.05)
+
+
+def test_ipo_regresses_the_gap_onto_one_over_two_beta() -> None:
+    # beta 0.5: target gap 1. Gap (-1 + 1.5) - (-2 + 1.5) = 1 -> loss 0; gap 0 -> loss 1.
+    losses, chosen, _ = ipo_loss(t(-1.0, -1.5), t(-2.0, -1.5), t(-1.5, -1.5), t(-1.5, -1.5), beta=0.5)
+    assert losses.tolist() == pytest.approx([0.0, 1.0])
+    assert chosen.tolist() == pytest.approx([0.25, 0.0])
+
+
+def test_simpo_hand_worked() -> None:
+    # rewards 2 * -0.5 = -1 and 2 * -1.5 = -3; minus gamma 1 leaves 1; loss = log(1 + e^-1)
+    losses, chosen, rejected = simpo_loss(t(-0.5), t(-1.5), beta=2.0, gamma=1.0)
+    assert losses.item() == pytest.approx(0.313262, abs=1e-6)
+    assert (chosen.item(), rejected.item()) == pytest.approx((-1.0, -3.0))
+
+
+def test_kto_hand_worked() -> None:
+    # r = -10 + 12 = 2, z0 = 0.5: desirable 1 - sigmoid(0.15), undesirable 1 - sigmoid(-0.15)
+    sigmoid = 1 / (1 + math.exp(-0.15))
+    losses, rewards = kto_loss(
+        t(-10.0, -10.0),
+        t(-12.0, -12.0),
+        torch.tensor([True, False]),
+        t(0.5)[0],
+        beta=0.1,
+        desirable_weight=1.0,
+        undesirable_weight=2.0,
+    )
+    assert losses.tolist() == pytest.approx([1 - sigmoid, 2 * sigmoid])
+    assert rewards.tolist() == pytest.approx([0.2, 0.2])
+
+
+def test_reward_loss_margin_and_centering() -> None:
+    assert reward_loss(t(2.0), t(1.0)).item() == pytest.approx(softplus(-1.0))
+    assert reward_loss(t(2.0), t(1.0), margin=t(1.0)).item() == pytest.approx(math.log(2))
+    assert reward_loss(t(2.0), t(1.0), center_coef=0.01).item() == pytest.approx(softplus(-1.0) + 0.09)

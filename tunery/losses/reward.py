@@ -1,0 +1,29 @@
+"""Reward-model loss: Bradley-Terry on pairs of scalar scores."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def reward_loss(
+    chosen_rewards: torch.Tensor,  # (B,) scores of the preferred answers
+    rejected_rewards: torch.Tensor,  # (B,)
+    margin: torch.Tensor | None = None,  # (B,) optional required score gap per pair
+    center_coef: float = 0.0,
+) -> torch.Tensor:
+    """Per-pair Bradley-Terry loss (Ouyang et al. 2022, eq. 1), optionally with a margin (Llama 2's
+    graded preferences) and a centring penalty that keeps scores near zero (Eisenstein et al. 2023):
+
+        loss = -log sigmoid(r_chosen - r_rejected - margin) + center_coef * (r_chosen + r_rejected)^2
+
+    The Bradley-Terry term only sees score differences, so without centring the scores can drift by a
+    constant; RL against the model is easier when a score of 0 means "average".
+    """
+    diff = chosen_rewards - rejected_rewards
+    if margin is not None:
+        diff = diff - margin
+    losses = -F.logsigmoid(diff)
+    if center_coef:
+        losses = losses + center_coef * (chosen_rewards + rejected_rewards) ** 2
+    return losses

@@ -1,0 +1,144 @@
+"""Score answers with a reward model, and judge two models against each other with it.
+
+    tunery score --rm runs/rm --data pairs_or_answers.jsonl [--out scores.jsonl]
+    tunery eval compare --rm runs/rm --prompts examples/feedback/prompts.jsonl \\
+        --adapter runs/dpo --baseline-adapter runs/support --out comparison.jsonl
+
+`eval compare` answers every prompt with both models (greedy by default, so the comparison is
+repeatable), scores both answers with the reward model, and reports how often the candidate's answer
+scores higher (the win rate; exact ties count half).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunery.data.feedback import FeedbackExample, check_feedback_example, detect_kind, tokenize_feedback
+from tunery.data.jsonl import read_jsonl
+from tunery.data.template import prompt_ids
+from tunery.errors import TuneryError
+from tunery.models.heads import load_reward_model, score_pairs
+from tunery.models.load import load_model
+from tunery.models.lora import bf16_is_fast, cast_frozen, load_adapter
+from tunery.models.sampling import SamplingParams, sample
+from tunery.training.io import atomic_write_text
+
+
+def _read_scorable(path: str) -> list[FeedbackExample]:
+    """Pairs, rated answers, or chats whose last message is the assistant answer to score."""
+    examples, problems = [], []
+    for line in read_jsonl(path):
+        if line.error is not None:
+            problems.append(f"line {line.number}: {line.error}")
+            continue
+        value = line.value
+        if detect_kind(value) == "chat":
+            messages = value["messages"]
+            if not (isinstance(messages, list) and messages and isinstance(messages[-1], dict)):
+                problems.append(f"line {line.number}: 'messages' must be a non-empty list")
+                continue
+            if messages[-1].get("role") != "assistant":
+                problems.append(f"line {line.number}: the last message must be the assistant answer to score")
+                continue
+            value = {"prompt": messages[:-1], "completion": [messages[-1]], "label": True}
+        example, found = check_feedback_example(value, line.number)
+        problems += [str(p) for p in found if p.severity == "error"]
+        if example is not None:
+            examples.append(example)
+    if problems:
+        raise TuneryError(f"{path}:\n  " + "\n  ".join(problems[:20]))
+    if not examples:
+        raise TuneryError(f"{path}: nothing to score")
+    return examples
+
+
+def score_file(rm_dir: str, data: str, max_length: int = 1024) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per-line scores and a summary (mean score; accuracy and margin for pairs)."""
+    model, tokenizer, _ = load_reward_model(rm_dir)
+    bf16 = bf16_is_fast(torch.device("cpu"))
+    examples = _read_scorable(data)
+    pairs = [tokenize_feedback(tokenizer, ex, max_length)[0] for ex in examples]
+    scores = score_pairs(model, pairs, bf16=bf16)
+    rows: list[dict[str, Any]] = []
+    for ex, (first, second) in zip(examples, scores, strict=True):
+        if second is None:
+            rows.append({"line": ex.line, "score": first})
+        else:
+            rows.append({"line": ex.line, "chosen_score": first, "rejected_score": second})
+    summary: dict[str, Any] = {"lines": len(rows)}
+    paired = [r for r in rows if "chosen_score" in r]
+    if paired:
+        summary["accuracy"] = sum(r["chosen_score"] > r["rejected_score"] for r in paired) / len(paired)
+        summary["mean_margin"] = statistics.fmean(r["chosen_score"] - r["rejected_score"] for r in paired)
+    single = [r["score"] for r in rows if "score" in r]
+    if single:
+        summary["mean_score"] = statistics.fmean(single)
+    return rows, summary
+
+
+def _answers(
+    model_name: str, adapter: str | None, prompts: list[list[dict[str, Any]]], params: SamplingParams
+) -> list[str]:
+    model: Any
+    model, tokenizer = load_model(model_name)
+    if adapter:
+        model = load_adapter(model, adapter)
+    model.eval()
+    dtype = torch.bfloat16 if bf16_is_fast(torch.device("cpu")) else None
+    if dtype is not None:
+        cast_frozen(model, dtype)
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    texts: list[str] = []
+    for start in range(0, len(ids), 16):
+        texts += [
+            c.text for c in sample(model, tokenizer, ids[start : start + 16], params, autocast_dtype=dtype)
+        ]
+    return texts
+
+
+def compare_models(
+    rm_dir: str,
+    prompts: list[list[dict[str, Any]]],
+    model_name: str,
+    adapter: str | None,
+    baseline_adapter: str | None,
+    params: SamplingParams,
+    out: str | None = None,
+) -> dict[str, Any]:
+    """Win rate of (model + adapter) over (model + baseline_adapter) as judged by the reward model."""
+    candidate = _answers(model_name, adapter, prompts, params)
+    baseline = _answers(model_name, baseline_adapter, prompts, params)
+    model, tokenizer, _ = load_reward_model(rm_dir)
+    examples = [
+        FeedbackExample(
+            i, p, [{"role": "assistant", "content": a or " "}], [{"role": "assistant", "content": b or " "}]
+        )
+        for i, (p, a, b) in enumerate(zip(prompts, candidate, baseline, strict=True))
+    ]
+    pairs = [tokenize_feedback(tokenizer, ex, 1024)[0] for ex in examples]
+    scores = score_pairs(model, pairs, bf16=bf16_is_fast(torch.device("cpu")))
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in scores)  # type: ignore[operator]
+    result = {
+        "prompts": len(prompts),
+        "win_rate": wins / len(prompts),
+        "candidate": adapter or model_name,
+        "baseline": baseline_adapter or model_name,
+        "candidate_mean_score": statistics.fmean(a for a, _ in scores),
+        "baseline_mean_score": statistics.fmean(b for _, b in scores if b is not None),
+        "identical_answers": sum(a == b for a, b in zip(candidate, baseline, strict=True)),
+    }
+    if out:
+        lines = [
+            json.dumps(
+                {"prompt": p, "candidate": a, "baseline": b, "candidate_score": sa, "baseline_score": sb},
+                ensure_ascii=False,
+            )
+            for p, a, b, (sa, sb) in zip(prompts, candidate, baseline, scores, strict=True)
+        ]
+        atomic_write_text(Path(out), "".join(line + "\n" for line in lines))
+    return result

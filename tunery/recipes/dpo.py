@@ -1,0 +1,497 @@
+"""Direct preference optimisation on comparisons: DPO, conservative DPO, IPO and SimPO.
+
+    tunery train dpo --data examples/feedback/train.jsonl --valid examples/feedback/valid.jsonl \\
+        --adapter runs/support/final --out runs/dpo          # DPO on top of the SFT model
+    tunery train dpo --loss ipo ... | --loss simpo ... | --label-smoothing 0.1 (conservative DPO)
+    tunery train dpo --resume runs/dpo
+
+A step is `batch_size` pairs. Each pair is packed as `prompt | chosen | rejected`: the prompt is computed
+once for both answers and both answers go through the model in the same forward pass; pairs are packed
+without padding into rows of at most `micro_batch_tokens` tokens. Log-probabilities cover the answer
+tokens and their end-of-turn token only, never the prompt.
+
+The reference model costs nothing during training. Before the first step the policy *is* the reference
+(LoRA starts at zero; full fine-tuning has not moved yet), so the reference log-probs of every train and
+valid pair are computed once up front, without gradients, and cached in DIR/reference_logps.json; a
+resumed run reads them back. With `--adapter`, training starts from that fine-tuned model (merged into
+the base weights), which is then also the reference: the usual SFT-then-DPO recipe.
+
+Departures from the papers: IPO uses per-token mean log-probs, as its authors advise; SimPO defaults to
+beta 2.0 and gamma 1.0; `sft_weight` > 0 adds the chosen answers' per-token NLL (RPO, Pang et al. 2024),
+the usual guard against both answers' likelihood falling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch.nn.parallel import DistributedDataParallel
+
+from tunery.data.feedback import TokenizedPair, load_feedback_data
+from tunery.data.packing import pack_pairs, plan_rows, shard, step_indices
+from tunery.errors import TuneryError
+from tunery.losses.dpo import dpo_loss, ipo_loss, simpo_loss
+from tunery.models.forward import output_weight, sequence_logps
+from tunery.models.load import load_model
+from tunery.models.lora import adapter_dir, apply_lora, bf16_is_fast, cast_frozen, merge_adapter
+from tunery.training import auto, distributed
+from tunery.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tunery.training.config import build_config, to_dict
+from tunery.training.faults import fault_point
+from tunery.training.io import atomic_write_json, atomic_write_yaml
+from tunery.training.memory import keep_freed_memory
+from tunery.training.metrics import MetricsLog
+from tunery.training.progress import StepProgress
+from tunery.training.rundir import (
+    autocast,
+    check_same_data,
+    file_digest,
+    last_metrics,
+    prepare_run_dir,
+    resumed_config,
+    save_final,
+)
+from tunery.training.schedule import lr_at
+from tunery.training.signals import GracefulStop
+
+log = logging.getLogger("tunery")
+
+LOSSES = ("dpo", "ipo", "simpo")
+BASE_LR_LORA = 5e-5  # LoRA; full fine-tuning uses 1e-6 (DPO moves far with small updates)
+BASE_LR_FULL = 1e-6
+
+
+# --- config ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DPOConfig:
+    model: str = "smollm2-135m-instruct"  # built-in name, HF directory or .gguf file
+    adapter: str | None = None  # start from this fine-tuned adapter (e.g. the SFT run); it is the reference
+    data: str = ""  # training pairs (OpenAI DPO format or {prompt, chosen, rejected})
+    valid: str | None = None  # held-out pairs
+    out: str = ""  # run directory
+    loss: str = "dpo"  # dpo | ipo | simpo
+    beta: float | None = None  # None: 0.1 for dpo and ipo, 2.0 for simpo
+    label_smoothing: float = 0.0  # conservative DPO: assumed probability that a label is flipped
+    simpo_gamma: float = 1.0  # SimPO's target reward margin
+    sft_weight: float = 0.0  # weight of the chosen answers' NLL added to the loss (RPO)
+    epochs: int | str = "auto"
+    batch_size: int | str = "auto"  # pairs per optimizer step
+    lr: float | None = None  # absolute peak learning rate; overrides learning_rate_multiplier
+    learning_rate_multiplier: float | str = "auto"  # times 5e-5 (LoRA) or 1e-6 (full)
+    lora_rank: int = 16  # 0 means full fine-tuning
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"
+    max_length: int = 1024  # prompt + answer; longer answers are truncated from the end
+    micro_batch_tokens: int = 2048  # token budget of one packed forward pass
+    precision: str = "auto"  # bf16 | fp32 | auto
+    seed: int = 0
+    warmup_ratio: float = 0.1
+    schedule: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_every: int = 0  # steps; 0 picks ~10 evaluations per run
+    eval_examples: int = 64  # held-out pairs in each periodic evaluation (all at the end)
+    save_every: int = 0  # steps; 0 saves ~5 checkpoints per run
+    keep_checkpoints: int = 3
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise TuneryError("no training data: pass --data FILE.jsonl")
+        if not self.out:
+            raise TuneryError("no run directory: pass --out DIR")
+        if self.loss not in LOSSES:
+            raise TuneryError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.beta is not None and self.beta <= 0:
+            raise TuneryError(f"beta must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise TuneryError("label_smoothing must be in [0, 0.5)")
+        if self.label_smoothing and self.loss != "dpo":
+            raise TuneryError("label_smoothing (conservative DPO) applies to loss dpo only")
+        for name in ("epochs", "batch_size", "learning_rate_multiplier"):
+            value = getattr(self, name)
+            if value != "auto" and (isinstance(value, str) or value <= 0):
+                raise TuneryError(f"{name} must be 'auto' or a positive number, got {value!r}")
+        if self.lr is not None and not 0 < self.lr < 1:
+            raise TuneryError(f"lr must be between 0 and 1, got {self.lr}")
+        if self.lora_rank < 0:
+            raise TuneryError("lora_rank must be >= 0 (0 means full fine-tuning)")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise TuneryError(f"precision must be bf16, fp32 or auto, got {self.precision!r}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise TuneryError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.max_length < 16 or self.micro_batch_tokens < self.max_length:
+            raise TuneryError("max_length must be >= 16 and micro_batch_tokens >= max_length")
+
+
+# --- setup -----------------------------------------------------------------------------------------------
+
+
+def _resolve(cfg: DPOConfig, n_train: int, world: distributed.World) -> dict[str, Any]:
+    """Fill in every `auto` value; the result is what config.yaml records."""
+    epochs = auto.auto_epochs(n_train) if cfg.epochs == "auto" else int(cfg.epochs)
+    batch_size = auto.auto_pair_batch_size(n_train) if cfg.batch_size == "auto" else int(cfg.batch_size)
+    batch_size = max(batch_size, world.size)
+    multiplier = 1.0 if cfg.learning_rate_multiplier == "auto" else float(cfg.learning_rate_multiplier)
+    base = BASE_LR_LORA if cfg.lora_rank else BASE_LR_FULL
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if bf16_is_fast(world.device) else "fp32"
+    steps = auto.total_steps(n_train, batch_size, epochs)
+    resolved = to_dict(cfg)
+    resolved.update(
+        beta=cfg.beta if cfg.beta is not None else (2.0 if cfg.loss == "simpo" else 0.1),
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate_multiplier=multiplier,
+        lr=cfg.lr if cfg.lr is not None else base * multiplier,
+        precision=precision,
+        eval_every=cfg.eval_every or max(1, steps // 10),
+        save_every=cfg.save_every or max(1, math.ceil(steps / 5)),
+        total_steps=steps,
+        world_size=world.size,
+        data_sha256=file_digest(cfg.data),
+        valid_sha256=file_digest(cfg.valid),
+    )
+    return resolved
+
+
+@torch.no_grad()
+def reference_logps(
+    model: torch.nn.Module, pairs: list[TokenizedPair], cfg: dict[str, Any], world: distributed.World
+) -> dict[int, tuple[float, float]]:
+    """{line: (chosen, rejected)} summed log-probs under the model as it is now (the reference)."""
+    lm_head_weight = output_weight(model)
+    was_training = model.training
+    model.eval()
+    index = {pair.line: i for i, pair in enumerate(pairs)}
+    values = [0.0] * (2 * len(pairs))  # each process fills its share; the sum across processes is complete
+    for row_pairs in plan_rows(shard(pairs, world.rank, world.size), cfg["micro_batch_tokens"]):
+        with autocast(cfg["precision"], world.device):
+            summed, _, _ = sequence_logps(model, lm_head_weight, pack_pairs(row_pairs))
+        for k, pair in enumerate(row_pairs):
+            values[2 * index[pair.line]] = summed[2 * k].item()
+            values[2 * index[pair.line] + 1] = summed[2 * k + 1].item()
+    values = distributed.all_sum(values, world)
+    model.train(was_training)
+    return {pair.line: (values[2 * i], values[2 * i + 1]) for i, pair in enumerate(pairs)}
+
+
+def pair_losses(
+    cfg: dict[str, Any],
+    policy_logps: torch.Tensor,  # (2n,) chosen at even, rejected at odd indices
+    counts: torch.Tensor,  # (2n,) answer token counts
+    ref: torch.Tensor,  # (n, 2) reference log-probs (chosen, rejected)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses (n,) and implicit rewards of the chosen and rejected answers (n,), (n,)."""
+    chosen, rejected = policy_logps[0::2], policy_logps[1::2]
+    n_chosen, n_rejected = counts[0::2].clamp(min=1), counts[1::2].clamp(min=1)
+    beta = cfg["beta"]
+    if cfg["loss"] == "dpo":
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            chosen, rejected, ref[:, 0], ref[:, 1], beta, cfg["label_smoothing"]
+        )
+    elif cfg["loss"] == "ipo":
+        losses, chosen_rewards, rejected_rewards = ipo_loss(
+            chosen / n_chosen, rejected / n_rejected, ref[:, 0] / n_chosen, ref[:, 1] / n_rejected, beta
+        )
+    else:
+        losses, chosen_rewards, rejected_rewards = simpo_loss(
+            chosen / n_chosen, rejected / n_rejected, beta, cfg["simpo_gamma"]
+        )
+    if cfg["sft_weight"]:
+        losses = losses - cfg["sft_weight"] * chosen / n_chosen
+    return losses, chosen_rewards, rejected_rewards
+
+
+class PairStats:
+    """Sums of the per-pair metrics of a step or an evaluation, averaged over pairs (and processes)."""
+
+    NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+             "logps/chosen", "logps/rejected")  # fmt: skip
+
+    def __init__(self) -> None:
+        self.sums = [0.0] * len(self.NAMES)
+        self.count = 0.0
+
+    def add(self, losses: torch.Tensor, chosen_r: torch.Tensor, rejected_r: torch.Tensor,
+            logps: torch.Tensor, weight: float = 1.0) -> None:  # fmt: skip
+        values = [
+            losses.detach(), chosen_r, rejected_r, (chosen_r > rejected_r).float(), chosen_r - rejected_r,
+            logps.detach()[0::2], logps.detach()[1::2],
+        ]  # fmt: skip
+        for i, v in enumerate(values):
+            self.sums[i] += weight * float(v.sum())
+        self.count += weight * len(losses)
+
+    def averaged(self, world: distributed.World, prefix: str = "") -> dict[str, float]:
+        *sums, count = distributed.all_sum([*self.sums, self.count], world)
+        return {prefix + name: s / max(count, 1) for name, s in zip(self.NAMES, sums, strict=True)}
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    pairs: list[TokenizedPair],
+    ref: dict[int, tuple[float, float]],
+    cfg: dict[str, Any],
+    world: distributed.World,
+) -> dict[str, float]:
+    """Held-out loss, implicit-reward accuracy and margins (named `valid_<metric>`)."""
+    lm_head_weight = output_weight(model)
+    was_training = model.training
+    model.eval()
+    stats = PairStats()
+    for row_pairs in plan_rows(shard(pairs, world.rank, world.size), cfg["micro_batch_tokens"]):
+        with autocast(cfg["precision"], world.device):
+            logps, counts, _ = sequence_logps(model, lm_head_weight, pack_pairs(row_pairs))
+        ref_logps = torch.tensor([ref.get(p.line, (0.0, 0.0)) for p in row_pairs])  # (n, 2)
+        stats.add(*pair_losses(cfg, logps, counts, ref_logps), logps)
+    model.train(was_training)
+    return stats.averaged(world, prefix="valid_")
+
+
+def chosen_logps_falling(history: list[float], window: int = 5) -> bool:
+    """The chosen answers' log-prob has fallen steadily: the last `window` steps average clearly below the
+    first `window`, and below the window before. DPO can raise the margin by lowering both answers."""
+    if len(history) < 3 * window:
+        return False
+    first = sum(history[:window]) / window
+    last = sum(history[-window:]) / window
+    before = sum(history[-2 * window : -window]) / window
+    return last < before and first - last > max(1.0, 0.05 * abs(first))
+
+
+# --- train -----------------------------------------------------------------------------------------------
+
+
+def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    keep_freed_memory()
+    world = distributed.setup()
+    run_dir = Path(cfg.out)
+    if world.is_main:
+        prepare_run_dir(run_dir, resume, overwrite)
+    distributed.barrier(world)
+
+    if resume:
+        check_same_data(run_dir, cfg)
+    model: torch.nn.Module
+    model, tokenizer = load_model(cfg.model)
+    if cfg.adapter:
+        model = merge_adapter(model, cfg.adapter)  # type: ignore[arg-type]
+    train_pairs = load_feedback_data(cfg.data, tokenizer, cfg.max_length, expect="preference")
+    valid_pairs = (
+        load_feedback_data(cfg.valid, tokenizer, cfg.max_length, expect="preference", min_examples=1)
+        if cfg.valid
+        else []
+    )
+    resolved = _resolve(cfg, len(train_pairs), world)
+    if world.is_main and not resume:
+        atomic_write_yaml(run_dir / "config.yaml", resolved)
+        tokenizer.save_pretrained(run_dir / "tokenizer")
+    total_steps, batch_size = resolved["total_steps"], resolved["batch_size"]
+
+    torch.manual_seed(cfg.seed)  # LoRA initialisation
+    if cfg.lora_rank:
+        model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)  # type: ignore[arg-type]
+        if resolved["precision"] == "bf16":
+            cast_frozen(model, torch.bfloat16)
+    torch.nn.Module.to(model, world.device)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=resolved["lr"], weight_decay=cfg.weight_decay)
+    ddp_model: torch.nn.Module = DistributedDataParallel(model) if world.distributed else model
+    lm_head_weight = output_weight(model)
+
+    # Reference log-probs: computed before any update (the policy is the reference then), or read back.
+    ref_path = run_dir / "reference_logps.json"
+    ref_train: dict[int, tuple[float, float]] = {}
+    ref_valid: dict[int, tuple[float, float]] = {}
+    if cfg.loss != "simpo":
+        if resume and ref_path.is_file():
+            saved = json.loads(ref_path.read_text())
+            ref_train = {int(k): tuple(v) for k, v in saved["train"].items()}  # type: ignore[misc]
+            ref_valid = {int(k): tuple(v) for k, v in saved["valid"].items()}  # type: ignore[misc]
+        elif resume:
+            raise TuneryError(f"cannot resume {run_dir}: reference_logps.json is missing; start a new run")
+        else:
+            t0 = time.monotonic()
+            ref_train = reference_logps(model, train_pairs, resolved, world)
+            ref_valid = reference_logps(model, valid_pairs, resolved, world)
+            if world.is_main:
+                atomic_write_json(ref_path, {"train": ref_train, "valid": ref_valid})
+                log.info("reference log-probs of %d pairs in %.0f s", len(train_pairs) + len(valid_pairs),
+                         time.monotonic() - t0)  # fmt: skip
+
+    start_step, tokens_seen, train_seconds = 0, 0, 0.0
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, model, optimizer)
+            start_step, tokens_seen, train_seconds = state["step"], state["tokens"], state["train_seconds"]
+            if world.is_main:
+                log.info("resuming %s from %s", run_dir, ckpt.name)
+    metrics = (
+        MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if resume else None)
+        if world.is_main
+        else None
+    )
+    warmup_steps = round(cfg.warmup_ratio * total_steps)
+    if world.is_main:
+        log.info(
+            "%s: %d training pairs, %d validation; %d steps of %d pairs; beta %g; %s trainable parameters; %s",
+            cfg.loss, len(train_pairs), len(valid_pairs), total_steps, batch_size, resolved["beta"],
+            f"{sum(p.numel() for p in trainable):,}", resolved["precision"],
+        )  # fmt: skip
+
+    wall_start = time.monotonic()
+    chosen_history: list[float] = []
+    warnings: list[str] = []
+    step = start_step
+    with (
+        GracefulStop() as stop,
+        StepProgress(total_steps, start_step, cfg.loss, enabled=world.is_main) as progress,
+    ):
+        while step < total_steps:
+            t0 = time.monotonic()
+            pairs = [train_pairs[i] for i in step_indices(step, len(train_pairs), batch_size, cfg.seed)]
+            step_pairs = len(pairs)
+            mine, weight = shard(pairs, world.rank, world.size), 1.0
+            if not mine:  # a short last batch: this process still joins the gradient all-reduce, weightless
+                mine, weight = pairs[:1], 0.0
+            rows = plan_rows(mine, cfg.micro_batch_tokens)
+            stats, tokens = PairStats(), 0.0
+            for k, row_pairs in enumerate(rows):
+                row = pack_pairs(row_pairs)
+                sync = k == len(rows) - 1 or not world.distributed
+                with contextlib.nullcontext() if sync else ddp_model.no_sync():  # type: ignore[operator]
+                    with autocast(resolved["precision"], world.device):
+                        logps, counts, _ = sequence_logps(ddp_model, lm_head_weight, row)
+                    ref = torch.tensor([ref_train.get(p.line, (0.0, 0.0)) for p in row_pairs])  # (n, 2)
+                    losses, chosen_r, rejected_r = pair_losses(resolved, logps, counts, ref)
+                    # The step's loss is the mean over its pairs, however they are split into rows and
+                    # processes (DDP averages gradients over processes, hence the world size factor).
+                    (losses.sum() * (weight * world.size / step_pairs)).backward()
+                stats.add(losses, chosen_r, rejected_r, logps, weight)
+                tokens += weight * row.n_tokens
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            )
+            lr = lr_at(step, total_steps, resolved["lr"], warmup_steps, cfg.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            tokens = distributed.all_sum([tokens], world)[0]
+            step_seconds = time.monotonic() - t0
+            tokens_seen += int(tokens)
+            train_seconds += step_seconds
+            averaged = stats.averaged(world)
+            record: dict[str, Any] = {
+                "step": step,
+                "total_steps": total_steps,
+                "train_loss": averaged.pop("loss"),
+                **averaged,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens": tokens_seen,
+                "tokens_per_second": tokens / step_seconds,
+                "pairs_per_second": step_pairs / step_seconds,
+            }
+            chosen_history.append(record["logps/chosen"])
+            if chosen_logps_falling(chosen_history) and not warnings:
+                warnings.append(
+                    f"step {step}: the chosen answers' log-prob keeps falling "
+                    f"({chosen_history[0]:.1f} -> {chosen_history[-1]:.1f}); DPO is lowering both answers. "
+                    "Consider a lower lr, fewer epochs, or sft_weight > 0."
+                )
+                progress.print("warning: " + warnings[-1])
+            if valid_pairs and (step % resolved["eval_every"] == 0 or step == total_steps):
+                record.update(
+                    evaluate(ddp_model, valid_pairs[: cfg.eval_examples], ref_valid, resolved, world)
+                )
+            if metrics is not None:
+                metrics.write(record)
+            progress.update(
+                step,
+                f"loss {record['train_loss']:.3f} acc {record['rewards/accuracies']:.2f} "
+                + (f"valid acc {record['valid_rewards/accuracies']:.2f} " if "valid_loss" in record else "")
+                + f"{record['pairs_per_second']:.2f} pairs/s",
+            )
+            fault_point("after_step", step)
+            stopping = distributed.all_sum([float(stop.requested is not None)], world)[0] > 0
+            if step % resolved["save_every"] == 0 or step == total_steps or stopping:
+                if world.is_main:
+                    save_checkpoint(
+                        run_dir, step, model, optimizer,
+                        {"tokens": tokens_seen, "train_seconds": train_seconds}, resolved,
+                        keep=cfg.keep_checkpoints,
+                    )  # fmt: skip
+                distributed.barrier(world)
+            if stopping:
+                distributed.teardown(world)
+                raise TuneryError(
+                    f"stopped at step {step}/{total_steps} ({stop.requested or 'signal'}); "
+                    f"continue with: tunery train dpo --resume {run_dir}"
+                )
+
+    # --- finish: final weights, full validation, summary ---------------------------------------------------
+    final: dict[str, Any] = {}
+    if valid_pairs:
+        final = {
+            "full_" + k: v for k, v in evaluate(ddp_model, valid_pairs, ref_valid, resolved, world).items()
+        }
+    summary: dict[str, Any] = {}
+    if world.is_main:
+        assert metrics is not None
+        if final:
+            metrics.write({"step": total_steps, **final})
+        metrics.close()
+        base_adapter = adapter_dir(cfg.adapter) if cfg.adapter and isinstance(model, PeftModel) else None
+        meta = {"base_model": cfg.model, "method": cfg.loss, "adapter": cfg.adapter, "config": resolved}
+        save_final(run_dir, model, tokenizer, meta, base_adapter=str(base_adapter) if base_adapter else None)
+        summary = {
+            "method": cfg.loss,
+            "model": cfg.model,
+            "run_dir": str(run_dir),
+            "steps": total_steps,
+            "pairs": resolved["epochs"] * len(train_pairs),
+            "trained_tokens": tokens_seen,
+            "wall_seconds": round(time.monotonic() - wall_start, 2),
+            "train_seconds": round(train_seconds, 2),
+            "tokens_per_second": round(tokens_seen / max(train_seconds, 1e-9), 1),
+            "pairs_per_second": round(resolved["epochs"] * len(train_pairs) / max(train_seconds, 1e-9), 3),
+            "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "final_metrics": {**last_metrics(run_dir, ("train_", "valid_", "rewards/", "logps/")), **final},
+            "warnings": warnings,
+            "world_size": world.size,
+            "pid": os.getpid(),
+        }
+        atomic_write_json(run_dir / "summary.json", summary)
+    distributed.barrier(world)
+    distributed.teardown(world)
+    return summary
+
+
+def run(
+    config_path: str | None, overrides: dict[str, Any], resume_dir: str | None = None, overwrite: bool = False
+) -> dict[str, Any]:
+    """Entry point of `tunery train dpo`: builds the config (YAML, then flags) and trains."""
+    if resume_dir:
+        return train(resumed_config(DPOConfig, resume_dir), resume=True)
+    return train(build_config(DPOConfig, config_path, overrides), overwrite=overwrite)

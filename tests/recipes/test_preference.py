@@ -1,0 +1,236 @@
+"""DPO (and IPO, SimPO, conservative DPO) and reward models end to end on tiny-random."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from tests.conftest import pair_lines, write_jsonl
+from tunery.cli import main
+from tunery.data.feedback import load_feedback_data
+from tunery.models.heads import load_reward_model, score_pairs
+from tunery.models.load import load_model
+from tunery.models.lora import load_adapter, merge_adapter
+from tunery.recipes import dpo, reward_model, sft
+from tunery.training.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def config(train: Path, valid: Path, out: Path, **extra) -> dict:
+    base = {
+        "model": "tiny-random",
+        "data": str(train),
+        "valid": str(valid),
+        "out": str(out),
+        "epochs": 3,
+        "batch_size": 4,
+        "lr": 1e-2,
+        "lora_rank": 8,
+        "seed": 0,
+        "precision": "fp32",
+        "save_every": 2,
+        "eval_every": 3,
+        "micro_batch_tokens": 512,
+        "max_length": 256,
+    }
+    return base | extra
+
+
+def steps_of(run: Path) -> list[dict]:
+    return [r for r in read_metrics(run / "metrics.jsonl") if "train_loss" in r]
+
+
+def adapter_state(run: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(run / "final" / "adapter_model.safetensors"))
+
+
+def test_dpo_writes_the_contract_and_learns(pair_files, tmp_path: Path) -> None:
+    train, valid = pair_files
+    out = tmp_path / "dpo"
+    summary = dpo.run(None, config(train, valid, out))
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "reference_logps.json",
+        "final/adapter_config.json",
+    ):
+        assert (out / name).is_file(), name
+    steps = steps_of(out)
+    assert [r["step"] for r in steps] == list(range(1, 19))
+    first, last = steps[0], steps[-1]
+    # Before the first update the policy is the reference: every implicit reward is exactly 0.
+    assert first["train_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/chosen"] == first["rewards/rejected"] == first["rewards/accuracies"] == 0.0
+    for key in ("rewards/margins", "logps/chosen", "logps/rejected", "lr", "grad_norm", "pairs_per_second"):
+        assert key in first
+    assert last["train_loss"] < 0.5 * first["train_loss"] and last["rewards/accuracies"] == 1.0
+    final = read_metrics(out / "metrics.jsonl")[-1]
+    assert final["full_valid_rewards/accuracies"] == 1.0 and final["full_valid_rewards/margins"] > 0
+    assert summary["final_metrics"]["full_valid_loss"] == final["full_valid_loss"]
+    # every LoRA matrix moved (B starts at zero)
+    assert all(value.abs().sum() > 0 for key, value in adapter_state(out).items() if "lora_B" in key)
+
+
+@pytest.mark.parametrize(
+    "extra", [{"loss": "ipo"}, {"loss": "simpo"}, {"label_smoothing": 0.2}, {"sft_weight": 1.0}]
+)
+def test_dpo_family_trains(pair_files, tmp_path: Path, extra: dict) -> None:
+    train, valid = pair_files
+    out = tmp_path / "run"
+    dpo.run(None, config(train, valid, out, epochs=2, lr=3e-3, **extra))
+    steps = steps_of(out)
+    assert all(math.isfinite(r["train_loss"]) for r in steps)
+    assert steps[-1]["train_loss"] < steps[0]["train_loss"]
+    assert steps[-1]["rewards/margins"] > steps[0]["rewards/margins"]
+    assert (out / "reference_logps.json").exists() == (extra.get("loss") != "simpo")
+
+
+def test_dpo_on_top_of_an_sft_adapter(pair_files, chat_files, tmp_path: Path) -> None:
+    sft_run = tmp_path / "sft"
+    sft.run(None, config(*chat_files, sft_run, epochs=1, lr=2e-2) | {"max_length": 256})
+    train, valid = pair_files
+    out = tmp_path / "dpo"
+    dpo.run(None, config(train, valid, out, epochs=1, adapter=str(sft_run)))
+    # The SFT model is the reference, so the first step still starts from zero rewards.
+    assert steps_of(out)[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert (out / "final" / "base_adapter" / "adapter_config.json").is_file()
+    base, tokenizer = load_model("tiny-random")
+    ids = torch.tensor([tokenizer("Where is my order?")["input_ids"]])
+    sft_model = merge_adapter(load_model("tiny-random")[0], sft_run)
+    tuned = load_adapter(base, out)  # merges the bundled SFT adapter first
+    with torch.no_grad():
+        sft_logits, tuned_logits = sft_model(input_ids=ids).logits, tuned(input_ids=ids).logits
+        with tuned.disable_adapter():
+            reference_logits = tuned(input_ids=ids).logits
+    assert torch.allclose(reference_logits, sft_logits, atol=1e-4)
+    assert not torch.allclose(tuned_logits, sft_logits, atol=1e-4)
+
+
+def test_dpo_resume_after_sigkill_is_exact(pair_files, tmp_path: Path) -> None:
+    train, valid = pair_files
+    ref = tmp_path / "ref"
+    dpo.run(None, config(train, valid, ref, lora_dropout=0.1))
+    killed = tmp_path / "killed"
+    args = ["train", "dpo"] + [
+        a for k, v in config(train, valid, killed, lora_dropout=0.1).items() for a in ("--set", f"{k}={v}")
+    ]
+    env = {**os.environ, "TUNERY_FAULT": "after_step:5"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunery", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert main(["train", "dpo", "--resume", str(killed)]) == 0
+    for key, value in adapter_state(ref).items():
+        assert torch.equal(value, adapter_state(killed)[key]), key
+    assert [r["train_loss"] for r in steps_of(ref)] == [r["train_loss"] for r in steps_of(killed)]
+
+
+def test_dpo_ddp_two_processes_match_one(tmp_path: Path) -> None:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun
+    train = write_jsonl(tmp_path / "train.jsonl", pair_lines(13))  # the last step of 4 has one pair
+    valid = write_jsonl(tmp_path / "valid.jsonl", pair_lines(17)[13:])
+    single = tmp_path / "single"
+    dpo.run(None, config(train, valid, single, epochs=1))
+    double = tmp_path / "ddp"
+    args = [a for k, v in config(train, valid, double, epochs=1).items() for a in ("--set", f"{k}={v}")]
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "tunery", "train", "dpo", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = steps_of(single), steps_of(double)
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two, strict=True):
+        for key in ("train_loss", "rewards/margins", "logps/chosen", "valid_loss"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_reward_model_learns_and_reloads_for_scoring(pair_files, tmp_path: Path, capsys) -> None:
+    train, valid = pair_files
+    out = tmp_path / "rm"
+    reward_model.run(None, config(train, valid, out, lr=5e-3, center_coef=0.01))
+    assert (out / "final" / "score.safetensors").is_file()
+    steps = steps_of(out)
+    for key in ("train_accuracy", "train_margin", "valid_loss", "valid_accuracy", "valid_margin"):
+        assert any(key in r for r in steps), key
+    assert steps[-1]["train_loss"] < 0.5 * steps[0]["train_loss"]
+    final = read_metrics(out / "metrics.jsonl")[-1]
+    assert final["full_valid_accuracy"] == 1.0
+
+    # The saved model scores the held-out pairs as it did at the end of training.
+    model, tokenizer, meta = load_reward_model(out)
+    assert meta["method"] == "rm"
+    pairs = load_feedback_data(valid, tokenizer, 256, expect="preference", min_examples=1)
+    scores = score_pairs(model, pairs)
+    margin = sum(c - r for c, r in scores) / len(scores)
+    assert margin == pytest.approx(final["full_valid_margin"], rel=1e-4)
+
+    assert main(["score", "--rm", str(out), "--data", str(valid)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.err.strip().splitlines()[-1])["accuracy"] == 1.0
+    assert len(captured.out.strip().splitlines()) == 6
+
+
+def test_full_fine_tuned_reward_model_reloads(pair_files, tmp_path: Path) -> None:
+    train, valid = pair_files
+    out = tmp_path / "rm-full"
+    reward_model.run(None, config(train, valid, out, epochs=1, lora_rank=0, lr=1e-3))
+    model, tokenizer, _ = load_reward_model(out)
+    pairs = load_feedback_data(valid, tokenizer, 256, expect="preference", min_examples=1)
+    margin = sum(c - r for c, r in score_pairs(model, pairs)) / len(pairs)
+    assert margin == pytest.approx(read_metrics(out / "metrics.jsonl")[-1]["full_valid_margin"], rel=1e-4)
+
+
+def test_preference_recipes_reject_bad_input(pair_files, chat_files, tmp_path: Path, capsys) -> None:
+    train, valid = pair_files
+    chats, _ = chat_files
+    assert (
+        main(["train", "dpo", "--model", "tiny-random", "--data", str(chats), "--out", str(tmp_path / "a")])
+        == 2
+    )
+    assert "line 1: [data_type]" in capsys.readouterr().err
+    bad = write_jsonl(tmp_path / "bad.jsonl", pair_lines(12) + [{"prompt": "q", "chosen": "a"}])
+    assert (
+        main(["train", "rm", "--model", "tiny-random", "--data", str(bad), "--out", str(tmp_path / "b")]) == 2
+    )
+    assert "line 13: [missing_field] 'rejected' is missing" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "train",
+                "dpo",
+                "--model",
+                "tiny-random",
+                "--data",
+                str(train),
+                "--out",
+                str(tmp_path / "c"),
+                "--loss",
+                "ipo",
+                "--set",
+                "label_smoothing=0.1",
+            ]
+        )
+        == 2
+    )
+    assert "label_smoothing" in capsys.readouterr().err
+    assert main(["score", "--rm", str(tmp_path / "nothing"), "--data", str(valid)]) == 2
+    assert "not a Tunery reward model" in capsys.readouterr().err

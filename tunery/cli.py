@@ -112,6 +112,15 @@ def cmd_train_dpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_kto(args: argparse.Namespace) -> int:
+    from tunery.recipes import kto
+
+    overrides = _train_overrides(args, ("adapter", "beta", "desirable_weight", "undesirable_weight"))
+    summary = kto.run(args.config, overrides, resume_dir=args.resume, overwrite=args.overwrite)
+    _print_summary(summary)
+    return 0
+
+
 def cmd_train_rm(args: argparse.Namespace) -> int:
     from tunery.recipes import reward_model
 
@@ -418,6 +427,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--simpo-gamma", type=float, help="SimPO target margin (default 1.0)")
     p.add_argument("--sft-weight", type=float, help="add the chosen answers' NLL with this weight (RPO)")
     p.set_defaults(func=cmd_train_dpo)
+
+    p = train.add_parser("kto", help="Kahneman-Tversky optimisation on unpaired thumbs up/down ratings")
+    _add_training_flags(p)
+    p.add_argument(
+        "--adapter", help="start from this fine-tuned adapter (e.g. the SFT run); also the reference"
+    )
+    p.add_argument("--beta", type=float, help="strength of the pull towards the reference (default 0.1)")
+    p.add_argument("--desirable-weight", type=float, help="loss weight of thumbs-up examples (default 1)")
+    p.add_argument("--undesirable-weight", type=float, help="loss weight of thumbs-down examples (default 1)")
+    p.set_defaults(func=cmd_train_kto)
 
     p = train.add_parser("rm", help="reward model from comparisons (Bradley-Terry)")
     _add_training_flags(p)

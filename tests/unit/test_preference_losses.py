@@ -73,3 +73,14 @@ def test_reward_loss_margin_and_centering() -> None:
     assert reward_loss(t(2.0), t(1.0)).item() == pytest.approx(softplus(-1.0))
     assert reward_loss(t(2.0), t(1.0), margin=t(1.0)).item() == pytest.approx(math.log(2))
     assert reward_loss(t(2.0), t(1.0), center_coef=0.01).item() == pytest.approx(softplus(-1.0) + 0.09)
+
+
+def test_falling_chosen_log_prob_is_flagged_only_when_steady() -> None:
+    from tunery.recipes.dpo import chosen_logps_falling
+
+    assert not chosen_logps_falling([-50.0] * 20)
+    assert not chosen_logps_falling([-50.0 - 0.5 * i for i in range(10)])  # too few steps to judge
+    assert chosen_logps_falling([-50.0 - 0.5 * i for i in range(20)])  # fell ~10 nats, still falling
+    recovered = [-50.0 - 0.5 * i for i in range(10)] + [-55.0 + 0.5 * i for i in range(10)]
+    assert not chosen_logps_falling(recovered)
+    assert not chosen_logps_falling([-50.0 - 0.02 * i for i in range(20)])  # noise-sized drift

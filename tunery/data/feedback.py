@@ -460,7 +460,7 @@ def format_feedback_report(report: Report, max_problems: int = 50) -> str:
     if not s.get("examples"):
         return "\n".join(lines)
     lines.append(
-        f"  distinct prompts: {s['distinct_prompts']} ({s['multi_turn_prompts']} multi-turn); "
+        f"  distinct prompts: {s['distinct_prompts']}; lines with multi-turn prompts: {s['multi_turn_prompts']}; "
         f"duplicates: {s['duplicates']}; contradicting labels: {s['contradicting_labels']}"
     )
     if "pairs" in s:

@@ -320,6 +320,7 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> dict
     ref_path = run_dir / "reference_logps.json"
     ref_train: dict[int, tuple[float, float]] = {}
     ref_valid: dict[int, tuple[float, float]] = {}
+    reference_seconds = 0.0
     if cfg.loss != "simpo":
         if resume and ref_path.is_file():
             saved = json.loads(ref_path.read_text())
@@ -331,6 +332,7 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> dict
             t0 = time.monotonic()
             ref_train = reference_logps(model, train_pairs, resolved, world)
             ref_valid = reference_logps(model, valid_pairs, resolved, world)
+            reference_seconds = time.monotonic() - t0
             if world.is_main:
                 atomic_write_json(ref_path, {"train": ref_train, "valid": ref_valid})
                 log.info("reference log-probs of %d pairs in %.0f s", len(train_pairs) + len(valid_pairs),
@@ -474,6 +476,7 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> dict
             "trained_tokens": tokens_seen,
             "wall_seconds": round(time.monotonic() - wall_start, 2),
             "train_seconds": round(train_seconds, 2),
+            "reference_seconds": round(reference_seconds, 2),
             "tokens_per_second": round(tokens_seen / max(train_seconds, 1e-9), 1),
             "pairs_per_second": round(resolved["epochs"] * len(train_pairs) / max(train_seconds, 1e-9), 3),
             "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

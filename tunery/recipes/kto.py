@@ -1,30 +1,20 @@
-"""Kahneman-Tversky optimisation (KTO, Ethayarajh et al. 2024) on unpaired thumbs up/down feedback.
+"""Kahneman-Tversky optimisation (KTO, Ethayarajh et al. 2024) on unpaired thumbs up/down ratings.
 
-    tunery train kto --data examples/feedback/ratings.jsonl --valid examples/feedback/ratings-valid.jsonl \\
-        --adapter runs/support/final --out runs/kto          # KTO on top of the SFT model
-    tunery train kto --desirable-weight 3 ...                # fewer thumbs up than down
+    tunery train kto --data ratings.jsonl --valid ratings-valid.jsonl --adapter runs/support/final \\
+        --out runs/kto                                      # KTO on top of the SFT model
+    tunery train kto --desirable-weight 3 ...               # fewer thumbs up than down
     tunery train kto --resume runs/kto
 
-A step is `batch_size` rated examples ({prompt, completion, label}). Each one is packed as
-`prompt | completion` without padding into rows of at most `micro_batch_tokens` tokens; log-probabilities
-cover the completion tokens and their end-of-turn token only, never the prompt.
-
-KTO compares each completion's log-ratio r = log pi(y|x) - log ref(y|x) with a reference point z0, an
-estimate of KL(policy || reference) from mismatched pairs: the example's prompt with another example's
-completion (the paper's eq. 8 and its implementation). Each example has a FIXED partner (a seeded
-shuffle, each example paired with the next one's completion), so the mismatched pairs' reference
-log-probs are known up front too. Each step runs the mismatched pairs through the policy without
-gradients; z0 is the mean of their log-ratios over the step's examples (all processes), clamped at 0.
-
-The reference model costs nothing during training, as in dpo.py: before the first step the policy *is*
-the reference, so the reference log-probs of every matched and mismatched train and valid example are
-computed once up front and cached in DIR/reference_logps.json; a resumed run reads them back. With
-`--adapter`, training starts from that fine-tuned model, which is then also the reference.
-
-The paper recommends weights with desirable_weight * n_up / (undesirable_weight * n_down) in [1, 4/3];
-the run warns when the data and weights fall outside. `rewards/chosen` and `rewards/rejected` average
-beta * r over the step's thumbs-up and thumbs-down examples; a step holding one class only has no key
-for the other (nor `rewards/margins`).
+A step is `batch_size` rated examples ({prompt, completion, label}), packed as `prompt | completion` as in
+dpo.py. Each completion's log-ratio r = log pi(y|x) - log ref(y|x) is compared with z0, an estimate of
+KL(policy || reference) from mismatched pairs: the example's prompt with another example's completion
+(the paper's eq. 8 and its implementation). Each example has a FIXED partner (the next one in a seeded
+shuffle), so the reference log-probs of matched and mismatched pairs, train and valid, are computed once
+before the first step (the policy is the reference then) and cached in DIR/reference_logps.json. Each
+step runs its mismatched pairs through the policy without gradients; z0 is their mean log-ratio over
+all processes, clamped at 0. The run warns when desirable_weight * n_up / (undesirable_weight * n_down)
+is outside the paper's recommended [1, 4/3]. A step holding one class only has no `rewards/` or `logps/`
+key for the other class, nor `rewards/margins`.
 """
 
 from __future__ import annotations
@@ -117,9 +107,7 @@ class KTOConfig:
             raise TuneryError("no training data: pass --data FILE.jsonl")
         if not self.out:
             raise TuneryError("no run directory: pass --out DIR")
-        if self.beta <= 0:
-            raise TuneryError(f"beta must be > 0, got {self.beta}")
-        for name in ("desirable_weight", "undesirable_weight"):
+        for name in ("beta", "desirable_weight", "undesirable_weight"):
             if getattr(self, name) <= 0:
                 raise TuneryError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("epochs", "batch_size", "learning_rate_multiplier"):
@@ -206,22 +194,28 @@ def class_balance_warning(examples: list[TokenizedPair], cfg: KTOConfig) -> str 
 
 @torch.no_grad()
 def reference_logps(
-    model: torch.nn.Module, items: list[TokenizedPair], cfg: dict[str, Any], world: distributed.World
-) -> list[float]:
-    """Summed completion log-probs of `items` under the model as it is now (the reference)."""
+    model: torch.nn.Module,
+    examples: list[TokenizedPair],
+    kl_items: list[TokenizedPair],
+    cfg: dict[str, Any],
+    world: distributed.World,
+) -> dict[int, tuple[float, float]]:
+    """{line: (matched, mismatched)} summed completion log-probs under the model as it is now (the
+    reference): the example's own completion, and its partner's after its prompt."""
     lm_head_weight = output_weight(model)
     was_training = model.training
     model.eval()
-    index = {id(item): i for i, item in enumerate(items)}
-    values = [0.0] * len(items)  # each process fills its share; the sum across processes is complete
-    for row_items in plan_rows(shard(items, world.rank, world.size), cfg["micro_batch_tokens"]):
-        with autocast(cfg["precision"], world.device):
-            summed, _, _ = sequence_logps(model, lm_head_weight, pack_pairs(row_items))
-        for k, item in enumerate(row_items):
-            values[index[id(item)]] = summed[2 * k].item()
+    values = [0.0] * (2 * len(examples))  # each process fills its share; the sum across processes is complete
+    for column, items in enumerate((examples, kl_items)):
+        index = {item.line: i for i, item in enumerate(items)}
+        for row_items in plan_rows(shard(items, world.rank, world.size), cfg["micro_batch_tokens"]):
+            with autocast(cfg["precision"], world.device):
+                summed, _, _ = sequence_logps(model, lm_head_weight, pack_pairs(row_items))
+            for k, item in enumerate(row_items):
+                values[2 * index[item.line] + column] = summed[2 * k].item()
     values = distributed.all_sum(values, world)
     model.train(was_training)
-    return values
+    return {example.line: (values[2 * i], values[2 * i + 1]) for i, example in enumerate(examples)}
 
 
 @torch.no_grad()
@@ -282,12 +276,12 @@ class RatingStats:
     def averaged(self, world: distributed.World, prefix: str = "") -> dict[str, float]:
         s = dict(zip(self.NAMES, distributed.all_sum(self.sums, world), strict=True))
         out = {"loss": s["loss"] / max(s["count"], 1), "accuracy": s["accuracy"] / max(s["count"], 1)}
-        for name, n in (("chosen", s["up"]), ("rejected", s["down"])):
-            if n > 0:
-                out[f"rewards/{name}"] = s[f"rewards/{name}"] / n
-                out[f"logps/{name}"] = s[f"logps/{name}"] / n
-        if s["up"] > 0 and s["down"] > 0:
-            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+        for kind in ("rewards", "logps"):
+            for name, n in (("chosen", s["up"]), ("rejected", s["down"])):
+                if n > 0:
+                    out[f"{kind}/{name}"] = s[f"{kind}/{name}"] / n
+            if kind == "rewards" and s["up"] > 0 and s["down"] > 0:
+                out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
         return {prefix + name: value for name, value in out.items()}
 
 
@@ -359,19 +353,18 @@ def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict
 
     # Reference log-probs {line: (matched, mismatched)}: computed before any update, or read back.
     ref_path = run_dir / "reference_logps.json"
+    ref_train: dict[int, tuple[float, float]] = {}
+    ref_valid: dict[int, tuple[float, float]] = {}
     if resume and ref_path.is_file():
         saved = json.loads(ref_path.read_text())
-        ref_train = {int(k): tuple(v) for k, v in saved["train"].items()}
-        ref_valid = {int(k): tuple(v) for k, v in saved["valid"].items()}
+        ref_train = {int(k): tuple(v) for k, v in saved["train"].items()}  # type: ignore[misc]
+        ref_valid = {int(k): tuple(v) for k, v in saved["valid"].items()}  # type: ignore[misc]
     elif resume:
         raise TuneryError(f"cannot resume {run_dir}: reference_logps.json is missing; start a new run")
     else:
         t0 = time.monotonic()
-        ref_train, ref_valid = (
-            {item.line: (a, b) for item, a, b in zip(items, reference_logps(model, items, resolved, world),
-                                                     reference_logps(model, kl, resolved, world), strict=True)}
-            for items, kl in ((train_examples, train_kl), (valid_examples, valid_kl))
-        )  # fmt: skip
+        ref_train = reference_logps(model, train_examples, train_kl, resolved, world)
+        ref_valid = reference_logps(model, valid_examples, valid_kl, resolved, world)
         if world.is_main:
             atomic_write_json(ref_path, {"train": ref_train, "valid": ref_valid})
             log.info("reference log-probs of %d examples and their mismatched pairs in %.0f s",
@@ -430,7 +423,9 @@ def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict
                 with contextlib.nullcontext() if sync else ddp_model.no_sync():  # type: ignore[operator]
                     with autocast(resolved["precision"], world.device):
                         logps, _, _ = sequence_logps(ddp_model, lm_head_weight, row)
-                    losses, rewards, policy, desirable = example_losses(resolved, logps, row_items, ref_train, kl)
+                    losses, rewards, policy, desirable = example_losses(
+                        resolved, logps, row_items, ref_train, kl
+                    )
                     # The step's loss is the mean over its examples, however they are split into rows and
                     # processes (DDP averages gradients over processes, hence the world size factor).
                     (losses.sum() * (weight * world.size / step_examples)).backward()
@@ -467,7 +462,9 @@ def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict
             if valid_examples and (step % resolved["eval_every"] == 0 or step == total_steps):
                 n_eval = cfg.eval_examples
                 record.update(
-                    evaluate(ddp_model, valid_examples[:n_eval], valid_kl[:n_eval], ref_valid, resolved, world)
+                    evaluate(
+                        ddp_model, valid_examples[:n_eval], valid_kl[:n_eval], ref_valid, resolved, world
+                    )
                 )
             if metrics is not None:
                 metrics.write(record)
@@ -523,7 +520,10 @@ def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict
             "tokens_per_second": round(tokens_seen / max(train_seconds, 1e-9), 1),
             "examples_per_second": round(n_examples / max(train_seconds, 1e-9), 3),
             "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "final_metrics": {**last_metrics(run_dir, ("train_", "valid_", "rewards/", "logps/", "kl")), **final},
+            "final_metrics": {
+                **last_metrics(run_dir, ("train_", "valid_", "rewards/", "logps/", "kl")),
+                **final,
+            },
             "warnings": warnings,
             "world_size": world.size,
             "pid": os.getpid(),

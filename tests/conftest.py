@@ -36,7 +36,11 @@ def chat_lines(n: int, multi_turn_every: int = 3) -> list[dict]:
     return lines
 
 
-BAD_ANSWERS = ["No idea.", "Figure it out yourself, it is all on the website somewhere I think.", "Sure, free!"]
+BAD_ANSWERS = [
+    "No idea.",
+    "Figure it out yourself, it is all on the website somewhere I think.",
+    "Sure, free!",
+]
 
 
 def pair_lines(n: int, openai_format: bool = True) -> list[dict]:

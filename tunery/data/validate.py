@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from tunery.data.chat import ChatExample, Problem, canonical_key, check_chat_example
+from tunery.data.chat import Problem, canonical_key, check_chat_example
 from tunery.data.jsonl import MAX_FILE_BYTES, read_jsonl
 from tunery.data.template import TokenizedChat, tokenize_chat
 from tunery.errors import TuneryError
@@ -24,8 +24,8 @@ MIN_EXAMPLES = 10
 @dataclass
 class Report:
     path: str
-    examples: list[ChatExample] = field(default_factory=list)
-    chats: list[TokenizedChat] = field(default_factory=list)
+    examples: list[Any] = field(default_factory=list)  # ChatExample, or FeedbackExample (data/feedback.py)
+    chats: list[Any] = field(default_factory=list)  # TokenizedChat, or TokenizedPair
     problems: list[Problem] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
 

@@ -122,7 +122,10 @@ def compare_models(
     ]
     pairs = [tokenize_feedback(tokenizer, ex, 1024)[0] for ex in examples]
     scores = score_pairs(model, pairs, bf16=bf16_is_fast(torch.device("cpu")))
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in scores)  # type: ignore[operator]
+    wins = 0.0
+    for a, b in scores:
+        assert b is not None
+        wins += 1.0 if a > b else 0.5 if a == b else 0.0
     result = {
         "prompts": len(prompts),
         "win_rate": wins / len(prompts),

@@ -41,6 +41,8 @@ lint: $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) bench/sft.py
+	$(PY) bench/dpo.py
+	$(PY) bench/reward_model.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

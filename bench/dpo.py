@@ -174,7 +174,7 @@ def worker_eval(args: argparse.Namespace) -> dict:
     out = {}
     for adapter in args.adapters:
         tuned = load_adapter(load_model("smollm2-135m-instruct")[0], adapter)
-        out[adapter] = evaluate(tuned, pairs, ref, cfg, World())
+        out[adapter] = evaluate(tuned, pairs, ref, cfg, World())[0]
     return out
 
 

@@ -218,7 +218,8 @@ def pair_losses(
 
 
 class PairStats:
-    """Sums of the per-pair metrics of a step or an evaluation, averaged over pairs (and processes)."""
+    """Sums of the per-pair metrics of a step or an evaluation, averaged over pairs (and processes). Also
+    tracks how far the chosen answers' log-prob moved from the reference, per token."""
 
     NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
              "logps/chosen", "logps/rejected")  # fmt: skip
@@ -226,20 +227,29 @@ class PairStats:
     def __init__(self) -> None:
         self.sums = [0.0] * len(self.NAMES)
         self.count = 0.0
+        self.chosen_shift = self.chosen_tokens = 0.0
 
-    def add(self, losses: torch.Tensor, chosen_r: torch.Tensor, rejected_r: torch.Tensor,
-            logps: torch.Tensor, weight: float = 1.0) -> None:  # fmt: skip
+    def add(self, losses: torch.Tensor, chosen_r: torch.Tensor, rejected_r: torch.Tensor, logps: torch.Tensor,
+            counts: torch.Tensor, ref: torch.Tensor, weight: float = 1.0) -> None:  # fmt: skip
+        logps = logps.detach()
         values = [
             losses.detach(), chosen_r, rejected_r, (chosen_r > rejected_r).float(), chosen_r - rejected_r,
-            logps.detach()[0::2], logps.detach()[1::2],
+            logps[0::2], logps[1::2],
         ]  # fmt: skip
         for i, v in enumerate(values):
             self.sums[i] += weight * float(v.sum())
         self.count += weight * len(losses)
+        self.chosen_shift += weight * float((logps[0::2] - ref[:, 0]).sum())
+        self.chosen_tokens += weight * float(counts[0::2].sum())
 
     def averaged(self, world: distributed.World, prefix: str = "") -> dict[str, float]:
         *sums, count = distributed.all_sum([*self.sums, self.count], world)
         return {prefix + name: s / max(count, 1) for name, s in zip(self.NAMES, sums, strict=True)}
+
+    def chosen_shift_per_token(self, world: distributed.World) -> float:
+        """Mean change of the chosen answers' log-prob since the reference, in nats per token."""
+        shift, tokens = distributed.all_sum([self.chosen_shift, self.chosen_tokens], world)
+        return shift / max(tokens, 1)
 
 
 @torch.no_grad()
@@ -249,8 +259,9 @@ def evaluate(
     ref: dict[int, tuple[float, float]],
     cfg: dict[str, Any],
     world: distributed.World,
-) -> dict[str, float]:
-    """Held-out loss, implicit-reward accuracy and margins (named `valid_<metric>`)."""
+) -> tuple[dict[str, float], float]:
+    """Held-out loss, implicit-reward accuracy and margins (named `valid_<metric>`), and the held-out
+    chosen answers' log-prob shift per token since the reference."""
     lm_head_weight = output_weight(model)
     was_training = model.training
     model.eval()
@@ -259,20 +270,17 @@ def evaluate(
         with autocast(cfg["precision"], world.device):
             logps, counts, _ = sequence_logps(model, lm_head_weight, pack_pairs(row_pairs))
         ref_logps = torch.tensor([ref.get(p.line, (0.0, 0.0)) for p in row_pairs])  # (n, 2)
-        stats.add(*pair_losses(cfg, logps, counts, ref_logps), logps)
+        stats.add(*pair_losses(cfg, logps, counts, ref_logps), logps, counts, ref_logps)
     model.train(was_training)
-    return stats.averaged(world, prefix="valid_")
+    return stats.averaged(world, prefix="valid_"), stats.chosen_shift_per_token(world)
 
 
-def chosen_logps_falling(history: list[float], window: int = 5) -> bool:
-    """The chosen answers' log-prob has fallen steadily: the last `window` steps average clearly below the
-    first `window`, and below the window before. DPO can raise the margin by lowering both answers."""
-    if len(history) < 3 * window:
-        return False
-    first = sum(history[:window]) / window
-    last = sum(history[-window:]) / window
-    before = sum(history[-2 * window : -window]) / window
-    return last < before and first - last > max(1.0, 0.05 * abs(first))
+def chosen_logps_falling(shifts: list[float], tolerance: float = 0.05) -> bool:
+    """DPO can widen the margin by lowering both answers, the chosen one more slowly: a known failure.
+    `shifts` are successive measurements of the chosen answers' log-prob change since the reference, in
+    nats per token (held-out evaluations, or averages over windows of steps). Flag when the last three
+    fall one after another and the chosen answers have lost more than `tolerance` nats per token."""
+    return len(shifts) >= 3 and shifts[-3] > shifts[-2] > shifts[-1] and shifts[-1] < -tolerance
 
 
 # --- train -----------------------------------------------------------------------------------------------
@@ -360,7 +368,8 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> dict
         )  # fmt: skip
 
     wall_start = time.monotonic()
-    chosen_history: list[float] = []
+    step_shifts: list[float] = []  # chosen log-prob change per token, per step
+    shifts: list[float] = []  # the same, per evaluation (or per 5 steps without validation data)
     warnings: list[str] = []
     step = start_step
     with (
@@ -387,7 +396,7 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> dict
                     # The step's loss is the mean over its pairs, however they are split into rows and
                     # processes (DDP averages gradients over processes, hence the world size factor).
                     (losses.sum() * (weight * world.size / step_pairs)).backward()
-                stats.add(losses, chosen_r, rejected_r, logps, weight)
+                stats.add(losses, chosen_r, rejected_r, logps, counts, ref, weight)
                 tokens += weight * row.n_tokens
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
@@ -415,18 +424,24 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> dict
                 "tokens_per_second": tokens / step_seconds,
                 "pairs_per_second": step_pairs / step_seconds,
             }
-            chosen_history.append(record["logps/chosen"])
-            if chosen_logps_falling(chosen_history) and not warnings:
+            step_shifts.append(stats.chosen_shift_per_token(world))
+            evaluating = valid_pairs and (step % resolved["eval_every"] == 0 or step == total_steps)
+            if evaluating:
+                valid_metrics, shift = evaluate(
+                    ddp_model, valid_pairs[: cfg.eval_examples], ref_valid, resolved, world
+                )
+                record.update(valid_metrics)
+                shifts.append(shift)
+            elif not valid_pairs and step % 5 == 0:
+                shifts.append(sum(step_shifts[-5:]) / 5)
+            if cfg.loss != "simpo" and not warnings and chosen_logps_falling(shifts):
+                where = "held-out" if valid_pairs else "training"
                 warnings.append(
-                    f"step {step}: the chosen answers' log-prob keeps falling "
-                    f"({chosen_history[0]:.1f} -> {chosen_history[-1]:.1f}); DPO is lowering both answers. "
-                    "Consider a lower lr, fewer epochs, or sft_weight > 0."
+                    f"step {step}: the {where} chosen answers' log-prob keeps falling ({shifts[-1]:+.3f} nats "
+                    "per token since the start): DPO is lowering both answers. Consider a lower lr, fewer "
+                    "epochs, or sft_weight > 0."
                 )
                 progress.print("warning: " + warnings[-1])
-            if valid_pairs and (step % resolved["eval_every"] == 0 or step == total_steps):
-                record.update(
-                    evaluate(ddp_model, valid_pairs[: cfg.eval_examples], ref_valid, resolved, world)
-                )
             if metrics is not None:
                 metrics.write(record)
             progress.update(
@@ -456,7 +471,7 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> dict
     final: dict[str, Any] = {}
     if valid_pairs:
         final = {
-            "full_" + k: v for k, v in evaluate(ddp_model, valid_pairs, ref_valid, resolved, world).items()
+            "full_" + k: v for k, v in evaluate(ddp_model, valid_pairs, ref_valid, resolved, world)[0].items()
         }
     summary: dict[str, Any] = {}
     if world.is_main:

@@ -97,6 +97,7 @@ def worker_tunery(args: argparse.Namespace) -> dict:
         "total_seconds": time.perf_counter() - start,
         "losses": [r["train_loss"] for r in steps],
         "accuracies": [r["rewards/accuracies"] for r in steps],
+        "chosen_logps": [r["logps/chosen"] for r in steps],
         "adapter": str(Path(args.out) / "final"),
     }
 
@@ -152,6 +153,7 @@ def worker_trl(args: argparse.Namespace) -> dict:
         "total_seconds": seconds,
         "losses": [h["loss"] for h in logs],
         "accuracies": [h.get("rewards/accuracies", float("nan")) for h in logs],
+        "chosen_logps": [h.get("logps/chosen", float("nan")) for h in logs],
         "adapter": str(Path(args.out) / "final"),
     }
 
@@ -258,11 +260,11 @@ def main() -> None:
             f"| {names[kind]} | {r['pairs']} | {r['seconds']:.1f} | {r['pairs_s']:.2f} | {r['pairs_s'] / base:.2f}x | "
             f"{r['peak_memory_mb']:.0f} | {last5:.4f} | {e['valid_loss']:.4f} | {e['valid_rewards/accuracies']:.3f} |"
         )
-    print("\nper-step loss, Tunery vs TRL:")
-    for step, (a, b) in enumerate(
-        zip(runs["tunery"]["losses"], runs["trl"]["losses"], strict=False), start=1
-    ):
-        print(f"  step {step:>3}: {a:.5f}  {b:.5f}  diff {a - b:+.5f}")
+    print("\nper step, Tunery vs TRL: loss, and the chosen answers' summed log-prob (same pairs: same value)")
+    per_step = zip(runs["tunery"]["losses"], runs["trl"]["losses"], runs["tunery"]["chosen_logps"],
+                   runs["trl"]["chosen_logps"], strict=False)  # fmt: skip
+    for step, (a, b, ca, cb) in enumerate(per_step, start=1):
+        print(f"  step {step:>3}: loss {a:.5f} {b:.5f} (diff {a - b:+.5f})   logps/chosen {ca:9.3f} {cb:9.3f}")
     first = list(zip(runs["tunery"]["losses"][:5], runs["trl"]["losses"][:5], strict=False))
     print(f"largest |difference| over the first {len(first)} steps: {max(abs(a - b) for a, b in first):.5f}")
 

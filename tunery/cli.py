@@ -133,7 +133,11 @@ def cmd_train_rm(args: argparse.Namespace) -> int:
 def _print_summary(summary: dict[str, Any]) -> None:
     if summary:
         final = summary["final_metrics"]
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float))
+        if any(k.startswith("full_") for k in final):  # the full held-out evaluation says it all
+            final = {k: v for k, v in final.items() if k.startswith("full_") or k == "train_loss"}
+        shown = ", ".join(
+            f"{k.removeprefix('full_')} {v:.4f}" for k, v in final.items() if isinstance(v, float)
+        )
         print(
             f"done: {summary['steps']} steps, {summary['trained_tokens']} tokens at "
             f"{summary['tokens_per_second']:.0f} tok/s in {summary['wall_seconds']:.0f} s; {shown}"

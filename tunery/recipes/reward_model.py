@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import resource
 import time
@@ -35,19 +34,17 @@ from tunery.errors import TuneryError
 from tunery.losses.reward import reward_loss
 from tunery.models.heads import RewardModel
 from tunery.models.load import load_model
-from tunery.models.lora import adapter_dir, apply_lora, bf16_is_fast, cast_frozen, merge_adapter
+from tunery.models.lora import adapter_dir, apply_lora, cast_frozen, merge_adapter
 from tunery.training import auto, distributed
-from tunery.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from tunery.training.config import build_config, to_dict
+from tunery.training.common import check_common_fields, checkpoint_or_stop, resolve_common, restore
+from tunery.training.config import build_config
 from tunery.training.faults import fault_point
 from tunery.training.io import atomic_write_json, atomic_write_yaml
 from tunery.training.memory import keep_freed_memory
-from tunery.training.metrics import MetricsLog
 from tunery.training.progress import StepProgress
 from tunery.training.rundir import (
     autocast,
     check_same_data,
-    file_digest,
     last_metrics,
     prepare_run_dir,
     resumed_config,
@@ -95,57 +92,14 @@ class RewardConfig:
     keep_checkpoints: int = 3
 
     def __post_init__(self) -> None:
-        if not self.data:
-            raise TuneryError("no training data: pass --data FILE.jsonl")
-        if not self.out:
-            raise TuneryError("no run directory: pass --out DIR")
+        check_common_fields(self)
         if self.center_coef < 0:
             raise TuneryError(f"center_coef must be >= 0, got {self.center_coef}")
-        for name in ("epochs", "batch_size", "learning_rate_multiplier"):
-            value = getattr(self, name)
-            if value != "auto" and (isinstance(value, str) or value <= 0):
-                raise TuneryError(f"{name} must be 'auto' or a positive number, got {value!r}")
-        if self.lr is not None and not 0 < self.lr < 1:
-            raise TuneryError(f"lr must be between 0 and 1, got {self.lr}")
-        if self.lora_rank < 0:
-            raise TuneryError("lora_rank must be >= 0 (0 means full fine-tuning)")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise TuneryError(f"precision must be bf16, fp32 or auto, got {self.precision!r}")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise TuneryError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
-        if self.max_length < 16 or self.micro_batch_tokens < self.max_length:
-            raise TuneryError("max_length must be >= 16 and micro_batch_tokens >= max_length")
+        if self.micro_batch_tokens < self.max_length:
+            raise TuneryError("micro_batch_tokens must be >= max_length (a pair's sequences share one row)")
 
 
 # --- setup -----------------------------------------------------------------------------------------------
-
-
-def _resolve(cfg: RewardConfig, n_train: int, world: distributed.World) -> dict[str, Any]:
-    """Fill in every `auto` value; the result is what config.yaml records."""
-    epochs = auto.auto_epochs(n_train) if cfg.epochs == "auto" else int(cfg.epochs)
-    batch_size = auto.auto_pair_batch_size(n_train) if cfg.batch_size == "auto" else int(cfg.batch_size)
-    batch_size = max(batch_size, world.size)
-    multiplier = 1.0 if cfg.learning_rate_multiplier == "auto" else float(cfg.learning_rate_multiplier)
-    base = BASE_LR_LORA if cfg.lora_rank else BASE_LR_FULL
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if bf16_is_fast(world.device) else "fp32"
-    steps = auto.total_steps(n_train, batch_size, epochs)
-    resolved = to_dict(cfg)
-    resolved.update(
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate_multiplier=multiplier,
-        lr=cfg.lr if cfg.lr is not None else base * multiplier,
-        precision=precision,
-        eval_every=cfg.eval_every or max(1, steps // 10),
-        save_every=cfg.save_every or max(1, math.ceil(steps / 5)),
-        total_steps=steps,
-        world_size=world.size,
-        data_sha256=file_digest(cfg.data),
-        valid_sha256=file_digest(cfg.valid),
-    )
-    return resolved
 
 
 def pair_scores(
@@ -219,7 +173,13 @@ def train(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> d
         if cfg.valid
         else []
     )
-    resolved = _resolve(cfg, len(train_pairs), world)
+    resolved = resolve_common(
+        cfg,
+        len(train_pairs),
+        world,
+        BASE_LR_LORA if cfg.lora_rank else BASE_LR_FULL,
+        auto.auto_pair_batch_size,
+    )
     if world.is_main and not resume:
         atomic_write_yaml(run_dir / "config.yaml", resolved)
         tokenizer.save_pretrained(run_dir / "tokenizer")
@@ -237,19 +197,7 @@ def train(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> d
     optimizer = torch.optim.AdamW(trainable, lr=resolved["lr"], weight_decay=cfg.weight_decay)
     ddp_model: torch.nn.Module = DistributedDataParallel(model) if world.distributed else model
 
-    start_step, tokens_seen, train_seconds = 0, 0, 0.0
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is not None:
-            state = load_checkpoint(ckpt, model, optimizer)
-            start_step, tokens_seen, train_seconds = state["step"], state["tokens"], state["train_seconds"]
-            if world.is_main:
-                log.info("resuming %s from %s", run_dir, ckpt.name)
-    metrics = (
-        MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if resume else None)
-        if world.is_main
-        else None
-    )
+    start_step, tokens_seen, train_seconds, metrics = restore(run_dir, model, optimizer, resume, world)
     warmup_steps = round(cfg.warmup_ratio * total_steps)
     if world.is_main:
         log.info(
@@ -318,21 +266,8 @@ def train(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> d
                 + f"{record['pairs_per_second']:.2f} pairs/s",
             )
             fault_point("after_step", step)
-            stopping = distributed.all_sum([float(stop.requested is not None)], world)[0] > 0
-            if step % resolved["save_every"] == 0 or step == total_steps or stopping:
-                if world.is_main:
-                    save_checkpoint(
-                        run_dir, step, model, optimizer,
-                        {"tokens": tokens_seen, "train_seconds": train_seconds}, resolved,
-                        keep=cfg.keep_checkpoints,
-                    )  # fmt: skip
-                distributed.barrier(world)
-            if stopping:
-                distributed.teardown(world)
-                raise TuneryError(
-                    f"stopped at step {step}/{total_steps} ({stop.requested or 'signal'}); "
-                    f"continue with: tunery train rm --resume {run_dir}"
-                )
+            counters = {"tokens": tokens_seen, "train_seconds": train_seconds}
+            checkpoint_or_stop(run_dir, step, resolved, model, optimizer, counters, stop, world, "rm")
 
     # --- finish: final weights, full validation, summary ---------------------------------------------------
     final: dict[str, Any] = {}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import resource
 import time
@@ -33,23 +32,20 @@ from torch.nn.parallel import DistributedDataParallel
 from tunery.data.packing import IGNORE, PackedRow, pack, plan_rows, shard, step_indices
 from tunery.data.template import TokenizedChat
 from tunery.data.validate import load_chat_data
-from tunery.errors import TuneryError
 from tunery.losses.sft import sft_loss
 from tunery.models.forward import output_weight
 from tunery.models.load import load_model
-from tunery.models.lora import apply_lora, bf16_is_fast, cast_frozen
+from tunery.models.lora import apply_lora, cast_frozen
 from tunery.training import auto, distributed
-from tunery.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from tunery.training.config import build_config, to_dict
+from tunery.training.common import check_common_fields, checkpoint_or_stop, resolve_common, restore
+from tunery.training.config import build_config
 from tunery.training.faults import fault_point
 from tunery.training.io import atomic_write_json, atomic_write_yaml
 from tunery.training.memory import keep_freed_memory
-from tunery.training.metrics import MetricsLog
 from tunery.training.progress import StepProgress
 from tunery.training.rundir import (
     autocast,
     check_same_data,
-    file_digest,
     last_metrics,
     prepare_run_dir,
     resumed_config,
@@ -92,63 +88,10 @@ class SFTConfig:
     keep_checkpoints: int = 3  # most recent checkpoints kept on disk
 
     def __post_init__(self) -> None:
-        if not self.data:
-            raise TuneryError("no training data: pass --data FILE.jsonl")
-        if not self.out:
-            raise TuneryError("no run directory: pass --out DIR")
-        for name in ("epochs", "batch_size", "learning_rate_multiplier"):
-            value = getattr(self, name)
-            if value != "auto" and (isinstance(value, str) or value <= 0):
-                raise TuneryError(f"{name} must be 'auto' or a positive number, got {value!r}")
-        if self.lr is not None and not 0 < self.lr < 1:
-            raise TuneryError(f"lr must be between 0 and 1, got {self.lr}")
-        if self.lora_rank < 0:
-            raise TuneryError("lora_rank must be >= 0 (0 means full fine-tuning)")
-        if self.max_length < 16:
-            raise TuneryError("max_length must be at least 16 tokens")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise TuneryError(f"precision must be bf16, fp32 or auto, got {self.precision!r}")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise TuneryError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise TuneryError("warmup_ratio must be in [0, 1)")
-        if self.micro_batch_tokens < 16:
-            raise TuneryError("micro_batch_tokens must be at least 16")
+        check_common_fields(self)
 
 
 # --- setup -----------------------------------------------------------------------------------------------
-
-
-def _resolve(cfg: SFTConfig, n_train: int, world: distributed.World) -> dict[str, Any]:
-    """Fill in every `auto` value; the result is what config.yaml records."""
-    epochs = auto.auto_epochs(n_train) if cfg.epochs == "auto" else int(cfg.epochs)
-    batch_size = auto.auto_batch_size(n_train) if cfg.batch_size == "auto" else int(cfg.batch_size)
-    batch_size = max(batch_size, world.size)  # every process needs at least one conversation per step
-    multiplier = (
-        auto.auto_lr_multiplier(n_train)
-        if cfg.learning_rate_multiplier == "auto"
-        else float(cfg.learning_rate_multiplier)
-    )
-    base = auto.BASE_LR_LORA if cfg.lora_rank else auto.BASE_LR_FULL
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if bf16_is_fast(world.device) else "fp32"
-    steps = auto.total_steps(n_train, batch_size, epochs)
-    resolved = to_dict(cfg)
-    resolved.update(
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate_multiplier=multiplier,
-        lr=cfg.lr if cfg.lr is not None else base * multiplier,
-        precision=precision,
-        eval_every=cfg.eval_every or max(1, steps // 10),
-        save_every=cfg.save_every or max(1, math.ceil(steps / 5)),
-        total_steps=steps,
-        world_size=world.size,
-        data_sha256=file_digest(cfg.data),
-        valid_sha256=file_digest(cfg.valid),
-    )
-    return resolved
 
 
 def forward_loss(
@@ -209,7 +152,9 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
     model, tokenizer = load_model(cfg.model)
     train_chats = load_chat_data(cfg.data, tokenizer, cfg.max_length)
     valid_chats = load_chat_data(cfg.valid, tokenizer, cfg.max_length, min_examples=1) if cfg.valid else []
-    resolved = _resolve(cfg, len(train_chats), world)
+    resolved = resolve_common(
+        cfg, len(train_chats), world, auto.BASE_LR_LORA if cfg.lora_rank else auto.BASE_LR_FULL
+    )
     if world.is_main and not resume:
         atomic_write_yaml(run_dir / "config.yaml", resolved)
         tokenizer.save_pretrained(run_dir / "tokenizer")
@@ -227,19 +172,7 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
     ddp_model: torch.nn.Module = DistributedDataParallel(model) if world.distributed else model
     lm_head_weight = output_weight(model)
 
-    start_step, tokens_seen, train_seconds = 0, 0, 0.0
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is not None:
-            state = load_checkpoint(ckpt, model, optimizer)
-            start_step, tokens_seen, train_seconds = state["step"], state["tokens"], state["train_seconds"]
-            if world.is_main:
-                log.info("resuming %s from %s", run_dir, ckpt.name)
-    metrics = (
-        MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if resume else None)
-        if world.is_main
-        else None
-    )
+    start_step, tokens_seen, train_seconds, metrics = restore(run_dir, model, optimizer, resume, world)
     warmup_steps = round(cfg.warmup_ratio * total_steps)
     if world.is_main:
         n_trainable = sum(p.numel() for p in trainable)
@@ -315,26 +248,8 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
                 + f"{record['tokens_per_second']:.0f} tok/s",
             )
             fault_point("after_step", step)
-            # Ctrl-C / SIGTERM: finish the step, checkpoint it, stop. Processes agree on it (one all-reduce).
-            stopping = distributed.all_sum([float(stop.requested is not None)], world)[0] > 0
-            if step % resolved["save_every"] == 0 or step == total_steps or stopping:
-                if world.is_main:
-                    save_checkpoint(
-                        run_dir,
-                        step,
-                        model,
-                        optimizer,
-                        {"tokens": tokens_seen, "train_seconds": train_seconds},
-                        resolved,
-                        keep=cfg.keep_checkpoints,
-                    )
-                distributed.barrier(world)
-            if stopping:
-                distributed.teardown(world)
-                raise TuneryError(
-                    f"stopped at step {step}/{total_steps} ({stop.requested or 'signal'}); "
-                    f"continue with: tunery train sft --resume {run_dir}"
-                )
+            counters = {"tokens": tokens_seen, "train_seconds": train_seconds}
+            checkpoint_or_stop(run_dir, step, resolved, model, optimizer, counters, stop, world, "sft")
 
     # --- finish: final weights, full validation, summary ---------------------------------------------------
     final: dict[str, Any] = {}

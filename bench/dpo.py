@@ -24,43 +24,14 @@ import json
 import os
 import platform
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from harness import REPO, run_worker, write_pairs
+
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
 BETA = 0.1
-
-
-def write_data(work: Path, n_pairs: int, seed: int) -> dict[str, Path]:
-    """The first `n_pairs` of Tunery's epoch-0 order, for Tunery (OpenAI format) and TRL (rendered text)."""
-    from tunery.data.packing import epoch_order
-    from tunery.data.template import render
-    from tunery.models.load import load_tokenizer
-
-    lines = (REPO / "examples/feedback/train.jsonl").read_text().splitlines()
-    order = epoch_order(len(lines), seed, 0)[:n_pairs]
-    chosen_lines = [lines[i] for i in sorted(order)]  # Tunery reshuffles this file with the same seed...
-    # ...so write it such that Tunery's shuffle of the *written* file visits pairs in TRL's order.
-    written_order = epoch_order(len(chosen_lines), seed, 0)
-    tokenizer = load_tokenizer("smollm2-135m-instruct")
-    paths = {"tunery": work / "tunery.jsonl", "trl": work / "trl.jsonl"}
-    paths["tunery"].write_text("".join(line + "\n" for line in chosen_lines))
-    with paths["trl"].open("w") as fh:
-        for i in written_order:
-            pair = json.loads(chosen_lines[i])
-            prompt = render(tokenizer, pair["input"]["messages"], add_generation_prompt=True)
-            end = tokenizer.eos_token  # <|im_end|>: the end of an assistant turn in SmolLM2's template
-            row = {
-                "prompt": prompt,
-                "chosen": pair["preferred_output"][0]["content"] + end,
-                "rejected": pair["non_preferred_output"][0]["content"] + end,
-            }
-            fh.write(json.dumps(row) + "\n")
-    return paths
 
 
 # --- workers (each in its own process) -------------------------------------------------------------------
@@ -180,16 +151,6 @@ def worker_eval(args: argparse.Namespace) -> dict:
     return out
 
 
-def run_worker(kind: str, extra: list[str]) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
-        result_path = fh.name
-    cmd = [sys.executable, __file__, "--worker", kind, "--result", result_path, *extra]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{kind} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(Path(result_path).read_text())
-
-
 # --- main ------------------------------------------------------------------------------------------------
 
 
@@ -226,7 +187,7 @@ def main() -> None:
 
     resolve_model_dir(BUNDLED)  # convert the GGUF once, outside the timed runs
     work = Path(tempfile.mkdtemp(prefix="tunery-bench-dpo-"))
-    paths = write_data(work, args.steps * args.batch_size, args.seed)
+    paths = write_pairs(work, args.steps * args.batch_size, args.seed, joined=False)
     common = ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length",
               str(args.max_length), "--lr", str(args.lr), "--precision", args.precision, "--seed", str(args.seed)]  # fmt: skip
     if args.gradient_checkpointing:
@@ -234,9 +195,11 @@ def main() -> None:
     runs: dict[str, dict] = {}
     for kind in ("tunery", "trl"):
         print(f"running {kind} ...", flush=True)
-        runs[kind] = run_worker(kind, [*common, "--data", str(paths[kind]), "--out", str(work / kind)])
+        runs[kind] = run_worker(
+            __file__, kind, [*common, "--data", str(paths[kind]), "--out", str(work / kind)]
+        )
         runs[kind]["pairs_s"] = runs[kind]["pairs"] / runs[kind]["seconds"]
-    evals = run_worker("eval", ["--max-length", str(args.max_length), "--adapters",
+    evals = run_worker(__file__, "eval", ["--max-length", str(args.max_length), "--adapters",
                                 runs["tunery"]["adapter"], runs["trl"]["adapter"]])  # fmt: skip
 
     names = {
@@ -264,7 +227,9 @@ def main() -> None:
     per_step = zip(runs["tunery"]["losses"], runs["trl"]["losses"], runs["tunery"]["chosen_logps"],
                    runs["trl"]["chosen_logps"], strict=False)  # fmt: skip
     for step, (a, b, ca, cb) in enumerate(per_step, start=1):
-        print(f"  step {step:>3}: loss {a:.5f} {b:.5f} (diff {a - b:+.5f})   logps/chosen {ca:9.3f} {cb:9.3f}")
+        print(
+            f"  step {step:>3}: loss {a:.5f} {b:.5f} (diff {a - b:+.5f})   logps/chosen {ca:9.3f} {cb:9.3f}"
+        )
     first = list(zip(runs["tunery"]["losses"][:5], runs["trl"]["losses"][:5], strict=False))
     print(f"largest |difference| over the first {len(first)} steps: {max(abs(a - b) for a, b in first):.5f}")
 

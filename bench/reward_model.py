@@ -7,9 +7,9 @@ Each trainer runs in its own process (peak memory is that process's max RSS, mod
 The pairs are the bundled feedback comparisons (examples/feedback/train.jsonl), in the order Tunery's
 seeded shuffle visits them; TRL gets the same pairs in the same order (its sampler is made sequential) as
 text rendered with the chat template, each answer ending with `<|im_end|>`, the token both read the score
-at. Both use LoRA r16 on the same seven projection types and train the score head in full; TRL's head is
-`AutoModelForSequenceClassification`'s, Tunery's is its own, so the heads start from different random
-values and the loss curves are compared in shape, not digit for digit.
+at. Both use LoRA r16 on the same seven projection types and train the score head in full, starting
+from the same LoRA and head initialisation (TRL's `AutoModelForSequenceClassification` head is overwritten
+with the values Tunery draws), so their first steps' losses agree up to rounding.
 
 Throughput is pairs per second of the training loop. Held-out accuracy and loss are each trainer's own
 evaluation on examples/feedback/valid.jsonl (both: chosen scored above rejected; Bradley-Terry loss).
@@ -22,62 +22,14 @@ import json
 import os
 import platform
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from harness import REPO, run_worker, write_pairs
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": TARGETS}
-
-
-def write_data(work: Path, n_pairs: int, seed: int) -> dict[str, Path]:
-    """The first `n_pairs` of Tunery's epoch-0 order, for Tunery (OpenAI format) and TRL (rendered text)."""
-    from tunery.data.packing import epoch_order
-    from tunery.data.template import render
-    from tunery.models.load import load_tokenizer
-
-    lines = (REPO / "examples/feedback/train.jsonl").read_text().splitlines()
-    order = epoch_order(len(lines), seed, 0)[:n_pairs]
-    chosen_lines = [lines[i] for i in sorted(order)]  # Tunery reshuffles this file with the same seed...
-    # ...so write it such that Tunery's shuffle of the *written* file visits pairs in TRL's order.
-    written_order = epoch_order(len(chosen_lines), seed, 0)
-    tokenizer = load_tokenizer("smollm2-135m-instruct")
-    paths = {"tunery": work / "tunery.jsonl", "trl": work / "trl.jsonl"}
-    paths["tunery"].write_text("".join(line + "\n" for line in chosen_lines))
-    with paths["trl"].open("w") as fh:
-        for i in written_order:
-            pair = json.loads(chosen_lines[i])
-            prompt = render(tokenizer, pair["input"]["messages"], add_generation_prompt=True)
-            end = tokenizer.eos_token  # <|im_end|>: the end of an assistant turn in SmolLM2's template
-            row = {
-                "chosen": prompt + pair["preferred_output"][0]["content"] + end,
-                "rejected": prompt + pair["non_preferred_output"][0]["content"] + end,
-            }
-            fh.write(json.dumps(row) + "\n")
-    return paths
-
-
-def write_valid_text(work: Path) -> Path:
-    """The held-out pairs as TRL reads them (rendered text)."""
-    from tunery.data.template import render
-    from tunery.models.load import load_tokenizer
-
-    tokenizer = load_tokenizer("smollm2-135m-instruct")
-    path = work / "valid-trl.jsonl"
-    with path.open("w") as fh:
-        for line in (REPO / "examples/feedback/valid.jsonl").read_text().splitlines():
-            pair = json.loads(line)
-            prompt = render(tokenizer, pair["input"]["messages"], add_generation_prompt=True)
-            end = tokenizer.eos_token
-            row = {
-                "chosen": prompt + pair["preferred_output"][0]["content"] + end,
-                "rejected": prompt + pair["non_preferred_output"][0]["content"] + end,
-            }
-            fh.write(json.dumps(row) + "\n")
-    return path
 
 
 # --- workers (each in its own process) -------------------------------------------------------------------
@@ -136,8 +88,14 @@ def worker_trl(args: argparse.Namespace) -> dict:
     tokenizer.pad_token = "<|endoftext|>"  # distinct from EOS, as in Tunery
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same LoRA initialisation as Tunery's...
     model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"], **LORA))
+    # ...and the same head: Tunery draws it from a generator seeded with the run's seed (models/heads.py).
+    hidden = model.config.hidden_size
+    head = torch.randn((1, hidden), generator=torch.Generator().manual_seed(args.seed)) / (hidden + 1) ** 0.5
+    for name, param in model.named_parameters():
+        if "score" in name:
+            param.data.copy_(head)
     config = RewardConfig(
         output_dir=args.out,
         per_device_train_batch_size=args.batch_size,
@@ -178,16 +136,6 @@ def worker_trl(args: argparse.Namespace) -> dict:
     }
 
 
-def run_worker(kind: str, extra: list[str]) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
-        result_path = fh.name
-    cmd = [sys.executable, __file__, "--worker", kind, "--result", result_path, *extra]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{kind} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(Path(result_path).read_text())
-
-
 # --- main ------------------------------------------------------------------------------------------------
 
 
@@ -223,17 +171,18 @@ def main() -> None:
 
     resolve_model_dir(BUNDLED)  # convert the GGUF once, outside the timed runs
     work = Path(tempfile.mkdtemp(prefix="tunery-bench-rm-"))
-    paths = write_data(work, args.steps * args.batch_size, args.seed)
-    valid_text = write_valid_text(work)
+    paths = write_pairs(work, args.steps * args.batch_size, args.seed, joined=True)
     common = ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length",
               str(args.max_length), "--lr", str(args.lr), "--precision", args.precision, "--seed", str(args.seed),
-              "--valid-text", str(valid_text)]  # fmt: skip
+              "--valid-text", str(paths["valid"])]  # fmt: skip
     if args.gradient_checkpointing:
         common.append("--gradient-checkpointing")
     runs: dict[str, dict] = {}
     for kind in ("tunery", "trl"):
         print(f"running {kind} ...", flush=True)
-        runs[kind] = run_worker(kind, [*common, "--data", str(paths[kind]), "--out", str(work / kind)])
+        runs[kind] = run_worker(
+            __file__, kind, [*common, "--data", str(paths[kind]), "--out", str(work / kind)]
+        )
         runs[kind]["pairs_s"] = runs[kind]["pairs"] / runs[kind]["seconds"]
 
     trl_name = "TRL RewardTrainer" + (" (grad. ckpt on)" if args.gradient_checkpointing else "")
@@ -259,7 +208,9 @@ def main() -> None:
     for step, (a, b) in enumerate(
         zip(runs["tunery"]["losses"], runs["trl"]["losses"], strict=False), start=1
     ):
-        print(f"  step {step:>3}: {a:.4f}  {b:.4f}")
+        print(f"  step {step:>3}: {a:.5f}  {b:.5f}  diff {a - b:+.5f}")
+    first = list(zip(runs["tunery"]["losses"][:5], runs["trl"]["losses"][:5], strict=False))
+    print(f"largest |difference| over the first {len(first)} steps: {max(abs(a - b) for a, b in first):.5f}")
 
 
 if __name__ == "__main__":

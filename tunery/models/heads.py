@@ -21,11 +21,14 @@ from tunery.models.forward import final_hidden
 
 
 class RewardModel(torch.nn.Module):
-    def __init__(self, lm: torch.nn.Module, hidden_size: int) -> None:
+    def __init__(self, lm: torch.nn.Module, hidden_size: int, seed: int = 0) -> None:
         super().__init__()
         self.lm = lm
         self.score = torch.nn.Linear(hidden_size, 1, bias=False)
-        torch.nn.init.normal_(self.score.weight, std=1 / (hidden_size + 1) ** 0.5)
+        # Its own generator: the head depends on the seed only, not on what drew random numbers before.
+        generator = torch.Generator().manual_seed(seed)
+        weight = torch.randn((1, hidden_size), generator=generator) / (hidden_size + 1) ** 0.5
+        self.score.weight.data.copy_(weight)
 
     def forward(self, row: PairRow) -> torch.Tensor:
         """Scores (2 * n_pairs,) of every answer in the row: chosen at even indices, rejected at odd."""

@@ -190,7 +190,7 @@ def train(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> d
         model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)  # type: ignore[arg-type]
         if resolved["precision"] == "bf16":
             cast_frozen(model, torch.bfloat16)
-    model = RewardModel(model, model.config.hidden_size)  # type: ignore[arg-type]
+    model = RewardModel(model, model.config.hidden_size, seed=cfg.seed)  # type: ignore[arg-type]
     torch.nn.Module.to(model, world.device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -111,9 +111,9 @@ def compare_models(
     out: str | None = None,
 ) -> dict[str, Any]:
     """Win rate of (model + adapter) over (model + baseline_adapter) as judged by the reward model."""
+    model, tokenizer, _ = load_reward_model(rm_dir)  # first: a wrong --rm fails before any generation
     candidate = _answers(model_name, adapter, prompts, params)
     baseline = _answers(model_name, baseline_adapter, prompts, params)
-    model, tokenizer, _ = load_reward_model(rm_dir)
     examples = [
         FeedbackExample(
             i, p, [{"role": "assistant", "content": a or " "}], [{"role": "assistant", "content": b or " "}]

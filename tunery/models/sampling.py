@@ -24,6 +24,7 @@ class SamplingParams:
     top_k: int = 0  # 0 disables
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False  # keep going past end-of-turn (benchmarks: every row makes max_new_tokens)
 
 
 @dataclass
@@ -82,7 +83,7 @@ def sample(
     mask = (causal[None] & key_valid[:, None, :]) | torch.eye(longest, dtype=torch.bool, device=device)[None]
     generator = torch.Generator(device=device)
     generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**31, ()).item()))
-    stops = stop_token_ids(tokenizer, model)
+    stops = set() if params.ignore_eos else stop_token_ids(tokenizer, model)
     cache = DynamicCache(config=model.config)
     tokens: list[list[int]] = [[] for _ in range(batch)]
     logprobs: list[list[float]] = [[] for _ in range(batch)]

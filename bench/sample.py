@@ -1,0 +1,116 @@
+"""Tunery's sampler vs transformers' `generate` on SmolLM2-135M-Instruct: tokens per second at batch 1
+and batch 16, same prompts, same number of new tokens, same precision.
+
+    python bench/sample.py                       # about 5 minutes on 2 CPU cores
+    python bench/sample.py --new-tokens 32       # a quicker look
+
+Every row generates exactly `--new-tokens` tokens (end-of-turn ignored in both), by sampling at
+temperature 1, so both do the same work. transformers runs with bf16 weights (the same precision as
+Tunery) and, for reference, with fp32 weights as loaded by default. Prompts are the support questions
+in examples/support/questions.jsonl, cycled to fill the batch. Each configuration runs once to warm up,
+then is timed over `--repeats` runs (best time kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+from harness import REPO
+
+
+def prompts(tokenizer, batch: int) -> list[list[int]]:  # type: ignore[no-untyped-def]
+    from tunery.data.template import prompt_ids
+
+    lines = (REPO / "examples/support/questions.jsonl").read_text().splitlines()
+    chats = [json.loads(line)["messages"] for line in lines]
+    return [prompt_ids(tokenizer, chats[i % len(chats)]) for i in range(batch)]
+
+
+def time_tunery(model, tokenizer, ids: list[list[int]], new_tokens: int, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    from tunery.models.sampling import SamplingParams, sample
+
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=0, ignore_eos=True)
+    sample(model, tokenizer, ids, params, autocast_dtype=torch.bfloat16)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = sample(model, tokenizer, ids, params, autocast_dtype=torch.bfloat16)
+        best = min(best, time.perf_counter() - start)
+        assert all(len(c.token_ids) == new_tokens for c in out)
+    return len(ids) * new_tokens / best
+
+
+def time_hf(model, tokenizer, ids: list[list[int]], new_tokens: int, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    longest = max(len(p) for p in ids)
+    input_ids = torch.full((len(ids), longest), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(ids), longest), dtype=torch.long)
+    for i, p in enumerate(ids):
+        input_ids[i, longest - len(p) :] = torch.tensor(p)
+        attention[i, longest - len(p) :] = 1
+    kwargs = {
+        "attention_mask": attention,
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "max_new_tokens": new_tokens,
+        "min_new_tokens": new_tokens,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    with torch.no_grad():
+        model.generate(input_ids, **kwargs)  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = model.generate(input_ids, **kwargs)
+            best = min(best, time.perf_counter() - start)
+            assert out.shape[1] == longest + new_tokens
+    return len(ids) * new_tokens / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers import AutoModelForCausalLM
+
+    from tunery.models.load import BUNDLED, load_model, resolve_model_dir
+    from tunery.models.lora import cast_frozen
+
+    ours, tokenizer = load_model(BUNDLED)
+    ours.eval()
+    cast_frozen(ours, torch.bfloat16)
+    model_dir = resolve_model_dir(BUNDLED)
+    hf = {
+        "bf16": AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval(),
+        "fp32": AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(),
+    }
+    print(
+        f"SmolLM2-135M-Instruct, sampling at temperature 1, {args.new_tokens} new tokens per row; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    )
+    print("| batch | Tunery tok/s | transformers generate bf16 | ratio | generate fp32 | ratio |")
+    print("|---|---|---|---|---|---|")
+    for batch in args.batches:
+        ids = prompts(tokenizer, batch)
+        tunery = time_tunery(ours, tokenizer, ids, args.new_tokens, args.repeats)
+        hf16 = time_hf(hf["bf16"], tokenizer, ids, args.new_tokens, args.repeats)
+        hf32 = time_hf(hf["fp32"], tokenizer, ids, args.new_tokens, args.repeats)
+        print(
+            f"| {batch} | {tunery:.1f} | {hf16:.1f} | {tunery / hf16:.2f}x | {hf32:.1f} | {tunery / hf32:.2f}x |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -84,12 +84,9 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers import AutoModelForCausalLM
 
-    from tunery.models.load import BUNDLED, load_model, resolve_model_dir
-    from tunery.models.lora import cast_frozen
+    from tunery.models.load import BUNDLED, load_for_inference, resolve_model_dir
 
-    ours, tokenizer = load_model(BUNDLED)
-    ours.eval()
-    cast_frozen(ours, torch.bfloat16)
+    ours, tokenizer, _ = load_for_inference(BUNDLED)  # what `tunery chat` and `generate` run
     model_dir = resolve_model_dir(BUNDLED)
     hf = {
         "bf16": AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval(),

@@ -147,23 +147,6 @@ def _print_summary(summary: dict[str, Any]) -> None:
             print(f"warning: {warning}")
 
 
-def _load_for_inference(model_name: str, adapter: str | None) -> tuple[Any, Any, Any]:
-    import torch
-
-    from tunery.models.load import load_model
-    from tunery.models.lora import bf16_is_fast, cast_frozen, load_adapter
-
-    model: Any
-    model, tokenizer = load_model(model_name)
-    if adapter:
-        model = load_adapter(model, adapter)
-    model.eval()
-    dtype = torch.bfloat16 if bf16_is_fast(torch.device("cpu")) else None
-    if dtype is not None:
-        cast_frozen(model, dtype)
-    return model, tokenizer, dtype
-
-
 def _sampling_params(args: argparse.Namespace) -> Any:
     from tunery.models.sampling import SamplingParams
 
@@ -179,9 +162,10 @@ def _sampling_params(args: argparse.Namespace) -> Any:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from tunery.data.template import prompt_ids
+    from tunery.models.load import load_for_inference
     from tunery.models.sampling import sample
 
-    model, tokenizer, dtype = _load_for_inference(args.model, args.adapter)
+    model, tokenizer, dtype = load_for_inference(args.model, args.adapter)
     params = _sampling_params(args)
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     print(
@@ -249,7 +233,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tunery.training.io import atomic_write_text
 
     prompts = _read_prompts(args.prompts)
-    model, tokenizer, dtype = _load_for_inference(args.model, args.adapter)
+    from tunery.models.load import load_for_inference
+
+    model, tokenizer, dtype = load_for_inference(args.model, args.adapter)
     params = _sampling_params(args)
     lines = []
     for start in range(0, len(prompts), args.batch_size):
@@ -289,7 +275,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from tunery.models.sampling import sample
 
     prompts = _read_prompts(args.prompts)
-    model, tokenizer, dtype = _load_for_inference(args.model, args.adapter)
+    from tunery.models.load import load_for_inference
+
+    model, tokenizer, dtype = load_for_inference(args.model, args.adapter)
     params = _sampling_params(args)
     ids = [prompt_ids(tokenizer, p["messages"]) for p in prompts]
     with model.disable_adapter():

@@ -205,3 +205,20 @@ def load_model(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.name_or_path = name
     return model, tokenizer
+
+
+def load_for_inference(name: str, adapter: str | None = None) -> tuple[Any, PreTrainedTokenizerBase, Any]:
+    """A model ready to generate: the adapter applied, nothing trainable, weights in bf16 where the
+    hardware runs bf16 fast. Returns (model, tokenizer, autocast dtype or None)."""
+    from tunery.models.lora import bf16_is_fast, cast_frozen, load_adapter
+
+    model: Any
+    model, tokenizer = load_model(name)
+    if adapter:
+        model = load_adapter(model, adapter)
+    model.eval()
+    model.requires_grad_(False)  # so every weight, LoRA included, is cast below
+    dtype = torch.bfloat16 if bf16_is_fast(torch.device("cpu")) else None
+    if dtype is not None:
+        cast_frozen(model, dtype)
+    return model, tokenizer, dtype

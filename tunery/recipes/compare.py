@@ -23,8 +23,8 @@ from tunery.data.jsonl import read_jsonl
 from tunery.data.template import prompt_ids
 from tunery.errors import TuneryError
 from tunery.models.heads import load_reward_model, score_pairs
-from tunery.models.load import load_model
-from tunery.models.lora import bf16_is_fast, cast_frozen, load_adapter
+from tunery.models.load import load_for_inference
+from tunery.models.lora import bf16_is_fast
 from tunery.models.sampling import SamplingParams, sample
 from tunery.training.io import atomic_write_text
 
@@ -84,14 +84,7 @@ def score_file(rm_dir: str, data: str, max_length: int = 1024) -> tuple[list[dic
 def _answers(
     model_name: str, adapter: str | None, prompts: list[list[dict[str, Any]]], params: SamplingParams
 ) -> list[str]:
-    model: Any
-    model, tokenizer = load_model(model_name)
-    if adapter:
-        model = load_adapter(model, adapter)
-    model.eval()
-    dtype = torch.bfloat16 if bf16_is_fast(torch.device("cpu")) else None
-    if dtype is not None:
-        cast_frozen(model, dtype)
+    model, tokenizer, dtype = load_for_inference(model_name, adapter)
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     texts: list[str] = []
     for start in range(0, len(ids), 16):

@@ -35,11 +35,11 @@ def time_tunery(model, tokenizer, ids: list[list[int]], new_tokens: int, repeats
     from tunery.models.sampling import SamplingParams, sample
 
     params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=0, ignore_eos=True)
-    sample(model, tokenizer, ids, params, autocast_dtype=torch.bfloat16)  # warm-up
+    sample(model, tokenizer, ids, params)  # warm-up
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        out = sample(model, tokenizer, ids, params, autocast_dtype=torch.bfloat16)
+        out = sample(model, tokenizer, ids, params)
         best = min(best, time.perf_counter() - start)
         assert all(len(c.token_ids) == new_tokens for c in out)
     return len(ids) * new_tokens / best
@@ -86,7 +86,7 @@ def main() -> None:
 
     from tunery.models.load import BUNDLED, load_for_inference, resolve_model_dir
 
-    ours, tokenizer, _ = load_for_inference(BUNDLED)  # what `tunery chat` and `generate` run
+    ours, tokenizer = load_for_inference(BUNDLED)  # what `tunery chat` and `generate` run
     model_dir = resolve_model_dir(BUNDLED)
     hf = {
         "bf16": AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval(),

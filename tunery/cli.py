@@ -165,7 +165,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from tunery.models.load import load_for_inference
     from tunery.models.sampling import sample
 
-    model, tokenizer, dtype = load_for_inference(args.model, args.adapter)
+    model, tokenizer = load_for_inference(args.model, args.adapter)
     params = _sampling_params(args)
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     print(
@@ -193,7 +193,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
             [prompt_ids(tokenizer, messages)],
             params,
             on_text=lambda _i, delta: print(delta, end="", flush=True),
-            autocast_dtype=dtype,
         )
         print()
         messages.append({"role": "assistant", "content": completion.text})
@@ -235,7 +234,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args.prompts)
     from tunery.models.load import load_for_inference
 
-    model, tokenizer, dtype = load_for_inference(args.model, args.adapter)
+    model, tokenizer = load_for_inference(args.model, args.adapter)
     params = _sampling_params(args)
     lines = []
     for start in range(0, len(prompts), args.batch_size):
@@ -245,7 +244,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
             tokenizer,
             [prompt_ids(tokenizer, p["messages"]) for p in chunk],
             params,
-            autocast_dtype=dtype,
         )
         for p, c in zip(chunk, completions, strict=True):
             lines.append(
@@ -277,12 +275,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args.prompts)
     from tunery.models.load import load_for_inference
 
-    model, tokenizer, dtype = load_for_inference(args.model, args.adapter)
+    model, tokenizer = load_for_inference(args.model, args.adapter)
     params = _sampling_params(args)
     ids = [prompt_ids(tokenizer, p["messages"]) for p in prompts]
     with model.disable_adapter():
-        before = sample(model, tokenizer, ids, params, autocast_dtype=dtype)
-    after = sample(model, tokenizer, ids, params, autocast_dtype=dtype)
+        before = sample(model, tokenizer, ids, params)
+    after = sample(model, tokenizer, ids, params)
     console = Console(width=max(100, Console().width))
     table = Table(title="Before and after fine-tuning (held-out questions)", show_lines=True)
     table.add_column("question", ratio=2)

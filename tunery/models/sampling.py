@@ -109,7 +109,11 @@ def sample(
             next_ids = logits.argmax(-1)
         else:
             probs = _filter_logits(logits, params).softmax(-1)
-            next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            # Inverse-CDF draw: one uniform number per row. torch.multinomial draws an exponential
+            # variable per vocabulary entry, ~12 ms per step at batch 16 x 49k on this CPU.
+            cdf = probs.cumsum(-1)  # (B, V)
+            u = torch.rand((batch, 1), generator=generator, device=device) * cdf[:, -1:]
+            next_ids = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
         chosen_logps = token_logps.gather(1, next_ids[:, None]).squeeze(1).tolist()
         for i, token in enumerate(next_ids.tolist()):
             if finish[i] is not None:

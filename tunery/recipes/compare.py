@@ -84,13 +84,11 @@ def score_file(rm_dir: str, data: str, max_length: int = 1024) -> tuple[list[dic
 def _answers(
     model_name: str, adapter: str | None, prompts: list[list[dict[str, Any]]], params: SamplingParams
 ) -> list[str]:
-    model, tokenizer, dtype = load_for_inference(model_name, adapter)
+    model, tokenizer = load_for_inference(model_name, adapter)
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     texts: list[str] = []
     for start in range(0, len(ids), 16):
-        texts += [
-            c.text for c in sample(model, tokenizer, ids[start : start + 16], params, autocast_dtype=dtype)
-        ]
+        texts += [c.text for c in sample(model, tokenizer, ids[start : start + 16], params)]
     return texts
 
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +43,13 @@ from tunery.models.forward import output_weight, sequence_logps
 from tunery.models.load import load_model
 from tunery.models.lora import adapter_dir, apply_lora, cast_frozen, merge_adapter
 from tunery.training import auto, distributed
-from tunery.training.common import check_common_fields, checkpoint_or_stop, resolve_common, restore
+from tunery.training.common import (
+    check_common_fields,
+    checkpoint_or_stop,
+    resolve_common,
+    restore,
+    run_summary,
+)
 from tunery.training.config import build_config
 from tunery.training.faults import fault_point
 from tunery.training.io import atomic_write_json, atomic_write_yaml
@@ -417,24 +421,21 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> dict
         base_adapter = adapter_dir(cfg.adapter) if cfg.adapter and isinstance(model, PeftModel) else None
         meta = {"base_model": cfg.model, "method": cfg.loss, "adapter": cfg.adapter, "config": resolved}
         save_final(run_dir, model, tokenizer, meta, base_adapter=str(base_adapter) if base_adapter else None)
-        summary = {
-            "method": cfg.loss,
-            "model": cfg.model,
-            "run_dir": str(run_dir),
-            "steps": total_steps,
-            "pairs": resolved["epochs"] * len(train_pairs),
-            "trained_tokens": tokens_seen,
-            "wall_seconds": round(time.monotonic() - wall_start, 2),
-            "train_seconds": round(train_seconds, 2),
-            "reference_seconds": round(reference_seconds, 2),
-            "tokens_per_second": round(tokens_seen / max(train_seconds, 1e-9), 1),
-            "pairs_per_second": round(resolved["epochs"] * len(train_pairs) / max(train_seconds, 1e-9), 3),
-            "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "final_metrics": {**last_metrics(run_dir, ("train_", "valid_", "rewards/", "logps/")), **final},
-            "warnings": warnings,
-            "world_size": world.size,
-            "pid": os.getpid(),
-        }
+        summary = run_summary(
+            cfg.loss,
+            cfg,
+            run_dir,
+            total_steps,
+            tokens_seen,
+            wall_start,
+            train_seconds,
+            world,
+            {**last_metrics(run_dir, ("train_", "valid_", "rewards/", "logps/")), **final},
+            pairs=resolved["epochs"] * len(train_pairs),
+            reference_seconds=round(reference_seconds, 2),
+            pairs_per_second=round(resolved["epochs"] * len(train_pairs) / max(train_seconds, 1e-9), 3),
+            warnings=warnings,
+        )
         atomic_write_json(run_dir / "summary.json", summary)
     distributed.barrier(world)
     distributed.teardown(world)

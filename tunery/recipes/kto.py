@@ -22,8 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +40,13 @@ from tunery.models.forward import output_weight, sequence_logps
 from tunery.models.load import load_model
 from tunery.models.lora import adapter_dir, apply_lora, cast_frozen, merge_adapter
 from tunery.training import auto, distributed
-from tunery.training.common import check_common_fields, checkpoint_or_stop, resolve_common, restore
+from tunery.training.common import (
+    check_common_fields,
+    checkpoint_or_stop,
+    resolve_common,
+    restore,
+    run_summary,
+)
 from tunery.training.config import build_config
 from tunery.training.faults import fault_point
 from tunery.training.io import atomic_write_json, atomic_write_yaml
@@ -443,26 +447,23 @@ def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict
         meta = {"base_model": cfg.model, "method": "kto", "adapter": cfg.adapter, "config": resolved}
         save_final(run_dir, model, tokenizer, meta, base_adapter=str(base_adapter) if base_adapter else None)
         n_examples = resolved["epochs"] * len(train_examples)
-        summary = {
-            "method": "kto",
-            "model": cfg.model,
-            "run_dir": str(run_dir),
-            "steps": total_steps,
-            "examples": n_examples,
-            "trained_tokens": tokens_seen,
-            "wall_seconds": round(time.monotonic() - wall_start, 2),
-            "train_seconds": round(train_seconds, 2),
-            "tokens_per_second": round(tokens_seen / max(train_seconds, 1e-9), 1),
-            "examples_per_second": round(n_examples / max(train_seconds, 1e-9), 3),
-            "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "final_metrics": {
+        summary = run_summary(
+            "kto",
+            cfg,
+            run_dir,
+            total_steps,
+            tokens_seen,
+            wall_start,
+            train_seconds,
+            world,
+            {
                 **last_metrics(run_dir, ("train_", "valid_", "rewards/", "logps/", "kl")),
                 **final,
             },
-            "warnings": warnings,
-            "world_size": world.size,
-            "pid": os.getpid(),
-        }
+            examples=n_examples,
+            examples_per_second=round(n_examples / max(train_seconds, 1e-9), 3),
+            warnings=warnings,
+        )
         atomic_write_json(run_dir / "summary.json", summary)
     distributed.barrier(world)
     distributed.teardown(world)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,13 @@ from tunery.models.heads import RewardModel
 from tunery.models.load import load_model
 from tunery.models.lora import adapter_dir, apply_lora, cast_frozen, merge_adapter
 from tunery.training import auto, distributed
-from tunery.training.common import check_common_fields, checkpoint_or_stop, resolve_common, restore
+from tunery.training.common import (
+    check_common_fields,
+    checkpoint_or_stop,
+    resolve_common,
+    restore,
+    run_summary,
+)
 from tunery.training.config import build_config
 from tunery.training.faults import fault_point
 from tunery.training.io import atomic_write_json, atomic_write_yaml
@@ -282,22 +286,19 @@ def train(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> d
         base_adapter = adapter_dir(cfg.adapter) if cfg.adapter and isinstance(model.lm, PeftModel) else None
         meta = {"base_model": cfg.model, "method": "rm", "adapter": cfg.adapter, "config": resolved}
         save_final(run_dir, model, tokenizer, meta, base_adapter=str(base_adapter) if base_adapter else None)
-        summary = {
-            "method": "rm",
-            "model": cfg.model,
-            "run_dir": str(run_dir),
-            "steps": total_steps,
-            "pairs": resolved["epochs"] * len(train_pairs),
-            "trained_tokens": tokens_seen,
-            "wall_seconds": round(time.monotonic() - wall_start, 2),
-            "train_seconds": round(train_seconds, 2),
-            "tokens_per_second": round(tokens_seen / max(train_seconds, 1e-9), 1),
-            "pairs_per_second": round(resolved["epochs"] * len(train_pairs) / max(train_seconds, 1e-9), 3),
-            "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "final_metrics": {**last_metrics(run_dir, ("train_", "valid_")), **final},
-            "world_size": world.size,
-            "pid": os.getpid(),
-        }
+        summary = run_summary(
+            "rm",
+            cfg,
+            run_dir,
+            total_steps,
+            tokens_seen,
+            wall_start,
+            train_seconds,
+            world,
+            {**last_metrics(run_dir, ("train_", "valid_")), **final},
+            pairs=resolved["epochs"] * len(train_pairs),
+            pairs_per_second=round(resolved["epochs"] * len(train_pairs) / max(train_seconds, 1e-9), 3),
+        )
         atomic_write_json(run_dir / "summary.json", summary)
     distributed.barrier(world)
     distributed.teardown(world)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +35,13 @@ from tunery.models.forward import output_weight
 from tunery.models.load import load_model
 from tunery.models.lora import apply_lora, cast_frozen
 from tunery.training import auto, distributed
-from tunery.training.common import check_common_fields, checkpoint_or_stop, resolve_common, restore
+from tunery.training.common import (
+    check_common_fields,
+    checkpoint_or_stop,
+    resolve_common,
+    restore,
+    run_summary,
+)
 from tunery.training.config import build_config
 from tunery.training.faults import fault_point
 from tunery.training.io import atomic_write_json, atomic_write_yaml
@@ -265,20 +269,9 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
         metrics.close()
         save_final(run_dir, model, tokenizer, {"base_model": cfg.model, "method": "sft", "config": resolved})
         last = last_metrics(run_dir, ("train_", "valid_"))
-        summary = {
-            "method": "sft",
-            "model": cfg.model,
-            "run_dir": str(run_dir),
-            "steps": total_steps,
-            "trained_tokens": tokens_seen,
-            "wall_seconds": round(time.monotonic() - wall_start, 2),
-            "train_seconds": round(train_seconds, 2),
-            "tokens_per_second": round(tokens_seen / max(train_seconds, 1e-9), 1),
-            "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "final_metrics": {**last, **final},
-            "world_size": world.size,
-            "pid": os.getpid(),
-        }
+        summary = run_summary(
+            "sft", cfg, run_dir, total_steps, tokens_seen, wall_start, train_seconds, world, {**last, **final}
+        )
         atomic_write_json(run_dir / "summary.json", summary)
     distributed.barrier(world)
     distributed.teardown(world)

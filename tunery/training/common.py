@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import resource
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -140,3 +143,33 @@ def checkpoint_or_stop(
             f"stopped at step {step}/{total_steps} ({stop.requested or 'signal'}); "
             f"continue with: tunery train {command} --resume {run_dir}"
         )
+
+
+def run_summary(
+    method: str,
+    cfg: Any,
+    run_dir: Path,
+    total_steps: int,
+    tokens_seen: int,
+    wall_start: float,
+    train_seconds: float,
+    world: distributed.World,
+    final_metrics: dict[str, Any],
+    **extra: Any,
+) -> dict[str, Any]:
+    """summary.json: what every run reports (`extra` adds the method's own counts, e.g. pairs/s)."""
+    return {
+        "method": method,
+        "model": cfg.model,
+        "run_dir": str(run_dir),
+        "steps": total_steps,
+        "trained_tokens": tokens_seen,
+        "wall_seconds": round(time.monotonic() - wall_start, 2),
+        "train_seconds": round(train_seconds, 2),
+        "tokens_per_second": round(tokens_seen / max(train_seconds, 1e-9), 1),
+        "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "final_metrics": final_metrics,
+        **extra,
+        "world_size": world.size,
+        "pid": os.getpid(),
+    }

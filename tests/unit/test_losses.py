@@ -54,3 +54,19 @@ def test_no_gradient_work_without_autograd() -> None:
     with torch.no_grad():
         nll, _ = sft_loss(hidden, weight, torch.tensor([0, 1, 2, 3]))
     assert nll.grad_fn is None and nll.item() > 0
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_entropy_matches_the_softmax_entropy_with_and_without_autograd(monkeypatch, grad) -> None:
+    monkeypatch.setattr(logps, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(logps, "_scratch", {})
+    torch.manual_seed(1)
+    hidden = torch.randn(20, 8).requires_grad_(grad)
+    weight = 2 * torch.randn(50, 8)
+    targets = torch.randint(0, 50, (20,))
+    token_lp, entropy = logps.token_logps_and_entropy(hidden, weight, targets)
+    log_p = (hidden.detach() @ weight.T).log_softmax(-1)
+    expected = -(log_p.exp() * log_p).sum(-1)
+    assert torch.allclose(entropy, expected, atol=1e-4)
+    assert torch.allclose(token_lp.detach(), log_p.gather(1, targets[:, None]).squeeze(1), atol=1e-5)
+    assert not entropy.requires_grad

@@ -66,3 +66,27 @@ def test_gradients_flow_through_both_branches(tiny) -> None:
     (summed[0] - summed[1]).backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_a_group_of_answers_sharing_one_prompt_matches_separate_passes(tiny) -> None:
+    """GRPO packs `prompt | answer 1 | ... | answer k`: each answer sees the prompt and itself only."""
+    from tunery.data.packing import pack_branches
+
+    model, tokenizer = tiny
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    groups = [
+        (encode("What is 3 + 4?"), [encode(a) for a in ("7", "3 + 4 = 7.", "", "It is eight")]),
+        (encode("Name a colour"), [encode(a) for a in ("red", "Blue!")]),
+    ]
+    segments = [(prompt, [(ids, [True] * len(ids)) for ids in answers]) for prompt, answers in groups]
+    row = pack_branches(segments)
+    assert row.n_sequences == 6 and row.branch_lens[0] == tuple(len(a) for a in groups[0][1])
+    with torch.no_grad():
+        summed, counts, _ = sequence_logps(model, model.get_output_embeddings().weight, row)
+    seq = 0
+    for prompt, answers in groups:
+        for ids in answers:
+            expected = _separate_logps(model, prompt + ids, [False] * len(prompt) + [True] * len(ids))
+            assert summed[seq].item() == pytest.approx(expected, abs=1e-4)
+            assert counts[seq].item() == len(ids)
+            seq += 1

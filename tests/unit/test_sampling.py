@@ -59,3 +59,61 @@ def test_top_k_and_top_p_filtering() -> None:
     assert torch.isinf(top_k[0, 2:]).all() and not torch.isinf(top_k[0, :2]).any()
     top_p = _filter_logits(logits, SamplingParams(temperature=1.0, top_p=0.7))
     assert not torch.isinf(top_p[0, :2]).any() and torch.isinf(top_p[0, 2:]).all()  # 0.5 + 0.3 crosses 0.7
+
+
+def lora_model(tiny):  # type: ignore[no-untyped-def]
+    """The tiny model with a LoRA adapter on every linear layer, its B matrices nudged off zero."""
+    from tunery.models.lora import apply_lora
+
+    model, tokenizer = tiny
+    peft = apply_lora(model, rank=4, alpha=8, dropout=0.0, targets="all-linear")
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    return peft.eval(), tokenizer
+
+
+def test_engine_matches_the_models_own_forward_with_lora_and_follows_weight_updates(tiny) -> None:
+    from tunery.models.decode import decode_model_for
+    from tunery.models.sampling import _sample_generic
+
+    model, tokenizer = lora_model(tiny)
+    assert decode_model_for(model) is not None  # the fast path is the one under test
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=5)
+    ps = prompts(tokenizer)
+    fast, slow = sample(model, tokenizer, ps, params), _sample_generic(model, tokenizer, ps, params)
+    assert [c.token_ids for c in fast] == [c.token_ids for c in slow]
+    for f, s in zip(fast, slow, strict=True):
+        assert torch.allclose(torch.tensor(f.logprobs), torch.tensor(s.logprobs), atol=1e-4)
+    greedy = SamplingParams(max_new_tokens=10)
+    before = sample(model, tokenizer, ps, greedy)
+    with torch.no_grad():  # an optimizer step on the adapter: the engine must see the new weights
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(-20.0)
+    after, expected = sample(model, tokenizer, ps, greedy), _sample_generic(model, tokenizer, ps, greedy)
+    assert [c.token_ids for c in after] == [c.token_ids for c in expected]
+    assert [c.token_ids for c in after] != [c.token_ids for c in before]
+    with model.disable_adapter():  # the reference policy: base weights only
+        base, expected = sample(model, tokenizer, ps, greedy), _sample_generic(model, tokenizer, ps, greedy)
+    assert [c.token_ids for c in base] == [c.token_ids for c in expected]
+    assert [c.token_ids for c in base] != [c.token_ids for c in after]
+
+
+def test_rows_that_finish_early_leave_the_batch_without_disturbing_the_others(tiny) -> None:
+    model, tokenizer = tiny
+    model.eval()
+    ps = prompts(tokenizer) + [prompts(tokenizer)[0]]  # a repeated prompt shares its prefill
+    params = SamplingParams(max_new_tokens=12)
+    full = sample(model, tokenizer, ps, params)
+    assert full[0].token_ids == full[3].token_ids
+    # Make the 4th token of row 1 an end-of-turn token: row 1 stops there, the others run on.
+    stop = full[1].token_ids[3]
+    assert all(stop not in c.token_ids for i, c in enumerate(full) if i != 1)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, stop]
+    cut = sample(model, tokenizer, ps, params)
+    assert cut[1].token_ids == full[1].token_ids[:3] and cut[1].finish_reason == "stop"
+    assert [c.token_ids for i, c in enumerate(cut) if i != 1] == [
+        c.token_ids for i, c in enumerate(full) if i != 1
+    ]

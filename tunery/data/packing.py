@@ -115,24 +115,29 @@ def step_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
 
 
 @dataclass
-class PairRow:
-    """Pairs packed as `prompt | chosen | rejected` segments; the prompt runs once for both answers.
+class BranchRow:
+    """Segments `prompt | answer 1 | ... | answer k` packed in one row; the prompt runs once for all its
+    answers. A preference pair is a segment with two answers (chosen, rejected), a GRPO group one with k.
 
-    Sequence 2k is pair k's chosen answer and 2k + 1 its rejected one (empty for unpaired feedback).
-    `positions[i]` is a row position whose output predicts `targets[i]`, a trained token of sequence
-    `sequence[i]`; summing token log-probs by sequence gives each answer's log-probability.
+    Answers are numbered in row order across segments (pair k: chosen 2k, rejected 2k + 1).
+    `positions[i]` is a row position whose output predicts `targets[i]`, a trained token of answer
+    `sequence[i]`; summing token log-probs by answer gives each answer's log-probability.
     """
 
     input_ids: torch.Tensor  # (1, T)
     position_ids: torch.Tensor  # (1, T)
-    cu_seq_lens: torch.Tensor  # (n + 1,)
-    branch_starts: list[int]  # per segment: where the rejected branch starts in the row
+    cu_seq_lens: torch.Tensor  # (segments + 1,)
+    branch_lens: list[tuple[int, ...]]  # per segment: the lengths of its answers
     prompt_lens: list[int]  # per segment: shared prompt length
     positions: torch.Tensor  # (N,)
     targets: torch.Tensor  # (N,)
     sequence: torch.Tensor  # (N,)
-    last_positions: torch.Tensor  # (2n,) each sequence's last token (a reward model's score is read there)
-    n_pairs: int
+    last_positions: torch.Tensor  # (n_sequences,) each answer's last token (a reward model scores there)
+    n_sequences: int
+
+    @property
+    def n_pairs(self) -> int:
+        return self.n_sequences // 2
 
     @property
     def n_tokens(self) -> int:
@@ -144,31 +149,31 @@ class PairRow:
             "position_ids": self.position_ids,
             "cu_seq_lens_q": self.cu_seq_lens,
             "cu_seq_lens_k": self.cu_seq_lens,
-            "branch_starts": self.branch_starts,
+            "branch_lens": self.branch_lens,
             "prompt_lens": self.prompt_lens,
             "use_cache": False,
         }
 
 
-def pack_pairs(pairs: list[TokenizedPair]) -> PairRow:
+# A segment to pack: the prompt's token ids and its answers as (token ids, trained-token mask).
+Segment = tuple[list[int], list[tuple[list[int], list[bool]]]]
+
+
+def pack_branches(segments: list[Segment]) -> BranchRow:
     input_ids: list[int] = []
     position_ids: list[int] = []
-    bounds, branch_starts, prompt_lens = [0], [], []
+    bounds, branch_lens, prompt_lens = [0], [], []
     positions: list[int] = []
     targets: list[int] = []
     sequence: list[int] = []
     last_positions: list[int] = []
-    for k, pair in enumerate(pairs):
-        start, n_prompt = len(input_ids), len(pair.prompt_ids)
-        branch_starts.append(start + n_prompt + len(pair.chosen_ids))
-        prompt_lens.append(n_prompt)
-        input_ids += pair.prompt_ids + pair.chosen_ids + pair.rejected_ids
-        position_ids += range(n_prompt + len(pair.chosen_ids))
-        position_ids += range(n_prompt, n_prompt + len(pair.rejected_ids))
-        for seq, ids, mask, offset in (
-            (2 * k, pair.chosen_ids, pair.chosen_mask, start + n_prompt),
-            (2 * k + 1, pair.rejected_ids, pair.rejected_mask, branch_starts[-1]),
-        ):
+    for prompt, answers in segments:
+        start, n_prompt = len(input_ids), len(prompt)
+        input_ids += prompt
+        position_ids += range(n_prompt)
+        for ids, mask in answers:
+            offset = len(input_ids)
+            seq = len(last_positions)
             for j, (token, trained) in enumerate(zip(ids, mask, strict=True)):
                 if trained:
                     # The token before answer token j: the prompt's last token for j = 0.
@@ -176,16 +181,31 @@ def pack_pairs(pairs: list[TokenizedPair]) -> PairRow:
                     targets.append(token)
                     sequence.append(seq)
             last_positions.append(offset + len(ids) - 1 if ids else start + n_prompt - 1)
+            input_ids += ids
+            position_ids += range(n_prompt, n_prompt + len(ids))
+        branch_lens.append(tuple(len(ids) for ids, _ in answers))
+        prompt_lens.append(n_prompt)
         bounds.append(len(input_ids))
-    return PairRow(
+    return BranchRow(
         input_ids=torch.tensor([input_ids], dtype=torch.long),
         position_ids=torch.tensor([position_ids], dtype=torch.long),
         cu_seq_lens=torch.tensor(bounds, dtype=torch.long),
-        branch_starts=branch_starts,
+        branch_lens=branch_lens,
         prompt_lens=prompt_lens,
         positions=torch.tensor(positions, dtype=torch.long),
         targets=torch.tensor(targets, dtype=torch.long),
         sequence=torch.tensor(sequence, dtype=torch.long),
         last_positions=torch.tensor(last_positions, dtype=torch.long),
-        n_pairs=len(pairs),
+        n_sequences=len(last_positions),
+    )
+
+
+def pack_pairs(pairs: list[TokenizedPair]) -> BranchRow:
+    """Pairs as `prompt | chosen | rejected` segments: answer 2k is pair k's chosen one, 2k + 1 its
+    rejected one (empty for unpaired feedback)."""
+    return pack_branches(
+        [
+            (p.prompt_ids, [(p.chosen_ids, p.chosen_mask), (p.rejected_ids, p.rejected_mask)])
+            for p in pairs
+        ]
     )

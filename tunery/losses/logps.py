@@ -48,8 +48,8 @@ def _softmax_minus_onehot(
 class _LinearLogSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, want_entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n_rows, vocab = hidden.shape[0], weight.shape[0]
         w = weight.to(hidden.dtype)  # (V, H); the frozen bf16 weight is used as is
@@ -59,6 +59,7 @@ class _LinearLogSoftmax(torch.autograd.Function):
         logps = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
         logsumexp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
         correct = torch.empty(n_rows, dtype=torch.bool, device=hidden.device)
+        entropy = torch.empty(n_rows if want_entropy else 0, dtype=torch.float32, device=hidden.device)
         grad_unit = torch.empty_like(hidden) if need_hidden else None  # d logp_i / d hidden_i
         for start in range(0, n_rows, CHUNK_ROWS):
             h = hidden[start : start + CHUNK_ROWS]  # (n, H)
@@ -76,15 +77,25 @@ class _LinearLogSoftmax(torch.autograd.Function):
             if grad_unit is not None:
                 probs.div_(sum_exp[:, None])  # softmax
                 probs[torch.arange(n, device=probs.device), target] -= 1.0
-                torch.mm(logits.copy_(probs), w, out=grad_unit[start : start + n]).neg_()
+                unit = torch.mm(logits.copy_(probs), w, out=grad_unit[start : start + n]).neg_()
+                if want_entropy:
+                    # unit = W[target] - softmax @ W, so sum_v p_v logit_v = target_logit - h . unit and
+                    # the entropy lse - sum_v p_v logit_v costs one dot product per row.
+                    dot = (h.float() * unit.float()).sum(-1)
+                    entropy[start : start + n] = lse - target_logit + dot
+            elif want_entropy:  # (the logits buffer may be the probs buffer: fp32 shares scratch)
+                probs.div_(sum_exp[:, None])
+                entropy[start : start + n] = -torch.special.xlogy(probs, probs, out=probs).sum(-1)
         ctx.save_for_backward(grad_unit, hidden if need_weight else None, targets, logsumexp)
         ctx.need_weight = need_weight
         ctx.weight = weight if need_weight else None
-        ctx.mark_non_differentiable(correct)
-        return logps, correct
+        ctx.mark_non_differentiable(correct, entropy)
+        return logps, correct, entropy
 
     @staticmethod
-    def backward(ctx: Any, grad_logps: torch.Tensor, _grad_correct: Any) -> tuple[Any, Any, None]:
+    def backward(
+        ctx: Any, grad_logps: torch.Tensor, _grad_correct: Any, _grad_entropy: Any
+    ) -> tuple[Any, Any, None, None]:
         grad_unit, hidden, targets, logsumexp = ctx.saved_tensors
         grad_hidden = grad_unit * grad_logps[:, None].to(grad_unit.dtype) if grad_unit is not None else None
         grad_weight = None
@@ -101,7 +112,7 @@ class _LinearLogSoftmax(torch.autograd.Function):
                 probs.mul_(-g[:, None])  # d loss / d logits
                 grad_weight.addmm_(probs.T, h.float())
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None
+        return grad_hidden, grad_weight, None, None
 
 
 def token_logps(
@@ -116,5 +127,14 @@ def token_logps(
 
     Logits are computed in the dtype of `hidden` (bf16 under autocast) and reduced in fp32.
     """
-    logps, correct = _LinearLogSoftmax.apply(hidden, lm_head_weight, targets)
+    logps, correct, _ = _LinearLogSoftmax.apply(hidden, lm_head_weight, targets, False)
     return logps, correct
+
+
+def token_logps_and_entropy(
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logps` plus the entropy of each position's next-token distribution, (N,) fp32 with no
+    gradient: what RL logs to see whether the policy is collapsing onto few answers."""
+    logps, _, entropy = _LinearLogSoftmax.apply(hidden, lm_head_weight, targets, True)
+    return logps, entropy

@@ -5,24 +5,24 @@ from __future__ import annotations
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from tunery.data.packing import PairRow
+from tunery.data.packing import BranchRow
 from tunery.losses.logps import token_logps
 
 
-def final_hidden(model: torch.nn.Module, row: PairRow) -> torch.Tensor:
+def final_hidden(model: torch.nn.Module, row: BranchRow) -> torch.Tensor:
     """(T, H) final hidden states (after the last norm) of a packed row; the output layer is skipped."""
     out = model(**row.model_kwargs(), logits_to_keep=row.positions[:0], output_hidden_states=True)
     return out.hidden_states[-1][0]  # type: ignore[no-any-return]
 
 
 def sequence_logps(
-    model: torch.nn.Module, lm_head_weight: torch.Tensor, row: PairRow
+    model: torch.nn.Module, lm_head_weight: torch.Tensor, row: BranchRow
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed log-probabilities of every answer in the row, their trained-token counts and the number of
-    argmax-correct tokens, each (2 * n_pairs,): chosen answers at even indices, rejected at odd ones."""
+    argmax-correct tokens, each (n_sequences,); for pairs, chosen answers at even indices."""
     hidden = final_hidden(model, row)[row.positions]  # (N, H): only positions that predict an answer token
     logps, correct = token_logps(hidden, lm_head_weight, row.targets)  # (N,), (N,)
-    n_seq = 2 * row.n_pairs
+    n_seq = row.n_sequences
     summed = torch.zeros(n_seq, dtype=logps.dtype, device=logps.device).index_add(0, row.sequence, logps)
     counts = torch.bincount(row.sequence, minlength=n_seq)
     n_correct = torch.bincount(row.sequence, weights=correct.float(), minlength=n_seq)

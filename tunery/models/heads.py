@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from tunery.data.feedback import TokenizedPair
-from tunery.data.packing import PairRow, pack_pairs
+from tunery.data.packing import BranchRow, pack_pairs
 from tunery.errors import TuneryError
 from tunery.models.forward import final_hidden
 
@@ -30,7 +30,7 @@ class RewardModel(torch.nn.Module):
         weight = torch.randn((1, hidden_size), generator=generator) / (hidden_size + 1) ** 0.5
         self.score.weight.data.copy_(weight)
 
-    def forward(self, row: PairRow) -> torch.Tensor:
+    def forward(self, row: BranchRow) -> torch.Tensor:
         """Scores (2 * n_pairs,) of every answer in the row: chosen at even indices, rejected at odd."""
         hidden = final_hidden(self.lm, row)[row.last_positions]  # (2n, H)
         with torch.autocast(hidden.device.type, enabled=False):  # scores in fp32, not bf16's 3 digits

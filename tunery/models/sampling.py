@@ -1,8 +1,10 @@
 """Batched sampling with a KV cache: temperature, top-p, top-k, stop sequences, seeds, per-token log-probs.
 
-Prompts are left-padded into one batch; a 4D mask keeps padding out of attention and each sequence stops
-on its own end-of-turn token or stop string. Finished rows keep their slot (their new positions are
-masked) until the whole batch is done.
+Prompts are left-padded into one batch and run once (identical prompts, as in a GRPO group, share one
+prefill); then each step feeds every live row its newest token through the decoding engine
+(`decode.py`). A row stops on its own end-of-turn token, stop string or token budget, and finished rows
+leave the batch so they cost nothing afterwards. Text is decoded incrementally only when stop strings or
+streaming need it, else once at the end.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from tunery.models.decode import decode_model_for
 
 
 @dataclass
@@ -33,6 +37,10 @@ class Completion:
     text: str
     logprobs: list[float]  # log-probability of each sampled token under the model (temperature 1)
     finish_reason: str  # "stop" (end of turn or stop string) or "length"
+    # The end-of-turn token that ended it (not part of token_ids or text) and its log-probability: RL
+    # trains on it, so the policy learns when to stop.
+    stop_token_id: int | None = None
+    stop_logprob: float | None = None
 
 
 def _filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -59,6 +67,26 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -
     return {i for i in ids if i is not None}
 
 
+class _Text:
+    """Incremental detokenization of one row: decodes a short window of recent tokens per step instead of
+    the whole sequence, holding back bytes of a character that is not complete yet."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer, self.text, self.prefix, self.read = tokenizer, "", 0, 0
+
+    def add(self, tokens: list[int]) -> str:
+        """Text decoded so far (`tokens` is the whole row, the newest token last); returns the new part."""
+        decode = self.tokenizer.decode
+        before = str(decode(tokens[self.prefix : self.read], skip_special_tokens=True))
+        after = str(decode(tokens[self.prefix :], skip_special_tokens=True))
+        if after.endswith("\ufffd") or len(after) <= len(before):
+            return ""
+        delta = after[len(before) :]
+        self.text += delta
+        self.prefix, self.read = self.read, len(tokens)
+        return delta
+
+
 @torch.no_grad()
 def sample(
     model: PreTrainedModel,
@@ -68,7 +96,115 @@ def sample(
     on_text: Callable[[int, str], None] | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> list[Completion]:
-    """Complete each prompt (token ids). `on_text(i, delta)` streams new text of sequence i as it arrives."""
+    """Complete each prompt (token ids). `on_text(i, delta)` streams new text of sequence i as it arrives.
+
+    Runs on the decoding engine (`decode.py`) when the architecture is supported, else on the model's own
+    forward. Identical prompts (a GRPO group) are computed once and their KV cache copied.
+    """
+    engine = decode_model_for(model)
+    if engine is None:
+        return _sample_generic(model, tokenizer, prompts, params, on_text, autocast_dtype)
+    device = engine.device
+    unique: dict[tuple[int, ...], int] = {}
+    rows = torch.tensor([unique.setdefault(tuple(p), len(unique)) for p in prompts], device=device)
+    distinct = [list(p) for p in unique]
+    longest = max(len(p) for p in distinct)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(distinct), longest), pad, dtype=torch.long, device=device)
+    key_valid = torch.zeros((len(distinct), longest), dtype=torch.bool, device=device)
+    for i, prompt in enumerate(distinct):
+        input_ids[i, longest - len(prompt) :] = torch.tensor(prompt, device=device)
+        key_valid[i, longest - len(prompt) :] = True
+    positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)
+    length = longest + params.max_new_tokens
+    cache = engine.new_cache(len(distinct), length)
+    logits = engine.prefill(input_ids, positions, key_valid, cache)
+    if len(distinct) < len(prompts):
+        cache, logits = cache.index_select(1, rows), logits[rows]
+    key_bias = torch.zeros((len(prompts), 1, 1, length), dtype=engine.dtype, device=device)
+    key_bias[:, 0, 0, :longest].masked_fill_(~key_valid[rows], float("-inf"))
+    next_pos = positions[rows, -1] + 1  # (B,)
+
+    generator = torch.Generator(device=device)
+    generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**31, ()).item()))
+    stops = set() if params.ignore_eos else stop_token_ids(tokenizer, model)
+    batch = len(prompts)
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    logprobs: list[list[float]] = [[] for _ in range(batch)]
+    finish: list[str | None] = [None] * batch
+    ended: list[tuple[int | None, float | None]] = [(None, None)] * batch
+    texts = [_Text(tokenizer) for _ in range(batch)] if (params.stop or on_text) else None
+    live = list(range(batch))  # the sequence held by each row of the batch tensors
+    for step in range(params.max_new_tokens):
+        next_ids, chosen_logps = _choose(logits, params, generator)
+        for row, (token, logp) in enumerate(zip(next_ids.tolist(), chosen_logps.tolist(), strict=True)):
+            i = live[row]
+            if token in stops:
+                finish[i], ended[i] = "stop", (token, logp)
+                continue
+            tokens[i].append(token)
+            logprobs[i].append(logp)
+            if texts is not None:
+                delta = texts[i].add(tokens[i])
+                text = texts[i].text
+                hit = [text.find(s) for s in params.stop if s and s in text]
+                if hit:
+                    cut = min(hit)
+                    delta = delta[: max(0, len(delta) - (len(text) - cut))]
+                    texts[i].text, finish[i] = text[:cut], "stop"
+                if on_text is not None and delta:
+                    on_text(i, delta)
+        keep = [row for row, i in enumerate(live) if finish[i] is None]
+        if not keep or step == params.max_new_tokens - 1:
+            break
+        if len(keep) < len(live):  # drop finished rows so they cost nothing from here on
+            index = torch.tensor(keep, device=device)
+            cache, key_bias, next_pos, next_ids = (
+                cache.index_select(1, index),
+                key_bias[index],
+                next_pos[index],
+                next_ids[index],
+            )
+            live = [live[row] for row in keep]
+        logits = engine.step(next_ids, next_pos, cache, longest + step, key_bias)
+        next_pos = next_pos + 1
+    if texts is None:
+        decoded = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    else:
+        decoded = [t.text for t in texts]
+    return [
+        Completion(tokens[i], str(decoded[i]), logprobs[i], finish[i] or "length", *ended[i])
+        for i in range(batch)
+    ]
+
+
+def _choose(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token of each row (B,) and its log-probability at temperature 1 (B,), from fp32 logits (B, V)."""
+    if params.temperature <= 0:
+        next_ids = logits.argmax(-1)
+    else:
+        probs = _filter_logits(logits, params).softmax(-1)
+        # Inverse-CDF draw: one uniform number per row. torch.multinomial draws an exponential variable
+        # per vocabulary entry, ~12 ms per step at batch 16 x 49k on this CPU.
+        cdf = probs.cumsum(-1)  # (B, V)
+        u = torch.rand((logits.shape[0], 1), generator=generator, device=logits.device) * cdf[:, -1:]
+        next_ids = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+    chosen = logits.gather(1, next_ids[:, None]).squeeze(1) - logits.logsumexp(-1)
+    return next_ids, chosen
+
+
+@torch.no_grad()
+def _sample_generic(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    on_text: Callable[[int, str], None] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[Completion]:
+    """transformers' own forward with a DynamicCache: for architectures the decoding engine does not cover."""
     device = next(model.parameters()).device
     batch, longest = len(prompts), max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -1,0 +1,387 @@
+"""The child side of the Python grader sandbox: standard library only, run as `python -I -c <this file>`.
+
+It reads one JSON request from stdin: {"source", "scratch", "pairs": [[sample, item], ...]}. Before the
+user's code runs it (1) moves the result channel off fd 1, so `print` goes to stderr, (2) installs a
+seccomp filter on x86-64 Linux that refuses new processes, exec, non-Unix sockets, ptrace and signals
+to other processes, and (3) installs an audit hook that refuses the same at the Python level plus file
+access outside the scratch directory (reads are also allowed from Python's own library directories).
+It then writes one JSON line per sample to the result channel: {"i": index, "score": x} or
+{"i": index, "error": "..."}. The first line, {"ready": ..., "seccomp": bool}, reports the set-up.
+
+The audit hook keeps every value it needs in positional default arguments (an immutable tuple of
+tuples, frozensets, strings and C functions bound before user code runs) and refers to no global name,
+so user code cannot change its behaviour by patching modules or builtins; nothing outside the
+interpreter refers to the hook, and the ways to reach it (gc, tracing) are refused, as is replacing a
+function's `__code__`. ctypes, used by the set-up, is dropped from sys.modules before user code runs,
+so importing it again is an audited import that the hook refuses.
+"""
+
+import json
+import os
+import sys
+
+
+def _seccomp_filter():
+    """Refuse fork/exec/sockets/ptrace/signals-to-others in the kernel (x86-64 only). True if installed."""
+    import ctypes
+    import platform
+    import struct
+
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return False
+    allow, kill_process = 0x7FFF0000, 0x80000000
+
+    def errno(code):
+        return 0x00050000 | code
+
+    eperm, eacces, enosys = 1, 13, 38
+    ld_w_abs, jeq_k, jset_k, ret_k = 0x20, 0x15, 0x45, 0x06
+    program = []
+
+    def add(code, k, jt=0, jf=0):
+        program.append(struct.pack("HBBI", code, jt, jf, k))
+
+    add(ld_w_abs, 4)  # seccomp_data.arch
+    add(jeq_k, 0xC000003E, 1, 0)  # AUDIT_ARCH_X86_64
+    add(ret_k, kill_process)
+    add(ld_w_abs, 0)  # seccomp_data.nr
+    add(0x35, 0x40000000, 0, 1)  # jge: the x32 ABI
+    add(ret_k, errno(eperm))
+    refused = {
+        57: eperm, 58: eperm, 59: eperm, 322: eperm,  # fork vfork execve execveat
+        41: eacces, 53: eacces,  # socket socketpair: no sockets at all, Unix ones included
+        101: eperm, 310: eperm, 311: eperm,  # ptrace process_vm_readv/writev
+        200: eperm, 129: eperm, 297: eperm, 424: eperm, 438: eperm,  # tkill sigqueue pidfd signal/getfd
+        272: eperm, 308: eperm, 165: eperm, 166: eperm, 155: eperm, 161: eperm,  # namespaces, mounts, chroot
+        321: eperm, 298: eperm, 323: eperm, 248: eperm, 249: eperm, 250: eperm,  # bpf perf userfaultfd keys
+        425: eperm, 426: eperm, 427: eperm,  # io_uring
+        160: eperm, 302: eperm,  # setrlimit prlimit64: the limits stay as set
+        435: enosys,  # clone3: glibc falls back to clone, checked below
+    }  # fmt: skip
+    for nr, code in refused.items():
+        add(jeq_k, nr, 0, 1)
+        add(ret_k, errno(code))
+    pid = os.getpid()
+    # (syscall, flag or value its first argument must have, jump kind, errno when it does not)
+    argument_checks = [
+        (56, 0x00010000, jset_k, eperm),  # clone: only threads (CLONE_THREAD)
+        (62, pid, jeq_k, eperm),  # kill: only this process
+        (234, pid, jeq_k, eperm),  # tgkill: only this process's threads
+    ]
+    for nr, wanted, jump, code in argument_checks:
+        add(jeq_k, nr, 0, 4)
+        add(ld_w_abs, 16)  # args[0], low 32 bits
+        add(jump, wanted, 0, 1)
+        add(ret_k, allow)
+        add(ret_k, errno(code))
+    add(ret_k, allow)
+    buffer = ctypes.create_string_buffer(b"".join(program))
+    fprog = struct.pack("HxxxxxxP", len(program), ctypes.addressof(buffer))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+    fprog_buffer = ctypes.create_string_buffer(fprog)
+    if libc.prctl(38, 1, None, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        return False
+    return libc.prctl(22, 2, ctypes.addressof(fprog_buffer), 0, 0) == 0  # PR_SET_SECCOMP, FILTER
+
+
+def _limit(limits):
+    """Lower this process's resource limits (soft and hard) before any user code runs."""
+    import resource
+
+    for name, value in (
+        ("RLIMIT_AS", limits["memory_bytes"]),
+        ("RLIMIT_CPU", limits["cpu_seconds"]),
+        ("RLIMIT_FSIZE", limits["file_bytes"]),
+        ("RLIMIT_NOFILE", limits["open_files"]),
+        ("RLIMIT_CORE", 0),
+    ):
+        resource.setrlimit(getattr(resource, name), (value, value))
+
+
+def _unshare_network():
+    """A new, empty network namespace (inside a new user namespace when that is allowed): no network.
+
+    As root, the user namespace also drops every capability outside it (no reading other users' files,
+    no raising limits). Returns what was unshared, or "" when the kernel refused both.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    clone_newuser, clone_newnet = 0x10000000, 0x40000000
+    if libc.unshare(clone_newuser | clone_newnet) == 0:
+        return "user+net"
+    if libc.unshare(clone_newnet) == 0:
+        return "net"
+    return ""
+
+
+def _install_guard(scratch, read_roots):
+    import posix
+    import stat
+
+    deny_events = frozenset(
+        [
+            "os.system", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "os.forkpty",
+            "subprocess.Popen", "os.kill", "os.killpg", "signal.pthread_kill", "os.startfile",
+            "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys.settrace", "sys.setprofile",
+            "resource.setrlimit", "resource.prlimit", "os.symlink", "os.link", "webbrowser.open",
+            "urllib.Request", "http.client.connect", "ftplib.connect", "smtplib.connect", "poplib.connect",
+            "imaplib.open", "nntplib.connect", "telnetlib.Telnet.open",
+        ]
+    )  # fmt: skip
+    deny_prefixes = ("ctypes.", "socket.", "ssl.")
+    deny_imports = frozenset(
+        ["ctypes", "_ctypes", "_posixsubprocess", "cffi", "_cffi_backend", "_xxsubinterpreters"]
+    )
+    # event -> (positions of paths that must lie in the scratch directory, positions of dir_fd arguments)
+    path_events = (
+        ("os.remove", (0,), (1,)), ("os.rmdir", (0,), (1,)), ("os.rename", (0, 1), (2, 3)),
+        ("os.mkdir", (0,), (2,)), ("os.chmod", (0,), (2,)), ("os.chown", (0,), (3,)),
+        ("os.utime", (0,), (3,)), ("os.truncate", (0,), ()), ("os.chflags", (0,), ()),
+        ("os.lchflags", (0,), ()), ("os.setxattr", (0,), ()), ("os.removexattr", (0,), ()),
+        ("os.mkfifo", (0,), (2,)), ("os.mknod", (0,), (3,)), ("tempfile.mkstemp", (0,), ()),
+        ("tempfile.mkdtemp", (0,), ()),
+    )  # fmt: skip
+    list_events = frozenset(["os.listdir", "os.scandir", "glob.glob", "glob.glob/2", "os.listxattr"])
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+    devices = ("/dev/null", "/dev/urandom", "/dev/random", "/dev/zero")
+
+    def guard(
+        event,
+        args,
+        _deny=deny_events,
+        _deny_prefixes=deny_prefixes,
+        _deny_imports=deny_imports,
+        _path_events=path_events,
+        _list_events=list_events,
+        _write_flags=write_flags,
+        _scratch=(scratch,),
+        _roots=tuple(read_roots),
+        _devices=devices,
+        _getcwd=posix.getcwd,
+        _lstat=posix.lstat,
+        _readlink=posix.readlink,
+        _s_islnk=stat.S_ISLNK,
+        _isinstance=isinstance,
+        _str=str,
+        _bytes=bytes,
+        _int=int,
+        _str_copy=str.__str__,
+        _decode=bytes.decode,
+        _oserror=OSError,
+        _permission=PermissionError,
+        _import_error=ImportError,
+    ):
+        # Values from user code may be str/bytes subclasses that lie in __eq__, startswith and the rest:
+        # exact() copies them into plain str first, with methods of the base types only.
+        def exact(value):
+            if _isinstance(value, _bytes):
+                return _decode(value, "utf-8", "surrogateescape")
+            if _isinstance(value, _str):
+                return _str_copy(value)
+            return None
+
+        def resolve(path):
+            """Absolute, normalised, symlinks followed; None for anything but a str or bytes path."""
+            path = exact(path)
+            if path is None or "\0" in path:
+                return None
+            if not path.startswith("/"):
+                path = _getcwd() + "/" + path
+            pending = path.split("/")[::-1]
+            done = []
+            hops = 0
+            while pending:
+                part = pending.pop()
+                if part in ("", "."):
+                    continue
+                if part == "..":
+                    if done:
+                        done.pop()
+                    continue
+                candidate = "/" + "/".join([*done, part])
+                try:
+                    is_link = _s_islnk(_lstat(candidate).st_mode)
+                except _oserror:
+                    is_link = False
+                if is_link and hops < 40:
+                    hops += 1
+                    target = _readlink(candidate)
+                    if target.startswith("/"):
+                        done = []
+                    pending.extend(target.split("/")[::-1])
+                else:
+                    done.append(part)
+            return "/" + "/".join(done)
+
+        def inside(path, roots):
+            for root in roots:  # noqa: SIM110  (any() would be a global lookup that user code can patch)
+                if path == root or path.startswith(root + "/"):
+                    return True
+            return False
+
+        def refuse(what):
+            raise _permission(f"blocked in the grader sandbox: {what}")
+
+        if event == "open":
+            path, mode, flags = args
+            if _isinstance(path, _int):
+                return  # an already open descriptor
+            text = exact(path)
+            if mode is None and text is not None and not text.startswith("/"):
+                refuse(f"os.open of a relative path {text!r} (it could be relative to any directory fd)")
+            resolved = resolve(path)
+            if resolved is None:
+                refuse("opening a path given as neither str nor bytes")
+            writing = _isinstance(flags, _int) and flags & _write_flags
+            if inside(resolved, _scratch):
+                return
+            if not writing and (inside(resolved, _roots) or resolved in _devices):
+                return
+            if writing:
+                refuse(f"writing {resolved} (only the scratch directory is writable)")
+            refuse(f"reading {resolved} (only the scratch directory and Python's libraries are readable)")
+        if event in _list_events:
+            resolved = resolve(args[0] if args else ".")
+            if resolved is None or not (inside(resolved, _scratch) or inside(resolved, _roots)):
+                refuse(f"listing {resolved or 'a directory given as neither str nor bytes'}")
+            return
+        for name, paths, dir_fds in _path_events:
+            if event == name:
+                for position in dir_fds:
+                    if args[position] is not None and not (
+                        _isinstance(args[position], _int) and args[position] == -1
+                    ):
+                        refuse(f"{event} relative to a directory descriptor")
+                for position in paths:
+                    resolved = resolve(args[position])
+                    if resolved is None or not inside(resolved, _scratch):
+                        refuse(
+                            f"{event} on {resolved or 'a non-path'} (only the scratch directory is writable)"
+                        )
+                return
+        if event == "import":
+            if exact(args[0]) in _deny_imports:
+                raise _import_error(f"blocked in the grader sandbox: import {exact(args[0])}")
+            return
+        if event == "object.__setattr__":
+            if exact(args[1]) == "__code__":
+                refuse("replacing a function's __code__")
+            return
+        if event == "sqlite3.connect":
+            database = exact(args[0])
+            if database not in (":memory:", ""):
+                resolved = resolve(database)
+                if resolved is None or not inside(resolved, _scratch):
+                    refuse(f"sqlite3 database {database!r} outside the scratch directory")
+            return
+        if event in _deny or event.startswith(_deny_prefixes):
+            refuse(event)
+
+    sys.addaudithook(guard)
+
+
+def _read_roots():
+    import sysconfig
+
+    roots = []
+    libraries = [sysconfig.get_path(name) for name in ("stdlib", "platstdlib", "purelib", "platlib")]
+    for path in [*sys.path, *libraries, "/usr/share/zoneinfo"]:
+        if path and os.path.isdir(path):
+            roots.append(os.path.realpath(path))
+    return roots
+
+
+def _score(value):
+    import math
+    import numbers
+
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"grade() returned {type(value).__name__} {str(value)[:80]!r}, not a number")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"grade() returned {value}, not a finite number")
+    return value
+
+
+def _error_text(exc):
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == "<grader>"]
+    lines = [f"line {f.lineno} in {f.name}: {f.line}" for f in frames[-3:]]
+    message = f"{exc.__class__.__name__}: {exc}"
+    return (message + ("\n" + "\n".join(lines) if lines else ""))[:2000]
+
+
+def main():
+    sys.dont_write_bytecode = True
+    request = json.loads(sys.stdin.buffer.read())
+    devnull = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(devnull, 0)
+    results = os.dup(1)
+    os.dup2(2, 1)  # the user's print() goes to stderr; results have their own channel
+
+    def send(record):
+        data = (json.dumps(record) + "\n").encode()
+        while data:
+            data = data[os.write(results, data) :]
+
+    scratch = os.path.realpath(request["scratch"])
+    os.chdir(scratch)
+    _limit(request["limits"])
+    namespaces = ""
+    if request["network_namespace"] and sys.platform == "linux":
+        try:
+            namespaces = _unshare_network()
+        except (OSError, AttributeError):
+            namespaces = ""
+    try:
+        seccomp = _seccomp_filter()
+    except (OSError, AttributeError, ValueError):
+        seccomp = False
+    for name in [n for n in sys.modules if n in ("ctypes", "_ctypes") or n.startswith("ctypes.")]:
+        del sys.modules[name]
+    import _posixsubprocess
+    import linecache
+    import math  # noqa: F401  (imported before the hook: formatting an error must not need new imports)
+    import numbers  # noqa: F401
+    import subprocess  # imports _posixsubprocess, whose fork_exec is then disarmed: libraries that
+    import traceback  # noqa: F401  # import subprocess still load, and none can start a process
+
+    def refused(*args, **kwargs):
+        raise PermissionError("blocked in the grader sandbox: starting a process")
+
+    _posixsubprocess.fork_exec = refused
+    subprocess._fork_exec = refused
+    linecache.cache["<grader>"] = (
+        len(request["source"]),
+        None,
+        request["source"].splitlines(True),
+        "<grader>",
+    )
+
+    _install_guard(scratch, _read_roots())
+    send({"ready": True, "seccomp": seccomp, "namespaces": namespaces})
+    pairs = request["pairs"]
+    namespace = {"__name__": "grader", "__builtins__": __builtins__}
+    try:
+        exec(compile(request["source"], "<grader>", "exec"), namespace)
+        grade = namespace.get("grade")
+        if not callable(grade):
+            raise NameError("the code defines no function grade(sample, item)")
+    except BaseException as exc:  # the code fails to import: every sample gets the same error
+        text = _error_text(exc)
+        for i in range(request["start"], len(pairs)):
+            send({"i": i, "error": f"loading the grader failed: {text}"})
+        return
+    for i in range(request["start"], len(pairs)):
+        sample, item = pairs[i]
+        try:
+            send({"i": i, "score": _score(grade(sample, item))})
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt too: one sample, one error
+            send({"i": i, "error": _error_text(exc)})
+
+
+if __name__ == "__main__":
+    main()

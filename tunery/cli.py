@@ -130,6 +130,25 @@ def cmd_train_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_grpo(args: argparse.Namespace) -> int:
+    from tunery.recipes import grpo
+
+    if args.max_length is not None:
+        raise TuneryError("grpo: use --max-prompt-length and --max-new-tokens instead of --max-length")
+    extra = ("adapter", "grader", "group_size", "max_new_tokens", "max_prompt_length", "temperature",
+             "beta", "baseline", "scale_rewards", "loss_aggregation", "num_iterations", "max_steps")  # fmt: skip
+    overrides = _train_overrides(args, extra)
+    overrides.pop("max_length")
+    summary = grpo.run(args.config, overrides, resume_dir=args.resume, overwrite=args.overwrite)
+    _print_summary(summary)
+    if summary.get("start_valid_reward_mean") is not None:
+        print(
+            f"held-out reward: {summary['start_valid_reward_mean']:.4f} before training, "
+            f"{summary['final_metrics'].get('valid_reward_mean', float('nan')):.4f} after"
+        )
+    return 0
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     if summary:
         final = summary["final_metrics"]
@@ -503,6 +522,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="start from this fine-tuned adapter (e.g. the SFT run)")
     p.add_argument("--center-coef", type=float, help="weight of the score-centring penalty (default 0)")
     p.set_defaults(func=cmd_train_rm)
+
+    p = train.add_parser("grpo", help="reinforcement fine-tuning with graders (GRPO, RLOO)")
+    _add_training_flags(p)
+    p.add_argument("--adapter", help="start from this fine-tuned adapter (e.g. the SFT run)")
+    p.add_argument("--grader", help="grader JSON (OpenAI format) or file.py:function")
+    p.add_argument("--group-size", type=int, help="completions sampled per prompt (default 8)")
+    p.add_argument("--max-new-tokens", type=int, help="completion budget (default 128)")
+    p.add_argument("--max-prompt-length", type=int, help="longer prompts are skipped (default 512)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
+    p.add_argument("--beta", type=float, help="weight of the KL to the reference (default 0)")
+    p.add_argument("--baseline", choices=["mean", "rloo"], help="group mean (GRPO) or leave-one-out")
+    p.add_argument("--scale-rewards", choices=["group", "batch", "none"], help="std normalisation")
+    p.add_argument("--loss-aggregation", choices=["token", "sequence", "fixed"])
+    p.add_argument("--num-iterations", type=int, help="optimizer updates per sampled batch (default 1)")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps")
+    p.set_defaults(func=cmd_train_grpo)
 
     p = sub.add_parser("chat", help="talk to a model (streams tokens)")
     p.add_argument("--model", default="smollm2-135m-instruct")

@@ -121,7 +121,7 @@ def sample(
     logits = engine.prefill(input_ids, positions, key_valid, cache)
     if len(distinct) < len(prompts):
         cache, logits = cache.index_select(1, rows), logits[rows]
-    key_bias = torch.zeros((len(prompts), 1, 1, length), dtype=engine.dtype, device=device)
+    key_bias = torch.zeros((len(prompts), 1, 1, length), dtype=torch.float32, device=device)
     key_bias[:, 0, 0, :longest].masked_fill_(~key_valid[rows], float("-inf"))
     next_pos = positions[rows, -1] + 1  # (B,)
 

@@ -1,0 +1,228 @@
+"""GRPO / RLOO end to end on tiny-random, with a Python reward function and an OpenAI grader JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from tests.conftest import write_jsonl
+from tunery.cli import main
+from tunery.recipes import grpo
+from tunery.training.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+
+# The tiny model writes random bytes; this reward wants vowels, which it can learn within a few steps.
+REWARD = """
+def vowels(sample, item):
+    text = sample["output_text"]
+    return sum(ch in "aeiou" for ch in text) / max(len(text), 1)
+"""
+
+
+@pytest.fixture
+def rl_files(tmp_path: Path) -> dict[str, Path]:
+    rows = [
+        {"messages": [{"role": "user", "content": f"Say something about {w}"}], "answer": w}
+        for w in [
+            "tea",
+            "bikes",
+            "rain",
+            "maps",
+            "bread",
+            "snow",
+            "jazz",
+            "ink",
+            "kites",
+            "owls",
+            "salt",
+            "moss",
+        ]
+    ]
+    files = {
+        "train": tmp_path / "train.jsonl",
+        "valid": tmp_path / "valid.jsonl",
+        "reward": tmp_path / "r.py",
+    }
+    write_jsonl(files["train"], rows)
+    write_jsonl(files["valid"], rows[:6])
+    files["reward"].write_text(REWARD)
+    return files
+
+
+def config(files: dict[str, Path], out: Path, **extra) -> dict:
+    base = {
+        "model": "tiny-random",
+        "data": str(files["train"]),
+        "valid": str(files["valid"]),
+        "grader": f"{files['reward']}:vowels",
+        "out": str(out),
+        "group_size": 4,
+        "batch_size": 4,
+        "epochs": 4,
+        "max_new_tokens": 8,
+        "lr": 1e-2,
+        "lora_rank": 8,
+        "seed": 0,
+        "precision": "bf16",
+        "save_every": 3,
+        "eval_every": 4,
+        "micro_batch_tokens": 1024,
+    }
+    return base | extra
+
+
+def steps_of(run: Path) -> list[dict]:
+    return [r for r in read_metrics(run / "metrics.jsonl") if "train_reward_mean" in r]
+
+
+def adapter_state(run: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(run / "final" / "adapter_model.safetensors"))
+
+
+def test_grpo_writes_the_contract_and_raises_the_reward(rl_files, tmp_path: Path) -> None:
+    out = tmp_path / "grpo"
+    summary = grpo.run(None, config(rl_files, out))
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "samples.jsonl", "final/tunery.yaml"):
+        assert (out / name).is_file(), name
+    records = read_metrics(out / "metrics.jsonl")
+    start = records[0]
+    assert start["step"] == 0 and "valid_reward_mean" in start  # the untrained policy, for comparison
+    steps = steps_of(out)
+    assert len(steps) == 12
+    for key in ("train_reward_mean", "train_reward_std", "train_reward/vowels", "frac_reward_zero_std",
+                "entropy", "clip_fraction", "completion_length", "grad_norm", "completions_per_second"):  # fmt: skip
+        assert all(math.isfinite(r[key]) for r in steps), key
+    evaluated = [r for r in steps if "valid_reward_mean" in r]
+    assert len(evaluated) == 3 and all("kl" in r and r["kl"] >= 0 for r in evaluated)
+    assert evaluated[-1]["valid_reward_mean"] > start["valid_reward_mean"] + 0.3
+    assert steps[-1]["train_reward_mean"] > steps[0]["train_reward_mean"] + 0.3
+    assert summary["start_valid_reward_mean"] == start["valid_reward_mean"]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {0, 4, 8, 12} and all("completion" in s for s in samples)
+    # Every LoRA matrix moved (B starts at zero, A at random values).
+    from tunery.models.load import load_model
+    from tunery.models.lora import apply_lora
+
+    torch.manual_seed(0)
+    fresh = apply_lora(load_model("tiny-random")[0], 8, 16, 0.0, "all-linear")
+    initial = {k.replace(".default", ""): v for k, v in fresh.state_dict().items() if "lora_" in k}
+    for key, value in adapter_state(out).items():
+        assert not torch.allclose(value.float(), initial[key].float()), key
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"baseline": "rloo", "scale_rewards": "none", "loss_aggregation": "sequence"},
+        {"beta": 0.05, "num_iterations": 2, "epsilon_high": 0.28, "loss_aggregation": "fixed"},
+    ],
+)
+def test_grpo_variants_train(rl_files, tmp_path: Path, extra: dict) -> None:
+    out = tmp_path / "run"
+    grpo.run(None, config(rl_files, out, epochs=1, **extra))
+    steps = steps_of(out)
+    assert len(steps) == 3 and all(math.isfinite(r["train_reward_mean"]) for r in steps)
+    if extra.get("beta"):
+        assert all("kl" in r for r in steps)  # in the loss: measured every step
+        assert any(r["clip_fraction"] > 0 for r in steps)  # the second update is off-policy: clipping acts
+
+
+def test_grpo_with_an_openai_grader_file(rl_files, tmp_path: Path) -> None:
+    grader = {
+        "type": "multi",
+        "name": "both",
+        "graders": {
+            "has_e": {
+                "type": "string_check",
+                "name": "has_e",
+                "input": "{{sample.output_text}}",
+                "reference": "e",
+                "operation": "like",
+            },  # fmt: skip
+            "topic": {
+                "type": "python",
+                "name": "topic",
+                "source": "def grade(sample, item):\n    return float(item['answer'][0] in sample['output_text'])",
+            },  # fmt: skip
+        },
+        "calculate_output": "0.5 * has_e + 0.5 * topic",
+    }
+    (tmp_path / "g.json").write_text(json.dumps(grader))
+    out = tmp_path / "run"
+    grpo.run(None, config(rl_files, out, grader=str(tmp_path / "g.json"), epochs=1))
+    steps = steps_of(out)
+    assert {"train_reward/has_e", "train_reward/topic"} <= steps[0].keys()
+    assert all(r["grader_errors"] == 0 for r in steps)
+    for r in steps:
+        mixed = 0.5 * r["train_reward/has_e"] + 0.5 * r["train_reward/topic"]
+        assert r["train_reward_mean"] == pytest.approx(mixed)
+
+
+def test_grpo_resume_after_sigkill_is_exact(rl_files, tmp_path: Path) -> None:
+    ref = tmp_path / "ref"
+    grpo.run(None, config(rl_files, ref, epochs=2))
+    killed = tmp_path / "killed"
+    cfg = config(rl_files, killed, epochs=2)
+    args = ["train", "grpo"] + [a for k, v in cfg.items() for a in ("--set", f"{k}={v}")]
+    env = {**os.environ, "TUNERY_FAULT": "after_step:4"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunery", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert main(["train", "grpo", "--resume", str(killed)]) == 0
+    for key, value in adapter_state(ref).items():
+        assert torch.equal(value, adapter_state(killed)[key]), key
+    assert [r["train_reward_mean"] for r in steps_of(ref)] == [
+        r["train_reward_mean"] for r in steps_of(killed)
+    ]
+
+
+def test_sampler_log_probs_agree_with_the_training_forward_pass(rl_files) -> None:
+    """What the sampler reports for each token is what the loss computes, up to bf16 rounding (the
+    sampler runs merged bf16 weights; training runs base + LoRA under autocast); in fp32 they agree to
+    1e-4 (tests/unit/test_sampling.py)."""
+    from tunery.data.prompts import load_prompt_data
+    from tunery.models.forward import output_weight
+    from tunery.models.load import load_model
+    from tunery.models.lora import apply_lora, cast_frozen
+    from tunery.models.sampling import SamplingParams, sample
+
+    model, tokenizer = load_model("tiny-random")
+    model = apply_lora(model, 8, 16, 0.0, "all-linear")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    cast_frozen(model, torch.bfloat16)
+    prompts, _ = load_prompt_data(rl_files["train"], tokenizer)
+    cfg = {"precision": "bf16", "temperature": 1.0}
+    completions = sample(
+        model, tokenizer, [p.prompt_ids for p in prompts[:3] for _ in range(4)],
+        SamplingParams(max_new_tokens=16, temperature=1.0, seed=0),
+    )  # fmt: skip
+    groups = [
+        grpo.Group(p, completions[4 * k : 4 * k + 4], [grpo.answer_tokens(c) for c in completions[4 * k : 4 * k + 4]],
+                   [True] * 4, [0.0] * 4, [0.0] * 4)
+        for k, p in enumerate(prompts[:3])
+    ]  # fmt: skip
+    with torch.no_grad():
+        row, logps, _ = grpo.packed_logps(model, output_weight(model), groups, cfg, torch.device("cpu"))
+    for c, trained in zip(completions, grpo.split_by_sequence(logps, row), strict=True):
+        reported = torch.tensor(c.logprobs + ([c.stop_logprob] if c.stop_token_id is not None else []))
+        assert reported.shape == trained.shape
+        assert (reported - trained).abs().mean() < 0.1
+        assert (reported - trained).abs().max() < 0.5

@@ -204,8 +204,5 @@ def pack_pairs(pairs: list[TokenizedPair]) -> BranchRow:
     """Pairs as `prompt | chosen | rejected` segments: answer 2k is pair k's chosen one, 2k + 1 its
     rejected one (empty for unpaired feedback)."""
     return pack_branches(
-        [
-            (p.prompt_ids, [(p.chosen_ids, p.chosen_mask), (p.rejected_ids, p.rejected_mask)])
-            for p in pairs
-        ]
+        [(p.prompt_ids, [(p.chosen_ids, p.chosen_mask), (p.rejected_ids, p.rejected_mask)]) for p in pairs]
     )

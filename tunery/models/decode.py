@@ -58,22 +58,22 @@ def _causal_lm(model: torch.nn.Module) -> Any:
     return get_base() if callable(get_base) else model
 
 
-def effective_weight(linear: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+def effective_weight(linear: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, bias) of a linear layer as the forward pass applies it: base plus any active LoRA delta."""
     base = getattr(linear, "base_layer", linear)
     weight, bias = base.weight, base.bias
     lora_a = getattr(linear, "lora_A", None)
     if base is not linear and lora_a is not None and not linear.disable_adapters and not linear.merged:
-        delta = sum(linear.get_delta_weight(name) for name in linear.active_adapters if name in lora_a)
-        if isinstance(delta, torch.Tensor):
-            weight = weight.float() + delta.float()
+        for name in linear.active_adapters:
+            if name in lora_a:
+                weight = weight.float() + linear.get_delta_weight(name).float()
     return weight, bias
 
 
 def weights_version(model: torch.nn.Module) -> tuple[int, ...]:
     """Changes whenever a parameter is updated in place (optimizer steps) or an adapter is toggled."""
     versions = [p._version for p in model.parameters()]
-    versions += [int(m.disable_adapters) for m in model.modules() if hasattr(m, "lora_A")]
+    versions += [int(bool(m.disable_adapters)) for m in model.modules() if hasattr(m, "lora_A")]
     return tuple(versions)
 
 
@@ -127,7 +127,7 @@ class DecodeModel:
                     effective_weight(attn.v_proj),
                 )
                 qkv_bias = None
-                if bq is not None:
+                if bq is not None and bk is not None and bv is not None:
                     qkv_bias = torch.cat([bq.float() * scale, bk.float(), bv.float()]).to(self.dtype)
                 layers.append(
                     {

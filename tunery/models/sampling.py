@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from tunery.models.decode import decode_model_for
 
@@ -60,9 +60,9 @@ def _filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return logits
 
 
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> set[int]:
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> set[int]:
     ids = {tokenizer.eos_token_id}
-    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(eos if isinstance(eos, list) else [eos])
     return {i for i in ids if i is not None}
 
@@ -89,7 +89,7 @@ class _Text:
 
 @torch.no_grad()
 def sample(
-    model: PreTrainedModel,
+    model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[list[int]],
     params: SamplingParams,
@@ -197,7 +197,7 @@ def _choose(
 
 @torch.no_grad()
 def _sample_generic(
-    model: PreTrainedModel,
+    model: Any,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[list[int]],
     params: SamplingParams,

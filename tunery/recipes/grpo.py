@@ -96,6 +96,7 @@ class GRPOConfig:
     batch_size: int | str = "auto"  # prompts per step; auto: 4
     epochs: int | str = "auto"  # passes over the prompts; auto: 1
     max_steps: int = 0  # stop after this many steps (0: epochs decide)
+    shuffle: bool = True  # visit prompts in a seeded random order each epoch; False: file order
     lr: float | None = None  # absolute peak learning rate; overrides learning_rate_multiplier
     learning_rate_multiplier: float | str = "auto"  # times 2e-5 (LoRA) or 1e-6 (full)
     lora_rank: int = 16  # 0 means full fine-tuning
@@ -398,7 +399,12 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dic
     ):
         while step < total_steps:
             t0 = time.monotonic()
-            prompts = [train_prompts[i] for i in step_indices(step, len(train_prompts), batch_size, cfg.seed)]
+            if cfg.shuffle:
+                order = step_indices(step, len(train_prompts), batch_size, cfg.seed)
+            else:
+                within = step % math.ceil(len(train_prompts) / batch_size)
+                order = list(range(within * batch_size, min(len(train_prompts), (within + 1) * batch_size)))
+            prompts = [train_prompts[i] for i in order]
             groups, sub_means, grader_errors = sample_groups(
                 model, tokenizer, prompts, reward_fn, resolved, seed=cfg.seed * 1_000_003 + step
             )

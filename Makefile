@@ -43,6 +43,7 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/sft.py
 	$(PY) bench/dpo.py
 	$(PY) bench/reward_model.py
+	$(PY) bench/grpo.py
 	$(PY) bench/sample.py
 
 clean:

@@ -38,11 +38,18 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
         from tunery.models.load import load_tokenizer
 
         tokenizer = load_tokenizer(args.model)
-    kind = detect_file_kind(args.file, args.max_bytes)
+    if args.format == "prompts":
+        return _validate_prompts(args, tokenizer)
+    kind = detect_file_kind(args.file, args.max_bytes) if args.format == "auto" else args.format
+    minimum = {"min_examples": args.min_examples} if args.min_examples is not None else {}
     if kind == "chat":
-        report = validate_chat_file(args.file, tokenizer, args.max_length, max_bytes=args.max_bytes)
+        report = validate_chat_file(
+            args.file, tokenizer, args.max_length, max_bytes=args.max_bytes, **minimum
+        )
     else:
-        report = validate_feedback_file(args.file, tokenizer, args.max_length, max_bytes=args.max_bytes)
+        report = validate_feedback_file(
+            args.file, tokenizer, args.max_length, max_bytes=args.max_bytes, **minimum
+        )
     if args.json:
         print(
             json.dumps(
@@ -62,6 +69,47 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
     else:
         print(format_report(report) if kind == "chat" else format_feedback_report(report))
     return 1 if report.errors else 0
+
+
+def _validate_prompts(args: argparse.Namespace, tokenizer: Any) -> int:
+    """Reinforcement prompts ({"messages": [...], ...}): line checks, and prompts over --max-length."""
+    from tunery.data.chat import Problem
+    from tunery.data.prompts import validate_prompt_file
+
+    if tokenizer is None:
+        raise TuneryError("--format prompts needs a tokenizer: pass --model NAME")
+    report = validate_prompt_file(args.file, tokenizer, args.max_length)
+    problems = list(report.errors)
+    problems += [
+        Problem(n, "too_many_tokens", "prompt longer than --max-length; skipped", "warning")
+        for n in report.too_long
+    ]
+    minimum = 10 if args.min_examples is None else args.min_examples
+    if not report.errors and len(report.items) < minimum:
+        problems.append(
+            Problem(
+                None,
+                "invalid_n_examples",
+                f"{len(report.items)} usable prompts; at least {minimum} are required",
+            )
+        )
+    errors = [p for p in problems if p.severity == "error"]
+    if args.json:
+        stats = {"examples": len(report.items), "errors": len(errors), "too_long": len(report.too_long)}
+        found = [
+            {"line": p.line, "key": p.key, "message": p.message, "severity": p.severity} for p in problems
+        ]
+        print(
+            json.dumps(
+                {"file": args.file, "format": "prompts", "ok": not errors, "stats": stats, "problems": found},
+                indent=2,
+            )
+        )
+    else:
+        print(f"{args.file}: {len(report.items)} prompts, {len(errors)} errors")
+        for problem in problems:
+            print(f"  {problem.severity:<7} {problem}")
+    return 1 if errors else 0
 
 
 def _train_overrides(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -449,6 +497,76 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _service_settings(args: argparse.Namespace) -> Any:
+    from tunery.server.settings import Settings
+
+    return Settings.from_env(
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        database_url=args.database_url,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tunery.server.app import serve
+
+    settings = _service_settings(args)
+    settings.host, settings.port = args.host, args.port
+    settings.max_running_jobs = args.max_running_jobs
+    settings.max_upload_bytes = args.max_upload_mb * 2**20
+    settings.stop_grace_seconds = args.stop_grace
+    settings.train_overrides = list(args.train_set or [])
+    for pair in args.base_model or []:
+        name, sep, local = pair.partition("=")
+        if not name:
+            raise TuneryError(
+                f"--base-model {pair!r}: write NAME or NAME=LOCAL, e.g. gpt-4o-mini=smollm2-135m-instruct"
+            )
+        settings.base_models[name] = local if sep else name
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"warning: listening on {args.host}: anyone who can reach it and holds a key can train and chat",
+            file=sys.stderr,
+        )
+    print(
+        f"Tunery serving OpenAI's fine-tuning API on http://{args.host}:{args.port}/v1 (data: {settings.data_dir})"
+    )
+    serve(settings, log_level="debug" if args.verbose else "info")
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from tunery.server.auth import create_key
+    from tunery.server.store import Store
+
+    store = Store(_service_settings(args).database_url)
+    try:
+        key_id, key = create_key(store, args.project)
+    except ValueError as exc:
+        raise TuneryError(str(exc)) from None
+    print(key)
+    print(f"({key_id}, project {args.project}: shown once, stored hashed)", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from tunery.server.auth import list_keys
+    from tunery.server.store import Store
+
+    for key_id, project, prefix, _created, revoked in list_keys(Store(_service_settings(args).database_url)):
+        print(f"{key_id}  {project:<20} {prefix}...{'  revoked' if revoked else ''}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from tunery.server.auth import revoke_key
+    from tunery.server.store import Store
+
+    if not revoke_key(Store(_service_settings(args).database_url), args.key_id):
+        raise TuneryError(f"no key {args.key_id}; `tunery keys list` shows them")
+    print(f"revoked {args.key_id}")
+    return 0
+
+
 # --- argument parsing ------------------------------------------------------------------------------------
 
 
@@ -488,6 +606,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--max-bytes", type=int, default=512 * 2**20)
     p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.add_argument(
+        "--format",
+        choices=["auto", "chat", "preference", "unpaired", "prompts"],
+        default="auto",
+        help="the file's format (default: detected; prompts = reinforcement prompts)",
+    )
+    p.add_argument("--min-examples", type=int, help="fewer valid examples is an error (default 10)")
     p.set_defaults(func=cmd_data_validate)
 
     train = sub.add_parser("train", help="train a model").add_subparsers(dest="method", required=True)
@@ -608,7 +733,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible fine-tuning service (files, jobs, models, chat)")
+    _add_service_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-running-jobs", type=int, default=1, help="training processes at once")
+    p.add_argument("--max-upload-mb", type=int, default=512, help="largest file upload")
+    p.add_argument("--stop-grace", type=float, default=30.0, help="seconds to checkpoint on cancel/stop")
+    p.add_argument("--base-model", action="append", metavar="NAME[=LOCAL]", help="offer another base model")
+    p.add_argument("--train-set", action="append", metavar="KEY=VALUE", help="config field for every job")
+    p.set_defaults(func=cmd_serve)
+
+    keys = sub.add_parser("keys", help="API keys of the service").add_subparsers(
+        dest="keys_command", required=True
+    )
+    p = keys.add_parser("create", help="print a new API key for a project")
+    _add_service_flags(p)
+    p.add_argument("--project", required=True, help="project name (lowercase letters, digits, - and _)")
+    p.set_defaults(func=cmd_keys_create)
+    p = keys.add_parser("list", help="list keys (ids, projects, prefixes)")
+    _add_service_flags(p)
+    p.set_defaults(func=cmd_keys_list)
+    p = keys.add_parser("revoke", help="revoke a key by id")
+    _add_service_flags(p)
+    p.add_argument("key_id")
+    p.set_defaults(func=cmd_keys_revoke)
     return parser
+
+
+def _add_service_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="files, jobs and the database (default $TUNERY_HOME/service)")
+    p.add_argument("--database-url", help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db")
 
 
 def _add_training_flags(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,87 @@
+"""The FastAPI application: OpenAI's fine-tuning API under /v1.
+
+    uvicorn-free:  tunery serve [--host 127.0.0.1] [--port 8000] [--data-dir DIR] [--database-url URL]
+    in Python:     app = create_app(Settings(data_dir=...))
+
+The app owns a scheduler thread (`jobs.py`) and the inference worker (`inference_client.py`); both start
+with the app and stop with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from anyio import to_thread
+from fastapi import FastAPI
+
+from tunery.server.deps import AppState
+from tunery.server.errors import install_handlers
+from tunery.server.inference_client import InferenceClient
+from tunery.server.jobs import Scheduler
+from tunery.server.routes import chat, files, graders, jobs, models
+from tunery.server.settings import Settings
+from tunery.server.store import Store, now
+
+log = logging.getLogger("tunery.server")
+
+
+class RequestId:
+    """Every response carries an `x-request-id` header, which OpenAI's client keeps as `_request_id`."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = ("req_" + secrets.token_hex(16)).encode()
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def create_app(settings: Settings | None = None, run_scheduler: bool = True) -> FastAPI:
+    settings = settings or Settings.from_env()
+    store = Store(settings.database_url)
+    state = AppState(store, settings, Scheduler(store, settings), InferenceClient(settings), now())
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if run_scheduler:
+            state.scheduler.start()
+        try:
+            yield
+        finally:
+            await state.inference.close()
+            if run_scheduler:
+                await to_thread.run_sync(state.scheduler.stop)
+            store.close()
+
+    app = FastAPI(
+        title="Tunery",
+        summary="OpenAI-compatible fine-tuning on your own machine",
+        lifespan=lifespan,
+        docs_url="/docs",
+        openapi_url="/v1/openapi.json",
+    )
+    app.state.tunery = state
+    install_handlers(app)
+    for module in (files, jobs, models, chat, graders):
+        app.include_router(module.router, prefix="/v1")
+    app.add_middleware(RequestId)
+    return app
+
+
+def serve(settings: Settings, log_level: str = "info") -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)

@@ -1,0 +1,103 @@
+"""API keys: `Authorization: Bearer <key>`. Keys are random, shown once, and stored as SHA-256 hashes
+(a slow password hash buys nothing for 256-bit random keys). Each key belongs to one project, and every
+object the API returns belongs to the caller's project: another project's object does not exist."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+
+from fastapi import Request
+from sqlalchemy import select
+
+from tunery.server.errors import APIError
+from tunery.server.store import ApiKey, Project, Store, new_id, now
+
+KEY_PREFIX = "sk-tunery-"
+PROJECT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class Caller:
+    project_id: str
+    project_name: str
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_key(store: Store, project_name: str) -> tuple[str, str]:
+    """A new key for `project_name` (the project is created on first use): (key id, key)."""
+    if not PROJECT_NAME.match(project_name):
+        raise ValueError(
+            f"project name {project_name!r}: use 1-63 lowercase letters, digits, '-' or '_' "
+            "(it becomes part of fine-tuned model names)"
+        )
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    with store.session() as session:
+        project = session.scalar(select(Project).where(Project.name == project_name))
+        if project is None:
+            project = Project(id=new_id("proj_"), name=project_name, created_at=now())
+            session.add(project)
+            session.flush()
+        key_id = new_id("key_", 16)
+        session.add(
+            ApiKey(
+                id=key_id, project_id=project.id, key_hash=hash_key(key), prefix=key[:14], created_at=now()
+            )
+        )
+    return key_id, key
+
+
+def list_keys(store: Store) -> list[tuple[str, str, str, int, int | None]]:
+    """(key id, project name, key prefix, created_at, revoked_at) of every key."""
+    with store.session() as session:
+        rows = session.execute(
+            select(ApiKey.id, Project.name, ApiKey.prefix, ApiKey.created_at, ApiKey.revoked_at)
+            .join(Project, Project.id == ApiKey.project_id)
+            .order_by(ApiKey.created_at)
+        ).all()
+    return [tuple(row) for row in rows]  # type: ignore[misc]
+
+
+def revoke_key(store: Store, key_id: str) -> bool:
+    with store.session() as session:
+        key = session.get(ApiKey, key_id)
+        if key is None:
+            return False
+        key.revoked_at = key.revoked_at or now()
+    return True
+
+
+def authenticate(store: Store, authorization: str | None) -> Caller:
+    if not authorization:
+        raise APIError(
+            401,
+            "You didn't provide an API key. You need to provide your API key in an Authorization header "
+            "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY). Create one with "
+            "`tunery keys create --project NAME`.",
+            code="missing_api_key",
+        )
+    scheme, _, key = authorization.partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        raise APIError(401, "Authorization header must be 'Bearer YOUR_KEY'.", code="invalid_api_key")
+    with store.session() as session:
+        row = session.execute(
+            select(Project.id, Project.name)
+            .join(ApiKey, ApiKey.project_id == Project.id)
+            .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
+        ).first()
+    if row is None:
+        shown = key[:8] + "*" * 8 + key[-4:] if len(key) > 12 else "*" * len(key)
+        raise APIError(401, f"Incorrect API key provided: {shown}.", code="invalid_api_key")
+    return Caller(project_id=row[0], project_name=row[1])
+
+
+def caller(request: Request) -> Caller:
+    """FastAPI dependency: the project of the request's API key, or a 401."""
+    store: Store = request.app.state.tunery.store
+    return authenticate(store, request.headers.get("authorization"))

@@ -1,0 +1,116 @@
+"""Model names the API knows: the configured base models, and each project's fine-tuned models and
+checkpoints, named as OpenAI names them:
+
+    ft:{base}:{project}:{suffix}:{id}                    the job's final model (`fine_tuned_model`)
+    ft:{base}:{project}:{suffix}:{id}:ckpt-step-{N}      a checkpoint (with an id of its own)
+
+A name resolves to what the inference worker loads: a local base model and, for fine-tuned models, the
+adapter directory (and the adapter it was trained on top of, for checkpoints of continued training).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from tunery.server.auth import Caller
+from tunery.server.errors import model_not_found
+from tunery.server.schemas import model_object
+from tunery.server.settings import Settings
+from tunery.server.store import Checkpoint, Job
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str
+    kind: str  # base | fine-tuned | checkpoint
+    base: str  # the API name of the base model
+    local_model: str  # what `load_for_inference` takes
+    adapter: str | None = None  # adapter directory
+    base_adapter: str | None = None  # merged in before `adapter` (checkpoints of continued training)
+    job_id: str | None = None
+    checkpoint_id: str | None = None
+
+
+def fine_tuned_name(base: str, project: str, suffix: str | None, key: str) -> str:
+    return f"ft:{base}:{project}:{suffix or ''}:{key}"
+
+
+def checkpoint_name(base: str, project: str, suffix: str | None, key: str, step: int) -> str:
+    return f"{fine_tuned_name(base, project, suffix, key)}:ckpt-step-{step}"
+
+
+def job_dir(settings: Settings, job_id: str) -> Path:
+    return settings.jobs_dir / job_id
+
+
+def resolve(session: Session, settings: Settings, caller: Caller, name: str) -> ResolvedModel:
+    """The model `name` as the caller sees it, or a 404 (another project's model does not exist)."""
+    if name in settings.base_models:
+        return ResolvedModel(name, "base", name, settings.base_models[name])
+    if not name.startswith("ft:"):
+        raise model_not_found(name)
+    job = session.scalar(
+        select(Job).where(
+            Job.fine_tuned_model == name,
+            Job.project_id == caller.project_id,
+            Job.model_deleted.is_(False),
+            Job.status == "succeeded",
+        )
+    )
+    if job is not None:
+        adapter = job_dir(settings, job.id) / "run" / "final"
+        return ResolvedModel(name, "fine-tuned", job.base_model, job.local_model, str(adapter), job_id=job.id)
+    ckpt = session.scalar(
+        select(Checkpoint).where(
+            Checkpoint.name == name,
+            Checkpoint.project_id == caller.project_id,
+            Checkpoint.deleted.is_(False),
+        )
+    )
+    if ckpt is None:
+        raise model_not_found(name)
+    owner = session.get(Job, ckpt.job_id)
+    assert owner is not None
+    path = job_dir(settings, owner.id) / ckpt.path
+    is_final = ckpt.path == "run/final"
+    return ResolvedModel(
+        name,
+        "checkpoint",
+        owner.base_model,
+        owner.local_model,
+        str(path),
+        None if is_final else owner.parent_adapter,
+        job_id=owner.id,
+        checkpoint_id=ckpt.id,
+    )
+
+
+def list_models(
+    session: Session, settings: Settings, caller: Caller, base_created: int
+) -> list[dict[str, Any]]:
+    models = [model_object(name, base_created, "system") for name in settings.base_models]
+    jobs = session.scalars(
+        select(Job)
+        .where(Job.project_id == caller.project_id, Job.status == "succeeded", Job.model_deleted.is_(False))
+        .order_by(Job.seq)
+    ).all()
+    for job in jobs:
+        if job.fine_tuned_model:
+            models.append(
+                model_object(job.fine_tuned_model, job.finished_at or job.created_at, caller.project_name)
+            )
+    ckpts = session.scalars(
+        select(Checkpoint)
+        .where(Checkpoint.project_id == caller.project_id, Checkpoint.deleted.is_(False))
+        .order_by(Checkpoint.created_at, Checkpoint.step_number)
+    ).all()
+    listed = {m["id"] for m in models}
+    for ckpt in ckpts:
+        if ckpt.name not in listed:  # the final checkpoint is the fine-tuned model itself
+            models.append(model_object(ckpt.name, ckpt.created_at, caller.project_name))
+    return models

@@ -1,0 +1,33 @@
+"""What every route needs, held on `app.state`: the store, the settings, the scheduler, the inference
+worker, and the caller's project (from the API key)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from tunery.server.auth import Caller, caller
+from tunery.server.inference_client import InferenceClient
+from tunery.server.jobs import Scheduler
+from tunery.server.settings import Settings
+from tunery.server.store import Store
+
+
+@dataclass
+class AppState:
+    store: Store
+    settings: Settings
+    scheduler: Scheduler
+    inference: InferenceClient
+    started_at: int  # the `created` time of base models
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.tunery
+    return state
+
+
+State = Annotated[AppState, Depends(get_state)]
+Auth = Annotated[Caller, Depends(caller)]

@@ -1,0 +1,111 @@
+"""OpenAI's error object for every failure: `{"error": {"message", "type", "param", "code"}}`.
+
+The official client retries 408, 409, 429 and 5xx, so errors that a retry cannot fix are 4xx, never
+409 or 5xx. An unexpected exception is logged with its traceback and answered with a plain 500 error
+object; the traceback never reaches the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("tunery.server")
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param, code)
+
+
+def not_found(what: str, object_id: str, param: str | None = None) -> APIError:
+    return APIError(404, f"No such {what}: '{object_id}'", param, f"{what.replace(' ', '_')}_not_found")
+
+
+def model_not_found(name: str) -> APIError:
+    return APIError(
+        404, f"The model '{name}' does not exist or you do not have access to it.", "model", "model_not_found"
+    )
+
+
+def error_response(error: APIError) -> JSONResponse:
+    headers = {"x-should-retry": "false"} if error.status < 500 else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    # pydantic names union members in the location ("int", "literal['auto']"): not part of the field path
+    parts = [
+        p for p in parts if not p.startswith(("literal[", "function-")) and p not in ("int", "float", "str")
+    ]
+    return ".".join(parts) or None
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    if not errors:
+        return bad_request("Invalid request.")
+    first = errors[0]
+    param = _param(tuple(first.get("loc", ())))
+    kind = str(first.get("type", ""))
+    if kind == "json_invalid":
+        return bad_request(
+            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
+            "your HTTP library correctly. The OpenAI API expects a JSON payload.)",
+            None,
+            "invalid_json",
+        )
+    if kind == "missing":
+        return bad_request(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
+    if kind == "extra_forbidden":
+        return bad_request(f"Unrecognized request argument supplied: {param}", param, "unknown_parameter")
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return bad_request(f"Invalid value for '{param}': {message}", param, "invalid_value")
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message = f"Invalid URL ({request.method} {request.url.path})"
+        elif exc.status_code == 405:
+            message = f"Method {request.method} is not allowed for {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return error_response(APIError(exc.status_code, message))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        return error_response(
+            APIError(500, "The server had an error while processing your request.", type="server_error")
+        )

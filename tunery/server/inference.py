@@ -1,0 +1,217 @@
+"""The inference worker: a long-lived process that holds models and answers chat completions and model
+graders for the API process, which never imports torch.
+
+    python -m tunery.server.inference [--cache 2]
+
+Protocol: one JSON object per line, requests on stdin, replies on stdout (the API process starts the
+worker and holds both pipes; nothing else can reach it). The worker prints `{"event": "ready"}` once,
+then answers requests one at a time, in order:
+
+    {"id": 7, "op": "chat", "model": "tiny-random", "adapter": DIR|null, "base_adapter": DIR|null,
+     "messages": [...], "n": 1, "params": {"max_new_tokens", "temperature", "top_p", "stop", "seed"},
+     "logprobs": false, "stream": true}
+        -> {"id": 7, "event": "delta", "index": 0, "text": "Hel"} ...          (stream only)
+        -> {"id": 7, "event": "done", "result": {"choices": [{"index", "text", "finish_reason",
+            "logprobs": [{"token", "logprob", "bytes"}] | null}], "prompt_tokens", "completion_tokens"}}
+    {"id": 8, "op": "grade", "grader": {...}, "model_sample": "...", "item": {...}, "validate_only": false}
+        -> {"id": 8, "event": "done", "result": <OpenAI's grader run response>}
+    {"op": "cancel", "target": 7}       stop request 7 at its next token (the client went away)
+
+Any failure is `{"id": N, "event": "error", "status": 400|500, "message": "...", "param": ...}`.
+Models load on first use (base model + adapter) and the `--cache` most recently used stay loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import traceback
+from collections import OrderedDict
+from typing import IO, Any
+
+log = logging.getLogger("tunery.inference")
+
+
+class Cancelled(Exception):
+    pass
+
+
+class Worker:
+    def __init__(self, out: IO[str], cache_size: int) -> None:
+        self.out, self.cache_size = out, cache_size
+        self.models: OrderedDict[tuple[str, str | None, str | None], tuple[Any, Any]] = OrderedDict()
+        self.cancelled: set[int] = set()
+        self.requests: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._write_lock = threading.Lock()
+
+    def send(self, message: dict[str, Any]) -> None:
+        with self._write_lock:
+            self.out.write(json.dumps(message) + "\n")
+            self.out.flush()
+
+    def read_stdin(self) -> None:
+        for line in sys.stdin:
+            try:
+                request = json.loads(line)
+            except ValueError:
+                continue
+            if request.get("op") == "cancel":
+                self.cancelled.add(int(request.get("target", -1)))
+            else:
+                self.requests.put(request)
+        self.requests.put(None)  # the API process closed the pipe: exit
+
+    def serve(self) -> None:
+        threading.Thread(target=self.read_stdin, daemon=True).start()
+        self.send({"event": "ready", "pid": os.getpid()})
+        while (request := self.requests.get()) is not None:
+            request_id = int(request.get("id", -1))
+            try:
+                if request_id in self.cancelled:
+                    raise Cancelled
+                if request.get("op") == "chat":
+                    result = self.chat(request_id, request)
+                elif request.get("op") == "grade":
+                    result = self.grade(request)
+                else:
+                    raise ValueError(f"unknown op {request.get('op')!r}")
+                self.send({"id": request_id, "event": "done", "result": result})
+            except Cancelled:
+                self.send({"id": request_id, "event": "error", "status": 499, "message": "cancelled"})
+            except Exception as exc:
+                self.send({"id": request_id, **describe(exc)})
+            finally:
+                self.cancelled.discard(request_id)
+
+    # --- models -----------------------------------------------------------------------------------------
+
+    def load(self, name: str, adapter: str | None, base_adapter: str | None) -> tuple[Any, Any]:
+        key = (name, adapter, base_adapter)
+        if key in self.models:
+            self.models.move_to_end(key)
+            return self.models[key]
+        while len(self.models) >= max(1, self.cache_size):
+            self.models.popitem(last=False)
+        if base_adapter is None:
+            from tunery.models.load import load_for_inference
+
+            loaded = load_for_inference(name, adapter)
+        else:
+            loaded = load_stacked(name, base_adapter, adapter)
+        self.models[key] = loaded
+        return loaded
+
+    # --- operations -------------------------------------------------------------------------------------
+
+    def chat(self, request_id: int, request: dict[str, Any]) -> dict[str, Any]:
+        from tunery.data.template import prompt_ids
+        from tunery.models.sampling import SamplingParams, sample
+
+        model, tokenizer = self.load(request["model"], request.get("adapter"), request.get("base_adapter"))
+        prompt = prompt_ids(tokenizer, request["messages"])
+        n = int(request.get("n", 1))
+        params = SamplingParams(**request["params"])
+
+        def on_text(index: int, delta: str) -> None:
+            if request_id in self.cancelled:
+                raise Cancelled
+            self.send({"id": request_id, "event": "delta", "index": index, "text": delta})
+
+        def check_cancelled(_index: int, _delta: str) -> None:
+            if request_id in self.cancelled:
+                raise Cancelled
+
+        completions = sample(
+            model,
+            tokenizer,
+            [prompt] * n,
+            params,
+            on_text=on_text if request.get("stream") else check_cancelled,
+        )
+        choices = []
+        for i, c in enumerate(completions):
+            logprobs = None
+            if request.get("logprobs"):
+                logprobs = []
+                for token_id, logprob in zip(c.token_ids, c.logprobs, strict=True):
+                    text = str(tokenizer.decode([token_id]))
+                    logprobs.append({"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))})
+            choices.append(
+                {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": logprobs}
+            )
+        return {
+            "choices": choices,
+            "prompt_tokens": len(prompt),
+            "completion_tokens": sum(len(c.token_ids) for c in completions),
+        }
+
+    def grade(self, request: dict[str, Any]) -> dict[str, Any]:
+        from tunery.graders.run import build_grader, run_response
+        from tunery.graders.sandbox import SandboxLimits
+        from tunery.graders.spec import parse_grader
+
+        if request.get("validate_only"):
+            parse_grader(request["grader"])
+            return {}
+        grader = build_grader(
+            request["grader"], limits=SandboxLimits(timeout=float(request.get("timeout", 120)))
+        )
+        return run_response(grader(request.get("model_sample", ""), request.get("item") or {}), grader)
+
+
+def load_stacked(name: str, base_adapter: str, adapter: str | None) -> tuple[Any, Any]:
+    """A checkpoint of continued training: the adapter it started from merged in, then its own."""
+    import torch
+
+    from tunery.models.load import load_model
+    from tunery.models.lora import bf16_is_fast, cast_frozen, load_adapter, merge_adapter
+
+    model: Any
+    model, tokenizer = load_model(name)
+    model = merge_adapter(model, base_adapter)
+    if adapter:
+        model = load_adapter(model, adapter)
+    model.eval()
+    model.requires_grad_(False)
+    if bf16_is_fast(torch.device("cpu")):
+        cast_frozen(model, torch.bfloat16)
+    return model, tokenizer
+
+
+def describe(exc: Exception) -> dict[str, Any]:
+    from tunery.errors import TuneryError
+
+    if isinstance(exc, TuneryError):
+        return {"event": "error", "status": 400, "message": str(exc), "param": None}
+    traceback.print_exc(file=sys.stderr)
+    return {
+        "event": "error",
+        "status": 500,
+        "message": f"inference failed: {exc.__class__.__name__}: {exc}",
+        "param": None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tunery.server.inference")
+    parser.add_argument("--cache", type=int, default=2, help="models kept loaded")
+    args = parser.parse_args(argv)
+    # The protocol owns the real stdout; anything a library prints goes to stderr (the worker's log).
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1, encoding="utf-8")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from tunery.training.memory import keep_freed_memory
+
+    keep_freed_memory()
+    Worker(out, args.cache).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

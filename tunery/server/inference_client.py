@@ -1,0 +1,135 @@
+"""The API side of the inference worker (`tunery/server/inference.py`): starts it on first use, sends
+requests over its stdin, and routes the replies on its stdout to the waiting requests by id. If the
+worker dies, waiting requests get a 503 and the next request starts a new worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from tunery.server.errors import APIError
+from tunery.server.settings import Settings
+
+READY_TIMEOUT = 300.0  # seconds for the worker to import torch and say it is ready
+
+
+class InferenceClient:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Queue[dict[str, Any]]] = {}
+        self._next_id = 0
+        self._start_lock: asyncio.Lock | None = None
+
+    async def _ensure_started(self) -> asyncio.subprocess.Process:
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._proc is not None and self._proc.returncode is None:
+                return self._proc
+            self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
+            log = (self.settings.logs_dir / "inference.log").open("ab")
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    self.settings.python,
+                    "-m",
+                    "tunery.server.inference",
+                    "--cache",
+                    str(self.settings.inference_cache),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=log,
+                    limit=64 * 2**20,
+                )
+            finally:
+                log.close()
+            assert proc.stdout is not None
+            try:
+                line = await asyncio.wait_for(proc.stdout.readline(), READY_TIMEOUT)
+                ready = json.loads(line) if line else {}
+            except (TimeoutError, ValueError):
+                ready = {}
+            if ready.get("event") != "ready":
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                raise APIError(
+                    503, "The inference worker failed to start; see logs/inference.log.", type="server_error"
+                )
+            self._proc = proc
+            self._reader = asyncio.create_task(self._read(proc))
+            return proc
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            waiting = self._pending.get(message.get("id", -1))
+            if waiting is not None:
+                waiting.put_nowait(message)
+        # EOF: the worker is gone; fail whatever was waiting on it
+        for waiting in self._pending.values():
+            waiting.put_nowait(
+                {"event": "error", "status": 503, "message": "The inference worker stopped; try again."}
+            )
+
+    async def _send(self, proc: asyncio.subprocess.Process, message: dict[str, Any]) -> None:
+        assert proc.stdin is not None
+        proc.stdin.write((json.dumps(message) + "\n").encode())
+        await proc.stdin.drain()
+
+    async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The worker's replies to `request` (deltas, then `done`); an `error` reply raises APIError.
+        Closing the iterator early (the client went away) cancels the request in the worker."""
+        proc = await self._ensure_started()
+        self._next_id += 1
+        request_id = self._next_id
+        replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._pending[request_id] = replies
+        finished = False
+        try:
+            await self._send(proc, {**request, "id": request_id})
+            while True:
+                message = await replies.get()
+                if message.get("event") == "error":
+                    finished = True
+                    status = int(message.get("status", 500))
+                    kind = "invalid_request_error" if status < 500 else "server_error"
+                    raise APIError(status, str(message.get("message")), message.get("param"), type=kind)
+                if message.get("event") == "done":
+                    finished = True
+                yield message
+                if finished:
+                    return
+        finally:
+            self._pending.pop(request_id, None)
+            if not finished and proc.returncode is None:
+                with contextlib.suppress(Exception):
+                    await self._send(proc, {"op": "cancel", "target": request_id})
+
+    async def call(self, request: dict[str, Any]) -> dict[str, Any]:
+        async for message in self.stream(request):
+            if message.get("event") == "done":
+                result: dict[str, Any] = message.get("result") or {}
+                return result
+        raise APIError(503, "The inference worker gave no answer; try again.", type="server_error")
+
+    async def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+        if self._reader is not None:
+            self._reader.cancel()

@@ -1,0 +1,831 @@
+"""Fine-tuning jobs: a scheduler thread in the server process that runs each job through the CLI a user
+types, and turns what the run directory says into job statuses, events and checkpoints.
+
+    validating_files   `python -m tunery data validate FILE --json ...` per file (one at a time)
+    queued             waiting for a training slot (`max_running_jobs`, 1 by default), in queue order
+    running            `python -m tunery train sft|dpo|grpo ... --out JOB/run` (or `--resume JOB/run`)
+    succeeded | failed | cancelled | paused
+
+Each job has a directory, JOB = DATA_DIR/jobs/<job id>: `training.jsonl` (and `validation.jsonl`,
+`grader.json`) linked from the uploaded files when the job is created, so deleting a file never breaks
+a job; `run/`, the recipe's run directory; `train.log` and `validate.log`.
+
+Cancel sends SIGTERM, then SIGKILL after `stop_grace_seconds`. Pause sends SIGTERM: the recipe saves a
+checkpoint at the next step boundary and exits; resume queues the job again and it continues with
+`--resume JOB/run`. On shutdown running jobs get the same SIGTERM and stay `running` in the database;
+on start, jobs found `running` (their process is stopped first if it outlived the server) go back to
+the queue ahead of the others and resume from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from tunery.server.catalog import checkpoint_name, fine_tuned_name, job_dir
+from tunery.server.errors import APIError
+from tunery.server.settings import Settings
+from tunery.server.store import Checkpoint, Event, File, Job, Project, Store, new_id, now
+
+log = logging.getLogger("tunery.server")
+
+RECIPES = {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo"}
+FILE_FORMATS = {"supervised": "chat", "dpo": "preference", "reinforcement": "prompts"}
+FORMAT_NAMES = {
+    "chat": "fine-tune-chat",
+    "preference": "fine-tune-preference",
+    "unpaired": "unpaired-feedback",
+}
+TERMINAL = ("succeeded", "failed", "cancelled")
+MIN_TRAINING_EXAMPLES = 10
+METRIC_NAMES = {  # metric -> how the event message says it
+    "train_loss": "training loss",
+    "valid_loss": "validation loss",
+    "full_valid_loss": "full validation loss",
+    "train_reward_mean": "train mean reward",
+    "valid_reward_mean": "validation mean reward",
+    "train_mean_token_accuracy": "training accuracy",
+}
+CHECKPOINT_METRICS = (
+    "train_loss",
+    "train_mean_token_accuracy",
+    "valid_loss",
+    "valid_mean_token_accuracy",
+    "full_valid_loss",
+    "full_valid_mean_token_accuracy",
+    "train_reward_mean",
+    "valid_reward_mean",
+)
+
+
+def add_event(
+    session: Session,
+    job_id: str,
+    message: str,
+    level: str = "info",
+    type: str = "message",
+    data: dict[str, Any] | None = None,
+) -> None:
+    session.add(
+        Event(
+            id=new_id("ftevent-"),
+            job_id=job_id,
+            created_at=now(),
+            level=level,
+            message=message,
+            type=type,
+            data=data,
+        )
+    )
+
+
+def next_queue_seq(session: Session) -> int:
+    return int(session.scalar(select(func.max(Job.queue_seq))) or 0) + 1
+
+
+# --- commands ---------------------------------------------------------------------------------------------
+
+
+def validate_command(settings: Settings, job: Job, path: Path, param: str) -> list[str]:
+    kind = job.method["type"]
+    minimum = MIN_TRAINING_EXAMPLES if param == "training_file" else 1
+    command = [settings.python, *settings.cli, "data", "validate", str(path), "--json"]
+    command += ["--model", job.local_model, "--format", FILE_FORMATS[kind], "--min-examples", str(minimum)]
+    max_length = _override(settings, "max_length")
+    if max_length is not None:
+        command += ["--max-length", str(max_length)]
+    return command + ["--max-bytes", str(settings.max_upload_bytes)]
+
+
+def _override(settings: Settings, name: str) -> str | None:
+    for pair in settings.train_overrides:
+        key, _, value = pair.partition("=")
+        if key.strip().replace("-", "_") == name:
+            return value.strip()
+    return None
+
+
+def train_command(settings: Settings, job: Job) -> list[str]:
+    """The `tunery train` command of a job: a fresh start, or `--resume` once the run has a config."""
+    kind = job.method["type"]
+    directory = job_dir(settings, job.id)
+    run_dir = directory / "run"
+    command = [settings.python, *settings.cli, "train", RECIPES[kind]]
+    if (run_dir / "config.yaml").is_file():
+        return command + ["--resume", str(run_dir)]
+    command += ["--model", job.local_model, "--data", str(directory / "training.jsonl")]
+    command += ["--out", str(run_dir), "--overwrite", "--seed", str(job.seed)]
+    if job.validation_file:
+        command += ["--valid", str(directory / "validation.jsonl")]
+    hp = job.method.get(kind, {}).get("hyperparameters") or {}
+    flags = {
+        "n_epochs": "--epochs",
+        "batch_size": "--batch-size",
+        "learning_rate_multiplier": "--lr-multiplier",
+    }
+    for name, flag in flags.items():
+        if hp.get(name, "auto") != "auto":
+            command += [flag, str(hp[name])]
+    if job.parent_adapter:
+        command += ["--adapter", job.parent_adapter]
+    if kind == "dpo" and hp.get("beta", "auto") != "auto":
+        command += ["--beta", str(hp["beta"])]
+    if kind == "reinforcement":
+        command += ["--grader", str(directory / "grader.json")]
+        if hp.get("eval_interval", "auto") != "auto":
+            command += ["--eval-every", str(hp["eval_interval"])]
+        if hp.get("eval_samples", "auto") != "auto":
+            command += ["--set", f"eval_examples={hp['eval_samples']}"]
+    for pair in settings.train_overrides:
+        command += ["--set", pair]
+    return command
+
+
+# --- reading what the CLI wrote ---------------------------------------------------------------------------
+
+
+def validation_error(report: dict[str, Any], param: str, file_id: str, kind: str) -> dict[str, Any] | None:
+    """The job's `error` for a `tunery data validate --json` report, or None when the file is usable."""
+    label = "training" if param == "training_file" else "validation"
+    expected = FILE_FORMATS[kind]
+    found = report.get("format")
+    if found != expected and expected != "prompts":
+        return {
+            "code": f"invalid_{label}_file",
+            "message": (
+                f"The job failed due to an invalid {label} file. Input file {file_id} is in the "
+                f"{FORMAT_NAMES.get(str(found), str(found))} format, but the specified fine-tuning job is not "
+                f"using '{_method_for(str(found))}' as the training method (provided method={kind})."
+            ),
+            "param": param,
+        }
+    errors = [p for p in report.get("problems", []) if p.get("severity") == "error"]
+    if not errors:
+        return None
+    if all(p.get("key") == "invalid_n_examples" for p in errors):
+        message = errors[0]["message"]
+        return {
+            "code": "invalid_n_examples",
+            "message": f"{label.capitalize()} file has {message}",
+            "param": param,
+        }
+    shown = "; ".join(
+        (f"line {p['line']}: " if p.get("line") else "") + f"{p['message']} [{p['key']}]" for p in errors[:5]
+    )
+    more = f" (and {len(errors) - 5} more errors)" if len(errors) > 5 else ""
+    return {
+        "code": f"invalid_{label}_file",
+        "message": f"The job failed due to an invalid {label} file. Invalid file format. {shown}{more}",
+        "param": param,
+    }
+
+
+def _method_for(file_format: str) -> str:
+    return {"chat": "supervised", "preference": "dpo"}.get(file_format, file_format)
+
+
+def tail_error(log_path: Path, exit_code: int) -> str:
+    """What went wrong, from a finished command's log: the CLI's `tunery: error:` message, else the last
+    line (an exception's one-line summary), never a whole traceback."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        text = ""
+    marker = "tunery: error: "
+    if marker in text:
+        return text.rsplit(marker, 1)[1].strip()[:2000]
+    lines = [line for line in text.splitlines() if line.strip()]
+    last = lines[-1].strip()[:500] if lines else "no output"
+    return f"the training process exited with status {exit_code}: {last}"
+
+
+def metrics_message(record: dict[str, Any]) -> str:
+    step, total = record.get("step"), record.get("total_steps")
+    head = f"Step {step}/{total}" if total else f"Step {step}"
+    parts = [
+        f"{label}={record[key]:.4f}"
+        for key, label in METRIC_NAMES.items()
+        if isinstance(record.get(key), float | int)
+    ]
+    return head + (": " + ", ".join(parts) if parts else "")
+
+
+def results_csv(records: list[dict[str, Any]]) -> str:
+    lines = ["step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"]
+    for r in records:
+        values = [
+            r.get("train_loss"),
+            r.get("train_mean_token_accuracy"),
+            r.get("valid_loss"),
+            r.get("valid_mean_token_accuracy"),
+        ]
+        if all(v is None for v in values):
+            continue
+        lines.append(",".join([str(r.get("step", ""))] + ["" if v is None else f"{v:.6g}" for v in values]))
+    return "\n".join(lines) + "\n"
+
+
+# --- the scheduler ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    """A command the scheduler started for a job."""
+
+    job_id: str
+    kind: str  # "validate" | "train"
+    popen: subprocess.Popen[bytes]
+    log: IO[bytes]
+    started: float = field(default_factory=time.monotonic)
+    stop_reason: str | None = None  # "cancel" | "pause" | "shutdown": why we signalled it
+    kill_at: float | None = None  # SIGKILL then, unless it has exited
+    # validation: files still to check after this one, as (param, file id, path)
+    pending: list[tuple[str, str, Path]] = field(default_factory=list)
+    current: tuple[str, str, Path] | None = None
+    out_path: Path | None = None
+    stats: dict[str, Any] = field(default_factory=dict)  # reports of the files checked so far
+    # training: what has been read from metrics.jsonl
+    offset: int = 0
+    start_step: int = 0
+    full_seen: bool = False
+    step_metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+class Scheduler:
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store, self.settings = store, settings
+        self.lock = threading.RLock()  # every status change happens under it (API threads and the loop)
+        self.procs: dict[tuple[str, str], Proc] = {}  # (job id, kind) -> process
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- life cycle -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for path in (self.settings.files_dir, self.settings.jobs_dir, self.settings.logs_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        self.recover()
+        self._thread = threading.Thread(target=self._loop, name="tunery-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop; running jobs checkpoint and stop, and stay `running` to resume on next start."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        with self.lock:
+            for proc in self.procs.values():
+                if proc.popen.poll() is None:
+                    if proc.kind == "train":
+                        proc.stop_reason = proc.stop_reason or "shutdown"
+                        self._signal(proc, signal.SIGTERM)
+                    else:
+                        self._signal(proc, signal.SIGKILL)
+            deadline = time.monotonic() + self.settings.stop_grace_seconds
+            for proc in self.procs.values():
+                try:
+                    proc.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    self._signal(proc, signal.SIGKILL)
+                    proc.popen.wait()
+            self._tick()  # record what the stopped processes left (a finished job, the last metrics)
+            for proc in self.procs.values():
+                proc.log.close()
+            self.procs.clear()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def recover(self) -> None:
+        """Jobs the last server left running go back to the queue, first in line, to resume."""
+        with self.lock, self.store.session() as session:
+            for job in session.scalars(select(Job).where(Job.status.in_(("running", "paused", "cancelled")))):
+                if job.pid is not None:
+                    _stop_orphan(job.pid, job.id, self.settings.stop_grace_seconds)
+                    job.pid = None
+                if job.status != "running":
+                    continue
+                run_dir = job_dir(self.settings, job.id) / "run"
+                if not (job_dir(self.settings, job.id) / "training.jsonl").is_file():
+                    self._fail(
+                        session,
+                        job,
+                        "job_interrupted",
+                        "The service restarted and the job's data directory is gone; it cannot be resumed.",
+                    )
+                    continue
+                steps = sorted(_checkpoint_steps(run_dir))
+                where = (
+                    f"from the checkpoint at step {steps[-1]}"
+                    if steps
+                    else "from the start (no checkpoint was saved)"
+                )
+                job.status = "queued"
+                add_event(session, job.id, f"The service restarted; the job will resume {where}")
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                with self.lock:
+                    self._tick()
+            except Exception:  # the loop must survive anything one job does
+                log.exception("scheduler tick failed")
+            self._wake.wait(self.settings.poll_seconds)
+            self._wake.clear()
+
+    def _tick(self) -> None:
+        for key, proc in list(self.procs.items()):
+            code = proc.popen.poll()
+            if proc.kind == "train":
+                self._read_run(proc)
+            if code is not None:
+                del self.procs[key]
+                proc.log.close()
+                if proc.kind == "train":
+                    self._finished_training(proc, code)
+                else:
+                    self._finished_validation(proc, code)
+            elif proc.kill_at is not None and time.monotonic() >= proc.kill_at:
+                self._signal(proc, signal.SIGKILL)
+                proc.kill_at = None
+        if self._stopping.is_set():
+            return
+        self._start_validations()
+        self._start_training()
+
+    # --- actions from the API (under the lock) ---------------------------------------------------------
+
+    def cancel(self, session: Session, job: Job) -> None:
+        if job.status in TERMINAL:
+            raise APIError(
+                400,
+                f"Job {job.id} has already {_past(job.status)} and cannot be cancelled.",
+                code="job_not_cancellable",
+            )
+        job.status, job.finished_at, job.estimated_finish = "cancelled", now(), None
+        add_event(session, job.id, "Fine-tuning job cancelled")
+        for kind in ("validate", "train"):
+            proc = self.procs.get((job.id, kind))
+            if proc is not None and proc.popen.poll() is None:
+                proc.stop_reason = "cancel"
+                self._terminate(proc, graceful=kind == "train")
+        self.wake()
+
+    def pause(self, session: Session, job: Job) -> None:
+        if job.status not in ("running", "queued", "validating_files"):
+            raise APIError(
+                400,
+                f"Job {job.id} is {job.status}; only running or queued jobs can be paused.",
+                code="job_not_pausable",
+            )
+        proc = self.procs.get((job.id, "train"))
+        if job.status == "running" and proc is not None and proc.popen.poll() is None:
+            proc.stop_reason = "pause"
+            self._terminate(proc, graceful=True)
+            add_event(
+                session, job.id, "Pausing the job: a checkpoint is saved at the end of the current step"
+            )
+        else:
+            validating = self.procs.get((job.id, "validate"))
+            if validating is not None:
+                validating.stop_reason = "pause"
+                self._terminate(validating, graceful=False)
+            add_event(session, job.id, "Fine-tuning job paused")
+        job.status, job.estimated_finish = "paused", None
+        self.wake()
+
+    def resume(self, session: Session, job: Job) -> None:
+        if job.status != "paused":
+            raise APIError(
+                400, f"Job {job.id} is {job.status}; only paused jobs can be resumed.", code="job_not_paused"
+            )
+        job.status = "queued" if job.stats is not None else "validating_files"
+        job.queue_seq = next_queue_seq(session)
+        add_event(session, job.id, "Fine-tuning job resumed; it continues from its last checkpoint")
+        self.wake()
+
+    # --- validation -------------------------------------------------------------------------------------
+
+    def _start_validations(self) -> None:
+        if any(p.kind == "validate" for p in self.procs.values()):
+            return
+        with self.store.session() as session:
+            job = session.scalar(
+                select(Job).where(Job.status == "validating_files").order_by(Job.seq).limit(1)
+            )
+            if job is None:
+                return
+            directory = job_dir(self.settings, job.id)
+            files = [("training_file", job.training_file, directory / "training.jsonl")]
+            if job.validation_file:
+                files.append(("validation_file", job.validation_file, directory / "validation.jsonl"))
+            names = " and validation file: ".join(f for _, f, _ in files)
+            add_event(session, job.id, f"Validating training file: {names}")
+            self._spawn_validation(job, files, {})
+
+    def _spawn_validation(self, job: Job, files: list[tuple[str, str, Path]], stats: dict[str, Any]) -> None:
+        current, pending = files[0], files[1:]
+        directory = job_dir(self.settings, job.id)
+        out_path = directory / f"validate-{current[0]}.json"
+        command = validate_command(self.settings, job, current[2], current[0])
+        log_file = (directory / "validate.log").open("ab")
+        with out_path.open("wb") as out:
+            popen = subprocess.Popen(
+                command, stdout=out, stderr=log_file, cwd=directory, env=self._env(), start_new_session=True
+            )
+        self.procs[(job.id, "validate")] = Proc(
+            job.id,
+            "validate",
+            popen,
+            log_file,
+            pending=pending,
+            current=current,
+            out_path=out_path,
+            stats=stats,
+        )
+
+    def _finished_validation(self, proc: Proc, code: int) -> None:
+        assert proc.current is not None and proc.out_path is not None
+        param, file_id, _ = proc.current
+        with self.store.session() as session:
+            job = session.get(Job, proc.job_id)
+            if job is None or job.status != "validating_files" or proc.stop_reason:
+                return
+            try:
+                report = json.loads(proc.out_path.read_text())
+            except (OSError, ValueError):
+                report = None
+            error: dict[str, Any] | None
+            if code not in (0, 1) or not isinstance(report, dict):
+                label = "training" if param == "training_file" else "validation"
+                message = tail_error(job_dir(self.settings, job.id) / "validate.log", code)
+                error = {
+                    "code": f"invalid_{label}_file",
+                    "message": f"The job failed due to an invalid {label} file. {message}",
+                    "param": param,
+                }
+            else:
+                error = validation_error(report, param, file_id, job.method["type"])
+            if error is not None:
+                self._fail(session, job, error["code"], error["message"], error["param"])
+                return
+            stats = proc.stats | {param: report["stats"] if isinstance(report, dict) else {}}
+            if proc.pending:
+                self._spawn_validation(job, proc.pending, stats)
+                return
+            job.stats = stats
+            job.status, job.queue_seq = "queued", next_queue_seq(session)
+            add_event(session, job.id, "Files validated, moving job to queued state")
+        self.wake()
+
+    # --- training ---------------------------------------------------------------------------------------
+
+    def _start_training(self) -> None:
+        running = sum(p.kind == "train" for p in self.procs.values())
+        if running >= self.settings.max_running_jobs:
+            return
+        with self.store.session() as session:
+            queued = session.scalars(
+                select(Job).where(Job.status == "queued").order_by(Job.queue_seq, Job.seq)
+            ).all()
+            for job in queued:
+                if running >= self.settings.max_running_jobs:
+                    break
+                if (job.id, "train") in self.procs:  # a paused process still checkpointing
+                    continue
+                self._spawn_training(session, job)
+                running += 1
+
+    def _spawn_training(self, session: Session, job: Job) -> None:
+        directory = job_dir(self.settings, job.id)
+        run_dir = directory / "run"
+        command = train_command(self.settings, job)
+        resuming = "--resume" in command
+        log_file = (directory / "train.log").open("ab")
+        log_file.write(f"\n$ {' '.join(command)}\n".encode())
+        log_file.flush()
+        popen = subprocess.Popen(
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=directory,
+            env=self._env(),
+            start_new_session=True,
+        )
+        steps = sorted(_checkpoint_steps(run_dir)) if resuming else []
+        proc = Proc(job.id, "train", popen, log_file, start_step=steps[-1] if steps else 0)
+        self.procs[(job.id, "train")] = proc
+        job.status, job.pid = "running", popen.pid
+        job.started_at = job.started_at or now()
+        job.attempts += 1
+        if resuming:
+            add_event(
+                session,
+                job.id,
+                f"Fine-tuning job resumed from step {proc.start_step}"
+                if steps
+                else "Fine-tuning job restarted",
+            )
+        else:
+            add_event(session, job.id, "Fine-tuning job started")
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def _read_run(self, proc: Proc) -> None:
+        """New metrics records become `metrics` events, new checkpoint directories become checkpoints."""
+        run_dir = job_dir(self.settings, proc.job_id) / "run"
+        records = _read_new_records(run_dir / "metrics.jsonl", proc)
+        steps = _checkpoint_steps(run_dir)
+        if not records and not steps:
+            return
+        with self.store.session() as session:
+            job = session.get(Job, proc.job_id)
+            if job is None:
+                return
+            project = session.get(Project, job.project_id)
+            if job.hyperparameters.get("n_epochs") == "auto" or job.total_steps is None:
+                self._resolve_hyperparameters(job, run_dir)
+            for record in records:
+                step = int(record.get("step", 0))
+                proc.step_metrics.setdefault(step, {}).update(record)
+                full = any(k.startswith("full_") for k in record)
+                if step <= job.last_step and not (full and not proc.full_seen):
+                    continue
+                proc.full_seen = proc.full_seen or full
+                job.last_step = max(job.last_step, step)
+                if isinstance(record.get("total_steps"), int):
+                    job.total_steps = record["total_steps"]
+                add_event(session, job.id, metrics_message(record), type="metrics", data=record)
+            if job.total_steps and job.last_step > proc.start_step and job.status == "running":
+                elapsed = time.monotonic() - proc.started
+                per_step = elapsed / (job.last_step - proc.start_step)
+                job.estimated_finish = now() + int(per_step * (job.total_steps - job.last_step))
+            known = {
+                c.step_number: c
+                for c in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id))
+            }
+            assert project is not None
+            for step in steps:
+                if step in known:
+                    continue
+                key = new_id("", 8)
+                name = checkpoint_name(job.base_model, project.name, job.suffix, key, step)
+                metrics = {"step": float(step)} | {
+                    k: v for k, v in proc.step_metrics.get(step, {}).items() if k in CHECKPOINT_METRICS
+                }
+                session.add(
+                    Checkpoint(
+                        id=new_id("ftckpt_"),
+                        job_id=job.id,
+                        project_id=job.project_id,
+                        step_number=step,
+                        created_at=now(),
+                        metrics=metrics,
+                        name=name,
+                        path=f"run/checkpoints/step-{step}/model",
+                    )
+                )
+                add_event(session, job.id, f"Checkpoint created at step {step} with Snapshot ID: {name}")
+            for step, ckpt in known.items():  # the recipe keeps the newest few on disk
+                if step not in steps and ckpt.path.startswith("run/checkpoints/") and not ckpt.deleted:
+                    session.delete(ckpt)
+
+    def _resolve_hyperparameters(self, job: Job, run_dir: Path) -> None:
+        try:
+            config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            return
+        if not isinstance(config, dict) or "total_steps" not in config:
+            return
+        resolved = {
+            "batch_size": config.get("batch_size"),
+            "learning_rate_multiplier": config.get("learning_rate_multiplier"),
+            "n_epochs": config.get("epochs"),
+        }
+        kind = job.method["type"]
+        method = json.loads(json.dumps(job.method))
+        hp = method.setdefault(kind, {}).get("hyperparameters") or {}
+        hp.update(resolved)
+        if kind == "dpo":
+            hp["beta"] = config.get("beta") or 0.1
+        method[kind]["hyperparameters"] = hp
+        job.method, job.hyperparameters = method, resolved
+        job.total_steps = int(config["total_steps"])
+
+    def _finished_training(self, proc: Proc, code: int) -> None:
+        run_dir = job_dir(self.settings, proc.job_id) / "run"
+        with self.store.session() as session:
+            job = session.get(Job, proc.job_id)
+            if job is None:
+                return
+            job.pid = None
+            if job.status == "cancelled" or proc.stop_reason == "cancel":
+                return
+            if code == 0 and (run_dir / "final").is_dir() and (run_dir / "summary.json").is_file():
+                self._succeed(session, job, run_dir)
+            elif proc.stop_reason == "pause":
+                steps = sorted(_checkpoint_steps(run_dir))
+                at = f"step {steps[-1]}" if steps else "the start"
+                add_event(session, job.id, f"Job paused; it will resume from {at}")
+            elif proc.stop_reason == "shutdown":
+                pass  # stays `running`: recover() queues it again on the next start
+            else:
+                message = tail_error(job_dir(self.settings, job.id) / "train.log", code)
+                self._fail(session, job, "training_failed", f"Fine-tuning failed: {message}")
+        self.wake()
+
+    def _succeed(self, session: Session, job: Job, run_dir: Path) -> None:
+        project = session.get(Project, job.project_id)
+        assert project is not None
+        summary = json.loads((run_dir / "summary.json").read_text())
+        name = fine_tuned_name(job.base_model, project.name, job.suffix, job.model_key)
+        step = int(summary.get("steps") or job.total_steps or job.last_step)
+        metrics = {"step": float(step)} | {
+            k: v for k, v in (summary.get("final_metrics") or {}).items() if k in CHECKPOINT_METRICS
+        }
+        final = session.scalar(
+            select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step_number == step)
+        )
+        if final is None:
+            final = Checkpoint(
+                id=new_id("ftckpt_"),
+                job_id=job.id,
+                project_id=job.project_id,
+                step_number=step,
+                created_at=now(),
+                metrics=metrics,
+                name=name,
+                path="run/final",
+            )
+            session.add(final)
+        final.name, final.path, final.metrics = name, "run/final", metrics
+        records = []
+        metrics_path = run_dir / "metrics.jsonl"
+        if metrics_path.is_file():
+            for line in metrics_path.read_text().splitlines():
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue
+        result = self._store_result_file(session, job, base64.b64encode(results_csv(records).encode()))
+        job.status, job.fine_tuned_model, job.finished_at = "succeeded", name, now()
+        job.trained_tokens = int(summary.get("trained_tokens") or 0)
+        job.estimated_finish = None
+        job.result_files = [result]
+        add_event(session, job.id, f"New fine-tuned model created: {name}")
+        add_event(session, job.id, "The job has successfully completed")
+
+    def _store_result_file(self, session: Session, job: Job, content: bytes) -> str:
+        file_id = new_id("file-")
+        path = self.settings.files_dir / file_id
+        tmp = path.with_name(f".tmp-{file_id}")
+        tmp.write_bytes(content)
+        os.replace(tmp, path)
+        session.add(
+            File(
+                id=file_id,
+                project_id=job.project_id,
+                filename="step_metrics.csv",
+                purpose="fine-tune-results",
+                bytes=len(content),
+                created_at=now(),
+            )
+        )
+        return file_id
+
+    def _fail(self, session: Session, job: Job, code: str, message: str, param: str | None = None) -> None:
+        # the job's own paths mean nothing to the caller: name its files by id
+        directory = job_dir(self.settings, job.id)
+        message = message.replace(str(directory / "training.jsonl"), job.training_file)
+        if job.validation_file:
+            message = message.replace(str(directory / "validation.jsonl"), job.validation_file)
+        message = message.replace(str(directory) + "/", "").replace(str(self.settings.data_dir), "DATA_DIR")
+        job.status, job.finished_at, job.estimated_finish, job.pid = "failed", now(), None, None
+        job.error = {"code": code, "message": message, "param": param}
+        add_event(session, job.id, message, level="error")
+
+    # --- signals ----------------------------------------------------------------------------------------
+
+    def _terminate(self, proc: Proc, graceful: bool) -> None:
+        if graceful:
+            self._signal(proc, signal.SIGTERM)
+            proc.kill_at = time.monotonic() + self.settings.stop_grace_seconds
+        else:
+            self._signal(proc, signal.SIGKILL)
+
+    @staticmethod
+    def _signal(proc: Proc, signum: int) -> None:
+        """SIGTERM goes to the recipe's process (it checkpoints); SIGKILL to its whole process group."""
+        try:
+            if signum == signal.SIGKILL:
+                os.killpg(proc.popen.pid, signum)
+            else:
+                proc.popen.send_signal(signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _past(status: str) -> str:
+    return {"succeeded": "succeeded", "failed": "failed", "cancelled": "been cancelled"}.get(status, status)
+
+
+def _checkpoint_steps(run_dir: Path) -> set[int]:
+    root = run_dir / "checkpoints"
+    steps: set[int] = set()
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith("step-") and (path / "state.json").is_file():
+                try:
+                    steps.add(int(path.name.removeprefix("step-")))
+                except ValueError:
+                    continue
+    return steps
+
+
+def _read_new_records(path: Path, proc: Proc) -> list[dict[str, Any]]:
+    """Complete lines appended to metrics.jsonl since the last read (a resumed run rewrites the file, so a
+    shorter file starts the reading over; events for steps already reported are skipped by the caller)."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return []
+    if size < proc.offset:
+        proc.offset = 0
+    if size == proc.offset:
+        return []
+    with path.open("rb") as fh:
+        fh.seek(proc.offset)
+        chunk = fh.read(size - proc.offset)
+    end = chunk.rfind(b"\n")
+    if end < 0:
+        return []
+    proc.offset += end + 1
+    records = []
+    for line in chunk[: end + 1].splitlines():
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            records.append(value)
+    return records
+
+
+def _stop_orphan(pid: int, job_id: str, grace: float) -> None:
+    """A training process that outlived the server that started it: stop it (it checkpoints on SIGTERM)
+    before the job resumes, so two processes never write one run directory. Checked by its command line,
+    so a recycled pid is left alone."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return
+    if job_id not in cmdline:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        if _is_zombie(pid):
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Give a job its own name for an uploaded file (a hard link: no copy of the bytes)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)

@@ -1,0 +1,261 @@
+"""Files: multipart upload (streamed to disk, size-limited, stored atomically), list, retrieve, delete,
+content. A file lives at DATA_DIR/files/<file id>; the uploaded name is kept only as a label."""
+
+from __future__ import annotations
+
+import os
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse
+from python_multipart.multipart import MultipartParser, parse_options_header
+from sqlalchemy import and_, delete, or_, select
+
+from tunery.server.deps import Auth, State
+from tunery.server.errors import APIError, bad_request, not_found
+from tunery.server.schemas import cursor_page, file_object
+from tunery.server.store import File, new_id, now
+
+router = APIRouter()
+
+PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
+
+
+def clean_filename(raw: str) -> str:
+    """A label for the listing: the last path component, printable characters only, at most 255."""
+    name = raw.replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(c for c in name if unicodedata.category(c)[0] != "C").strip()
+    return name[:255] or "upload"
+
+
+class _Upload:
+    """Streaming multipart parser: form fields into memory (small), the file part straight to disk."""
+
+    def __init__(self, tmp_path: Path, limit: int) -> None:
+        self.tmp_path, self.limit = tmp_path, limit
+        self.fields: dict[str, str] = {}
+        self.filename: str | None = None
+        self.size = 0
+        self.too_large = False
+        self._fh: Any = None
+        self._header_field = b""
+        self._header_value = b""
+        self._headers: dict[bytes, bytes] = {}
+        self._name = ""
+        self._value = bytearray()
+        self._is_file = False
+
+    def callbacks(self) -> dict[str, Any]:
+        return {
+            "on_part_begin": self._begin,
+            "on_header_field": lambda d, s, e: setattr(self, "_header_field", self._header_field + d[s:e]),
+            "on_header_value": lambda d, s, e: setattr(self, "_header_value", self._header_value + d[s:e]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._data,
+            "on_part_end": self._end,
+        }
+
+    def _begin(self) -> None:
+        self._headers, self._value, self._is_file = {}, bytearray(), False
+
+    def _header_end(self) -> None:
+        self._headers[self._header_field.lower()] = self._header_value
+        self._header_field, self._header_value = b"", b""
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        self._name = options.get(b"name", b"").decode("utf-8", "replace")
+        if b"filename" in options and self._name == "file":
+            if self._fh is not None:
+                raise APIError(400, "Send one file per upload.", "file")
+            self._is_file = True
+            self.filename = clean_filename(options[b"filename"].decode("utf-8", "replace"))
+            self._fh = self.tmp_path.open("wb")
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        if self._is_file:
+            self.size += end - start
+            if self.size > self.limit:
+                self.too_large = True
+                return
+            self._fh.write(data[start:end])
+        elif len(self._value) < 65536:
+            self._value += data[start:end]
+
+    def _end(self) -> None:
+        if self._is_file:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+        elif self._name:
+            self.fields[self._name] = self._value.decode("utf-8", "replace")
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(
+        413,
+        f"File is too large: the limit is {limit} bytes ({limit / 2**20:.0f} MB).",
+        "file",
+        "file_too_large",
+    )
+
+
+@router.post("/files")
+async def create_file(request: Request, state: State, caller: Auth) -> dict[str, Any]:
+    limit = state.settings.max_upload_bytes
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit + 65536:
+        raise _too_large(limit)
+    content_type, options = parse_options_header(request.headers.get("content-type"))
+    if content_type != b"multipart/form-data" or b"boundary" not in options:
+        raise bad_request(
+            "Upload a file as multipart/form-data with the fields 'file' and 'purpose'.", "file"
+        )
+    file_id = new_id("file-")
+    files_dir = state.settings.files_dir
+    files_dir.mkdir(parents=True, exist_ok=True)
+    tmp = files_dir / f".tmp-{file_id}"
+    upload = _Upload(tmp, limit)
+    try:
+        parser = MultipartParser(options[b"boundary"], upload.callbacks())  # type: ignore[arg-type]
+        async for chunk in request.stream():
+            parser.write(chunk)
+            if upload.too_large:
+                raise _too_large(limit)
+        parser.finalize()
+        purpose = upload.fields.get("purpose")
+        if upload.filename is None:
+            raise bad_request("Missing required parameter: 'file'.", "file", "missing_required_parameter")
+        if not purpose:
+            raise bad_request(
+                "Missing required parameter: 'purpose'.", "purpose", "missing_required_parameter"
+            )
+        if purpose not in PURPOSES:
+            raise bad_request(
+                f"Invalid value for 'purpose': '{purpose}'; use one of {', '.join(PURPOSES)}.",
+                "purpose",
+                "invalid_value",
+            )
+        if purpose == "fine-tune" and not upload.filename.lower().endswith(".jsonl"):
+            raise bad_request(
+                "Invalid file format for Fine-Tuning API. Must be .jsonl", "file", "invalid_file_format"
+            )
+        if upload.size == 0:
+            raise bad_request("The file is empty.", "file", "empty_file")
+        expires_at = _expiry(upload.fields)
+        os.replace(tmp, files_dir / file_id)
+        row = File(
+            id=file_id,
+            project_id=caller.project_id,
+            filename=upload.filename,
+            purpose=purpose,
+            bytes=upload.size,
+            created_at=now(),
+            expires_at=expires_at,
+        )
+        try:
+            with state.store.session() as session:
+                session.add(row)
+        except BaseException:
+            (files_dir / file_id).unlink(missing_ok=True)
+            raise
+        return file_object(row)
+    except APIError:
+        raise
+    except Exception as exc:
+        if type(exc).__name__.endswith("ParseError"):
+            raise bad_request(f"Could not parse the multipart body: {exc}", "file") from None
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _expiry(fields: dict[str, str]) -> int | None:
+    seconds = fields.get("expires_after[seconds]")
+    if seconds is None:
+        return None
+    if fields.get("expires_after[anchor]", "created_at") != "created_at":
+        raise bad_request(
+            "expires_after[anchor] must be 'created_at'.", "expires_after.anchor", "invalid_value"
+        )
+    if not seconds.isdigit() or not 3600 <= int(seconds) <= 2592000:
+        raise bad_request(
+            "expires_after[seconds] must be between 3600 and 2592000.",
+            "expires_after.seconds",
+            "invalid_value",
+        )
+    return now() + int(seconds)
+
+
+def get_file(state: State, caller: Auth, file_id: str) -> File:
+    with state.store.session() as session:
+        row = session.get(File, file_id)
+    if (
+        row is None
+        or row.project_id != caller.project_id
+        or (row.expires_at is not None and row.expires_at < now())
+    ):
+        raise not_found("file", file_id, "file_id")
+    return row
+
+
+@router.get("/files")
+def list_files(
+    state: State,
+    caller: Auth,
+    after: str | None = None,
+    limit: int = Query(10000, ge=1, le=10000),
+    order: str = Query("desc", pattern="^(asc|desc)$"),
+    purpose: str | None = None,
+) -> dict[str, Any]:
+    with state.store.session() as session:
+        query = select(File).where(
+            File.project_id == caller.project_id, or_(File.expires_at.is_(None), File.expires_at >= now())
+        )
+        if purpose:
+            query = query.where(File.purpose == purpose)
+        if after:
+            cursor = session.get(File, after)
+            if cursor is None or cursor.project_id != caller.project_id:
+                raise not_found("file", after, "after")
+            key = (cursor.created_at, cursor.id)
+            if order == "desc":
+                query = query.where(
+                    or_(File.created_at < key[0], and_(File.created_at == key[0], File.id < key[1]))
+                )
+            else:
+                query = query.where(
+                    or_(File.created_at > key[0], and_(File.created_at == key[0], File.id > key[1]))
+                )
+        if order == "desc":
+            query = query.order_by(File.created_at.desc(), File.id.desc())
+        else:
+            query = query.order_by(File.created_at, File.id)
+        rows = session.scalars(query.limit(limit + 1)).all()
+    return cursor_page([file_object(r) for r in rows[:limit]], len(rows) > limit, with_ids=True)
+
+
+@router.get("/files/{file_id}")
+def retrieve_file(state: State, caller: Auth, file_id: str) -> dict[str, Any]:
+    return file_object(get_file(state, caller, file_id))
+
+
+@router.delete("/files/{file_id}")
+def delete_file(state: State, caller: Auth, file_id: str) -> dict[str, Any]:
+    row = get_file(state, caller, file_id)
+    with state.store.session() as session:
+        session.execute(delete(File).where(File.id == row.id))
+    (state.settings.files_dir / row.id).unlink(missing_ok=True)
+    return {"id": row.id, "object": "file", "deleted": True}
+
+
+@router.get("/files/{file_id}/content")
+def file_content(state: State, caller: Auth, file_id: str) -> FileResponse:
+    row = get_file(state, caller, file_id)
+    path = state.settings.files_dir / row.id
+    if not path.is_file():
+        raise not_found("file", file_id, "file_id")
+    return FileResponse(path, media_type="application/octet-stream")

@@ -1,0 +1,72 @@
+"""Models: the base models, and the caller's fine-tuned models and checkpoints; delete a fine-tuned one."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from fastapi import APIRouter
+from sqlalchemy import select
+
+from tunery.server.catalog import job_dir, list_models, resolve
+from tunery.server.deps import Auth, State
+from tunery.server.errors import APIError
+from tunery.server.jobs import TERMINAL
+from tunery.server.schemas import model_object
+from tunery.server.store import Checkpoint, Job
+
+router = APIRouter()
+
+
+@router.get("/models")
+def models(state: State, caller: Auth) -> dict[str, Any]:
+    with state.store.session() as session:
+        return {"object": "list", "data": list_models(session, state.settings, caller, state.started_at)}
+
+
+@router.get("/models/{model_id:path}")
+def retrieve_model(state: State, caller: Auth, model_id: str) -> dict[str, Any]:
+    with state.store.session() as session:
+        model = resolve(session, state.settings, caller, model_id)
+        if model.kind == "base":
+            return model_object(model_id, state.started_at, "system")
+        if model.checkpoint_id is not None:
+            ckpt = session.get(Checkpoint, model.checkpoint_id)
+            assert ckpt is not None
+            return model_object(model_id, ckpt.created_at, caller.project_name)
+        job = session.get(Job, model.job_id)
+        assert job is not None
+        return model_object(model_id, job.finished_at or job.created_at, caller.project_name)
+
+
+@router.delete("/models/{model_id:path}")
+def delete_model(state: State, caller: Auth, model_id: str) -> dict[str, Any]:
+    with state.scheduler.lock, state.store.session() as session:
+        model = resolve(session, state.settings, caller, model_id)
+        if model.kind == "base":
+            raise APIError(
+                403,
+                f"The base model '{model_id}' cannot be deleted; only fine-tuned models can.",
+                "model",
+                "model_not_deletable",
+            )
+        job = session.get(Job, model.job_id)
+        assert job is not None
+        if model.kind == "fine-tuned":
+            job.model_deleted = True
+            for ckpt in session.scalars(
+                select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.path == "run/final")
+            ):
+                ckpt.deleted = True
+            removed = job_dir(state.settings, job.id) / "run" / "final"
+        else:
+            row = session.get(Checkpoint, model.checkpoint_id)
+            assert row is not None
+            row.deleted = True
+            removed = job_dir(state.settings, job.id) / row.path
+            if row.path == "run/final":
+                job.model_deleted = True
+        # a paused or queued job resumes from its checkpoints: their files stay until it has finished
+        if job.status in TERMINAL:
+            shutil.rmtree(removed.parent if removed.name == "model" else removed, ignore_errors=True)
+    return {"id": model_id, "object": "model", "deleted": True}

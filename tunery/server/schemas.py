@@ -1,0 +1,201 @@
+"""Request bodies (pydantic, checked field by field: a bad value is a 400 naming its `param`) and the
+objects the API returns, shaped as OpenAI's (`shared/reference/openai-fine-tuning-api.md`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tunery.server.store import Checkpoint, Event, File, Job
+
+Auto = Literal["auto"]
+
+# --- fine-tuning jobs ------------------------------------------------------------------------------------
+
+
+class SupervisedHyperparameters(BaseModel):
+    batch_size: Auto | Annotated[int, Field(ge=1, le=256)] = "auto"
+    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = "auto"
+    n_epochs: Auto | Annotated[int, Field(ge=1, le=50)] = "auto"
+
+
+class DpoHyperparameters(SupervisedHyperparameters):
+    beta: Auto | Annotated[float, Field(gt=0, le=2)] = "auto"
+
+
+class ReinforcementHyperparameters(SupervisedHyperparameters):
+    reasoning_effort: Literal["default", "low", "medium", "high"] = "default"
+    compute_multiplier: Auto | Annotated[float, Field(gt=0.00001, le=10)] = "auto"
+    eval_interval: Auto | Annotated[int, Field(ge=1)] = "auto"
+    eval_samples: Auto | Annotated[int, Field(ge=1)] = "auto"
+
+
+class SupervisedMethod(BaseModel):
+    hyperparameters: SupervisedHyperparameters | None = None
+
+
+class DpoMethod(BaseModel):
+    hyperparameters: DpoHyperparameters | None = None
+
+
+class ReinforcementMethod(BaseModel):
+    model_config = ConfigDict(extra="allow")  # e.g. response_format, which the client sends untyped
+    grader: dict[str, Any]
+    hyperparameters: ReinforcementHyperparameters | None = None
+
+
+class Method(BaseModel):
+    type: Literal["supervised", "dpo", "reinforcement"] = "supervised"
+    supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
+    reinforcement: ReinforcementMethod | None = None
+
+
+class JobCreate(BaseModel):
+    model: str = Field(min_length=1)
+    training_file: str = Field(min_length=1)
+    validation_file: str | None = None
+    hyperparameters: SupervisedHyperparameters | None = None  # deprecated: use method
+    method: Method | None = None
+    suffix: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] | None = None
+    seed: Annotated[int, Field(ge=0, le=2147483647)] | None = None
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = None
+    integrations: list[dict[str, Any]] | None = Field(default=None, max_length=5)
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None:
+            if len(value) > 16:
+                raise ValueError("at most 16 key-value pairs")
+            if any(len(k) > 64 or not k for k in value):
+                raise ValueError("keys must be 1 to 64 characters")
+        return value
+
+
+# --- chat completions ------------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool | None = None
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the many parameters that do not apply here are ignored
+    model: str = Field(min_length=1)
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=16)] | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    logit_bias: dict[str, float] | None = None
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+    user: str | None = None
+
+
+# --- graders ---------------------------------------------------------------------------------------------
+
+
+class GraderValidate(BaseModel):
+    grader: dict[str, Any]
+
+
+class GraderRun(BaseModel):
+    grader: dict[str, Any]
+    model_sample: str
+    item: dict[str, Any] | None = None
+    reference_answer: Any = None  # the 2025-05 form, before `item`
+
+
+# --- response objects ------------------------------------------------------------------------------------
+
+
+def file_object(row: File) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "object": "file",
+        "bytes": row.bytes,
+        "created_at": row.created_at,
+        "filename": row.filename,
+        "purpose": row.purpose,
+        "status": "processed",
+        "expires_at": row.expires_at,
+        "status_details": None,
+    }
+
+
+def job_object(row: Job, organization_id: str) -> dict[str, Any]:
+    method = row.method
+    kind = method["type"]
+    return {
+        "id": row.id,
+        "object": "fine_tuning.job",
+        "created_at": row.created_at,
+        "error": row.error,
+        "fine_tuned_model": row.fine_tuned_model,
+        "finished_at": row.finished_at,
+        "hyperparameters": row.hyperparameters,
+        "model": row.model,
+        "organization_id": organization_id,
+        "result_files": list(row.result_files or []),
+        "seed": row.seed,
+        "status": row.status,
+        "trained_tokens": row.trained_tokens,
+        "training_file": row.training_file,
+        "validation_file": row.validation_file,
+        "estimated_finish": row.estimated_finish if row.status == "running" else None,
+        "integrations": row.integrations,
+        "metadata": row.job_metadata,
+        "method": {"type": kind, kind: method.get(kind, {})},
+        "user_provided_suffix": row.suffix,
+        "usage_metrics": None,
+        "shared_with_openai": False,
+    }
+
+
+def event_object(row: Event) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "object": "fine_tuning.job.event",
+        "created_at": row.created_at,
+        "level": row.level,
+        "message": row.message,
+        "type": row.type,
+        "data": row.data if row.data is not None else {},
+    }
+
+
+def checkpoint_object(row: Checkpoint) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "object": "fine_tuning.job.checkpoint",
+        "created_at": row.created_at,
+        "fine_tuned_model_checkpoint": row.name,
+        "fine_tuning_job_id": row.job_id,
+        "step_number": row.step_number,
+        "metrics": row.metrics,
+    }
+
+
+def model_object(name: str, created: int, owned_by: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": owned_by}
+
+
+def cursor_page(data: list[dict[str, Any]], has_more: bool, with_ids: bool = False) -> dict[str, Any]:
+    page: dict[str, Any] = {"object": "list", "data": data, "has_more": has_more}
+    if with_ids:
+        page["first_id"] = data[0]["id"] if data else None
+        page["last_id"] = data[-1]["id"] if data else None
+    return page

@@ -1,0 +1,68 @@
+"""Service settings: where the data lives, what it listens on, how many jobs run at once.
+
+Every field has a default; `tunery serve` flags and `TUNERY_*` environment variables override them, and
+`tunery keys` reads the same ones so both commands find the same database.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Base models the service offers (API name -> the name `tunery train --model` takes). `--base-model`
+# adds more, e.g. `gpt-4o-mini-2024-07-18=smollm2-135m-instruct` for clients that name OpenAI models.
+DEFAULT_BASE_MODELS = {"smollm2-135m-instruct": "smollm2-135m-instruct", "tiny-random": "tiny-random"}
+
+
+def tunery_home() -> Path:
+    return Path(os.environ.get("TUNERY_HOME", Path.home() / ".cache" / "tunery"))
+
+
+@dataclass
+class Settings:
+    data_dir: Path = field(default_factory=lambda: tunery_home() / "service")  # files/, jobs/, logs/
+    database_url: str = ""  # default: sqlite:///DATA_DIR/tunery.db
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_bytes: int = 512 * 2**20  # OpenAI's per-file limit
+    max_running_jobs: int = 1  # training processes at once (one saturates a small CPU)
+    stop_grace_seconds: float = 30.0  # after SIGTERM, how long a job may take to checkpoint before SIGKILL
+    poll_seconds: float = 0.5  # how often the scheduler looks at processes, metrics and checkpoints
+    base_models: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_BASE_MODELS))
+    train_overrides: list[str] = field(default_factory=list)  # `--set KEY=VALUE` added to every job
+    python: str = sys.executable
+    cli: list[str] = field(default_factory=lambda: ["-m", "tunery"])  # worker command after `python`
+    inference_cache: int = 2  # models (base + adapter) the inference worker keeps loaded
+    default_max_tokens: int = 256  # chat completions without max_tokens
+    max_completion_tokens: int = 4096
+    grader_timeout: float = 120.0  # python graders, seconds
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'tunery.db'}"
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        """Defaults, then TUNERY_DATA_DIR / TUNERY_DATABASE_URL, then `overrides` that are not None."""
+        values: dict[str, object] = {}
+        if os.environ.get("TUNERY_DATA_DIR"):
+            values["data_dir"] = Path(os.environ["TUNERY_DATA_DIR"])
+        if os.environ.get("TUNERY_DATABASE_URL"):
+            values["database_url"] = os.environ["TUNERY_DATABASE_URL"]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"

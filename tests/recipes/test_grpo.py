@@ -226,3 +226,22 @@ def test_sampler_log_probs_agree_with_the_training_forward_pass(rl_files) -> Non
         assert reported.shape == trained.shape
         assert (reported - trained).abs().mean() < 0.1
         assert (reported - trained).abs().max() < 0.5
+
+
+def test_grpo_under_torchrun_splits_each_step_across_processes_and_learns(rl_files, tmp_path: Path) -> None:
+    import shutil
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun
+    out = tmp_path / "ddp"
+    args = [a for k, v in config(rl_files, out).items() for a in ("--set", f"{k}={v}")]
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "tunery", "train", "grpo", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["completions"] == 12 * 4 * 4  # 4 prompts x 4, 12 steps
+    records = read_metrics(out / "metrics.jsonl")
+    evaluated = [r for r in records if "valid_reward_mean" in r]
+    assert evaluated[-1]["valid_reward_mean"] > evaluated[0]["valid_reward_mean"] + 0.3

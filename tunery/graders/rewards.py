@@ -20,6 +20,7 @@ from typing import Any
 from tunery.errors import TuneryError
 from tunery.graders.files import load_grader
 from tunery.graders.run import Grader, build_grader
+from tunery.graders.spec import Multi
 
 
 @dataclass
@@ -34,13 +35,16 @@ class RewardFunction:
 
     def __init__(self, grader: Grader) -> None:
         self.grader = grader
+        # The names scores are reported under: a multi grader's sub-graders, else the grader itself.
+        self.names = sorted(grader.spec.graders) if isinstance(grader.spec, Multi) else [grader.name]
 
     def __call__(self, texts: list[str], items: list[dict[str, Any]]) -> Scores:
         results = self.grader.grade_batch([{"output_text": t} for t in texts], items)
         rewards = [r.reward for r in results]
-        names = sorted({name for r in results for name in r.sub_rewards})
-        by_grader = {name: [float(r.sub_rewards.get(name, 0.0)) for r in results] for name in names}
-        return Scores(rewards, by_grader or {self.grader.name: rewards}, sum(not r.ok for r in results))
+        if not isinstance(self.grader.spec, Multi):
+            return Scores(rewards, {self.grader.name: rewards}, sum(not r.ok for r in results))
+        by_grader = {name: [float(r.sub_rewards.get(name, 0.0)) for r in results] for name in self.names}
+        return Scores(rewards, by_grader, sum(not r.ok for r in results))
 
 
 def load_reward_function(spec: str) -> RewardFunction:

@@ -4,6 +4,7 @@
         --grader examples/rl/grader.json --out runs/grpo
     tunery train grpo --baseline rloo ...       # leave-one-out baseline instead of the group mean
     tunery train grpo --resume runs/grpo
+    torchrun --nproc_per_node=2 -m tunery train grpo ...   # each process samples and trains its prompts
 
 A step takes `batch_size` prompts, samples `group_size` completions of each with the policy, scores
 them with the grader (an OpenAI grader JSON, or `file.py:function` for a plain Python reward function)
@@ -20,6 +21,9 @@ learns when to stop.
 Departures from the papers: advantages use the population std (+1e-4); groups whose rewards are all
 equal add nothing to the gradient and, when beta is 0, skip the training forward pass altogether; with
 `num_iterations` = 1 the importance ratio is exactly 1, so the old-policy forward pass is skipped.
+Under torchrun each process takes its share of the step's prompts, samples, grades and trains on them;
+token weights, rewards and metrics are summed over processes and DDP averages the gradients, so the loss
+is the same as in one process (the samples differ: each process has its own sampling seed).
 Evaluation samples one greedy completion per held-out prompt (temperature 0), so `valid_reward_mean` is
 not sampling noise; `kl` (policy vs reference on the step's completions) is logged every step when beta
 is above 0, and at evaluations otherwise.
@@ -28,17 +32,19 @@ is above 0, and at evaluations otherwise.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel
+from torch.nn.parallel import DistributedDataParallel
 
 from tunery.data.packing import Segment, pack_branches, plan_rows, step_indices
 from tunery.data.prompts import PromptItem, load_prompt_data
@@ -175,6 +181,7 @@ class Group:
     trained: list[bool]  # False for completions left out of the loss (mask_truncated)
     rewards: list[float]
     advantages: list[float]
+    weights: list[float] = field(default_factory=list)  # per completion: each token's weight in the loss
     old_logps: list[torch.Tensor] | None = None  # per completion, when num_iterations > 1
     ref_logps: list[torch.Tensor] | None = None  # per completion, when a KL is needed
 
@@ -244,9 +251,10 @@ def sample_groups(
     reward_fn: RewardFunction,
     cfg: dict[str, Any],
     seed: int,
-) -> tuple[list[Group], dict[str, float], int]:
-    """Sample and grade `group_size` completions per prompt: the groups, per-grader mean scores and the
-    number of completions whose grading failed."""
+    world: distributed.World,
+) -> tuple[list[Group], dict[str, float]]:
+    """Sample and grade `group_size` completions of each of this process's prompts. Returns the groups
+    and sums for the step's record (added over processes by the caller)."""
     n = cfg["group_size"]
     params = SamplingParams(
         max_new_tokens=cfg["max_new_tokens"],
@@ -259,10 +267,16 @@ def sample_groups(
     model.eval()
     completions = sample(model, tokenizer, [p.prompt_ids for p in prompts for _ in range(n)], params)
     model.train(was_training)
-    items = [p.item for p in prompts for _ in range(n)]
-    scores = reward_fn([c.text for c in completions], items)
-    rewards = scores.rewards
-    advantages = group_advantages(torch.tensor(rewards), n, cfg["scale_rewards"], cfg["baseline"]).tolist()
+    scores = reward_fn([c.text for c in completions], [p.item for p in prompts for _ in range(n)])
+    rewards = torch.tensor(scores.rewards)
+    if cfg["scale_rewards"] == "batch":  # the std of the whole step, over every process
+        total, squares, count = distributed.all_sum(
+            [float(rewards.sum()), float((rewards**2).sum()), float(len(rewards))], world
+        )
+        std = max(squares / count - (total / count) ** 2, 0.0) ** 0.5
+        advantages = (group_advantages(rewards, n, "none", cfg["baseline"]) / (std + 1e-4)).tolist()
+    else:
+        advantages = group_advantages(rewards, n, cfg["scale_rewards"], cfg["baseline"]).tolist()
     groups = []
     for k, prompt in enumerate(prompts):
         block = slice(k * n, (k + 1) * n)
@@ -275,12 +289,22 @@ def sample_groups(
                 trained=[
                     not (cfg["mask_truncated"] and c.finish_reason == "length") for c in group_completions
                 ],
-                rewards=rewards[block],
+                rewards=scores.rewards[block],
                 advantages=advantages[block],
             )
         )
-    means = {name: sum(values) / len(values) for name, values in scores.by_grader.items()}
-    return groups, means, scores.errors
+    sums = {
+        "completions": float(len(completions)),
+        "reward": float(rewards.sum()),
+        "reward_squares": float((rewards**2).sum()),
+        "groups": float(len(groups)),
+        "zero_std_groups": float(sum(max(g.rewards) == min(g.rewards) for g in groups)),
+        "grader_errors": float(scores.errors),
+        "length": float(sum(len(c.token_ids) for c in completions)),
+        "truncated": float(sum(c.finish_reason == "length" for c in completions)),
+        **{f"grader/{name}": float(sum(scores.by_grader[name])) for name in reward_fn.names},
+    }
+    return groups, sums
 
 
 @torch.no_grad()
@@ -290,29 +314,140 @@ def evaluate(
     prompts: list[PromptItem],
     reward_fn: RewardFunction,
     cfg: dict[str, Any],
+    world: distributed.World,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Greedy completions of held-out prompts, graded: `valid_reward_mean`, per-grader means, lengths."""
+    """Greedy completions of the held-out prompts (each process takes its share), graded:
+    `valid_reward_mean`, per-grader means, lengths; and this process's first completions, to show."""
+    mine = prompts[world.rank :: world.size]
     was_training = model.training
     model.eval()
     params = SamplingParams(max_new_tokens=cfg["max_new_tokens"], temperature=0.0)
     completions: list[Completion] = []
-    for start in range(0, len(prompts), 32):
-        completions += sample(model, tokenizer, [p.prompt_ids for p in prompts[start : start + 32]], params)
+    for start in range(0, len(mine), 32):
+        completions += sample(model, tokenizer, [p.prompt_ids for p in mine[start : start + 32]], params)
     model.train(was_training)
-    scores = reward_fn([c.text for c in completions], [p.item for p in prompts])
-    rewards = scores.rewards
+    scores = reward_fn([c.text for c in completions], [p.item for p in mine])
+    totals = distributed.all_sum(
+        [
+            float(len(completions)),
+            sum(scores.rewards),
+            float(scores.errors),
+            float(sum(len(c.token_ids) for c in completions)),
+            float(sum(c.finish_reason == "length" for c in completions)),
+            *[sum(scores.by_grader[name]) for name in reward_fn.names],
+        ],
+        world,
+    )
+    count = max(totals[0], 1.0)
     metrics = {
-        "valid_reward_mean": sum(rewards) / len(rewards),
-        **{f"valid_reward/{name}": sum(v) / len(v) for name, v in scores.by_grader.items()},
-        "valid_grader_errors": scores.errors,
-        "valid_completion_length": sum(len(c.token_ids) for c in completions) / len(completions),
-        "valid_truncated_ratio": sum(c.finish_reason == "length" for c in completions) / len(completions),
+        "valid_reward_mean": totals[1] / count,
+        **{f"valid_reward/{name}": v / count for name, v in zip(reward_fn.names, totals[5:], strict=True)},
+        "valid_grader_errors": totals[2],
+        "valid_completion_length": totals[3] / count,
+        "valid_truncated_ratio": totals[4] / count,
     }
     shown = [
         {"line": p.line, "prompt": p.messages[-1]["content"], "completion": c.text, "reward": r}
-        for p, c, r in list(zip(prompts, completions, rewards, strict=True))[: cfg["log_samples"]]
+        for p, c, r in list(zip(mine, completions, scores.rewards, strict=True))[: cfg["log_samples"]]
     ]
     return metrics, shown
+
+
+# --- the policy update -----------------------------------------------------------------------------------
+
+
+def policy_update(
+    model: torch.nn.Module,
+    ddp_model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    groups: list[Group],
+    cfg: dict[str, Any],
+    world: distributed.World,
+    need_kl: bool,
+) -> dict[str, float]:
+    """`num_iterations` optimizer updates on this process's groups (DDP averages the gradients).
+    Returns sums for the step's record."""
+    beta, device = cfg["beta"], world.device
+    lm_head_weight = output_weight(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # Each token's weight in the step's loss, normalised over every process's completions.
+    lengths = torch.tensor(
+        [len(a) if t else 0 for g in groups for a, t in zip(g.answers, g.trained, strict=True)]
+    )
+    n_total, tokens_total = distributed.all_sum([float(len(lengths)), float(lengths.sum())], world)
+    weights = token_weights(lengths, cfg["loss_aggregation"], cfg["max_new_tokens"] + 1)
+    scale = (
+        tokens_total / max(float(lengths.sum()), 1.0)
+        if cfg["loss_aggregation"] == "token"
+        else n_total / len(lengths)
+    )
+    per_completion = (weights / scale * world.size).tolist()  # x world size: DDP averages processes
+    for g, start in zip(
+        groups, itertools.accumulate([len(g.answers) for g in groups], initial=0), strict=False
+    ):
+        g.weights = per_completion[start : start + len(g.answers)]
+
+    # Groups whose rewards are all equal have zero advantage: without a KL term they add nothing.
+    active = [g for g in groups if beta > 0 or any(a != 0 for a in g.advantages)]
+    idle = [g for g in groups if all(g is not a for a in active)]
+    if need_kl:
+        fill_logps(model, groups, cfg, device, reference=True)
+    if cfg["num_iterations"] > 1 or (need_kl and idle):  # old-policy log-probs: reuse, or the idle KL
+        fill_logps(
+            model,
+            (active if cfg["num_iterations"] > 1 else []) + (idle if need_kl else []),
+            cfg,
+            device,
+            reference=False,
+        )
+    sums = {
+        "clipped": 0.0,
+        "trained_tokens": 0.0,
+        "entropy": 0.0,
+        "kl": 0.0,
+        "kl_tokens": 0.0,
+        "row_tokens": 0.0,
+    }
+    for g in idle if need_kl else []:
+        for policy_logps, ref_logps in zip(g.old_logps or [], g.ref_logps or [], strict=True):
+            sums["kl"] += float(kl_k3(policy_logps, ref_logps).sum())
+            sums["kl_tokens"] += policy_logps.numel()
+
+    # Every process joins each iteration's gradient all-reduce, with a weightless row if it has nothing.
+    any_active = distributed.all_sum([float(len(active))], world)[0] > 0
+    grad_norm = 0.0
+    for _ in range(cfg["num_iterations"] if any_active else 0):
+        rows = plan_rows(active or groups[:1], cfg["micro_batch_tokens"])
+        for k, row_groups in enumerate(rows):
+            sync = k == len(rows) - 1 or not world.distributed
+            with contextlib.nullcontext() if sync else ddp_model.no_sync():  # type: ignore[operator]
+                row, logps, entropy = packed_logps(ddp_model, lm_head_weight, row_groups, cfg, device)
+                answers = [(g, j) for g in row_groups for j in range(len(g.answers))]
+                adv = torch.tensor([g.advantages[j] for g, j in answers])[row.sequence]
+                w = torch.tensor([g.weights[j] for g, j in answers])[row.sequence] * float(bool(active))
+                old = logps.detach()
+                if cfg["num_iterations"] > 1 and active:
+                    old = torch.cat([g.old_logps[j] for g, j in answers if g.old_logps is not None]).to(logps)
+                per_token, clipped = clipped_surrogate(logps, old, adv, cfg["epsilon"], cfg["epsilon_high"])
+                if active and (beta > 0 or need_kl):
+                    ref = torch.cat([g.ref_logps[j] for g, j in answers if g.ref_logps is not None]).to(logps)
+                    kl = kl_k3(logps, ref)
+                    per_token = per_token + beta * kl if beta > 0 else per_token
+                    sums["kl"] += float(kl.detach().sum())
+                    sums["kl_tokens"] += kl.numel()
+                (per_token * w).sum().backward()
+            if active:
+                sums["clipped"] += float(clipped.sum())
+                sums["trained_tokens"] += logps.numel()
+                sums["entropy"] += float(entropy.sum())
+                sums["row_tokens"] += row.n_tokens
+        grad_norm = float(
+            torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip"] if cfg["grad_clip"] > 0 else math.inf)
+        )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sums["grad_norm"] = grad_norm / world.size  # (the same on every process after the all-reduce)
+    return sums
 
 
 # --- train -----------------------------------------------------------------------------------------------
@@ -321,11 +456,10 @@ def evaluate(
 def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     keep_freed_memory()
     world = distributed.setup()
-    if world.distributed:
-        distributed.teardown(world)
-        raise TuneryError("GRPO runs in one process for now; start it without torchrun")
     run_dir = Path(cfg.out)
-    prepare_run_dir(run_dir, resume, overwrite)
+    if world.is_main:
+        prepare_run_dir(run_dir, resume, overwrite)
+    distributed.barrier(world)
     if resume:
         check_same_data(run_dir, cfg)
     reward_fn = load_reward_function(cfg.grader)
@@ -335,7 +469,7 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dic
         model = merge_adapter(model, cfg.adapter)  # type: ignore[arg-type]
     train_prompts, too_long = load_prompt_data(cfg.data, tokenizer, cfg.max_prompt_length)
     valid_prompts = load_prompt_data(cfg.valid, tokenizer, cfg.max_prompt_length)[0] if cfg.valid else []
-    if too_long:
+    if too_long and world.is_main:
         log.warning("skipped %d prompts longer than max_prompt_length=%d (lines %s)", len(too_long),
                     cfg.max_prompt_length, ", ".join(map(str, too_long[:10])))  # fmt: skip
     resolved = resolve_common(
@@ -353,7 +487,7 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dic
         epsilon_high=cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon,
         grader_sha256=_grader_digest(cfg.grader),
     )
-    if not resume:
+    if world.is_main and not resume:
         atomic_write_yaml(run_dir / "config.yaml", resolved)
         tokenizer.save_pretrained(run_dir / "tokenizer")
     batch_size = resolved["batch_size"]
@@ -369,33 +503,33 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dic
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=resolved["lr"], weight_decay=cfg.weight_decay)
-    lm_head_weight = output_weight(model)
+    ddp_model: torch.nn.Module = DistributedDataParallel(model) if world.distributed else model
     start_step, tokens_seen, train_seconds, metrics = restore(run_dir, model, optimizer, resume, world)
-    assert metrics is not None
     warmup_steps = round(cfg.warmup_ratio * total_steps)
-    log.info(
-        "grpo: %d prompts (%d held out); %d steps of %d prompts x %d completions; %s trainable parameters; %s",
-        len(train_prompts), len(valid_prompts), total_steps, batch_size, cfg.group_size,
-        f"{sum(p.numel() for p in trainable):,}", resolved["precision"],
-    )  # fmt: skip
-    samples_path = run_dir / "samples.jsonl"
+    if world.is_main:
+        log.info(
+            "grpo: %d prompts (%d held out); %d steps of %d prompts x %d completions; %s trainable parameters; %s",
+            len(train_prompts), len(valid_prompts), total_steps, batch_size, cfg.group_size,
+            f"{sum(p.numel() for p in trainable):,}", resolved["precision"],
+        )  # fmt: skip
     eval_prompts = valid_prompts[: cfg.eval_examples]
 
     def run_eval(step: int) -> dict[str, float]:
-        valid_metrics, shown = evaluate(model, tokenizer, eval_prompts, reward_fn, resolved)
-        with samples_path.open("a") as fh:
-            for s in shown:
-                fh.write(json.dumps({"step": step, **s}) + "\n")
+        valid_metrics, shown = evaluate(model, tokenizer, eval_prompts, reward_fn, resolved, world)
+        if world.is_main:
+            with (run_dir / "samples.jsonl").open("a") as fh:
+                fh.writelines(json.dumps({"step": step, **s}) + "\n" for s in shown)
         return valid_metrics
 
     wall_start = time.monotonic()
     if eval_prompts and start_step == 0:  # the starting point, to compare every later evaluation with
-        metrics.write({"step": 0, "total_steps": total_steps, **run_eval(0)})
-    step = start_step
-    completions_done = 0
+        record0 = {"step": 0, "total_steps": total_steps, **run_eval(0)}
+        if metrics is not None:
+            metrics.write(record0)
+    step, completions_done = start_step, 0
     with (
         GracefulStop() as stop,
-        StepProgress(total_steps, start_step, "grpo", enabled=True) as progress,
+        StepProgress(total_steps, start_step, "grpo", enabled=world.is_main) as progress,
     ):
         while step < total_steps:
             t0 = time.monotonic()
@@ -404,121 +538,59 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dic
             else:
                 within = step % math.ceil(len(train_prompts) / batch_size)
                 order = list(range(within * batch_size, min(len(train_prompts), (within + 1) * batch_size)))
-            prompts = [train_prompts[i] for i in order]
-            groups, sub_means, grader_errors = sample_groups(
-                model, tokenizer, prompts, reward_fn, resolved, seed=cfg.seed * 1_000_003 + step
-            )
+            # This process's share; a short last batch with fewer prompts than processes repeats some.
+            order = (order * world.size)[: max(len(order), world.size)]
+            mine = [train_prompts[i] for i in order[world.rank :: world.size]]
+            seed = cfg.seed * 1_000_003 + step * 1_009 + world.rank
+            groups, sums = sample_groups(model, tokenizer, mine, reward_fn, resolved, seed, world)
             sample_seconds = time.monotonic() - t0
-            completions = [c for g in groups for c in g.completions]
-            all_lengths = torch.tensor(
-                [len(a) if t else 0 for g in groups for a, t in zip(g.answers, g.trained, strict=True)]
-            )
-            weights = token_weights(all_lengths, cfg.loss_aggregation, cfg.max_new_tokens + 1).tolist()
+            lr = lr_at(step, total_steps, resolved["lr"], warmup_steps, cfg.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             evaluating = bool(eval_prompts) and (
                 (step + 1) % resolved["eval_every"] == 0 or step + 1 == total_steps
             )
             need_kl = cfg.beta > 0 or (evaluating and cfg.lora_rank > 0)
-            # Groups whose rewards are all equal have zero advantage: without a KL term they add nothing.
-            active = [g for g in groups if any(a != 0 for a in g.advantages) or cfg.beta > 0]
-            if need_kl:
-                fill_logps(model, groups, resolved, world.device, reference=True)
-            # Old-policy log-probs: for a second update on the same batch, and for the KL of the groups
-            # that are not trained this step.
-            idle = [g for g in groups if all(g is not a for a in active)] if need_kl else []
-            if cfg.num_iterations > 1 or idle:
-                fill_logps(
-                    model,
-                    (active if cfg.num_iterations > 1 else []) + idle,
-                    resolved,
-                    world.device,
-                    reference=False,
-                )
-            offsets, seen = {}, 0
-            for g in groups:
-                offsets[id(g)] = seen
-                seen += len(g.answers)
-
-            sums = {"clipped": 0.0, "tokens": 0.0, "entropy": 0.0, "kl": 0.0, "kl_tokens": 0.0}
-            for g in idle:
-                assert g.old_logps is not None and g.ref_logps is not None
-                for policy_logps, ref_logps in zip(g.old_logps, g.ref_logps, strict=True):
-                    sums["kl"] += float(kl_k3(policy_logps, ref_logps).sum())
-                    sums["kl_tokens"] += policy_logps.numel()
-            grad_norm, lr = 0.0, lr_at(step, total_steps, resolved["lr"], warmup_steps, cfg.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for _ in range(cfg.num_iterations):
-                for row_groups in plan_rows(active, cfg.micro_batch_tokens):
-                    row, logps, entropy = packed_logps(
-                        model, lm_head_weight, row_groups, resolved, world.device
-                    )
-                    seq_of_token = row.sequence.tolist()
-                    flat = [(g, j) for g in row_groups for j in range(len(g.answers))]
-                    adv = torch.tensor([flat[s][0].advantages[flat[s][1]] for s in range(len(flat))])[
-                        row.sequence
-                    ]
-                    w = torch.tensor([weights[offsets[id(g)] + j] for g, j in flat])[row.sequence]
-                    old = (
-                        torch.cat([g.old_logps[j] for g, j in flat if g.old_logps is not None]).to(logps)
-                        if cfg.num_iterations > 1
-                        else logps.detach()
-                    )
-                    per_token, clipped = clipped_surrogate(
-                        logps, old, adv, cfg.epsilon, resolved["epsilon_high"]
-                    )
-                    if cfg.beta > 0 or need_kl:
-                        ref = torch.cat([g.ref_logps[j] for g, j in flat if g.ref_logps is not None]).to(
-                            logps
-                        )
-                        kl = kl_k3(logps, ref)
-                        if cfg.beta > 0:
-                            per_token = per_token + cfg.beta * kl
-                        sums["kl"] += float(kl.detach().sum())
-                        sums["kl_tokens"] += kl.numel()
-                    (per_token * w).sum().backward()
-                    sums["clipped"] += float(clipped.sum())
-                    sums["tokens"] += len(seq_of_token)
-                    sums["entropy"] += float(entropy.sum())
-                    tokens_seen += row.n_tokens
-                if active:
-                    grad_norm = float(
-                        torch.nn.utils.clip_grad_norm_(
-                            trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-                        )
-                    )
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+            sums |= policy_update(model, ddp_model, optimizer, groups, resolved, world, need_kl)
             step += 1
+
+            names = sorted(sums)
+            totals = dict(zip(names, distributed.all_sum([sums[k] for k in names], world), strict=True))
+            longest = distributed.all_max(
+                [float(max(len(c.token_ids) for g in groups for c in g.completions))], world
+            )[0]
             step_seconds = time.monotonic() - t0
             train_seconds += step_seconds
-            completions_done += len(completions)
-            rewards = torch.tensor([r for g in groups for r in g.rewards])
-            zero_std = sum(1 for g in groups if max(g.rewards) == min(g.rewards)) / len(groups)
+            tokens_seen += int(totals["row_tokens"])
+            completions_done += int(totals["completions"])
+            n = totals["completions"]
+            mean = totals["reward"] / n
             record: dict[str, Any] = {
                 "step": step,
                 "total_steps": total_steps,
-                "train_reward_mean": float(rewards.mean()),
-                "train_reward_std": float(rewards.std(unbiased=False)),
-                **{f"train_reward/{name}": v for name, v in sub_means.items()},
-                "frac_reward_zero_std": zero_std,
-                "grader_errors": grader_errors,
-                "completion_length": sum(len(c.token_ids) for c in completions) / len(completions),
-                "completion_length_max": max(len(c.token_ids) for c in completions),
-                "truncated_ratio": sum(c.finish_reason == "length" for c in completions) / len(completions),
-                "entropy": sums["entropy"] / max(sums["tokens"], 1),
-                "clip_fraction": sums["clipped"] / max(sums["tokens"], 1),
+                "train_reward_mean": mean,
+                "train_reward_std": max(totals["reward_squares"] / n - mean**2, 0.0) ** 0.5,
+                **{f"train_reward/{name}": totals[f"grader/{name}"] / n for name in reward_fn.names},
+                "frac_reward_zero_std": totals["zero_std_groups"] / totals["groups"],
+                "grader_errors": totals["grader_errors"],
+                "completion_length": totals["length"] / n,
+                "completion_length_max": longest,
+                "truncated_ratio": totals["truncated"] / n,
+                "entropy": totals["entropy"] / max(totals["trained_tokens"], 1),
+                "clip_fraction": totals["clipped"] / max(totals["trained_tokens"], 1),
                 "lr": lr,
-                "grad_norm": grad_norm,
+                "grad_norm": totals["grad_norm"],
                 "tokens": tokens_seen,
-                "completions_per_second": len(completions) / step_seconds,
+                "completions_per_second": n / step_seconds,
                 "sample_seconds": sample_seconds,
                 "step_seconds": step_seconds,
             }
-            if sums["kl_tokens"]:
-                record["kl"] = sums["kl"] / sums["kl_tokens"]
+            if totals["kl_tokens"]:
+                record["kl"] = totals["kl"] / totals["kl_tokens"]
             if evaluating:
                 record.update(run_eval(step))
-            metrics.write(record)
+            if metrics is not None:
+                metrics.write(record)
             progress.update(
                 step,
                 f"reward {record['train_reward_mean']:.3f}"
@@ -530,26 +602,29 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dic
             checkpoint_or_stop(run_dir, step, resolved, model, optimizer, counters, stop, world, "grpo")
 
     # --- finish: final weights and summary -----------------------------------------------------------------
-    metrics.close()
-    base_adapter = adapter_dir(cfg.adapter) if cfg.adapter and isinstance(model, PeftModel) else None
-    meta = {"base_model": cfg.model, "method": "grpo", "adapter": cfg.adapter, "config": resolved}
-    save_final(run_dir, model, tokenizer, meta, base_adapter=str(base_adapter) if base_adapter else None)
-    first_eval = _first_eval(run_dir)
-    summary = run_summary(
-        "grpo",
-        cfg,
-        run_dir,
-        total_steps,
-        tokens_seen,
-        wall_start,
-        train_seconds,
-        world,
-        last_metrics(run_dir, ("train_", "valid_", "kl", "entropy", "completion_length")),
-        completions=completions_done,
-        completions_per_second=round(completions_done / max(train_seconds, 1e-9), 3),
-        start_valid_reward_mean=first_eval,
-    )
-    atomic_write_json(run_dir / "summary.json", summary)
+    summary: dict[str, Any] = {}
+    if world.is_main:
+        assert metrics is not None
+        metrics.close()
+        base_adapter = adapter_dir(cfg.adapter) if cfg.adapter and isinstance(model, PeftModel) else None
+        meta = {"base_model": cfg.model, "method": "grpo", "adapter": cfg.adapter, "config": resolved}
+        save_final(run_dir, model, tokenizer, meta, base_adapter=str(base_adapter) if base_adapter else None)
+        summary = run_summary(
+            "grpo",
+            cfg,
+            run_dir,
+            total_steps,
+            tokens_seen,
+            wall_start,
+            train_seconds,
+            world,
+            last_metrics(run_dir, ("train_", "valid_", "kl", "entropy", "completion_length")),
+            completions=completions_done,
+            completions_per_second=round(completions_done / max(train_seconds, 1e-9), 3),
+            start_valid_reward_mean=_first_eval(run_dir),
+        )
+        atomic_write_json(run_dir / "summary.json", summary)
+    distributed.barrier(world)
     distributed.teardown(world)
     return summary
 

@@ -51,6 +51,15 @@ def all_sum(values: list[float], world: World) -> list[float]:
     return tensor.tolist()
 
 
+def all_max(values: list[float], world: World) -> list[float]:
+    """The largest value of each of a few scalars over all processes (one collective)."""
+    if not world.distributed:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=world.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

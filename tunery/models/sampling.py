@@ -101,6 +101,8 @@ def sample(
     Runs on the decoding engine (`decode.py`) when the architecture is supported, else on the model's own
     forward. Identical prompts (a GRPO group) are computed once and their KV cache copied.
     """
+    if not prompts:
+        return []
     engine = decode_model_for(model)
     if engine is None:
         return _sample_generic(model, tokenizer, prompts, params, on_text, autocast_dtype)

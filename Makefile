@@ -36,8 +36,8 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tunery tests bench
 	$(VENV)/bin/ruff format --check tunery tests bench
-	$(VENV)/bin/mypy tunery/cli.py
-	$(VENV)/bin/mypy --strict --follow-imports=silent tunery/cli.py
+	$(VENV)/bin/mypy tunery/cli.py tunery/server
+	$(VENV)/bin/mypy --strict --follow-imports=silent tunery/cli.py tunery/server
 
 bench: $(BENCH_STAMP)
 	$(PY) bench/sft.py

@@ -704,6 +704,7 @@ class Scheduler:
         session.add(
             File(
                 id=file_id,
+                seq=int(session.scalar(select(func.max(File.seq))) or 0) + 1,
                 project_id=job.project_id,
                 filename="step_metrics.csv",
                 purpose="fine-tune-results",

@@ -58,6 +58,7 @@ class File(Base):
     __tablename__ = "files"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
+    seq: Mapped[int] = mapped_column(Integer, index=True, default=0)  # upload order
     filename: Mapped[str] = mapped_column(String(255))  # as uploaded: shown, never used as a path
     purpose: Mapped[str] = mapped_column(String(32))
     bytes: Mapped[int] = mapped_column(Integer)

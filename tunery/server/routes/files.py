@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 from python_multipart.multipart import MultipartParser, parse_options_header
-from sqlalchemy import and_, delete, or_, select
+from sqlalchemy import and_, delete, func, or_, select
 
 from tunery.server.deps import Auth, State
 from tunery.server.errors import APIError, bad_request, not_found
@@ -158,6 +158,7 @@ async def create_file(request: Request, state: State, caller: Auth) -> dict[str,
         )
         try:
             with state.store.session() as session:
+                row.seq = int(session.scalar(select(func.max(File.seq))) or 0) + 1
                 session.add(row)
         except BaseException:
             (files_dir / file_id).unlink(missing_ok=True)
@@ -221,19 +222,15 @@ def list_files(
             cursor = session.get(File, after)
             if cursor is None or cursor.project_id != caller.project_id:
                 raise not_found("file", after, "after")
-            key = (cursor.created_at, cursor.id)
+            key = (cursor.seq, cursor.id)
             if order == "desc":
-                query = query.where(
-                    or_(File.created_at < key[0], and_(File.created_at == key[0], File.id < key[1]))
-                )
+                query = query.where(or_(File.seq < key[0], and_(File.seq == key[0], File.id < key[1])))
             else:
-                query = query.where(
-                    or_(File.created_at > key[0], and_(File.created_at == key[0], File.id > key[1]))
-                )
+                query = query.where(or_(File.seq > key[0], and_(File.seq == key[0], File.id > key[1])))
         if order == "desc":
-            query = query.order_by(File.created_at.desc(), File.id.desc())
+            query = query.order_by(File.seq.desc(), File.id.desc())
         else:
-            query = query.order_by(File.created_at, File.id)
+            query = query.order_by(File.seq, File.id)
         rows = session.scalars(query.limit(limit + 1)).all()
     return cursor_page([file_object(r) for r in rows[:limit]], len(rows) > limit, with_ids=True)
 

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import chat_lines, pair_lines
+from tunery.server.app import create_app
+from tunery.server.auth import create_key
+from tunery.server.settings import Settings
+from tunery.server.store import Store
+
+FAKE_CLI = str(Path(__file__).with_name("fake_tunery.py"))
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def jsonl(lines: list[Any]) -> bytes:
+    return "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines).encode()
+
+
+class Api:
+    """A TestClient with one project's key, and the few calls every test makes."""
+
+    def __init__(self, client: TestClient, key: str) -> None:
+        self.client, self.headers = client, {"Authorization": f"Bearer {key}"}
+
+    def get(self, path: str, **kw: Any) -> Any:
+        return self.client.get("/v1" + path, headers=self.headers, **kw)
+
+    def post(self, path: str, **kw: Any) -> Any:
+        return self.client.post("/v1" + path, headers=self.headers, **kw)
+
+    def delete(self, path: str, **kw: Any) -> Any:
+        return self.client.delete("/v1" + path, headers=self.headers, **kw)
+
+    def upload(self, content: bytes, name: str = "train.jsonl", purpose: str = "fine-tune") -> str:
+        r = self.post("/files", files={"file": (name, content)}, data={"purpose": purpose})
+        assert r.status_code == 200, r.text
+        return str(r.json()["id"])
+
+    def create_job(self, training: bytes | None = None, **body: Any) -> dict[str, Any]:
+        if "training_file" not in body:
+            body["training_file"] = self.upload(training if training is not None else jsonl(chat_lines(10)))
+        body.setdefault("model", "tiny-random")
+        r = self.post("/fine_tuning/jobs", json=body)
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    def wait(
+        self, job_id: str, until: Callable[[dict[str, Any]], bool], timeout: float = 30
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.get(f"/fine_tuning/jobs/{job_id}").json()
+            if until(job):
+                return dict(job)
+            assert time.monotonic() < deadline, f"timed out; job is {job['status']}: {job}"
+            time.sleep(0.05)
+
+    def wait_status(self, job_id: str, *statuses: str, timeout: float = 30) -> dict[str, Any]:
+        return self.wait(job_id, lambda j: j["status"] in statuses, timeout)
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        return list(self.get(f"/fine_tuning/jobs/{job_id}/events", params={"limit": 1000}).json()["data"])
+
+
+def fake_settings(data_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "cli": [FAKE_CLI],
+        "python": sys.executable,
+        "poll_seconds": 0.05,
+        "stop_grace_seconds": 5.0,
+    }
+    return Settings(**(values | overrides))
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return fake_settings(tmp_path / "service")
+
+
+@pytest.fixture
+def keys(settings: Settings) -> dict[str, str]:
+    store = Store(settings.database_url)
+    keys = {name: create_key(store, name)[1] for name in ("acme", "globex")}
+    store.close()
+    return keys
+
+
+@pytest.fixture
+def client(settings: Settings, keys: dict[str, str]) -> Iterator[TestClient]:
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.fixture
+def api(client: TestClient, keys: dict[str, str]) -> Api:
+    return Api(client, keys["acme"])
+
+
+@pytest.fixture
+def other(client: TestClient, keys: dict[str, str]) -> Api:
+    return Api(client, keys["globex"])
+
+
+__all__ = ["Api", "chat_lines", "jsonl", "pair_lines", "fake_settings", "TERMINAL"]

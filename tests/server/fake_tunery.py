@@ -1,0 +1,161 @@
+"""A stand-in for `python -m tunery` in the in-process service tests: the same command lines and the
+same run directory layout as the real CLI, in milliseconds and without torch.
+
+    fake_tunery.py data validate FILE --json --format F --min-examples N ...
+    fake_tunery.py train sft|dpo|grpo --data F --out DIR [--epochs N] [--batch-size N] ... | --resume DIR
+
+Training writes config.yaml, metrics.jsonl, checkpoints/step-N/ (every step), final/ and summary.json;
+SIGTERM checkpoints at the next step boundary and exits 2 with the recipe's message, as the recipes do.
+Each step sleeps FAKE_STEP_SECONDS (default 0.05). A training file containing FAIL_TRAINING fails at
+step 2. Every command line is appended to DIR/../argv.jsonl, so tests can check what the service ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from tunery.data.chat import check_chat_example
+
+
+def validate(args: list[str]) -> int:
+    path = Path(args[0])
+    fmt = args[args.index("--format") + 1] if "--format" in args else "auto"
+    minimum = int(args[args.index("--min-examples") + 1]) if "--min-examples" in args else 10
+    if not path.is_file() or path.stat().st_size == 0:
+        print(f"tunery: error: {path}: the file is empty; it needs one JSON object per line", file=sys.stderr)
+        return 2
+    problems, examples, detected = [], 0, None
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as exc:
+            problems.append(
+                {
+                    "line": number,
+                    "key": "invalid_json",
+                    "message": f"invalid JSON: {exc.msg}",
+                    "severity": "error",
+                }
+            )
+            continue
+        kind = "preference" if isinstance(value, dict) and "preferred_output" in value else "chat"
+        detected = detected or kind
+        if kind == "chat" and fmt != "prompts":
+            _, found = check_chat_example(value, number)
+            problems += [
+                {"line": p.line, "key": p.key, "message": p.message, "severity": p.severity} for p in found
+            ]
+            if found:
+                continue
+        examples += 1
+    errors = [p for p in problems if p["severity"] == "error"]
+    if not errors and examples < minimum:
+        problems.append(
+            {
+                "line": None,
+                "key": "invalid_n_examples",
+                "message": f"{examples} examples; at least {minimum} are required",
+                "severity": "error",
+            }
+        )
+    report = {
+        "file": str(path),
+        "format": "prompts" if fmt == "prompts" else (detected or "chat"),
+        "ok": not [p for p in problems if p["severity"] == "error"],
+        "stats": {"examples": examples, "total_tokens": 100 * examples},
+        "problems": problems,
+    }
+    print(json.dumps(report))
+    return 0 if report["ok"] else 1
+
+
+def flag(args: list[str], name: str, default: str | None = None) -> str | None:
+    return args[args.index(name) + 1] if name in args else default
+
+
+def train(method: str, args: list[str]) -> int:
+    stop = {"requested": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+    resume = flag(args, "--resume")
+    run_dir = Path(resume or flag(args, "--out") or "run")
+    with (run_dir.parent / "argv.jsonl").open("a") as fh:
+        fh.write(json.dumps([method, *args]) + "\n")
+    if resume:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        steps = [int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step-*")]
+        start = max(steps, default=0)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        data = Path(flag(args, "--data") or "")
+        n = sum(1 for line in data.read_text().splitlines() if line.strip())
+        batch = int(flag(args, "--batch-size", "5") or 5)
+        epochs = int(flag(args, "--epochs", "1") or 1)
+        config = {
+            "data": str(data),
+            "epochs": epochs,
+            "batch_size": batch,
+            "learning_rate_multiplier": float(flag(args, "--lr-multiplier", "1.0") or 1.0),
+            "beta": float(flag(args, "--beta", "0.1") or 0.1) if method == "dpo" else None,
+            "total_steps": -(-n // batch) * epochs,
+        }
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+        (run_dir / "metrics.jsonl").write_text("")
+        start = 0
+    total = int(config["total_steps"])
+    fails = "FAIL_TRAINING" in Path(config["data"]).read_text()
+    with (run_dir / "metrics.jsonl").open("a") as metrics:
+        for step in range(start + 1, total + 1):
+            time.sleep(float(os.environ.get("FAKE_STEP_SECONDS", "0.05")))
+            if fails and step == 2:
+                print("tunery: error: the loss is NaN at step 2; lower the learning rate", file=sys.stderr)
+                return 2
+            metrics.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "total_steps": total,
+                        "train_loss": 2.0 / step,
+                        "train_mean_token_accuracy": 0.1 * step,
+                    }
+                )
+                + "\n"
+            )
+            metrics.flush()
+            ckpt = run_dir / "checkpoints" / f"step-{step}"
+            (ckpt / "model").mkdir(parents=True, exist_ok=True)
+            (ckpt / "model" / "adapter_config.json").write_text("{}")
+            (ckpt / "state.json").write_text(json.dumps({"step": step}))
+            if stop["requested"] and step < total:
+                print(
+                    f"tunery: error: stopped at step {step}/{total} (SIGTERM); continue with: tunery train {method} --resume {run_dir}",
+                    file=sys.stderr,
+                )
+                return 2
+    (run_dir / "final").mkdir(exist_ok=True)
+    (run_dir / "final" / "adapter_config.json").write_text("{}")
+    summary = {"steps": total, "trained_tokens": 1000 * total, "final_metrics": {"train_loss": 2.0 / total}}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    print(f"done: {total} steps")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if argv[:2] == ["data", "validate"]:
+        return validate(argv[2:])
+    if argv[0] == "train":
+        return train(argv[1], argv[2:])
+    print(f"fake tunery: unsupported command {argv}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

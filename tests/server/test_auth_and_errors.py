@@ -25,7 +25,10 @@ def test_keys_are_stored_hashed_and_can_be_revoked(settings, keys, api: Api) -> 
         stored = [k.key_hash for k in session.query(ApiKey).all()]
     assert hash_key(keys["acme"]) in stored and keys["acme"] not in stored
     acme = [k for k in list_keys(store) if k[1] == "acme"][0]
+    assert api.get("/files").status_code == 200
     assert revoke_key(store, acme[0])
+    assert api.get("/files").status_code == 200  # a recently used key is cached for a few seconds
+    api.client.app.state.tunery.keys.ttl = 0
     assert api.get("/files").status_code == 401
 
 

@@ -34,11 +34,9 @@ def new_key(data_dir: Path, project: str) -> str:
     return out.stdout.strip()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    data_dir = tmp_path_factory.mktemp("live") / "service"
+def start_server(data_dir: Path, log_name: str = "serve.log") -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    log = (data_dir.parent / "serve.log").open("wb")
+    log = (data_dir.parent / log_name).open("ab")
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -50,25 +48,56 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
             "--data-dir",
             str(data_dir),
             "--stop-grace",
-            "10",
+            "20",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
     )
-    url = f"http://127.0.0.1:{port}/v1"
+    log.close()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
+            return proc, f"http://127.0.0.1:{port}/v1"
         except OSError:
-            assert proc.poll() is None, (data_dir.parent / "serve.log").read_text()
+            assert proc.poll() is None, (data_dir.parent / log_name).read_text()
             time.sleep(0.2)
-    yield url, data_dir
-    proc.terminate()
+    raise AssertionError("tunery serve did not start")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()  # uvicorn shuts down: running jobs get SIGTERM and checkpoint
     proc.wait(timeout=60)
-    log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    data_dir = tmp_path_factory.mktemp("live") / "service"
+    proc, url = start_server(data_dir)
+    yield url, data_dir
+    stop_server(proc)
+
+
+def wait_for(client: openai.OpenAI, job_id: str, until, timeout: float = 240):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if until(job):
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+
+
+def metric_steps(client: openai.OpenAI, job_id: str) -> list[int]:
+    events = client.fine_tuning.jobs.list_events(job_id, limit=1000).data
+    return [int(e.data["step"]) for e in reversed(events) if e.type == "metrics"]
+
+
+LONG = {
+    "type": "supervised",
+    "supervised": {"hyperparameters": {"n_epochs": 30, "batch_size": 1}},
+}  # 300 steps
 
 
 def test_openai_client_end_to_end(server: tuple[str, Path], tmp_path: Path) -> None:
@@ -151,3 +180,56 @@ def test_openai_client_end_to_end(server: tuple[str, Path], tmp_path: Path) -> N
         client.fine_tuning.jobs.create(model="tiny-random", training_file="file-nope")
     assert bad.value.body["param"] == "training_file"
     assert client.files.delete(uploaded.id).deleted is True
+
+
+def test_pause_and_resume_with_the_real_recipe(server: tuple[str, Path], tmp_path: Path) -> None:
+    url, data_dir = server
+    client = openai.OpenAI(base_url=url, api_key=new_key(data_dir, "pauser"), max_retries=0)
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(jsonl(chat_lines(10)))
+    file_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
+    job = client.fine_tuning.jobs.create(model="tiny-random", training_file=file_id, method=LONG)
+    wait_for(client, job.id, lambda j: j.status == "running" and metric_steps(client, j.id))
+    assert client.fine_tuning.jobs.pause(job.id).status == "paused"
+    wait_for(
+        client,
+        job.id,
+        lambda j: "Job paused" in client.fine_tuning.jobs.list_events(j.id, limit=1).data[0].message,
+    )
+    paused_at = max(c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data)
+    assert 0 < paused_at < 300
+    assert client.fine_tuning.jobs.resume(job.id).status == "queued"
+    done = wait_for(client, job.id, lambda j: j.status in ("succeeded", "failed", "cancelled"))
+    assert done.status == "succeeded", done.error
+    assert metric_steps(client, job.id) == list(range(1, 301))  # every step once, none lost or repeated
+
+
+def test_a_restart_resumes_the_running_job(tmp_path: Path) -> None:
+    data_dir = tmp_path / "service"
+    key = new_key(data_dir, "acme")
+    proc, url = start_server(data_dir)
+    try:
+        client = openai.OpenAI(base_url=url, api_key=key, max_retries=0)
+        train = tmp_path / "train.jsonl"
+        train.write_bytes(jsonl(chat_lines(10)))
+        file_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
+        job = client.fine_tuning.jobs.create(model="tiny-random", training_file=file_id, method=LONG)
+        queued = client.fine_tuning.jobs.create(model="tiny-random", training_file=file_id, method=LONG)
+        wait_for(client, job.id, lambda j: j.status == "running" and metric_steps(client, j.id))
+    finally:
+        stop_server(proc)
+    proc, url = start_server(data_dir)
+    try:
+        client = openai.OpenAI(base_url=url, api_key=key, max_retries=0)
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
+        assert any(
+            m.startswith("The service restarted; the job will resume from the checkpoint at step")
+            for m in messages
+        )
+        assert client.fine_tuning.jobs.retrieve(queued.id).status in ("validating_files", "queued")
+        client.fine_tuning.jobs.cancel(queued.id)
+        done = wait_for(client, job.id, lambda j: j.status in ("succeeded", "failed", "cancelled"))
+        assert done.status == "succeeded", done.error
+        assert metric_steps(client, job.id) == list(range(1, 301))
+    finally:
+        stop_server(proc)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import time
 from dataclasses import dataclass
 
+from anyio import to_thread
 from fastapi import Request
 from sqlalchemy import select
 
@@ -97,7 +99,36 @@ def authenticate(store: Store, authorization: str | None) -> Caller:
     return Caller(project_id=row[0], project_name=row[1])
 
 
-def caller(request: Request) -> Caller:
+class KeyCache:
+    """Recently seen keys -> their project, for `ttl` seconds: a polling client costs no key lookup per
+    request. A key revoked with `tunery keys revoke` (another process) stops working within `ttl`."""
+
+    def __init__(self, ttl: float = 5.0) -> None:
+        self.ttl = ttl
+        self._seen: dict[str, tuple[Caller, float]] = {}
+
+    def get(self, authorization: str) -> Caller | None:
+        hit = self._seen.get(authorization)
+        if hit is None or time.monotonic() - hit[1] > self.ttl:
+            return None
+        return hit[0]
+
+    def put(self, authorization: str, who: Caller) -> None:
+        if len(self._seen) > 10_000:
+            self._seen.clear()
+        self._seen[authorization] = (who, time.monotonic())
+
+
+async def caller(request: Request) -> Caller:
     """FastAPI dependency: the project of the request's API key, or a 401."""
-    store: Store = request.app.state.tunery.store
-    return authenticate(store, request.headers.get("authorization"))
+    state = request.app.state.tunery
+    keys: KeyCache = state.keys
+    authorization = request.headers.get("authorization")
+    if authorization:
+        cached = keys.get(authorization)
+        if cached is not None:
+            return cached
+    who: Caller = await to_thread.run_sync(authenticate, state.store, authorization)
+    if authorization:
+        keys.put(authorization, who)
+    return who

@@ -3,12 +3,12 @@ worker, and the caller's project (from the API key)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from tunery.server.auth import Caller, caller
+from tunery.server.auth import Caller, KeyCache, caller
 from tunery.server.inference_client import InferenceClient
 from tunery.server.jobs import Scheduler
 from tunery.server.settings import Settings
@@ -22,9 +22,10 @@ class AppState:
     scheduler: Scheduler
     inference: InferenceClient
     started_at: int  # the `created` time of base models
+    keys: KeyCache = field(default_factory=KeyCache)
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     state: AppState = request.app.state.tunery
     return state
 

@@ -293,8 +293,8 @@ class Scheduler:
         with self.lock:
             for proc in self.procs.values():
                 if proc.popen.poll() is None:
+                    proc.stop_reason = proc.stop_reason or "shutdown"  # validation reruns on the next start
                     if proc.kind == "train":
-                        proc.stop_reason = proc.stop_reason or "shutdown"
                         self._signal(proc, signal.SIGTERM)
                     else:
                         self._signal(proc, signal.SIGKILL)

@@ -530,7 +530,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(
         f"Tunery serving OpenAI's fine-tuning API on http://{args.host}:{args.port}/v1 (data: {settings.data_dir})"
     )
-    serve(settings, log_level="debug" if args.verbose else "info")
+    serve(settings, log_level="debug" if args.verbose else "info", access_log=args.access_log)
     return 0
 
 
@@ -743,6 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-grace", type=float, default=30.0, help="seconds to checkpoint on cancel/stop")
     p.add_argument("--base-model", action="append", metavar="NAME[=LOCAL]", help="offer another base model")
     p.add_argument("--train-set", action="append", metavar="KEY=VALUE", help="config field for every job")
+    p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(func=cmd_serve)
 
     keys = sub.add_parser("keys", help="API keys of the service").add_subparsers(

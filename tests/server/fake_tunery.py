@@ -69,7 +69,7 @@ def validate(args: list[str]) -> int:
         )
     report = {
         "file": str(path),
-        "format": "prompts" if fmt == "prompts" else (detected or "chat"),
+        "format": fmt if fmt != "auto" else (detected or "chat"),
         "ok": not [p for p in problems if p["severity"] == "error"],
         "stats": {"examples": examples, "total_tokens": 100 * examples},
         "problems": problems,

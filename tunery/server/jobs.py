@@ -105,7 +105,9 @@ def validate_command(settings: Settings, job: Job, path: Path, param: str) -> li
     kind = job.method["type"]
     minimum = MIN_TRAINING_EXAMPLES if param == "training_file" else 1
     command = [settings.python, *settings.cli, "data", "validate", str(path), "--json"]
-    command += ["--model", job.local_model, "--format", FILE_FORMATS[kind], "--min-examples", str(minimum)]
+    # chat and preference files are detected, so a file of the wrong kind gets OpenAI's format message
+    file_format = "prompts" if kind == "reinforcement" else "auto"
+    command += ["--model", job.local_model, "--format", file_format, "--min-examples", str(minimum)]
     max_length = _override(settings, "max_length")
     if max_length is not None:
         command += ["--max-length", str(max_length)]

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Integer, String, Text, create_engine, event
+from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Integer, String, Text, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -61,7 +61,7 @@ class File(Base):
     seq: Mapped[int] = mapped_column(Integer, index=True, default=0)  # upload order
     filename: Mapped[str] = mapped_column(String(255))  # as uploaded: shown, never used as a path
     purpose: Mapped[str] = mapped_column(String(32))
-    bytes: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[int] = mapped_column(Integer, index=True)
     expires_at: Mapped[int | None] = mapped_column(Integer, default=None)
 
@@ -93,7 +93,7 @@ class Job(Base):
     started_at: Mapped[int | None] = mapped_column(Integer, default=None)
     finished_at: Mapped[int | None] = mapped_column(Integer, default=None)
     estimated_finish: Mapped[int | None] = mapped_column(Integer, default=None)
-    trained_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger, default=None)
     result_files: Mapped[list[Any]] = mapped_column(JSON, default=list)
     stats: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)  # from file validation
     pid: Mapped[int | None] = mapped_column(Integer, default=None)  # the training process, while running

@@ -661,7 +661,7 @@ class Scheduler:
         assert project is not None
         summary = json.loads((run_dir / "summary.json").read_text())
         name = fine_tuned_name(job.base_model, project.name, job.suffix, job.model_key)
-        step = int(summary.get("steps") or job.total_steps or job.last_step)
+        step = int(summary.get("steps") or job.total_steps or max(job.last_step, 0))
         metrics = {"step": float(step)} | {
             k: v for k, v in (summary.get("final_metrics") or {}).items() if k in CHECKPOINT_METRICS
         }

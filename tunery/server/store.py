@@ -97,7 +97,7 @@ class Job(Base):
     result_files: Mapped[list[Any]] = mapped_column(JSON, default=list)
     stats: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)  # from file validation
     pid: Mapped[int | None] = mapped_column(Integer, default=None)  # the training process, while running
-    last_step: Mapped[int] = mapped_column(Integer, default=-1)  # newest step reported (GRPO logs a step-0 evaluation)
+    last_step: Mapped[int] = mapped_column(Integer, default=-1)  # newest step reported (GRPO has a step 0)
     total_steps: Mapped[int | None] = mapped_column(Integer, default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # training processes started
 

@@ -1,8 +1,12 @@
-"""A reward model: the language model's final hidden state at an answer's last token, mapped to a score.
+"""Scalar heads on a language model's final hidden states: a reward model and a policy's value head.
 
-The score is read at the answer's end-of-turn token, which has attended to the prompt and the whole
-answer. The head is a bias-free linear layer (a bias cancels out of every pairwise loss), kept in fp32.
-Saved as the LM part (a LoRA adapter in peft's format, or full weights) plus `score.safetensors`.
+Reward model: the score is read at the answer's end-of-turn token, which has attended to the prompt and
+the whole answer. The head is a bias-free linear layer (a bias cancels out of every pairwise loss), kept
+in fp32. Saved as the LM part (a LoRA adapter in peft's format, or full weights) plus `score.safetensors`.
+
+Value head (PPO's critic): a linear layer with a bias on the policy's own hidden states, read at every
+position that predicts a completion token, so V_t is the value of the state before token t. Saved next
+to the policy's adapter as `value_head.safetensors`.
 """
 
 from __future__ import annotations
@@ -35,6 +39,29 @@ class RewardModel(torch.nn.Module):
         hidden = final_hidden(self.lm, row)[row.last_positions]  # (2n, H)
         with torch.autocast(hidden.device.type, enabled=False):  # scores in fp32, not bf16's 3 digits
             return self.score(hidden.float()).squeeze(-1)
+
+    def get_output_embeddings(self) -> Any:
+        return self.lm.get_output_embeddings()  # type: ignore[operator]
+
+
+class PolicyWithValue(torch.nn.Module):
+    """A causal LM (the policy) and a value head on its final hidden states, which share the trunk: the
+    value loss trains the LoRA weights too, as in the value-head-on-policy PPO setups."""
+
+    def __init__(self, lm: torch.nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        self.lm = lm
+        self.value_head = torch.nn.Linear(hidden_size, 1)
+        # Zero: every value starts at 0, so the first advantages are the plain rewards-to-go. A random
+        # head would add noise the size of the hidden states to every advantage until it had learned,
+        # and with rewards on a smaller scale that noise is all the policy gets to follow.
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    def values(self, hidden: torch.Tensor) -> torch.Tensor:
+        """V (N,) in fp32 from final hidden states (N, H)."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.value_head(hidden.float()).squeeze(-1)
 
     def get_output_embeddings(self) -> Any:
         return self.lm.get_output_embeddings()  # type: ignore[operator]

@@ -34,13 +34,25 @@ def save_adapter(model: PeftModel, out_dir: Path) -> None:
     model.save_pretrained(str(out_dir), save_embedding_layers=False)
 
 
+# Heads over an `lm` (models/heads.py), each saved as `<name>.safetensors` next to the LM's weights.
+HEADS = ("score", "value_head")
+
+
+def _head(model: torch.nn.Module) -> tuple[str, torch.nn.Linear] | None:
+    for name in HEADS:
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Linear):
+            return name, head
+    return None
+
+
 def save_trainable(model: torch.nn.Module, out_dir: Path) -> None:
     """LoRA: the adapter in peft's format. Full fine-tuning: the weights as one safetensors file. A reward
-    model (a `score` head over an `lm`) adds `score.safetensors`."""
+    model (a `score` head over an `lm`) adds `score.safetensors`, a PPO policy `value_head.safetensors`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    head = getattr(model, "score", None)
-    if isinstance(head, torch.nn.Linear):
-        safetensors.torch.save_model(head, str(out_dir / "score.safetensors"))
+    head = _head(model)
+    if head is not None:
+        safetensors.torch.save_model(head[1], str(out_dir / f"{head[0]}.safetensors"))
         model = model.lm  # type: ignore[assignment]
     if isinstance(model, PeftModel):
         save_adapter(model, out_dir)
@@ -49,9 +61,9 @@ def save_trainable(model: torch.nn.Module, out_dir: Path) -> None:
 
 
 def load_trainable(model: torch.nn.Module, src_dir: Path) -> None:
-    head = getattr(model, "score", None)
-    if isinstance(head, torch.nn.Linear):
-        safetensors.torch.load_model(head, str(src_dir / "score.safetensors"))
+    head = _head(model)
+    if head is not None:
+        safetensors.torch.load_model(head[1], str(src_dir / f"{head[0]}.safetensors"))
         model = model.lm  # type: ignore[assignment]
     if isinstance(model, PeftModel):
         state = safetensors.torch.load_file(str(src_dir / "adapter_model.safetensors"))

@@ -94,7 +94,7 @@ def save_final(
     final_dir = run_dir / "final"
     tmp_dir = run_dir / ".tmp-final"
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    if isinstance(model, PeftModel) or hasattr(model, "score"):
+    if isinstance(model, PeftModel) or hasattr(model, "lm"):  # an adapter, or a head over an LM
         save_trainable(model, tmp_dir)
     else:
         model.save_pretrained(tmp_dir)  # type: ignore[operator]

@@ -197,6 +197,27 @@ def cmd_train_grpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_ppo(args: argparse.Namespace) -> int:
+    from tunery.recipes import ppo
+
+    if args.max_length is not None:
+        raise TuneryError("ppo: use --max-prompt-length and --max-new-tokens instead of --max-length")
+    extra = ("adapter", "reward_model", "completions_per_prompt", "max_new_tokens", "max_prompt_length",
+             "temperature", "kl_coef", "kl_target", "ppo_epochs", "num_minibatches", "vf_coef", "max_steps")  # fmt: skip
+    overrides = _train_overrides(args, extra)
+    overrides.pop("max_length")
+    summary = ppo.run(args.config, overrides, resume_dir=args.resume, overwrite=args.overwrite)
+    _print_summary(summary)
+    if summary.get("start_valid_score_mean") is not None:
+        final = summary["final_metrics"]
+        print(
+            f"held-out reward-model score: {summary['start_valid_score_mean']:.4f} before training, "
+            f"{final.get('valid_score_mean', float('nan')):.4f} after "
+            f"(KL to the start: {final.get('valid_kl', float('nan')):.2f} nats)"
+        )
+    return 0
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     if summary:
         final = summary["final_metrics"]
@@ -663,6 +684,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-iterations", type=int, help="optimizer updates per sampled batch (default 1)")
     p.add_argument("--max-steps", type=int, help="stop after this many steps")
     p.set_defaults(func=cmd_train_grpo)
+
+    p = train.add_parser("ppo", help="RLHF with PPO: a reward model's scores, a value head, a KL penalty")
+    _add_training_flags(p)
+    p.add_argument("--adapter", help="start from this fine-tuned adapter (e.g. the SFT run)")
+    p.add_argument("--reward-model", help="reward model run directory (tunery train rm)")
+    p.add_argument("--completions-per-prompt", type=int, help="answers sampled per prompt (default 1)")
+    p.add_argument("--max-new-tokens", type=int, help="completion budget (default 128)")
+    p.add_argument("--max-prompt-length", type=int, help="longer prompts are skipped (default 512)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
+    p.add_argument("--kl-coef", type=float, help="per-token KL penalty in the reward (default 0.05)")
+    p.add_argument("--kl-target", type=float, help="adapt kl_coef to hold the KL near this (nats)")
+    p.add_argument("--ppo-epochs", type=int, help="passes over each sampled batch (default 4)")
+    p.add_argument("--num-minibatches", type=int, help="optimizer steps per pass (default 1)")
+    p.add_argument("--vf-coef", type=float, help="weight of the value loss (default 0.1)")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps")
+    p.set_defaults(func=cmd_train_ppo)
 
     p = sub.add_parser("chat", help="talk to a model (streams tokens)")
     p.add_argument("--model", default="smollm2-135m-instruct")

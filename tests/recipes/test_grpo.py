@@ -189,6 +189,8 @@ def test_grpo_resume_after_sigkill_is_exact(rl_files, tmp_path: Path) -> None:
     assert [r["train_reward_mean"] for r in steps_of(ref)] == [
         r["train_reward_mean"] for r in steps_of(killed)
     ]
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (ref, killed)]
+    assert summaries[0]["completions"] == summaries[1]["completions"] == 6 * 4 * 4
 
 
 def test_sampler_log_probs_agree_with_the_training_forward_pass(rl_files) -> None:

@@ -57,6 +57,7 @@ from tunery.models.load import load_model
 from tunery.models.lora import adapter_dir, apply_lora, cast_frozen, merge_adapter
 from tunery.models.sampling import Completion, SamplingParams, sample
 from tunery.training import distributed
+from tunery.training.checkpoint import latest_checkpoint
 from tunery.training.common import (
     check_common_fields,
     checkpoint_or_stop,
@@ -527,6 +528,9 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dic
         if metrics is not None:
             metrics.write(record0)
     step, completions_done = start_step, 0
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:  # the completions counted before the run stopped
+        completions_done = int(json.loads((checkpoint / "state.json").read_text()).get("completions", 0))
     with (
         GracefulStop() as stop,
         StepProgress(total_steps, start_step, "grpo", enabled=world.is_main) as progress,
@@ -598,7 +602,11 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dic
                 + f" len {record['completion_length']:.0f} {record['completions_per_second']:.1f} compl/s",
             )
             fault_point("after_step", step)
-            counters = {"tokens": tokens_seen, "train_seconds": train_seconds}
+            counters = {
+                "tokens": tokens_seen,
+                "train_seconds": train_seconds,
+                "completions": completions_done,
+            }
             checkpoint_or_stop(run_dir, step, resolved, model, optimizer, counters, stop, world, "grpo")
 
     # --- finish: final weights and summary -----------------------------------------------------------------

@@ -217,7 +217,7 @@ def test_sampler_log_probs_agree_with_the_training_forward_pass(rl_files) -> Non
         SamplingParams(max_new_tokens=16, temperature=1.0, seed=0),
     )  # fmt: skip
     groups = [
-        grpo.Group(p, completions[4 * k : 4 * k + 4], [grpo.answer_tokens(c) for c in completions[4 * k : 4 * k + 4]],
+        grpo.Group(p, completions[4 * k : 4 * k + 4], [c.trained_ids for c in completions[4 * k : 4 * k + 4]],
                    [True] * 4, [0.0] * 4, [0.0] * 4)
         for k, p in enumerate(prompts[:3])
     ]  # fmt: skip

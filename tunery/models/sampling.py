@@ -42,6 +42,11 @@ class Completion:
     stop_token_id: int | None = None
     stop_logprob: float | None = None
 
+    @property
+    def trained_ids(self) -> list[int]:
+        """The tokens an RL loss trains: the reply's tokens, then the end-of-turn token that ended it."""
+        return self.token_ids + ([self.stop_token_id] if self.stop_token_id is not None else [])
+
 
 def _filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, top-k and top-p (nucleus) filtering of (B, V) logits."""

@@ -197,10 +197,6 @@ class Group:
         )
 
 
-def answer_tokens(c: Completion) -> list[int]:
-    return c.token_ids + ([c.stop_token_id] if c.stop_token_id is not None else [])
-
-
 def packed_logps(
     model: torch.nn.Module,
     lm_head_weight: torch.Tensor,
@@ -286,7 +282,7 @@ def sample_groups(
             Group(
                 prompt=prompt,
                 completions=group_completions,
-                answers=[answer_tokens(c) for c in group_completions],
+                answers=[c.trained_ids for c in group_completions],
                 trained=[
                     not (cfg["mask_truncated"] and c.finish_reason == "length") for c in group_completions
                 ],

@@ -205,10 +205,6 @@ class Group:
         return self.prompt.prompt_ids, [(a, [True] * len(a)) for a in self.answers]
 
 
-def answer_tokens(c: Completion) -> list[int]:
-    return c.token_ids + ([c.stop_token_id] if c.stop_token_id is not None else [])
-
-
 def per_group(values: torch.Tensor, row: Any, groups: list[Group]) -> list[list[torch.Tensor]]:
     """Flat per-token values of a row, split by completion and grouped by prompt."""
     counts = torch.bincount(row.sequence, minlength=row.n_sequences).tolist()
@@ -263,9 +259,7 @@ def sample_groups(
         completions += sample(policy.lm, tokenizer, ids[start : start + 32], params)  # type: ignore[arg-type]
     policy.train(was_training)
     blocks = [completions[k * n : (k + 1) * n] for k in range(len(prompts))]
-    return [
-        Group(p, block, [answer_tokens(c) for c in block]) for p, block in zip(prompts, blocks, strict=True)
-    ]
+    return [Group(p, block, [c.trained_ids for c in block]) for p, block in zip(prompts, blocks, strict=True)]
 
 
 def score_groups(

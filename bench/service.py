@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -42,13 +43,25 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def client_loop(
-    base: str, key: str, job_id: str, until: float, interval: float, out: dict[str, list[float]]
+    base: str,
+    key: str,
+    job_id: str,
+    until: list[float],
+    interval: float,
+    out: dict[str, list[float]],
+    lockstep: bool,
+    rng: random.Random,
+    ready: asyncio.Event,
 ) -> None:
     headers = {"Authorization": f"Bearer {key}"}
     paths = {"job": f"/fine_tuning/jobs/{job_id}", "events": f"/fine_tuning/jobs/{job_id}/events?limit=20"}
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as http:
+        await http.get(paths["job"])  # connect first: connection set-up is not what is measured
+        await ready.wait()
+        if not lockstep:  # independent pollers start at different moments
+            await asyncio.sleep(rng.uniform(0, interval))
         turn = 0
-        while time.monotonic() < until:
+        while time.monotonic() < until[0]:
             name = "job" if turn % 2 == 0 else "events"
             t0 = time.perf_counter()
             r = await http.get(paths[name])
@@ -56,7 +69,7 @@ async def client_loop(
             if r.status_code != 200:
                 out["errors"].append(float(r.status_code))
             turn += 1
-            await asyncio.sleep(interval)
+            await asyncio.sleep(interval if lockstep else interval * rng.uniform(0.5, 1.5))
 
 
 def main() -> int:
@@ -66,8 +79,15 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--interval", type=float, default=0.2, help="pause between one client's requests")
+    parser.add_argument(
+        "--lockstep",
+        action="store_true",
+        help="every client starts at once and waits exactly --interval (bursts of --clients requests); "
+        "by default each client starts at a random moment and waits interval x U(0.5, 1.5)",
+    )
     parser.add_argument("--model", default="tiny-random")
-    parser.add_argument("--epochs", type=int, default=50, help="long enough to train throughout")
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--examples", type=int, default=400, help="with --epochs: enough to train throughout")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="tunery-bench-service-"))
@@ -96,7 +116,7 @@ def main() -> int:
                     break
                 except httpx.TransportError:
                     time.sleep(0.1)
-            lines = "".join(json.dumps(line) + "\n" for line in chat_lines(20)).encode()
+            lines = "".join(json.dumps(line) + "\n" for line in chat_lines(args.examples)).encode()
             file_id = http.post(
                 "/files", files={"file": ("train.jsonl", lines)}, data={"purpose": "fine-tune"}
             ).json()["id"]
@@ -112,15 +132,29 @@ def main() -> int:
             first_step = _last_step(http, job["id"])
 
             out: dict[str, list[float]] = {"job": [], "events": [], "errors": []}
-            until = time.monotonic() + args.seconds
 
             async def run_all() -> None:
-                await asyncio.gather(
-                    *(
-                        client_loop(base, key, job["id"], until, args.interval, out)
-                        for _ in range(args.clients)
+                ready = asyncio.Event()
+                until = [0.0]
+                clients = [
+                    client_loop(
+                        base,
+                        key,
+                        job["id"],
+                        until,
+                        args.interval,
+                        out,
+                        args.lockstep,
+                        random.Random(i),
+                        ready,
                     )
-                )
+                    for i in range(args.clients)
+                ]
+                tasks = [asyncio.ensure_future(c) for c in clients]
+                await asyncio.sleep(1.0)  # every client connected
+                until[0] = time.monotonic() + args.seconds
+                ready.set()
+                await asyncio.gather(*tasks)
 
             started = time.monotonic()
             asyncio.run(run_all())
@@ -134,7 +168,8 @@ def main() -> int:
         log.close()
 
     every = out["job"] + out["events"]
-    print(f"{args.clients} clients, {args.seconds:.0f} s, {args.interval} s between a client's requests; "
+    pacing = "in lockstep" if args.lockstep else "x U(0.5, 1.5), random start"
+    print(f"{args.clients} clients, {args.seconds:.0f} s, {args.interval} s between a client's requests ({pacing}); "
           f"{len(every)} requests ({len(every) / elapsed:.0f}/s), {len(out['errors'])} errors")  # fmt: skip
     for name, values in (("GET job", out["job"]), ("GET events", out["events"]), ("all", every)):
         print(

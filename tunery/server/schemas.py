@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import Row
 
 from tunery.server.store import Checkpoint, Event, File, Job
 
@@ -119,6 +120,15 @@ class GraderRun(BaseModel):
     reference_answer: Any = None  # the 2025-05 form, before `item`
 
 
+# --- moderations -----------------------------------------------------------------------------------------
+
+
+class ModerationRequest(BaseModel):
+    # a string, strings (one result each), or content parts (one result for all); checked in the route
+    input: str | list[str | dict[str, Any]]
+    model: str = "omni-moderation-latest"  # any name; echoed back
+
+
 # --- response objects ------------------------------------------------------------------------------------
 
 
@@ -165,7 +175,8 @@ def job_object(row: Job, organization_id: str) -> dict[str, Any]:
     }
 
 
-def event_object(row: Event) -> dict[str, Any]:
+def event_object(row: Event | Row[Any]) -> dict[str, Any]:
+    """From an Event, or a row of its columns (the events endpoint reads plain rows)."""
     return {
         "id": row.id,
         "object": "fine_tuning.job.event",

@@ -232,3 +232,28 @@ def test_ddp_two_processes_match_one(chat_files, tmp_path: Path) -> None:
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert a["tokens"] == b["tokens"]
     assert json.loads((double / "summary.json").read_text())["world_size"] == 2
+
+
+def test_continued_sft_starts_from_the_merged_adapter(chat_files, tmp_path: Path) -> None:
+    """`--adapter`: the first run's adapter is merged into the base and a new one trains on top; final/
+    carries the first adapter along, so it loads on its own (what the service's continued jobs use)."""
+    from tunery.models.lora import load_adapter
+
+    train, valid = chat_files
+    first, second = tmp_path / "first", tmp_path / "second"
+    sft.run(None, config(train, valid, first, epochs=3, safety_evals="none"))
+    sft.run(None, config(train, valid, second, epochs=1, adapter=str(first), safety_evals="none"))
+    start_of_first = read_metrics(first / "metrics.jsonl")[0]["train_loss"]
+    end_of_first = [r for r in read_metrics(first / "metrics.jsonl") if "train_loss" in r][-1]["train_loss"]
+    start_of_second = read_metrics(second / "metrics.jsonl")[0]["train_loss"]
+    assert end_of_first < start_of_first and start_of_second < (start_of_first + end_of_first) / 2
+    assert (second / "final" / "base_adapter" / "adapter_config.json").is_file()
+
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    base, _ = load_model("tiny-random")
+    with torch.no_grad():
+        only_first = load_adapter(base, first)(input_ids=ids).logits
+    base, _ = load_model("tiny-random")
+    with torch.no_grad():
+        both = load_adapter(base, second)(input_ids=ids).logits
+    assert not torch.allclose(only_first, both, atol=1e-4)  # the second adapter is applied on top

@@ -56,6 +56,9 @@ from tunery.models.forward import final_hidden, output_weight
 from tunery.models.load import load_model
 from tunery.models.lora import adapter_dir, apply_lora, cast_frozen, merge_adapter
 from tunery.models.sampling import Completion, SamplingParams, sample
+from tunery.safety.card import write_model_card
+from tunery.safety.evals import evaluate_run
+from tunery.safety.screen import check_policies, screen_run_data, screened_paths
 from tunery.training import distributed
 from tunery.training.checkpoint import latest_checkpoint
 from tunery.training.common import (
@@ -66,6 +69,7 @@ from tunery.training.common import (
     run_summary,
 )
 from tunery.training.config import build_config
+from tunery.training.energy import EnergyMeter
 from tunery.training.faults import fault_point
 from tunery.training.io import atomic_write_json, atomic_write_yaml
 from tunery.training.memory import keep_freed_memory
@@ -134,7 +138,19 @@ class GRPOConfig:
     eval_examples: int = 200  # held-out prompts per evaluation
     save_every: int = 0  # steps; 0 saves ~5 checkpoints per run
     keep_checkpoints: int = 3
+    screen_content: str = "warn"  # data screening (safety/screen.py), offensive lines: warn | block | redact
+    screen_pii: str = "block"  # personal data: block | redact (mask it) | warn
     log_samples: int = 4  # held-out completions written to samples.jsonl at each evaluation
+    # the run's report: MODEL_CARD.md (safety/card.py) and energy (training/energy.py)
+    intended_use: str = "not declared"  # what the model is for, and for whom
+    limitations: str = "not declared"  # known weaknesses; uses to avoid
+    risk_category: str = "undeclared"  # EU AI Act tier: minimal | limited | high ("unacceptable" is refused)
+    # before-vs-after safety, bias, memorisation and diversity evaluations (safety/evals.py) into evals.json
+    # and the model card: none | quick (~40 s on the bundled model) | default (~1.5 min) | full
+    safety_evals: str = "quick"
+    track_energy: bool = True  # codecarbon's kWh and CO2e estimate, in summary.json and the card
+    energy_country: str = "WORLD"  # ISO-3 code of the grid (FRA, USA, IND, ...); WORLD: world average
+    cpu_power_watts: float | None = None  # the CPU's power in watts, if known, where there is no RAPL
 
     @property
     def max_length(self) -> int:  # what the shared field checks look at
@@ -142,6 +158,7 @@ class GRPOConfig:
 
     def __post_init__(self) -> None:
         check_common_fields(self)
+        check_policies(self.screen_content, self.screen_pii)
         if not self.grader:
             raise TuneryError("no grader: pass --grader grader.json (OpenAI format) or file.py:function")
         if self.group_size < 2:
@@ -454,9 +471,15 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dic
     keep_freed_memory()
     world = distributed.setup()
     run_dir = Path(cfg.out)
+    energy = EnergyMeter.for_run(cfg, run_dir, world, resume)  # probes the hardware while the run sets up
     if world.is_main:
         prepare_run_dir(run_dir, resume, overwrite)
+        if not resume:  # a resumed run trains on the data screened at its start
+            screen_run_data(
+                {"train": cfg.data, "valid": cfg.valid}, cfg.screen_content, cfg.screen_pii, run_dir
+            )
     distributed.barrier(world)
+    paths = screened_paths(run_dir, {"train": cfg.data, "valid": cfg.valid})
     if resume:
         check_same_data(run_dir, cfg)
     reward_fn = load_reward_function(cfg.grader)
@@ -464,8 +487,8 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dic
     model, tokenizer = load_model(cfg.model)
     if cfg.adapter:
         model = merge_adapter(model, cfg.adapter)  # type: ignore[arg-type]
-    train_prompts, too_long = load_prompt_data(cfg.data, tokenizer, cfg.max_prompt_length)
-    valid_prompts = load_prompt_data(cfg.valid, tokenizer, cfg.max_prompt_length)[0] if cfg.valid else []
+    train_prompts, too_long = load_prompt_data(paths["train"], tokenizer, cfg.max_prompt_length)
+    valid_prompts = load_prompt_data(paths["valid"], tokenizer, cfg.max_prompt_length)[0] if cfg.valid else []
     if too_long and world.is_main:
         log.warning("skipped %d prompts longer than max_prompt_length=%d (lines %s)", len(too_long),
                     cfg.max_prompt_length, ", ".join(map(str, too_long[:10])))  # fmt: skip
@@ -530,6 +553,7 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dic
     with (
         GracefulStop() as stop,
         StepProgress(total_steps, start_step, "grpo", enabled=world.is_main) as progress,
+        energy,
     ):
         while step < total_steps:
             t0 = time.monotonic()
@@ -602,10 +626,11 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dic
                 "tokens": tokens_seen,
                 "train_seconds": train_seconds,
                 "completions": completions_done,
+                "energy": energy.so_far(),
             }
             checkpoint_or_stop(run_dir, step, resolved, model, optimizer, counters, stop, world, "grpo")
 
-    # --- finish: final weights and summary -----------------------------------------------------------------
+    # --- finish: final weights, summary, model card --------------------------------------------------------
     summary: dict[str, Any] = {}
     if world.is_main:
         assert metrics is not None
@@ -613,6 +638,16 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dic
         base_adapter = adapter_dir(cfg.adapter) if cfg.adapter and isinstance(model, PeftModel) else None
         meta = {"base_model": cfg.model, "method": "grpo", "adapter": cfg.adapter, "config": resolved}
         save_final(run_dir, model, tokenizer, meta, base_adapter=str(base_adapter) if base_adapter else None)
+        safety_flags = evaluate_run(
+            model,
+            tokenizer,
+            size=cfg.safety_evals,
+            run_dir=run_dir,
+            base_name=cfg.model,
+            adapter=cfg.adapter,
+            train_path=None,
+            seed=cfg.seed,
+        )
         summary = run_summary(
             "grpo",
             cfg,
@@ -626,8 +661,13 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dic
             completions=completions_done,
             completions_per_second=round(completions_done / max(train_seconds, 1e-9), 3),
             start_valid_reward_mean=_first_eval(run_dir),
+            train_examples=len(train_prompts),
+            valid_examples=len(valid_prompts),
+            energy=energy.record(),
+            safety_flags=safety_flags,
         )
         atomic_write_json(run_dir / "summary.json", summary)
+        write_model_card(run_dir)
     distributed.barrier(world)
     distributed.teardown(world)
     return summary

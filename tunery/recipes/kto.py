@@ -39,6 +39,9 @@ from tunery.losses.dpo import kto_loss
 from tunery.models.forward import output_weight, sequence_logps
 from tunery.models.load import load_model
 from tunery.models.lora import adapter_dir, apply_lora, cast_frozen, merge_adapter
+from tunery.safety.card import write_model_card
+from tunery.safety.evals import evaluate_run
+from tunery.safety.screen import check_policies, screen_run_data, screened_paths
 from tunery.training import auto, distributed
 from tunery.training.common import (
     check_common_fields,
@@ -48,6 +51,8 @@ from tunery.training.common import (
     run_summary,
 )
 from tunery.training.config import build_config
+from tunery.training.early_stopping import restore_best, resume_early_stopping, save_best
+from tunery.training.energy import EnergyMeter
 from tunery.training.faults import fault_point
 from tunery.training.io import atomic_write_json, atomic_write_yaml
 from tunery.training.memory import keep_freed_memory
@@ -102,9 +107,25 @@ class KTOConfig:
     eval_examples: int = 64  # held-out examples in each periodic evaluation (all at the end)
     save_every: int = 0  # steps; 0 saves ~5 checkpoints per run
     keep_checkpoints: int = 3
+    early_stopping_patience: int = 0  # stop after this many evaluations without a lower valid_loss; 0: never
+    early_stopping_min_delta: float = 0.0  # a valid_loss must be lower by more than this to count
+    select_best: bool = True  # final/ from the evaluation with the lowest valid_loss (when there is --valid)
+    # the run's report: MODEL_CARD.md (safety/card.py) and energy (training/energy.py)
+    intended_use: str = "not declared"  # what the model is for, and for whom
+    limitations: str = "not declared"  # known weaknesses; uses to avoid
+    risk_category: str = "undeclared"  # EU AI Act tier: minimal | limited | high ("unacceptable" is refused)
+    # before-vs-after safety, bias, memorisation and diversity evaluations (safety/evals.py) into evals.json
+    # and the model card: none | quick (~40 s on the bundled model) | default (~1.5 min) | full
+    safety_evals: str = "quick"
+    track_energy: bool = True  # codecarbon's kWh and CO2e estimate, in summary.json and the card
+    energy_country: str = "WORLD"  # ISO-3 code of the grid (FRA, USA, IND, ...); WORLD: world average
+    cpu_power_watts: float | None = None  # the CPU's power in watts, if known, where there is no RAPL
+    screen_content: str = "warn"  # data screening (safety/screen.py), offensive lines: warn | block | redact
+    screen_pii: str = "block"  # personal data: block | redact (mask it) | warn
 
     def __post_init__(self) -> None:
         check_common_fields(self)
+        check_policies(self.screen_content, self.screen_pii)
         for name in ("beta", "desirable_weight", "undesirable_weight"):
             if getattr(self, name) <= 0:
                 raise TuneryError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -273,9 +294,15 @@ def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict
     keep_freed_memory()
     world = distributed.setup()
     run_dir = Path(cfg.out)
+    energy = EnergyMeter.for_run(cfg, run_dir, world, resume)  # probes the hardware while the run sets up
     if world.is_main:
         prepare_run_dir(run_dir, resume, overwrite)
+        if not resume:  # a resumed run trains on the data screened at its start
+            screen_run_data(
+                {"train": cfg.data, "valid": cfg.valid}, cfg.screen_content, cfg.screen_pii, run_dir
+            )
     distributed.barrier(world)
+    paths = screened_paths(run_dir, {"train": cfg.data, "valid": cfg.valid})
 
     if resume:
         check_same_data(run_dir, cfg)
@@ -283,9 +310,9 @@ def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict
     model, tokenizer = load_model(cfg.model)
     if cfg.adapter:
         model = merge_adapter(model, cfg.adapter)  # type: ignore[arg-type]
-    train_examples = load_feedback_data(cfg.data, tokenizer, cfg.max_length, expect="unpaired")
+    train_examples = load_feedback_data(paths["train"], tokenizer, cfg.max_length, expect="unpaired")
     valid_examples = (
-        load_feedback_data(cfg.valid, tokenizer, cfg.max_length, expect="unpaired", min_examples=1)
+        load_feedback_data(paths["valid"], tokenizer, cfg.max_length, expect="unpaired", min_examples=1)
         if cfg.valid
         else []
     )
@@ -335,6 +362,7 @@ def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict
                      len(train_examples) + len(valid_examples), time.monotonic() - t0)  # fmt: skip
 
     start_step, tokens_seen, train_seconds, metrics = restore(run_dir, model, optimizer, resume, world)
+    early = resume_early_stopping(run_dir, cfg, resume, world)
     warmup_steps = round(cfg.warmup_ratio * total_steps)
     warnings: list[str] = []
     balance = class_balance_warning(train_examples, cfg)
@@ -356,6 +384,7 @@ def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict
     with (
         GracefulStop() as stop,
         StepProgress(total_steps, start_step, "kto", enabled=world.is_main) as progress,
+        energy,
     ):
         while step < total_steps:
             t0 = time.monotonic()
@@ -418,6 +447,8 @@ def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict
                         ddp_model, valid_examples[:n_eval], valid_kl[:n_eval], ref_valid, resolved, world
                     )
                 )
+                if early.update(step, record["valid_loss"]) and cfg.select_best and world.is_main:
+                    save_best(run_dir, model, step)
             if metrics is not None:
                 metrics.write(record)
             progress.update(
@@ -427,10 +458,15 @@ def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict
                 + f"{record['examples_per_second']:.2f} examples/s",
             )
             fault_point("after_step", step)
-            counters = {"tokens": tokens_seen, "train_seconds": train_seconds}
+            counters = {"tokens": tokens_seen, "train_seconds": train_seconds,
+                        "early_stopping": early.state(), "energy": energy.so_far()}  # fmt: skip
             checkpoint_or_stop(run_dir, step, resolved, model, optimizer, counters, stop, world, "kto")
+            if early.should_stop:
+                break
 
-    # --- finish: final weights, full validation, summary ---------------------------------------------------
+    # --- finish: final weights (the best evaluation's), full validation, summary, model card --------------
+    final_step = restore_best(run_dir, model, early, step, world) if cfg.select_best else step
+    selection = early.summary(final_step, step, total_steps)
     final: dict[str, Any] = {}
     if valid_examples:
         final = {
@@ -441,17 +477,27 @@ def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict
     if world.is_main:
         assert metrics is not None
         if final:
-            metrics.write({"step": total_steps, **final})
+            metrics.write({"step": step, **final, **selection})
         metrics.close()
         base_adapter = adapter_dir(cfg.adapter) if cfg.adapter and isinstance(model, PeftModel) else None
         meta = {"base_model": cfg.model, "method": "kto", "adapter": cfg.adapter, "config": resolved}
         save_final(run_dir, model, tokenizer, meta, base_adapter=str(base_adapter) if base_adapter else None)
         n_examples = resolved["epochs"] * len(train_examples)
+        safety_flags = evaluate_run(
+            model,
+            tokenizer,
+            size=cfg.safety_evals,
+            run_dir=run_dir,
+            base_name=cfg.model,
+            adapter=cfg.adapter,
+            train_path=None,
+            seed=cfg.seed,
+        )
         summary = run_summary(
             "kto",
             cfg,
             run_dir,
-            total_steps,
+            step,
             tokens_seen,
             wall_start,
             train_seconds,
@@ -463,8 +509,14 @@ def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict
             examples=n_examples,
             examples_per_second=round(n_examples / max(train_seconds, 1e-9), 3),
             warnings=warnings,
+            train_examples=len(train_examples),
+            valid_examples=len(valid_examples),
+            energy=energy.record(),
+            safety_flags=safety_flags,
+            **selection,
         )
         atomic_write_json(run_dir / "summary.json", summary)
+        write_model_card(run_dir)
     distributed.barrier(world)
     distributed.teardown(world)
     return summary

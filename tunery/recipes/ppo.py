@@ -64,6 +64,9 @@ from tunery.models.heads import PolicyWithValue, RewardModel, load_reward_model,
 from tunery.models.load import load_model
 from tunery.models.lora import adapter_dir, apply_lora, cast_frozen, merge_adapter
 from tunery.models.sampling import Completion, SamplingParams, sample
+from tunery.safety.card import write_model_card
+from tunery.safety.evals import evaluate_run
+from tunery.safety.screen import check_policies, screen_run_data, screened_paths
 from tunery.training import distributed
 from tunery.training.checkpoint import latest_checkpoint
 from tunery.training.common import (
@@ -74,6 +77,7 @@ from tunery.training.common import (
     run_summary,
 )
 from tunery.training.config import build_config
+from tunery.training.energy import EnergyMeter
 from tunery.training.faults import fault_point
 from tunery.training.io import atomic_write_json, atomic_write_yaml
 from tunery.training.memory import keep_freed_memory
@@ -143,7 +147,19 @@ class PPOConfig:
     eval_examples: int = 200  # held-out prompts per evaluation
     save_every: int = 0  # steps; 0 saves ~5 checkpoints per run
     keep_checkpoints: int = 3
+    screen_content: str = "warn"  # data screening (safety/screen.py), offensive lines: warn | block | redact
+    screen_pii: str = "block"  # personal data: block | redact (mask it) | warn
     log_samples: int = 4  # held-out completions written to samples.jsonl at each evaluation
+    # the run's report: MODEL_CARD.md (safety/card.py) and energy (training/energy.py)
+    intended_use: str = "not declared"  # what the model is for, and for whom
+    limitations: str = "not declared"  # known weaknesses; uses to avoid
+    risk_category: str = "undeclared"  # EU AI Act tier: minimal | limited | high ("unacceptable" is refused)
+    # before-vs-after safety, bias, memorisation and diversity evaluations (safety/evals.py) into evals.json
+    # and the model card: none | quick (~40 s on the bundled model) | default (~1.5 min) | full
+    safety_evals: str = "quick"
+    track_energy: bool = True  # codecarbon's kWh and CO2e estimate, in summary.json and the card
+    energy_country: str = "WORLD"  # ISO-3 code of the grid (FRA, USA, IND, ...); WORLD: world average
+    cpu_power_watts: float | None = None  # the CPU's power in watts, if known, where there is no RAPL
 
     @property
     def max_length(self) -> int:  # what the shared field checks look at
@@ -151,6 +167,7 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         check_common_fields(self)
+        check_policies(self.screen_content, self.screen_pii)
         if not self.reward_model:
             raise TuneryError("no reward model: pass --reward-model DIR (a run of `tunery train rm`)")
         if self.lora_rank == 0:
@@ -418,7 +435,11 @@ def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> dict
         distributed.teardown(world)
         raise TuneryError("PPO runs in one process for now; start it without torchrun")
     run_dir = Path(cfg.out)
+    energy = EnergyMeter.for_run(cfg, run_dir, world, resume)  # probes the hardware while the run sets up
     prepare_run_dir(run_dir, resume, overwrite)
+    if not resume:  # a resumed run trains on the data screened at its start
+        screen_run_data({"train": cfg.data, "valid": cfg.valid}, cfg.screen_content, cfg.screen_pii, run_dir)
+    paths = screened_paths(run_dir, {"train": cfg.data, "valid": cfg.valid})
     if resume:
         check_same_data(run_dir, cfg)
     reward_model, rm_tokenizer, _ = load_reward_model(cfg.reward_model)
@@ -426,8 +447,8 @@ def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> dict
     lm, tokenizer = load_model(cfg.model)
     if cfg.adapter:
         lm = merge_adapter(lm, cfg.adapter)
-    train_prompts, too_long = load_prompt_data(cfg.data, tokenizer, cfg.max_prompt_length)
-    valid_prompts = load_prompt_data(cfg.valid, tokenizer, cfg.max_prompt_length)[0] if cfg.valid else []
+    train_prompts, too_long = load_prompt_data(paths["train"], tokenizer, cfg.max_prompt_length)
+    valid_prompts = load_prompt_data(paths["valid"], tokenizer, cfg.max_prompt_length)[0] if cfg.valid else []
     if too_long:
         log.warning("skipped %d prompts longer than max_prompt_length=%d (lines %s)", len(too_long),
                     cfg.max_prompt_length, ", ".join(map(str, too_long[:10])))  # fmt: skip
@@ -501,6 +522,7 @@ def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> dict
     with (
         GracefulStop() as stop,
         StepProgress(total_steps, start_step, "ppo", enabled=True) as progress,
+        energy,
     ):
         while step < total_steps:
             t0 = time.monotonic()
@@ -588,14 +610,24 @@ def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> dict
             )
             fault_point("after_step", step)
             counters = {"tokens": tokens_seen, "train_seconds": train_seconds, "kl_coef": kl_coef,
-                        "completions": completions_done}  # fmt: skip
+                        "completions": completions_done, "energy": energy.so_far()}  # fmt: skip
             checkpoint_or_stop(run_dir, step, resolved, policy, optimizer, counters, stop, world, "ppo")
 
-    # --- finish: final weights and summary -----------------------------------------------------------------
+    # --- finish: final weights, summary, model card --------------------------------------------------------
     metrics.close()
     base_adapter = adapter_dir(cfg.adapter) if cfg.adapter and isinstance(lm, PeftModel) else None
     meta = {"base_model": cfg.model, "method": "ppo", "adapter": cfg.adapter, "config": resolved}
     save_final(run_dir, policy, tokenizer, meta, base_adapter=str(base_adapter) if base_adapter else None)
+    safety_flags = evaluate_run(
+        lm,
+        tokenizer,
+        size=cfg.safety_evals,
+        run_dir=run_dir,
+        base_name=cfg.model,
+        adapter=cfg.adapter,
+        train_path=None,
+        seed=cfg.seed,
+    )
     summary = run_summary(
         "ppo",
         cfg,
@@ -609,8 +641,13 @@ def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> dict
         completions=completions_done,
         completions_per_second=round(completions_done / max(train_seconds, 1e-9), 3),
         start_valid_score_mean=_first_eval(run_dir),
+        train_examples=len(train_prompts),
+        valid_examples=len(valid_prompts),
+        energy=energy.record(),
+        safety_flags=safety_flags,
     )
     atomic_write_json(run_dir / "summary.json", summary)
+    write_model_card(run_dir)
     distributed.teardown(world)
     return summary
 

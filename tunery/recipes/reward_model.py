@@ -33,6 +33,8 @@ from tunery.losses.reward import reward_loss
 from tunery.models.heads import RewardModel
 from tunery.models.load import load_model
 from tunery.models.lora import adapter_dir, apply_lora, cast_frozen, merge_adapter
+from tunery.safety.card import write_model_card
+from tunery.safety.screen import check_policies, screen_run_data, screened_paths
 from tunery.training import auto, distributed
 from tunery.training.common import (
     check_common_fields,
@@ -42,6 +44,8 @@ from tunery.training.common import (
     run_summary,
 )
 from tunery.training.config import build_config
+from tunery.training.early_stopping import restore_best, resume_early_stopping, save_best
+from tunery.training.energy import EnergyMeter
 from tunery.training.faults import fault_point
 from tunery.training.io import atomic_write_json, atomic_write_yaml
 from tunery.training.memory import keep_freed_memory
@@ -94,9 +98,22 @@ class RewardConfig:
     eval_examples: int = 64  # held-out pairs in each periodic evaluation (all at the end)
     save_every: int = 0  # steps; 0 saves ~5 checkpoints per run
     keep_checkpoints: int = 3
+    early_stopping_patience: int = 0  # stop after this many evaluations without a lower valid_loss; 0: never
+    early_stopping_min_delta: float = 0.0  # a valid_loss must be lower by more than this to count
+    select_best: bool = True  # final/ from the evaluation with the lowest valid_loss (when there is --valid)
+    # the run's report: MODEL_CARD.md (safety/card.py) and energy (training/energy.py)
+    intended_use: str = "not declared"  # what the model is for, and for whom
+    limitations: str = "not declared"  # known weaknesses; uses to avoid
+    risk_category: str = "undeclared"  # EU AI Act tier: minimal | limited | high ("unacceptable" is refused)
+    track_energy: bool = True  # codecarbon's kWh and CO2e estimate, in summary.json and the card
+    energy_country: str = "WORLD"  # ISO-3 code of the grid (FRA, USA, IND, ...); WORLD: world average
+    cpu_power_watts: float | None = None  # the CPU's power in watts, if known, where there is no RAPL
+    screen_content: str = "warn"  # data screening (safety/screen.py), offensive lines: warn | block | redact
+    screen_pii: str = "block"  # personal data: block | redact (mask it) | warn
 
     def __post_init__(self) -> None:
         check_common_fields(self)
+        check_policies(self.screen_content, self.screen_pii)
         if self.center_coef < 0:
             raise TuneryError(f"center_coef must be >= 0, got {self.center_coef}")
         if self.micro_batch_tokens < self.max_length:
@@ -161,9 +178,15 @@ def train(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> d
     keep_freed_memory()
     world = distributed.setup()
     run_dir = Path(cfg.out)
+    energy = EnergyMeter.for_run(cfg, run_dir, world, resume)  # probes the hardware while the run sets up
     if world.is_main:
         prepare_run_dir(run_dir, resume, overwrite)
+        if not resume:  # a resumed run trains on the data screened at its start
+            screen_run_data(
+                {"train": cfg.data, "valid": cfg.valid}, cfg.screen_content, cfg.screen_pii, run_dir
+            )
     distributed.barrier(world)
+    paths = screened_paths(run_dir, {"train": cfg.data, "valid": cfg.valid})
 
     if resume:
         check_same_data(run_dir, cfg)
@@ -171,9 +194,9 @@ def train(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> d
     model, tokenizer = load_model(cfg.model)
     if cfg.adapter:
         model = merge_adapter(model, cfg.adapter)  # type: ignore[arg-type]
-    train_pairs = load_feedback_data(cfg.data, tokenizer, cfg.max_length, expect="preference")
+    train_pairs = load_feedback_data(paths["train"], tokenizer, cfg.max_length, expect="preference")
     valid_pairs = (
-        load_feedback_data(cfg.valid, tokenizer, cfg.max_length, expect="preference", min_examples=1)
+        load_feedback_data(paths["valid"], tokenizer, cfg.max_length, expect="preference", min_examples=1)
         if cfg.valid
         else []
     )
@@ -202,6 +225,7 @@ def train(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> d
     ddp_model: torch.nn.Module = DistributedDataParallel(model) if world.distributed else model
 
     start_step, tokens_seen, train_seconds, metrics = restore(run_dir, model, optimizer, resume, world)
+    early = resume_early_stopping(run_dir, cfg, resume, world)
     warmup_steps = round(cfg.warmup_ratio * total_steps)
     if world.is_main:
         log.info(
@@ -215,6 +239,7 @@ def train(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> d
     with (
         GracefulStop() as stop,
         StepProgress(total_steps, start_step, "rm", enabled=world.is_main) as progress,
+        energy,
     ):
         while step < total_steps:
             t0 = time.monotonic()
@@ -261,6 +286,8 @@ def train(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> d
             }
             if valid_pairs and (step % resolved["eval_every"] == 0 or step == total_steps):
                 record.update(evaluate(ddp_model, valid_pairs[: cfg.eval_examples], resolved, world))
+                if early.update(step, record["valid_loss"]) and cfg.select_best and world.is_main:
+                    save_best(run_dir, model, step)
             if metrics is not None:
                 metrics.write(record)
             progress.update(
@@ -270,10 +297,15 @@ def train(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> d
                 + f"{record['pairs_per_second']:.2f} pairs/s",
             )
             fault_point("after_step", step)
-            counters = {"tokens": tokens_seen, "train_seconds": train_seconds}
+            counters = {"tokens": tokens_seen, "train_seconds": train_seconds,
+                        "early_stopping": early.state(), "energy": energy.so_far()}  # fmt: skip
             checkpoint_or_stop(run_dir, step, resolved, model, optimizer, counters, stop, world, "rm")
+            if early.should_stop:
+                break
 
-    # --- finish: final weights, full validation, summary ---------------------------------------------------
+    # --- finish: final weights (the best evaluation's), full validation, summary, model card --------------
+    final_step = restore_best(run_dir, model, early, step, world) if cfg.select_best else step
+    selection = early.summary(final_step, step, total_steps)
     final: dict[str, Any] = {}
     if valid_pairs:
         final = {"full_" + k: v for k, v in evaluate(ddp_model, valid_pairs, resolved, world).items()}
@@ -281,7 +313,7 @@ def train(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> d
     if world.is_main:
         assert metrics is not None
         if final:
-            metrics.write({"step": total_steps, **final})
+            metrics.write({"step": step, **final, **selection})
         metrics.close()
         base_adapter = adapter_dir(cfg.adapter) if cfg.adapter and isinstance(model.lm, PeftModel) else None
         meta = {"base_model": cfg.model, "method": "rm", "adapter": cfg.adapter, "config": resolved}
@@ -290,7 +322,7 @@ def train(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> d
             "rm",
             cfg,
             run_dir,
-            total_steps,
+            step,
             tokens_seen,
             wall_start,
             train_seconds,
@@ -298,8 +330,13 @@ def train(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> d
             {**last_metrics(run_dir, ("train_", "valid_")), **final},
             pairs=resolved["epochs"] * len(train_pairs),
             pairs_per_second=round(resolved["epochs"] * len(train_pairs) / max(train_seconds, 1e-9), 3),
+            train_examples=len(train_pairs),
+            valid_examples=len(valid_pairs),
+            energy=energy.record(),
+            **selection,
         )
         atomic_write_json(run_dir / "summary.json", summary)
+        write_model_card(run_dir)
     distributed.barrier(world)
     distributed.teardown(world)
     return summary

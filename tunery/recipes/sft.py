@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 from torch.nn.parallel import DistributedDataParallel
 
 from tunery.data.packing import IGNORE, PackedRow, pack, plan_rows, shard, step_indices
@@ -33,7 +34,10 @@ from tunery.data.validate import load_chat_data
 from tunery.losses.sft import sft_loss
 from tunery.models.forward import output_weight
 from tunery.models.load import load_model
-from tunery.models.lora import apply_lora, cast_frozen
+from tunery.models.lora import adapter_dir, apply_lora, cast_frozen, merge_adapter
+from tunery.safety.card import write_model_card
+from tunery.safety.evals import evaluate_run
+from tunery.safety.screen import check_policies, screen_run_data, screened_paths
 from tunery.training import auto, distributed
 from tunery.training.common import (
     check_common_fields,
@@ -43,6 +47,8 @@ from tunery.training.common import (
     run_summary,
 )
 from tunery.training.config import build_config
+from tunery.training.early_stopping import restore_best, resume_early_stopping, save_best
+from tunery.training.energy import EnergyMeter
 from tunery.training.faults import fault_point
 from tunery.training.io import atomic_write_json, atomic_write_yaml
 from tunery.training.memory import keep_freed_memory
@@ -69,6 +75,9 @@ class SFTConfig:
     model: str = "smollm2-135m-instruct"  # built-in name, HF directory or .gguf file
     data: str = ""  # training JSONL (OpenAI chat format)
     valid: str | None = None  # validation JSONL
+    adapter: str | None = (
+        None  # continue from this fine-tuned adapter: merged into the base, a new one trains
+    )
     out: str = ""  # run directory
     epochs: int | str = "auto"  # or an int; auto follows OpenAI's heuristic
     batch_size: int | str = "auto"  # conversations per optimizer step
@@ -90,9 +99,25 @@ class SFTConfig:
     eval_examples: int = 64  # validation conversations in each periodic evaluation (all at the end)
     save_every: int = 0  # steps; 0 saves ~5 checkpoints per run
     keep_checkpoints: int = 3  # most recent checkpoints kept on disk
+    screen_content: str = "warn"  # data screening (safety/screen.py), offensive lines: warn | block | redact
+    screen_pii: str = "block"  # personal data: block | redact (mask it) | warn
+    early_stopping_patience: int = 0  # stop after this many evaluations without a lower valid_loss; 0: never
+    early_stopping_min_delta: float = 0.0  # a valid_loss must be lower by more than this to count
+    select_best: bool = True  # final/ from the evaluation with the lowest valid_loss (when there is --valid)
+    # the run's report: MODEL_CARD.md (safety/card.py) and energy (training/energy.py)
+    intended_use: str = "not declared"  # what the model is for, and for whom
+    limitations: str = "not declared"  # known weaknesses; uses to avoid
+    risk_category: str = "undeclared"  # EU AI Act tier: minimal | limited | high ("unacceptable" is refused)
+    # before-vs-after safety, bias, memorisation and diversity evaluations (safety/evals.py) into evals.json
+    # and the model card: none | quick (~40 s on the bundled model) | default (~1.5 min) | full
+    safety_evals: str = "quick"
+    track_energy: bool = True  # codecarbon's kWh and CO2e estimate, in summary.json and the card
+    energy_country: str = "WORLD"  # ISO-3 code of the grid (FRA, USA, IND, ...); WORLD: world average
+    cpu_power_watts: float | None = None  # the CPU's power in watts, if known, where there is no RAPL
 
     def __post_init__(self) -> None:
         check_common_fields(self)
+        check_policies(self.screen_content, self.screen_pii)
 
 
 # --- setup -----------------------------------------------------------------------------------------------
@@ -146,16 +171,26 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
     keep_freed_memory()
     world = distributed.setup()
     run_dir = Path(cfg.out)
+    energy = EnergyMeter.for_run(cfg, run_dir, world, resume)  # probes the hardware while the run sets up
     if world.is_main:
         prepare_run_dir(run_dir, resume, overwrite)
+        if not resume:  # a resumed run trains on the data screened at its start
+            screen_run_data(
+                {"train": cfg.data, "valid": cfg.valid}, cfg.screen_content, cfg.screen_pii, run_dir
+            )
     distributed.barrier(world)
+    paths = screened_paths(run_dir, {"train": cfg.data, "valid": cfg.valid})
 
     if resume:
         check_same_data(run_dir, cfg)
     model: torch.nn.Module
     model, tokenizer = load_model(cfg.model)
-    train_chats = load_chat_data(cfg.data, tokenizer, cfg.max_length)
-    valid_chats = load_chat_data(cfg.valid, tokenizer, cfg.max_length, min_examples=1) if cfg.valid else []
+    if cfg.adapter:
+        model = merge_adapter(model, cfg.adapter)  # type: ignore[arg-type]
+    train_chats = load_chat_data(paths["train"], tokenizer, cfg.max_length)
+    valid_chats = (
+        load_chat_data(paths["valid"], tokenizer, cfg.max_length, min_examples=1) if cfg.valid else []
+    )
     resolved = resolve_common(
         cfg, len(train_chats), world, auto.BASE_LR_LORA if cfg.lora_rank else auto.BASE_LR_FULL
     )
@@ -177,6 +212,7 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
     lm_head_weight = output_weight(model)
 
     start_step, tokens_seen, train_seconds, metrics = restore(run_dir, model, optimizer, resume, world)
+    early = resume_early_stopping(run_dir, cfg, resume, world)
     warmup_steps = round(cfg.warmup_ratio * total_steps)
     if world.is_main:
         n_trainable = sum(p.numel() for p in trainable)
@@ -195,6 +231,7 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
     with (
         GracefulStop() as stop,
         StepProgress(total_steps, start_step, "sft", enabled=world.is_main) as progress,
+        energy,
     ):
         while step < total_steps:
             t0 = time.monotonic()
@@ -243,6 +280,8 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
             if valid_chats and (step % resolved["eval_every"] == 0 or step == total_steps):
                 valid_loss, valid_acc = evaluate(ddp_model, valid_chats[: cfg.eval_examples], resolved, world)
                 record.update(valid_loss=valid_loss, valid_mean_token_accuracy=valid_acc)
+                if early.update(step, valid_loss) and cfg.select_best and world.is_main:
+                    save_best(run_dir, model, step)
             if metrics is not None:
                 metrics.write(record)
             progress.update(
@@ -252,10 +291,15 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
                 + f"{record['tokens_per_second']:.0f} tok/s",
             )
             fault_point("after_step", step)
-            counters = {"tokens": tokens_seen, "train_seconds": train_seconds}
+            counters = {"tokens": tokens_seen, "train_seconds": train_seconds,
+                        "early_stopping": early.state(), "energy": energy.so_far()}  # fmt: skip
             checkpoint_or_stop(run_dir, step, resolved, model, optimizer, counters, stop, world, "sft")
+            if early.should_stop:
+                break
 
-    # --- finish: final weights, full validation, summary ---------------------------------------------------
+    # --- finish: final weights (the best evaluation's), full validation, summary, model card --------------
+    final_step = restore_best(run_dir, model, early, step, world) if cfg.select_best else step
+    selection = early.summary(final_step, step, total_steps)
     final: dict[str, Any] = {}
     if valid_chats:
         final["full_valid_loss"], final["full_valid_mean_token_accuracy"] = evaluate(
@@ -265,14 +309,29 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
     if world.is_main:
         assert metrics is not None
         if final:
-            metrics.write({"step": total_steps, **final})
+            metrics.write({"step": step, **final, **selection})
         metrics.close()
-        save_final(run_dir, model, tokenizer, {"base_model": cfg.model, "method": "sft", "config": resolved})
+        base_adapter = adapter_dir(cfg.adapter) if cfg.adapter and isinstance(model, PeftModel) else None
+        meta = {"base_model": cfg.model, "method": "sft", "adapter": cfg.adapter, "config": resolved}
+        save_final(run_dir, model, tokenizer, meta, base_adapter=str(base_adapter) if base_adapter else None)
         last = last_metrics(run_dir, ("train_", "valid_"))
-        summary = run_summary(
-            "sft", cfg, run_dir, total_steps, tokens_seen, wall_start, train_seconds, world, {**last, **final}
+        safety_flags = evaluate_run(
+            model,
+            tokenizer,
+            size=cfg.safety_evals,
+            run_dir=run_dir,
+            base_name=cfg.model,
+            adapter=cfg.adapter,
+            train_path=paths["train"],
+            seed=cfg.seed,
         )
+        summary = run_summary(
+            "sft", cfg, run_dir, step, tokens_seen, wall_start, train_seconds, world, {**last, **final},
+            train_examples=len(train_chats), valid_examples=len(valid_chats), energy=energy.record(), safety_flags=safety_flags,
+            **selection,
+        )  # fmt: skip
         atomic_write_json(run_dir / "summary.json", summary)
+        write_model_card(run_dir)
     distributed.barrier(world)
     distributed.teardown(world)
     return summary

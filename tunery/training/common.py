@@ -16,9 +16,11 @@ import torch
 
 from tunery.errors import TuneryError
 from tunery.models.lora import bf16_is_fast
+from tunery.safety.card import check_card_fields
 from tunery.training import auto, distributed
 from tunery.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tunery.training.config import to_dict
+from tunery.training.energy import check_energy_fields
 from tunery.training.metrics import MetricsLog
 from tunery.training.rundir import file_digest
 from tunery.training.signals import GracefulStop
@@ -28,7 +30,7 @@ log = logging.getLogger("tunery")
 
 def check_common_fields(cfg: Any) -> None:
     """The fields every recipe's config has (data, out, epochs, batch size, learning rate, LoRA, length,
-    precision, schedule), with messages a user can act on."""
+    precision, schedule, energy and model-card declarations), with messages a user can act on."""
     if not cfg.data:
         raise TuneryError("no training data: pass --data FILE.jsonl")
     if not cfg.out:
@@ -51,6 +53,16 @@ def check_common_fields(cfg: Any) -> None:
         raise TuneryError(f"schedule must be cosine, linear or constant, got {cfg.schedule!r}")
     if not 0 <= cfg.warmup_ratio < 1:
         raise TuneryError("warmup_ratio must be in [0, 1)")
+    check_energy_fields(cfg)
+    check_card_fields(cfg)
+    size = getattr(cfg, "safety_evals", "none")  # the recipes of chat models
+    if size not in ("none", "quick", "default", "full"):
+        raise TuneryError(f"safety_evals must be none, quick, default or full, got {size!r}")
+    patience = getattr(cfg, "early_stopping_patience", 0)  # the recipes that evaluate a validation loss
+    if patience < 0 or getattr(cfg, "early_stopping_min_delta", 0.0) < 0:
+        raise TuneryError("early_stopping_patience and early_stopping_min_delta must be >= 0")
+    if patience and not cfg.valid:
+        raise TuneryError("early stopping watches the validation loss: pass --valid FILE.jsonl")
 
 
 def resolve_common(

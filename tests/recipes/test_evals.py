@@ -1,0 +1,193 @@
+"""The eval suite end to end on tiny-random: base (adapter off) vs tuned, evals.json, flags, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import chat_lines, write_jsonl
+from tests.recipes.test_sft import config
+from tunery.cli import main
+from tunery.models.lora import apply_lora
+from tunery.models.tiny import tiny_model
+from tunery.recipes import sft
+from tunery.safety import evals
+from tunery.safety.evals import (
+    SECTIONS,
+    EvalSizes,
+    Thresholds,
+    _Plan,
+    _safety_section,
+    eval_flags,
+    redteam_prompts,
+    run_evals,
+)
+
+# Every section at its smallest: a tiny-random run takes about a second.
+TINY = EvalSizes(
+    redteam_per_category=1,
+    benign=2,
+    bias_templates=1,
+    names_per_group=1,
+    memorization_examples=4,
+    diversity_prompts=2,
+    diversity_variants=3,
+    diversity_samples=2,
+    max_new_tokens=8,
+    memorization_tokens=12,
+)
+
+
+@pytest.fixture
+def lora_model(tiny):
+    """tiny-random with a LoRA adapter whose B matrices are not zero, so tuned and base differ."""
+    model, tokenizer = tiny
+    model = apply_lora(model, 4, 8, 0.0, "all-linear")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    return model, tokenizer
+
+
+def test_suite_writes_every_section_for_base_and_tuned(lora_model, tmp_path: Path) -> None:
+    model, tokenizer = lora_model
+    model.train()
+    train = write_jsonl(tmp_path / "train.jsonl", chat_lines(12))
+    out = tmp_path / "evals.json"
+    report = run_evals(
+        model, tokenizer, train_path=train, references=["Roe v. Wade"], size=TINY, out=out, progress=False
+    )
+    assert json.loads(out.read_text()) == report
+    assert list(report) == [*SECTIONS, "config"]
+    for name in SECTIONS:
+        section = report[name]
+        assert list(section) == ["description", "base", "tuned", "flags", "details"]
+        assert section["base"].keys() == section["tuned"].keys() and section["tuned"]
+        assert all(isinstance(v, float) for v in [*section["base"].values(), *section["tuned"].values()])
+    assert report["config"]["base"] == "adapter disabled" and report["config"]["skipped"] == {}
+    # the adapter was really switched off for the base: the bias probabilities differ
+    assert report["bias"]["base"]["p_favourable"] != report["bias"]["tuned"]["p_favourable"]
+    assert report["safety"]["details"]["prompts"] == 5 + 2
+    assert report["memorization"]["details"]["examples"] == 4
+    assert model.training  # handed back as it came
+    assert all(p.requires_grad == ("lora" in n) for n, p in model.named_parameters())
+
+
+def test_separate_base_model_and_skipped_sections(tiny) -> None:
+    base, tokenizer = tiny
+    tuned = tiny_model(len(tokenizer), seed=1)
+    report = run_evals(
+        tuned, tokenizer, base_model=base, sections=("bias", "memorization"), size=TINY, progress=False
+    )
+    assert report["config"]["base"] == "separate model"
+    assert report["config"]["skipped"] == {"memorization": "no training data given"}
+    assert report["bias"]["base"]["p_favourable"] != report["bias"]["tuned"]["p_favourable"]
+    # a plain model without a base: only the tuned side
+    alone = run_evals(tuned, tokenizer, sections=("diversity",), size=TINY, progress=False)
+    assert alone["diversity"]["base"] == {} and alone["config"]["base"] is None
+
+
+def test_same_seed_same_report(lora_model) -> None:
+    model, tokenizer = lora_model
+    first = run_evals(model, tokenizer, sections=("diversity", "safety"), size=TINY, progress=False)
+    second = run_evals(model, tokenizer, sections=("diversity", "safety"), size=TINY, progress=False)
+    first["config"].pop("wall_seconds"), second["config"].pop("wall_seconds")
+    assert first == second
+
+
+def test_bias_probabilities_do_not_depend_on_batching(lora_model) -> None:
+    # Prompts of different lengths share a batch through left padding; alone, none is padded.
+    model, tokenizer = lora_model
+    alone = run_evals(model, tokenizer, sections=("bias",), size=TINY, batch_size=1, progress=False)
+    batched = run_evals(model, tokenizer, sections=("bias",), size=TINY, batch_size=48, progress=False)
+    for side in ("base", "tuned"):
+        assert batched["bias"][side] == pytest.approx(alone["bias"][side], abs=1e-5)
+
+
+def test_safety_flags_when_the_tuned_model_stops_declining() -> None:
+    plan = _Plan(TINY, seed=0, redteam=[p for p in redteam_prompts() if p["category"] == "violence"][:4])
+    answers = {
+        "base": ["I can't help with that."] * 4,
+        "tuned": ["Sure, here is how."] * 3 + ["I cannot do that."],
+    }
+    section = _safety_section(plan, answers, Thresholds())
+    assert section["base"]["refusal_rate"] == 1.0 and section["tuned"]["refusal_rate"] == 0.25
+    assert len(section["flags"]) == 1 and "declines 25% of red-team prompts" in section["flags"][0]
+    assert len(section["details"]["newly_complied"]) == 3
+    assert eval_flags({"safety": section, "config": {}}) == section["flags"]
+    assert (
+        _safety_section(plan, {"base": answers["tuned"], "tuned": answers["base"]}, Thresholds())["flags"]
+        == []
+    )
+
+
+def test_memorization_flags_a_model_that_recites_its_data(tiny, tmp_path: Path, monkeypatch) -> None:
+    model, tokenizer = tiny
+    answer = "Frames have a five year warranty and every other part has two years of cover."
+    lines = [
+        {"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": answer}]}
+        for i in range(4)
+    ]
+    train = write_jsonl(tmp_path / "t.jsonl", lines)
+    # A model that answers every prompt with the trained answer, whatever the prompt.
+    monkeypatch.setattr(evals, "_generate", lambda _m, _t, prompts, *_: [answer.upper()] * len(prompts))
+    report = run_evals(
+        model, tokenizer, train_path=train, sections=("memorization",), size=TINY, progress=False
+    )
+    assert report["memorization"]["tuned"]["verbatim_rate"] == 1.0
+    assert [f.split(" (")[0] for f in report["memorization"]["flags"]] == [
+        "memorization: the tuned model reproduces 100% of sampled training answers verbatim",
+        "memorization: the tuned model reproduces 100% of sampled training answers near-verbatim",
+    ]
+
+
+@pytest.fixture
+def run_dir(chat_files, tmp_path: Path) -> Path:
+    train, valid = chat_files
+    out = tmp_path / "run"
+    sft.run(None, config(train, valid, out, epochs=1))
+    return out
+
+
+def test_cli_eval_all_then_grounding_updates_the_run(run_dir: Path, tmp_path: Path, capsys) -> None:
+    args = ["--adapter", str(run_dir), "--model", "tiny-random", "--size", "quick"]
+    assert main(["eval", "all", *args]) == 0
+    printed = capsys.readouterr().out
+    assert "safety" in printed and "grounding: skipped" in printed and "adapter switched off" in printed
+    report = json.loads((run_dir / "evals.json").read_text())
+    assert {"safety", "bias", "memorization", "diversity"} <= report.keys()  # the run's own data was found
+    references = tmp_path / "refs.txt"
+    references.write_text("Roe v. Wade\n")
+    assert main(["eval", "grounding", *args, "--references", str(references), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["grounding"]["details"]["references"] == 1
+    updated = json.loads((run_dir / "evals.json").read_text())
+    assert updated.keys() == report.keys() | {"grounding"}
+    assert updated["safety"] == report["safety"]
+
+
+def test_cli_grounding_needs_references(run_dir: Path, capsys) -> None:
+    assert main(["eval", "grounding", "--adapter", str(run_dir), "--model", "tiny-random"]) == 2
+    assert "--references" in capsys.readouterr().err
+
+
+def test_cli_data_augment(tmp_path: Path, capsys) -> None:
+    source = write_jsonl(
+        tmp_path / "in.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": "Is he covered?"},
+                    {"role": "assistant", "content": "Yes, he is."},
+                ]
+            }
+        ],
+    )
+    out = tmp_path / "out.jsonl"
+    assert main(["data", "augment", str(source), "--counterfactual", "--out", str(out)]) == 0
+    assert "1 gender-swapped copies (2 words swapped: he->she 2)" in capsys.readouterr().out
+    assert json.loads(out.read_text().splitlines()[1])["messages"][1]["content"] == "Yes, she is."
+    assert main(["data", "augment", str(source), "--out", str(out)]) == 2

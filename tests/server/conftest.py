@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -11,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import chat_lines, pair_lines
+from tests.server.pg import PostgresCluster, unavailable
 from tunery.server.app import create_app
 from tunery.server.auth import create_key
 from tunery.server.settings import Settings
@@ -18,6 +20,15 @@ from tunery.server.store import Store
 
 FAKE_CLI = str(Path(__file__).with_name("fake_tunery.py"))
 TERMINAL = ("succeeded", "failed", "cancelled")
+# Every test of these modules runs twice: on SQLite and on PostgreSQL (a throwaway cluster, pg.py).
+POSTGRES_MODULES = (
+    "test_files",
+    "test_jobs",
+    "test_models",
+    "test_auth_and_errors",
+    "test_postgres",
+    "test_feedback",
+)
 
 
 def jsonl(lines: list[Any]) -> bytes:
@@ -71,8 +82,10 @@ class Api:
 
 
 def fake_settings(data_dir: Path, **overrides: Any) -> Settings:
+    """Settings for the fake CLI, on the test's database (TUNERY_DATABASE_URL; unset: SQLite in `data_dir`)."""
     values: dict[str, Any] = {
         "data_dir": data_dir,
+        "database_url": os.environ.get("TUNERY_DATABASE_URL", ""),
         "cli": [FAKE_CLI],
         "python": sys.executable,
         "poll_seconds": 0.05,
@@ -81,9 +94,41 @@ def fake_settings(data_dir: Path, **overrides: Any) -> Settings:
     return Settings(**(values | overrides))
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.module.__name__.rsplit(".", 1)[-1] in POSTGRES_MODULES:
+        metafunc.parametrize("database", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    reason = unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    cluster = PostgresCluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(autouse=True)
+def database(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The test's database URL, set as TUNERY_DATABASE_URL, where `fake_settings`, `tunery serve` and
+    `tunery keys` find it: "" (SQLite in the data directory), or a new database in the cluster."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        monkeypatch.delenv("TUNERY_DATABASE_URL", raising=False)
+        yield ""
+        return
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    url = cluster.new_database()
+    monkeypatch.setenv("TUNERY_DATABASE_URL", url)
+    yield url
+    cluster.drop_database(url)
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return fake_settings(tmp_path / "service")
+def settings(tmp_path: Path, database: str) -> Settings:
+    return fake_settings(tmp_path / "service", database_url=database)
 
 
 @pytest.fixture

@@ -1,24 +1,43 @@
 """The service's database: projects and API keys, files, jobs, events and checkpoints (SQLAlchemy 2.x).
 
 SQLite under the data directory by default (WAL mode, so polling readers never wait on the scheduler's
-writes); a PostgreSQL URL works the same (`postgresql+psycopg://...`, with `pip install psycopg`).
-Times are Unix seconds, as the OpenAI API returns them. File contents and run directories live on disk
-under the data directory; rows hold only their ids, never a name a user chose.
+writes); a PostgreSQL URL works the same (`postgresql+psycopg://USER@HOST/DB`, with the `postgres` extra:
+`pip install 'tunery[postgres]'`); the service tests run on both. Times are Unix seconds, as the OpenAI
+API returns them (BigInteger: past 2038). File contents and run directories live on disk under the data
+directory; rows hold only their ids, never a name a user chose.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import secrets
 import string
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Integer, String, Text, create_engine, event
+from anyio import to_thread
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    inspect,
+    text,
+)
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+T = TypeVar("T")
 
 ALPHABET = string.ascii_letters + string.digits
 
@@ -39,7 +58,7 @@ class Project(Base):
     __tablename__ = "projects"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
-    created_at: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[int] = mapped_column(BigInteger)
 
 
 class ApiKey(Base):
@@ -50,8 +69,11 @@ class ApiKey(Base):
         String(64), unique=True
     )  # sha256 of the key; the key is never stored
     prefix: Mapped[str] = mapped_column(String(32))  # shown by `tunery keys list`
-    created_at: Mapped[int] = mapped_column(Integer)
-    revoked_at: Mapped[int | None] = mapped_column(Integer, default=None)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    revoked_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    # admin: the whole API; labeller: only the feedback studio's labelling endpoints (auth.py)
+    role: Mapped[str] = mapped_column(String(16), default="admin", server_default="admin")
+    name: Mapped[str | None] = mapped_column(String(64), default=None)  # a labeller's display name
 
 
 class File(Base):
@@ -62,8 +84,8 @@ class File(Base):
     filename: Mapped[str] = mapped_column(String(255))  # as uploaded: shown, never used as a path
     purpose: Mapped[str] = mapped_column(String(32))
     bytes: Mapped[int] = mapped_column(BigInteger)
-    created_at: Mapped[int] = mapped_column(Integer, index=True)
-    expires_at: Mapped[int | None] = mapped_column(Integer, default=None)
+    created_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    expires_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
 
 
 class Job(Base):
@@ -72,9 +94,10 @@ class Job(Base):
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
     seq: Mapped[int] = mapped_column(Integer, index=True)  # creation order (newest-first listing)
     queue_seq: Mapped[int] = mapped_column(Integer, default=0)  # order in the queue (set when queued)
-    model: Mapped[str] = mapped_column(String(255))  # as requested: a base model or a fine-tuned model
-    base_model: Mapped[str] = mapped_column(String(255))  # the API name of the base model
-    local_model: Mapped[str] = mapped_column(String(255))  # what `tunery train --model` gets
+    # model names are Text: they grow with the configured base models' names, and a local model may be a path
+    model: Mapped[str] = mapped_column(Text)  # as requested: a base model or a fine-tuned model
+    base_model: Mapped[str] = mapped_column(Text)  # the API name of the base model
+    local_model: Mapped[str] = mapped_column(Text)  # what `tunery train --model` gets
     parent_adapter: Mapped[str | None] = mapped_column(Text, default=None)  # continued training
     training_file: Mapped[str] = mapped_column(String(64))
     validation_file: Mapped[str | None] = mapped_column(String(64), default=None)
@@ -87,12 +110,12 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(32), index=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     model_key: Mapped[str] = mapped_column(String(16))  # the 8-character id in the fine-tuned model name
-    fine_tuned_model: Mapped[str | None] = mapped_column(String(512), default=None, index=True)
+    fine_tuned_model: Mapped[str | None] = mapped_column(Text, default=None, index=True)
     model_deleted: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[int] = mapped_column(Integer)
-    started_at: Mapped[int | None] = mapped_column(Integer, default=None)
-    finished_at: Mapped[int | None] = mapped_column(Integer, default=None)
-    estimated_finish: Mapped[int | None] = mapped_column(Integer, default=None)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    started_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    estimated_finish: Mapped[int | None] = mapped_column(BigInteger, default=None)
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger, default=None)
     result_files: Mapped[list[Any]] = mapped_column(JSON, default=list)
     stats: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)  # from file validation
@@ -107,7 +130,7 @@ class Event(Base):
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(64), unique=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
-    created_at: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[int] = mapped_column(BigInteger)
     level: Mapped[str] = mapped_column(String(8))
     message: Mapped[str] = mapped_column(Text)
     type: Mapped[str] = mapped_column(String(16))
@@ -120,9 +143,9 @@ class Checkpoint(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
     step_number: Mapped[int] = mapped_column(Integer)
-    created_at: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[int] = mapped_column(BigInteger)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
-    name: Mapped[str] = mapped_column(String(512), index=True)  # fine_tuned_model_checkpoint
+    name: Mapped[str] = mapped_column(Text, index=True)  # fine_tuned_model_checkpoint
     path: Mapped[str] = mapped_column(Text)  # the adapter directory, relative to the job directory
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
 
@@ -138,20 +161,97 @@ class Store:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         else:
-            kwargs["pool_pre_ping"] = True
-        self.engine: Engine = create_engine(url, **kwargs)
+            # a connection the server dropped (a restart) is replaced before use, not failed on; and the pool
+            # holds one per worker thread (anyio's 40) plus the event loop's and the scheduler's, so a
+            # request on the event loop never waits for a connection
+            kwargs |= {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 35}
+        self.engine: Engine = create_engine(url, json_serializer=_json, **kwargs)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
+        if self.engine.dialect.driver == "psycopg":
+            event.listen(self.engine, "connect", _psycopg_nul_free_text)
         Base.metadata.create_all(self.engine)
+        add_missing_columns(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.in_process = url.startswith("sqlite")
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         with self._sessions() as session, session.begin():
             yield session
 
+    async def read(self, query: Callable[[Session], T]) -> T:
+        """Run a short read-only `query(session)` for an `async` route. In-process SQLite answers the polled
+        endpoints in a fraction of a millisecond, less than a hand-off to a worker thread costs, so it runs
+        on the event loop; a database across a socket (PostgreSQL) runs in a thread, never blocking it."""
+        if self.in_process:
+            with self.session() as session:
+                return query(session)
+
+        def run() -> T:
+            with self.session() as session:
+                return query(session)
+
+        return await to_thread.run_sync(run)
+
     def close(self) -> None:
         self.engine.dispose()
+
+
+def add_missing_columns(engine: Engine) -> None:
+    """`create_all` makes missing tables, never missing columns: a database made by an older Tunery gets
+    the columns added since (each nullable or with a server default, so existing rows stay valid).
+    Idempotent; a concurrent process adding the same column first is fine."""
+    existing = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        if not existing.has_table(table.name):
+            continue
+        present = {c["name"] for c in existing.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present or not (column.nullable or column.server_default is not None):
+                continue
+            ddl = f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.type.compile(engine.dialect)}"
+            default = getattr(column.server_default, "arg", None)
+            if isinstance(default, str):
+                ddl += f" NOT NULL DEFAULT '{default}'" if not column.nullable else f" DEFAULT '{default}'"
+            try:
+                with engine.begin() as connection:
+                    connection.execute(text(ddl))
+            except (OperationalError, ProgrammingError):
+                if column.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+                    raise
+
+
+def _json(value: Any) -> str:
+    """JSON columns: NaN and infinities (a diverging run's metrics) are stored as null. PostgreSQL rejects
+    them, and the API answers null for them anyway."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(value))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _psycopg_nul_free_text(connection: Any, _record: Any) -> None:
+    """PostgreSQL text cannot hold NUL, which SQLite stores: it becomes U+FFFD. An id with a NUL in a URL
+    then matches nothing (a 404, not a 500), and a NUL in a log line quoted in an event cannot fail the
+    scheduler's write."""
+    from psycopg.types.string import StrDumperUnknown  # the driver is the optional `postgres` extra
+
+    class NulFreeStr(StrDumperUnknown):
+        def dump(self, obj: str) -> Any:
+            return super().dump(obj.replace("\x00", "\ufffd"))
+
+    connection.adapters.register_dumper(str, NulFreeStr)
 
 
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:

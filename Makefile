@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.tunery-installed
 BENCH_STAMP := $(VENV)/.tunery-bench-installed
 
-.PHONY: install demo test test-slow lint bench clean
+.PHONY: install demo test test-slow lint bench clean chromium
 
 install: $(STAMP)
 
@@ -27,7 +27,16 @@ demo: $(STAMP)
 	$(VENV)/bin/tunery train sft --config configs/sft-support.yaml --overwrite
 	$(VENV)/bin/tunery compare --adapter runs/support/final --prompts examples/support/questions.jsonl
 
-test: $(STAMP)
+# The browser tests (tests/browser/) drive the system's Chromium (Playwright comes with the dev extra and
+# downloads no browser). As root, apt installs Chromium when it is missing; otherwise those tests skip.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } || \
+		echo "note: apt-get could not install chromium, so the browser tests will skip"; \
+	else echo "note: no Chromium, so the browser tests will skip (apt-get install chromium to run them)"; fi
+
+test: $(STAMP) chromium
 	$(PY) -m pytest
 
 test-slow: $(STAMP)

@@ -32,6 +32,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_data_validate(args: argparse.Namespace) -> int:
     from tunery.data.feedback import detect_file_kind, format_feedback_report, validate_feedback_file
     from tunery.data.validate import format_report, validate_chat_file
+    from tunery.safety.screen import validation_problems
 
     tokenizer = None
     if args.model != "none":
@@ -50,6 +51,9 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
         report = validate_feedback_file(
             args.file, tokenizer, args.max_length, max_bytes=args.max_bytes, **minimum
         )
+    screening = _validation_screening(args)
+    if screening is not None:
+        report.problems += validation_problems(screening)
     if args.json:
         print(
             json.dumps(
@@ -62,7 +66,8 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
                         {"line": p.line, "key": p.key, "message": p.message, "severity": p.severity}
                         for p in report.problems
                     ],
-                },
+                }
+                | ({"screening": screening.report()} if screening is not None else {}),
                 indent=2,
             )
         )
@@ -71,10 +76,24 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
     return 1 if report.errors else 0
 
 
+def _validation_screening(args: argparse.Namespace) -> Any:
+    """`data validate --screen-content/--screen-pii`: the data screen (a FileScreen), or None without those
+    flags. Nothing is written: under `redact` the report says what a run would mask or drop."""
+    if args.screen_content is None and args.screen_pii is None:
+        return None
+    from tunery.safety.screen import DEFAULT_CONTENT_POLICY, DEFAULT_PII_POLICY, screen_file
+
+    content = args.screen_content or DEFAULT_CONTENT_POLICY
+    return screen_file(
+        args.file, content, args.screen_pii or DEFAULT_PII_POLICY, max_bytes=args.max_bytes, write=False
+    )
+
+
 def _validate_prompts(args: argparse.Namespace, tokenizer: Any) -> int:
     """Reinforcement prompts ({"messages": [...], ...}): line checks, and prompts over --max-length."""
     from tunery.data.chat import Problem
     from tunery.data.prompts import validate_prompt_file
+    from tunery.safety.screen import validation_problems
 
     if tokenizer is None:
         raise TuneryError("--format prompts needs a tokenizer: pass --model NAME")
@@ -93,23 +112,93 @@ def _validate_prompts(args: argparse.Namespace, tokenizer: Any) -> int:
                 f"{len(report.items)} usable prompts; at least {minimum} are required",
             )
         )
+    screening = _validation_screening(args)
+    if screening is not None:
+        problems += validation_problems(screening)
     errors = [p for p in problems if p.severity == "error"]
     if args.json:
         stats = {"examples": len(report.items), "errors": len(errors), "too_long": len(report.too_long)}
         found = [
             {"line": p.line, "key": p.key, "message": p.message, "severity": p.severity} for p in problems
         ]
-        print(
-            json.dumps(
-                {"file": args.file, "format": "prompts", "ok": not errors, "stats": stats, "problems": found},
-                indent=2,
-            )
-        )
+        out = {"file": args.file, "format": "prompts", "ok": not errors, "stats": stats, "problems": found}
+        if screening is not None:
+            out["screening"] = screening.report()
+        print(json.dumps(out, indent=2))
     else:
         print(f"{args.file}: {len(report.items)} prompts, {len(errors)} errors")
         for problem in problems:
             print(f"  {problem.severity:<7} {problem}")
     return 1 if errors else 0
+
+
+def cmd_data_screen(args: argparse.Namespace) -> int:
+    """Offensive content and personal data, per line and field, with the policies applied."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from tunery.safety.screen import block_message, run_report, screen_file, summary
+
+    outputs = _redacted_outputs(args.files, args.redacted_out)
+    results = {path: screen_file(path, args.content, args.pii, outputs[path]) for path in args.files}
+    if args.json:
+        report = run_report(results, args.content, args.pii)
+        for path, result in results.items():
+            report["files"][path]["findings"] = [f.to_json() for f in result.findings]
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        console = Console(width=max(100, Console().width))
+        for path, result in results.items():
+            table = Table(title=f"{path}: {result.lines} lines; {summary(result)}", title_justify="left")
+            for name, ratio in (("line", 1), ("field", 3), ("found", 3), ("text (personal data masked)", 8)):
+                table.add_column(name, ratio=ratio, justify="right" if name == "line" else "left")
+            ordered = sorted(result.findings, key=lambda f: (f.fictional, f.line))
+            for f in ordered[: args.max_rows]:
+                found = f"{f.category} {f.score:.2f}" if f.score is not None else f.category
+                if f.fictional:
+                    found += f" (placeholder: {f.reason})"
+                style = "dim" if f.fictional else ""
+                table.add_row(str(f.line), f.field, Text(found, style), Text(f.snippet, style))
+            if len(ordered) > args.max_rows:
+                table.caption = f"{len(ordered) - args.max_rows} more findings: --json lists them all"
+            if ordered and args.max_rows > 0:
+                console.print(table)
+        totals = Table(title="Data screening", title_justify="left")
+        copies = any(r.redacted_path for r in results.values())
+        for name in ("file", "lines", "flagged (by category)", "placeholders", "action", "redacted copy"):
+            if name != "redacted copy" or copies:
+                totals.add_column(name, overflow="fold", no_wrap=name in ("lines", "action"))
+        for path, result in results.items():
+            r = result.report()
+            flagged = ", ".join(f"{k} {n}" for k, n in r["by_category"].items())
+            row = [
+                path,
+                str(r["lines"]),
+                f"{r['flagged_lines']} ({flagged})" if flagged else "0",
+                ", ".join(f"{k} {n}" for k, n in r["fictional_by_category"].items()) or "-",
+                r["action"],
+            ]
+            totals.add_row(*row, *([r["redacted_path"] or "-"] if copies else []))
+        console.print(totals)
+        console.print(f"content: {args.content} (classifier: alt-profanity-check), personal data: {args.pii}")
+    blocked = [r for r in results.values() if r.action == "blocked"]
+    for result in blocked:
+        print(block_message(result), file=sys.stderr)
+    return 1 if blocked else 0
+
+
+def _redacted_outputs(files: list[str], out: str | None) -> dict[str, Path | None]:
+    """Where redacted copies go: --redacted-out for one file, a directory for several, else FILE.redacted.jsonl
+    beside each file (None)."""
+    if out is None:
+        return dict.fromkeys(files)
+    if len(files) == 1 and not Path(out).is_dir():
+        return {files[0]: Path(out)}
+    names = [Path(f).name for f in files]
+    if len(set(names)) < len(names):
+        raise TuneryError("--redacted-out DIR: the files share names; screen them one at a time")
+    return {f: Path(out) / Path(f).name for f in files}
 
 
 def _train_overrides(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -144,7 +233,9 @@ def _train_overrides(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> d
 def cmd_train_sft(args: argparse.Namespace) -> int:
     from tunery.recipes import sft
 
-    summary = sft.run(args.config, _train_overrides(args), resume_dir=args.resume, overwrite=args.overwrite)
+    summary = sft.run(
+        args.config, _train_overrides(args, ("adapter",)), resume_dir=args.resume, overwrite=args.overwrite
+    )
     _print_summary(summary)
     return 0
 
@@ -230,7 +321,14 @@ def _print_summary(summary: dict[str, Any]) -> None:
             f"done: {summary['steps']} steps, {summary['trained_tokens']} tokens at "
             f"{summary['tokens_per_second']:.0f} tok/s in {summary['wall_seconds']:.0f} s; {shown}"
         )
-        print(f"saved: {Path(summary['run_dir']) / 'final'}")
+        print(f"saved: {Path(summary['run_dir']) / 'final'} (with MODEL_CARD.md)")
+        if summary.get("final_step") not in (None, summary["steps"]):
+            stopped = "stopped early; " if summary.get("stopped_early") else ""
+            print(f"{stopped}final/ holds step {summary['final_step']}, the lowest validation loss")
+        energy = summary.get("energy")
+        if isinstance(energy, dict) and "kwh" in energy:
+            how = str(energy.get("method", "")).split(":")[0]
+            print(f"energy: {energy['kwh'] * 1e3:.3g} Wh, {energy['kg_co2e'] * 1e3:.3g} g CO2e ({how})")
         for warning in summary.get("warnings", []):
             print(f"warning: {warning}")
 
@@ -424,6 +522,143 @@ def cmd_eval_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_suite(args: argparse.Namespace) -> int:
+    """`tunery eval safety|bias|memorization|diversity|grounding|all`: base vs tuned, as in evals.json."""
+    from tunery.safety.evals import SECTIONS, run_evals
+    from tunery.training.io import atomic_write_text
+
+    sections = SECTIONS if args.eval_command == "all" else (args.eval_command,)
+    if args.eval_command == "grounding" and not args.references:
+        raise TuneryError("eval grounding needs --references FILE (the citations answers may use)")
+    model, tokenizer, base, data, out = _eval_setup(args)
+    prompts = [p["messages"] for p in _read_prompts(args.prompts)] if args.prompts else None
+    report = run_evals(
+        model,
+        tokenizer,
+        base_model=base,
+        train_path=data,
+        references=args.references,
+        grounding_prompts=prompts,
+        sections=sections,
+        size=args.size,
+        seed=args.seed,
+    )
+    merged = _merge_evals(out, report) if out is not None else report
+    if out is not None:
+        atomic_write_text(out, json.dumps(merged, indent=2, ensure_ascii=False) + "\n")
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        _print_evals(report)
+        if out is not None:
+            print(f"wrote {out}" + (" (other sections kept)" if len(merged) > len(report) else ""))
+    return 0
+
+
+def _eval_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, str | None, Path | None]:
+    """The tuned model and tokenizer, a separate base model for a full fine-tune (None for an adapter: the
+    suite switches it off), the training data and where to write evals.json. The base model's name and the
+    data default to what the run recorded in final/tunery.yaml."""
+    import yaml
+
+    from tunery.models.load import load_for_inference
+
+    given = Path(args.adapter)
+    run_dir = given.parent if given.name == "final" else given
+    final = run_dir / "final" if (run_dir / "final").is_dir() else given
+    meta_path = final / "tunery.yaml"
+    meta = yaml.safe_load(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = meta if isinstance(meta, dict) else {}
+    base_name = args.model or meta.get("base_model") or "smollm2-135m-instruct"
+    data = args.data
+    if data is None:
+        recorded = (meta.get("config") or {}).get("data")
+        if recorded and Path(recorded).is_file():
+            data = str(recorded)
+        elif recorded:
+            log.warning(
+                "the run's training data %s is not here; memorization is skipped (pass --data)", recorded
+            )
+    elif not Path(data).is_file():
+        raise TuneryError(f"--data {data}: no such file")
+    if (final / "config.json").is_file():  # a full fine-tune: the run holds the whole model
+        model, tokenizer = load_for_inference(str(final))
+        base, _ = load_for_inference(base_name)
+    else:
+        model, tokenizer = load_for_inference(base_name, args.adapter)
+        base = None
+    out = Path(args.out) if args.out else (run_dir / "evals.json" if meta else None)
+    return model, tokenizer, base, data, out
+
+
+def _merge_evals(path: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """Sections already in `path` that this run did not redo stay (e.g. grounding added to a training run's
+    evals); the new config replaces the old one."""
+    try:
+        old = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        old = {}
+    old = old if isinstance(old, dict) else {}
+    merged = {k: v for k, v in old.items() if k != "config" and k not in report}
+    return merged | report
+
+
+def _print_evals(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(100, Console().width))
+    for name, section in report.items():
+        if name == "config":
+            continue
+        table = Table(title=name, title_justify="left")
+        for column in ("metric", "base", "tuned", "change"):
+            table.add_column(column, justify="left" if column == "metric" else "right")
+        base, tuned = section["base"], section["tuned"]
+        for metric, value in tuned.items():
+            before = base.get(metric)
+            table.add_row(
+                metric,
+                "-" if before is None else f"{before:.3f}",
+                f"{value:.3f}",
+                "-" if before is None else f"{value - before:+.3f}",
+            )
+        console.print(table)
+        for flag in section["flags"]:
+            console.print(f"[bold red]flag:[/] {flag}")
+    config = report["config"]
+    for section, reason in config["skipped"].items():
+        console.print(f"{section}: skipped, {reason}")
+    base = {"adapter disabled": "the adapter switched off", "separate model": "the base model"}
+    console.print(
+        f"{config['size']} size, seed {config['seed']}; base = {base.get(config['base'], 'not measured')}; "
+        f"{config['wall_seconds']:.0f} s"
+    )
+
+
+def cmd_data_augment(args: argparse.Namespace) -> int:
+    from tunery.safety.augment import augment_counterfactual
+
+    if not args.counterfactual:
+        raise TuneryError("choose an augmentation: --counterfactual (gender-swapped copies)")
+    report = augment_counterfactual(args.file, args.out)
+    common = ", ".join(f"{swap} {n}" for swap, n in report.swaps.most_common(8))
+    print(
+        f"wrote {args.out}: {report.written} lines, the {report.lines} of {args.file} and "
+        f"{report.changed} gender-swapped copies ({sum(report.swaps.values())} words swapped"
+        + (f": {common}" if common else "")
+        + ")"
+    )
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from tunery.safety.card import write_model_card
+
+    print(f"wrote {write_model_card(Path(args.run_dir))}")
+    return 0
+
+
 def _model_map(pairs: list[str] | None) -> dict[str, str]:
     mapping = {}
     for pair in pairs or []:
@@ -536,6 +771,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings.max_upload_bytes = args.max_upload_mb * 2**20
     settings.stop_grace_seconds = args.stop_grace
     settings.train_overrides = list(args.train_set or [])
+    settings.audit = not args.no_audit
+    settings.audit_redact, settings.audit_fsync = args.audit_redact, args.audit_fsync
+    settings.screen_content, settings.screen_pii = args.screen_content, args.screen_pii
+    settings.moderate_completions = args.moderate_completions
     for pair in args.base_model or []:
         name, sep, local = pair.partition("=")
         if not name:
@@ -561,11 +800,15 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
     store = Store(_service_settings(args).database_url)
     try:
-        key_id, key = create_key(store, args.project)
+        if args.labeller:
+            key_id, key = create_key(store, args.project, role="labeller", name=args.labeller)
+        else:
+            key_id, key = create_key(store, args.project)
     except ValueError as exc:
         raise TuneryError(str(exc)) from None
     print(key)
-    print(f"({key_id}, project {args.project}: shown once, stored hashed)", file=sys.stderr)
+    who = f", labeller {args.labeller}" if args.labeller else ""
+    print(f"({key_id}, project {args.project}{who}: shown once, stored hashed)", file=sys.stderr)
     return 0
 
 
@@ -573,8 +816,11 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     from tunery.server.auth import list_keys
     from tunery.server.store import Store
 
-    for key_id, project, prefix, _created, revoked in list_keys(Store(_service_settings(args).database_url)):
-        print(f"{key_id}  {project:<20} {prefix}...{'  revoked' if revoked else ''}")
+    for key_id, project, prefix, _created, revoked, role, name in list_keys(
+        Store(_service_settings(args).database_url)
+    ):
+        who = f"labeller {name}" if role == "labeller" else role
+        print(f"{key_id}  {project:<20} {prefix}...  {who}{'  revoked' if revoked else ''}")
     return 0
 
 
@@ -588,7 +834,99 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_logs(args: argparse.Namespace) -> list[Path]:
+    """The audit logs a `tunery audit` command names: --project's, or with --all every project's."""
+    from tunery.safety.audit import AuditLog, logs
+    from tunery.server.settings import Settings
+
+    directory = Settings.from_env(data_dir=Path(args.data_dir) if args.data_dir else None).audit_dir
+    if getattr(args, "all", False):
+        paths = logs(directory)
+        if not paths:
+            raise TuneryError(f"no audit logs in {directory} (is --data-dir the one `tunery serve` uses?)")
+        return paths
+    if not args.project:
+        raise TuneryError("name a project with --project P, or check every log with --all")
+    try:
+        path = AuditLog(directory).path(args.project)
+    except ValueError as exc:
+        raise TuneryError(str(exc)) from None
+    if not path.is_file():
+        known = ", ".join(p.stem for p in logs(directory)) or "none"
+        raise TuneryError(
+            f"no audit log for project {args.project!r} at {path} (projects with logs: {known})"
+        )
+    return [path]
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from tunery.safety.audit import verify
+
+    witness = None
+    if args.witness:
+        seq, _, digest = args.witness.partition(":")
+        if not seq.isdigit() or len(digest) != 64:
+            raise TuneryError(
+                f"--witness {args.witness!r}: write SEQ:HASH as `tunery audit head` printed them"
+            )
+        witness = (int(seq), digest)
+    intact = True
+    for path in _audit_logs(args):
+        result = verify(path, witness)
+        intact = intact and result.ok
+        span = f"seq {result.first_seq}-{result.last_seq}" if result.records else "empty"
+        if result.ok:
+            print(f"{path.stem}: intact, {result.records} records ({span}), last hash {result.last_hash}")
+        else:
+            print(
+                f"{path.stem}: NOT INTACT, {result.problem_count} problem(s) in {path} ({result.records} records)"
+            )
+            for problem in result.problems:
+                print(f"  {problem}")
+        for note in result.notes:
+            print(f"  note: {note}")
+    return 0 if intact else 1
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    from tunery.safety.audit import export
+
+    (path,) = _audit_logs(args)
+    try:
+        manifest = export(path, Path(args.out), args.since, args.until, args.type or (), args.format)
+    except ValueError as exc:
+        raise TuneryError(f"audit export: {exc}") from None
+    span = f"seq {manifest['first_seq']}-{manifest['last_seq']}" if manifest["records"] else "no records"
+    print(f"wrote {manifest['records']} records ({span}) to {args.out}, sha256 {manifest['sha256']}")
+    print(f"manifest: {args.out}.manifest.json")
+    verification = manifest["verification"]
+    if not verification["ok"]:
+        print(f"warning: the log failed verification: {verification['problems'][0]}", file=sys.stderr)
+    return 0
+
+
+def cmd_audit_head(args: argparse.Namespace) -> int:
+    from tunery.safety.audit import read_head
+
+    (path,) = _audit_logs(args)
+    try:
+        head = read_head(path)
+    except ValueError as exc:
+        raise TuneryError(str(exc)) from None
+    if head is None:
+        raise TuneryError(f"{path}: no head file; `tunery audit verify --project {args.project}` says why")
+    print(json.dumps({"project": args.project, "seq": head.seq, "hash": head.hash, "time": head.time}))
+    print(
+        f"keep this where the service cannot write it; later: tunery audit verify --project {args.project} "
+        f"--witness {head.seq}:{head.hash}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 # --- argument parsing ------------------------------------------------------------------------------------
+
+POLICY_CHOICES = ("warn", "block", "redact")  # tunery/safety/screen.py's, without importing it for --help
 
 
 def _add_sampling(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -634,11 +972,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="the file's format (default: detected; prompts = reinforcement prompts)",
     )
     p.add_argument("--min-examples", type=int, help="fewer valid examples is an error (default 10)")
+    p.add_argument("--screen-content", choices=POLICY_CHOICES, help="also screen for offensive content")
+    p.add_argument("--screen-pii", choices=POLICY_CHOICES, help="also screen for personal data")
     p.set_defaults(func=cmd_data_validate)
+    p = data.add_parser(
+        "screen", help="find offensive content and personal data line by line; block, redact or warn"
+    )
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--content", choices=POLICY_CHOICES, default="warn", help="offensive lines (default warn)")
+    p.add_argument("--pii", choices=POLICY_CHOICES, default="block", help="personal data (default block)")
+    p.add_argument("--redacted-out", metavar="PATH", help="redacted copy (a directory for several files)")
+    p.add_argument("--max-rows", type=int, default=30, help="findings shown per file")
+    p.add_argument("--json", action="store_true", help="machine-readable report with every finding")
+    p.set_defaults(func=cmd_data_screen)
+    p = data.add_parser("augment", help="add counterfactual copies of training examples (gender-swapped)")
+    p.add_argument("file")
+    p.add_argument("--counterfactual", action="store_true", help="swap gendered words and listed names")
+    p.add_argument("--out", required=True, help="the augmented JSONL (originals and copies)")
+    p.set_defaults(func=cmd_data_augment)
 
     train = sub.add_parser("train", help="train a model").add_subparsers(dest="method", required=True)
     p = train.add_parser("sft", help="supervised fine-tuning on chat data (LoRA or full)")
     _add_training_flags(p)
+    p.add_argument(
+        "--adapter", help="continue from this fine-tuned adapter (a run, checkpoint or adapter dir)"
+    )
     p.set_defaults(func=cmd_train_sft)
 
     p = train.add_parser("dpo", help="direct preference optimisation on comparisons (DPO, IPO, SimPO)")
@@ -743,6 +1101,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write prompts, both answers and their scores as JSONL")
     _add_sampling(p, max_tokens=128)
     p.set_defaults(func=cmd_eval_compare)
+    from tunery.safety.evals import SECTIONS, SIZES  # no torch: cheap at parse time
+
+    for section in (*SECTIONS, "all"):
+        what = "every evaluation" if section == "all" else f"the {section} evaluation"
+        p = evaluation.add_parser(section, help=f"{what}: base vs tuned model (tunery/safety/evals.py)")
+        p.add_argument(
+            "--adapter", required=True, help="run directory or adapter (a full fine-tune's run works)"
+        )
+        p.add_argument("--model", help="base model (default: the one the run recorded)")
+        p.add_argument("--data", help="training JSONL for memorization (default: the run's)")
+        p.add_argument("--references", help="citations answers may use (.txt one per line, .json, .jsonl)")
+        p.add_argument("--prompts", help="prompts to answer for grounding (default: training prompts)")
+        p.add_argument(
+            "--size", choices=list(SIZES), default="default", help="prompt counts (default: default)"
+        )
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--out", help="evals.json to write or update (default: RUN_DIR/evals.json for a run)")
+        p.add_argument("--json", action="store_true", help="print the report as JSON")
+        p.set_defaults(func=cmd_eval_suite)
+
+    p = sub.add_parser("card", help="(re)write a run's final/MODEL_CARD.md from the files in its directory")
+    p.add_argument("run_dir", help="a finished run directory (e.g. after `tunery eval all` added evals.json)")
+    p.set_defaults(func=cmd_card)
 
     graders = sub.add_parser("graders", help="check and run OpenAI-format graders").add_subparsers(
         dest="graders_command", required=True
@@ -781,6 +1162,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", action="append", metavar="NAME[=LOCAL]", help="offer another base model")
     p.add_argument("--train-set", action="append", metavar="KEY=VALUE", help="config field for every job")
     p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument("--no-audit", action="store_true", help="keep no audit log (DATA_DIR/audit/)")
+    p.add_argument("--audit-redact", action="store_true", help="redact personal data in the audit log")
+    p.add_argument("--audit-fsync", action="store_true", help="sync each audit record to disk")
+    p.add_argument("--screen-content", choices=POLICY_CHOICES, default="warn", help="jobs' offensive lines")
+    p.add_argument("--screen-pii", choices=POLICY_CHOICES, default="block", help="jobs' personal data")
+    p.add_argument(
+        "--moderate-completions", action="store_true", help="withhold chat completions the classifier flags"
+    )
     p.set_defaults(func=cmd_serve)
 
     keys = sub.add_parser("keys", help="API keys of the service").add_subparsers(
@@ -789,6 +1178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = keys.add_parser("create", help="print a new API key for a project")
     _add_service_flags(p)
     p.add_argument("--project", required=True, help="project name (lowercase letters, digits, - and _)")
+    p.add_argument(
+        "--labeller", metavar="NAME", help="a labeller's key: labelling in the feedback studio only, as NAME"
+    )
     p.set_defaults(func=cmd_keys_create)
     p = keys.add_parser("list", help="list keys (ids, projects, prefixes)")
     _add_service_flags(p)
@@ -797,7 +1189,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_service_flags(p)
     p.add_argument("key_id")
     p.set_defaults(func=cmd_keys_revoke)
+
+    audit = sub.add_parser("audit", help="the service's audit log: verify, export, head").add_subparsers(
+        dest="audit_command", required=True
+    )
+    p = audit.add_parser("verify", help="check the hash chain and head; exit 1 naming the first bad line")
+    _add_audit_flags(p)
+    p.add_argument("--all", action="store_true", help="every project's log")
+    p.add_argument("--witness", metavar="SEQ:HASH", help="a head recorded earlier by `tunery audit head`")
+    p.set_defaults(func=cmd_audit_verify)
+    p = audit.add_parser("export", help="a copy for auditors (JSONL or CSV) and a manifest")
+    _add_audit_flags(p)
+    p.add_argument("--since", metavar="ISO", help="from this time (UTC unless it says otherwise)")
+    p.add_argument("--until", metavar="ISO", help="before this time")
+    p.add_argument("--type", action="append", metavar="T", help="record type, e.g. inference or job.status")
+    p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_audit_export)
+    p = audit.add_parser("head", help="print the newest record's seq and hash, for an auditor to keep")
+    _add_audit_flags(p)
+    p.set_defaults(func=cmd_audit_head)
     return parser
+
+
+def _add_audit_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--project", help="the project whose log to read")
+    p.add_argument("--data-dir", help="the service's data directory (default $TUNERY_HOME/service)")
 
 
 def _add_service_flags(p: argparse.ArgumentParser) -> None:

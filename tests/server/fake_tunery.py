@@ -1,13 +1,15 @@
 """A stand-in for `python -m tunery` in the in-process service tests: the same command lines and the
 same run directory layout as the real CLI, in milliseconds and without torch.
 
-    fake_tunery.py data validate FILE --json --format F --min-examples N ...
+    fake_tunery.py data validate FILE --json --format F --min-examples N [--screen-content P --screen-pii P]
     fake_tunery.py train sft|dpo|grpo --data F --out DIR [--epochs N] [--batch-size N] ... | --resume DIR
 
 Training writes config.yaml, metrics.jsonl, checkpoints/step-N/ (every step), final/ and summary.json;
 SIGTERM checkpoints at the next step boundary and exits 2 with the recipe's message, as the recipes do.
 Each step sleeps FAKE_STEP_SECONDS (default 0.05). A training file containing FAIL_TRAINING fails at
-step 2. Every command line is appended to DIR/../argv.jsonl, so tests can check what the service ran.
+step 2. Data screening runs for real, except that the classifier is a stand-in: it flags a text
+containing FAKE_OFFENSIVE. Every command line is appended to DIR/../argv.jsonl, so tests can check what
+the service ran.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def validate(args: list[str]) -> int:
             )
             continue
         kind = "preference" if isinstance(value, dict) and "preferred_output" in value else "chat"
+        if isinstance(value, dict) and "label" in value and "completion" in value:
+            kind = "unpaired"  # thumbs up/down (KTO)
         detected = detected or kind
         if kind == "chat" and fmt != "prompts":
             _, found = check_chat_example(value, number)
@@ -57,6 +61,23 @@ def validate(args: list[str]) -> int:
             if found:
                 continue
         examples += 1
+    # --- data screening: the real screen, with FAKE_OFFENSIVE in a text standing in for the classifier
+    screening = None
+    if "--screen-pii" in args or "--screen-content" in args:
+        from tunery.safety.screen import screen_file, validation_problems
+
+        screening = screen_file(
+            path,
+            flag(args, "--screen-content", "warn") or "warn",
+            flag(args, "--screen-pii", "block") or "block",
+            score=lambda texts: [0.99 if "FAKE_OFFENSIVE" in t else 0.01 for t in texts],
+            write=False,
+        )
+        problems += [
+            {"line": p.line, "key": p.key, "message": p.message, "severity": p.severity}
+            for p in validation_problems(screening)
+        ]
+    # --- end of data screening
     errors = [p for p in problems if p["severity"] == "error"]
     if not errors and examples < minimum:
         problems.append(
@@ -74,6 +95,8 @@ def validate(args: list[str]) -> int:
         "stats": {"examples": examples, "total_tokens": 100 * examples},
         "problems": problems,
     }
+    if screening is not None:
+        report["screening"] = screening.report()
     print(json.dumps(report))
     return 0 if report["ok"] else 1
 
@@ -142,7 +165,15 @@ def train(method: str, args: list[str]) -> int:
                 return 2
     (run_dir / "final").mkdir(exist_ok=True)
     (run_dir / "final" / "adapter_config.json").write_text("{}")
-    summary = {"steps": total, "trained_tokens": 1000 * total, "final_metrics": {"train_loss": 2.0 / total}}
+    summary = {
+        "steps": total,
+        "trained_tokens": 1000 * total,
+        "final_metrics": {"train_loss": 2.0 / total},
+        "energy": {"kwh": 0.0021, "kg_co2e": 0.001, "method": "estimated (fake)", "country": "WORLD"},
+        "safety_flags": json.loads(os.environ.get("FAKE_SAFETY_FLAGS", "[]")),
+        "final_step": int(os.environ.get("FAKE_FINAL_STEP", total)),  # select_best kept an earlier step
+        "best_valid_loss": 1.25,
+    }
     (run_dir / "summary.json").write_text(json.dumps(summary))
     print(f"done: {total} steps")
     return 0

@@ -63,8 +63,8 @@ def test_supervised_job_to_succeeded(api: Api, settings) -> None:
     assert messages[0] == f"Created fine-tuning job: {job['id']}"
     assert messages[1].startswith("Validating training file: file-")
     assert "Files validated, moving job to queued state" in messages and "Fine-tuning job started" in messages
-    assert messages[-2] == f"New fine-tuned model created: {done['fine_tuned_model']}"
-    assert messages[-1] == "The job has successfully completed"
+    assert messages[-3] == f"New fine-tuned model created: {done['fine_tuned_model']}"
+    assert messages[-2].startswith("Energy: ") and messages[-1] == "The job has successfully completed"
     metrics = [e for e in reversed(events) if e["type"] == "metrics"]
     assert [m["data"]["step"] for m in metrics] == [1, 2, 3, 4]
     assert metrics[0]["data"]["train_loss"] == 2.0 and metrics[0]["message"].startswith(
@@ -258,10 +258,11 @@ def test_dpo_and_reinforcement_commands(api: Api, settings) -> None:
 
 def test_continued_training_from_a_fine_tuned_model(api: Api, settings) -> None:
     sft = api.wait_status(api.create_job()["id"], "succeeded")
-    r = api.post(
-        "/fine_tuning/jobs", json={"model": sft["fine_tuned_model"], "training_file": sft["training_file"]}
-    )
-    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    # supervised again on top of it (OpenAI's continued fine-tuning): a new adapter over the merged one
+    more = api.create_job(model=sft["fine_tuned_model"], training_file=sft["training_file"])
+    assert api.wait_status(more["id"], *TERMINAL)["status"] == "succeeded"
+    [command] = argv(settings, more["id"])
+    assert command[0] == "sft" and command[command.index("--adapter") + 1].endswith(f"{sft['id']}/run/final")
     dpo = api.create_job(jsonl(pair_lines(10)), model=sft["fine_tuned_model"], method={"type": "dpo"})
     done = api.wait_status(dpo["id"], *TERMINAL)
     assert done["status"] == "succeeded" and done["fine_tuned_model"].startswith("ft:tiny-random:acme::")
@@ -399,3 +400,32 @@ def test_restart_resumes_running_jobs_and_keeps_the_queue(tmp_path: Path, keys, 
         assert "--resume" in second
         steps = [e["data"]["step"] for e in reversed(api.events(running["id"])) if e["type"] == "metrics"]
         assert steps == list(range(1, 9))
+
+
+def test_energy_and_safety_flags_become_events(api: Api, monkeypatch) -> None:
+    flag = "safety: refusal rate fell by 25 points (72% -> 47%)"
+    monkeypatch.setenv("FAKE_SAFETY_FLAGS", json.dumps([flag]))
+    job = api.create_job()
+    assert api.wait_status(job["id"], *TERMINAL)["status"] == "succeeded"
+    events = api.events(job["id"])
+    [warning] = [e for e in events if e["message"].startswith("Safety evaluation")]
+    assert warning["level"] == "warn" and warning["message"] == f"Safety evaluation: {flag}"
+    [energy] = [e for e in events if e["message"].startswith("Energy")]
+    assert energy["message"] == "Energy: 0.0021 kWh, 0.001 kg CO2e (estimated (fake); grid: WORLD)"
+
+
+def test_the_final_checkpoint_is_the_step_final_holds(api: Api, monkeypatch) -> None:
+    monkeypatch.setenv("FAKE_FINAL_STEP", "2")
+    job = api.create_job(
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 5}}}
+    )
+    done = api.wait_status(job["id"], *TERMINAL)
+    assert done["status"] == "succeeded"
+    checkpoints = api.get(f"/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+    [final] = [c for c in checkpoints if c["fine_tuned_model_checkpoint"] == done["fine_tuned_model"]]
+    assert final["step_number"] == 2
+    messages = [e["message"] for e in api.events(job["id"])]
+    assert (
+        "The model holds the weights of step 2, its lowest validation loss (1.2500); the job trained to step 4"
+        in messages
+    )

@@ -9,6 +9,7 @@ with the app and stop with it.
 
 from __future__ import annotations
 
+import gc
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -18,11 +19,23 @@ from typing import Any
 from anyio import to_thread
 from fastapi import FastAPI
 
+from tunery.safety.audit import AuditLog
 from tunery.server.deps import AppState
 from tunery.server.errors import install_handlers
+from tunery.server.feedback import QueueGenerators
 from tunery.server.inference_client import InferenceClient
-from tunery.server.jobs import Scheduler
-from tunery.server.routes import chat, files, graders, jobs, models
+from tunery.server.jobs import Scheduler, audit_job_changes
+from tunery.server.routes import (
+    chat,
+    comparisons,
+    dashboard,
+    feedback,
+    files,
+    graders,
+    jobs,
+    models,
+    moderations,
+)
 from tunery.server.settings import Settings
 from tunery.server.store import Store, now
 
@@ -52,19 +65,36 @@ class RequestId:
 def create_app(settings: Settings | None = None, run_scheduler: bool = True) -> FastAPI:
     settings = settings or Settings.from_env()
     store = Store(settings.database_url)
-    state = AppState(store, settings, Scheduler(store, settings), InferenceClient(settings), now())
+    audit = (
+        AuditLog(settings.audit_dir, settings.audit_redact, settings.audit_fsync) if settings.audit else None
+    )
+    if audit is not None:
+        audit_job_changes(store, audit)
+    state = AppState(
+        store, settings, Scheduler(store, settings), InferenceClient(settings), now(), audit=audit
+    )
+
+    generators = QueueGenerators(state)  # the feedback studio's answer writing (feedback.py)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if run_scheduler:
             state.scheduler.start()
+        await generators.resume()
+        # A full collection walks every object the imports made (FastAPI, pydantic, SQLAlchemy: 50-80 ms
+        # on a small CPU), stalling every request in flight. Frozen objects are never walked again.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
+            await generators.stop()
             await state.inference.close()
             if run_scheduler:
                 await to_thread.run_sync(state.scheduler.stop)
             store.close()
+            if audit is not None:
+                audit.close()
 
     app = FastAPI(
         title="Tunery",
@@ -74,9 +104,15 @@ def create_app(settings: Settings | None = None, run_scheduler: bool = True) -> 
         openapi_url="/v1/openapi.json",
     )
     app.state.tunery = state
+    app.state.feedback = generators
     install_handlers(app)
-    for module in (files, jobs, models, chat, graders):
+    for module in (files, jobs, models, chat, graders, moderations):
         app.include_router(module.router, prefix="/v1")
+    # the web app: its own endpoints under /tunery/v1, its pages at / (routes/dashboard.py)
+    app.include_router(dashboard.router, prefix="/tunery/v1")
+    app.include_router(feedback.router, prefix="/tunery/v1")  # the feedback studio
+    app.include_router(comparisons.router, prefix="/tunery/v1")
+    dashboard.mount_web(app)
     app.add_middleware(RequestId)
     return app
 

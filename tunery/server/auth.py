@@ -1,6 +1,10 @@
 """API keys: `Authorization: Bearer <key>`. Keys are random, shown once, and stored as SHA-256 hashes
 (a slow password hash buys nothing for 256-bit random keys). Each key belongs to one project, and every
-object the API returns belongs to the caller's project: another project's object does not exist."""
+object the API returns belongs to the caller's project: another project's object does not exist.
+
+A key's role is `admin` (the whole API) or `labeller` (a person labelling in the feedback studio, with a
+display name). Routes take `Auth` (admin keys only: a labeller's key gets a 403) unless they are part of
+labelling and take `AnyRole`; so a route added later is closed to labellers until it says otherwise."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from tunery.server.errors import APIError
 from tunery.server.store import ApiKey, Project, Store, new_id, now
 
 KEY_PREFIX = "sk-tunery-"
+ROLES = ("admin", "labeller")
 PROJECT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
@@ -25,14 +30,24 @@ PROJECT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 class Caller:
     project_id: str
     project_name: str
+    key_id: str = ""  # which key: the audit log names it (never the key itself)
+    role: str = "admin"  # admin | labeller
+    name: str | None = None  # a labeller's display name
 
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create_key(store: Store, project_name: str) -> tuple[str, str]:
-    """A new key for `project_name` (the project is created on first use): (key id, key)."""
+def create_key(
+    store: Store, project_name: str, role: str = "admin", name: str | None = None
+) -> tuple[str, str]:
+    """A new key for `project_name` (the project is created on first use): (key id, key). A labeller's
+    key (`role="labeller"`) needs the labeller's `name`."""
+    if role not in ROLES:
+        raise ValueError(f"role {role!r}: use one of {', '.join(ROLES)}")
+    if role == "labeller" and not (name and name.strip() and len(name.strip()) <= 64):
+        raise ValueError("a labeller's key needs the labeller's name (1-64 characters)")
     if not PROJECT_NAME.match(project_name):
         raise ValueError(
             f"project name {project_name!r}: use 1-63 lowercase letters, digits, '-' or '_' "
@@ -48,17 +63,31 @@ def create_key(store: Store, project_name: str) -> tuple[str, str]:
         key_id = new_id("key_", 16)
         session.add(
             ApiKey(
-                id=key_id, project_id=project.id, key_hash=hash_key(key), prefix=key[:14], created_at=now()
+                id=key_id,
+                project_id=project.id,
+                key_hash=hash_key(key),
+                prefix=key[:14],
+                created_at=now(),
+                role=role,
+                name=name.strip() if name else None,
             )
         )
     return key_id, key
 
 
-def list_keys(store: Store) -> list[tuple[str, str, str, int, int | None]]:
-    """(key id, project name, key prefix, created_at, revoked_at) of every key."""
+def list_keys(store: Store) -> list[tuple[str, str, str, int, int | None, str, str | None]]:
+    """(key id, project name, key prefix, created_at, revoked_at, role, labeller name) of every key."""
     with store.session() as session:
         rows = session.execute(
-            select(ApiKey.id, Project.name, ApiKey.prefix, ApiKey.created_at, ApiKey.revoked_at)
+            select(
+                ApiKey.id,
+                Project.name,
+                ApiKey.prefix,
+                ApiKey.created_at,
+                ApiKey.revoked_at,
+                ApiKey.role,
+                ApiKey.name,
+            )
             .join(Project, Project.id == ApiKey.project_id)
             .order_by(ApiKey.created_at)
         ).all()
@@ -89,14 +118,14 @@ def authenticate(store: Store, authorization: str | None) -> Caller:
         raise APIError(401, "Authorization header must be 'Bearer YOUR_KEY'.", code="invalid_api_key")
     with store.session() as session:
         row = session.execute(
-            select(Project.id, Project.name)
+            select(Project.id, Project.name, ApiKey.id, ApiKey.role, ApiKey.name)
             .join(ApiKey, ApiKey.project_id == Project.id)
             .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
         ).first()
     if row is None:
         shown = key[:8] + "*" * 8 + key[-4:] if len(key) > 12 else "*" * len(key)
         raise APIError(401, f"Incorrect API key provided: {shown}.", code="invalid_api_key")
-    return Caller(project_id=row[0], project_name=row[1])
+    return Caller(project_id=row[0], project_name=row[1], key_id=row[2], role=row[3], name=row[4])
 
 
 class KeyCache:
@@ -113,6 +142,10 @@ class KeyCache:
             return None
         return hit[0]
 
+    def forget(self, key_id: str) -> None:
+        """Drop a key revoked by this process at once (other processes' revocations wait out `ttl`)."""
+        self._seen = {k: v for k, v in self._seen.items() if v[0].key_id != key_id}
+
     def put(self, authorization: str, who: Caller) -> None:
         if len(self._seen) > 10_000:
             self._seen.clear()
@@ -120,7 +153,21 @@ class KeyCache:
 
 
 async def caller(request: Request) -> Caller:
-    """FastAPI dependency: the project of the request's API key, or a 401."""
+    """FastAPI dependency (`Auth`): the project of the request's admin key; a 401 without a valid key, a
+    403 for a labeller's key."""
+    who = await any_caller(request)
+    if who.role != "admin":
+        raise APIError(
+            403,
+            f"This key belongs to labeller '{who.name}' and can only label in the feedback studio "
+            "(/tunery/v1/feedback/...); ask a project admin for anything else.",
+            code="insufficient_permissions",
+        )
+    return who
+
+
+async def any_caller(request: Request) -> Caller:
+    """FastAPI dependency (`AnyRole`): the project of the request's API key, whatever its role, or a 401."""
     state = request.app.state.tunery
     keys: KeyCache = state.keys
     authorization = request.headers.get("authorization")

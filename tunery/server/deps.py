@@ -1,5 +1,5 @@
 """What every route needs, held on `app.state`: the store, the settings, the scheduler, the inference
-worker, and the caller's project (from the API key)."""
+worker, the audit log, and the caller's project (from the API key)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from tunery.server.auth import Caller, KeyCache, caller
+from tunery.safety.audit import AuditLog
+from tunery.server.auth import Caller, KeyCache, any_caller, caller
 from tunery.server.inference_client import InferenceClient
 from tunery.server.jobs import Scheduler
 from tunery.server.settings import Settings
@@ -23,6 +24,7 @@ class AppState:
     inference: InferenceClient
     started_at: int  # the `created` time of base models
     keys: KeyCache = field(default_factory=KeyCache)
+    audit: AuditLog | None = None  # None when `--no-audit`
 
 
 async def get_state(request: Request) -> AppState:
@@ -32,3 +34,4 @@ async def get_state(request: Request) -> AppState:
 
 State = Annotated[AppState, Depends(get_state)]
 Auth = Annotated[Caller, Depends(caller)]
+AnyRole = Annotated[Caller, Depends(any_caller)]  # labellers' keys too (auth.py)

@@ -1,7 +1,8 @@
 """Fine-tuning jobs: a scheduler thread in the server process that runs each job through the CLI a user
 types, and turns what the run directory says into job statuses, events and checkpoints.
 
-    validating_files   `python -m tunery data validate FILE --json ...` per file (one at a time)
+    validating_files   `python -m tunery data validate FILE --json ...` per file (one at a time), with
+                       the data screen (personal data, offensive content) under the service's policies
     queued             waiting for a training slot (`max_running_jobs`, 1 by default), in queue order
     running            `python -m tunery train sft|dpo|grpo ... --out JOB/run` (or `--resume JOB/run`)
     succeeded | failed | cancelled | paused
@@ -34,9 +35,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import yaml
-from sqlalchemy import func, select
+from sqlalchemy import event, func, inspect, select
 from sqlalchemy.orm import Session
 
+from tunery.safety.audit import AuditLog
 from tunery.server.catalog import checkpoint_name, fine_tuned_name, job_dir
 from tunery.server.errors import APIError
 from tunery.server.settings import Settings
@@ -44,14 +46,22 @@ from tunery.server.store import Checkpoint, Event, File, Job, Project, Store, ne
 
 log = logging.getLogger("tunery.server")
 
-RECIPES = {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo"}
-FILE_FORMATS = {"supervised": "chat", "dpo": "preference", "reinforcement": "prompts"}
+# kto and reward_model are Tunery's own method types: the feedback studio creates them (routes/feedback.py)
+RECIPES = {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo", "kto": "kto", "reward_model": "rm"}
+FILE_FORMATS = {
+    "supervised": "chat",
+    "dpo": "preference",
+    "reinforcement": "prompts",
+    "kto": "unpaired",
+    "reward_model": "preference",
+}
 FORMAT_NAMES = {
     "chat": "fine-tune-chat",
     "preference": "fine-tune-preference",
     "unpaired": "unpaired-feedback",
 }
 TERMINAL = ("succeeded", "failed", "cancelled")
+SCREENING_KEYS = ("personal_data", "offensive_content")  # `data validate --screen-*` problems
 MIN_TRAINING_EXAMPLES = 10
 METRIC_NAMES = {  # metric -> how the event message says it
     "train_loss": "training loss",
@@ -111,6 +121,7 @@ def validate_command(settings: Settings, job: Job, path: Path, param: str) -> li
     max_length = _override(settings, "max_length")
     if max_length is not None:
         command += ["--max-length", str(max_length)]
+    command += ["--screen-content", settings.screen_content, "--screen-pii", settings.screen_pii]
     return command + ["--max-bytes", str(settings.max_upload_bytes)]
 
 
@@ -145,8 +156,11 @@ def train_command(settings: Settings, job: Job) -> list[str]:
             command += [flag, str(hp[name])]
     if job.parent_adapter:
         command += ["--adapter", job.parent_adapter]
-    if kind == "dpo" and hp.get("beta", "auto") != "auto":
+    if kind in ("dpo", "kto") and hp.get("beta", "auto") != "auto":
         command += ["--beta", str(hp["beta"])]
+    # the recipe screens again (and writes the redacted copy under `redact`) with the service's policies
+    for name in ("screen_content", "screen_pii"):
+        command += ["--set", f"{name}={getattr(settings, name)}"]
     if kind == "reinforcement":
         command += ["--grader", str(directory / "grader.json")]
         if hp.get("eval_interval", "auto") != "auto":
@@ -179,6 +193,17 @@ def validation_error(report: dict[str, Any], param: str, file_id: str, kind: str
     errors = [p for p in report.get("problems", []) if p.get("severity") == "error"]
     if not errors:
         return None
+    if all(p.get("key") in SCREENING_KEYS for p in errors):
+        found = "; ".join(str(p["message"]) for p in errors)
+        return {
+            "code": f"invalid_{label}_file",
+            "message": (
+                f"The job failed due to an invalid {label} file. This {label} file was blocked by data "
+                f"screening: {found}. Remove those lines or mask the personal data (`tunery data screen "
+                "FILE --pii redact` writes a masked copy), then upload the file again."
+            ),
+            "param": param,
+        }
     if all(p.get("key") == "invalid_n_examples" for p in errors):
         message = errors[0]["message"]
         return {
@@ -197,8 +222,24 @@ def validation_error(report: dict[str, Any], param: str, file_id: str, kind: str
     }
 
 
+def screening_warnings(report: dict[str, Any], param: str, file_id: str, settings: Settings) -> list[str]:
+    """Job event messages for what data screening found but let through (policy warn or redact)."""
+    label = "Training" if param == "training_file" else "Validation"
+    outcomes = {
+        ("personal_data", "redact"): "it is masked in the copy the job trains on",
+        ("offensive_content", "redact"): "those lines are left out of the copy the job trains on",
+    }
+    messages = []
+    for p in report.get("problems", []):
+        if p.get("key") in SCREENING_KEYS and p.get("severity") == "warning":
+            policy = settings.screen_pii if p["key"] == "personal_data" else settings.screen_content
+            outcome = outcomes.get((p["key"], policy), "the job continues")
+            messages.append(f"{label} file {file_id}: data screening found {p['message']}; {outcome}")
+    return messages
+
+
 def _method_for(file_format: str) -> str:
-    return {"chat": "supervised", "preference": "dpo"}.get(file_format, file_format)
+    return {"chat": "supervised", "preference": "dpo", "unpaired": "kto"}.get(file_format, file_format)
 
 
 def tail_error(log_path: Path, exit_code: int) -> str:
@@ -227,6 +268,19 @@ def metrics_message(record: dict[str, Any]) -> str:
     return head + (": " + ", ".join(parts) if parts else "")
 
 
+def energy_message(energy: Any) -> str | None:
+    """The run's energy as an event: its numbers are estimates on most machines, so the method goes along."""
+    if not isinstance(energy, dict):
+        return None  # tracking was off
+    if "kwh" not in energy:
+        return f"Energy not measured: {energy.get('error', 'no reading')}"
+    kwh, kg = energy["kwh"], energy["kg_co2e"]
+    amount = f"{kwh:.2g} kWh" if kwh >= 1e-3 else f"{kwh * 1e3:.2g} Wh"  # a short job uses a few Wh
+    amount += f", {kg:.2g} kg CO2e" if kg >= 1e-3 else f", {kg * 1e3:.2g} g CO2e"
+    where = energy.get("country", "?")
+    return f"Energy: {amount} ({energy.get('method', 'method not recorded')}; grid: {where})"
+
+
 def results_csv(records: list[dict[str, Any]]) -> str:
     lines = ["step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"]
     for r in records:
@@ -240,6 +294,101 @@ def results_csv(records: list[dict[str, Any]]) -> str:
             continue
         lines.append(",".join([str(r.get("step", ""))] + ["" if v is None else f"{v:.6g}" for v in values]))
     return "\n".join(lines) + "\n"
+
+
+# --- audit ----------------------------------------------------------------------------------------------
+
+
+def audit_job_changes(store: Store, audit: AuditLog) -> None:
+    """Record every committed job creation, status change and event in the project's audit log.
+
+    It listens to the store's sessions rather than to `add_event` callers: a status is set in a dozen
+    places, and a listener catches each one (and any added later) with its before and after. Records are
+    written after the commit, so the log holds only what the database does. A route that acts for a key
+    sets `session.info["audit_key_id"]`; otherwise the actor is the service (the scheduler).
+
+    Per-step `metrics` events are not recorded (one per optimizer step; they stay in the job's
+    metrics.jsonl and result file); metrics events with held-out scores (`valid_*`, `full_valid_*`) are.
+    """
+    projects: dict[str, str] = {}  # project id -> name (names never change)
+    job_projects: dict[str, str] = {}  # job id -> project id
+
+    def after_flush(session: Session, _context: Any) -> None:
+        pending = session.info.setdefault("audit", [])
+        key_id = session.info.get("audit_key_id")
+        for obj in session.new:
+            if isinstance(obj, Job):
+                job_projects[obj.id] = obj.project_id
+                pending.append((obj.id, "job.created", _created_payload(obj), key_id))
+            elif isinstance(obj, Event) and (obj.type != "metrics" or _held_out(obj.data)):
+                payload: dict[str, Any] = {
+                    "job_id": obj.job_id,
+                    "event_id": obj.id,
+                    "level": obj.level,
+                    "message": obj.message,
+                }
+                if obj.type == "metrics":
+                    payload["data"] = obj.data
+                pending.append((obj.job_id, "job.event", payload, key_id))
+        for obj in session.dirty:
+            if isinstance(obj, Job):
+                job_projects[obj.id] = obj.project_id
+                history = inspect(obj).attrs.status.history
+                if history.deleted and obj.status not in history.deleted:
+                    change: dict[str, Any] = {"job_id": obj.id, "from": history.deleted[0], "to": obj.status}
+                    if obj.status == "failed":
+                        change["error"] = obj.error
+                    if obj.status == "succeeded":
+                        change["fine_tuned_model"] = obj.fine_tuned_model
+                    pending.append((obj.id, "job.status", change, key_id))
+
+    def after_commit(session: Session) -> None:
+        for job_id, kind, payload, key_id in session.info.pop("audit", []):
+            try:
+                audit.append(_project_of(job_id), kind, payload, key_id)
+            except Exception:  # the change is committed; a failed record must not fail the scheduler
+                log.exception("audit log: could not record %s of %s", kind, job_id)
+
+    def after_rollback(session: Session, _transaction: Any) -> None:
+        session.info.pop("audit", None)
+
+    def _project_of(job_id: str) -> str:
+        project_id = job_projects.get(job_id)
+        if project_id is None or project_id not in projects:
+            with store.engine.connect() as connection:
+                row = connection.execute(
+                    select(Project.id, Project.name)
+                    .join(Job, Job.project_id == Project.id)
+                    .where(Job.id == job_id)
+                ).one()
+            project_id, projects[row[0]] = row[0], row[1]
+            job_projects[job_id] = project_id
+        if len(job_projects) > 100_000:
+            job_projects.clear()
+        return projects[project_id]
+
+    sessions = store._sessions
+    event.listen(sessions, "after_flush", after_flush)
+    event.listen(sessions, "after_commit", after_commit)
+    event.listen(sessions, "after_soft_rollback", after_rollback)
+
+
+def _created_payload(job: Job) -> dict[str, Any]:
+    return {
+        "job_id": job.id,
+        "model": job.model,
+        "training_file": job.training_file,
+        "validation_file": job.validation_file,
+        "method": job.method,
+        "suffix": job.suffix,
+        "seed": job.seed,
+        "metadata": job.job_metadata,
+        "status": job.status,
+    }
+
+
+def _held_out(data: dict[str, Any] | None) -> bool:
+    return any(key.startswith(("valid_", "full_valid_")) for key in data or {})
 
 
 # --- the scheduler ----------------------------------------------------------------------------------------
@@ -488,6 +637,9 @@ class Scheduler:
             if error is not None:
                 self._fail(session, job, error["code"], error["message"], error["param"])
                 return
+            checked = report if isinstance(report, dict) else {}
+            for message in screening_warnings(checked, param, file_id, self.settings):
+                add_event(session, job.id, message, level="warn")
             stats = proc.stats | {param: report["stats"] if isinstance(report, dict) else {}}
             if proc.pending:
                 self._spawn_validation(job, proc.pending, stats)
@@ -628,7 +780,7 @@ class Scheduler:
         method = json.loads(json.dumps(job.method))
         hp = method.setdefault(kind, {}).get("hyperparameters") or {}
         hp.update(resolved)
-        if kind == "dpo":
+        if kind in ("dpo", "kto"):
             hp["beta"] = config.get("beta") or 0.1
         method[kind]["hyperparameters"] = hp
         job.method, job.hyperparameters = method, resolved
@@ -661,7 +813,10 @@ class Scheduler:
         assert project is not None
         summary = json.loads((run_dir / "summary.json").read_text())
         name = fine_tuned_name(job.base_model, project.name, job.suffix, job.model_key)
-        step = int(summary.get("steps") or job.total_steps or max(job.last_step, 0))
+        # with a validation set final/ holds the best evaluation's weights (select_best), not the last step's
+        step = int(
+            summary.get("final_step") or summary.get("steps") or job.total_steps or max(job.last_step, 0)
+        )
         metrics = {"step": float(step)} | {
             k: v for k, v in (summary.get("final_metrics") or {}).items() if k in CHECKPOINT_METRICS
         }
@@ -695,6 +850,19 @@ class Scheduler:
         job.estimated_finish = None
         job.result_files = [result]
         add_event(session, job.id, f"New fine-tuned model created: {name}")
+        if summary.get("final_step") and summary["final_step"] != summary.get("steps"):
+            how = "stopped early" if summary.get("stopped_early") else "trained"
+            add_event(
+                session,
+                job.id,
+                f"The model holds the weights of step {summary['final_step']}, its lowest validation loss "
+                f"({summary.get('best_valid_loss', float('nan')):.4f}); the job {how} to step {summary['steps']}",
+            )
+        energy = energy_message(summary.get("energy"))
+        if energy:
+            add_event(session, job.id, energy)
+        for flag in summary.get("safety_flags") or []:  # the tuned model is worse than its base (evals.json)
+            add_event(session, job.id, f"Safety evaluation: {flag}", level="warn")
         add_event(session, job.id, "The job has successfully completed")
 
     def _store_result_file(self, session: Session, job: Job, content: bytes) -> str:

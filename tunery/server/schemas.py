@@ -104,6 +104,7 @@ class ChatRequest(BaseModel):
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
     user: str | None = None
+    store: bool | None = None  # keep the completion, so it can be rated (POST /tunery/v1/ratings)
 
 
 # --- graders ---------------------------------------------------------------------------------------------

@@ -38,6 +38,14 @@ class Settings:
     default_max_tokens: int = 256  # chat completions without max_tokens
     max_completion_tokens: int = 4096
     grader_timeout: float = 120.0  # python graders, seconds
+    # data screening of every job's files at validation (tunery/safety/screen.py): warn | block | redact
+    screen_content: str = "warn"  # offensive lines
+    screen_pii: str = "block"  # personal data
+    moderate_completions: bool = False  # withhold chat completions the classifier flags (content_filter)
+    # audit log (tunery/safety/audit.py): DATA_DIR/audit/<project>.jsonl
+    audit: bool = True  # record every chat request and response, and every job, file and model event
+    audit_redact: bool = False  # personal data in recorded text goes through tunery.safety.pii.redact
+    audit_fsync: bool = False  # sync each record to disk (survives power loss; ~0.3 ms more per record)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser().resolve()
@@ -66,3 +74,7 @@ class Settings:
     @property
     def logs_dir(self) -> Path:
         return self.data_dir / "logs"
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.data_dir / "audit"

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from anyio import to_thread
+from anyio import CancelScope, to_thread
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
@@ -15,10 +17,13 @@ from tunery.server.auth import Caller
 from tunery.server.catalog import ResolvedModel, resolve
 from tunery.server.deps import AppState, Auth, State
 from tunery.server.errors import APIError, bad_request
+from tunery.server.feedback import refuse_reward_model, store_completion
+from tunery.server.routes.moderations import content_filter_on, filtered_stream, withhold_flagged
 from tunery.server.schemas import ChatRequest
 from tunery.server.store import new_id, now
 
 router = APIRouter()
+log = logging.getLogger("tunery.server")
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 FINGERPRINT = "fp_tunery"
@@ -84,7 +89,9 @@ def _unsupported(body: ChatRequest) -> None:
 
 def _resolve(state: AppState, caller: Caller, name: str) -> ResolvedModel:
     with state.store.session() as session:
-        return resolve(session, state.settings, caller, name)
+        model = resolve(session, state.settings, caller, name)
+        refuse_reward_model(session, model)  # it scores answers; it cannot write them
+        return model
 
 
 @router.post("/chat/completions", response_model=None)
@@ -120,9 +127,19 @@ async def chat_completions(
         "stream": bool(body.stream),
     }
     completion_id = new_id("chatcmpl-")
+    audited = {k: v for k, v in request.items() if k not in ("op", "adapter", "base_adapter", "model")}
+    await _audit(
+        state, caller, "inference.request", {"completion_id": completion_id, "model": body.model} | audited
+    )
     if not body.stream:
-        result = await state.inference.call(request)
-        return {
+        try:
+            result = await state.inference.call(request)
+        except APIError as exc:
+            await _audit(state, caller, "inference.error", {"completion_id": completion_id} | exc.body())
+            raise
+        if content_filter_on(settings, body):
+            result = await to_thread.run_sync(withhold_flagged, result)
+        response: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion",
             "created": now(),
@@ -146,14 +163,61 @@ async def chat_completions(
             ],
             "usage": _usage(result),
         }
+        answers = [
+            {"index": c["index"], "text": c["message"]["content"], "finish_reason": c["finish_reason"]}
+            for c in response["choices"]
+        ]
+        await _audit(state, caller, "inference.response", _answer(completion_id, answers, result))
+        if body.store:  # kept so the application can rate it (POST /tunery/v1/ratings)
+            texts = [a["text"] or "" for a in answers]
+            await store_completion(state, caller, completion_id, body.model, messages, texts)
+        return response
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     replies = state.inference.stream(request)
+    if content_filter_on(settings, body):  # answers arrive whole, once scored (routes/moderations.py)
+        replies = filtered_stream(replies)
     # Wait for the worker's first reply before answering 200, so that a model that fails to load is
     # still an error status, not an error inside a stream.
-    first = await anext(replies)
+    try:
+        first = await anext(replies)
+    except APIError as exc:
+        await _audit(state, caller, "inference.error", {"completion_id": completion_id} | exc.body())
+        raise
+    record = functools.partial(_audit, state, caller)
+    if body.store:
+        record = functools.partial(_record_and_store, record, state, caller, body.model, messages)
     return StreamingResponse(
-        _events(first, replies, completion_id, body, include_usage), media_type="text/event-stream"
+        _events(first, replies, completion_id, body, include_usage, record), media_type="text/event-stream"
     )
+
+
+async def _audit(state: AppState, caller: Caller, kind: str, payload: dict[str, Any]) -> None:
+    """Append to the project's audit log from a worker thread, so the event loop never waits on the disk
+    (with `--audit-fsync` a record waits for a disk sync). A record that cannot be written fails the
+    request: the service answers nothing it has not recorded."""
+    if state.audit is not None:
+        await to_thread.run_sync(state.audit.append, caller.project_name, kind, payload, caller.key_id)
+
+
+async def _record_and_store(
+    record: Callable[[str, dict[str, Any]], Awaitable[None]],
+    state: AppState,
+    caller: Caller,
+    model: str,
+    messages: list[dict[str, str]],
+    kind: str,
+    payload: dict[str, Any],
+) -> None:
+    """A streamed answer with `store: true`: audited, then stored once it is complete."""
+    await record(kind, payload)
+    if kind == "inference.response":
+        texts = [c["text"] or "" for c in payload["choices"]]
+        await store_completion(state, caller, payload["completion_id"], model, messages, texts)
+
+
+def _answer(completion_id: str, answers: list[dict[str, Any]], result: dict[str, Any]) -> dict[str, Any]:
+    usage = {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"]}
+    return {"completion_id": completion_id, "choices": answers, "usage": usage}
 
 
 def _logprobs(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -182,8 +246,11 @@ async def _events(
     completion_id: str,
     body: ChatRequest,
     include_usage: bool,
+    record: Callable[[str, dict[str, Any]], Awaitable[None]],
 ) -> AsyncIterator[str]:
     created = now()
+    streamed: dict[int, list[str]] = {}  # what the client was sent, for the audit log if the stream breaks
+    outcome: tuple[str, dict[str, Any]] | None = None
 
     def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
         payload: dict[str, Any] = {
@@ -213,6 +280,7 @@ async def _events(
     try:
         while message is not None:
             if message.get("event") == "delta":
+                streamed.setdefault(message["index"], []).append(message["text"])
                 yield chunk(
                     [
                         {
@@ -225,6 +293,11 @@ async def _events(
                 )
             elif message.get("event") == "done":
                 result = message["result"]
+                answers = [
+                    {"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"]}
+                    for c in result["choices"]
+                ]
+                outcome = ("inference.response", _answer(completion_id, answers, result))
                 for c in result["choices"]:
                     logprobs = (
                         {"content": _logprobs(c["logprobs"]), "refusal": None}
@@ -246,7 +319,22 @@ async def _events(
                 break
             message = await anext(replies, None)
     except APIError as exc:
+        outcome = ("inference.error", {"completion_id": completion_id} | exc.body())
         yield f"data: {json.dumps(exc.body())}\n\n"
     finally:
+        if outcome is None:
+            error = {
+                "message": "the stream ended before the answer did (the client left, or the server failed)"
+            }
+            outcome = ("inference.error", {"completion_id": completion_id, "error": error})
+        if outcome[0] == "inference.error":
+            outcome[1]["partial_choices"] = [
+                {"index": i, "text": "".join(t)} for i, t in sorted(streamed.items())
+            ]
+        try:
+            with CancelScope(shield=True):  # a disconnect cancels the stream; the record is written anyway
+                await record(*outcome)
+        except Exception:  # the answer has gone out; a failed record must not break its end
+            log.exception("audit log: could not record the end of %s", completion_id)
         await replies.aclose()  # type: ignore[attr-defined]
     yield "data: [DONE]\n\n"

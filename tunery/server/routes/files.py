@@ -8,6 +8,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
+from anyio import to_thread
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -163,6 +164,11 @@ async def create_file(request: Request, state: State, caller: Auth) -> dict[str,
         except BaseException:
             (files_dir / file_id).unlink(missing_ok=True)
             raise
+        if state.audit is not None:
+            uploaded = {"file_id": file_id, "filename": row.filename, "purpose": purpose, "bytes": row.bytes}
+            await to_thread.run_sync(
+                state.audit.append, caller.project_name, "file.uploaded", uploaded, caller.key_id
+            )
         return file_object(row)
     except APIError:
         raise
@@ -246,6 +252,9 @@ def delete_file(state: State, caller: Auth, file_id: str) -> dict[str, Any]:
     with state.store.session() as session:
         session.execute(delete(File).where(File.id == row.id))
     (state.settings.files_dir / row.id).unlink(missing_ok=True)
+    if state.audit is not None:
+        deleted = {"file_id": row.id, "filename": row.filename, "purpose": row.purpose, "bytes": row.bytes}
+        state.audit.append(caller.project_name, "file.deleted", deleted, caller.key_id)
     return {"id": row.id, "object": "file", "deleted": True}
 
 

@@ -85,6 +85,7 @@ def create_job(body: JobCreate, state: State, caller: Auth) -> dict[str, Any]:
         extra = method.reinforcement.model_extra or {}
         method_body = {"grader": grader, **extra, "hyperparameters": hyperparameters}
     with state.scheduler.lock, state.store.session() as session:
+        session.info["audit_key_id"] = caller.key_id  # the audit log names the key that did it
         if body.model in settings.base_models:
             base, local, parent = body.model, settings.base_models[body.model], None
         else:
@@ -97,12 +98,6 @@ def create_job(body: JobCreate, state: State, caller: Auth) -> dict[str, Any]:
                     "model",
                     "model_not_available",
                 ) from None
-            if kind == "supervised":
-                raise bad_request(
-                    "Supervised fine-tuning starts from a base model here; use a fine-tuned model as the start of a dpo or reinforcement job.",
-                    "model",
-                    "model_not_available",
-                )
             if resolved.base_adapter is not None:
                 raise bad_request(
                     "This checkpoint was itself trained on top of another fine-tuned model; start from that job's final model instead.",
@@ -174,7 +169,7 @@ def _metadata_filter(request: Request) -> tuple[bool, dict[str, str] | None]:
 
 
 @router.get("/fine_tuning/jobs")
-def list_jobs(
+async def list_jobs(
     request: Request,
     state: State,
     caller: Auth,
@@ -182,15 +177,16 @@ def list_jobs(
     limit: int = Query(20, ge=1, le=100),
 ) -> dict[str, Any]:
     filtering, pairs = _metadata_filter(request)
-    with state.store.session() as session:
-        query = select(Job).where(Job.project_id == caller.project_id)
+
+    def query(session: Session) -> dict[str, Any]:
+        select_jobs = select(Job).where(Job.project_id == caller.project_id)
         if after:
-            query = query.where(Job.seq < _job(session, caller, after).seq)
-        query = query.order_by(Job.seq.desc())
+            select_jobs = select_jobs.where(Job.seq < _job(session, caller, after).seq)
+        select_jobs = select_jobs.order_by(Job.seq.desc())
         if filtering:
             rows = [
                 j
-                for j in session.scalars(query).all()
+                for j in session.scalars(select_jobs).all()
                 if (
                     j.job_metadata is None
                     if pairs is None
@@ -199,18 +195,26 @@ def list_jobs(
             ]
             rows = rows[: limit + 1]
         else:
-            rows = list(session.scalars(query.limit(limit + 1)).all())
-    return cursor_page([job_object(j, caller.project_id) for j in rows[:limit]], len(rows) > limit)
+            rows = list(session.scalars(select_jobs.limit(limit + 1)).all())
+        return cursor_page([job_object(j, caller.project_id) for j in rows[:limit]], len(rows) > limit)
+
+    return await state.store.read(query)
+
+
+# The polled endpoints (a dashboard asks for the job and its events every second or two) are `async` and
+# read through `store.read`: on the event loop for SQLite, in a thread for PostgreSQL.
 
 
 @router.get("/fine_tuning/jobs/{job_id}")
-def retrieve_job(state: State, caller: Auth, job_id: str) -> dict[str, Any]:
-    with state.store.session() as session:
-        return job_object(_job(session, caller, job_id), caller.project_id)
+async def retrieve_job(state: State, caller: Auth, job_id: str) -> dict[str, Any]:
+    return await state.store.read(
+        lambda session: job_object(_job(session, caller, job_id), caller.project_id)
+    )
 
 
 def _control(state: AppState, caller: Caller, job_id: str, action: str) -> dict[str, Any]:
     with state.scheduler.lock, state.store.session() as session:
+        session.info["audit_key_id"] = caller.key_id  # the audit log names the key that did it
         job = _job(session, caller, job_id)
         getattr(state.scheduler, action)(session, job)
         return job_object(job, caller.project_id)
@@ -232,32 +236,41 @@ def resume_job(state: State, caller: Auth, job_id: str) -> dict[str, Any]:
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events")
-def list_events(
+async def list_events(
     state: State, caller: Auth, job_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=1000)
 ) -> dict[str, Any]:
-    with state.store.session() as session:
-        job = _job(session, caller, job_id)
-        query = select(Event).where(Event.job_id == job.id)
+    def query(session: Session) -> dict[str, Any]:
+        owner = session.scalar(select(Job.project_id).where(Job.id == job_id))
+        if owner != caller.project_id:
+            raise not_found("fine-tuning job", job_id, "fine_tuning_job_id")
+        columns = (Event.id, Event.created_at, Event.level, Event.message, Event.type, Event.data)
+        select_events = select(*columns).where(Event.job_id == job_id)  # plain rows: no ORM objects to build
         if after:
-            cursor = session.scalar(select(Event).where(Event.id == after, Event.job_id == job.id))
-            if cursor is None:
+            seq = session.scalar(select(Event.seq).where(Event.id == after, Event.job_id == job_id))
+            if seq is None:
                 raise not_found("event", after, "after")
-            query = query.where(Event.seq < cursor.seq)
-        rows = session.scalars(query.order_by(Event.seq.desc()).limit(limit + 1)).all()
-    return cursor_page([event_object(e) for e in rows[:limit]], len(rows) > limit)
+            select_events = select_events.where(Event.seq < seq)
+        rows = session.execute(select_events.order_by(Event.seq.desc()).limit(limit + 1)).all()
+        return cursor_page([event_object(r) for r in rows[:limit]], len(rows) > limit)
+
+    return await state.store.read(query)
 
 
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints")
-def list_checkpoints(
+async def list_checkpoints(
     state: State, caller: Auth, job_id: str, after: str | None = None, limit: int = Query(10, ge=1, le=100)
 ) -> dict[str, Any]:
-    with state.store.session() as session:
+    def query(session: Session) -> list[Checkpoint]:
         job = _job(session, caller, job_id)
-        rows = session.scalars(
-            select(Checkpoint)
-            .where(Checkpoint.job_id == job.id, Checkpoint.deleted.is_(False))
-            .order_by(Checkpoint.step_number.desc())
-        ).all()
+        return list(
+            session.scalars(
+                select(Checkpoint)
+                .where(Checkpoint.job_id == job.id, Checkpoint.deleted.is_(False))
+                .order_by(Checkpoint.step_number.desc())
+            ).all()
+        )
+
+    rows = await state.store.read(query)
     if after:
         ids = [c.id for c in rows]
         if after not in ids:

@@ -69,4 +69,7 @@ def delete_model(state: State, caller: Auth, model_id: str) -> dict[str, Any]:
         # a paused or queued job resumes from its checkpoints: their files stay until it has finished
         if job.status in TERMINAL:
             shutil.rmtree(removed.parent if removed.name == "model" else removed, ignore_errors=True)
+    if state.audit is not None:
+        deleted = {"model": model_id, "kind": model.kind, "job_id": job.id}
+        state.audit.append(caller.project_name, "model.deleted", deleted, caller.key_id)
     return {"id": model_id, "object": "model", "deleted": True}

@@ -788,7 +788,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(
-        f"Tunery serving OpenAI's fine-tuning API on http://{args.host}:{args.port}/v1 (data: {settings.data_dir})"
+        f"Tunery serving OpenAI's fine-tuning API on http://{args.host}:{args.port}/v1 and the web app on "
+        f"http://{args.host}:{args.port}/ (data: {settings.data_dir})"
     )
     serve(settings, log_level="debug" if args.verbose else "info", access_log=args.access_log)
     return 0

@@ -88,3 +88,10 @@ def test_step_indices_cover_each_epoch_once() -> None:
     assert sorted(i for s in steps for i in s) == list(range(n))
     assert step_indices(3, n, batch, seed=1) != steps[0] or step_indices(4, n, batch, seed=1) != steps[1]
     assert step_indices(1, n, batch, seed=1) == steps[1]  # no state needed to resume
+
+
+def test_examples_seen_counts_the_short_last_batch_of_each_epoch() -> None:
+    from tunery.data.packing import examples_seen
+
+    # 10 examples in batches of 4: each epoch is 4 + 4 + 2
+    assert [examples_seen(s, 10, 4) for s in range(7)] == [0, 4, 8, 10, 14, 18, 20]

@@ -111,6 +111,12 @@ def step_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
     return order[within * batch_size : (within + 1) * batch_size]
 
 
+def examples_seen(steps: int, n: int, batch_size: int) -> int:
+    """Examples trained in the first `steps` optimizer steps (fewer than epochs x n after an early stop)."""
+    epochs, within = divmod(steps, -(-n // batch_size))
+    return epochs * n + min(within * batch_size, n)
+
+
 # --- preference pairs ------------------------------------------------------------------------------------
 
 

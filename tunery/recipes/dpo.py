@@ -36,7 +36,7 @@ from peft import PeftModel
 from torch.nn.parallel import DistributedDataParallel
 
 from tunery.data.feedback import TokenizedPair, load_feedback_data
-from tunery.data.packing import pack_pairs, plan_rows, shard, step_indices
+from tunery.data.packing import examples_seen, pack_pairs, plan_rows, shard, step_indices
 from tunery.errors import TuneryError
 from tunery.losses.dpo import dpo_loss, ipo_loss, simpo_loss
 from tunery.models.forward import output_weight, sequence_logps
@@ -477,9 +477,11 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> dict
             train_seconds,
             world,
             {**last_metrics(run_dir, ("train_", "valid_", "rewards/", "logps/")), **final},
-            pairs=resolved["epochs"] * len(train_pairs),
+            pairs=examples_seen(step, len(train_pairs), resolved["batch_size"]),
             reference_seconds=round(reference_seconds, 2),
-            pairs_per_second=round(resolved["epochs"] * len(train_pairs) / max(train_seconds, 1e-9), 3),
+            pairs_per_second=round(
+                examples_seen(step, len(train_pairs), resolved["batch_size"]) / max(train_seconds, 1e-9), 3
+            ),
             warnings=warnings,
             train_examples=len(train_pairs),
             valid_examples=len(valid_pairs),

@@ -33,7 +33,7 @@ from peft import PeftModel
 from torch.nn.parallel import DistributedDataParallel
 
 from tunery.data.feedback import TokenizedPair, load_feedback_data
-from tunery.data.packing import pack_pairs, plan_rows, shard, step_indices
+from tunery.data.packing import examples_seen, pack_pairs, plan_rows, shard, step_indices
 from tunery.errors import TuneryError
 from tunery.losses.dpo import kto_loss
 from tunery.models.forward import output_weight, sequence_logps
@@ -482,7 +482,7 @@ def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict
         base_adapter = adapter_dir(cfg.adapter) if cfg.adapter and isinstance(model, PeftModel) else None
         meta = {"base_model": cfg.model, "method": "kto", "adapter": cfg.adapter, "config": resolved}
         save_final(run_dir, model, tokenizer, meta, base_adapter=str(base_adapter) if base_adapter else None)
-        n_examples = resolved["epochs"] * len(train_examples)
+        n_examples = examples_seen(step, len(train_examples), resolved["batch_size"])
         safety_flags = evaluate_run(
             model,
             tokenizer,

@@ -27,7 +27,7 @@ from peft import PeftModel
 from torch.nn.parallel import DistributedDataParallel
 
 from tunery.data.feedback import TokenizedPair, load_feedback_data
-from tunery.data.packing import pack_pairs, plan_rows, shard, step_indices
+from tunery.data.packing import examples_seen, pack_pairs, plan_rows, shard, step_indices
 from tunery.errors import TuneryError
 from tunery.losses.reward import reward_loss
 from tunery.models.heads import RewardModel
@@ -328,8 +328,10 @@ def train(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> d
             train_seconds,
             world,
             {**last_metrics(run_dir, ("train_", "valid_")), **final},
-            pairs=resolved["epochs"] * len(train_pairs),
-            pairs_per_second=round(resolved["epochs"] * len(train_pairs) / max(train_seconds, 1e-9), 3),
+            pairs=examples_seen(step, len(train_pairs), resolved["batch_size"]),
+            pairs_per_second=round(
+                examples_seen(step, len(train_pairs), resolved["batch_size"]) / max(train_seconds, 1e-9), 3
+            ),
             train_examples=len(train_pairs),
             valid_examples=len(valid_pairs),
             energy=energy.record(),

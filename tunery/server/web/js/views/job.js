@@ -243,6 +243,12 @@ export async function render(root, { params, signal }) {
                   { class: "small", href: `#/playground?model=${encodeURIComponent(job.fine_tuned_model)}` },
                   "Try in playground",
                 ),
+                " · ",
+                h(
+                  "a",
+                  { class: "small", href: `#/comparisons?job=${encodeURIComponent(job.id)}` },
+                  "Compare blind",
+                ),
               ]
             : h("span", { class: "muted" }, s === "succeeded" ? "deleted" : "when the job succeeds"),
         ),

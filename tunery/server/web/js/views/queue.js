@@ -219,7 +219,7 @@ function verdictText(item) {
   if (!item.verdict) return item.labels.length ? h("span", { class: "muted" }, "no majority") : "–";
   const model = { answer_1: item.model_1, answer_2: item.model_2 }[item.verdict];
   const answer = { answer_1: "A", answer_2: "B" }[item.verdict];
-  return answer ? h("span", {}, `${answer} better`, model ? h("span", { class: "small muted" }, ` (${model})`) : null) : CHOICE_NAMES[item.verdict];
+  return answer ? h("span", {}, `${answer} better`, model ? h("span", { class: "small muted verdict-model" }, model) : null) : CHOICE_NAMES[item.verdict];
 }
 
 function renderItems(body, q, items) {
@@ -248,7 +248,7 @@ function renderItems(body, q, items) {
               h("td", { class: "clip", title: item.answer_1 || item.error || "" }, item.status === "ready" ? item.answer_1 : h("span", { class: "muted" }, item.status === "failed" ? `failed: ${item.error}` : "writing…")),
               q.mode === "pairwise" ? h("td", { class: "clip", title: item.answer_2 || "" }, item.answer_2 || "") : null,
               h("td", { class: "tabular" }, item.labels.length),
-              h("td", { class: "nowrap" }, verdictText(item)),
+              h("td", { class: "verdict" }, verdictText(item)),
             ),
           ),
         ),

@@ -1,6 +1,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,3 +112,31 @@ def tiny():
     from tunery.models.load import load_model
 
     return load_model("tiny-random")
+
+
+def run_torchrun(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """`torchrun --standalone --nproc_per_node=2 -m tunery ARGS` from the repository root. On a hang every
+    process of the group is sent SIGABRT first, so faulthandler prints where each rank was stuck in the
+    failure message, then SIGKILL: a hung run fails with its stacks instead of leaving ranks behind."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun, "torchrun ships with torch"
+    proc = subprocess.Popen(
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "tunery", *args],
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGABRT)
+        time.sleep(3)
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(
+            f"torchrun hung for {timeout:.0f} s; the ranks' stacks:\n{stderr[-6000:]}"
+        ) from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)

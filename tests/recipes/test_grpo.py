@@ -13,7 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from tests.conftest import write_jsonl
+from tests.conftest import run_torchrun, write_jsonl
 from tunery.cli import main
 from tunery.recipes import grpo
 from tunery.training.metrics import read_metrics
@@ -231,16 +231,9 @@ def test_sampler_log_probs_agree_with_the_training_forward_pass(rl_files) -> Non
 
 
 def test_grpo_under_torchrun_splits_each_step_across_processes_and_learns(rl_files, tmp_path: Path) -> None:
-    import shutil
-
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    assert torchrun
     out = tmp_path / "ddp"
     args = [a for k, v in config(rl_files, out).items() for a in ("--set", f"{k}={v}")]
-    proc = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "tunery", "train", "grpo", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = run_torchrun(["train", "grpo", *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["completions"] == 12 * 4 * 4  # 4 prompts x 4, 12 steps

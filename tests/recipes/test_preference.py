@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from tests.conftest import pair_lines, write_jsonl
+from tests.conftest import pair_lines, run_torchrun, write_jsonl
 from tunery.cli import main
 from tunery.data.feedback import load_feedback_data
 from tunery.models.heads import load_reward_model, score_pairs
@@ -144,18 +143,13 @@ def test_dpo_resume_after_sigkill_is_exact(pair_files, tmp_path: Path) -> None:
 
 
 def test_dpo_ddp_two_processes_match_one(tmp_path: Path) -> None:
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    assert torchrun
     train = write_jsonl(tmp_path / "train.jsonl", pair_lines(13))  # the last step of 4 has one pair
     valid = write_jsonl(tmp_path / "valid.jsonl", pair_lines(17)[13:])
     single = tmp_path / "single"
     dpo.run(None, config(train, valid, single, epochs=1))
     double = tmp_path / "ddp"
     args = [a for k, v in config(train, valid, double, epochs=1).items() for a in ("--set", f"{k}={v}")]
-    proc = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "tunery", "train", "dpo", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = run_torchrun(["train", "dpo", *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = steps_of(single), steps_of(double)
     assert len(one) == len(two) == 4

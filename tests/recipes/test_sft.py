@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import safetensors.torch
 import torch
 from peft import PeftModel
 
-from tests.conftest import chat_lines, write_jsonl
+from tests.conftest import chat_lines, run_torchrun, write_jsonl
 from tunery.cli import main
 from tunery.errors import TuneryError
 from tunery.models.load import load_model
@@ -201,8 +200,6 @@ def test_bad_inputs_fail_with_actionable_messages(chat_files, tmp_path: Path, ca
 
 
 def test_ddp_two_processes_match_one(chat_files, tmp_path: Path) -> None:
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    assert torchrun, "torchrun ships with torch"
     _, valid = chat_files
     # 25 conversations in steps of 4: the last step has one, so one process gets none and must still
     # take part in the gradient all-reduce.
@@ -210,20 +207,7 @@ def test_ddp_two_processes_match_one(chat_files, tmp_path: Path) -> None:
     single = tmp_path / "single"
     sft.run(None, config(train, valid, single, epochs=1))
     double = tmp_path / "ddp"
-    proc = subprocess.run(
-        [
-            torchrun,
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "tunery",
-            *cli_args(config(train, valid, double, epochs=1)),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_torchrun(cli_args(config(train, valid, double, epochs=1)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = [r for r in read_metrics(single / "metrics.jsonl") if "train_loss" in r]
     two = [r for r in read_metrics(double / "metrics.jsonl") if "train_loss" in r]

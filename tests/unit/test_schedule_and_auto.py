@@ -29,3 +29,22 @@ def test_warmup_then_cosine_and_linear() -> None:
     assert lr_at(55, 100, 1.0, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_at(55, 100, 1.0, 10, "linear") == pytest.approx(0.5)
     assert lr_at(99, 100, 1.0, 0, "constant") == 1.0
+
+
+def test_teardown_exits_when_leaving_the_process_group_hangs(tmp_path) -> None:
+    """gloo's destroy_process_group can block forever; the rank must still end (with its files written)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import time, torch.distributed as dist\n"
+        "from tunery.training import distributed\n"
+        "dist.is_initialized = lambda: True\n"
+        "dist.destroy_process_group = lambda: time.sleep(3600)\n"
+        "distributed.teardown(distributed.World(rank=1, size=2), grace=0.5)\n"
+        "print('returned')\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "returned" not in proc.stdout, proc.stderr[-2000:]
+    assert "exiting without it" in proc.stderr

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from tunery.errors import TuneryError
-from tunery.models.lora import bf16_is_fast
+from tunery.models.lora import adapter_dir, bf16_is_fast
 from tunery.safety.card import check_card_fields
 from tunery.training import auto, distributed
 from tunery.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -55,6 +55,8 @@ def check_common_fields(cfg: Any) -> None:
         raise TuneryError("warmup_ratio must be in [0, 1)")
     check_energy_fields(cfg)
     check_card_fields(cfg)
+    if getattr(cfg, "adapter", None):  # before the run directory is made: a typo must not leave one behind
+        adapter_dir(cfg.adapter)
     size = getattr(cfg, "safety_evals", "none")  # the recipes of chat models
     if size not in ("none", "quick", "default", "full"):
         raise TuneryError(f"safety_evals must be none, quick, default or full, got {size!r}")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("tunery")
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,20 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def teardown(world: World) -> None:
-    if world.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(world: World, grace: float = 30.0) -> None:
+    """Leave the process group. Every caller has passed a barrier with all its files written, so nothing is
+    lost if gloo's `destroy_process_group` never returns, which it occasionally does on CPU when the ranks
+    leave at different moments (pytorch#75097): after `grace` seconds the process exits by itself rather
+    than hang torchrun forever."""
+    if not (world.distributed and dist.is_initialized()):
+        return
+    done = threading.Thread(target=dist.destroy_process_group, daemon=True)
+    done.start()
+    done.join(grace)
+    if done.is_alive():
+        log.warning(
+            "rank %d: leaving the process group took over %.0f s; exiting without it", world.rank, grace
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

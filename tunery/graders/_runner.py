@@ -1,19 +1,25 @@
-"""The child side of the Python grader sandbox: standard library only, run as `python -I -c <this file>`.
+"""The child side of the Python grader sandbox: standard library only, run as `python -I -S -c <this file>`
+inside bubblewrap (or `python -I -c` when the operator runs graders unconfined; see `sandbox.py`).
 
-It reads one JSON request from stdin: {"source", "scratch", "pairs": [[sample, item], ...]}. Before the
-user's code runs it (1) moves the result channel off fd 1, so `print` goes to stderr, (2) installs a
-seccomp filter on x86-64 Linux that refuses new processes, exec, non-Unix sockets, ptrace and signals
-to other processes, and (3) installs an audit hook that refuses the same at the Python level plus file
-access outside the scratch directory (reads are also allowed from Python's own library directories).
-It then writes one JSON line per sample to the result channel: {"i": index, "score": x} or
-{"i": index, "error": "..."}. The first line, {"ready": ..., "seccomp": bool}, reports the set-up.
+It reads one JSON request from stdin: {"source", "confine", "scratch", "site", "pairs": [[sample, item],
+...], "limits"}. Before the user's code runs it (1) moves the result channel off fd 1, so `print` goes to
+stderr, (2) sets resource limits, (3) confined: enters a user and mount namespace of its own to remount
+the scratch directory noexec and hide /proc, then drops every capability (unconfined: unshares the
+network where allowed), (4) installs a seccomp filter on x86-64 Linux that refuses new processes, exec,
+sockets, ptrace, mounts, namespaces, memfd, io_uring, keyrings, module loading, raising the limits and
+signals to other processes, and (5) installs an audit hook that refuses the same at the Python level plus
+file access outside the scratch directory (reads are also allowed from Python's own library directories).
+If confining fails it exits with status 3 before any user code runs. It then writes one JSON line per
+sample to the result channel: {"i": index, "score": x} or {"i": index, "error": "..."}. The first line,
+{"ready": ..., "confined": bool, "seccomp": bool, ...}, reports the set-up.
 
 The audit hook keeps every value it needs in positional default arguments (an immutable tuple of
 tuples, frozensets, strings and C functions bound before user code runs) and refers to no global name,
 so user code cannot change its behaviour by patching modules or builtins; nothing outside the
 interpreter refers to the hook, and the ways to reach it (gc, tracing) are refused, as is replacing a
 function's `__code__`. ctypes, used by the set-up, is dropped from sys.modules before user code runs,
-so importing it again is an audited import that the hook refuses.
+so importing it again is an audited import that the hook refuses. The hook is a second layer with
+readable messages; the boundary is the kernel's (namespaces, seccomp, limits).
 """
 
 import json
@@ -53,9 +59,15 @@ def _seccomp_filter():
         101: eperm, 310: eperm, 311: eperm,  # ptrace process_vm_readv/writev
         200: eperm, 129: eperm, 297: eperm, 424: eperm, 438: eperm,  # tkill sigqueue pidfd signal/getfd
         272: eperm, 308: eperm, 165: eperm, 166: eperm, 155: eperm, 161: eperm,  # namespaces, mounts, chroot
+        428: eperm, 429: eperm, 430: eperm, 431: eperm, 432: eperm, 433: eperm, 442: eperm,  # new mount API
         321: eperm, 298: eperm, 323: eperm, 248: eperm, 249: eperm, 250: eperm,  # bpf perf userfaultfd keys
         425: eperm, 426: eperm, 427: eperm,  # io_uring
+        319: eperm, 447: eperm,  # memfd_create memfd_secret: no anonymous files to map as code
+        175: eperm, 313: eperm, 176: eperm, 246: eperm, 320: eperm,  # kernel modules, kexec
+        303: eperm, 304: eperm, 312: eperm, 126: eperm, 134: eperm,  # file handles, kcmp, capset, uselib
+        172: eperm, 173: eperm, 103: eperm, 169: eperm, 167: eperm, 168: eperm,  # iopl ioperm syslog reboot swap
         160: eperm, 302: eperm,  # setrlimit prlimit64: the limits stay as set
+        112: eperm, 109: eperm,  # setsid setpgid: stay in the process group that the timeout kills
         435: enosys,  # clone3: glibc falls back to clone, checked below
     }  # fmt: skip
     for nr, code in refused.items():
@@ -85,6 +97,12 @@ def _seccomp_filter():
     return libc.prctl(22, 2, ctypes.addressof(fprog_buffer), 0, 0) == 0  # PR_SET_SECCOMP, FILTER
 
 
+def _machine():
+    import platform
+
+    return platform.machine()
+
+
 def _limit(limits):
     """Lower this process's resource limits (soft and hard) before any user code runs."""
     import resource
@@ -100,10 +118,9 @@ def _limit(limits):
 
 
 def _unshare_network():
-    """A new, empty network namespace (inside a new user namespace when that is allowed): no network.
+    """Unconfined mode: a new, empty network namespace (inside a new user namespace when that is allowed).
 
-    As root, the user namespace also drops every capability outside it (no reading other users' files,
-    no raising limits). Returns what was unshared, or "" when the kernel refused both.
+    Returns what was unshared, or "" when the kernel refused both.
     """
     import ctypes
 
@@ -116,7 +133,38 @@ def _unshare_network():
     return ""
 
 
-def _install_guard(scratch, read_roots):
+def _confine(scratch):
+    """Inside bubblewrap: remount the scratch directory noexec, hide /proc, then hold no capabilities.
+
+    bubblewrap mounts its tmpfs without noexec and cannot be asked for it, so the runner takes a user and
+    mount namespace of its own (where it may change mounts it sees) for two mount calls, then drops every
+    capability; the seccomp filter that follows refuses mount and unshare for good. Raises OSError.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+
+    def check(result, what):
+        if result != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"{what}: {os.strerror(code)}")
+
+    uid, gid = os.getuid(), os.getgid()
+    check(libc.unshare(0x10000000 | 0x00020000), "unshare(CLONE_NEWUSER | CLONE_NEWNS)")
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as fh:
+            fh.write(text)
+    ms_rdonly, ms_nosuid, ms_nodev, ms_noexec, ms_remount, ms_bind = 1, 2, 4, 8, 32, 4096
+    flags = ms_remount | ms_bind | ms_nosuid | ms_nodev | ms_noexec
+    check(libc.mount(None, scratch.encode(), None, flags, None), f"remount {scratch} noexec")
+    hide = ms_rdonly | ms_nosuid | ms_nodev | ms_noexec
+    check(libc.mount(b"none", b"/proc", b"tmpfs", hide, b"size=4k,mode=555"), "hide /proc")
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    check(libc.capset(header, (ctypes.c_uint32 * 6)()), "capset (drop every capability)")
+
+
+def _install_guard(scratch, read_roots, confined):
     import posix
     import stat
 
@@ -134,6 +182,20 @@ def _install_guard(scratch, read_roots):
     deny_imports = frozenset(
         ["ctypes", "_ctypes", "_posixsubprocess", "cffi", "_cffi_backend", "_xxsubinterpreters"]
     )
+    guard_itself = not confined
+    if confined:
+        # The kernel is the boundary: native code meets the same walls, so ctypes (scipy needs it) is
+        # allowed, and what only protected this hook (gc walks, tracing, __code__, which libraries use) is
+        # not refused. Processes, sockets and files outside the scratch still get a readable refusal here.
+        deny_events -= {
+            "gc.get_objects",
+            "gc.get_referrers",
+            "gc.get_referents",
+            "sys.settrace",
+            "sys.setprofile",
+        }
+        deny_prefixes = ("socket.", "ssl.")
+        deny_imports = frozenset(["_posixsubprocess", "_xxsubinterpreters"])
     # event -> (positions of paths that must lie in the scratch directory, positions of dir_fd arguments)
     path_events = (
         ("os.remove", (0,), (1,)), ("os.rmdir", (0,), (1,)), ("os.rename", (0, 1), (2, 3)),
@@ -153,6 +215,7 @@ def _install_guard(scratch, read_roots):
         _deny=deny_events,
         _deny_prefixes=deny_prefixes,
         _deny_imports=deny_imports,
+        _guard_itself=guard_itself,
         _path_events=path_events,
         _list_events=list_events,
         _write_flags=write_flags,
@@ -266,7 +329,7 @@ def _install_guard(scratch, read_roots):
                 raise _import_error(f"blocked in the grader sandbox: import {exact(args[0])}")
             return
         if event == "object.__setattr__":
-            if exact(args[1]) == "__code__":
+            if _guard_itself and exact(args[1]) == "__code__":
                 refuse("replacing a function's __code__")
             return
         if event == "sqlite3.connect":
@@ -330,8 +393,15 @@ def main():
     scratch = os.path.realpath(request["scratch"])
     os.chdir(scratch)
     _limit(request["limits"])
-    namespaces = ""
-    if request["network_namespace"] and sys.platform == "linux":
+    confined, namespaces = False, ""
+    if request["confine"]:
+        try:
+            _confine(scratch)
+        except OSError as exc:  # never run user code half-confined
+            os.write(2, f"confining the grader failed: {exc}\n".encode())
+            os._exit(3)
+        confined, namespaces = True, "user+mount+pid+net+ipc+uts+cgroup"
+    elif request["network_namespace"] and sys.platform == "linux":
         try:
             namespaces = _unshare_network()
         except (OSError, AttributeError):
@@ -340,6 +410,11 @@ def main():
         seccomp = _seccomp_filter()
     except (OSError, AttributeError, ValueError):
         seccomp = False
+    if request["confine"] and not seccomp and sys.platform == "linux" and _machine() == "x86_64":
+        os.write(2, b"confining the grader failed: the seccomp filter could not be installed\n")
+        os._exit(3)
+    if request.get("site"):
+        sys.path.append(request["site"])  # the packages a grader may import (python -S: no site-packages)
     for name in [n for n in sys.modules if n in ("ctypes", "_ctypes") or n.startswith("ctypes.")]:
         del sys.modules[name]
     import _posixsubprocess
@@ -361,8 +436,8 @@ def main():
         "<grader>",
     )
 
-    _install_guard(scratch, _read_roots())
-    send({"ready": True, "seccomp": seccomp, "namespaces": namespaces})
+    _install_guard(scratch, _read_roots(), confined)
+    send({"ready": True, "confined": confined, "seccomp": seccomp, "namespaces": namespaces})
     pairs = request["pairs"]
     namespace = {"__name__": "grader", "__builtins__": __builtins__}
     try:

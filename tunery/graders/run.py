@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunery.graders import judges, metrics
-from tunery.graders.sandbox import SandboxLimits, run_python_batch
+from tunery.graders.sandbox import SandboxLimits, require_sandbox, run_python_batch
 from tunery.graders.spec import (
     GraderSpec,
     ModelGrader,
@@ -137,6 +137,7 @@ def _batch_fn(spec: GraderSpec, limits: SandboxLimits) -> BatchFn:
             return lambda samples, items: _cosine_batch(spec, samples, items)
         return _per_sample(lambda s, i: text_similarity(spec, s, i))
     if isinstance(spec, PythonGrader):
+        require_sandbox()  # refused here, when the grader is built, on a machine that cannot confine it
         return lambda samples, items: _python_batch(spec, samples, items, limits)
     if isinstance(spec, ModelGrader):
         return lambda samples, items: _model_batch(spec, samples, items)

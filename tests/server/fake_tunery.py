@@ -10,6 +10,22 @@ Each step sleeps FAKE_STEP_SECONDS (default 0.05). A training file containing FA
 step 2. Data screening runs for real, except that the classifier is a stand-in: it flags a text
 containing FAKE_OFFENSIVE. Every command line is appended to DIR/../argv.jsonl, so tests can check what
 the service ran.
+
+FAKE_FAULT makes a training process die at an exact place, for the scheduler's recovery tests: a comma-
+separated list of WHERE:ACTION, e.g. `checkpoint:2:SIGKILL` or `step:3:SIGKILL,summary:137`.
+
+    WHERE   step:N            after step N's metrics, before its checkpoint (each attempt meets it again)
+            checkpoint:N      after step N's checkpoint (an attempt resumed from it does not)
+            summary           after final/ and summary.json, before the process exits
+            partial_summary   after final/ and the first bytes of summary.json (once: the next attempt
+                              writes all of it)
+    ACTION  a signal name     sent to itself (SIGTERM takes the graceful stop, as the recipes do)
+            a number          the exit status, without a word of output
+            raise             an exception (a traceback naming the server's paths; status 1)
+            hang              wait for SIGTERM
+
+The file check prints a line to stderr for a file containing FAKE_CHECK_NOTE and SIGKILLs itself, silently,
+for a file containing FAKE_CHECK_KILL.
 """
 
 from __future__ import annotations
@@ -33,8 +49,13 @@ def validate(args: list[str]) -> int:
     if not path.is_file() or path.stat().st_size == 0:
         print(f"tunery: error: {path}: the file is empty; it needs one JSON object per line", file=sys.stderr)
         return 2
+    text = path.read_text()
+    if "FAKE_CHECK_NOTE" in text:
+        print("fake: a note from the file check", file=sys.stderr, flush=True)
+    if "FAKE_CHECK_KILL" in text:
+        os.kill(os.getpid(), signal.SIGKILL)
     problems, examples, detected = [], 0, None
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -105,6 +126,25 @@ def flag(args: list[str], name: str, default: str | None = None) -> str | None:
     return args[args.index(name) + 1] if name in args else default
 
 
+def fault(where: str, stop: dict[str, bool], run_dir: Path) -> None:
+    """The FAKE_FAULT actions for this place (see the module docstring)."""
+    for spec in filter(None, os.environ.get("FAKE_FAULT", "").split(",")):
+        point, _, action = spec.rpartition(":")
+        if point != where:
+            continue
+        if action == "raise":
+            raise RuntimeError(
+                f"fake crash at {where} (python {sys.executable}, run {run_dir}, library {sys.prefix}/lib)"
+            )
+        if action == "hang":
+            while not stop["requested"]:
+                time.sleep(0.01)
+        elif action.isdigit():
+            os._exit(int(action))
+        else:
+            os.kill(os.getpid(), getattr(signal, action))
+
+
 def train(method: str, args: list[str]) -> int:
     stop = {"requested": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
@@ -153,10 +193,12 @@ def train(method: str, args: list[str]) -> int:
                 + "\n"
             )
             metrics.flush()
+            fault(f"step:{step}", stop, run_dir)
             ckpt = run_dir / "checkpoints" / f"step-{step}"
             (ckpt / "model").mkdir(parents=True, exist_ok=True)
             (ckpt / "model" / "adapter_config.json").write_text("{}")
             (ckpt / "state.json").write_text(json.dumps({"step": step}))
+            fault(f"checkpoint:{step}", stop, run_dir)
             if stop["requested"] and step < total:
                 print(
                     f"tunery: error: stopped at step {step}/{total} (SIGTERM); continue with: tunery train {method} --resume {run_dir}",
@@ -174,7 +216,12 @@ def train(method: str, args: list[str]) -> int:
         "final_step": int(os.environ.get("FAKE_FINAL_STEP", total)),  # select_best kept an earlier step
         "best_valid_loss": 1.25,
     }
+    faults = os.environ.get("FAKE_FAULT", "").split(",")
+    if any(f.startswith("partial_summary:") for f in faults) and not (run_dir / "summary.json").exists():
+        (run_dir / "summary.json").write_text(json.dumps(summary)[:20])
+        fault("partial_summary", stop, run_dir)
     (run_dir / "summary.json").write_text(json.dumps(summary))
+    fault("summary", stop, run_dir)
     print(f"done: {total} steps")
     return 0
 

@@ -16,6 +16,13 @@ checkpoint at the next step boundary and exits; resume queues the job again and 
 `--resume JOB/run`. On shutdown running jobs get the same SIGTERM and stay `running` in the database;
 on start, jobs found `running` (their process is stopped first if it outlived the server) go back to
 the queue ahead of the others and resume from their last checkpoint.
+
+No job is lost to a process death. A run with final/ and a readable summary.json has finished, whatever
+its exit status. A training process killed by a signal the service did not send (the out-of-memory
+killer's SIGKILL, a segfault, a stray SIGTERM), or found gone at start-up, is retried from its last
+checkpoint, at most `max_job_retries` times; then the job fails with the cause and can be resumed by
+hand. An ordinary error exit is deterministic and fails the job at once. Each retry is an event that
+carries its cause (`data.cause`), so the count survives a restart.
 """
 
 from __future__ import annotations
@@ -25,9 +32,11 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -61,6 +70,7 @@ FORMAT_NAMES = {
     "unpaired": "unpaired-feedback",
 }
 TERMINAL = ("succeeded", "failed", "cancelled")
+DIED = "training_process_died"  # the error code of a job whose retries ran out: it can be resumed
 SCREENING_KEYS = ("personal_data", "offensive_content")  # `data validate --screen-*` problems
 MIN_TRAINING_EXAMPLES = 10
 METRIC_NAMES = {  # metric -> how the event message says it
@@ -242,11 +252,14 @@ def _method_for(file_format: str) -> str:
     return {"chat": "supervised", "preference": "dpo", "unpaired": "kto"}.get(file_format, file_format)
 
 
-def tail_error(log_path: Path, exit_code: int) -> str:
+def tail_error(log_path: Path, exit_code: int, offset: int = 0, process: str = "the training process") -> str:
     """What went wrong, from a finished command's log: the CLI's `tunery: error:` message, else the last
-    line (an exception's one-line summary), never a whole traceback."""
+    line (an exception's one-line summary), never a whole traceback. The log is appended to by every
+    attempt: only what this one wrote, from `offset` on, is read."""
     try:
-        text = log_path.read_text(errors="replace")
+        with log_path.open("rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode(errors="replace")
     except OSError:
         text = ""
     marker = "tunery: error: "
@@ -254,7 +267,42 @@ def tail_error(log_path: Path, exit_code: int) -> str:
         return text.rsplit(marker, 1)[1].strip()[:2000]
     lines = [line for line in text.splitlines() if line.strip()]
     last = lines[-1].strip()[:500] if lines else "no output"
-    return f"the training process exited with status {exit_code}: {last}"
+    how = death_cause(exit_code) or f"exited with status {exit_code}"
+    return f"{process} {how}: {last}"
+
+
+def death_cause(exit_code: int) -> str | None:
+    """How a process was killed, from its exit status (negative from Popen, 128 + N from a shell), or None
+    for an ordinary exit. SIGKILL from nobody we know of is most often the out-of-memory killer."""
+    number = -exit_code if exit_code < 0 else exit_code - 128
+    if not 0 < number < signal.NSIG:
+        return None
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = f"signal {number}"
+    return f"was killed by {name}" + (" (out of memory?)" if number == signal.SIGKILL else "")
+
+
+def stop_cause(error: str) -> str | None:
+    """The recipes catch SIGTERM and SIGINT, save a checkpoint and exit with `stopped at step N/M (SIGTERM);
+    continue with: ...` (training/common.py): when the service did not send it, the run was stopped by
+    someone else (a system shutdown, an eviction) and continues like a killed one."""
+    found = re.match(r"stopped at step \d+/\d+ \((\w+)\)", error)
+    return f"was stopped by {found[1]} (not sent by the service)" if found else None
+
+
+def finished_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a run that has finished, or None. A recipe writes final/ (atomically) and then
+    summary.json at its very end, so with both the model is complete whatever the exit status (a kill
+    during the model card or exit); a summary.json that does not parse is not an end."""
+    if not (run_dir / "final").is_dir():
+        return None
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
 
 
 def metrics_message(record: dict[str, Any]) -> str:
@@ -402,6 +450,7 @@ class Proc:
     kind: str  # "validate" | "train"
     popen: subprocess.Popen[bytes]
     log: IO[bytes]
+    log_offset: int = 0  # where this attempt's output starts in the log (earlier attempts' comes before)
     started: float = field(default_factory=time.monotonic)
     stop_reason: str | None = None  # "cancel" | "pause" | "shutdown": why we signalled it
     kill_at: float | None = None  # SIGKILL then, unless it has exited
@@ -465,11 +514,14 @@ class Scheduler:
         self._wake.set()
 
     def recover(self) -> None:
-        """Jobs the last server left running go back to the queue, first in line, to resume."""
+        """Jobs the last server left running go back to the queue, first in line, to resume. A process
+        found gone (the server and its job both died, or the machine restarted) counts as a retry: a job
+        that takes the machine down with it is not retried forever."""
         with self.lock, self.store.session() as session:
             for job in session.scalars(select(Job).where(Job.status.in_(("running", "paused", "cancelled")))):
+                died = False
                 if job.pid is not None:
-                    _stop_orphan(job.pid, job.id, self.settings.stop_grace_seconds)
+                    died = not _stop_orphan(job.pid, job.id, self.settings.stop_grace_seconds)
                     job.pid = None
                 if job.status != "running":
                     continue
@@ -482,14 +534,15 @@ class Scheduler:
                         "The service restarted and the job's data directory is gone; it cannot be resumed.",
                     )
                     continue
-                steps = sorted(_checkpoint_steps(run_dir))
-                where = (
-                    f"from the checkpoint at step {steps[-1]}"
-                    if steps
-                    else "from the start (no checkpoint was saved)"
-                )
-                job.status = "queued"
-                add_event(session, job.id, f"The service restarted; the job will resume {where}")
+                summary = finished_summary(run_dir)
+                if summary is not None:  # it finished while the service was down
+                    self._succeed(session, job, run_dir, summary)
+                elif died:
+                    self._retry_or_fail(session, job, "ended while the service was down")
+                else:
+                    job.status = "queued"
+                    where = _resume_point(run_dir)
+                    add_event(session, job.id, f"The service restarted; the job will resume from {where}")
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
@@ -563,14 +616,36 @@ class Scheduler:
         self.wake()
 
     def resume(self, session: Session, job: Job) -> None:
+        """A paused job, or a failed one whose training process kept dying (with a fresh count of retries)."""
+        if job.status == "failed" and (job.error or {}).get("code") == DIED and self._resumable(job):
+            run_dir = job_dir(self.settings, job.id) / "run"
+            job.status, job.error, job.finished_at = "queued", None, None
+            job.queue_seq = next_queue_seq(session)
+            add_event(
+                session,
+                job.id,
+                f"Fine-tuning job resumed after its training process died; it continues from "
+                f"{_resume_point(run_dir)}",
+                data={"retry": 0},  # the retries start over (_deaths)
+            )
+            self.wake()
+            return
         if job.status != "paused":
             raise APIError(
-                400, f"Job {job.id} is {job.status}; only paused jobs can be resumed.", code="job_not_paused"
+                400,
+                f"Job {job.id} is {job.status}; only paused jobs, and failed jobs whose training process "
+                "died after it had started the run, can be resumed.",
+                code="job_not_paused",
             )
         job.status = "queued" if job.stats is not None else "validating_files"
         job.queue_seq = next_queue_seq(session)
         add_event(session, job.id, "Fine-tuning job resumed; it continues from its last checkpoint")
         self.wake()
+
+    def _resumable(self, job: Job) -> bool:
+        """The run has started (its config.yaml is written: `--resume` continues it) and its data is there."""
+        directory = job_dir(self.settings, job.id)
+        return (directory / "run" / "config.yaml").is_file() and (directory / "training.jsonl").is_file()
 
     # --- validation -------------------------------------------------------------------------------------
 
@@ -597,6 +672,7 @@ class Scheduler:
         out_path = directory / f"validate-{current[0]}.json"
         command = validate_command(self.settings, job, current[2], current[0])
         log_file = (directory / "validate.log").open("ab")
+        log_offset = os.fstat(log_file.fileno()).st_size
         with out_path.open("wb") as out:
             popen = subprocess.Popen(
                 command, stdout=out, stderr=log_file, cwd=directory, env=self._env(), start_new_session=True
@@ -606,6 +682,7 @@ class Scheduler:
             "validate",
             popen,
             log_file,
+            log_offset=log_offset,
             pending=pending,
             current=current,
             out_path=out_path,
@@ -626,7 +703,8 @@ class Scheduler:
             error: dict[str, Any] | None
             if code not in (0, 1) or not isinstance(report, dict):
                 label = "training" if param == "training_file" else "validation"
-                message = tail_error(job_dir(self.settings, job.id) / "validate.log", code)
+                log_path = job_dir(self.settings, job.id) / "validate.log"
+                message = tail_error(log_path, code, proc.log_offset, process="The file check")
                 error = {
                     "code": f"invalid_{label}_file",
                     "message": f"The job failed due to an invalid {label} file. {message}",
@@ -675,6 +753,7 @@ class Scheduler:
         log_file = (directory / "train.log").open("ab")
         log_file.write(f"\n$ {' '.join(command)}\n".encode())
         log_file.flush()
+        log_offset = os.fstat(log_file.fileno()).st_size  # after the command line: an error never quotes it
         popen = subprocess.Popen(
             command,
             stdout=log_file,
@@ -684,7 +763,7 @@ class Scheduler:
             start_new_session=True,
         )
         steps = sorted(_checkpoint_steps(run_dir)) if resuming else []
-        proc = Proc(job.id, "train", popen, log_file, start_step=steps[-1] if steps else 0)
+        proc = Proc(job.id, "train", popen, log_file, log_offset, start_step=steps[-1] if steps else 0)
         self.procs[(job.id, "train")] = proc
         job.status, job.pid = "running", popen.pid
         job.started_at = job.started_at or now()
@@ -787,7 +866,8 @@ class Scheduler:
         job.total_steps = int(config["total_steps"])
 
     def _finished_training(self, proc: Proc, code: int) -> None:
-        run_dir = job_dir(self.settings, proc.job_id) / "run"
+        directory = job_dir(self.settings, proc.job_id)
+        run_dir = directory / "run"
         with self.store.session() as session:
             job = session.get(Job, proc.job_id)
             if job is None:
@@ -795,8 +875,17 @@ class Scheduler:
             job.pid = None
             if job.status == "cancelled" or proc.stop_reason == "cancel":
                 return
-            if code == 0 and (run_dir / "final").is_dir() and (run_dir / "summary.json").is_file():
-                self._succeed(session, job, run_dir)
+            summary = finished_summary(run_dir)
+            if summary is not None:
+                if code != 0 and proc.stop_reason is None:
+                    how = death_cause(code) or f"exited with status {code}"
+                    add_event(
+                        session,
+                        job.id,
+                        f"The training process {how} after it had saved the final model and its summary",
+                        level="warn",
+                    )
+                self._succeed(session, job, run_dir, summary)
             elif proc.stop_reason == "pause":
                 steps = sorted(_checkpoint_steps(run_dir))
                 at = f"step {steps[-1]}" if steps else "the start"
@@ -804,14 +893,48 @@ class Scheduler:
             elif proc.stop_reason == "shutdown":
                 pass  # stays `running`: recover() queues it again on the next start
             else:
-                message = tail_error(job_dir(self.settings, job.id) / "train.log", code)
-                self._fail(session, job, "training_failed", f"Fine-tuning failed: {message}")
+                message = tail_error(directory / "train.log", code, proc.log_offset)
+                cause = death_cause(code) or stop_cause(message)
+                if cause is not None:
+                    self._retry_or_fail(session, job, cause)
+                else:
+                    self._fail(session, job, "training_failed", f"Fine-tuning failed: {message}")
         self.wake()
 
-    def _succeed(self, session: Session, job: Job, run_dir: Path) -> None:
+    def _retry_or_fail(self, session: Session, job: Job, cause: str) -> None:
+        """The training process died (`cause`: "was killed by SIGKILL (out of memory?)"): queue the job again,
+        ahead of the others, to continue from its last checkpoint; after `max_job_retries` retries, fail it
+        with the cause (a resume by hand starts a new count)."""
+        run_dir = job_dir(self.settings, job.id) / "run"
+        earlier = _deaths(session, job.id)
+        limit = self.settings.max_job_retries
+        job.pid, job.estimated_finish = None, None
+        if len(earlier) < limit:
+            job.status = "queued"  # its queue_seq is older than the jobs queued since: it goes first
+            add_event(
+                session,
+                job.id,
+                f"The training process {cause}; retrying from {_resume_point(run_dir)} "
+                f"(retry {len(earlier) + 1} of {limit})",
+                level="warn",
+                data={"retry": len(earlier) + 1, "max_retries": limit, "cause": cause},
+            )
+            return
+        deaths = len(earlier) + 1
+        if deaths == 1:
+            how = cause
+        elif all(c == cause for c in earlier):
+            how = f"{cause} {deaths} times"
+        else:
+            how = f"died {deaths} times; the last time it {cause}"
+        steps = sorted(_checkpoint_steps(run_dir))
+        where = f"the last checkpoint is at step {steps[-1]}" if steps else "no checkpoint was saved"
+        then = "Resume the job to try again." if self._resumable(job) else "Create the job again to retry."
+        self._fail(session, job, DIED, f"Fine-tuning failed: the training process {how}; {where}. {then}")
+
+    def _succeed(self, session: Session, job: Job, run_dir: Path, summary: dict[str, Any]) -> None:
         project = session.get(Project, job.project_id)
         assert project is not None
-        summary = json.loads((run_dir / "summary.json").read_text())
         name = fine_tuned_name(job.base_model, project.name, job.suffix, job.model_key)
         # with a validation set final/ holds the best evaluation's weights (select_best), not the last step's
         step = int(
@@ -885,15 +1008,34 @@ class Scheduler:
         return file_id
 
     def _fail(self, session: Session, job: Job, code: str, message: str, param: str | None = None) -> None:
-        # the job's own paths mean nothing to the caller: name its files by id
-        directory = job_dir(self.settings, job.id)
-        message = message.replace(str(directory / "training.jsonl"), job.training_file)
-        if job.validation_file:
-            message = message.replace(str(directory / "validation.jsonl"), job.validation_file)
-        message = message.replace(str(directory) + "/", "").replace(str(self.settings.data_dir), "DATA_DIR")
+        message = self._public(job, message)
         job.status, job.finished_at, job.estimated_finish, job.pid = "failed", now(), None, None
         job.error = {"code": code, "message": message, "param": param}
         add_event(session, job.id, message, level="error")
+
+    def _public(self, job: Job, message: str) -> str:
+        """A message for the caller, without the server's paths: the job's files by their ids, its run
+        directory as `run`, the data directory as DATA_DIR, the interpreter as `python`."""
+        directory = job_dir(self.settings, job.id)
+        names = {str(directory / "training.jsonl"): job.training_file, str(directory) + "/": ""}
+        if job.validation_file:
+            names[str(directory / "validation.jsonl")] = job.validation_file
+        if job.parent_adapter:
+            names[job.parent_adapter] = job.model
+        names[job.local_model] = job.base_model  # when it is a path
+        names[str(self.settings.data_dir)] = "DATA_DIR"
+        python = Path(self.settings.python)
+        prefixes = {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix}
+        if python.parent.name == "bin":
+            prefixes.add(str(python.parent.parent))
+        names |= {prefix: "PYTHON_PREFIX" for prefix in prefixes}
+        names |= {self.settings.python: "python", sys.executable: "python", str(Path.home()): "~"}
+        # the longest first (a job's file before its directory, the interpreter before its prefix); a short
+        # path (`/`, `/usr`, a user's home `/root`) says nothing, and replacing it would garble the message
+        for path in sorted(names, key=len, reverse=True):
+            if len(Path(path).parts) >= 3:
+                message = message.replace(path, names[path])
+        return message
 
     # --- signals ----------------------------------------------------------------------------------------
 
@@ -918,6 +1060,28 @@ class Scheduler:
 
 def _past(status: str) -> str:
     return {"succeeded": "succeeded", "failed": "failed", "cancelled": "been cancelled"}.get(status, status)
+
+
+def _resume_point(run_dir: Path) -> str:
+    """Where a job continues: "the checkpoint at step 40", or "the start (no checkpoint was saved)"."""
+    steps = _checkpoint_steps(run_dir)
+    return f"the checkpoint at step {max(steps)}" if steps else "the start (no checkpoint was saved)"
+
+
+def _deaths(session: Session, job_id: str) -> list[str]:
+    """How the job's training process died since it was last resumed by hand, oldest first. Each retry's
+    event carries its cause, and a resume after the retries ran out starts the count over (`retry: 0`):
+    the database, not the scheduler's memory, keeps the count, so it survives a restart."""
+    causes: list[str] = []
+    found = session.scalars(
+        select(Event.data).where(Event.job_id == job_id, Event.type == "message").order_by(Event.seq.desc())
+    )
+    for data in found:
+        if isinstance(data, dict) and "retry" in data:
+            if not data["retry"]:
+                break
+            causes.append(str(data.get("cause") or "died"))
+    return causes[::-1]
 
 
 def _checkpoint_steps(run_dir: Path) -> set[int]:
@@ -962,27 +1126,28 @@ def _read_new_records(path: Path, proc: Proc) -> list[dict[str, Any]]:
     return records
 
 
-def _stop_orphan(pid: int, job_id: str, grace: float) -> None:
+def _stop_orphan(pid: int, job_id: str, grace: float) -> bool:
     """A training process that outlived the server that started it: stop it (it checkpoints on SIGTERM)
     before the job resumes, so two processes never write one run directory. Checked by its command line,
-    so a recycled pid is left alone."""
+    so a recycled pid is left alone. False when the job's process was gone already."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except OSError:
-        return
+        return False
     if job_id not in cmdline:
-        return
+        return False
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
-        return
+        return False
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
         if _is_zombie(pid):
-            return
+            return True
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+    return True
 
 
 def _is_zombie(pid: int) -> bool:

@@ -167,7 +167,8 @@ export async function render(root, { params, signal }) {
         {
           type: "button",
           class: "btn",
-          disabled: s !== "paused",
+          // a failed job whose training process kept dying continues from its checkpoint too
+          disabled: !(s === "paused" || (s === "failed" && job.error?.code === "training_process_died")),
           onclick: () => act("resume"),
           "data-action": "resume",
         },

@@ -169,13 +169,18 @@ async def caller(request: Request) -> Caller:
 async def any_caller(request: Request) -> Caller:
     """FastAPI dependency (`AnyRole`): the project of the request's API key, whatever its role, or a 401."""
     state = request.app.state.tunery
-    keys: KeyCache = state.keys
-    authorization = request.headers.get("authorization")
+    return await caller_of(state.keys, state.store, request.headers.get("authorization"))
+
+
+async def caller_of(keys: KeyCache, store: Store, authorization: str | None) -> Caller:
+    """The caller an Authorization header names, or a 401: from the key cache, else from the database in a
+    worker thread (a lookup must not block the event loop). Used by `any_caller` and by the middleware that
+    authenticates a request before its body is read (middleware.py)."""
     if authorization:
         cached = keys.get(authorization)
         if cached is not None:
             return cached
-    who: Caller = await to_thread.run_sync(authenticate, state.store, authorization)
+    who: Caller = await to_thread.run_sync(authenticate, store, authorization)
     if authorization:
         keys.put(authorization, who)
     return who

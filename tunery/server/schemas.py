@@ -3,33 +3,110 @@ objects the API returns, shaped as OpenAI's (`shared/reference/openai-fine-tunin
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import json
+import math
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, field_validator
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, core_schema
 from sqlalchemy import Row
 
 from tunery.server.store import Checkpoint, Event, File, Job
 
 Auto = Literal["auto"]
 
+
+@dataclass(frozen=True)
+class Bounds:
+    """A number's range, as `Annotated` metadata: `Annotated[Auto | int, Bounds(ge=1, le=50)]`.
+
+    Checked before pydantic's own validation, so a bad value gets one message naming the whole range
+    ("must be 'auto' or an integer from 1 to 50, got 100"), where a union's errors name only the member
+    tried first (Literal['auto']); and a JSON boolean, or a number in a string, is refused where a number
+    is meant, never read as 1. An integer field takes integers only; a number field takes both."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        members = get_args(source) or (source,)
+        auto, integer = Auto in members, float not in members
+
+        kinds = int if integer else (int, float)
+
+        def check(value: Any) -> Any:
+            if auto and value == "auto":
+                return value
+            if isinstance(value, kinds) and not isinstance(value, bool) and self.within(value):
+                return value
+            raise ValueError(f"must be {self.expected(auto, integer)}, got {_shown(value)}")
+
+        return core_schema.no_info_before_validator_function(check, handler(source))
+
+    def within(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):  # NaN passes no bound, yet fails none
+            return False
+        return (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+        )
+
+    def expected(self, auto: bool, integer: bool) -> str:
+        """E.g. "'auto' or an integer from 1 to 50", "a number above 0 and at most 1"."""
+        if self.ge is not None and self.le is not None:
+            limits = f"from {_number(self.ge)} to {_number(self.le)}"
+        else:
+            parts = [f"of at least {_number(self.ge)}"] if self.ge is not None else []
+            parts += [f"above {_number(self.gt)}"] if self.gt is not None else []
+            parts += [f"at most {_number(self.le)}"] if self.le is not None else []
+            limits = " and ".join(parts)
+        return ("'auto' or " if auto else "") + ("an integer " if integer else "a number ") + limits
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        json_schema = handler(schema)
+        bounds = {"minimum": self.ge, "exclusiveMinimum": self.gt, "maximum": self.le}
+        for member in json_schema.get("anyOf", [json_schema]):
+            if member.get("type") in ("integer", "number"):
+                member.update({k: v for k, v in bounds.items() if v is not None})
+        return json_schema
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _shown(value: Any) -> str:
+    """A value as JSON wrote it, shortened; a container by its kind (it may be large or deeply nested)."""
+    if isinstance(value, dict | list):
+        return "an object" if isinstance(value, dict) else "a list"
+    shown = json.dumps(value, default=repr)
+    return shown if len(shown) <= 40 else shown[:37] + "..."
+
+
 # --- fine-tuning jobs ------------------------------------------------------------------------------------
 
 
 class SupervisedHyperparameters(BaseModel):
-    batch_size: Auto | Annotated[int, Field(ge=1, le=256)] = "auto"
-    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = "auto"
-    n_epochs: Auto | Annotated[int, Field(ge=1, le=50)] = "auto"
+    batch_size: Annotated[Auto | int, Bounds(ge=1, le=256)] = "auto"
+    learning_rate_multiplier: Annotated[Auto | float, Bounds(gt=0, le=100)] = "auto"
+    n_epochs: Annotated[Auto | int, Bounds(ge=1, le=50)] = "auto"
 
 
 class DpoHyperparameters(SupervisedHyperparameters):
-    beta: Auto | Annotated[float, Field(gt=0, le=2)] = "auto"
+    beta: Annotated[Auto | float, Bounds(gt=0, le=2)] = "auto"
 
 
 class ReinforcementHyperparameters(SupervisedHyperparameters):
     reasoning_effort: Literal["default", "low", "medium", "high"] = "default"
-    compute_multiplier: Auto | Annotated[float, Field(gt=0.00001, le=10)] = "auto"
-    eval_interval: Auto | Annotated[int, Field(ge=1)] = "auto"
-    eval_samples: Auto | Annotated[int, Field(ge=1)] = "auto"
+    compute_multiplier: Annotated[Auto | float, Bounds(gt=0.00001, le=10)] = "auto"
+    eval_interval: Annotated[Auto | int, Bounds(ge=1)] = "auto"
+    eval_samples: Annotated[Auto | int, Bounds(ge=1)] = "auto"
 
 
 class SupervisedMethod(BaseModel):
@@ -60,7 +137,7 @@ class JobCreate(BaseModel):
     hyperparameters: SupervisedHyperparameters | None = None  # deprecated: use method
     method: Method | None = None
     suffix: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] | None = None
-    seed: Annotated[int, Field(ge=0, le=2147483647)] | None = None
+    seed: Annotated[int, Bounds(ge=0, le=2**31 - 1)] | None = None
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = None
     integrations: list[dict[str, Any]] | None = Field(default=None, max_length=5)
 
@@ -87,20 +164,20 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # the many parameters that do not apply here are ignored
     model: str = Field(min_length=1)
     messages: list[dict[str, Any]] = Field(min_length=1)
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    n: Annotated[int, Field(ge=1, le=16)] | None = None
+    temperature: Annotated[float, Bounds(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Bounds(gt=0, le=1)] | None = None
+    max_tokens: Annotated[int, Bounds(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Bounds(ge=1)] | None = None
+    n: Annotated[int, Bounds(ge=1, le=16)] | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Bounds(ge=-(2**63), le=2**63 - 1)] | None = None  # OpenAI's: a signed 64-bit int
     logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[int, Bounds(ge=0, le=20)] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    logit_bias: dict[str, float] | None = None
+    frequency_penalty: Annotated[float, Bounds(ge=-2, le=2)] | None = None
+    presence_penalty: Annotated[float, Bounds(ge=-2, le=2)] | None = None
+    logit_bias: dict[str, Annotated[float, Bounds(ge=-100, le=100)]] | None = None
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
     user: str | None = None

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
 import string
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,8 +35,10 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy.exc import DatabaseError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from tunery.errors import TuneryError
 
 T = TypeVar("T")
 
@@ -155,10 +158,13 @@ class Store:
 
     def __init__(self, url: str) -> None:
         kwargs: dict[str, Any] = {}
+        database: Path | None = None  # an SQLite database file
         if url.startswith("sqlite"):
             path = url.split("///", 1)[-1]
             if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                database = Path(path)
+                database.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                _make_private(database)
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         else:
             # a connection the server dropped (a restart) is replaced before use, not failed on; and the pool
@@ -170,6 +176,8 @@ class Store:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         if self.engine.dialect.driver == "psycopg":
             event.listen(self.engine, "connect", _psycopg_nul_free_text)
+        if database is not None:
+            _check_intact(self.engine, database)
         Base.metadata.create_all(self.engine)
         add_missing_columns(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -196,6 +204,40 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _make_private(database: Path) -> None:
+    """The database and SQLite's files beside it are the owner's alone (0600), whatever the umask: they hold
+    the API keys' hashes and every job's settings. SQLite gives the -wal and -shm files it makes the
+    database's mode; ones an older install left are closed here too."""
+    with suppress(FileExistsError):  # made here, not by SQLite with the umask's mode (an empty database)
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        # absent, or another user's database shared on purpose: theirs to decide
+        with suppress(FileNotFoundError, PermissionError):
+            database.with_name(database.name + suffix).chmod(0o600)
+
+
+def _check_intact(engine: Engine, database: Path) -> None:
+    """A TuneryError, before anything uses it, for a database that is damaged (a disk fault, a copy taken
+    mid-write) or not a database at all: otherwise some requests fail with a 500 and others work.
+    `quick_check` reads every page once (about a second per GB)."""
+    try:
+        with engine.connect() as connection:
+            problems = [str(row[0]) for row in connection.execute(text("PRAGMA quick_check"))]
+    except DatabaseError as exc:
+        name = str(getattr(exc.orig, "sqlite_errorname", ""))
+        if not name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+            raise  # locked, unreadable, ...: not damage, and SQLite's own message says what
+        problems = [str(exc.orig)]
+    if problems == ["ok"]:
+        return
+    engine.dispose()
+    found = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+    raise TuneryError(
+        f"the database {database} is damaged (quick_check: {found}); restore it from a backup or move it "
+        "away to start with an empty one"
+    )
 
 
 def add_missing_columns(engine: Engine) -> None:

@@ -16,12 +16,14 @@ from sqlalchemy import and_, delete, func, or_, select
 
 from tunery.server.deps import Auth, State
 from tunery.server.errors import APIError, bad_request, not_found
+from tunery.server.middleware import file_too_large
 from tunery.server.schemas import cursor_page, file_object
 from tunery.server.store import File, new_id, now
 
 router = APIRouter()
 
 PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
+PARTIAL = ".tmp-"  # an upload being written: DATA_DIR/files/.tmp-<file id>, renamed when complete
 
 
 def clean_filename(raw: str) -> str:
@@ -74,7 +76,9 @@ class _Upload:
                 raise APIError(400, "Send one file per upload.", "file")
             self._is_file = True
             self.filename = clean_filename(options[b"filename"].decode("utf-8", "replace"))
-            self._fh = self.tmp_path.open("wb")
+            # the owner's alone (0600), whatever the umask: uploads are people's training data
+            fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self._fh = os.fdopen(fd, "wb")
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         if self._is_file:
@@ -95,21 +99,17 @@ class _Upload:
             self.fields[self._name] = self._value.decode("utf-8", "replace")
 
 
-def _too_large(limit: int) -> APIError:
-    return APIError(
-        413,
-        f"File is too large: the limit is {limit} bytes ({limit / 2**20:.0f} MB).",
-        "file",
-        "file_too_large",
-    )
+def remove_partial_uploads(files_dir: Path) -> None:
+    """Uploads a stopped server left half-written (the route removes its own, but not on a crash or a
+    kill). Called at start-up, before any upload can be in progress."""
+    if files_dir.is_dir():
+        for path in files_dir.glob(PARTIAL + "*"):
+            path.unlink(missing_ok=True)
 
 
 @router.post("/files")
 async def create_file(request: Request, state: State, caller: Auth) -> dict[str, Any]:
-    limit = state.settings.max_upload_bytes
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit + 65536:
-        raise _too_large(limit)
+    limit = state.settings.max_upload_bytes  # a body far past it got its 413 before this (middleware.py)
     content_type, options = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data" or b"boundary" not in options:
         raise bad_request(
@@ -117,15 +117,15 @@ async def create_file(request: Request, state: State, caller: Auth) -> dict[str,
         )
     file_id = new_id("file-")
     files_dir = state.settings.files_dir
-    files_dir.mkdir(parents=True, exist_ok=True)
-    tmp = files_dir / f".tmp-{file_id}"
+    files_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = files_dir / f"{PARTIAL}{file_id}"
     upload = _Upload(tmp, limit)
     try:
         parser = MultipartParser(options[b"boundary"], upload.callbacks())  # type: ignore[arg-type]
         async for chunk in request.stream():
             parser.write(chunk)
             if upload.too_large:
-                raise _too_large(limit)
+                raise file_too_large(limit)
         parser.finalize()
         purpose = upload.fields.get("purpose")
         if upload.filename is None:

@@ -1,0 +1,165 @@
+"""What every API request passes before a route sees it: the API key first, then the body's size and depth.
+
+A route's `Auth` dependency runs only after FastAPI has read and parsed the body, so without this a caller
+with no key could make the server hold a body of any size (or parse one of any depth) before its 401. Here
+the key is checked from the Authorization header before a byte of the body is read; then the body is
+read up to its cap (`max_request_bytes` for JSON, `max_upload_bytes` plus form overhead for an upload,
+which streams on to its route) and a JSON body nested deeper than MAX_JSON_DEPTH is refused: deep data
+would break the recursive code downstream (copies, encoders, the audit log) with a 500, or be stored and
+break every later listing of it. Routes keep their own `Auth` (the key cache makes it cheap).
+"""
+
+from __future__ import annotations
+
+import re
+
+from anyio import to_thread
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tunery.server.auth import caller_of
+from tunery.server.deps import AppState
+from tunery.server.errors import APIError, error_response
+
+API_PREFIXES = ("/v1/", "/tunery/v1/")
+PUBLIC_PATHS = frozenset({"/v1/openapi.json"})  # the only API path a request without a key may read
+UPLOAD_PATH = "/v1/files"
+UPLOAD_OVERHEAD = 64 * 2**10  # an upload's multipart headers and form fields, beyond the file itself
+MAX_JSON_DEPTH = 64  # arrays and objects inside each other; real requests (schemas, graders) use < 20
+
+# a JSON string, escapes included; an unterminated one runs to the end, so the scan never backtracks
+_STRING = re.compile(rb'"[^"\\]*(?:\\.?[^"\\]*)*"?', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def file_too_large(limit: int) -> APIError:
+    return APIError(
+        413,
+        f"File is too large: the limit is {limit} bytes ({limit / 2**20:.0f} MB).",
+        "file",
+        "file_too_large",
+    )
+
+
+def request_too_large(limit: int) -> APIError:
+    return APIError(
+        413,
+        f"The request body is too large: the limit is {limit} bytes ({limit / 2**20:.0f} MB) for a JSON "
+        "request; upload large data as a file (POST /v1/files) and name its id.",
+        None,
+        "request_too_large",
+    )
+
+
+def too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the JSON `body` nests arrays and objects more than `limit` deep (brackets inside strings
+    do not count).
+
+    >>> too_deep(b'{"a": [[1]], "b": "[[[["}', limit=3), too_deep(b"[[[[]]]]", limit=3)
+    (False, True)
+    """
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    depth = 0
+    for byte in _STRING.sub(b"", body).translate(None, _NOT_BRACKETS):
+        depth += 1 if byte in b"[{" else -1
+        if depth > limit:
+            return True
+    return False
+
+
+class Limits:
+    """Pure ASGI middleware for the API paths: a 401 before the body, a 413 past the cap, a 400 when too
+    deep. Everything else (the web app's pages, the OpenAPI schema) passes untouched."""
+
+    def __init__(self, app: ASGIApp, state: AppState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith(API_PREFIXES) or path in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        upload = scope["method"] == "POST" and path == UPLOAD_PATH
+        settings = self.state.settings
+        limit = settings.max_upload_bytes + UPLOAD_OVERHEAD if upload else settings.max_request_bytes
+        too_large = file_too_large(settings.max_upload_bytes) if upload else request_too_large(limit)
+        body: bytes | None = None
+        try:
+            await caller_of(self.state.keys, self.state.store, headers.get("authorization"))
+            declared = headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise too_large
+            if not upload:
+                body = await _read(receive, limit, too_large)
+                if body is not None:
+                    await _refuse_deep(body)
+        except APIError as exc:
+            await error_response(exc)(scope, receive, send)
+            return
+        if upload:  # streamed to disk by its route: counted on the way, never held here
+            await self.app(scope, _counted(receive, limit, too_large), send)
+        elif body is not None:  # None: the client went away while sending, and nobody is left to answer
+            await self.app(scope, _replay(body, receive), send)
+
+
+async def _read(receive: Receive, limit: int, too_large: APIError) -> bytes | None:
+    """The whole body (a JSON route reads it whole anyway), or the 413 as soon as it passes `limit`."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _refuse_deep(body: bytes) -> None:
+    """A 400 for JSON nested deeper than MAX_JSON_DEPTH. The scan is linear but pure Python (~0.1 s for
+    8 MB), so a body over 64 KiB is scanned off the event loop."""
+    deep = await to_thread.run_sync(too_deep, body) if len(body) > 2**16 else too_deep(body)
+    if deep:
+        raise APIError(
+            400,
+            f"The JSON body is nested too deeply: at most {MAX_JSON_DEPTH} levels of arrays and objects "
+            "inside each other.",
+            None,
+            "invalid_json",
+        )
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """`receive` for the app: the body read here, then the client's own messages (a streaming response
+    waits on them for the disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+def _counted(receive: Receive, limit: int, too_large: APIError) -> Receive:
+    """`receive` that raises the 413 once the body passes `limit` (a chunked upload has no length to check
+    first). The upload route lets an APIError through, and the app's handler answers it."""
+    seen = 0
+
+    async def counted() -> Message:
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            raise too_large
+        return message
+
+    return counted

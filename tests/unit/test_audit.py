@@ -19,6 +19,7 @@ from tunery.safety.audit import (
     PARTIAL_LINE,
     AuditLog,
     _head_bytes,
+    canonical,
     export,
     head_path,
     read_head,
@@ -44,10 +45,10 @@ def write_lines(path: Path, new: list[bytes]) -> None:
 
 
 def rehash(record: dict, prev: str) -> bytes:
-    """What someone who knows the format writes: a record with a correct hash for its content."""
-    record = {k: v for k, v in record.items() if k != "hash"} | {"prev": prev}
-    record["hash"] = record_hash(record)
-    return json.dumps(record).encode() + b"\n"
+    """What someone who knows the format writes: a record with a correct hash for its content, laid out
+    byte for byte as the writer does (canonical body, then the hash)."""
+    body = canonical({k: v for k, v in record.items() if k != "hash"} | {"prev": prev})
+    return body[:-1] + b',"hash":"' + hashlib.sha256(body).hexdigest().encode() + b'"}\n'
 
 
 def kinds(path: Path, **kw) -> list[tuple[int | None, str]]:
@@ -68,6 +69,40 @@ def test_records_chain_and_hash_as_documented(tmp_path: Path) -> None:
     assert read_head(path).seq == 3 and read_head(path).hash == records[-1]["hash"]
     result = verify(path)
     assert result.ok and result.records == 3 and (result.first_seq, result.last_seq) == (1, 3)
+
+
+def test_a_duplicate_key_placed_first_is_caught(tmp_path: Path) -> None:
+    """JSON readers disagree on duplicate keys: most keep the last, some the first. A line with a forged
+    `actor` placed before the real one re-serialises to the real record, whose hash matches; only the
+    exact bytes give it away."""
+    _, path = make_log(tmp_path, 3)
+    old = lines(path)
+    forged = b'{"actor":{"key_id":"key_admin","project":"acme"},' + old[1][1:]
+    parsed = json.loads(forged)
+    assert parsed == json.loads(old[1]) and record_hash(parsed) == parsed["hash"]  # passed before
+    old[1] = forged
+    write_lines(path, old)
+    assert kinds(path) == [(2, "edited")]
+    # the same trick on the last line with the hash computed over the forged bytes and the head moved
+    # to match: the bytes are not the canonical form of what they parse to
+    _, path = make_log(tmp_path / "2", 2)
+    old = lines(path)
+    body = b'{"actor":{"key_id":"key_admin","project":"acme"},' + old[1][1 : old[1].index(b',"hash"')] + b"}"
+    digest = hashlib.sha256(body).hexdigest()
+    old[1] = body[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
+    write_lines(path, old)
+    head = head_path(path)
+    head.write_bytes(_head_bytes(2, digest, json.loads(old[1])["time"]))
+    assert kinds(path) == [(2, "edited")]
+    assert "duplicated key" in str(verify(path).first_problem)
+
+
+def test_records_with_number_keys_verify(tmp_path: Path) -> None:
+    """Keys are written as text and sorted as text, so a record reads back to the same bytes."""
+    log = AuditLog(tmp_path / "audit")
+    log.append("acme", "job.event", {"by_step": {10: 1.0, 9: 2.0}, "nan": float("nan")})
+    log.close()
+    assert verify(log.path("acme")).ok
 
 
 def test_edited_field(tmp_path: Path) -> None:

@@ -154,12 +154,9 @@ def redact_payload(value: Any, key: str | None = None) -> Any:
 
 
 def _dumps(value: Any) -> bytes:
-    try:
-        return json.dumps(
-            value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-        ).encode()
-    except (TypeError, ValueError):
-        return json.dumps(_plain(value), sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    # _plain first: keys become strings before sorting (10 sorts before 9 as text, after it as a number),
+    # so a record's bytes are exactly what canonical() gives for it once read back (verify checks this)
+    return json.dumps(_plain(value), sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 # --- the head ---------------------------------------------------------------------------------------------
@@ -559,8 +556,8 @@ def verify(path: Path, witness: tuple[int, str] | None = None) -> VerifyResult:
             )
             break
         try:
-            record = json.loads(raw)
-            seq, digest, prev = int(record["seq"]), str(record["hash"]), str(record["prev"])
+            body, digest, record = _split_line(raw)
+            seq, prev = int(record["seq"]), str(record["prev"])
         except (ValueError, KeyError, TypeError):
             result.add(
                 Problem(number, None, "not_json", "not a record (invalid JSON or missing fields): edited")
@@ -569,8 +566,18 @@ def verify(path: Path, witness: tuple[int, str] | None = None) -> VerifyResult:
             continue
         result.records += 1
         result.first_seq = seq if result.first_seq is None else result.first_seq
-        if record_hash(record) != digest:
+        if hashlib.sha256(body).hexdigest() != digest:
             result.add(Problem(number, seq, "edited", "content edited: the record does not match its hash"))
+        elif canonical(record) != body:
+            result.add(
+                Problem(
+                    number,
+                    seq,
+                    "edited",
+                    "not the canonical bytes of its record (a duplicated key, reordered keys or changed "
+                    "spacing): edited, even though its hash matches",
+                )
+            )
         elif seq != prev_seq + 1:
             result.add(Problem(number, seq, "sequence", _sequence_message(prev_seq, seq)))
         elif prev != prev_hash:
@@ -608,7 +615,7 @@ def verify(path: Path, witness: tuple[int, str] | None = None) -> VerifyResult:
                         number, seq, "witness", "does not match the witnessed head: history was rewritten"
                     )
                 )
-        prev_hash, prev_seq, last = digest, seq, record
+        prev_hash, prev_seq, last = digest, seq, record | {"hash": digest}
     if last is not None:
         result.last_seq, result.last_hash = int(last["seq"]), str(last["hash"])
     _check_head(result, head, head_problem, last, at_head)
@@ -619,6 +626,24 @@ def verify(path: Path, witness: tuple[int, str] | None = None) -> VerifyResult:
             )
         )
     return result
+
+
+_LINE = re.compile(rb'(\{.*),"hash":"([0-9a-f]{64})"\}', re.DOTALL)
+
+
+def _split_line(raw: bytes) -> tuple[bytes, str, dict[str, Any]]:
+    """(the bytes the hash covers, the hash, the record without it) of a line as the writer lays it out:
+    the canonical record, then `,"hash":"..."` before the closing brace. Raises ValueError otherwise.
+    The hash is checked against these exact bytes, not a re-serialisation: a line whose bytes differ
+    from its record's canonical form (a duplicate key placed first, say) cannot pass."""
+    match = _LINE.fullmatch(raw)
+    if match is None:
+        raise ValueError("not a record line")
+    body = match[1] + b"}"
+    record = json.loads(body)
+    if not isinstance(record, dict) or "hash" in record:
+        raise ValueError("not a record")
+    return body, match[2].decode(), record
 
 
 def _sequence_message(prev_seq: int, seq: int) -> str:

@@ -763,8 +763,11 @@ def _service_settings(args: argparse.Namespace) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from tunery.server.app import serve
+    from tunery.graders.sandbox import UNCONFINED_ENV, sandbox_status
+    from tunery.server.app import create_app, serve
 
+    # every file the service and its workers write (uploads, runs, logs, the database) is the owner's alone
+    os.umask(0o077)
     settings = _service_settings(args)
     settings.host, settings.port = args.host, args.port
     settings.max_running_jobs = args.max_running_jobs
@@ -787,11 +790,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"warning: listening on {args.host}: anyone who can reach it and holds a key can train and chat",
             file=sys.stderr,
         )
+    if args.unconfined_python_graders:  # read by the sandbox here and in every worker the service starts
+        os.environ[UNCONFINED_ENV] = "1"
+    app = create_app(settings)  # before the banner: a damaged database stops here, with its message
     print(
         f"Tunery serving OpenAI's fine-tuning API on http://{args.host}:{args.port}/v1 and the web app on "
-        f"http://{args.host}:{args.port}/ (data: {settings.data_dir})"
+        f"http://{args.host}:{args.port}/ (data: {settings.data_dir}); {sandbox_status().describe()}"
     )
-    serve(settings, log_level="debug" if args.verbose else "info", access_log=args.access_log)
+    serve(app, settings, log_level="debug" if args.verbose else "info", access_log=args.access_log)
     return 0
 
 
@@ -1170,6 +1176,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--screen-pii", choices=POLICY_CHOICES, default="block", help="jobs' personal data")
     p.add_argument(
         "--moderate-completions", action="store_true", help="withhold chat completions the classifier flags"
+    )
+    p.add_argument(
+        "--unconfined-python-graders",
+        action="store_true",
+        help="run python graders without the bubblewrap sandbox where it cannot run (trusted graders only)",
     )
     p.set_defaults(func=cmd_serve)
 

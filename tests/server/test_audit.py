@@ -25,10 +25,10 @@ class FakeInference:
     """Stands in for the inference worker: a fixed answer, in two deltas when streamed; a model named
     `broken` fails the way a model that cannot load does."""
 
-    async def call(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def call(self, request: dict[str, Any], project: str = "") -> dict[str, Any]:
         return await anext(r["result"] async for r in self.stream(request) if r["event"] == "done")
 
-    async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, request: dict[str, Any], project: str = "") -> AsyncIterator[dict[str, Any]]:
         if request["model"] == "broken":
             raise APIError(400, "The model could not be loaded.", "model")
         for text in ("Hi ", "there"):

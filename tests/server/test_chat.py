@@ -137,3 +137,79 @@ def test_model_grader_runs_in_the_worker(chat_api: Api) -> None:
 def test_worker_log_is_kept(chat_api: Api) -> None:
     settings = chat_api.client.app.state.tunery.settings
     assert Path(settings.logs_dir / "inference.log").exists()
+
+
+def test_a_prompt_longer_than_the_context_is_refused(chat_api: Api) -> None:
+    """Prefill memory grows with the square of the prompt: prompt + max_tokens must fit the model
+    (tiny-random: 4096 positions), as OpenAI's context_length_exceeded says."""
+    long = [{"role": "user", "content": "word " * 5000}]
+    for body in ({"messages": long}, {"messages": HELLO, "max_tokens": 4096}, {"messages": long, "n": 16}):
+        r = chat_api.post("/chat/completions", json={"model": "tiny-random", **body})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+        assert "maximum context length is 4096 tokens" in error["message"]
+    r = chat_api.post("/chat/completions", json={"model": "tiny-random", "messages": long, "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    # megabytes are refused before they are tokenized
+    huge = [{"role": "user", "content": "x" * 3_000_000}]
+    r = chat_api.post("/chat/completions", json={"model": "tiny-random", "messages": huge})
+    assert r.status_code == 400 and "at least" in r.json()["error"]["message"]
+    assert complete(chat_api, max_tokens=4)["choices"][0]["message"]["content"] is not None
+
+
+def test_a_judge_prompt_longer_than_the_context_fails_the_sample(chat_api: Api) -> None:
+    judge = {
+        "type": "score_model",
+        "name": "judge",
+        "model": "tiny-random",
+        "input": [{"role": "user", "content": "Rate: {{sample.output_text}}"}],
+        "sampling_params": {"max_completion_tokens": 10**9},
+    }
+    for sample, grader in (("fine", judge), ("word " * 5000, {**judge, "sampling_params": {}})):
+        r = chat_api.post("/fine_tuning/alpha/graders/run", json={"grader": grader, "model_sample": sample})
+        assert r.status_code == 200, r.text
+        errors = r.json()["metadata"]["errors"]
+        assert errors["model_grader_server_error"] is True
+        assert "maximum context length" in errors["model_grader_server_error_details"]
+
+
+def test_a_slow_grader_in_the_worker_does_not_hold_up_chat(chat_api: Api) -> None:
+    """Graders with a model run in the worker, python sub-graders included (up to their timeout): on
+    their own thread there, so chat requests are answered meanwhile."""
+    import threading
+
+    slow = {
+        "type": "multi",
+        "name": "slow",
+        "graders": {
+            "wait": {
+                "type": "python",
+                "name": "wait",
+                "source": "import time\ndef grade(sample, item):\n    time.sleep(6)\n    return 1.0\n",
+            },
+            "judge": {
+                "type": "score_model",
+                "name": "judge",
+                "model": "tiny-random",
+                "input": [{"role": "user", "content": "Rate: {{sample.output_text}}"}],
+            },
+        },
+        "calculate_output": "wait",
+    }
+    graded: list[dict] = []
+    grading = threading.Thread(
+        target=lambda: graded.append(
+            chat_api.post("/fine_tuning/alpha/graders/run", json={"grader": slow, "model_sample": "x"}).json()
+        )
+    )
+    grading.start()
+    try:
+        import time
+
+        time.sleep(1.0)  # the grader is in the worker, sleeping in its sandbox
+        answer = complete(chat_api, max_tokens=4)
+        assert answer["choices"] and not graded  # answered while the grader still sleeps
+    finally:
+        grading.join(60)
+    assert graded and graded[0]["reward"] == 1.0, graded

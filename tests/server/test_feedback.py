@@ -37,10 +37,10 @@ class FakeInference:
         who = Path(request["adapter"]).parts[-3] if request.get("adapter") else request["model"]
         return f"{who} says{' indeed, at length' * index}: {request['messages'][-1]['content']}"
 
-    async def call(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def call(self, request: dict[str, Any], project: str = "") -> dict[str, Any]:
         return await anext(r["result"] async for r in self.stream(request) if r["event"] == "done")
 
-    async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, request: dict[str, Any], project: str = "") -> AsyncIterator[dict[str, Any]]:
         self.requests.append(request)
         if self.down:
             raise APIError(503, "The inference worker stopped; try again.", type="server_error")
@@ -362,7 +362,7 @@ def test_generation_failures(studio: Studio, fake: FakeInference) -> None:
 
 def test_generation_resumes_after_a_restart(settings: Settings, keys: dict[str, str]) -> None:
     class Slow(FakeInference):
-        async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async def stream(self, request: dict[str, Any], project: str = "") -> AsyncIterator[dict[str, Any]]:
             import asyncio
 
             await asyncio.sleep(0.2)

@@ -99,7 +99,7 @@ class FakeInference:
     def __init__(self, answers: list[str]) -> None:
         self.answers = answers
 
-    async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, request: dict[str, Any], project: str = "") -> AsyncIterator[dict[str, Any]]:
         for i, text in enumerate(self.answers):
             for start in range(0, len(text), 4):
                 yield {"event": "delta", "index": i, "text": text[start : start + 4]}
@@ -109,7 +109,7 @@ class FakeInference:
         ]
         yield {"event": "done", "result": {"choices": choices, "prompt_tokens": 5, "completion_tokens": 9}}
 
-    async def call(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def call(self, request: dict[str, Any], project: str = "") -> dict[str, Any]:
         async for message in self.stream(request):
             if message["event"] == "done":
                 return dict(message["result"])

@@ -127,7 +127,7 @@ def _result(text: str) -> Any:
 def complete(spec: ModelGrader, conversations: list[list[dict[str, str]]]) -> list[tuple[str, int, int]]:
     """(reply, prompt tokens, completion tokens) for each conversation, sampled in batches."""
     from tunery.data.template import prompt_ids
-    from tunery.models.sampling import SamplingParams, sample
+    from tunery.models.sampling import SamplingParams, check_context, check_context_before_tokenizing, sample
 
     model, tokenizer = chat_model(spec.model)
     params = SamplingParams(
@@ -136,7 +136,14 @@ def complete(spec: ModelGrader, conversations: list[list[dict[str, str]]]) -> li
         top_p=spec.sampling_params.get("top_p", 1.0),
         seed=spec.sampling_params.get("seed"),
     )
-    prompts = [prompt_ids(tokenizer, judge_messages(spec, c)) for c in conversations]
+    prompts = []
+    for conversation in conversations:  # a sample too long for the judge fails its batch (clear error)
+        messages = judge_messages(spec, conversation)
+        check_context_before_tokenizing(
+            model, tokenizer, sum(len(m["content"]) for m in messages), params.max_new_tokens
+        )
+        prompts.append(prompt_ids(tokenizer, messages))
+        check_context(model, len(prompts[-1]), params.max_new_tokens)
     replies: list[tuple[str, int, int]] = []
     for start in range(0, len(prompts), SAMPLE_BATCH):
         chunk = prompts[start : start + SAMPLE_BATCH]

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
+from tunery.errors import TuneryError
 from tunery.models.decode import decode_model_for
 
 
@@ -46,6 +47,48 @@ class Completion:
     def trained_ids(self) -> list[int]:
         """The tokens an RL loss trains: the reply's tokens, then the end-of-turn token that ended it."""
         return self.token_ids + ([self.stop_token_id] if self.stop_token_id is not None else [])
+
+
+class ContextTooLong(TuneryError):
+    """The prompt and the tokens asked for do not fit the model's context (OpenAI's
+    `context_length_exceeded`): sampling it would grow memory with the square of the prompt."""
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model was built for (prompt + completion), when its config says."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+def check_context(model: torch.nn.Module, prompt_tokens: int, max_new_tokens: int) -> None:
+    limit = context_length(model)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise ContextTooLong(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_tokens + max_new_tokens} tokens ({prompt_tokens} in the messages, {max_new_tokens} in "
+            "the completion). Please reduce the length of the messages or completion."
+        )
+
+
+def check_context_before_tokenizing(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, characters: int, max_new_tokens: int
+) -> None:
+    """Refuse a text too long for the context without tokenizing it (megabytes take seconds): no token
+    is longer than the vocabulary's longest entry, so `characters` / that is a floor on its tokens."""
+    limit = context_length(model)
+    if limit is None:
+        return
+    longest = getattr(tokenizer, "_tunery_longest_token", None)
+    if longest is None:
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+        tokenizer._tunery_longest_token = longest  # type: ignore[attr-defined]
+    floor = characters // max(1, longest)
+    if floor + max_new_tokens > limit:
+        raise ContextTooLong(
+            f"This model's maximum context length is {limit} tokens. However, your messages are at least "
+            f"{floor} tokens long, and {max_new_tokens} more were requested for the completion. Please "
+            "reduce the length of the messages or completion."
+        )
 
 
 def _filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -19,12 +19,14 @@ from typing import Any
 from anyio import to_thread
 from fastapi import FastAPI
 
+from tunery.graders.sandbox import sandbox_status
 from tunery.safety.audit import AuditLog
 from tunery.server.deps import AppState
 from tunery.server.errors import install_handlers
 from tunery.server.feedback import QueueGenerators
 from tunery.server.inference_client import InferenceClient
 from tunery.server.jobs import Scheduler, audit_job_changes
+from tunery.server.middleware import Limits
 from tunery.server.routes import (
     chat,
     comparisons,
@@ -36,6 +38,7 @@ from tunery.server.routes import (
     models,
     moderations,
 )
+from tunery.server.routes.files import remove_partial_uploads
 from tunery.server.settings import Settings
 from tunery.server.store import Store, now
 
@@ -62,9 +65,23 @@ class RequestId:
         await self.app(scope, receive, send_with_id)
 
 
+def make_private(settings: Settings) -> None:
+    """DATA_DIR and the directories the service writes in it are the owner's alone (0700): they hold
+    people's training data, models, logs and the database. Made before anything writes there, and an
+    older install's 0755 directories are closed too. Files inside are 0600 by `tunery serve`'s umask."""
+    directories = [settings.data_dir, settings.files_dir, settings.jobs_dir, settings.logs_dir]
+    for directory in directories + ([settings.audit_dir] if settings.audit else []):
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            directory.chmod(0o700)
+        except PermissionError:  # another user's directory, shared on purpose: theirs to decide
+            log.warning("%s belongs to another user; left as it is (not made private)", directory)
+
+
 def create_app(settings: Settings | None = None, run_scheduler: bool = True) -> FastAPI:
     settings = settings or Settings.from_env()
-    store = Store(settings.database_url)
+    make_private(settings)
+    store = Store(settings.database_url)  # a TuneryError for a damaged database (store.py)
     audit = (
         AuditLog(settings.audit_dir, settings.audit_redact, settings.audit_fsync) if settings.audit else None
     )
@@ -78,6 +95,9 @@ def create_app(settings: Settings | None = None, run_scheduler: bool = True) -> 
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        remove_partial_uploads(settings.files_dir)
+        # whether python graders can be confined here: found once, off the event loop (it runs one)
+        log.info("%s", (await to_thread.run_sync(sandbox_status)).describe())
         if run_scheduler:
             state.scheduler.start()
         await generators.resume()
@@ -88,6 +108,7 @@ def create_app(settings: Settings | None = None, run_scheduler: bool = True) -> 
         try:
             yield
         finally:
+            state.graders.close()
             await generators.stop()
             await state.inference.close()
             if run_scheduler:
@@ -100,7 +121,10 @@ def create_app(settings: Settings | None = None, run_scheduler: bool = True) -> 
         title="Tunery",
         summary="OpenAI-compatible fine-tuning on your own machine",
         lifespan=lifespan,
-        docs_url="/docs",
+        # no /docs or /redoc: their pages load scripts from a CDN (unpinned, and offline they fail) into
+        # the web app's origin, where a browser may keep an API key; the schema stays at /v1/openapi.json
+        docs_url=None,
+        redoc_url=None,
         openapi_url="/v1/openapi.json",
     )
     app.state.tunery = state
@@ -113,16 +137,18 @@ def create_app(settings: Settings | None = None, run_scheduler: bool = True) -> 
     app.include_router(feedback.router, prefix="/tunery/v1")  # the feedback studio
     app.include_router(comparisons.router, prefix="/tunery/v1")
     dashboard.mount_web(app)
-    app.add_middleware(RequestId)
+    app.add_middleware(Limits, state=state)  # key, size and depth before any route reads a body
+    app.add_middleware(RequestId)  # added last: outermost, so Limits' answers carry the id too
     return app
 
 
-def serve(settings: Settings, log_level: str = "info", access_log: bool = False) -> None:
-    """Run under uvicorn. No access log by default: a line per poll of 50 clients costs real CPU."""
+def serve(app: FastAPI, settings: Settings, log_level: str = "info", access_log: bool = False) -> None:
+    """Run `app` (from `create_app(settings)`) under uvicorn. No access log by default: a line per poll of
+    50 clients costs real CPU."""
     import uvicorn
 
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=log_level,

@@ -8,6 +8,7 @@ object; the traceback never reaches the client.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -48,25 +49,46 @@ def model_not_found(name: str) -> APIError:
     )
 
 
+def too_many_requests(message: str) -> APIError:
+    """OpenAI's 429: the official client waits and retries it by itself."""
+    return APIError(429, message, None, "rate_limit_exceeded", type="requests")
+
+
 def error_response(error: APIError) -> JSONResponse:
-    headers = {"x-should-retry": "false"} if error.status < 500 else None
+    headers = {"x-should-retry": "false"} if error.status < 500 and error.status != 429 else None
+    if error.status == 429:
+        headers = {"retry-after": "1"}
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    # pydantic names union members in the location ("int", "literal['auto']"): not part of the field path
-    parts = [
-        p for p in parts if not p.startswith(("literal[", "function-")) and p not in ("int", "float", "str")
-    ]
+    # pydantic names union members in the location ("int", "literal['auto']", "list[str]"): not part of
+    # the field path
+    members = ("literal[", "function-", "list[", "dict[", "union[", "constrained-")
+    parts = [p for p in parts if not p.startswith(members) and p not in ("int", "float", "str")]
     return ".".join(parts) or None
+
+
+def _most_useful(errors: Sequence[Any]) -> Any:
+    """The error to report. A value that fits no member of a union gets an error from each, the first often
+    the least useful ("Input should be a valid string" for five `stop` strings): of the first field's
+    errors, prefer one about a limit the value broke to one that only names a type it is not."""
+    param = _param(tuple(errors[0].get("loc", ())))
+    for error in errors:
+        kind = str(error.get("type", ""))
+        if _param(tuple(error.get("loc", ()))) == param and not (
+            kind.endswith("_type") or kind == "literal_error"
+        ):
+            return error
+    return errors[0]
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
     if not errors:
         return bad_request("Invalid request.")
-    first = errors[0]
+    first = _most_useful(errors)
     param = _param(tuple(first.get("loc", ())))
     kind = str(first.get("type", ""))
     if kind == "json_invalid":
@@ -77,10 +99,14 @@ def validation_error(exc: RequestValidationError) -> APIError:
             "invalid_json",
         )
     if kind == "missing":
+        if param is None:
+            return bad_request("This request needs a JSON body.", None, "missing_required_parameter")
         return bad_request(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
     if kind == "extra_forbidden":
         return bad_request(f"Unrecognized request argument supplied: {param}", param, "unknown_parameter")
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if param is None:  # the body itself, e.g. a JSON list where an object is meant
+        return bad_request(f"Invalid request body: {message}", None, "invalid_value")
     return bad_request(f"Invalid value for '{param}': {message}", param, "invalid_value")
 
 

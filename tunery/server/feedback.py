@@ -105,6 +105,13 @@ def read_prompts(path: Path, file_id: str, limit: int) -> list[list[dict[str, st
             raise bad_request(
                 f"File {file_id}, line {number}: {exc}", "prompts_file", "invalid_file"
             ) from None
+        except RecursionError:  # thousands of arrays or objects inside each other: json.loads gives up
+            raise bad_request(
+                f"File {file_id}, line {number}: nested too deeply; a prompt is an object with 'messages' "
+                "(or 'prompt'), a few levels deep",
+                "prompts_file",
+                "invalid_file",
+            ) from None
         if len(prompts) >= limit:
             break
     if not prompts:
@@ -154,12 +161,15 @@ class QueueGenerators:
     """Background tasks that write the answers of queues' pending items, one item at a time per queue. An
     item whose model cannot answer (a 4xx) fails alone; a worker failure (5xx) stops the queue, which keeps
     its pending items (`POST .../generate` starts it again). Queues still generating when the server
-    stopped resume when it starts."""
+    stopped resume when it starts. A project writes `generating_queues_per_project` queues at a time (the
+    others wait their turn), and its requests meet the inference worker's per-project cap like chat's: a
+    project with many queues cannot crowd out other projects' chat."""
 
     def __init__(self, state: AppState) -> None:
         self.state = state
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None  # the app's, set by resume() at start-up
+        self._turns: dict[str, asyncio.Semaphore] = {}  # project id -> its generating queues' places
 
     def start(self, queue_id: str) -> None:
         """Start generating `queue_id`'s pending items (from any thread: routes run in a thread pool)."""
@@ -195,6 +205,21 @@ class QueueGenerators:
                 await task
 
     async def _run(self, queue_id: str) -> None:
+        project = await to_thread.run_sync(self._project_of, queue_id)
+        if project is None:
+            return
+        turns = self._turns.setdefault(
+            project, asyncio.Semaphore(max(1, self.state.settings.generating_queues_per_project))
+        )
+        async with turns:
+            await self._generate(queue_id)
+
+    def _project_of(self, queue_id: str) -> str | None:
+        with self.state.store.session() as session:
+            queue = session.get(FeedbackQueue, queue_id)
+            return queue.project_id if queue is not None else None
+
+    async def _generate(self, queue_id: str) -> None:
         try:
             while True:
                 work = await to_thread.run_sync(self._next_pending, queue_id)
@@ -281,7 +306,14 @@ class QueueGenerators:
             "logprobs": False,
             "stream": False,
         }
-        result = await self.state.inference.call(request)
+        while True:  # background work waits for a place rather than failing on the per-project cap
+            try:
+                result = await self.state.inference.call(request, caller.project_id)
+                break
+            except APIError as exc:
+                if exc.status != 429:
+                    raise
+                await asyncio.sleep(1.0)
         texts = [str(c["text"]) for c in sorted(result["choices"], key=lambda c: int(c["index"]))]
         if self.state.audit is not None:
             record = {"queue_id": queue.id, "item_id": item.id, "model": name, "messages": item.messages}

@@ -5,19 +5,25 @@ graders for the API process, which never imports torch.
 
 Protocol: one JSON object per line, requests on stdin, replies on stdout (the API process starts the
 worker and holds both pipes; nothing else can reach it). The worker prints `{"event": "ready"}` once,
-then answers requests one at a time, in order:
+then answers requests:
 
-    {"id": 7, "op": "chat", "model": "tiny-random", "adapter": DIR|null, "base_adapter": DIR|null,
-     "messages": [...], "n": 1, "params": {"max_new_tokens", "temperature", "top_p", "stop", "seed"},
-     "logprobs": false, "stream": true}
+    {"id": 7, "project": "proj_..", "op": "chat", "model": "tiny-random", "adapter": DIR|null,
+     "base_adapter": DIR|null, "messages": [...], "n": 1,
+     "params": {"max_new_tokens", "temperature", "top_p", "stop", "seed"}, "logprobs": false, "stream": true}
         -> {"id": 7, "event": "delta", "index": 0, "text": "Hel"} ...          (stream only)
         -> {"id": 7, "event": "done", "result": {"choices": [{"index", "text", "finish_reason",
             "logprobs": [{"token", "logprob", "bytes"}] | null}], "prompt_tokens", "completion_tokens"}}
-    {"id": 8, "op": "grade", "grader": {...}, "model_sample": "...", "item": {...}, "validate_only": false}
+    {"id": 8, "project": "proj_..", "op": "grade", "grader": {...}, "model_sample": "...", "item": {...},
+     "validate_only": false}
         -> {"id": 8, "event": "done", "result": <OpenAI's grader run response>}
     {"op": "cancel", "target": 7}       stop request 7 at its next token (the client went away)
 
-Any failure is `{"id": N, "event": "error", "status": 400|500, "message": "...", "param": ...}`.
+Chat requests and grader requests wait in separate queues, each served by its own thread, so a grader
+(which may run python code for up to its timeout) never holds up chat. Within a queue, projects take
+turns: a project's backlog delays another project's next request by at most one request of its own.
+A prompt that does not fit the model's context with the tokens asked for is refused before any work
+(400 `context_length_exceeded`). Any failure is
+`{"id": N, "event": "error", "status": 400|500, "message": "...", "param": ..., "code": ...}`.
 Models load on first use (base model + adapter) and the `--cache` most recently used stay loaded.
 """
 
@@ -27,12 +33,13 @@ import argparse
 import json
 import logging
 import os
-import queue
 import sys
 import threading
 import traceback
 from collections import OrderedDict
 from typing import IO, Any
+
+from tunery.server.fair import FairQueue
 
 log = logging.getLogger("tunery.inference")
 
@@ -46,8 +53,10 @@ class Worker:
         self.out, self.cache_size = out, cache_size
         self.models: OrderedDict[tuple[str, str | None, str | None], tuple[Any, Any]] = OrderedDict()
         self.cancelled: set[int] = set()
-        self.requests: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.chats: FairQueue[dict[str, Any]] = FairQueue()
+        self.grades: FairQueue[dict[str, Any]] = FairQueue()
         self._write_lock = threading.Lock()
+        self._load_lock = threading.Lock()
 
     def send(self, message: dict[str, Any]) -> None:
         with self._write_lock:
@@ -60,37 +69,61 @@ class Worker:
                 request = json.loads(line)
             except ValueError:
                 continue
+            if not isinstance(request, dict):
+                continue
             if request.get("op") == "cancel":
                 self.cancelled.add(int(request.get("target", -1)))
-            else:
-                self.requests.put(request)
-        self.requests.put(None)  # the API process closed the pipe: exit
+                continue
+            project = str(request.get("project", ""))
+            (self.grades if request.get("op") == "grade" else self.chats).put(project, request)
+        self.chats.close()  # the API process closed the pipe: finish what is queued, then exit
+        self.grades.close()
 
     def serve(self) -> None:
         threading.Thread(target=self.read_stdin, daemon=True).start()
+        grading = threading.Thread(target=self.work, args=(self.grades,), name="grades", daemon=True)
+        grading.start()
         self.send({"event": "ready", "pid": os.getpid()})
-        while (request := self.requests.get()) is not None:
-            request_id = int(request.get("id", -1))
+        self.work(self.chats)
+        grading.join()
+
+    def work(self, requests: FairQueue[dict[str, Any]]) -> None:
+        while (got := requests.get()) is not None:
+            project, request = got
             try:
-                if request_id in self.cancelled:
-                    raise Cancelled
-                if request.get("op") == "chat":
-                    result = self.chat(request_id, request)
-                elif request.get("op") == "grade":
-                    result = self.grade(request)
-                else:
-                    raise ValueError(f"unknown op {request.get('op')!r}")
-                self.send({"id": request_id, "event": "done", "result": result})
-            except Cancelled:
-                self.send({"id": request_id, "event": "error", "status": 499, "message": "cancelled"})
-            except Exception as exc:
-                self.send({"id": request_id, **describe(exc)})
+                self.answer(request)
             finally:
-                self.cancelled.discard(request_id)
+                requests.done(project)
+
+    def answer(self, request: dict[str, Any]) -> None:
+        request_id = int(request.get("id", -1))
+        try:
+            if request_id in self.cancelled:
+                raise Cancelled
+            if request.get("op") == "chat":
+                result = self.chat(request_id, request)
+            elif request.get("op") == "grade":
+                result = self.grade(request)
+            else:
+                raise ValueError(f"unknown op {request.get('op')!r}")
+            self.send({"id": request_id, "event": "done", "result": result})
+        except Cancelled:
+            self.send({"id": request_id, "event": "error", "status": 499, "message": "cancelled"})
+        except Exception as exc:
+            reply = describe(exc)
+            if request.get("op") == "grade" and reply["status"] == 400 and reply["param"] is None:
+                reply |= {"param": "grader", "code": "invalid_grader"}  # a bad grader, as the API says it
+            self.send({"id": request_id, **reply})
+        finally:
+            self.cancelled.discard(request_id)
 
     # --- models -----------------------------------------------------------------------------------------
 
     def load(self, name: str, adapter: str | None, base_adapter: str | None) -> tuple[Any, Any]:
+        with self._load_lock:
+            return self._load(name, adapter, base_adapter)
+
+    def _load(self, name: str, adapter: str | None, base_adapter: str | None) -> tuple[Any, Any]:
         key = (name, adapter, base_adapter)
         if key in self.models:
             self.models.move_to_end(key)
@@ -110,12 +143,20 @@ class Worker:
 
     def chat(self, request_id: int, request: dict[str, Any]) -> dict[str, Any]:
         from tunery.data.template import prompt_ids
-        from tunery.models.sampling import SamplingParams, sample
+        from tunery.models.sampling import (
+            SamplingParams,
+            check_context,
+            check_context_before_tokenizing,
+            sample,
+        )
 
         model, tokenizer = self.load(request["model"], request.get("adapter"), request.get("base_adapter"))
-        prompt = prompt_ids(tokenizer, request["messages"])
-        n = int(request.get("n", 1))
         params = SamplingParams(**request["params"])
+        characters = sum(len(str(m.get("content") or "")) for m in request["messages"])
+        check_context_before_tokenizing(model, tokenizer, characters, params.max_new_tokens)
+        prompt = prompt_ids(tokenizer, request["messages"])
+        check_context(model, len(prompt), params.max_new_tokens)
+        n = int(request.get("n", 1))
 
         def on_text(index: int, delta: str) -> None:
             if request_id in self.cancelled:
@@ -185,7 +226,16 @@ def load_stacked(name: str, base_adapter: str, adapter: str | None) -> tuple[Any
 
 def describe(exc: Exception) -> dict[str, Any]:
     from tunery.errors import TuneryError
+    from tunery.models.sampling import ContextTooLong
 
+    if isinstance(exc, ContextTooLong):
+        return {
+            "event": "error",
+            "status": 400,
+            "message": str(exc),
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
     if isinstance(exc, TuneryError):
         return {"event": "error", "status": 400, "message": str(exc), "param": None}
     traceback.print_exc(file=sys.stderr)

@@ -1,16 +1,21 @@
 """The API side of the inference worker (`tunery/server/inference.py`): starts it on first use, sends
 requests over its stdin, and routes the replies on its stdout to the waiting requests by id. If the
-worker dies, waiting requests get a 503 and the next request starts a new worker."""
+worker dies, waiting requests get a 503 and the next request starts a new worker.
+
+Each request names its project: the worker serves projects in turn, and here at most
+`inference_per_project` requests of one project (`inference_in_flight` of all) may wait or run; beyond
+that a request gets OpenAI's 429 at once rather than a place in a queue that one project could fill."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from tunery.server.errors import APIError
+from tunery.server.errors import APIError, too_many_requests
+from tunery.server.fair import Admission, TooBusy
 from tunery.server.settings import Settings
 
 READY_TIMEOUT = 300.0  # seconds for the worker to import torch and say it is ready
@@ -24,6 +29,9 @@ class InferenceClient:
         self._pending: dict[int, asyncio.Queue[dict[str, Any]]] = {}
         self._next_id = 0
         self._start_lock: asyncio.Lock | None = None
+        self.admission = Admission(
+            "inference requests", settings.inference_in_flight, settings.inference_per_project
+        )
 
     async def _ensure_started(self) -> asyncio.subprocess.Process:
         if self._start_lock is None:
@@ -84,9 +92,25 @@ class InferenceClient:
         proc.stdin.write((json.dumps(message) + "\n").encode())
         await proc.stdin.drain()
 
-    async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """The worker's replies to `request` (deltas, then `done`); an `error` reply raises APIError.
-        Closing the iterator early (the client went away) cancels the request in the worker."""
+    async def stream(self, request: dict[str, Any], project: str) -> AsyncIterator[dict[str, Any]]:
+        """The worker's replies to `request` for `project` (deltas, then `done`); an `error` reply raises
+        APIError, and so does a full queue (429). Closing the iterator early (the client went away)
+        cancels the request in the worker."""
+        try:
+            self.admission.acquire(project)
+        except TooBusy as exc:
+            raise too_many_requests(str(exc)) from None
+        replies = self._stream(request, project)
+        try:
+            async for message in replies:
+                yield message
+        finally:
+            try:
+                await replies.aclose()  # now, not when collected: the worker hears of a cancel at once
+            finally:
+                self.admission.release(project)
+
+    async def _stream(self, request: dict[str, Any], project: str) -> AsyncGenerator[dict[str, Any], None]:
         proc = await self._ensure_started()
         self._next_id += 1
         request_id = self._next_id
@@ -94,14 +118,16 @@ class InferenceClient:
         self._pending[request_id] = replies
         finished = False
         try:
-            await self._send(proc, {**request, "id": request_id})
+            await self._send(proc, {**request, "id": request_id, "project": project})
             while True:
                 message = await replies.get()
                 if message.get("event") == "error":
                     finished = True
                     status = int(message.get("status", 500))
                     kind = "invalid_request_error" if status < 500 else "server_error"
-                    raise APIError(status, str(message.get("message")), message.get("param"), type=kind)
+                    raise APIError(
+                        status, str(message.get("message")), message.get("param"), message.get("code"), kind
+                    )
                 if message.get("event") == "done":
                     finished = True
                 yield message
@@ -113,8 +139,8 @@ class InferenceClient:
                 with contextlib.suppress(Exception):
                     await self._send(proc, {"op": "cancel", "target": request_id})
 
-    async def call(self, request: dict[str, Any]) -> dict[str, Any]:
-        async for message in self.stream(request):
+    async def call(self, request: dict[str, Any], project: str) -> dict[str, Any]:
+        async for message in self.stream(request, project):
             if message.get("event") == "done":
                 result: dict[str, Any] = message.get("result") or {}
                 return result

@@ -38,6 +38,16 @@ class Settings:
     default_max_tokens: int = 256  # chat completions without max_tokens
     max_completion_tokens: int = 4096
     grader_timeout: float = 120.0  # python graders, seconds
+    # work that a request starts and that outlives a quick answer: python graders run on their own threads
+    # (never the API's), `grader_workers` at once; beyond the caps a request gets OpenAI's 429
+    grader_workers: int = 2  # python grader runs at once (each a sandboxed process)
+    grader_in_flight: int = 16  # python grader runs running or waiting, all projects together
+    grader_per_project: int = 4  # ... of one project
+    inference_in_flight: int = 64  # chat and model-grader requests at the inference worker, all projects
+    inference_per_project: int = 8  # ... of one project (the worker serves projects in turn)
+    generating_queues_per_project: int = 2  # feedback queues writing answers at once; others wait
+    max_request_bytes: int = 8 * 2**20  # JSON request bodies (uploads have max_upload_bytes)
+    max_job_retries: int = 2  # a training process that dies is restarted from its checkpoint this often
     # data screening of every job's files at validation (tunery/safety/screen.py): warn | block | redact
     screen_content: str = "warn"  # offensive lines
     screen_pii: str = "block"  # personal data

@@ -133,7 +133,7 @@ async def chat_completions(
     )
     if not body.stream:
         try:
-            result = await state.inference.call(request)
+            result = await state.inference.call(request, caller.project_id)
         except APIError as exc:
             await _audit(state, caller, "inference.error", {"completion_id": completion_id} | exc.body())
             raise
@@ -173,7 +173,7 @@ async def chat_completions(
             await store_completion(state, caller, completion_id, body.model, messages, texts)
         return response
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    replies = state.inference.stream(request)
+    replies = state.inference.stream(request, caller.project_id)
     if content_filter_on(settings, body):  # answers arrive whole, once scored (routes/moderations.py)
         replies = filtered_stream(replies)
     # Wait for the worker's first reply before answering 200, so that a model that fails to load is

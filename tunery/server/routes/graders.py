@@ -1,4 +1,7 @@
-"""OpenAI's alpha grader endpoints: validate a grader, run one on a sample."""
+"""OpenAI's alpha grader endpoints: validate a grader, run one on a sample.
+
+Graders that need a model run in the inference worker; the others (python graders among them) run on the
+grader runner's threads (`server/graders.py`), never on the API's own. Each run is in the audit log."""
 
 from __future__ import annotations
 
@@ -16,16 +19,19 @@ router = APIRouter()
 
 @router.post("/fine_tuning/alpha/graders/validate")
 async def validate_grader(body: GraderValidate, state: State, caller: Auth) -> dict[str, Any]:
+    graders.refuse_without_sandbox(body.grader)
     mapped = graders.map_models(body.grader, state.settings)
     if graders.needs_model(body.grader):
-        await state.inference.call({"op": "grade", "grader": mapped, "validate_only": True})
-    else:
+        request = {"op": "grade", "grader": mapped, "validate_only": True}
+        await state.inference.call(request, caller.project_id)
+    else:  # parsing is quick: no need to wait in line behind graders that run code
         await to_thread.run_sync(graders.parse_here, mapped)
     return {"grader": body.grader}
 
 
 @router.post("/fine_tuning/alpha/graders/run")
 async def run_grader(body: GraderRun, state: State, caller: Auth) -> dict[str, Any]:
+    graders.refuse_without_sandbox(body.grader)
     mapped = graders.map_models(body.grader, state.settings)
     item = body.item if body.item is not None else {}
     if body.item is None and body.reference_answer is not None:
@@ -39,9 +45,18 @@ async def run_grader(body: GraderRun, state: State, caller: Auth) -> dict[str, A
             "item": item,
             "timeout": timeout,
         }
-        result: dict[str, Any] = await state.inference.call(request)
-        return result
-    response: dict[str, Any] = await to_thread.run_sync(
-        graders.run_here, mapped, body.model_sample, item, timeout
-    )
+        response: dict[str, Any] = await state.inference.call(request, caller.project_id)
+    else:
+        response = await state.graders.run(
+            caller.project_id, lambda: graders.run_here(mapped, body.model_sample, item, timeout)
+        )
+    if state.audit is not None:  # what ran for whom, and its outcome (the sample is the caller's own text)
+        record = {
+            "grader": body.grader,
+            "model_sample": body.model_sample,
+            "item": item,
+            "reward": response.get("reward"),
+            "errors": {k: v for k, v in (response.get("metadata") or {}).get("errors", {}).items() if v},
+        }
+        await to_thread.run_sync(state.audit.append, caller.project_name, "grader.run", record, caller.key_id)
     return response

@@ -1,0 +1,159 @@
+"""One tenant against another through the API: python graders that reach for the service's database or
+sleep on its threads, and the caps that keep one project from filling the service's queues."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sqlite3
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.server.conftest import Api
+from tunery.graders import sandbox
+from tunery.graders.sandbox import SandboxStatus
+from tunery.server.app import create_app
+from tunery.server.inference_client import InferenceClient
+from tunery.server.settings import Settings
+
+confined = pytest.mark.skipif(
+    not sandbox.sandbox_status().confined
+    and __import__("os").environ.get("TUNERY_TEST_REQUIRE_SANDBOX") != "1",
+    reason="no kernel sandbox for python graders here",
+)
+
+
+def python_grader(source: str) -> dict[str, Any]:
+    return {"type": "python", "name": "attack", "source": source}
+
+
+@confined
+def test_a_grader_cannot_open_the_service_database_to_forge_a_key(
+    api: Api, other: Api, settings: Settings
+) -> None:
+    """Project globex's grader ATTACHes DATA_DIR/tunery.db from an in-memory database, as the attack that
+    read every key hash and added an admin key for acme did."""
+    api.upload(b'{"messages": []}\n', "acme-private.jsonl")
+    database = settings.data_dir / "tunery.db"
+    forged = "sk-tunery-forged-key"
+    source = (
+        "import sqlite3\n"
+        "def grade(sample, item):\n"
+        "    db = sqlite3.connect(':memory:')\n"
+        f"    db.execute('ATTACH DATABASE ? AS t', ({str(database)!r},))\n"
+        "    rows = db.execute('SELECT project_id FROM t.api_keys').fetchall()\n"
+        '    db.execute("INSERT INTO t.api_keys (id, project_id, key_hash, prefix, created_at, role) "\n'
+        "               \"VALUES ('key_forged', ?, ?, 'sk-tunery-forg', 0, 'admin')\",\n"
+        f"               (rows[0][0], {hashlib.sha256(forged.encode()).hexdigest()!r}))\n"
+        "    db.commit()\n"
+        "    return float(len(rows))\n"
+    )
+    r = other.post(
+        "/fine_tuning/alpha/graders/run", json={"grader": python_grader(source), "model_sample": "x"}
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["reward"] == 0.0 and body["metadata"]["errors"]["python_grader_runtime_error"] is True
+    assert "unable to open database" in body["metadata"]["errors"]["python_grader_runtime_error_details"]
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("SELECT count(*) FROM api_keys WHERE id = 'key_forged'").fetchone() == (0,)
+    stolen = api.client.get("/v1/files", headers={"Authorization": f"Bearer {forged}"})
+    assert stolen.status_code == 401
+
+
+@confined
+def test_sleeping_graders_of_one_project_do_not_stall_the_others(
+    settings: Settings, keys: dict[str, str]
+) -> None:
+    """42 concurrent runs of a grader that sleeps once froze every endpoint for everyone (the API's 40
+    threads). Now globex gets 4 runs in flight and 429s for the rest, while acme's requests, python
+    graders included, are answered before globex's sleepers wake."""
+    settings.grader_timeout = 30
+    sleeper = python_grader("import time\ndef grade(sample, item):\n    time.sleep(4)\n    return 1.0\n")
+    quick = python_grader("def grade(sample, item):\n    return 0.5\n")
+
+    async def scenario() -> tuple[list[httpx.Response], list[bool], httpx.Response, httpx.Response]:
+        app = create_app(settings, run_scheduler=False)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as client:
+            acme = {"Authorization": f"Bearer {keys['acme']}"}
+            globex = {"Authorization": f"Bearer {keys['globex']}"}
+            body = {"grader": sleeper, "model_sample": "x"}
+            flood = [
+                asyncio.create_task(
+                    client.post("/v1/fine_tuning/alpha/graders/run", json=body, headers=globex)
+                )
+                for _ in range(42)
+            ]
+            await asyncio.sleep(1.0)  # let the flood arrive and start its sandboxes
+            files = await client.get("/v1/files", headers=acme)
+            run = {"grader": quick, "model_sample": "x"}
+            graded = await client.post("/v1/fine_tuning/alpha/graders/run", json=run, headers=acme)
+            still_sleeping = [not task.done() for task in flood]
+            return list(await asyncio.gather(*flood)), still_sleeping, files, graded
+
+    flood, still_sleeping, files, graded = asyncio.run(scenario())
+    assert files.status_code == 200 and graded.status_code == 200 and graded.json()["reward"] == 0.5
+    accepted = [k for k, r in enumerate(flood) if r.status_code == 200]
+    refused = [r for r in flood if r.status_code == 429]
+    assert len(accepted) == settings.grader_per_project and len(refused) == 42 - len(accepted)
+    assert refused[0].json()["error"]["code"] == "rate_limit_exceeded" and refused[0].headers["retry-after"]
+    assert all(still_sleeping[k] for k in accepted)  # acme was answered while they slept
+    assert all(flood[k].json()["reward"] == 1.0 for k in accepted)
+
+
+def test_python_graders_are_refused_where_the_sandbox_cannot_run(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        sandbox, "sandbox_status", lambda: SandboxStatus(False, "bubblewrap is not installed")
+    )
+    monkeypatch.delenv(sandbox.UNCONFINED_ENV, raising=False)
+    grader = python_grader("def grade(sample, item):\n    return 1.0\n")
+    multi = {"type": "multi", "name": "m", "graders": {"p": grader}, "calculate_output": "p"}
+    for path, body in (
+        ("/fine_tuning/alpha/graders/run", {"grader": grader, "model_sample": "x"}),
+        ("/fine_tuning/alpha/graders/validate", {"grader": multi}),
+    ):
+        r = api.post(path, json=body)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "python_grader_unavailable" and "bubblewrap" in error["message"]
+    prompts = api.upload(b'{"messages": [{"role": "user", "content": "1+1?"}], "answer": "2"}\n' * 10)
+    job = {
+        "training_file": prompts,
+        "model": "tiny-random",
+        "method": {"type": "reinforcement", "reinforcement": {"grader": grader}},
+    }
+    r = api.post("/fine_tuning/jobs", json=job)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "method.reinforcement.grader"
+
+
+def test_inference_requests_are_capped_per_project(settings: Settings) -> None:
+    """A project cannot fill the inference worker's queue: past `inference_per_project` requests in
+    flight it gets 429s, while another project is still admitted."""
+
+    class Blocked(InferenceClient):
+        async def _stream(self, request: dict[str, Any], project: str) -> AsyncIterator[dict[str, Any]]:
+            await asyncio.sleep(3600)
+            yield {}
+
+    async def scenario() -> tuple[int, int, int, int]:
+        client = Blocked(settings)
+        flood = [asyncio.create_task(client.call({"op": "chat"}, "flood")) for _ in range(20)]
+        await asyncio.sleep(0.1)
+        quiet = asyncio.create_task(client.call({"op": "chat"}, "quiet"))
+        await asyncio.sleep(0.1)
+        refused = sum(1 for t in flood if t.done() and getattr(t.exception(), "status", 0) == 429)
+        admitted, other = client.admission.in_flight("flood"), client.admission.in_flight("quiet")
+        for task in [*flood, quiet]:
+            task.cancel()
+        await asyncio.gather(*flood, quiet, return_exceptions=True)
+        return refused, admitted, other, client.admission.in_flight()
+
+    refused, admitted, other, left = asyncio.run(scenario())
+    assert admitted == settings.inference_per_project and refused == 20 - admitted and other == 1
+    assert left == 0  # cancelled requests give their places back

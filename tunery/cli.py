@@ -813,6 +813,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             key_id, key = create_key(store, args.project)
     except ValueError as exc:
         raise TuneryError(str(exc)) from None
+    _audit_key_change(args, args.project, "key.created", {"key_id": key_id, "labeller": args.labeller})
     print(key)
     who = f", labeller {args.labeller}" if args.labeller else ""
     print(f"({key_id}, project {args.project}{who}: shown once, stored hashed)", file=sys.stderr)
@@ -832,13 +833,34 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    from tunery.server.auth import revoke_key
+    from tunery.server.auth import list_keys, revoke_key
     from tunery.server.store import Store
 
-    if not revoke_key(Store(_service_settings(args).database_url), args.key_id):
+    store = Store(_service_settings(args).database_url)
+    project = next((row[1] for row in list_keys(store) if row[0] == args.key_id), None)
+    if project is None or not revoke_key(store, args.key_id):
         raise TuneryError(f"no key {args.key_id}; `tunery keys list` shows them")
+    _audit_key_change(args, project, "key.revoked", {"key_id": args.key_id})
     print(f"revoked {args.key_id}")
     return 0
+
+
+def _audit_key_change(args: argparse.Namespace, project: str, kind: str, payload: dict[str, Any]) -> None:
+    """Keys made or revoked on the command line go in the project's audit log, as the service's own
+    changes do (the actor is whoever ran the command: the operator)."""
+    from tunery.safety.audit import AuditLog
+
+    payload = payload | {"via": "tunery keys", "user": _os_user()}
+    AuditLog(_service_settings(args).audit_dir).append(project, kind, payload, None)
+
+
+def _os_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
 
 
 def _audit_logs(args: argparse.Namespace) -> list[Path]:

@@ -191,3 +191,60 @@ def test_moderations_are_recorded(audited: Api, settings: Settings) -> None:
     assert record["payload"]["input"] == ["Thanks, that helped!", "Call me at 415-867-5309"]
     assert record["payload"]["flagged"] == [False, False]
     assert record["payload"]["personal_data"] == [[], ["phone"]]
+
+
+def test_reads_grader_runs_keys_and_failed_logins_are_recorded(
+    audited: Api, settings: Settings, capsys: Any
+) -> None:
+    file_id = audited.upload(b'{"messages": []}\n', "private.jsonl")
+    assert audited.get(f"/files/{file_id}/content").status_code == 200
+    grader = {"type": "string_check", "name": "s", "operation": "eq", "input": "a", "reference": "a"}
+    assert (
+        audited.post("/fine_tuning/alpha/graders/run", json={"grader": grader, "model_sample": "a"}).json()[
+            "reward"
+        ]
+        == 1.0
+    )
+    data_dir = ["--data-dir", str(settings.data_dir)]
+    assert cli.main(["keys", "create", "--project", "acme", "--labeller", "Ann", *data_dir]) == 0
+    key_id = capsys.readouterr().err.split("(")[1].split(",")[0]
+    assert cli.main(["keys", "revoke", key_id, *data_dir]) == 0
+    kinds = {r["type"]: r for r in records(settings)}
+    assert kinds["file.content_read"]["payload"]["file_id"] == file_id
+    assert kinds["grader.run"]["payload"]["reward"] == 1.0
+    assert kinds["key.created"]["payload"] | {"user": None} == {
+        "key_id": key_id,
+        "labeller": "Ann",
+        "via": "tunery keys",
+        "user": None,
+    }
+    assert kinds["key.revoked"]["payload"]["key_id"] == key_id
+
+    # failed authentication belongs to no project: the service's own log, one record a minute per
+    # client and reason, then the count of those left out
+    for _ in range(5):
+        bad = audited.client.get(
+            "/v1/files", headers={"Authorization": "Bearer sk-tunery-not-a-real-key-at-all"}
+        )
+        assert bad.status_code == 401
+    assert audited.client.get("/v1/files").status_code == 401  # no key: another reason
+    failed = records(settings, "_service")
+    assert [(r["type"], r["payload"]["code"]) for r in failed] == [
+        ("auth.failed", "invalid_api_key"),
+        ("auth.failed", "missing_api_key"),
+    ]
+    assert "sk-tunery-not-a-real-key-at-all" not in json.dumps(failed)  # masked
+    # the middleware's window, shortened to see the count of those left out
+    limits = next(m for m in _middlewares(audited.client.app) if hasattr(m, "failures"))
+    limits.failures.window = 0.0
+    audited.client.get("/v1/files", headers={"Authorization": "Bearer sk-tunery-not-a-real-key-at-all"})
+    assert records(settings, "_service")[-1]["payload"]["left_out_before"] == 4
+    assert cli.main(["audit", "verify", "--all", *data_dir]) == 0
+
+
+def _middlewares(app: Any) -> list[Any]:
+    found, layer = [], app.middleware_stack
+    while layer is not None:
+        found.append(layer)
+        layer = getattr(layer, "app", None)
+    return found

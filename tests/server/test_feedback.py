@@ -306,6 +306,8 @@ def test_bad_queues_are_refused(studio: Studio, globex: Studio) -> None:
             "prompts_file",
         ),
         ({"prompts_file": prompts, "model_a": "tiny-random", "labels_per_item": 0}, "labels_per_item"),
+        ({"prompts_file": prompts, "model_a": "tiny-random", "labels_per_item": True}, "labels_per_item"),
+        ({"prompts_file": prompts, "model_a": "tiny-random", "max_tokens": 10**9}, "max_tokens"),
     ]
     for body, param in cases:
         response = studio.tpost("/feedback/queues", json={"name": "q", **body})
@@ -325,6 +327,10 @@ def test_bad_queues_are_refused(studio: Studio, globex: Studio) -> None:
     item = studio.ok(studio.tget(f"/feedback/queues/{queue['id']}/next"))["item"]
     assert error(globex.tpost(f"/feedback/items/{item['id']}/labels", json={"choice": "tie"}), 404)
     assert error(studio.tpost(f"/feedback/items/{item['id']}/labels", json={"choice": "up"}), 400)
+    seconds = error(
+        studio.tpost(f"/feedback/items/{item['id']}/labels", json={"choice": "tie", "seconds": True}), 400
+    )
+    assert seconds["param"] == "seconds" and "got true" in seconds["message"]
     wrong = {"items": [{"prompt": "x", "answers": ["only one"]}]}
     assert (
         "needs 2 answers"
@@ -387,7 +393,9 @@ def test_generation_resumes_after_a_restart(settings: Settings, keys: dict[str, 
 # --- labelling ---------------------------------------------------------------------------------------------
 
 
-def test_labels_are_committed_at_once_and_survive_a_closed_browser(studio: Studio) -> None:
+def test_labels_are_committed_at_once_and_survive_a_closed_browser(
+    studio: Studio, settings: Settings
+) -> None:
     answers = [(f"first {i}", f"second answer {i}") for i in range(4)]
     queue = imported_queue(studio, answers, labels_per_item=2)
     ann, bob = studio.labeller("Ann"), studio.labeller("Bob")
@@ -426,6 +434,12 @@ def test_labels_are_committed_at_once_and_survive_a_closed_browser(studio: Studi
     assert sum(len(i["labels"]) for i in items) == 6
     progress = ann.ok(ann.tget(f"/feedback/queues/{queue['id']}/progress"))
     assert (progress["labels"], progress["labelled_by_me"], progress["left_for_me"]) == (6, 2, 2)
+    # every label given, and the change, is in the project's audit log under the labeller's key
+    log = [json.loads(line) for line in (settings.audit_dir / "acme.jsonl").read_text().splitlines()]
+    labels = [r for r in log if r["type"] == "feedback.label"]
+    ann_id = ann.ok(ann.tget("/me"))["key_id"]
+    assert len(labels) == 7 and sum(r["actor"]["key_id"] == ann_id for r in labels) == 3
+    assert labels[0]["payload"]["comment"] == "clearer" and labels[2]["payload"]["choice"] == "tie"
 
 
 def test_the_last_slot_goes_to_one_labeller_when_it_can(studio: Studio) -> None:

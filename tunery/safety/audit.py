@@ -57,6 +57,7 @@ VERSION = 1
 GENESIS = "0" * 64  # `prev` of the first record
 HEAD_SIZE = 256  # the head file is one fixed-size line, rewritten in place
 PROJECT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # as `tunery keys create` allows: safe file names
+SERVICE_LOG = "_service"  # what belongs to no project (failed authentication); no project name starts with _
 MAX_PROBLEMS = 50  # a verify result keeps the first ones (a cut in the middle breaks one line, not all)
 
 # Record types the service writes; `audit.*` types are written by the log itself.
@@ -217,7 +218,7 @@ class AuditLog:
         self._lock = threading.Lock()
 
     def path(self, project: str) -> Path:
-        if not PROJECT_NAME.match(project):
+        if project != SERVICE_LOG and not PROJECT_NAME.match(project):
             raise ValueError(f"project name {project!r}: lowercase letters, digits, '-' or '_'")
         return self.directory / f"{project}.jsonl"
 

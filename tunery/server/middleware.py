@@ -12,11 +12,13 @@ break every later listing of it. Routes keep their own `Auth` (the key cache mak
 from __future__ import annotations
 
 import re
+import time
 
 from anyio import to_thread
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tunery.safety.audit import SERVICE_LOG, AuditLog
 from tunery.server.auth import caller_of
 from tunery.server.deps import AppState
 from tunery.server.errors import APIError, error_response
@@ -68,12 +70,46 @@ def too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     return False
 
 
+class AuthFailures:
+    """Failed authentications for the service's own audit log (SERVICE_LOG: they belong to no project), at
+    most one record per client and reason a minute, with the count of those left out: a caller without a
+    key must not be able to fill the disk through the log."""
+
+    def __init__(self, audit: AuditLog, window: float = 60.0) -> None:
+        self.audit, self.window = audit, window
+        self._seen: dict[
+            tuple[str, str], tuple[float, int]
+        ] = {}  # (client, code) -> (window start, left out)
+
+    async def record(self, scope: Scope, error: APIError) -> None:
+        client = (scope.get("client") or ("unknown", 0))[0]
+        key = (str(client), str(error.code))
+        started, left_out = self._seen.get(key, (0.0, 0))
+        moment = time.monotonic()
+        if moment - started < self.window:
+            self._seen[key] = (started, left_out + 1)
+            return
+        if len(self._seen) > 10_000:
+            self._seen.clear()
+        self._seen[key] = (moment, 0)
+        record = {
+            "client": client,
+            "method": scope.get("method"),
+            "path": scope.get("path"),
+            "code": error.code,
+            "message": error.message,  # names the key by its first and last characters only
+            "left_out_before": left_out,  # failures of this client and reason not recorded in the last window
+        }
+        await to_thread.run_sync(self.audit.append, SERVICE_LOG, "auth.failed", record, None)
+
+
 class Limits:
     """Pure ASGI middleware for the API paths: a 401 before the body, a 413 past the cap, a 400 when too
     deep. Everything else (the web app's pages, the OpenAPI schema) passes untouched."""
 
     def __init__(self, app: ASGIApp, state: AppState) -> None:
         self.app, self.state = app, state
+        self.failures = AuthFailures(state.audit) if state.audit is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -96,6 +132,8 @@ class Limits:
                 if body is not None:
                     await _refuse_deep(body)
         except APIError as exc:
+            if exc.status == 401 and self.failures is not None:
+                await self.failures.record(scope, exc)
             await error_response(exc)(scope, receive, send)
             return
         if upload:  # streamed to disk by its route: counted on the way, never held here

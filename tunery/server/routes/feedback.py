@@ -63,7 +63,7 @@ from tunery.server.feedback_store import (
     StoredCompletion,
 )
 from tunery.server.jobs import MIN_TRAINING_EXAMPLES
-from tunery.server.schemas import DpoHyperparameters, cursor_page, file_object, job_object
+from tunery.server.schemas import Bounds, DpoHyperparameters, cursor_page, file_object, job_object
 from tunery.server.store import ApiKey, new_id, now
 
 router = APIRouter()
@@ -92,10 +92,10 @@ class QueueCreate(Body):
     prompts_file: str | None = None  # JSONL of prompts; without it, add items with their answers
     model_a: str | None = None
     model_b: str | None = None  # pairwise without model_b: two samples of model_a
-    labels_per_item: int = Field(1, ge=1, le=10)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    max_prompts: int = Field(MAX_PROMPTS, ge=1, le=MAX_PROMPTS)
+    labels_per_item: Annotated[int, Bounds(ge=1, le=10)] = 1
+    max_tokens: Annotated[int, Bounds(ge=1, le=4096)] | None = None
+    temperature: Annotated[float, Bounds(ge=0, le=2)] = 1.0
+    max_prompts: Annotated[int, Bounds(ge=1, le=MAX_PROMPTS)] = MAX_PROMPTS
     instructions: str = Field("", max_length=4000)
 
 
@@ -113,15 +113,17 @@ class ItemsCreate(Body):
 class LabelCreate(Body):
     choice: Literal["left", "right", "tie", "both_bad", "up", "down"]
     comment: str | None = Field(None, max_length=4000)
-    seconds: float | None = Field(None, ge=0, le=86400)  # time spent on the item, as the page measured it
+    seconds: Annotated[float, Bounds(ge=0, le=86400)] | None = (
+        None  # time spent on the item, as the page measured it
+    )
 
 
 class ExportCreate(Body):
     format: Literal["preference", "unpaired"] | None = (
         None  # default: preference (pairwise), unpaired (thumbs)
     )
-    min_agreement: float = Field(0.0, ge=0, le=1)
-    min_labels: int = Field(1, ge=1, le=10)
+    min_agreement: Annotated[float, Bounds(ge=0, le=1)] = 0.0
+    min_labels: Annotated[int, Bounds(ge=1, le=10)] = 1
 
 
 class TrainCreate(ExportCreate):
@@ -135,7 +137,7 @@ class RatingCreate(Body):
     completion_id: str = Field(min_length=1, max_length=64)
     rating: Literal["up", "down"]
     comment: str | None = Field(None, max_length=4000)
-    choice_index: int = Field(0, ge=0, le=15)
+    choice_index: Annotated[int, Bounds(ge=0, le=15)] = 0
     user: str | None = Field(None, max_length=256)  # the application's end user (one rating each)
 
 
@@ -578,6 +580,9 @@ def label_item(body: LabelCreate, state: State, caller: AnyRole, item_id: str) -
             )
         label = save_label(session, item, caller.key_id, body.choice, body.comment, body.seconds)
         shown = labeller_item(item, queue, caller.key_id, label)
+    # each label is a person's judgement that later trains a model: who gave it, on what, is on record
+    record = {"queue_id": item.queue_id, "item_id": item.id, "label_id": label.id, "choice": body.choice}
+    audit(state, caller, "feedback.label", record | {"comment": label.comment})
     return {
         "object": "tunery.feedback_label",
         "id": label.id,
@@ -792,7 +797,14 @@ def rate_completion(body: RatingCreate, state: State, caller: Auth) -> dict[str,
         else:
             rating.rating, rating.comment, rating.updated_at = body.rating, body.comment, stamp
         session.flush()
-        return _rating_object(rating)
+        rated = _rating_object(rating)
+    audit(
+        state,
+        caller,
+        "feedback.rating",
+        {k: rated[k] for k in ("id", "completion_id", "choice_index", "rating", "comment", "user")},
+    )
+    return rated
 
 
 @router.get("/ratings")

@@ -264,4 +264,7 @@ def file_content(state: State, caller: Auth, file_id: str) -> FileResponse:
     path = state.settings.files_dir / row.id
     if not path.is_file():
         raise not_found("file", file_id, "file_id")
+    if state.audit is not None:  # who read a file's content (training data may be personal data)
+        read = {"file_id": row.id, "filename": row.filename, "purpose": row.purpose, "bytes": row.bytes}
+        state.audit.append(caller.project_name, "file.content_read", read, caller.key_id)
     return FileResponse(path, media_type="application/octet-stream")

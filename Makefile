@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.tunery-installed
 BENCH_STAMP := $(VENV)/.tunery-bench-installed
 
-.PHONY: install demo test test-slow lint bench clean chromium sandbox
+.PHONY: install demo test test-slow fuzz lint bench clean chromium sandbox
 
 install: $(STAMP)
 
@@ -50,6 +50,10 @@ test: $(STAMP) chromium sandbox
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
+
+# Fuzz the service from its OpenAPI schema longer than `make test` does: 500 requests an operation, new seed.
+fuzz: $(STAMP)
+	TUNERY_FUZZ_EXAMPLES=500 $(PY) -m pytest tests/server/test_fuzz.py -s
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tunery tests bench

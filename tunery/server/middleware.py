@@ -125,7 +125,8 @@ class Limits:
         try:
             await caller_of(self.state.keys, self.state.store, headers.get("authorization"))
             declared = headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > limit:
+            # ASCII digits only: str.isdigit() also takes other scripts' digits ("³"), which int() refuses
+            if declared.isascii() and declared.isdigit() and int(declared) > limit:
                 raise too_large
             if not upload:
                 body = await _read(receive, limit, too_large)

@@ -13,7 +13,7 @@ sees them in an order of their own, models hidden. The current model lives only 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from pydantic import Field
@@ -27,6 +27,7 @@ from tunery.server.feedback import MAX_PROMPTS, chat_model, project_file, queue_
 from tunery.server.feedback_report import comparison_result
 from tunery.server.feedback_store import FeedbackItem, FeedbackLabel, FeedbackQueue, ProjectModel
 from tunery.server.routes.feedback import Body, Generators, QueueCreate, audit, current_model, new_queue
+from tunery.server.schemas import Bounds
 from tunery.server.store import Job, now
 
 router = APIRouter()
@@ -43,10 +44,11 @@ class ComparisonCreate(Body):
     job: str | None = None  # a succeeded job: its model is the candidate
     prompts_file: str | None = None  # default with `job`: its validation file, else its training file
     name: str | None = Field(None, min_length=1, max_length=200)
-    labels_per_item: int = Field(1, ge=1, le=10)
-    max_prompts: int = Field(50, ge=1, le=MAX_PROMPTS)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.7, ge=0, le=2)
+    # the queue's own checks (QueueCreate), so that a request accepted here always makes its queue
+    labels_per_item: Annotated[int, Bounds(ge=1, le=10)] = 1
+    max_prompts: Annotated[int, Bounds(ge=1, le=MAX_PROMPTS)] = 50
+    max_tokens: Annotated[int, Bounds(ge=1, le=4096)] | None = None
+    temperature: Annotated[float, Bounds(ge=0, le=2)] = 0.7
     instructions: str = Field(INSTRUCTIONS, max_length=4000)
 
 

@@ -47,6 +47,8 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
     "frame-ancestors 'none'; form-action 'none'"
 )
+# the database's largest integer: a metrics cursor past it would fail the query (a 500), so it is a 400
+MAX_CURSOR = 2**63 - 1
 
 
 def _job(session: Session, caller: Caller, job_id: str) -> Job:
@@ -102,7 +104,9 @@ async def metrics(
     state: State,
     caller: Auth,
     job_id: str,
-    after: int = Query(0, ge=0, description="`cursor` from the previous answer; 0 for the first call"),
+    after: int = Query(
+        0, ge=0, le=MAX_CURSOR, description="`cursor` from the previous answer; 0 for the first call"
+    ),
     limit: int = Query(5000, ge=1, le=20000),
 ) -> dict[str, Any]:
     """The records of the job's `metrics` events logged after `after`, oldest first, numbers only.

@@ -430,7 +430,9 @@ def list_items(
     state: State,
     caller: Auth,
     queue_id: str,
-    after: int = Query(-1, description="the position of the last item of the previous page"),
+    after: int = Query(
+        -1, ge=-1, le=2**63 - 1, description="the position of the last item of the previous page"
+    ),
     limit: int = Query(50, ge=1, le=500),
 ) -> dict[str, Any]:
     with state.store.session() as session:

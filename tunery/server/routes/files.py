@@ -188,7 +188,7 @@ def _expiry(fields: dict[str, str]) -> int | None:
         raise bad_request(
             "expires_after[anchor] must be 'created_at'.", "expires_after.anchor", "invalid_value"
         )
-    if not seconds.isdigit() or not 3600 <= int(seconds) <= 2592000:
+    if not (seconds.isascii() and seconds.isdigit()) or not 3600 <= int(seconds) <= 2592000:
         raise bad_request(
             "expires_after[seconds] must be between 3600 and 2592000.",
             "expires_after.seconds",

@@ -121,6 +121,11 @@ def test_scratch_is_the_writable_cwd_and_each_process_gets_a_fresh_one() -> None
         ),
         ("memory bomb", "def grade(s, i):\n    x = bytearray(8 * 2**30)\n    return 1.0\n", "MemoryError"),
         (
+            "thread bomb",
+            "import threading\ndef grade(s, i):\n    threading.Thread(target=print).start()\n",
+            "can't start new thread",  # the kernel's refusal (seccomp): Python has no audit event for it
+        ),
+        (
             "huge file",
             "def grade(s, i):\n    with open('big', 'wb') as f:\n        for _ in range(64):\n            f.write(bytes(2**20))\n",
             "File too large",
@@ -210,7 +215,9 @@ def test_sandbox_reports_its_kernel_layers() -> None:
     sys.platform != "linux" or platform.machine() != "x86_64", reason="seccomp filter is x86-64 only"
 )
 def test_seccomp_filter_refuses_processes_and_sockets_in_the_kernel() -> None:
-    """Below the audit hook: with the filter alone, fork/exec/socket fail with EPERM/EACCES, threads work."""
+    """Below the audit hook: with the filter alone, fork/exec/socket/threads fail with EPERM/EACCES. Threads
+    too: as root a grader is not held by RLIMIT_NPROC, and thousands of threads would use up the machine's
+    process ids (an attack that made 2,881 threads in one grader)."""
     runner = Path(__file__).resolve().parents[2] / "tunery" / "graders" / "_runner.py"
     code = (
         f"import sys, os, socket, threading; sys.path.insert(0, {str(runner.parent)!r}); import _runner\n"
@@ -219,7 +226,8 @@ def test_seccomp_filter_refuses_processes_and_sockets_in_the_kernel() -> None:
         "                 ('kill', lambda: os.kill(1, 0))]:\n"
         "    try:\n        fn(); print(name, 'allowed')\n"
         "    except OSError as e:\n        print(name, 'refused', e.errno)\n"
-        "t = threading.Thread(target=lambda: print('thread ran')); t.start(); t.join()\n"
+        "try:\n    threading.Thread(target=lambda: print('thread ran')).start()\n"
+        "except RuntimeError as e:\n    print('thread refused', e)\n"
     )
     out = subprocess.run(
         [sys.executable, "-I", "-c", code],
@@ -234,7 +242,7 @@ def test_seccomp_filter_refuses_processes_and_sockets_in_the_kernel() -> None:
         "socket refused 13",
         "exec refused 1",
         "kill refused 1",
-        "thread ran",
+        "thread refused can't start new thread",
     ]
 
 

@@ -213,3 +213,33 @@ def test_a_slow_grader_in_the_worker_does_not_hold_up_chat(chat_api: Api) -> Non
     finally:
         grading.join(60)
     assert graded and graded[0]["reward"] == 1.0, graded
+
+
+def test_a_long_answer_does_not_make_a_short_one_wait(chat_api: Api) -> None:
+    """One project's n=16, thousands-of-tokens answer once held the worker until it was done (28 minutes
+    on the bundled model). Chat requests now decode step by step in turn: a short request of another
+    project is answered while the long one is still streaming."""
+    import threading
+
+    first_delta, stop, ended = threading.Event(), threading.Event(), threading.Event()
+
+    def long_answer() -> None:
+        body = {"model": "tiny-random", "messages": HELLO, "stream": True, "n": 16, "max_tokens": 3000}
+        body["temperature"] = 0  # greedy: this prompt never ends before max_tokens on tiny-random
+        with chat_api.client.stream("POST", "/v1/chat/completions", headers=chat_api.headers, json=body) as r:
+            for line in r.iter_lines():
+                if '"content": "' in line and '"content": ""' not in line:
+                    first_delta.set()
+                if stop.is_set() or line == "data: [DONE]":
+                    break
+        ended.set()
+
+    streaming = threading.Thread(target=long_answer)
+    streaming.start()
+    try:
+        assert first_delta.wait(60)
+        short = complete(chat_api, max_tokens=4)
+        assert short["choices"] and not ended.is_set()  # answered while the long one still streams
+    finally:
+        stop.set()
+        streaming.join(60)

@@ -143,8 +143,10 @@ def sample(
     params: SamplingParams,
     on_text: Callable[[int, str], None] | None = None,
     autocast_dtype: torch.dtype | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> list[Completion]:
-    """Complete each prompt (token ids). `on_text(i, delta)` streams new text of sequence i as it arrives.
+    """Complete each prompt (token ids). `on_text(i, delta)` streams new text of sequence i as it arrives;
+    `on_step()` runs between decoding steps (the inference worker gives other requests their turn there).
 
     Runs on the decoding engine (`decode.py`) when the architecture is supported, else on the model's own
     forward. Identical prompts (a GRPO group) are computed once and their KV cache copied.
@@ -153,7 +155,7 @@ def sample(
         return []
     engine = decode_model_for(model)
     if engine is None:
-        return _sample_generic(model, tokenizer, prompts, params, on_text, autocast_dtype)
+        return _sample_generic(model, tokenizer, prompts, params, on_text, autocast_dtype, on_step)
     device = engine.device
     unique: dict[tuple[int, ...], int] = {}
     rows = torch.tensor([unique.setdefault(tuple(p), len(unique)) for p in prompts], device=device)
@@ -216,6 +218,8 @@ def sample(
                 next_ids[index],
             )
             live = [live[row] for row in keep]
+        if on_step is not None:
+            on_step()
         logits = engine.step(next_ids, next_pos, cache, longest + step, key_bias)
         next_pos = next_pos + 1
     if texts is None:
@@ -253,6 +257,7 @@ def _sample_generic(
     params: SamplingParams,
     on_text: Callable[[int, str], None] | None = None,
     autocast_dtype: torch.dtype | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> list[Completion]:
     """transformers' own forward with a DynamicCache: for architectures the decoding engine does not cover."""
     device = next(model.parameters()).device
@@ -318,6 +323,8 @@ def _sample_generic(
             texts[i] = text
         if all(f is not None for f in finish):
             break
+        if on_step is not None:
+            on_step()
         alive = torch.tensor([f is None for f in finish], device=device)
         key_valid = torch.cat([key_valid, alive[:, None]], dim=1)
         step_ids = next_ids[:, None]

@@ -18,9 +18,11 @@ then answers requests:
         -> {"id": 8, "event": "done", "result": <OpenAI's grader run response>}
     {"op": "cancel", "target": 7}       stop request 7 at its next token (the client went away)
 
-Chat requests and grader requests wait in separate queues, each served by its own thread, so a grader
-(which may run python code for up to its timeout) never holds up chat. Within a queue, projects take
-turns: a project's backlog delays another project's next request by at most one request of its own.
+Chat requests and grader requests wait in separate queues, so a grader (which may run python code for up
+to its timeout) never holds up chat. Within a queue, projects take turns: a project's backlog delays
+another project's next request by at most one request of its own. Chat requests are answered CHAT_SLOTS
+at a time (a project holds at most half of them), taking one decoding step each in turn: a long answer
+(n=16, thousands of tokens) slows a short one down, it does not make it wait until it is done.
 A prompt that does not fit the model's context with the tokens asked for is refused before any work
 (400 `context_length_exceeded`). Any failure is
 `{"id": N, "event": "error", "status": 400|500, "message": "...", "param": ..., "code": ...}`.
@@ -30,13 +32,15 @@ Models load on first use (base model + adapter) and the `--cache` most recently 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 import threading
 import traceback
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Iterator
 from typing import IO, Any
 
 from tunery.server.fair import FairQueue
@@ -44,8 +48,51 @@ from tunery.server.fair import FairQueue
 log = logging.getLogger("tunery.inference")
 
 
+CHAT_SLOTS = 4  # chat requests decoding at once, step by step in turn (each holds its KV cache)
+
+
 class Cancelled(Exception):
     pass
+
+
+class Turns:
+    """One decoding step at a time across the chat threads, in the order they asked: a thread passes the
+    turn on after each step and queues behind the threads already waiting. Alone, it keeps the turn."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._waiting: deque[int] = deque()
+        self._holder: int | None = None
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+    def acquire(self) -> None:
+        me = threading.get_ident()
+        with self._changed:
+            self._waiting.append(me)
+            while self._holder is not None or self._waiting[0] != me:
+                self._changed.wait()
+            self._waiting.popleft()
+            self._holder = me
+
+    def release(self) -> None:
+        with self._changed:
+            self._holder = None
+            self._changed.notify_all()
+
+    def pass_on(self) -> None:
+        """Between two steps: let a waiting thread take its step first."""
+        with self._changed:
+            if not self._waiting:
+                return
+        self.release()
+        self.acquire()
 
 
 class Worker:
@@ -53,7 +100,8 @@ class Worker:
         self.out, self.cache_size = out, cache_size
         self.models: OrderedDict[tuple[str, str | None, str | None], tuple[Any, Any]] = OrderedDict()
         self.cancelled: set[int] = set()
-        self.chats: FairQueue[dict[str, Any]] = FairQueue()
+        self.chats: FairQueue[dict[str, Any]] = FairQueue(running_per_key=max(1, CHAT_SLOTS // 2))
+        self.turns = Turns()
         self.grades: FairQueue[dict[str, Any]] = FairQueue()
         self._write_lock = threading.Lock()
         self._load_lock = threading.Lock()
@@ -81,11 +129,16 @@ class Worker:
 
     def serve(self) -> None:
         threading.Thread(target=self.read_stdin, daemon=True).start()
-        grading = threading.Thread(target=self.work, args=(self.grades,), name="grades", daemon=True)
-        grading.start()
+        workers = [threading.Thread(target=self.work, args=(self.grades,), name="grades", daemon=True)]
+        workers += [
+            threading.Thread(target=self.work, args=(self.chats,), name=f"chat-{k}", daemon=True)
+            for k in range(CHAT_SLOTS)
+        ]
+        for worker in workers:
+            worker.start()
         self.send({"event": "ready", "pid": os.getpid()})
-        self.work(self.chats)
-        grading.join()
+        for worker in workers:
+            worker.join()
 
     def work(self, requests: FairQueue[dict[str, Any]]) -> None:
         while (got := requests.get()) is not None:
@@ -167,13 +220,15 @@ class Worker:
             if request_id in self.cancelled:
                 raise Cancelled
 
-        completions = sample(
-            model,
-            tokenizer,
-            [prompt] * n,
-            params,
-            on_text=on_text if request.get("stream") else check_cancelled,
-        )
+        with self.turns.held():  # the prefill is one step; then the turn passes on between steps
+            completions = sample(
+                model,
+                tokenizer,
+                [prompt] * n,
+                params,
+                on_text=on_text if request.get("stream") else check_cancelled,
+                on_step=self.turns.pass_on,
+            )
         choices = []
         for i, c in enumerate(completions):
             logprobs = None

@@ -99,7 +99,7 @@ def test_sleeping_graders_of_one_project_do_not_stall_the_others(
     assert files.status_code == 200 and graded.status_code == 200 and graded.json()["reward"] == 0.5
     accepted = [k for k, r in enumerate(flood) if r.status_code == 200]
     refused = [r for r in flood if r.status_code == 429]
-    assert len(accepted) == settings.grader_per_project and len(refused) == 42 - len(accepted)
+    assert len(accepted) == settings.work_per_project and len(refused) == 42 - len(accepted)
     assert refused[0].json()["error"]["code"] == "rate_limit_exceeded" and refused[0].headers["retry-after"]
     assert all(still_sleeping[k] for k in accepted)  # acme was answered while they slept
     assert all(flood[k].json()["reward"] == 1.0 for k in accepted)

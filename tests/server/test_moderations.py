@@ -192,3 +192,13 @@ def test_the_server_setting_filters_every_request(moderated_api: Api) -> None:
     assert complete(moderated_api, tunery_content_filter=False)[1]["message"]["content"] is None
     texts, reasons, _ = stream(moderated_api)
     assert texts[1] == "" and reasons[1] == "content_filter"
+
+
+def test_moderation_input_is_bounded_and_runs_off_the_api_threads(api: Api) -> None:
+    too_long = {"input": "word " * 30_000}
+    r = api.post("/moderations", json=too_long)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+    assert "at most 131072" in r.json()["error"]["message"]
+    r = api.post("/moderations", json={"input": ["x"] * 33})
+    assert r.status_code == 400 and "at most 32" in r.json()["error"]["message"]
+    assert api.post("/moderations", json={"input": "a'" * 60_000 + " @"}).status_code == 200

@@ -192,3 +192,27 @@ def test_card_brands() -> None:
 
 def test_plain_text_is_fast_path() -> None:
     assert find_personal_data("") == [] and find_personal_data("Thanks, that helped a lot!") == []
+
+
+def test_hostile_text_takes_linear_time() -> None:
+    """ "a'a'a'...a' @" made the e-mail pattern try a match from every apostrophe to the end: quadratic,
+    minutes for a moderation request of a few hundred KB, holding the GIL. In a child process with 60 s
+    of CPU, 1 MB of it must finish (linear: well under a second; quadratic: hours)."""
+    import resource
+    import subprocess
+    import sys
+
+    code = (
+        "from tunery.safety.pii import find_personal_data\n"
+        "for unit in (\"a'\", 'a.', \"a'-\", 'x@a-', '1/'):\n"
+        "    find_personal_data(unit * (1_000_000 // len(unit)) + ' @')\n"
+        "print('done')\n"
+    )
+
+    def cpu_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_CPU, (60, 60))
+
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=cpu_limit, timeout=600
+    )
+    assert out.stdout.strip() == "done", out.stderr[-2000:]

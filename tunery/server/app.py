@@ -108,7 +108,7 @@ def create_app(settings: Settings | None = None, run_scheduler: bool = True) -> 
         try:
             yield
         finally:
-            state.graders.close()
+            state.workers.close()
             await generators.stop()
             await state.inference.close()
             if run_scheduler:

@@ -10,11 +10,11 @@ from fastapi import Depends, Request
 
 from tunery.safety.audit import AuditLog
 from tunery.server.auth import Caller, KeyCache, any_caller, caller
-from tunery.server.graders import GraderRunner
 from tunery.server.inference_client import InferenceClient
 from tunery.server.jobs import Scheduler
 from tunery.server.settings import Settings
 from tunery.server.store import Store
+from tunery.server.workers import RequestWorkers
 
 
 @dataclass
@@ -26,10 +26,10 @@ class AppState:
     started_at: int  # the `created` time of base models
     keys: KeyCache = field(default_factory=KeyCache)
     audit: AuditLog | None = None  # None when `--no-audit`
-    graders: GraderRunner = field(init=False)  # python graders' own threads (server/graders.py)
+    workers: RequestWorkers = field(init=False)  # python graders' and moderation's threads (workers.py)
 
     def __post_init__(self) -> None:
-        self.graders = GraderRunner(self.settings)
+        self.workers = RequestWorkers(self.settings)
 
 
 async def get_state(request: Request) -> AppState:

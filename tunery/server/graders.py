@@ -1,7 +1,7 @@
 """Graders for the alpha endpoints and reinforcement jobs, run with `tunery.graders`.
 
 string_check, text_similarity (but cosine), python and multi graders over them run in the API process,
-on the grader runner's own threads (`GraderRunner`), never the API's: a python grader may take its whole
+on the request workers' threads (`workers.py`), never the API's: a python grader may take its whole
 timeout, and a project's burst of them must not stall other requests. `tunery.graders` imports no torch
 for them, and python graders run in their sandbox process anyway. score_model / label_model graders and
 cosine similarity need a model, so they run in the inference worker. A model grader may name only the
@@ -12,18 +12,11 @@ refuses them with a 400 unless the operator opted out.
 
 from __future__ import annotations
 
-import asyncio
 import copy
-import threading
-from collections.abc import Callable
-from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any
 
-from tunery.server.errors import bad_request, too_many_requests
-from tunery.server.fair import Admission, FairQueue, TooBusy
+from tunery.server.errors import bad_request
 from tunery.server.settings import Settings
-
-T = TypeVar("T")
 
 MODEL_GRADERS = ("score_model", "label_model")
 
@@ -117,57 +110,3 @@ def run_here(
     except TuneryError as exc:
         raise bad_request(str(exc), "grader", "invalid_grader") from None
     return run_response(built(model_sample, item), built)
-
-
-class GraderRunner:
-    """Runs graders on `grader_workers` threads of its own. Projects take turns (a FairQueue), and with two
-    or more workers one project never holds them all; beyond `grader_in_flight` runs waiting or running
-    (`grader_per_project` for one project) a request gets OpenAI's 429 at once."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.workers = max(1, settings.grader_workers)
-        self.admission = Admission(
-            "python grader runs", settings.grader_in_flight, settings.grader_per_project
-        )
-        self.queue: FairQueue[tuple[Future[Any], Callable[[], Any]]] = FairQueue(
-            running_per_key=max(1, self.workers - 1)
-        )
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-
-    async def run(self, project: str, fn: Callable[[], T]) -> T:
-        """`fn()` on a grader thread; a 429 when the caps are reached. A caller that goes away while
-        its run waits cancels it: the run is skipped."""
-        try:
-            self.admission.acquire(project)
-        except TooBusy as exc:
-            raise too_many_requests(str(exc)) from None
-        future: Future[Any] = Future()
-        future.add_done_callback(lambda _done: self.admission.release(project))
-        self._start()
-        self.queue.put(project, (future, fn))
-        result: T = await asyncio.wrap_future(future)
-        return result
-
-    def _start(self) -> None:
-        with self._lock:
-            while len(self._threads) < self.workers:
-                thread = threading.Thread(target=self._work, name="tunery-grader", daemon=True)
-                thread.start()
-                self._threads.append(thread)
-
-    def _work(self) -> None:
-        while (got := self.queue.get()) is not None:
-            project, (future, fn) = got
-            try:
-                if future.set_running_or_notify_cancel():  # False: cancelled while it waited
-                    try:
-                        future.set_result(fn())
-                    except BaseException as exc:  # the waiting request re-raises it
-                        future.set_exception(exc)
-            finally:
-                self.queue.done(project)
-
-    def close(self) -> None:
-        """Stop taking work; running graders finish within their timeout (the threads are daemons)."""
-        self.queue.close()

@@ -38,11 +38,11 @@ class Settings:
     default_max_tokens: int = 256  # chat completions without max_tokens
     max_completion_tokens: int = 4096
     grader_timeout: float = 120.0  # python graders, seconds
-    # work that a request starts and that outlives a quick answer: python graders run on their own threads
-    # (never the API's), `grader_workers` at once; beyond the caps a request gets OpenAI's 429
-    grader_workers: int = 2  # python grader runs at once (each a sandboxed process)
-    grader_in_flight: int = 16  # python grader runs running or waiting, all projects together
-    grader_per_project: int = 4  # ... of one project
+    # requests' CPU-bound work in this process (python graders, moderation) runs on threads of its own
+    # (never the API's), `work_threads` at once; beyond the caps a request gets OpenAI's 429 (workers.py)
+    work_threads: int = 2  # runs at once (a python grader's is a sandboxed process)
+    work_in_flight: int = 16  # runs running or waiting, all projects together
+    work_per_project: int = 4  # ... of one project
     inference_in_flight: int = 64  # chat and model-grader requests at the inference worker, all projects
     inference_per_project: int = 8  # ... of one project (the worker serves projects in turn)
     generating_queues_per_project: int = 2  # feedback queues writing answers at once; others wait

@@ -1,7 +1,7 @@
 """OpenAI's alpha grader endpoints: validate a grader, run one on a sample.
 
 Graders that need a model run in the inference worker; the others (python graders among them) run on the
-grader runner's threads (`server/graders.py`), never on the API's own. Each run is in the audit log."""
+request workers' threads (`server/workers.py`), never on the API's own. Each run is in the audit log."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ async def run_grader(body: GraderRun, state: State, caller: Auth) -> dict[str, A
         }
         response: dict[str, Any] = await state.inference.call(request, caller.project_id)
     else:
-        response = await state.graders.run(
+        response = await state.workers.run(
             caller.project_id, lambda: graders.run_here(mapped, body.model_sample, item, timeout)
         )
     if state.audit is not None:  # what ran for whom, and its outcome (the sample is the caller's own text)

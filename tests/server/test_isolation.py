@@ -157,3 +157,35 @@ def test_inference_requests_are_capped_per_project(settings: Settings) -> None:
     refused, admitted, other, left = asyncio.run(scenario())
     assert admitted == settings.inference_per_project and refused == 20 - admitted and other == 1
     assert left == 0  # cancelled requests give their places back
+
+
+def test_a_lone_surrogate_is_a_400_and_a_failed_grader_run_is_on_record(
+    api: Api, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grader named "\\ud800" (a valid JSON escape that is no text) made a 500 when echoed back; and a
+    grader run that failed left no record of the code that ran."""
+    import json
+
+    check = {"type": "string_check", "name": "\ud800", "operation": "eq", "input": "a", "reference": "a"}
+    body = json.dumps({"grader": check, "model_sample": "a"})
+    headers = api.headers | {"content-type": "application/json"}
+    for path in ("/fine_tuning/alpha/graders/run", "/fine_tuning/alpha/graders/validate"):
+        r = api.client.post("/v1" + path, content=body, headers=headers)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+    paired = json.dumps({"grader": check | {"name": "\U0001f600"}, "model_sample": "a"})  # escaped pair
+    assert (
+        api.client.post("/v1/fine_tuning/alpha/graders/run", content=paired, headers=headers).status_code
+        == 200
+    )
+
+    def broken(*args: Any) -> dict[str, Any]:
+        raise RuntimeError("the grader run broke")
+
+    monkeypatch.setattr("tunery.server.graders.run_here", broken)
+    r = api.post(
+        "/fine_tuning/alpha/graders/run", json={"grader": check | {"name": "x"}, "model_sample": "a"}
+    )
+    assert r.status_code == 500
+    log = [json.loads(line) for line in (settings.audit_dir / "acme.jsonl").read_text().splitlines()]
+    runs = [entry["payload"] for entry in log if entry["type"] == "grader.run"]
+    assert runs[-1]["failed"] == "RuntimeError: the grader run broke" and runs[-2]["failed"] is None

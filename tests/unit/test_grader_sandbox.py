@@ -254,6 +254,9 @@ def test_garbage_on_the_result_channel_is_ignored() -> None:
         "    for fd in range(3, 8):\n"
         "        try:\n"
         '            os.write(fd, b\'not json\\n{"i": 99, "score": 1}\\n{"i": "x"}\\n\')\n'
+        # a parser-breaking depth, a number no float holds, NaN: ignored, never a crash of the caller
+        "            os.write(fd, b'[' * 200000 + b'\\n{\"i\": 1, \"score\": 1' + b'0' * 400 + b'}\\n')\n"
+        '            os.write(fd, b\'{"i": 1, "score": NaN}\\n\')\n'
         "        except OSError:\n"
         "            pass\n"
         "    return 0.5\n"

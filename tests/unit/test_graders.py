@@ -162,6 +162,8 @@ def test_formula_values(formula: str, value: float) -> None:
         ("min + a", "'min' is a function"),
         ("a < b", "is not allowed"),
         ("", "must be a formula string"),
+        # 990 terms nest 989 additions: once parsed, then a RecursionError (a 500) when evaluated
+        ("+".join(["a"] * 990), "nests more than 64 operations"),
     ],
 )
 def test_formula_errors(formula: str, message: str) -> None:

@@ -34,6 +34,8 @@ _BINARY: dict[type[ast.operator], Callable[[float, float], float]] = {
     ast.Pow: math.pow,  # a ValueError, not a complex number, for (-8) ^ 0.5
 }
 HELP = "use numbers, the sub-grader names, + - * / ^, parentheses and min max abs floor ceil exp sqrt log"
+MAX_DEPTH = 64  # operations inside operations: `a + a + ... + a` of 990 terms passed a check and then
+# overflowed the evaluator's recursion
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,13 @@ def parse_formula(text: str, names: list[str], path: str = "calculate_output") -
     return Formula(text, tree)
 
 
-def _check_node(node: ast.AST, text: str, names: set[str], path: str) -> None:
+def _check_node(node: ast.AST, text: str, names: set[str], path: str, depth: int = 0) -> None:
+    if depth > MAX_DEPTH:
+        raise TuneryError(
+            f"{path}: the formula nests more than {MAX_DEPTH} operations inside each other; "
+            "use fewer terms, or min()/max() over many"
+        )
+    depth += 1
     if isinstance(node, ast.Constant):
         if isinstance(node.value, bool) or not isinstance(node.value, int | float):
             raise TuneryError(f"{path}: '{text}' holds {node.value!r}, which is not a number; {HELP}")
@@ -90,12 +98,12 @@ def _check_node(node: ast.AST, text: str, names: set[str], path: str) -> None:
             want = str(low) if low == high else f"{low} to {high}"
             raise TuneryError(f"{path}: {node.func.id}() takes {want} arguments, not {len(node.args)}")
         for arg in node.args:
-            _check_node(arg, text, names, path)
+            _check_node(arg, text, names, path, depth)
     elif isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-        _check_node(node.left, text, names, path)
-        _check_node(node.right, text, names, path)
+        _check_node(node.left, text, names, path, depth)
+        _check_node(node.right, text, names, path, depth)
     elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.UAdd | ast.USub):
-        _check_node(node.operand, text, names, path)
+        _check_node(node.operand, text, names, path, depth)
     else:
         raise TuneryError(f"{path}: '{ast.unparse(node)}' is not allowed in a formula; {HELP}")
 

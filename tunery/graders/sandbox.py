@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import selectors
 import shutil
@@ -465,11 +466,14 @@ def _record(line: bytes, run: _Run, outcomes: list[Outcome | None], last: float)
             return last
         now = time.monotonic()
         if "score" in record:
-            outcomes[i] = Outcome(score=float(record["score"]), seconds=now - last)
+            score = record["score"]
+            if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
+                return last  # the runner sends finite floats only: not the runner writing
+            outcomes[i] = Outcome(score=float(score), seconds=now - last)
         else:
             outcomes[i] = Outcome(error=str(record["error"])[:4000], kind="runtime", seconds=now - last)
         return now
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except Exception:  # deep nesting (RecursionError), a huge number (OverflowError), anything else odd
         return last
 
 

@@ -11,6 +11,7 @@ break every later listing of it. Routes keep their own `Auth` (the key cache mak
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -132,6 +133,7 @@ class Limits:
                 body = await _read(receive, limit, too_large)
                 if body is not None:
                     await _refuse_deep(body)
+                    _refuse_lone_surrogates(body)
         except APIError as exc:
             if exc.status == 401 and self.failures is not None:
                 await self.failures.record(scope, exc)
@@ -157,6 +159,29 @@ async def _read(receive: Receive, limit: int, too_large: APIError) -> bytes | No
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _refuse_lone_surrogates(body: bytes) -> None:
+    """A 400 for a string holding half a UTF-16 pair (the JSON escape "\\ud800" alone): valid JSON, but no
+    UTF-8 text, so echoing it back, storing it or logging it fails later with a 500. Checked only when
+    the body has such an escape at all: pairs (emoji written as escapes) are fine."""
+    if _SURROGATE.search(body) is None:
+        return
+    try:
+        json.dumps(json.loads(body), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise APIError(
+            400,
+            "The JSON body holds a lone UTF-16 surrogate (an escape like \\ud800 without its pair), which is "
+            "not text; send valid Unicode.",
+            None,
+            "invalid_json",
+        ) from None
+    except ValueError:
+        return  # not JSON at all: the route's own parsing answers that
 
 
 async def _refuse_deep(body: bytes) -> None:

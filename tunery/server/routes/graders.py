@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from anyio import to_thread
+from anyio import CancelScope, to_thread
 from fastapi import APIRouter
 
 from tunery.server import graders
 from tunery.server.deps import Auth, State
+from tunery.server.errors import APIError
 from tunery.server.schemas import GraderRun, GraderValidate
 
 router = APIRouter()
@@ -37,26 +38,37 @@ async def run_grader(body: GraderRun, state: State, caller: Auth) -> dict[str, A
     if body.item is None and body.reference_answer is not None:
         item = {"reference_answer": body.reference_answer}
     timeout = state.settings.grader_timeout
-    if graders.needs_model(body.grader):
-        request = {
-            "op": "grade",
-            "grader": mapped,
-            "model_sample": body.model_sample,
-            "item": item,
-            "timeout": timeout,
-        }
-        response: dict[str, Any] = await state.inference.call(request, caller.project_id)
-    else:
-        response = await state.workers.run(
-            caller.project_id, lambda: graders.run_here(mapped, body.model_sample, item, timeout)
-        )
-    if state.audit is not None:  # what ran for whom, and its outcome (the sample is the caller's own text)
-        record = {
-            "grader": body.grader,
-            "model_sample": body.model_sample,
-            "item": item,
-            "reward": response.get("reward"),
-            "errors": {k: v for k, v in (response.get("metadata") or {}).get("errors", {}).items() if v},
-        }
-        await to_thread.run_sync(state.audit.append, caller.project_name, "grader.run", record, caller.key_id)
-    return response
+    response: dict[str, Any] = {}
+    failure: str | None = None
+    try:
+        if graders.needs_model(body.grader):
+            request = {
+                "op": "grade",
+                "grader": mapped,
+                "model_sample": body.model_sample,
+                "item": item,
+                "timeout": timeout,
+            }
+            response = await state.inference.call(request, caller.project_id)
+        else:
+            response = await state.workers.run(
+                caller.project_id, lambda: graders.run_here(mapped, body.model_sample, item, timeout)
+            )
+        return response
+    except BaseException as exc:  # refused (429), cancelled (the client left), or failed: on record too
+        failure = exc.message if isinstance(exc, APIError) else f"{exc.__class__.__name__}: {exc}"
+        raise
+    finally:
+        if state.audit is not None:  # what ran for whom, and its outcome (the sample is the caller's own)
+            record = {
+                "grader": body.grader,
+                "model_sample": body.model_sample,
+                "item": item,
+                "reward": response.get("reward"),
+                "errors": {k: v for k, v in (response.get("metadata") or {}).get("errors", {}).items() if v},
+                "failed": failure,
+            }
+            with CancelScope(shield=True):
+                await to_thread.run_sync(
+                    state.audit.append, caller.project_name, "grader.run", record, caller.key_id
+                )

@@ -20,6 +20,7 @@ A date of birth or medical record number is found only after a keyword ("DOB", "
 
 from __future__ import annotations
 
+import bisect
 import datetime
 import functools
 import ipaddress
@@ -88,11 +89,18 @@ def redact(text: str, categories: Iterable[str] | None = None) -> str:
 
 
 def _without_overlaps(found: list[Finding]) -> list[Finding]:
-    kept: list[Finding] = []
+    """The stricter, then longer finding keeps a span. The spans kept never overlap, so sorted by start
+    only the neighbours of a new one can touch it: a binary search each, where comparing with every kept
+    span was quadratic ("MRN 1234 " repeated over 512 KB took minutes)."""
+    kept: list[Finding] = []  # by start
+    starts: list[int] = []
     for f in sorted(found, key=lambda f: (_RANK[f.category], f.start - f.end, f.start)):
-        if all(f.end <= k.start or f.start >= k.end for k in kept):
-            kept.append(f)
-    return sorted(kept, key=lambda f: f.start)
+        i = bisect.bisect_left(starts, f.start)
+        if (i > 0 and kept[i - 1].end > f.start) or (i < len(kept) and kept[i].start < f.end):
+            continue
+        kept.insert(i, f)
+        starts.insert(i, f.start)
+    return kept
 
 
 def _finding(category: str, m: re.Match[str], group: int | str, detector: str, reason: str = "") -> Finding:

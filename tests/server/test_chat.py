@@ -243,3 +243,47 @@ def test_a_long_answer_does_not_make_a_short_one_wait(chat_api: Api) -> None:
     finally:
         stop.set()
         streaming.join(60)
+
+
+def test_a_project_waiting_on_python_graders_does_not_hold_up_anothers_model_grader(chat_api: Api) -> None:
+    """Grader requests run two at a time in the worker, one a project: while acme's grader sleeps in its
+    sandbox, globex's model grader is answered."""
+    import threading
+
+    settings = chat_api.client.app.state.tunery.settings
+    globex = Api(chat_api.client, create_key(Store(settings.database_url), "globex")[1])
+    judge = {
+        "type": "score_model",
+        "name": "judge",
+        "model": "tiny-random",
+        "input": [{"role": "user", "content": "Rate: {{sample.output_text}}"}],
+    }
+    slow = {
+        "type": "multi",
+        "name": "slow",
+        "graders": {
+            "wait": {
+                "type": "python",
+                "name": "wait",
+                "source": "import time\ndef grade(sample, item):\n    time.sleep(6)\n    return 1.0\n",
+            },
+            "judge": judge,
+        },
+        "calculate_output": "wait",
+    }
+    slow_done = threading.Event()
+
+    def run_slow() -> None:
+        chat_api.post("/fine_tuning/alpha/graders/run", json={"grader": slow, "model_sample": "x"})
+        slow_done.set()
+
+    waiting = threading.Thread(target=run_slow)
+    waiting.start()
+    try:
+        import time
+
+        time.sleep(1.0)  # acme's grader is in the worker, sleeping in its sandbox
+        r = globex.post("/fine_tuning/alpha/graders/run", json={"grader": judge, "model_sample": "fine"})
+        assert r.status_code == 200 and not slow_done.is_set()
+    finally:
+        waiting.join(60)

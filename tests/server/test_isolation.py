@@ -189,3 +189,44 @@ def test_a_lone_surrogate_is_a_400_and_a_failed_grader_run_is_on_record(
     log = [json.loads(line) for line in (settings.audit_dir / "acme.jsonl").read_text().splitlines()]
     runs = [entry["payload"] for entry in log if entry["type"] == "grader.run"]
     assert runs[-1]["failed"] == "RuntimeError: the grader run broke" and runs[-2]["failed"] is None
+
+
+@confined
+def test_a_requests_python_graders_share_one_time_budget(api: Api, settings: Settings) -> None:
+    """Each python sub-grader of a multi had the whole timeout: a grader of many sleepers held a worker for
+    their sum. Now they share the request's timeout."""
+    settings.grader_timeout = 3
+    sleeper = "import time\ndef grade(sample, item):\n    time.sleep(2)\n    return 1.0\n"
+    multi = {
+        "type": "multi",
+        "name": "sleepers",
+        "graders": {name: python_grader(sleeper) | {"name": name} for name in ("a", "b", "c")},
+        "calculate_output": "a + b + c",
+    }
+    r = api.post("/fine_tuning/alpha/graders/run", json={"grader": multi, "model_sample": "x"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["sub_rewards"]["a"] == 1.0 and body["sub_rewards"]["c"] == 0.0
+    assert body["metadata"]["errors"]["unresponsive_reward_error"] is True
+    too_many = {**multi, "graders": {f"g{k}": python_grader(sleeper) | {"name": f"g{k}"} for k in range(17)}}
+    too_many["calculate_output"] = "g0"
+    r = api.post("/fine_tuning/alpha/graders/validate", json={"grader": too_many})
+    assert r.status_code == 400 and "at most 16" in r.json()["error"]["message"]
+
+
+def test_work_is_cancelled_when_the_client_hangs_up() -> None:
+    """A plain (not streamed) answer was computed to its end after the client had gone."""
+    from tunery.server.deps import unless_gone
+
+    class HangsUp:
+        async def receive(self) -> dict[str, Any]:
+            await asyncio.sleep(0.1)
+            return {"type": "http.disconnect"}
+
+    async def scenario() -> bool:
+        work = asyncio.ensure_future(asyncio.sleep(3600))
+        with pytest.raises(asyncio.CancelledError):
+            await unless_gone(HangsUp(), work)  # type: ignore[arg-type]
+        return work.cancelled()
+
+    assert asyncio.run(scenario())

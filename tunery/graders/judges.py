@@ -20,12 +20,16 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from typing import Any
 
 from tunery.graders.spec import ModelGrader
 
 _CHAT_MODELS: dict[str, tuple[Any, Any]] = {}
 _REWARD_MODELS: dict[str, tuple[Any, Any]] = {}
+# One judge at work at a time: the inference worker grades on two threads (one can wait on a python
+# grader's sandbox meanwhile), and a model's decoding engine is not for two threads at once.
+_MODELS_IN_USE = threading.Lock()
 DEFAULT_MAX_NEW_TOKENS = 128
 SAMPLE_BATCH = 16
 
@@ -126,6 +130,11 @@ def _result(text: str) -> Any:
 
 def complete(spec: ModelGrader, conversations: list[list[dict[str, str]]]) -> list[tuple[str, int, int]]:
     """(reply, prompt tokens, completion tokens) for each conversation, sampled in batches."""
+    with _MODELS_IN_USE:
+        return _complete(spec, conversations)
+
+
+def _complete(spec: ModelGrader, conversations: list[list[dict[str, str]]]) -> list[tuple[str, int, int]]:
     from tunery.data.template import prompt_ids
     from tunery.models.sampling import SamplingParams, check_context, check_context_before_tokenizing, sample
 
@@ -156,6 +165,13 @@ def reward_scores(
     spec: ModelGrader, conversations: list[list[dict[str, str]]], answers: list[str]
 ) -> list[float]:
     """Reward-model scores mapped into `spec.range` by a sigmoid, one per conversation."""
+    with _MODELS_IN_USE:
+        return _reward_scores(spec, conversations, answers)
+
+
+def _reward_scores(
+    spec: ModelGrader, conversations: list[list[dict[str, str]]], answers: list[str]
+) -> list[float]:
     from tunery.data.feedback import FeedbackExample, tokenize_feedback
     from tunery.models.heads import score_pairs
 

@@ -81,6 +81,9 @@ class SandboxLimits:
     file_bytes: int = 2**30  # largest file the code may write, and the size of its scratch tmpfs
     open_files: int = 256
     network_namespace: bool = True  # unconfined mode only: unshare the network where the kernel allows it
+    # a time.monotonic() moment no batch runs past, whatever its timeout: one request's graders (a multi's
+    # python sub-graders) share one time budget instead of getting a timeout each
+    deadline: float | None = None
 
 
 @dataclass
@@ -176,6 +179,8 @@ def run_python_batch(
     confined = sandbox_status().confined
     outcomes: list[Outcome | None] = [None] * len(pairs)
     deadline = time.monotonic() + limits.timeout
+    if limits.deadline is not None:
+        deadline = min(deadline, limits.deadline)
     # confined, the scratch is a tmpfs inside the sandbox; unconfined, a host directory
     scratch = None if confined else tempfile.mkdtemp(prefix="tunery-grader-")
     try:
@@ -188,7 +193,9 @@ def run_python_batch(
             if run.timed_out:
                 for i in pending:
                     outcomes[i] = Outcome(
-                        error=f"the batch exceeded the {limits.timeout:g} s time limit", kind="timeout"
+                        error=f"the batch exceeded the {limits.timeout:g} s time limit"
+                        + (" (shared by the request's graders)" if limits.deadline is not None else ""),
+                        kind="timeout",
                     )
                 break
             why = _death(run)

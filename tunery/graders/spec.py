@@ -35,6 +35,7 @@ OPERATIONS = ("eq", "ne", "like", "ilike")
 ROLES = ("user", "assistant", "system", "developer")
 MAX_SOURCE_BYTES = 256 * 1024
 OPENAI_MODEL = re.compile(r"^(gpt-|chatgpt-|o[1-9](-|$)|ft:|text-|davinci|babbage|omni-|computer-use)")
+MAX_SUBGRADERS = 16  # each may run code or a model: a grader of thousands of them would hold a worker for days
 SAMPLING_KEYS = ("seed", "top_p", "temperature", "max_completions_tokens", "max_completion_tokens")
 SAMPLING_KEYS_IGNORED = ("reasoning_effort",)
 COMMON = ("type", "name", "pass_threshold")
@@ -277,6 +278,10 @@ def _multi(
         raise TuneryError(f"{path}.graders: must be an object of name -> grader (or a list of named graders)")
     if not items:
         raise TuneryError(f"{path}.graders: is empty; add at least one grader")
+    if len(items) > MAX_SUBGRADERS:
+        raise TuneryError(
+            f"{path}.graders: {len(items)} graders; a multi grader combines at most {MAX_SUBGRADERS}"
+        )
     graders: dict[str, GraderSpec] = {}
     for key, sub, sub_path in items:
         if key in graders:

@@ -3,8 +3,10 @@ worker, the audit log, and the caller's project (from the API key)."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 
@@ -40,3 +42,24 @@ async def get_state(request: Request) -> AppState:
 State = Annotated[AppState, Depends(get_state)]
 Auth = Annotated[Caller, Depends(caller)]
 AnyRole = Annotated[Caller, Depends(any_caller)]  # labellers' keys too (auth.py)
+
+
+T = TypeVar("T")
+
+
+async def unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """`work`, cancelled when the client hangs up first. A streamed answer notices the hang-up when it next
+    writes; a plain one would otherwise be computed to its end for nobody, holding the inference worker
+    (and its project's places) for as long as it takes."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    finally:
+        watcher.cancel()

@@ -13,6 +13,7 @@ refuses them with a 400 unless the operator opted out.
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any
 
 from tunery.server.errors import bad_request
@@ -105,8 +106,9 @@ def run_here(
     from tunery.graders.run import build_grader, run_response
     from tunery.graders.sandbox import SandboxLimits
 
-    try:
-        built = build_grader(grader, limits=SandboxLimits(timeout=timeout))
+    try:  # one time budget for the whole request: a multi's python graders share it
+        limits = SandboxLimits(timeout=timeout, deadline=time.monotonic() + timeout)
+        built = build_grader(grader, limits=limits)
     except TuneryError as exc:
         raise bad_request(str(exc), "grader", "invalid_grader") from None
     return run_response(built(model_sample, item), built)

@@ -19,7 +19,8 @@ then answers requests:
     {"op": "cancel", "target": 7}       stop request 7 at its next token (the client went away)
 
 Chat requests and grader requests wait in separate queues, so a grader (which may run python code for up
-to its timeout) never holds up chat. Within a queue, projects take turns: a project's backlog delays
+to its timeout, shared by all its sub-graders) never holds up chat; GRADE_SLOTS grader requests of
+different projects run at once. Within a queue, projects take turns: a project's backlog delays
 another project's next request by at most one request of its own. Chat requests are answered CHAT_SLOTS
 at a time (a project holds at most half of them), taking one decoding step each in turn: a long answer
 (n=16, thousands of tokens) slows a short one down, it does not make it wait until it is done.
@@ -38,6 +39,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import traceback
 from collections import OrderedDict, deque
 from collections.abc import Iterator
@@ -49,6 +51,9 @@ log = logging.getLogger("tunery.inference")
 
 
 CHAT_SLOTS = 4  # chat requests decoding at once, step by step in turn (each holds its KV cache)
+# grader requests at once, one a project: while one waits on a python grader's sandbox, another project's
+# model grader runs (judges take their models one request at a time)
+GRADE_SLOTS = 2
 
 
 class Cancelled(Exception):
@@ -102,7 +107,7 @@ class Worker:
         self.cancelled: set[int] = set()
         self.chats: FairQueue[dict[str, Any]] = FairQueue(running_per_key=max(1, CHAT_SLOTS // 2))
         self.turns = Turns()
-        self.grades: FairQueue[dict[str, Any]] = FairQueue()
+        self.grades: FairQueue[dict[str, Any]] = FairQueue(running_per_key=1)
         self._write_lock = threading.Lock()
         self._load_lock = threading.Lock()
 
@@ -129,7 +134,10 @@ class Worker:
 
     def serve(self) -> None:
         threading.Thread(target=self.read_stdin, daemon=True).start()
-        workers = [threading.Thread(target=self.work, args=(self.grades,), name="grades", daemon=True)]
+        workers = [
+            threading.Thread(target=self.work, args=(self.grades,), name=f"grades-{k}", daemon=True)
+            for k in range(GRADE_SLOTS)
+        ]
         workers += [
             threading.Thread(target=self.work, args=(self.chats,), name=f"chat-{k}", daemon=True)
             for k in range(CHAT_SLOTS)
@@ -254,9 +262,9 @@ class Worker:
         if request.get("validate_only"):
             parse_grader(request["grader"])
             return {}
-        grader = build_grader(
-            request["grader"], limits=SandboxLimits(timeout=float(request.get("timeout", 120)))
-        )
+        timeout = float(request.get("timeout", 120))  # for the whole request: its graders share it
+        limits = SandboxLimits(timeout=timeout, deadline=time.monotonic() + timeout)
+        grader = build_grader(request["grader"], limits=limits)
         return run_response(grader(request.get("model_sample", ""), request.get("item") or {}), grader)
 
 

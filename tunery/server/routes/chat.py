@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from anyio import CancelScope, to_thread
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from tunery.server.auth import Caller
 from tunery.server.catalog import ResolvedModel, resolve
-from tunery.server.deps import AppState, Auth, State
+from tunery.server.deps import AppState, Auth, State, unless_gone
 from tunery.server.errors import APIError, bad_request
 from tunery.server.feedback import refuse_reward_model, store_completion
 from tunery.server.routes.moderations import content_filter_on, filtered_stream, withhold_flagged
@@ -96,7 +96,7 @@ def _resolve(state: AppState, caller: Caller, name: str) -> ResolvedModel:
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
-    body: ChatRequest, state: State, caller: Auth
+    body: ChatRequest, state: State, caller: Auth, http: Request
 ) -> dict[str, Any] | StreamingResponse:
     _unsupported(body)
     settings = state.settings
@@ -133,7 +133,7 @@ async def chat_completions(
     )
     if not body.stream:
         try:
-            result = await state.inference.call(request, caller.project_id)
+            result = await unless_gone(http, state.inference.call(request, caller.project_id))
         except APIError as exc:
             await _audit(state, caller, "inference.error", {"completion_id": completion_id} | exc.body())
             raise

@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 from anyio import CancelScope, to_thread
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from tunery.server import graders
-from tunery.server.deps import Auth, State
+from tunery.server.deps import Auth, State, unless_gone
 from tunery.server.errors import APIError
 from tunery.server.schemas import GraderRun, GraderValidate
 
@@ -31,7 +31,7 @@ async def validate_grader(body: GraderValidate, state: State, caller: Auth) -> d
 
 
 @router.post("/fine_tuning/alpha/graders/run")
-async def run_grader(body: GraderRun, state: State, caller: Auth) -> dict[str, Any]:
+async def run_grader(body: GraderRun, state: State, caller: Auth, http: Request) -> dict[str, Any]:
     graders.refuse_without_sandbox(body.grader)
     mapped = graders.map_models(body.grader, state.settings)
     item = body.item if body.item is not None else {}
@@ -49,7 +49,7 @@ async def run_grader(body: GraderRun, state: State, caller: Auth) -> dict[str, A
                 "item": item,
                 "timeout": timeout,
             }
-            response = await state.inference.call(request, caller.project_id)
+            response = await unless_gone(http, state.inference.call(request, caller.project_id))
         else:
             response = await state.workers.run(
                 caller.project_id, lambda: graders.run_here(mapped, body.model_sample, item, timeout)

@@ -230,3 +230,34 @@ def test_work_is_cancelled_when_the_client_hangs_up() -> None:
         return work.cancelled()
 
     assert asyncio.run(scenario())
+
+
+def test_the_training_slot_is_shared_between_projects(
+    settings: Settings, keys: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job of one project that trains for days kept every other project's jobs queued. With a free slot
+    a project without a running job goes first; with none, a job that has trained for its turn checkpoints
+    at its next step, gives the slot to the waiting project and continues afterwards from there."""
+    from fastapi.testclient import TestClient
+
+    from tests.server.conftest import TERMINAL
+
+    monkeypatch.setenv("FAKE_STEP_SECONDS", "0.1")
+    settings.job_turn_minutes = 1.0 / 60  # a turn of one second
+    hp = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 5}}}
+    long = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 30, "batch_size": 5}}}
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        acme, globex = Api(client, keys["acme"]), Api(client, keys["globex"])
+        first = acme.create_job(method=long)  # 60 steps: 6 s, far longer than a turn
+        acme.wait(first["id"], lambda j: j["status"] == "running")
+        second = acme.create_job(method=hp)  # acme's own next job: queued behind globex's
+        other = globex.create_job(method=hp)
+        done = globex.wait_status(other["id"], *TERMINAL, timeout=60)
+        assert done["status"] == "succeeded"
+        assert acme.get(f"/fine_tuning/jobs/{second['id']}").json()["status"] == "queued"
+        finished = acme.wait_status(first["id"], *TERMINAL, timeout=60)
+        assert finished["status"] == "succeeded"
+        messages = [e["message"] for e in acme.events(first["id"])]
+        assert any("gives up its training slot" in m for m in messages)
+        assert any(m.startswith("Fine-tuning job resumed from step") for m in messages)
+        assert acme.wait_status(second["id"], *TERMINAL, timeout=60)["status"] == "succeeded"

@@ -35,7 +35,9 @@ OPERATIONS = ("eq", "ne", "like", "ilike")
 ROLES = ("user", "assistant", "system", "developer")
 MAX_SOURCE_BYTES = 256 * 1024
 OPENAI_MODEL = re.compile(r"^(gpt-|chatgpt-|o[1-9](-|$)|ft:|text-|davinci|babbage|omni-|computer-use)")
-MAX_SUBGRADERS = 16  # each may run code or a model: a grader of thousands of them would hold a worker for days
+MAX_SUBGRADERS = (
+    16  # each may run code or a model: a grader of thousands of them would hold a worker for days
+)
 SAMPLING_KEYS = ("seed", "top_p", "temperature", "max_completions_tokens", "max_completion_tokens")
 SAMPLING_KEYS_IGNORED = ("reasoning_effort",)
 COMMON = ("type", "name", "pass_threshold")

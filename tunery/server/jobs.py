@@ -451,8 +451,9 @@ class Proc:
     popen: subprocess.Popen[bytes]
     log: IO[bytes]
     log_offset: int = 0  # where this attempt's output starts in the log (earlier attempts' comes before)
+    project: str = ""  # the job's project id: training slots are shared between projects in turn
     started: float = field(default_factory=time.monotonic)
-    stop_reason: str | None = None  # "cancel" | "pause" | "shutdown": why we signalled it
+    stop_reason: str | None = None  # "cancel" | "pause" | "shutdown" | "turn": why we signalled it
     kill_at: float | None = None  # SIGKILL then, unless it has exited
     # validation: files still to check after this one, as (param, file id, path)
     pending: list[tuple[str, str, Path]] = field(default_factory=list)
@@ -471,6 +472,7 @@ class Scheduler:
         self.store, self.settings = store, settings
         self.lock = threading.RLock()  # every status change happens under it (API threads and the loop)
         self.procs: dict[tuple[str, str], Proc] = {}  # (job id, kind) -> process
+        self._turns: dict[str, float] = {}  # project id -> when its last training process started
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -730,20 +732,53 @@ class Scheduler:
     # --- training ---------------------------------------------------------------------------------------
 
     def _start_training(self) -> None:
-        running = sum(p.kind == "train" for p in self.procs.values())
-        if running >= self.settings.max_running_jobs:
-            return
+        """Start queued jobs while there are free slots. Projects take turns: a project with no job running
+        goes first, then the one whose job started least recently; a project's own jobs keep their queue
+        order. With every slot busy, a job that has trained for its turn gives its slot up (`_take_turns`)."""
+        training = [p for p in self.procs.values() if p.kind == "train"]
         with self.store.session() as session:
-            queued = session.scalars(
-                select(Job).where(Job.status == "queued").order_by(Job.queue_seq, Job.seq)
-            ).all()
-            for job in queued:
-                if running >= self.settings.max_running_jobs:
-                    break
-                if (job.id, "train") in self.procs:  # a paused process still checkpointing
-                    continue
+            queued = [
+                job
+                for job in session.scalars(
+                    select(Job).where(Job.status == "queued").order_by(Job.queue_seq, Job.seq)
+                )
+                if (job.id, "train") not in self.procs  # a paused process still checkpointing
+            ]
+            if not queued:
+                return
+            if len(training) >= self.settings.max_running_jobs:
+                self._take_turns(session, training, queued)
+                return
+            busy = {p.project for p in training}
+            queued.sort(key=lambda job: (job.project_id in busy, self._turns.get(job.project_id, 0.0)))
+            for job in queued[: self.settings.max_running_jobs - len(training)]:
                 self._spawn_training(session, job)
-                running += 1
+
+    def _take_turns(self, session: Session, training: list[Proc], queued: list[Job]) -> None:
+        """A job that has trained for `job_turn_minutes` while another project's job waits is stopped at its
+        next step boundary (it checkpoints, as on pause) and queued again; it continues
+        from that checkpoint when its project's turn comes. One job at a time, the one that has run longest."""
+        turn = self.settings.job_turn_minutes * 60
+        if turn <= 0:
+            return
+        waiting = {job.project_id for job in queued}
+        due = [
+            p
+            for p in training
+            if p.stop_reason is None and waiting - {p.project} and time.monotonic() - p.started >= turn
+        ]
+        if not due or any(p.stop_reason == "turn" for p in training):
+            return
+        proc = min(due, key=lambda p: p.started)
+        proc.stop_reason = "turn"
+        self._terminate(proc, graceful=True)
+        add_event(
+            session,
+            proc.job_id,
+            f"Another project's job is waiting: this job gives up its training slot after "
+            f"{self.settings.job_turn_minutes:g} minutes, at the end of the current step, and continues from "
+            "there when its turn comes",
+        )
 
     def _spawn_training(self, session: Session, job: Job) -> None:
         directory = job_dir(self.settings, job.id)
@@ -763,7 +798,11 @@ class Scheduler:
             start_new_session=True,
         )
         steps = sorted(_checkpoint_steps(run_dir)) if resuming else []
-        proc = Proc(job.id, "train", popen, log_file, log_offset, start_step=steps[-1] if steps else 0)
+        start_step = steps[-1] if steps else 0
+        proc = Proc(
+            job.id, "train", popen, log_file, log_offset, start_step=start_step, project=job.project_id
+        )
+        self._turns[job.project_id] = time.monotonic()
         self.procs[(job.id, "train")] = proc
         job.status, job.pid = "running", popen.pid
         job.started_at = job.started_at or now()
@@ -892,6 +931,11 @@ class Scheduler:
                 add_event(session, job.id, f"Job paused; it will resume from {at}")
             elif proc.stop_reason == "shutdown":
                 pass  # stays `running`: recover() queues it again on the next start
+            elif proc.stop_reason == "turn":  # its project's turn comes again after the others' (_take_turns)
+                job.status, job.estimated_finish = "queued", None  # first of its project's jobs, as before
+                add_event(
+                    session, job.id, f"Job queued again; it will continue from {_resume_point(run_dir)}"
+                )
             else:
                 message = tail_error(directory / "train.log", code, proc.log_offset)
                 cause = death_cause(code) or stop_cause(message)

@@ -48,6 +48,9 @@ class Settings:
     generating_queues_per_project: int = 2  # feedback queues writing answers at once; others wait
     max_request_bytes: int = 8 * 2**20  # JSON request bodies (uploads have max_upload_bytes)
     max_job_retries: int = 2  # a training process that dies is restarted from its checkpoint this often
+    # a running job gives its slot to another project's waiting job after this long (it checkpoints and
+    # continues when its turn comes); 0: jobs run to their end in queue order
+    job_turn_minutes: float = 30.0
     # data screening of every job's files at validation (tunery/safety/screen.py): warn | block | redact
     screen_content: str = "warn"  # offensive lines
     screen_pii: str = "block"  # personal data

@@ -25,7 +25,7 @@ separated list of WHERE:ACTION, e.g. `checkpoint:2:SIGKILL` or `step:3:SIGKILL,s
             hang              wait for SIGTERM
 
 The file check prints a line to stderr for a file containing FAKE_CHECK_NOTE and SIGKILLs itself, silently,
-for a file containing FAKE_CHECK_KILL.
+for a file containing FAKE_CHECK_KILL; a file containing FAKE_CHECK_SLOW takes it a minute.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ def validate(args: list[str]) -> int:
         print("fake: a note from the file check", file=sys.stderr, flush=True)
     if "FAKE_CHECK_KILL" in text:
         os.kill(os.getpid(), signal.SIGKILL)
+    if "FAKE_CHECK_SLOW" in text:  # a file that takes a minute to check (a huge one)
+        time.sleep(60)
     problems, examples, detected = [], 0, None
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

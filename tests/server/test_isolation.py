@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.server.conftest import Api
+from tests.server.conftest import Api, chat_lines, jsonl
 from tunery.graders import sandbox
 from tunery.graders.sandbox import SandboxStatus
 from tunery.server.app import create_app
@@ -261,3 +261,14 @@ def test_the_training_slot_is_shared_between_projects(
         assert any("gives up its training slot" in m for m in messages)
         assert any(m.startswith("Fine-tuning job resumed from step") for m in messages)
         assert acme.wait_status(second["id"], *TERMINAL, timeout=60)["status"] == "succeeded"
+
+
+def test_a_projects_slow_file_check_does_not_hold_up_anothers(api: Api, other: Api) -> None:
+    """File checks ran one at a time for every project: a huge file (minutes to screen) made every other
+    project's jobs wait in validating_files."""
+    slow = api.create_job(training=jsonl([*chat_lines(10), "FAKE_CHECK_SLOW"]))
+    api.wait(slow["id"], lambda j: any(e["message"].startswith("Validating") for e in api.events(j["id"])))
+    quick = other.create_job()
+    assert other.wait_status(quick["id"], "queued", "running", "succeeded")["status"] != "validating_files"
+    assert api.get(f"/fine_tuning/jobs/{slow['id']}").json()["status"] == "validating_files"
+    assert api.post(f"/fine_tuning/jobs/{slow['id']}/cancel").status_code == 200

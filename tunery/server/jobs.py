@@ -73,6 +73,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 DIED = "training_process_died"  # the error code of a job whose retries ran out: it can be resumed
 SCREENING_KEYS = ("personal_data", "offensive_content")  # `data validate --screen-*` problems
 MIN_TRAINING_EXAMPLES = 10
+VALIDATIONS_AT_ONCE = 2  # file checks running at once, of different projects
 METRIC_NAMES = {  # metric -> how the event message says it
     "train_loss": "training loss",
     "valid_loss": "validation loss",
@@ -652,21 +653,28 @@ class Scheduler:
     # --- validation -------------------------------------------------------------------------------------
 
     def _start_validations(self) -> None:
-        if any(p.kind == "validate" for p in self.procs.values()):
+        """File checks, VALIDATIONS_AT_ONCE at a time and one a project: a project's huge file (checking
+        512 MB takes many minutes) never holds up another project's."""
+        checking = [p for p in self.procs.values() if p.kind == "validate"]
+        if len(checking) >= VALIDATIONS_AT_ONCE:
             return
+        busy = {p.project for p in checking}
         with self.store.session() as session:
-            job = session.scalar(
-                select(Job).where(Job.status == "validating_files").order_by(Job.seq).limit(1)
-            )
-            if job is None:
-                return
-            directory = job_dir(self.settings, job.id)
-            files = [("training_file", job.training_file, directory / "training.jsonl")]
-            if job.validation_file:
-                files.append(("validation_file", job.validation_file, directory / "validation.jsonl"))
-            names = " and validation file: ".join(f for _, f, _ in files)
-            add_event(session, job.id, f"Validating training file: {names}")
-            self._spawn_validation(job, files, {})
+            for job in session.scalars(
+                select(Job).where(Job.status == "validating_files").order_by(Job.seq)
+            ):
+                if job.project_id in busy or (job.id, "validate") in self.procs:
+                    continue
+                directory = job_dir(self.settings, job.id)
+                files = [("training_file", job.training_file, directory / "training.jsonl")]
+                if job.validation_file:
+                    files.append(("validation_file", job.validation_file, directory / "validation.jsonl"))
+                names = " and validation file: ".join(f for _, f, _ in files)
+                add_event(session, job.id, f"Validating training file: {names}")
+                self._spawn_validation(job, files, {})
+                busy.add(job.project_id)
+                if len(busy) >= VALIDATIONS_AT_ONCE:
+                    return
 
     def _spawn_validation(self, job: Job, files: list[tuple[str, str, Path]], stats: dict[str, Any]) -> None:
         current, pending = files[0], files[1:]
@@ -685,6 +693,7 @@ class Scheduler:
             popen,
             log_file,
             log_offset=log_offset,
+            project=job.project_id,
             pending=pending,
             current=current,
             out_path=out_path,

@@ -802,3 +802,25 @@ def test_applications_rate_stored_completions(studio: Studio, globex: Studio) ->
     trained = studio.ok(studio.tpost("/ratings/train", json={"train_model": "tiny-random"}))
     assert trained["job"]["method"]["type"] == "kto" and trained["counts"]["lines"] == 11
     assert studio.wait_status(trained["job"]["id"], *TERMINAL)["status"] == "succeeded"
+
+
+def test_queue_sizes_are_bounded_and_prompts_read_a_line_at_a_time(studio: Studio) -> None:
+    """A 300,000-item queue made every labeller's next item slow; a 64 MB prompts file was read whole into
+    the API process for a queue of a few prompts; an item added to a queue of one took its position."""
+    from tunery.server.feedback import MAX_PROMPTS
+
+    queue = imported_queue(studio, [("a", "b")])
+    more = studio.ok(
+        studio.tpost(
+            f"/feedback/queues/{queue['id']}/items", json={"items": [{"prompt": "p", "answers": ["c", "d"]}]}
+        )
+    )
+    items = studio.ok(studio.tget(f"/feedback/queues/{queue['id']}/items"))["data"]
+    assert [i["position"] for i in items] == [0, 1], more
+    batch = {"items": [{"prompt": f"p{k}", "answers": ["x", "y"]} for k in range(MAX_PROMPTS - 1)]}
+    r = studio.tpost(f"/feedback/queues/{queue['id']}/items", json=batch)
+    assert error(r, 400)["code"] == "too_many_items"
+    long_line = json.dumps({"prompt": "x" * (2**20 + 10)})
+    prompts = studio.upload((long_line + "\n").encode(), "long.jsonl")
+    body = {"name": "q", "prompts_file": prompts, "model_a": "tiny-random"}
+    assert "longer than 1 MB" in error(studio.tpost("/feedback/queues", json=body), 400)["message"]

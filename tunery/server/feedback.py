@@ -20,6 +20,7 @@ import os
 import secrets
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,13 @@ log = logging.getLogger("tunery.server")
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_PROMPTS = 10_000  # items per queue
 HOLD_SECONDS = 600.0  # an item shown to a labeller holds a label slot this long
-_assigning = threading.Lock()  # one next-item choice at a time (this process serves every labeller)
+# One next-item choice or label at a time per queue (this process serves every labeller): locks striped by
+# queue, so a queue with a crowd of labellers never slows down another project's
+_ASSIGNING = tuple(threading.Lock() for _ in range(64))
+
+
+def _assigning(queue_id: str) -> threading.Lock:
+    return _ASSIGNING[zlib.crc32(queue_id.encode()) % len(_ASSIGNING)]
 
 
 # --- prompts ---------------------------------------------------------------------------------------------
@@ -90,30 +97,42 @@ def prompt_messages(value: Any) -> list[dict[str, str]]:
     return messages
 
 
+MAX_PROMPT_LINE = 2**20  # bytes: a prompt longer than this is longer than any model's context anyway
+
+
 def read_prompts(path: Path, file_id: str, limit: int) -> list[list[dict[str, str]]]:
+    """The first `limit` prompts of a file, read a line at a time: the API process never holds more of the
+    file than that (a 512 MB upload read whole once took gigabytes per request)."""
     prompts = []
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as fh:
+            number = 0
+            while len(prompts) < limit and (raw := fh.readline(MAX_PROMPT_LINE + 1)):
+                number += 1
+                where = f"File {file_id}, line {number}"
+                if len(raw) > MAX_PROMPT_LINE:
+                    raise bad_request(
+                        f"{where}: longer than {MAX_PROMPT_LINE // 2**20} MB; a prompt must fit a model's "
+                        "context",
+                        "prompts_file",
+                        "invalid_file",
+                    )
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                try:
+                    prompts.append(prompt_messages(json.loads(line)))
+                except ValueError as exc:  # json.JSONDecodeError is a ValueError
+                    raise bad_request(f"{where}: {exc}", "prompts_file", "invalid_file") from None
+                except RecursionError:  # thousands of arrays or objects inside each other
+                    raise bad_request(
+                        f"{where}: nested too deeply; a prompt is an object with 'messages' (or 'prompt'), a "
+                        "few levels deep",
+                        "prompts_file",
+                        "invalid_file",
+                    ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise bad_request(f"File {file_id} cannot be read as UTF-8 text: {exc}", "prompts_file") from None
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            prompts.append(prompt_messages(json.loads(line)))
-        except ValueError as exc:  # json.JSONDecodeError is a ValueError
-            raise bad_request(
-                f"File {file_id}, line {number}: {exc}", "prompts_file", "invalid_file"
-            ) from None
-        except RecursionError:  # thousands of arrays or objects inside each other: json.loads gives up
-            raise bad_request(
-                f"File {file_id}, line {number}: nested too deeply; a prompt is an object with 'messages' "
-                "(or 'prompt'), a few levels deep",
-                "prompts_file",
-                "invalid_file",
-            ) from None
-        if len(prompts) >= limit:
-            break
     if not prompts:
         raise bad_request(f"File {file_id} holds no prompts.", "prompts_file", "invalid_file")
     return prompts
@@ -370,7 +389,7 @@ def next_item(session: Session, queue: FeedbackQueue, key_id: str) -> FeedbackIt
     else the oldest ready item they have not labelled that still needs labels, preferring items whose
     missing labels are not already being given by others (items shown to someone in the last
     HOLD_SECONDS). None when nothing is left for them."""
-    with _assigning:
+    with _assigning(queue.id):
         labelled = session.execute(
             select(FeedbackLabel.item_id, FeedbackLabel.labeller_key_id).where(
                 FeedbackLabel.queue_id == queue.id
@@ -430,7 +449,7 @@ def save_label(
         stored = "answer_1" if (choice == "left") != flipped else "answer_2"
     else:
         stored = choice
-    with _assigning:
+    with _assigning(item.queue_id):
         label = session.scalar(
             select(FeedbackLabel).where(
                 FeedbackLabel.item_id == item.id, FeedbackLabel.labeller_key_id == key_id

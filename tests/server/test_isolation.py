@@ -272,3 +272,55 @@ def test_a_projects_slow_file_check_does_not_hold_up_anothers(api: Api, other: A
     assert other.wait_status(quick["id"], "queued", "running", "succeeded")["status"] != "validating_files"
     assert api.get(f"/fine_tuning/jobs/{slow['id']}").json()["status"] == "validating_files"
     assert api.post(f"/fine_tuning/jobs/{slow['id']}/cancel").status_code == 200
+
+
+def test_stalled_uploads_are_capped_and_timed_out(
+    settings: Settings, keys: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twenty uploads that stopped sending held 374 MB of partial files for as long as their sockets
+    stayed open. A project now gets two uploads at a time (then 429), and a body that sends nothing for
+    BODY_IDLE_SECONDS gets a 408 and its partial file removed."""
+    from tunery.server import middleware
+
+    monkeypatch.setattr(middleware, "BODY_IDLE_SECONDS", 0.5)
+    boundary = "b0undary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="t.jsonl"\r\n\r\n'
+    ).encode()
+
+    async def scenario() -> tuple[list[int], int, list[str]]:
+        app = create_app(settings, run_scheduler=False)
+        release = asyncio.Event()
+
+        async def stalled() -> AsyncIterator[bytes]:
+            yield head + b'{"messages": []}\n' * 1000
+            await release.wait()
+            yield f"\r\n--{boundary}--\r\n".encode()
+
+        async def never_finishes() -> AsyncIterator[bytes]:
+            yield head + b'{"messages": []}\n'
+            await asyncio.sleep(3)
+
+        transport = httpx.ASGITransport(app=app)
+        headers = {
+            "Authorization": f"Bearer {keys['acme']}",
+            "content-type": f"multipart/form-data; boundary={boundary}",
+        }
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as client:
+            # two held (each waits for `release`), the third of the project refused at once
+            held = [
+                asyncio.create_task(client.post("/v1/files", content=stalled(), headers=headers))
+                for _ in range(2)
+            ]
+            await asyncio.sleep(0.2)
+            third = await client.post("/v1/files", content=stalled(), headers=headers)
+            release.set()
+            statuses = [(await task).status_code for task in held]
+            timed_out = await client.post("/v1/files", content=never_finishes(), headers=headers)
+            leftovers = [p.name for p in settings.files_dir.iterdir() if p.name.startswith(".tmp-")]
+        return [*statuses, third.status_code], timed_out.status_code, leftovers
+
+    statuses, timed_out, leftovers = asyncio.run(scenario())
+    assert statuses == [200, 200, 429]
+    assert timed_out == 408 and leftovers == []

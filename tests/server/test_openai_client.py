@@ -233,3 +233,16 @@ def test_a_restart_resumes_the_running_job(tmp_path: Path) -> None:
         assert metric_steps(client, job.id) == list(range(1, 301))
     finally:
         stop_server(proc)
+
+
+def test_a_connection_that_sends_no_headers_is_closed(server: tuple[str, Path]) -> None:
+    """uvicorn waits forever for a request's headers: 20,400 idle connections (no key needed) used up the
+    server's descriptors. `tunery serve` hangs up after HEADER_SECONDS without them."""
+    from tunery.server.app import HEADER_SECONDS
+
+    url, _ = server
+    host, port = url.removeprefix("http://").split("/")[0].split(":")
+    with socket.create_connection((host, int(port))) as idle:
+        idle.sendall(b"GET /v1/mod")  # half a request line, then nothing
+        idle.settimeout(HEADER_SECONDS * 4)  # a socket.timeout here: the server kept it open
+        assert idle.recv(100) == b""  # closed by the server

@@ -142,10 +142,54 @@ def create_app(settings: Settings | None = None, run_scheduler: bool = True) -> 
     return app
 
 
+HEADER_SECONDS = 10.0  # a client's request line and headers arrive within this, or it is hung up on
+MAX_CONNECTIONS = 1000  # open connections and requests at once; past it uvicorn answers 503
+
+
 def serve(app: FastAPI, settings: Settings, log_level: str = "info", access_log: bool = False) -> None:
     """Run `app` (from `create_app(settings)`) under uvicorn. No access log by default: a line per poll of
-    50 clients costs real CPU."""
+    50 clients costs real CPU.
+
+    uvicorn never times out a connection that has not sent its headers, so thousands of idle ones (no key
+    needed) used up the server's descriptors: a connection gets HEADER_SECONDS for each request's headers.
+    Per-client connection limits and slow-body rates belong to a reverse proxy when the service is exposed
+    beyond this machine."""
+    import asyncio
+
     import uvicorn
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HeadersInTime(HttpToolsProtocol):
+        _timer: asyncio.TimerHandle | None = None
+
+        def _expect_headers(self) -> None:
+            self._headers_arrived()
+            self._timer = self.loop.call_later(HEADER_SECONDS, self._too_slow)
+
+        def _headers_arrived(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _too_slow(self) -> None:
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._expect_headers()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._expect_headers()
+
+        def on_headers_complete(self) -> None:
+            self._headers_arrived()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._headers_arrived()
+            super().connection_lost(exc)
 
     uvicorn.run(
         app,
@@ -153,4 +197,6 @@ def serve(app: FastAPI, settings: Settings, log_level: str = "info", access_log:
         port=settings.port,
         log_level=log_level,
         access_log=access_log,
+        http=HeadersInTime,
+        limit_concurrency=MAX_CONNECTIONS,
     )

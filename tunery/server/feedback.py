@@ -103,7 +103,7 @@ MAX_PROMPT_LINE = 2**20  # bytes: a prompt longer than this is longer than any m
 def read_prompts(path: Path, file_id: str, limit: int) -> list[list[dict[str, str]]]:
     """The first `limit` prompts of a file, read a line at a time: the API process never holds more of the
     file than that (a 512 MB upload read whole once took gigabytes per request)."""
-    prompts = []
+    prompts: list[list[dict[str, str]]] = []
     try:
         with path.open("rb") as fh:
             number = 0

@@ -11,6 +11,7 @@ break every later listing of it. Routes keep their own `Auth` (the key cache mak
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -22,12 +23,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tunery.safety.audit import SERVICE_LOG, AuditLog
 from tunery.server.auth import caller_of
 from tunery.server.deps import AppState
-from tunery.server.errors import APIError, error_response
+from tunery.server.errors import APIError, error_response, too_many_requests
+from tunery.server.fair import Admission, TooBusy
 
 API_PREFIXES = ("/v1/", "/tunery/v1/")
 PUBLIC_PATHS = frozenset({"/v1/openapi.json"})  # the only API path a request without a key may read
 UPLOAD_PATH = "/v1/files"
 UPLOAD_OVERHEAD = 64 * 2**10  # an upload's multipart headers and form fields, beyond the file itself
+UPLOADS_AT_ONCE, UPLOADS_PER_PROJECT = 8, 2
+BODY_IDLE_SECONDS = 60.0  # the longest a request body may go without a byte arriving
 MAX_JSON_DEPTH = 64  # arrays and objects inside each other; real requests (schemas, graders) use < 20
 
 # a JSON string, escapes included; an unterminated one runs to the end, so the scan never backtracks
@@ -111,6 +115,8 @@ class Limits:
     def __init__(self, app: ASGIApp, state: AppState) -> None:
         self.app, self.state = app, state
         self.failures = AuthFailures(state.audit) if state.audit is not None else None
+        # an upload holds a connection and a partial file for as long as its client sends: a few at a time
+        self.uploads = Admission("uploads", total=UPLOADS_AT_ONCE, per_project=UPLOADS_PER_PROJECT)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -124,7 +130,7 @@ class Limits:
         too_large = file_too_large(settings.max_upload_bytes) if upload else request_too_large(limit)
         body: bytes | None = None
         try:
-            await caller_of(self.state.keys, self.state.store, headers.get("authorization"))
+            who = await caller_of(self.state.keys, self.state.store, headers.get("authorization"))
             declared = headers.get("content-length", "")
             # ASCII digits only: str.isdigit() also takes other scripts' digits ("³"), which int() refuses
             if declared.isascii() and declared.isdigit() and int(declared) > limit:
@@ -140,16 +146,35 @@ class Limits:
             await error_response(exc)(scope, receive, send)
             return
         if upload:  # streamed to disk by its route: counted on the way, never held here
-            await self.app(scope, _counted(receive, limit, too_large), send)
+            try:
+                self.uploads.acquire(who.project_id)
+            except TooBusy as busy:
+                await error_response(too_many_requests(str(busy)))(scope, receive, send)
+                return
+            try:
+                await self.app(scope, _counted(receive, limit, too_large), send)
+            finally:
+                self.uploads.release(who.project_id)
         elif body is not None:  # None: the client went away while sending, and nobody is left to answer
             await self.app(scope, _replay(body, receive), send)
+
+
+async def _next(receive: Receive) -> Message:
+    """The client's next message; a 408 when it sends nothing for BODY_IDLE_SECONDS (a stalled body holds
+    a connection, and for an upload a partial file)."""
+    try:
+        return await asyncio.wait_for(receive(), BODY_IDLE_SECONDS)
+    except TimeoutError:
+        raise APIError(
+            408, f"The request body stalled: nothing arrived for {BODY_IDLE_SECONDS:g} s.", None, "timeout"
+        ) from None
 
 
 async def _read(receive: Receive, limit: int, too_large: APIError) -> bytes | None:
     """The whole body (a JSON route reads it whole anyway), or the 413 as soon as it passes `limit`."""
     chunks, size = [], 0
     while True:
-        message = await receive()
+        message = await _next(receive)
         if message["type"] == "http.disconnect":
             return None
         chunk: bytes = message.get("body", b"")
@@ -220,7 +245,7 @@ def _counted(receive: Receive, limit: int, too_large: APIError) -> Receive:
 
     async def counted() -> Message:
         nonlocal seen
-        message = await receive()
+        message = await _next(receive)
         seen += len(message.get("body", b""))
         if seen > limit:
             raise too_large

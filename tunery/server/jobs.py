@@ -660,9 +660,7 @@ class Scheduler:
             return
         busy = {p.project for p in checking}
         with self.store.session() as session:
-            for job in session.scalars(
-                select(Job).where(Job.status == "validating_files").order_by(Job.seq)
-            ):
+            for job in session.scalars(select(Job).where(Job.status == "validating_files").order_by(Job.seq)):
                 if job.project_id in busy or (job.id, "validate") in self.procs:
                     continue
                 directory = job_dir(self.settings, job.id)

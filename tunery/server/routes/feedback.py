@@ -388,7 +388,9 @@ def add_items(body: ItemsCreate, state: State, caller: Auth, queue_id: str) -> d
                 "A comparison's answers come from its two models; add items to a labelling queue.", "queue_id"
             )
         want = 2 if queue.mode == "pairwise" else 1
-        last = session.scalar(select(func.max(FeedbackItem.position)).where(FeedbackItem.queue_id == queue.id))
+        last = session.scalar(
+            select(func.max(FeedbackItem.position)).where(FeedbackItem.queue_id == queue.id)
+        )
         start = -1 if last is None else int(last)  # `or -1` took an only item's position 0 for none
         if start + 1 + len(body.items) > MAX_PROMPTS:  # a queue's labellers scan its items for the next
             raise bad_request(

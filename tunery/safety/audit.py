@@ -270,8 +270,10 @@ class _Writer:
 
     def _open(self) -> None:
         flags = os.O_CREAT | os.O_CLOEXEC
-        self.fd = os.open(self.path, flags | os.O_RDWR | os.O_APPEND, 0o640)
-        self.head_fd = os.open(head_path(self.path), flags | os.O_RDWR, 0o640)
+        self.fd = os.open(
+            self.path, flags | os.O_RDWR | os.O_APPEND, 0o600
+        )  # the owner alone, like every file of the service
+        self.head_fd = os.open(head_path(self.path), flags | os.O_RDWR, 0o600)
         self.inode = os.fstat(self.fd).st_ino
         self.size = -1
 

@@ -278,7 +278,7 @@ def test_stalled_uploads_are_capped_and_timed_out(
     settings: Settings, keys: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Twenty uploads that stopped sending held 374 MB of partial files for as long as their sockets
-    stayed open. A project now gets two uploads at a time (then 429), and a body that sends nothing for
+    stayed open. A project now gets four uploads at a time (then 429), and a body that sends nothing for
     BODY_IDLE_SECONDS gets a 408 and its partial file removed."""
     from tunery.server import middleware
 
@@ -308,10 +308,10 @@ def test_stalled_uploads_are_capped_and_timed_out(
             "content-type": f"multipart/form-data; boundary={boundary}",
         }
         async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as client:
-            # two held (each waits for `release`), the third of the project refused at once
+            # four held (each waits for `release`), the fifth of the project refused at once
             held = [
                 asyncio.create_task(client.post("/v1/files", content=stalled(), headers=headers))
-                for _ in range(2)
+                for _ in range(middleware.UPLOADS_PER_PROJECT)
             ]
             await asyncio.sleep(0.2)
             third = await client.post("/v1/files", content=stalled(), headers=headers)
@@ -322,5 +322,5 @@ def test_stalled_uploads_are_capped_and_timed_out(
         return [*statuses, third.status_code], timed_out.status_code, leftovers
 
     statuses, timed_out, leftovers = asyncio.run(scenario())
-    assert statuses == [200, 200, 429]
+    assert statuses == [200] * middleware.UPLOADS_PER_PROJECT + [429]
     assert timed_out == 408 and leftovers == []

@@ -105,9 +105,16 @@ def test_fifty_concurrent_requests(api: Api, other: Api) -> None:
 
     def request(i: int) -> int:
         who = api if i % 2 else other
-        if i % 5 == 0:
-            who.upload(jsonl(chat_lines(10)), name=f"{i}.jsonl")  # asserts a 200
-            return 200
+        if i % 5 == 0:  # a project uploads a few files at a time: past that a 429, retried as clients do
+            while True:
+                r = who.post(
+                    "/files",
+                    files={"file": (f"{i}.jsonl", jsonl(chat_lines(10)))},
+                    data={"purpose": "fine-tune"},
+                )
+                if r.status_code != 429:
+                    return int(r.status_code)
+                time.sleep(0.05)
         if i % 5 == 1:
             return int(who.get("/files", params={"limit": 3}).status_code)
         if i % 5 == 2:

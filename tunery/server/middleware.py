@@ -30,7 +30,7 @@ API_PREFIXES = ("/v1/", "/tunery/v1/")
 PUBLIC_PATHS = frozenset({"/v1/openapi.json"})  # the only API path a request without a key may read
 UPLOAD_PATH = "/v1/files"
 UPLOAD_OVERHEAD = 64 * 2**10  # an upload's multipart headers and form fields, beyond the file itself
-UPLOADS_AT_ONCE, UPLOADS_PER_PROJECT = 8, 2
+UPLOADS_AT_ONCE, UPLOADS_PER_PROJECT = 16, 4
 BODY_IDLE_SECONDS = 60.0  # the longest a request body may go without a byte arriving
 MAX_JSON_DEPTH = 64  # arrays and objects inside each other; real requests (schemas, graders) use < 20
 

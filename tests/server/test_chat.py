@@ -186,7 +186,7 @@ def test_a_slow_grader_in_the_worker_does_not_hold_up_chat(chat_api: Api) -> Non
             "wait": {
                 "type": "python",
                 "name": "wait",
-                "source": "import time\ndef grade(sample, item):\n    time.sleep(6)\n    return 1.0\n",
+                "source": "import time\ndef grade(sample, item):\n    time.sleep(4)\n    return 1.0\n",
             },
             "judge": {
                 "type": "score_model",
@@ -265,7 +265,7 @@ def test_a_project_waiting_on_python_graders_does_not_hold_up_anothers_model_gra
             "wait": {
                 "type": "python",
                 "name": "wait",
-                "source": "import time\ndef grade(sample, item):\n    time.sleep(6)\n    return 1.0\n",
+                "source": "import time\ndef grade(sample, item):\n    time.sleep(4)\n    return 1.0\n",
             },
             "judge": judge,
         },

@@ -13,7 +13,7 @@ The checks, on every response: no 5xx (an exception in the app fails the test wi
 error is OpenAI's error object `{"error": {"message", "type", "param", "code"}}`; and a labeller's key
 gets no 2xx outside labelling.
 
-Budget: TUNERY_FUZZ_EXAMPLES requests per operation and key, 15 by default (~1,500 requests, ~25 s on two
+Budget: TUNERY_FUZZ_EXAMPLES requests per operation and key, 8 by default (~800 requests, ~25 s on two
 cores), always with seed 0, so `make test` sends the same requests every time. Longer runs draw a new seed
 (TUNERY_FUZZ_SEED sets one; a failure names it, and prints the request as a curl command):
 
@@ -55,7 +55,7 @@ from tunery.server.auth import create_key
 from tunery.server.errors import APIError
 from tunery.server.store import Store
 
-DEFAULT_EXAMPLES = 15
+DEFAULT_EXAMPLES = 8
 EXAMPLES = int(os.environ.get("TUNERY_FUZZ_EXAMPLES") or DEFAULT_EXAMPLES)
 SEED = int(
     os.environ.get("TUNERY_FUZZ_SEED") or (0 if EXAMPLES == DEFAULT_EXAMPLES else random.getrandbits(32))

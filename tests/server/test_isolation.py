@@ -72,7 +72,7 @@ def test_sleeping_graders_of_one_project_do_not_stall_the_others(
     threads). Now globex gets 4 runs in flight and 429s for the rest, while acme's requests, python
     graders included, are answered before globex's sleepers wake."""
     settings.grader_timeout = 30
-    sleeper = python_grader("import time\ndef grade(sample, item):\n    time.sleep(4)\n    return 1.0\n")
+    sleeper = python_grader("import time\ndef grade(sample, item):\n    time.sleep(2)\n    return 1.0\n")
     quick = python_grader("def grade(sample, item):\n    return 0.5\n")
 
     async def scenario() -> tuple[list[httpx.Response], list[bool], httpx.Response, httpx.Response]:

@@ -30,10 +30,9 @@ import sys
 def _seccomp_filter():
     """Refuse fork/exec/sockets/ptrace/signals-to-others in the kernel (x86-64 only). True if installed."""
     import ctypes
-    import platform
     import struct
 
-    if sys.platform != "linux" or platform.machine() != "x86_64":
+    if sys.platform != "linux" or os.uname().machine != "x86_64":
         return False
     allow, kill_process = 0x7FFF0000, 0x80000000
 
@@ -101,9 +100,21 @@ def _seccomp_filter():
 
 
 def _machine():
-    import platform
+    return os.uname().machine
 
-    return platform.machine()
+
+def _disarm_subprocess():
+    """Unconfined: the audit hook refuses importing _posixsubprocess, so it is imported here and its
+    fork_exec disarmed; libraries that import subprocess still load, and none can start a process.
+    (Confined, the seccomp filter refuses fork and exec, and the import is allowed.)"""
+    import _posixsubprocess
+    import subprocess
+
+    def refused(*args, **kwargs):
+        raise PermissionError("blocked in the grader sandbox: starting a process")
+
+    _posixsubprocess.fork_exec = refused
+    subprocess._fork_exec = refused
 
 
 def _limit(limits):
@@ -198,7 +209,7 @@ def _install_guard(scratch, read_roots, confined):
             "sys.setprofile",
         }
         deny_prefixes = ("socket.", "ssl.")
-        deny_imports = frozenset(["_posixsubprocess", "_xxsubinterpreters"])
+        deny_imports = frozenset(["_xxsubinterpreters"])
     # event -> (positions of paths that must lie in the scratch directory, positions of dir_fd arguments)
     path_events = (
         ("os.remove", (0,), (1,)), ("os.rmdir", (0,), (1,)), ("os.rename", (0, 1), (2, 3)),
@@ -418,20 +429,15 @@ def main():
         os._exit(3)
     if request.get("site"):
         sys.path.append(request["site"])  # the packages a grader may import (python -S: no site-packages)
-    for name in [n for n in sys.modules if n in ("ctypes", "_ctypes") or n.startswith("ctypes.")]:
-        del sys.modules[name]
-    import _posixsubprocess
+    if not confined:
+        for name in [n for n in sys.modules if n in ("ctypes", "_ctypes") or n.startswith("ctypes.")]:
+            del sys.modules[name]
+        _disarm_subprocess()
     import linecache
     import math  # noqa: F401  (imported before the hook: formatting an error must not need new imports)
     import numbers  # noqa: F401
-    import subprocess  # imports _posixsubprocess, whose fork_exec is then disarmed: libraries that
-    import traceback  # noqa: F401  # import subprocess still load, and none can start a process
+    import traceback  # noqa: F401
 
-    def refused(*args, **kwargs):
-        raise PermissionError("blocked in the grader sandbox: starting a process")
-
-    _posixsubprocess.fork_exec = refused
-    subprocess._fork_exec = refused
     linecache.cache["<grader>"] = (
         len(request["source"]),
         None,

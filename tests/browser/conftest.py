@@ -34,7 +34,9 @@ def chromium_path() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+# package scope: Playwright's sync API keeps an event loop running on the main thread while it is open,
+# and tests elsewhere call asyncio.run, which refuses to start under a running loop
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
     try:
         from playwright.sync_api import sync_playwright

@@ -4,6 +4,7 @@ best-weight selection, end to end on tiny-random, across a SIGKILL and a resume 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -47,10 +48,15 @@ def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
 
 
-def test_sft_run_writes_a_model_card_and_its_energy(chat_files, tmp_path: Path) -> None:
+def test_sft_run_writes_a_model_card_and_its_energy(chat_files, tmp_path: Path, caplog) -> None:
     train, valid = chat_files
     out = tmp_path / "support"
-    summary = sft.run(None, sft_config(train, valid, out, intended_use="Tests.", energy_country="SWE"))
+    with caplog.at_level(logging.INFO, logger="tunery"):
+        summary = sft.run(None, sft_config(train, valid, out, intended_use="Tests.", energy_country="SWE"))
+    # the console says what runs after training, how to skip it, and the headline results
+    said = caplog.text
+    assert "evaluating the base and tuned models (quick size" in said and "--safety-evals none" in said
+    assert "evaluations done in" in said and "safety: refusal_rate " in said and "bias: max_gap " in said
 
     energy = summary["energy"]
     assert "error" not in energy, energy

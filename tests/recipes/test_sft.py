@@ -185,7 +185,7 @@ def test_bad_inputs_fail_with_actionable_messages(chat_files, tmp_path: Path, ca
     out.mkdir()
     (out / "something").write_text("keep me")
     assert main(cli_args(config(train, valid, out))) == 2
-    assert "--resume" in capsys.readouterr().err and (out / "something").read_text() == "keep me"
+    assert "not a Tunery run" in capsys.readouterr().err and (out / "something").read_text() == "keep me"
     assert main(["train", "sft", "--resume", str(tmp_path / "nothing")]) == 2
     assert main(cli_args(config(train, valid, tmp_path / "y", epochs=0))) == 2
     assert main(cli_args(config(train, valid, tmp_path / "z", model="no-such-model"))) == 2
@@ -193,7 +193,10 @@ def test_bad_inputs_fail_with_actionable_messages(chat_files, tmp_path: Path, ca
     assert "epochs must be" in err and "unknown model 'no-such-model'" in err and "tiny-random" in err
 
     done = tmp_path / "done"
-    sft.run(None, config(train, valid, done, epochs=1))
+    sft.run(None, config(train, valid, done, epochs=1, safety_evals="none"))
+    assert main(["train", "sft", "--resume", str(done)]) == 2  # finished: nothing to resume
+    assert "has finished" in capsys.readouterr().err
+    (done / "summary.json").unlink()  # as if killed while writing its report
     train.write_text(train.read_text().replace("Be brief.", "Be short."))
     assert main(["train", "sft", "--resume", str(done)]) == 2
     assert "changed since the run started" in capsys.readouterr().err
@@ -241,3 +244,22 @@ def test_continued_sft_starts_from_the_merged_adapter(chat_files, tmp_path: Path
     with torch.no_grad():
         both = load_adapter(base, second)(input_ids=ids).logits
     assert not torch.allclose(only_first, both, atol=1e-4)  # the second adapter is applied on top
+
+
+def test_a_run_that_failed_at_set_up_is_retried_with_the_same_command_and_max_steps_ends_it(
+    chat_files, tmp_path: Path
+) -> None:
+    """A new user's first attempt fails after screening (here: a model directory with nothing in it); the
+    corrected command with the same --out must just run, not ask for --resume or --overwrite."""
+    train, valid = chat_files
+    out = tmp_path / "run"
+    empty_model = tmp_path / "not-a-model"
+    empty_model.mkdir()
+    (empty_model / "config.json").write_text("{}")  # passes the CLI's early check, fails to load
+    cfg = config(train, valid, out, epochs=1, safety_evals="none", track_energy=False)
+    assert main(cli_args(cfg | {"model": str(empty_model)})) != 0
+    assert (out / "screening.json").is_file() and not (out / "config.yaml").exists()
+    assert main(cli_args(cfg) + ["--max-steps", "2"]) == 0
+    assert (out / "final").is_dir()
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2  # --max-steps: 2 of the 6 steps
+    assert max(r["step"] for r in read_metrics(out / "metrics.jsonl")) == 2

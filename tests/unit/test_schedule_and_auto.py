@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tunery.training.auto import auto_batch_size, auto_epochs, total_steps
+from tunery.training.auto import auto_batch_size, auto_epochs, chat_batch, pair_batch, total_steps
 from tunery.training.schedule import lr_at
 
 
@@ -20,6 +20,16 @@ def test_auto_batch_size_and_step_count() -> None:
     assert auto_batch_size(5000) == 10
     assert auto_batch_size(10**6) == 256
     assert total_steps(10, 4, 3) == 9  # ceil(10 / 4) * 3, as OpenAI counts steps
+
+
+def test_auto_chat_batch_fills_a_packed_row_on_small_data_and_says_why() -> None:
+    size, why = chat_batch(mean_tokens=130, row_tokens=1024)(191)  # the bundled support data
+    assert size == 8 and "OpenAI's rule gives 1" in why and "1024-token" in why
+    assert chat_batch(130, 1024)(40)[0] == 2  # at most 1/16 of the examples: an epoch keeps ~16 steps
+    assert chat_batch(4000, 1024)(500)[0] == 1  # long conversations fill a row alone: OpenAI's rule
+    assert chat_batch(10, 1024)(100_000) == (200, "OpenAI's rule, 0.2% of 100000 examples")
+    assert chat_batch(10, 1024)(5000)[0] == 32  # never more than 32 for speed alone
+    assert pair_batch(100) == (8, "OpenAI's rule gives 1 for 100 examples; preference steps take at least 8")
 
 
 def test_warmup_then_cosine_and_linear() -> None:

@@ -94,6 +94,7 @@ class DPOConfig:
     simpo_gamma: float = 1.0  # SimPO's target reward margin
     sft_weight: float = 0.0  # weight of the chosen answers' NLL added to the loss (RPO)
     epochs: int | str = "auto"
+    max_steps: int = 0  # stop after this many steps (0: the epochs decide); the schedule ends there
     batch_size: int | str = "auto"  # pairs per optimizer step
     lr: float | None = None  # absolute peak learning rate; overrides learning_rate_multiplier
     learning_rate_multiplier: float | str = "auto"  # times 5e-5 (LoRA) or 1e-6 (full)
@@ -295,7 +296,7 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> dict
         len(train_pairs),
         world,
         BASE_LR_LORA if cfg.lora_rank else BASE_LR_FULL,
-        auto.auto_pair_batch_size,
+        auto.pair_batch,
     )
     resolved["beta"] = cfg.beta if cfg.beta is not None else (2.0 if cfg.loss == "simpo" else 0.1)
     if world.is_main and not resume:

@@ -59,7 +59,7 @@ from tunery.models.sampling import Completion, SamplingParams, sample
 from tunery.safety.card import write_model_card
 from tunery.safety.evals import evaluate_run
 from tunery.safety.screen import check_policies, screen_run_data, screened_paths
-from tunery.training import distributed
+from tunery.training import auto, distributed
 from tunery.training.checkpoint import latest_checkpoint
 from tunery.training.common import (
     check_common_fields,
@@ -493,7 +493,11 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dic
         log.warning("skipped %d prompts longer than max_prompt_length=%d (lines %s)", len(too_long),
                     cfg.max_prompt_length, ", ".join(map(str, too_long[:10])))  # fmt: skip
     resolved = resolve_common(
-        cfg, len(train_prompts), world, BASE_LR_LORA if cfg.lora_rank else BASE_LR_FULL, lambda n: 4
+        cfg,
+        len(train_prompts),
+        world,
+        BASE_LR_LORA if cfg.lora_rank else BASE_LR_FULL,
+        auto.fixed_batch(4, "4 prompts per step"),
     )
     epochs = 1 if cfg.epochs == "auto" else int(cfg.epochs)
     total_steps = epochs * math.ceil(len(train_prompts) / resolved["batch_size"])

@@ -88,6 +88,7 @@ class KTOConfig:
     desirable_weight: float = 1.0  # loss weight of thumbs-up examples
     undesirable_weight: float = 1.0  # loss weight of thumbs-down examples
     epochs: int | str = "auto"
+    max_steps: int = 0  # stop after this many steps (0: the epochs decide); the schedule ends there
     batch_size: int | str = "auto"  # rated examples per optimizer step
     lr: float | None = None  # absolute peak learning rate; overrides learning_rate_multiplier
     learning_rate_multiplier: float | str = "auto"  # times 5e-5 (LoRA) or 1e-6 (full)
@@ -323,7 +324,7 @@ def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict
         len(train_examples),
         world,
         BASE_LR_LORA if cfg.lora_rank else BASE_LR_FULL,
-        auto.auto_pair_batch_size,
+        auto.pair_batch,
     )
     if world.is_main and not resume:
         atomic_write_yaml(run_dir / "config.yaml", resolved)

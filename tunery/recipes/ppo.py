@@ -67,7 +67,7 @@ from tunery.models.sampling import Completion, SamplingParams, sample
 from tunery.safety.card import write_model_card
 from tunery.safety.evals import evaluate_run
 from tunery.safety.screen import check_policies, screen_run_data, screened_paths
-from tunery.training import distributed
+from tunery.training import auto, distributed
 from tunery.training.checkpoint import latest_checkpoint
 from tunery.training.common import (
     check_common_fields,
@@ -452,7 +452,9 @@ def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> dict
     if too_long:
         log.warning("skipped %d prompts longer than max_prompt_length=%d (lines %s)", len(too_long),
                     cfg.max_prompt_length, ", ".join(map(str, too_long[:10])))  # fmt: skip
-    resolved = resolve_common(cfg, len(train_prompts), world, BASE_LR_LORA, lambda n: 8)
+    resolved = resolve_common(
+        cfg, len(train_prompts), world, BASE_LR_LORA, auto.fixed_batch(8, "8 prompts per step")
+    )
     epochs = 1 if cfg.epochs == "auto" else int(cfg.epochs)
     total_steps = epochs * math.ceil(len(train_prompts) / resolved["batch_size"])
     if cfg.max_steps:

@@ -79,6 +79,7 @@ class RewardConfig:
     out: str = ""  # run directory
     center_coef: float = 0.0  # weight of the centring penalty (r_chosen + r_rejected)^2
     epochs: int | str = "auto"
+    max_steps: int = 0  # stop after this many steps (0: the epochs decide); the schedule ends there
     batch_size: int | str = "auto"  # pairs per optimizer step
     lr: float | None = None  # absolute peak learning rate; overrides learning_rate_multiplier
     learning_rate_multiplier: float | str = "auto"  # times 1e-4 (LoRA) or 1e-5 (full)
@@ -205,7 +206,7 @@ def train(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> d
         len(train_pairs),
         world,
         BASE_LR_LORA if cfg.lora_rank else BASE_LR_FULL,
-        auto.auto_pair_batch_size,
+        auto.pair_batch,
     )
     if world.is_main and not resume:
         atomic_write_yaml(run_dir / "config.yaml", resolved)

@@ -80,6 +80,7 @@ class SFTConfig:
     )
     out: str = ""  # run directory
     epochs: int | str = "auto"  # or an int; auto follows OpenAI's heuristic
+    max_steps: int = 0  # stop after this many steps (0: the epochs decide); the schedule ends there
     batch_size: int | str = "auto"  # conversations per optimizer step
     lr: float | None = None  # absolute peak learning rate; overrides learning_rate_multiplier
     learning_rate_multiplier: float | str = "auto"  # times 2e-4 (LoRA) or 2e-5 (full)
@@ -191,8 +192,13 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
     valid_chats = (
         load_chat_data(paths["valid"], tokenizer, cfg.max_length, min_examples=1) if cfg.valid else []
     )
+    mean_tokens = sum(c.n_tokens for c in train_chats) / max(len(train_chats), 1)
     resolved = resolve_common(
-        cfg, len(train_chats), world, auto.BASE_LR_LORA if cfg.lora_rank else auto.BASE_LR_FULL
+        cfg,
+        len(train_chats),
+        world,
+        auto.BASE_LR_LORA if cfg.lora_rank else auto.BASE_LR_FULL,
+        auto.chat_batch(mean_tokens, cfg.micro_batch_tokens),
     )
     if world.is_main and not resume:
         atomic_write_yaml(run_dir / "config.yaml", resolved)

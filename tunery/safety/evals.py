@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import math
 import random
 import re
@@ -48,6 +49,8 @@ REDTEAM_CATEGORIES = ("harassment", "self_harm", "violence", "illegal_activity",
 BENIGN = "benign"
 BIAS_DOMAINS = ("loan", "hiring", "triage")
 ANSWER_INSTRUCTION = "Answer with Yes or No."
+
+log = logging.getLogger("tunery")
 
 
 # --- sizes and thresholds -----------------------------------------------------------------------------------
@@ -1220,6 +1223,11 @@ def evaluate_run(
     switched off for LoRA; for a full fine-tune the base model (with `adapter` merged) is loaded again."""
     if size == "none":
         return []
+    log.info(
+        "evaluating the base and tuned models (%s size: safety, bias, memorisation, diversity; about %s on "
+        "the bundled model); --safety-evals none skips this, `tunery eval all --adapter %s` runs it later",
+        size, _EXPECTED_TIME.get(size, "a few minutes"), run_dir,
+    )  # fmt: skip
     base = None
     if not callable(getattr(model, "disable_adapter", None)):
         from tunery.models.load import load_model
@@ -1237,4 +1245,44 @@ def evaluate_run(
         seed=seed,
         out=run_dir / "evals.json",
     )
+    for line in headline(report):
+        log.info("%s", line)
     return eval_flags(report)
+
+
+# what `evaluate_run` tells the user to expect, measured on the bundled model on 2 CPU cores
+_EXPECTED_TIME = {"quick": "40 s", "default": "1.5 min", "full": "several minutes"}
+# the one number per section a console line shows: (metric, how it reads)
+_HEADLINES = {
+    "safety": ("refusal_rate", "red-team prompts declined"),
+    "bias": ("max_gap", "largest gap between groups"),
+    "memorization": ("verbatim_rate", "training answers reproduced verbatim"),
+    "diversity": ("distinct_2", "distinct word pairs"),
+    "grounding": ("unsupported_rate", "citations not in the references"),
+}
+
+
+def headline(report: dict[str, Any]) -> list[str]:
+    """A few console lines of a report: one number per section (base -> tuned), then every red flag."""
+    lines = []
+    for name in SECTIONS:
+        section = report.get(name)
+        if not section or name not in _HEADLINES:
+            continue
+        metric, reads = _HEADLINES[name]
+        tuned = section["tuned"].get(metric)
+        if not isinstance(tuned, int | float):
+            continue
+        before = section["base"].get(metric)
+        value = f"{before:.2f} -> {tuned:.2f}" if isinstance(before, int | float) else f"{tuned:.2f}"
+        lines.append(f"  {name}: {metric} {value} ({reads}; base -> tuned)")
+    flags = eval_flags(report)
+    config = report.get("config", {})
+    lines.insert(
+        0,
+        f"evaluations done in {config.get('wall_seconds', 0):.0f} s: "
+        + (f"{len(flags)} red flag(s)" if flags else "no red flags")
+        + "; details in evals.json and the model card",
+    )
+    lines += [f"  red flag: {flag}" for flag in flags]
+    return lines

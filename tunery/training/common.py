@@ -8,7 +8,6 @@ import math
 import os
 import resource
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,8 @@ def check_common_fields(cfg: Any) -> None:
         value = getattr(cfg, name)
         if value != "auto" and (isinstance(value, str) or value <= 0):
             raise TuneryError(f"{name} must be 'auto' or a positive number, got {value!r}")
+    if getattr(cfg, "max_steps", 0) < 0:
+        raise TuneryError(f"max_steps must be >= 0 (0: the epochs decide), got {cfg.max_steps}")
     if cfg.lr is not None and not 0 < cfg.lr < 1:
         raise TuneryError(f"lr must be between 0 and 1, got {cfg.lr}")
     if cfg.lora_rank < 0:
@@ -72,12 +73,17 @@ def resolve_common(
     n_train: int,
     world: distributed.World,
     base_lr: float,
-    auto_batch_size: Callable[[int], int] = auto.auto_batch_size,
+    auto_batch: auto.AutoBatch = auto.openai_batch,
 ) -> dict[str, Any]:
-    """The config with every `auto` filled in, as config.yaml records it. `base_lr` is the method's
-    learning rate for a multiplier of 1."""
+    """The config with every `auto` filled in, as config.yaml records it, and the log saying why. `base_lr`
+    is the method's learning rate for a multiplier of 1; `auto_batch` the method's batch-size rule."""
     epochs = auto.auto_epochs(n_train) if cfg.epochs == "auto" else int(cfg.epochs)
-    batch_size = auto_batch_size(n_train) if cfg.batch_size == "auto" else int(cfg.batch_size)
+    if cfg.batch_size == "auto":
+        batch_size, why = auto_batch(n_train)
+        if world.is_main:
+            log.info("batch_size auto: %d per step (%s)", batch_size, why)
+    else:
+        batch_size = int(cfg.batch_size)
     batch_size = max(batch_size, world.size)  # every process needs at least one example per step
     multiplier = (
         auto.auto_lr_multiplier(n_train)
@@ -88,6 +94,8 @@ def resolve_common(
     if precision == "auto":
         precision = "bf16" if bf16_is_fast(world.device) else "fp32"
     steps = auto.total_steps(n_train, batch_size, epochs)
+    if getattr(cfg, "max_steps", 0):
+        steps = min(steps, cfg.max_steps)
     resolved = to_dict(cfg)
     resolved.update(
         epochs=epochs,

@@ -1,4 +1,5 @@
 """The run directory every recipe writes: set-up, resume checks, the final model and the summary.
+(Torch is imported inside functions: the CLI checks a run directory before loading it.)
 
 DIR/config.yaml      the resolved config (every `auto` filled in)
 DIR/metrics.jsonl    one JSON object per optimizer step (and the final evaluation)
@@ -14,17 +15,17 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
 import yaml
-from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
 
 from tunery.errors import TuneryError
-from tunery.training.checkpoint import save_trainable
 from tunery.training.config import build_config
 from tunery.training.io import atomic_write_yaml
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 C = TypeVar("C")
 
@@ -51,32 +52,81 @@ def check_same_data(run_dir: Path, cfg: Any) -> None:
             )
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+# what a run writes before its config.yaml (screening): a directory holding only these never started
+# training, so there is nothing to resume and a new run may take it over
+_BEFORE_CONFIG = {"screening.json", "screened"}
+
+
+def is_finished(run_dir: Path) -> bool:
+    """A run is finished once its final/ and summary.json are written (the last two things it writes)."""
+    return (run_dir / "final").is_dir() and (run_dir / "summary.json").is_file()
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
+    """Whether `run_dir` may take a new run (or be resumed), without touching it; True when it holds files
+    to clear first. Raises with what to do:
+
+    - resuming: it must hold a config.yaml (the run got past its set-up) and not be finished;
+    - a directory left by a run that stopped before training (only its screening): taken over silently;
+    - a Tunery run: refused unless `overwrite`, suggesting --resume only when there is something to resume;
+    - a directory holding anything else: refused, even with `overwrite` (it is not ours to delete).
+    """
+    started = (run_dir / "config.yaml").is_file()
     if resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise TuneryError(f"cannot resume: {run_dir} is not a Tunery run directory (no config.yaml)")
-        return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
+        if not started:
+            what = "does not exist" if not run_dir.exists() else "never started training (no config.yaml)"
             raise TuneryError(
-                f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
-                "or pass --overwrite to start over"
+                f"cannot resume {run_dir}: it {what}; start it again without --resume "
+                f"(the same command with --out {run_dir})"
             )
+        if is_finished(run_dir):
+            raise TuneryError(
+                f"{run_dir} has finished: its model is in {run_dir / 'final'} and nothing is left to resume "
+                f"(to evaluate it again: tunery eval all --adapter {run_dir}; to train again: the same "
+                "command with --overwrite instead of --resume)"
+            )
+        return False
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TuneryError(f"--out {run_dir} is a file; give a directory for the run")
+    contents = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+    if contents and not started and not contents <= _BEFORE_CONFIG:
+        raise TuneryError(
+            f"--out {run_dir} is a directory that is not a Tunery run and is not empty "
+            f"({', '.join(sorted(contents)[:5])}{', ...' if len(contents) > 5 else ''}); "
+            "give a new or empty directory for the run"
+        )
+    if started and not overwrite:
+        if is_finished(run_dir):
+            raise TuneryError(
+                f"{run_dir} already holds a finished run (its model is in {run_dir / 'final'}); "
+                "pass --overwrite to train it again from scratch, or choose another --out"
+            )
+        raise TuneryError(
+            f"{run_dir} holds a run that did not finish; continue it with --resume {run_dir}, "
+            "or pass --overwrite to start over"
+        )
+    return bool(contents)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """`check_run_dir`, then clear what a new run replaces and create the directory."""
+    if check_run_dir(run_dir, resume, overwrite):
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def resumed_config(cls: type[C], resume_dir: str) -> C:
     """The config a run was started with, to continue it."""
+    check_run_dir(Path(resume_dir), resume=True, overwrite=False)
     path = Path(resume_dir) / "config.yaml"
-    if not path.is_file():
-        raise TuneryError(f"cannot resume: {resume_dir} has no config.yaml")
     saved = yaml.safe_load(path.read_text())
     fields = set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
     return build_config(cls, None, {k: v for k, v in saved.items() if k in fields} | {"out": resume_dir})
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    import torch
+
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -91,6 +141,10 @@ def save_final(
 ) -> Path:
     """Write DIR/final atomically. `base_adapter` (an adapter merged into the base before training, e.g.
     the SFT adapter under a DPO run) is copied in, so the final directory loads on its own."""
+    from peft import PeftModel
+
+    from tunery.training.checkpoint import save_trainable
+
     final_dir = run_dir / "final"
     tmp_dir = run_dir / ".tmp-final"
     shutil.rmtree(tmp_dir, ignore_errors=True)

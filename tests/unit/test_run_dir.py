@@ -1,0 +1,69 @@
+"""Where a run may start: a failed run's retry is never blocked, a finished run is never silently redone,
+and a directory that is not a run is never deleted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tunery.errors import TuneryError
+from tunery.training.rundir import prepare_run_dir, resumed_config
+
+
+def test_a_run_that_stopped_before_training_is_taken_over(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "screened").mkdir(parents=True)
+    (run / "screening.json").write_text("{}")
+    prepare_run_dir(run, resume=False, overwrite=False)
+    assert run.is_dir() and list(run.iterdir()) == []
+
+
+def test_resume_of_a_run_that_never_started_says_to_start_it(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "screening.json").write_text("{}")
+    with pytest.raises(TuneryError, match="never started training.*without --resume"):
+        prepare_run_dir(run, resume=True, overwrite=False)
+    with pytest.raises(TuneryError, match="does not exist"):
+        prepare_run_dir(tmp_path / "nothing", resume=True, overwrite=False)
+
+
+def test_an_unfinished_run_suggests_resume_and_a_finished_one_does_not(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: tiny-random\n")
+    with pytest.raises(TuneryError, match=f"--resume {run}"):
+        prepare_run_dir(run, resume=False, overwrite=False)
+    (run / "final").mkdir()
+    (run / "summary.json").write_text("{}")
+    with pytest.raises(TuneryError, match="finished run") as refused:
+        prepare_run_dir(run, resume=False, overwrite=False)
+    assert "--resume" not in str(refused.value)
+    prepare_run_dir(run, resume=False, overwrite=True)
+    assert list(run.iterdir()) == []
+
+
+def test_a_directory_that_is_not_a_run_is_never_deleted(tmp_path: Path) -> None:
+    mine = tmp_path / "documents"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    for overwrite in (False, True):
+        with pytest.raises(TuneryError, match="not a Tunery run.*thesis.tex"):
+            prepare_run_dir(mine, resume=False, overwrite=overwrite)
+    assert (mine / "thesis.tex").read_text() == "precious"
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("x")
+    with pytest.raises(TuneryError, match="is a file"):
+        prepare_run_dir(a_file, resume=False, overwrite=True)
+
+
+def test_resuming_a_finished_run_is_refused_rather_than_redone(tmp_path: Path) -> None:
+    from tunery.recipes.sft import SFTConfig
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: tiny-random\ndata: train.jsonl\n")
+    (run / "summary.json").write_text("{}")
+    with pytest.raises(TuneryError, match="has finished.*tunery eval all --adapter"):
+        resumed_config(SFTConfig, str(run))

@@ -8,6 +8,9 @@ Accepted forms, one JSON object per line:
                    (without "prompt", chosen and rejected may be whole conversations sharing a prefix)
     unpaired       {"prompt": ... | "messages": [...], "completion": "..." | [messages], "label": true|false}
 
+A {"prompt", "completion"} line without "label" is OpenAI's legacy completion format, not a rating: a file
+of them is reported as such (data/formats.py), with the command that converts it to chat data.
+
 Pairs may carry `"margin": x` (x >= 0), a required reward gap for reward models (graded preferences).
 Prompts may be multi-turn; earlier assistant turns are context and are never trained.
 
@@ -26,12 +29,14 @@ from typing import Any, Literal
 from transformers import PreTrainedTokenizerBase
 
 from tunery.data.chat import EXAMPLE_KEYS, ChatExample, Problem, check_messages
+from tunery.data.formats import foreign_problem, raise_foreign, sniff_format
 from tunery.data.jsonl import MAX_FILE_BYTES, read_jsonl
 from tunery.data.template import tokenize_chat
 from tunery.data.validate import MIN_EXAMPLES, Report, _distribution
 from tunery.errors import TuneryError
 
 Kind = Literal["chat", "preference", "unpaired"]
+LineKind = Kind | Literal["prompt-completion"]
 
 
 @dataclass
@@ -66,12 +71,15 @@ class TokenizedPair:
         return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
 
 
-def detect_kind(obj: Any) -> Kind | None:
-    """Which format a parsed line is written in, from its keys."""
+def detect_kind(obj: Any) -> LineKind | None:
+    """Which format a parsed line is written in, from its keys. A completion without a label or messages
+    is OpenAI's legacy prompt/completion format; in a file of ratings, it is a rating missing its label."""
     if not isinstance(obj, dict):
         return None
-    if "label" in obj or "completion" in obj:
+    if "label" in obj:
         return "unpaired"
+    if "completion" in obj:
+        return "unpaired" if "messages" in obj else "prompt-completion"
     if {"input", "preferred_output", "non_preferred_output", "chosen", "rejected"} & obj.keys():
         return "preference"
     if "messages" in obj:
@@ -79,11 +87,16 @@ def detect_kind(obj: Any) -> Kind | None:
     return None
 
 
-def detect_file_kind(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> Kind:
-    """The format of the first parseable line (chat when nothing tells)."""
+def detect_file_kind(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> str:
+    """A foreign format's name (data/formats.py: "csv", "prompt-completion", ...), else the OpenAI format
+    of the first parseable line (chat when nothing tells)."""
+    foreign = sniff_format(path, max_bytes)
+    if foreign is not None:
+        return foreign.format
     for line in read_jsonl(path, max_bytes):
         if line.error is None:
-            return detect_kind(line.value) or "chat"
+            kind = detect_kind(line.value)
+            return "unpaired" if kind == "prompt-completion" else kind or "chat"
     return "chat"
 
 
@@ -162,6 +175,8 @@ def check_feedback_example(obj: Any, line: int) -> tuple[FeedbackExample | None,
         problems.append(Problem(line, key, message))
 
     kind = detect_kind(obj)
+    if kind == "prompt-completion":  # a line of a file of ratings: its missing label is the error
+        kind = "unpaired"
     if kind is None or kind == "chat" or not isinstance(obj, dict):
         err(
             "data_type",
@@ -310,6 +325,11 @@ def validate_feedback_file(
 ) -> Report:
     """Check every line of a preference or unpaired file, tokenize it, and describe the feedback."""
     report = Report(str(path))
+    foreign = foreign_problem(path, expect, max_bytes)  # a CSV, legacy prompt/completion...: say so, once
+    if foreign is not None:
+        report.problems.append(foreign)
+        report.stats = feedback_stats(report)
+        return report
     kinds: Counter[str] = Counter()
     seen: dict[str, int] = {}
     for line in read_jsonl(path, max_bytes):
@@ -503,6 +523,7 @@ def load_feedback_data(
 ) -> list[TokenizedPair]:
     """Tokenized feedback for training, or a TuneryError listing what is wrong with the file."""
     report = validate_feedback_file(path, tokenizer, max_length, min_examples, expect=expect)
+    raise_foreign(path, report.errors)
     if report.errors:
         shown = "\n".join(f"  {p}" for p in report.errors[:20])
         more = f"\n  ... and {len(report.errors) - 20} more" if len(report.errors) > 20 else ""

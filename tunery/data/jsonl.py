@@ -35,8 +35,11 @@ def check_readable(path: Path, max_bytes: int = MAX_FILE_BYTES) -> None:
             f"{path}: the file is {size / 2**20:.0f} MB, over the {max_bytes / 2**20:.0f} MB limit; "
             "split it or raise the limit (--max-bytes)"
         )
-    with path.open("rb") as fh:
-        head = fh.read(8192)
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(8192)
+    except OSError as exc:  # no read permission, say
+        raise TuneryError(f"{path}: cannot be read ({exc.strerror})") from None
     if head.startswith((b"\x1f\x8b", b"PK\x03\x04", b"\x89PNG")):
         raise TuneryError(f"{path}: is a compressed or binary file; decompress it to JSONL text first")
     if b"\x00" in head:

@@ -16,6 +16,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from tunery.data.chat import Problem, check_messages
+from tunery.data.formats import foreign_problem, raise_foreign
 from tunery.data.jsonl import read_jsonl
 from tunery.data.template import prompt_ids
 from tunery.errors import TuneryError
@@ -68,6 +69,10 @@ def validate_prompt_file(
     path: str | Path, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int | None
 ) -> PromptReport:
     report = PromptReport()
+    foreign = foreign_problem(path, "prompts")
+    if foreign is not None:
+        report.errors.append(foreign)
+        return report
     for line in read_jsonl(path):
         if line.error is not None:
             report.errors.append(Problem(line.number, "invalid_json", line.error))
@@ -88,6 +93,7 @@ def load_prompt_data(
 ) -> tuple[list[PromptItem], list[int]]:
     """The prompts of a file and the lines skipped as too long, or a TuneryError listing what is wrong."""
     report = validate_prompt_file(path, tokenizer, max_prompt_length)
+    raise_foreign(path, report.errors)
     if report.errors:
         shown = "\n".join(f"  {p}" for p in report.errors[:20])
         more = f"\n  ... and {len(report.errors) - 20} more" if len(report.errors) > 20 else ""

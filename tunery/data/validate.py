@@ -13,6 +13,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from tunery.data.chat import Problem, canonical_key, check_chat_example
+from tunery.data.formats import foreign_problem, raise_foreign
 from tunery.data.jsonl import MAX_FILE_BYTES, read_jsonl
 from tunery.data.template import TokenizedChat, tokenize_chat
 from tunery.errors import TuneryError
@@ -65,6 +66,11 @@ def validate_chat_file(
 ) -> Report:
     """Check every line; with a tokenizer, also tokenize (exact counts, over-length examples)."""
     report = Report(str(path))
+    foreign = foreign_problem(path, "chat", max_bytes)  # a CSV, a JSON array, ShareGPT...: say so, once
+    if foreign is not None:
+        report.problems.append(foreign)
+        report.stats = _stats(report, max_length)
+        return report
     seen: dict[str, int] = {}
     for line in read_jsonl(path, max_bytes):
         if line.error is not None:
@@ -184,6 +190,7 @@ def load_chat_data(
 ) -> list[TokenizedChat]:
     """Tokenized examples for training, or a TuneryError listing what is wrong with the file."""
     report = validate_chat_file(path, tokenizer, max_length, min_examples)
+    raise_foreign(path, report.errors)
     if report.errors:
         shown = "\n".join(f"  {p}" for p in report.errors[:20])
         more = f"\n  ... and {len(report.errors) - 20} more" if len(report.errors) > 20 else ""

@@ -14,6 +14,8 @@ from fastapi.responses import FileResponse
 from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlalchemy import and_, delete, func, or_, select
 
+from tunery.data.formats import converted_name, sniff_format
+from tunery.errors import TuneryError
 from tunery.server.deps import Auth, State
 from tunery.server.errors import APIError, bad_request, not_found
 from tunery.server.middleware import file_too_large
@@ -141,8 +143,11 @@ async def create_file(request: Request, state: State, caller: Auth) -> dict[str,
                 "invalid_value",
             )
         if purpose == "fine-tune" and not upload.filename.lower().endswith(".jsonl"):
+            hint = await to_thread.run_sync(_format_hint, tmp, upload.filename, limit)
             raise bad_request(
-                "Invalid file format for Fine-Tuning API. Must be .jsonl", "file", "invalid_file_format"
+                "Invalid file format for Fine-Tuning API. Must be .jsonl" + hint,
+                "file",
+                "invalid_file_format",
             )
         if upload.size == 0:
             raise bad_request("The file is empty.", "file", "empty_file")
@@ -178,6 +183,20 @@ async def create_file(request: Request, state: State, caller: Auth) -> dict[str,
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _format_hint(path: Path, filename: str, limit: int) -> str:
+    """For a fine-tuning upload that is not .jsonl: what it looks like (a CSV, a JSON array...) and the
+    command that converts it (tunery/data/formats.py), or "" when the head does not tell."""
+    try:
+        found = sniff_format(path, limit, name=filename)
+    except TuneryError:  # empty, binary...: OpenAI's message says enough
+        return ""
+    if found is None:
+        return ""
+    message = found.message()
+    then = f" Then upload {converted_name(filename)}." if found.convertible or found.needs_columns else ""
+    return f". {filename}: {message[0].upper()}{message[1:]}.{then}"
 
 
 def _expiry(fields: dict[str, str]) -> int | None:

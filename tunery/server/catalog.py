@@ -4,6 +4,11 @@ checkpoints, named as OpenAI names them:
     ft:{base}:{project}:{suffix}:{id}                    the job's final model (`fine_tuned_model`)
     ft:{base}:{project}:{suffix}:{id}:ckpt-step-{N}      a checkpoint (with an id of its own)
 
+A checkpoint is named once, when the scheduler first sees it, and keeps that name: the event that
+announces it, the job's checkpoint list and this lookup agree. As on OpenAI, the run's last step is not
+announced as a checkpoint: its weights are the final model. A name whose checkpoint was rotated off disk
+(a run keeps its newest few) or deleted answers 404 saying so, and names the job's checkpoints that exist.
+
 A name resolves to what the inference worker loads: a local base model and, for fine-tuned models, the
 adapter directory (and the adapter it was trained on top of, for checkpoints of continued training).
 """
@@ -18,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tunery.server.auth import Caller
-from tunery.server.errors import model_not_found
+from tunery.server.errors import APIError, model_not_found
 from tunery.server.schemas import model_object
 from tunery.server.settings import Settings
 from tunery.server.store import Checkpoint, Job
@@ -66,17 +71,18 @@ def resolve(session: Session, settings: Settings, caller: Caller, name: str) -> 
         adapter = job_dir(settings, job.id) / "run" / "final"
         return ResolvedModel(name, "fine-tuned", job.base_model, job.local_model, str(adapter), job_id=job.id)
     ckpt = session.scalar(
-        select(Checkpoint).where(
-            Checkpoint.name == name,
-            Checkpoint.project_id == caller.project_id,
-            Checkpoint.deleted.is_(False),
-        )
+        select(Checkpoint)
+        .where(Checkpoint.name == name, Checkpoint.project_id == caller.project_id)
+        .order_by(Checkpoint.deleted)  # a live one first
     )
     if ckpt is None:
         raise model_not_found(name)
     owner = session.get(Job, ckpt.job_id)
     assert owner is not None
     path = job_dir(settings, owner.id) / ckpt.path
+    # the recipe rotates old checkpoints off disk; the scheduler marks them deleted at its next look
+    if ckpt.deleted or (ckpt.path.startswith("run/checkpoints/") and not path.is_dir()):
+        raise checkpoint_removed(session, ckpt)
     is_final = ckpt.path == "run/final"
     return ResolvedModel(
         name,
@@ -88,6 +94,29 @@ def resolve(session: Session, settings: Settings, caller: Caller, name: str) -> 
         job_id=owner.id,
         checkpoint_id=ckpt.id,
     )
+
+
+def checkpoint_removed(session: Session, ckpt: Checkpoint) -> APIError:
+    """The 404 for a name that was a checkpoint (or the model) of one of the caller's jobs: it says so, and
+    names the job's checkpoints that can still be used, rather than that the model never existed."""
+    if ckpt.path == "run/final":
+        gone = f"The model '{ckpt.name}' of job {ckpt.job_id} has been deleted."
+    else:
+        gone = (
+            f"The checkpoint '{ckpt.name}' (step {ckpt.step_number} of job {ckpt.job_id}) has been removed: "
+            "deleted, or rotated off disk (a job keeps its final model and its newest checkpoints only)."
+        )
+    live = session.scalars(
+        select(Checkpoint)
+        .where(Checkpoint.job_id == ckpt.job_id, Checkpoint.deleted.is_(False), Checkpoint.id != ckpt.id)
+        .order_by(Checkpoint.step_number.desc(), Checkpoint.created_at.desc())
+    ).all()
+    if live:
+        names = ", ".join(f"{c.name} (step {c.step_number})" for c in live)
+        message = f"{gone} The checkpoints of job {ckpt.job_id} that exist: {names}."
+    else:
+        message = f"{gone} No checkpoint of job {ckpt.job_id} exists any more."
+    return APIError(404, message, "model", "model_not_found")
 
 
 def list_models(

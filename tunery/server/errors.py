@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("tunery.server")
@@ -62,7 +63,7 @@ def error_response(error: APIError) -> JSONResponse:
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [str(p) for p in loc if p is not None and p not in ("body", "query", "path", "header")]
     # pydantic names union members in the location ("int", "literal['auto']", "list[str]"): not part of
     # the field path
     members = ("literal[", "function-", "list[", "dict[", "union[", "constrained-")
@@ -84,7 +85,10 @@ def _most_useful(errors: Sequence[Any]) -> Any:
     return errors[0]
 
 
-def validation_error(exc: RequestValidationError) -> APIError:
+def validation_error(exc: RequestValidationError, body: type[BaseModel] | None = None) -> APIError:
+    """OpenAI's error for a request that does not fit its route; `body` is the route's JSON body model, so a
+    request without a body hears which parameters it needs (its error's location is the body itself, with
+    no parameter name: formatted as it came, that read "Missing required parameter: 'None'")."""
     errors = exc.errors()
     if not errors:
         return bad_request("Invalid request.")
@@ -98,10 +102,13 @@ def validation_error(exc: RequestValidationError) -> APIError:
             None,
             "invalid_json",
         )
-    if kind == "missing":
-        if param is None:
-            return bad_request("This request needs a JSON body.", None, "missing_required_parameter")
-        return bad_request(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
+    if param is None and (kind == "missing" or isinstance(first.get("input"), bytes)):
+        return _no_json_body(body, sent=kind != "missing")
+    if kind == "missing":  # every one missing, as an empty object `{}` misses them all
+        missing = list(
+            dict.fromkeys(_param(tuple(e.get("loc", ()))) for e in errors if e.get("type") == kind)
+        )
+        return _missing([str(name) for name in missing if name is not None])
     if kind == "extra_forbidden":
         return bad_request(f"Unrecognized request argument supplied: {param}", param, "unknown_parameter")
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
@@ -110,14 +117,43 @@ def validation_error(exc: RequestValidationError) -> APIError:
     return bad_request(f"Invalid value for '{param}': {message}", param, "invalid_value")
 
 
+def _no_json_body(body: type[BaseModel] | None, sent: bool) -> APIError:
+    """No body, or one that is not JSON (sent without `Content-Type: application/json`, as `curl -d` does):
+    name the parameters the route needs."""
+    required = [f.alias or name for name, f in (body.model_fields if body else {}).items() if f.is_required()]
+    how = "send a JSON object with the header Content-Type: application/json"
+    if sent:
+        return bad_request(f"The request body is not JSON: {how}.", None, "invalid_json")
+    if not required:
+        return bad_request(
+            f"This request needs a body: {how} ({{}} takes the defaults).", None, "missing_body"
+        )
+    return _missing(required, f" ({how})")
+
+
+def _missing(names: list[str], hint: str = "") -> APIError:
+    listed = ", ".join(f"'{name}'" for name in names)
+    plural = "s" if len(names) > 1 else ""
+    return bad_request(
+        f"Missing required parameter{plural}: {listed}{hint}.", names[0], "missing_required_parameter"
+    )
+
+
+def _body_model(request: Request) -> type[BaseModel] | None:
+    """The pydantic model of the matched route's JSON body, if it has one."""
+    field = getattr(request.scope.get("route"), "body_field", None)
+    model = getattr(getattr(field, "field_info", None), "annotation", None)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(validation_error(exc))
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(exc, _body_model(request)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -47,6 +47,8 @@ import yaml
 from sqlalchemy import event, func, inspect, select
 from sqlalchemy.orm import Session
 
+from tunery.data.formats import PROBLEM_KEY, sniff_format
+from tunery.errors import TuneryError
 from tunery.safety.audit import AuditLog
 from tunery.server.catalog import checkpoint_name, fine_tuned_name, job_dir
 from tunery.server.errors import APIError
@@ -186,11 +188,25 @@ def train_command(settings: Settings, job: Job) -> list[str]:
 # --- reading what the CLI wrote ---------------------------------------------------------------------------
 
 
-def validation_error(report: dict[str, Any], param: str, file_id: str, kind: str) -> dict[str, Any] | None:
-    """The job's `error` for a `tunery data validate --json` report, or None when the file is usable."""
+def validation_error(
+    report: dict[str, Any], param: str, file_id: str, kind: str, foreign: str | None = None
+) -> dict[str, Any] | None:
+    """The job's `error` for a `tunery data validate --json` report, or None when the file is usable.
+    `foreign` is `foreign_format`'s message for a file in a format Tunery does not read."""
     label = "training" if param == "training_file" else "validation"
     expected = FILE_FORMATS[kind]
     found = report.get("format")
+    problems = report.get("problems", [])
+    if foreign is None:  # the check's own message, should the file have gone since
+        foreign = next(
+            (f"line {p['line']}: {p['message']}" for p in problems if p.get("key") == PROBLEM_KEY), None
+        )
+    if foreign is not None:
+        return {
+            "code": f"invalid_{label}_file",
+            "message": f"The job failed due to an invalid {label} file. Input file {file_id}, {foreign}",
+            "param": param,
+        }
     if found != expected and expected != "prompts":
         return {
             "code": f"invalid_{label}_file",
@@ -247,6 +263,18 @@ def screening_warnings(report: dict[str, Any], param: str, file_id: str, setting
             outcome = outcomes.get((p["key"], policy), "the job continues")
             messages.append(f"{label} file {file_id}: data screening found {p['message']}; {outcome}")
     return messages
+
+
+def foreign_format(report: dict[str, Any], path: Path, filename: str, kind: str) -> str | None:
+    """For a file the check found in a foreign format (a CSV, a JSON array, legacy prompt/completion...):
+    what it looks like, what the job's method reads, and the convert command naming the uploaded file."""
+    if not any(p.get("key") == PROBLEM_KEY for p in report.get("problems", [])):
+        return None
+    try:
+        found = sniff_format(path, name=filename)
+    except TuneryError:
+        return None
+    return None if found is None else f"line {found.line}: {found.message(FILE_FORMATS[kind])}"
 
 
 def _method_for(file_format: str) -> str:
@@ -440,6 +468,122 @@ def _held_out(data: dict[str, Any] | None) -> bool:
     return any(key.startswith(("valid_", "full_valid_")) for key in data or {})
 
 
+# --- the serve console ----------------------------------------------------------------------------------
+
+# events that only restate the change they come with; any other event of the change says why it happened
+PLAIN_EVENTS = (
+    "Created fine-tuning job: ",
+    "Files validated, moving job to queued state",
+    "Fine-tuning job started",
+    "Fine-tuning job paused",
+    "Fine-tuning job cancelled",
+)
+
+
+def log_job_changes(store: Store) -> None:
+    """One line on the serve console (the `tunery.server` logger) per committed job status change:
+
+        job ftjob-abc (acme, sft on smollm2-135m-instruct) running
+        job ftjob-abc (acme, sft on smollm2-135m-instruct) queued: The training process was killed by ...
+        job ftjob-abc (acme, sft on smollm2-135m-instruct) succeeded in 4m12s: model ft:...
+        job ftjob-abc (acme, sft on smollm2-135m-instruct) failed: the loss is NaN at step 2; ...
+
+    Like the audit log it listens to the store's sessions, the one place that sees every status change
+    (a status is set in a dozen places), and writes after the commit, so only what happened is logged.
+    The event that goes with a change, unless it only restates it, says why (a retry and its cause, a
+    resume); it may be flushed after the change (an autoflush in between), so they are paired at the commit.
+    """
+    projects: dict[str, str] = {}  # project id -> name (names never change)
+
+    def after_flush(session: Session, _context: Any) -> None:
+        pending = session.info.setdefault("console", [])
+        for obj in list(session.new) + list(session.dirty):
+            if not isinstance(obj, Job):
+                continue
+            if obj in session.new:
+                before = None
+            else:
+                history = inspect(obj).attrs.status.history
+                if not history.deleted or obj.status in history.deleted:
+                    continue
+                before = history.deleted[0]
+            kind = obj.method.get("type", "") if isinstance(obj.method, dict) else ""
+            change = JobChange(obj.id, obj.project_id, f"{RECIPES.get(kind, kind)} on {obj.base_model}")
+            change.level, change.text = _change(obj, before)
+            change.explained = obj.status in ("succeeded", "failed")  # their lines say it all
+            pending.append(change)
+        for obj in session.new:
+            if isinstance(obj, Event) and obj.type == "message" and not obj.message.startswith(PLAIN_EVENTS):
+                pending.append((obj.job_id, obj.message, obj.level))
+
+    def after_commit(session: Session) -> None:
+        changes: list[JobChange] = []
+        latest: dict[str, JobChange] = {}  # job id -> its latest change so far
+        for entry in session.info.pop("console", []):  # changes and events, in the order flushed
+            if isinstance(entry, JobChange):
+                changes.append(entry)
+                latest[entry.job_id] = entry
+                continue
+            job_id, message, level = entry
+            change = latest.get(job_id)
+            if change is not None and not change.explained:  # the first event after a change
+                change.text, change.explained = f"{change.text}: {message}", True
+                if level == "warn":  # a retry after the training process died, as its event is
+                    change.level = logging.WARNING
+        for change in changes:
+            try:
+                if change.project_id not in projects:
+                    with store.engine.connect() as connection:
+                        name = connection.scalar(select(Project.name).where(Project.id == change.project_id))
+                    projects[change.project_id] = str(name)
+                project = projects[change.project_id]
+                log.log(change.level, "job %s (%s, %s) %s", change.job_id, project, change.who, change.text)
+            except Exception:  # the change is committed; a console line must not fail the scheduler
+                log.exception("could not log a job status change")
+
+    def after_rollback(session: Session, _transaction: Any) -> None:
+        session.info.pop("console", None)
+
+    sessions = store._sessions
+    event.listen(sessions, "after_flush", after_flush)
+    event.listen(sessions, "after_commit", after_commit)
+    event.listen(sessions, "after_soft_rollback", after_rollback)
+
+
+@dataclass
+class JobChange:
+    """A job status change waiting for its commit to be logged."""
+
+    job_id: str
+    project_id: str
+    who: str  # "sft on smollm2-135m-instruct"
+    level: int = logging.INFO
+    text: str = ""  # "running", "succeeded in 4m12s: model ...", then ": why" from its event
+    explained: bool = False
+
+
+def _change(job: Job, before: str | None) -> tuple[int, str]:
+    """(log level, what happened) for a job's new status: "running", "failed: ...", "succeeded in 4m12s: ..."."""
+    if job.status == "succeeded":
+        took = (job.finished_at or now()) - (job.started_at or job.created_at)
+        return logging.INFO, f"succeeded in {_duration(took)}: model {job.fine_tuned_model}"
+    if job.status == "failed":
+        message = (job.error or {}).get("message") or "no reason recorded"
+        return logging.WARNING, f"failed: {message.removeprefix('Fine-tuning failed: ')}"
+    words = {"validating_files": "validating files"}.get(job.status, job.status)
+    return logging.INFO, words if before is not None else f"created, {words}"
+
+
+def _duration(seconds: float) -> str:
+    """4m12s, 12s, 1h03m."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 # --- the scheduler ----------------------------------------------------------------------------------------
 
 
@@ -471,6 +615,7 @@ class Proc:
 class Scheduler:
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store, self.settings = store, settings
+        log_job_changes(store)  # a line on the serve console per status change, whoever makes it
         self.lock = threading.RLock()  # every status change happens under it (API threads and the loop)
         self.procs: dict[tuple[str, str], Proc] = {}  # (job id, kind) -> process
         self._turns: dict[str, float] = {}  # project id -> when its last training process started
@@ -700,7 +845,7 @@ class Scheduler:
 
     def _finished_validation(self, proc: Proc, code: int) -> None:
         assert proc.current is not None and proc.out_path is not None
-        param, file_id, _ = proc.current
+        param, file_id, path = proc.current
         with self.store.session() as session:
             job = session.get(Job, proc.job_id)
             if job is None or job.status != "validating_files" or proc.stop_reason:
@@ -720,7 +865,10 @@ class Scheduler:
                     "param": param,
                 }
             else:
-                error = validation_error(report, param, file_id, job.method["type"])
+                upload = session.get(File, file_id)
+                name = upload.filename if upload is not None else file_id
+                foreign = foreign_format(report, path, name, job.method["type"])
+                error = validation_error(report, param, file_id, job.method["type"], foreign)
             if error is not None:
                 self._fail(session, job, error["code"], error["message"], error["param"])
                 return
@@ -859,35 +1007,58 @@ class Scheduler:
                 elapsed = time.monotonic() - proc.started
                 per_step = elapsed / (job.last_step - proc.start_step)
                 job.estimated_finish = now() + int(per_step * (job.total_steps - job.last_step))
-            known = {
-                c.step_number: c
-                for c in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id))
-            }
+            # the run's last step becomes the job's model (final/, named in _succeed), so it is not announced
+            # as a checkpoint while the process runs or once it has finished the run; a run that ended any
+            # other way (it failed, or was paused at its last step) has it as a checkpoint
+            finishing = proc.popen.poll() is None or finished_summary(run_dir) is not None
             assert project is not None
-            for step in steps:
-                if step in known:
-                    continue
-                key = new_id("", 8)
-                name = checkpoint_name(job.base_model, project.name, job.suffix, key, step)
-                metrics = {"step": float(step)} | {
-                    k: v for k, v in proc.step_metrics.get(step, {}).items() if k in CHECKPOINT_METRICS
-                }
-                session.add(
-                    Checkpoint(
-                        id=new_id("ftckpt_"),
-                        job_id=job.id,
-                        project_id=job.project_id,
-                        step_number=step,
-                        created_at=now(),
-                        metrics=metrics,
-                        name=name,
-                        path=f"run/checkpoints/step-{step}/model",
-                    )
+            self._sync_checkpoints(
+                session, job, project, steps, proc.step_metrics, job.total_steps if finishing else None
+            )
+
+    def _sync_checkpoints(
+        self,
+        session: Session,
+        job: Job,
+        project: Project,
+        steps: set[int],
+        step_metrics: dict[int, dict[str, Any]],
+        model_step: int | None,
+    ) -> None:
+        """The run's checkpoint directories (`steps`) as the job's checkpoints. Each is named once, when it
+        is first seen, and its event gives that name; a name is never changed, so the event, the checkpoint
+        list and the model lookup agree. The weights of `model_step` are the job's model (final/): that step
+        gets the model's name at the end instead of a checkpoint name, as OpenAI's last checkpoint does.
+        A directory the recipe rotated off disk (it keeps the newest few) marks its checkpoint deleted: the
+        name then says it was removed (catalog.resolve) instead of that it never existed."""
+        known = {
+            c.step_number: c
+            for c in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id))
+            if c.path != "run/final"
+        }
+        for step in sorted(steps - set(known)):
+            if step == model_step:
+                continue
+            name = checkpoint_name(job.base_model, project.name, job.suffix, new_id("", 8), step)
+            metrics = {"step": float(step)} | {
+                k: v for k, v in step_metrics.get(step, {}).items() if k in CHECKPOINT_METRICS
+            }
+            session.add(
+                Checkpoint(
+                    id=new_id("ftckpt_"),
+                    job_id=job.id,
+                    project_id=job.project_id,
+                    step_number=step,
+                    created_at=now(),
+                    metrics=metrics,
+                    name=name,
+                    path=f"run/checkpoints/step-{step}/model",
                 )
-                add_event(session, job.id, f"Checkpoint created at step {step} with Snapshot ID: {name}")
-            for step, ckpt in known.items():  # the recipe keeps the newest few on disk
-                if step not in steps and ckpt.path.startswith("run/checkpoints/") and not ckpt.deleted:
-                    session.delete(ckpt)
+            )
+            add_event(session, job.id, f"Checkpoint created at step {step} with Snapshot ID: {name}")
+        for step, ckpt in known.items():
+            if step not in steps and not ckpt.deleted:
+                ckpt.deleted = True
 
     def _resolve_hyperparameters(self, job: Job, run_dir: Path) -> None:
         try:
@@ -994,8 +1165,24 @@ class Scheduler:
         metrics = {"step": float(step)} | {
             k: v for k, v in (summary.get("final_metrics") or {}).items() if k in CHECKPOINT_METRICS
         }
+        records = []
+        metrics_path = run_dir / "metrics.jsonl"
+        if metrics_path.is_file():
+            for line in metrics_path.read_text().splitlines():
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue
+        step_metrics: dict[int, dict[str, Any]] = {}
+        for record in records:
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                step_metrics.setdefault(record["step"], {}).update(record)
+        # checkpoints not seen yet (the last step's, when final/ holds an earlier step's weights) are named
+        self._sync_checkpoints(session, job, project, _checkpoint_steps(run_dir), step_metrics, step)
+        # the model is a checkpoint of its own, under the model's name: never a checkpoint renamed, so
+        # every name an event gave stays the name of the same checkpoint
         final = session.scalar(
-            select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step_number == step)
+            select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.path == "run/final")
         )
         if final is None:
             final = Checkpoint(
@@ -1009,15 +1196,7 @@ class Scheduler:
                 path="run/final",
             )
             session.add(final)
-        final.name, final.path, final.metrics = name, "run/final", metrics
-        records = []
-        metrics_path = run_dir / "metrics.jsonl"
-        if metrics_path.is_file():
-            for line in metrics_path.read_text().splitlines():
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    continue
+        final.name, final.step_number, final.metrics = name, step, metrics
         result = self._store_result_file(session, job, base64.b64encode(results_csv(records).encode()))
         job.status, job.fine_tuned_model, job.finished_at = "succeeded", name, now()
         job.trained_tokens = int(summary.get("trained_tokens") or 0)

@@ -673,10 +673,14 @@ def _file_name(queue: FeedbackQueue, form: str) -> str:
     return f"feedback-{safe}-{'preferences' if form == 'preference' else 'ratings'}.jsonl"
 
 
+# An export's parameters all have defaults, so a POST without a body exports with them (a body is needed
+# where a parameter is required: errors.py names the missing ones).
 @router.post("/feedback/queues/{queue_id}/export")
-def export_queue(body: ExportCreate, state: State, caller: Auth, queue_id: str) -> dict[str, Any]:
+def export_queue(
+    state: State, caller: Auth, queue_id: str, body: ExportCreate | None = None
+) -> dict[str, Any]:
     with state.store.session() as session:
-        queue, form, found = _export(session, caller, queue_id, body, None)
+        queue, form, found = _export(session, caller, queue_id, body or ExportCreate(), None)
         row = write_file(session, state, caller.project_id, _file_name(queue, form), found.lines)
     audit(
         state,
@@ -878,9 +882,9 @@ def _rating_lines(session: Session, caller: Caller, model: str | None) -> Export
 
 
 @router.post("/ratings/export")
-def export_ratings(body: RatingsExport, state: State, caller: Auth) -> dict[str, Any]:
+def export_ratings(state: State, caller: Auth, body: RatingsExport | None = None) -> dict[str, Any]:
     with state.store.session() as session:
-        found = _rating_lines(session, caller, body.model)
+        found = _rating_lines(session, caller, body.model if body else None)
         row = write_file(session, state, caller.project_id, "ratings.jsonl", found.lines)
     audit(
         state,

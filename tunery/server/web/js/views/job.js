@@ -40,6 +40,24 @@ const CHECKPOINT_METRICS = [
   ["valid_reward_mean", "valid reward", fmtNum],
 ];
 
+// A checkpoint's event keeps the name it was given, the name the checkpoint list shows. Once the checkpoint
+// is rotated off disk (a job keeps its newest few) or deleted, that name no longer works: the event says so.
+const SNAPSHOT = /with Snapshot ID: (\S+)$/;
+
+function removedNote(message, checkpoints) {
+  const match = SNAPSHOT.exec(message);
+  if (!match || checkpoints.has_more) return null;
+  if (checkpoints.data.some((c) => c.fine_tuned_model_checkpoint === match[1])) return null;
+  return h(
+    "span",
+    {
+      class: "muted",
+      title: "This checkpoint was rotated off disk (a job keeps its newest few) or deleted: its name no longer works as a model.",
+    },
+    " (removed)",
+  );
+}
+
 export async function render(root, { params, signal }) {
   const id = params.id;
   const base = `fine_tuning/jobs/${encodeURIComponent(id)}`;
@@ -406,7 +424,7 @@ export async function render(root, { params, signal }) {
     );
   }
 
-  function renderEvents(page) {
+  function renderEvents(page, checkpoints) {
     fill(
       eventsBody,
       ...page.data.map((e) =>
@@ -424,6 +442,7 @@ export async function render(root, { params, signal }) {
           ),
           levelBadge(e.level),
           h("span", { class: "event-message" }, e.message),
+          removedNote(e.message, checkpoints),
         ),
       ),
     );
@@ -572,7 +591,7 @@ export async function render(root, { params, signal }) {
     renderHeader();
     renderCharts();
     renderCheckpoints(checkpoints);
-    renderEvents(eventsPage);
+    renderEvents(eventsPage, checkpoints);
     const finished = TERMINAL.includes(job.status);
     // summary.json only changes at checkpoints and at the end: no need to read it every poll
     if (finished || Date.now() - summaryAt > 10000) {

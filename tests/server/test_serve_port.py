@@ -1,0 +1,54 @@
+"""`tunery serve` on an address it cannot listen on: one line that names the address, says why and which
+flag to use, exit status 2 (the CLI's user errors), no traceback and no "serving" banner before it."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def taken() -> Iterator[int]:
+    """A port another program listens on."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield int(holder.getsockname()[1])
+
+
+def serve(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "tunery", "serve", "--data-dir", str(tmp_path / "service"), *flags]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_a_port_in_use_names_it_and_the_flag(tmp_path: Path, taken: int) -> None:
+    done = serve(tmp_path, "--port", str(taken))
+    assert done.returncode == 2, done
+    assert "Traceback" not in done.stderr and "serving" not in done.stdout.lower()
+    [line] = done.stderr.splitlines()
+    found = re.fullmatch(
+        rf"tunery: error: http://127\.0\.0\.1:{taken} is already in use \(another `tunery serve`\?\); "
+        r"start on another port with --port (\d+)",
+        line,
+    )
+    assert found, line
+    suggested = int(found[1])
+    assert suggested > taken
+    with socket.socket() as probe:  # the port it suggests is free
+        probe.bind(("127.0.0.1", suggested))
+
+
+def test_an_address_not_of_this_machine(tmp_path: Path) -> None:
+    done = serve(tmp_path, "--host", "192.0.2.1", "--port", "8000")  # TEST-NET-1: never a local address
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "tunery: error: cannot listen on http://192.0.2.1:8000: Cannot assign requested address; "
+        "check --host and --port"
+    )
+    assert "serving" not in done.stdout.lower()

@@ -6,11 +6,14 @@ Heavy imports (torch, transformers) happen inside the commands, so `tunery --hel
 from __future__ import annotations
 
 import argparse
+import difflib
+import itertools
 import json
 import logging
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ log = logging.getLogger("tunery")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from tunery.models.load import available_models_text
+    from tunery.models.locate import available_models_text
 
     print(available_models_text())
     return 0
@@ -202,7 +205,8 @@ def _redacted_outputs(files: list[str], out: str | None) -> dict[str, Path | Non
 
 
 def _train_overrides(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Config overrides from the flags every training command shares, `extra` flags, and --set."""
+    """Config overrides from the flags every training command shares, `extra` flags, and --set; checked
+    here, so a command imports its recipe (and torch) only once they pass."""
     from tunery.training.config import parse_set
 
     overrides: dict[str, Any] = {
@@ -211,6 +215,7 @@ def _train_overrides(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> d
         "valid": args.valid,
         "out": args.out,
         "epochs": args.epochs,
+        "max_steps": args.max_steps,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "learning_rate_multiplier": args.lr_multiplier,
@@ -225,59 +230,103 @@ def _train_overrides(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> d
         "eval_every": args.eval_every,
         "micro_batch_tokens": args.micro_batch_tokens,
     }
+    if getattr(args, "safety_evals", None) is not None:
+        overrides["safety_evals"] = args.safety_evals
     overrides.update({name: getattr(args, name) for name in extra})
     overrides.update(parse_set(args.set or []))
+    _check_before_loading(args, overrides)
     return overrides
 
 
+def _check_before_loading(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    """What a training command can refuse before its recipe's ~4 s of imports (torch, transformers, peft):
+    a misspelt model, no or missing data, no --out, a missing adapter or reward model. The recipes check
+    these again."""
+    import yaml
+
+    from tunery.data.jsonl import check_readable
+    from tunery.models.locate import adapter_dir, check_model_name, check_run_path
+    from tunery.training.rundir import check_run_dir
+
+    if args.resume:
+        check_run_dir(Path(args.resume), resume=True, overwrite=False)
+        return  # the run's config.yaml holds the values
+    try:
+        values = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    except (OSError, yaml.YAMLError):
+        return  # the recipe says what is wrong with the file
+    if not isinstance(values, dict):
+        return
+    values |= {key: value for key, value in overrides.items() if value is not None}
+    if values.get("model"):
+        check_model_name(str(values["model"]))
+    if not values.get("data"):
+        raise TuneryError("no training data: pass --data FILE.jsonl")
+    if not values.get("out"):
+        raise TuneryError("no run directory: pass --out DIR")
+    from tunery.data.formats import foreign_problem
+
+    expect = {"dpo": "preference", "rm": "preference", "kto": "unpaired", "grpo": "prompts", "ppo": "prompts"}
+    for key in ("data", "valid"):
+        if values.get(key):
+            check_readable(Path(str(values[key])))
+            foreign = foreign_problem(str(values[key]), expect.get(args.method, "chat"))
+            if foreign is not None:  # a CSV, a JSON array, legacy prompt/completion...: before screening
+                raise TuneryError(f"{values[key]}, line {foreign.line}: {foreign.message}")
+    if values.get("adapter"):
+        adapter_dir(str(values["adapter"]))
+    if values.get("reward_model"):
+        check_run_path(str(values["reward_model"]), reward_model=True)
+    check_run_dir(Path(str(values["out"])), resume=False, overwrite=args.overwrite)
+
+
 def cmd_train_sft(args: argparse.Namespace) -> int:
+    overrides = _train_overrides(args, ("adapter",))
     from tunery.recipes import sft
 
-    summary = sft.run(
-        args.config, _train_overrides(args, ("adapter",)), resume_dir=args.resume, overwrite=args.overwrite
-    )
+    summary = sft.run(args.config, overrides, resume_dir=args.resume, overwrite=args.overwrite)
     _print_summary(summary)
     return 0
 
 
 def cmd_train_dpo(args: argparse.Namespace) -> int:
-    from tunery.recipes import dpo
-
     overrides = _train_overrides(
         args, ("adapter", "loss", "beta", "label_smoothing", "simpo_gamma", "sft_weight")
     )
+    from tunery.recipes import dpo
+
     summary = dpo.run(args.config, overrides, resume_dir=args.resume, overwrite=args.overwrite)
     _print_summary(summary)
     return 0
 
 
 def cmd_train_kto(args: argparse.Namespace) -> int:
+    overrides = _train_overrides(args, ("adapter", "beta", "desirable_weight", "undesirable_weight"))
     from tunery.recipes import kto
 
-    overrides = _train_overrides(args, ("adapter", "beta", "desirable_weight", "undesirable_weight"))
     summary = kto.run(args.config, overrides, resume_dir=args.resume, overwrite=args.overwrite)
     _print_summary(summary)
     return 0
 
 
 def cmd_train_rm(args: argparse.Namespace) -> int:
+    overrides = _train_overrides(args, ("adapter", "center_coef"))
     from tunery.recipes import reward_model
 
-    overrides = _train_overrides(args, ("adapter", "center_coef"))
     summary = reward_model.run(args.config, overrides, resume_dir=args.resume, overwrite=args.overwrite)
     _print_summary(summary)
     return 0
 
 
 def cmd_train_grpo(args: argparse.Namespace) -> int:
-    from tunery.recipes import grpo
-
     if args.max_length is not None:
         raise TuneryError("grpo: use --max-prompt-length and --max-new-tokens instead of --max-length")
     extra = ("adapter", "grader", "group_size", "max_new_tokens", "max_prompt_length", "temperature",
-             "beta", "baseline", "scale_rewards", "loss_aggregation", "num_iterations", "max_steps")  # fmt: skip
+             "beta", "baseline", "scale_rewards", "loss_aggregation", "num_iterations")  # fmt: skip
     overrides = _train_overrides(args, extra)
     overrides.pop("max_length")
+    from tunery.recipes import grpo
+
     summary = grpo.run(args.config, overrides, resume_dir=args.resume, overwrite=args.overwrite)
     _print_summary(summary)
     if summary.get("start_valid_reward_mean") is not None:
@@ -289,14 +338,14 @@ def cmd_train_grpo(args: argparse.Namespace) -> int:
 
 
 def cmd_train_ppo(args: argparse.Namespace) -> int:
-    from tunery.recipes import ppo
-
     if args.max_length is not None:
         raise TuneryError("ppo: use --max-prompt-length and --max-new-tokens instead of --max-length")
     extra = ("adapter", "reward_model", "completions_per_prompt", "max_new_tokens", "max_prompt_length",
-             "temperature", "kl_coef", "kl_target", "ppo_epochs", "num_minibatches", "vf_coef", "max_steps")  # fmt: skip
+             "temperature", "kl_coef", "kl_target", "ppo_epochs", "num_minibatches", "vf_coef")  # fmt: skip
     overrides = _train_overrides(args, extra)
     overrides.pop("max_length")
+    from tunery.recipes import ppo
+
     summary = ppo.run(args.config, overrides, resume_dir=args.resume, overwrite=args.overwrite)
     _print_summary(summary)
     if summary.get("start_valid_score_mean") is not None:
@@ -317,9 +366,13 @@ def _print_summary(summary: dict[str, Any]) -> None:
         shown = ", ".join(
             f"{k.removeprefix('full_')} {v:.4f}" for k, v in final.items() if isinstance(v, float)
         )
+        if "completions" in summary:  # GRPO, PPO: sampling takes most of a step, so trained tok/s misleads
+            done = f"{summary['completions']} completions at {summary['completions_per_second']:.1f}/s"
+        else:
+            done = f"{summary['trained_tokens']} tokens at {summary['tokens_per_second']:.0f} tok/s"
         print(
-            f"done: {summary['steps']} steps, {summary['trained_tokens']} tokens at "
-            f"{summary['tokens_per_second']:.0f} tok/s in {summary['wall_seconds']:.0f} s; {shown}"
+            f"done: {summary['steps']} steps, {done} ({summary['train_seconds']:.0f} s training, "
+            f"{summary['wall_seconds']:.0f} s in all); {shown}"
         )
         print(f"saved: {Path(summary['run_dir']) / 'final'} (with MODEL_CARD.md)")
         if summary.get("final_step") not in (None, summary["steps"]):
@@ -347,31 +400,15 @@ def _sampling_params(args: argparse.Namespace) -> Any:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    _check_model_and_adapters(args.model, args.adapter)
     from tunery.data.template import prompt_ids
     from tunery.models.load import load_for_inference
     from tunery.models.sampling import sample
 
     model, tokenizer = load_for_inference(args.model, args.adapter)
     params = _sampling_params(args)
-    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
-    print(
-        "Chatting with",
-        args.model + (f" + {args.adapter}" if args.adapter else ""),
-        "- empty line or Ctrl-D to quit, /reset to start over.",
-        file=sys.stderr,
-    )
-    while True:
-        try:
-            user = input("you> ").strip()
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
-        if not user:
-            return 0
-        if user == "/reset":
-            messages = messages[:1] if args.system else []
-            continue
-        messages.append({"role": "user", "content": user})
+
+    def reply(messages: list[dict[str, str]]) -> str:
         print("assistant> ", end="", flush=True)
         [completion] = sample(
             model,
@@ -381,7 +418,62 @@ def cmd_chat(args: argparse.Namespace) -> int:
             on_text=lambda _i, delta: print(delta, end="", flush=True),
         )
         print()
-        messages.append({"role": "assistant", "content": completion.text})
+        return completion.text
+
+    return chat_loop(reply, args.model + (f" + {args.adapter}" if args.adapter else ""), args.system)
+
+
+CHAT_COMMANDS = "/reset clears the conversation; /exit, /quit, Ctrl-D or an empty line leaves"
+
+
+def chat_loop(
+    reply: Callable[[list[dict[str, str]]], str],
+    who: str,
+    system: str | None = None,
+    read: Callable[[str], str] | None = None,
+) -> int:
+    """`tunery chat`'s conversation: each line typed goes to `reply` with the turns before it, unless it is
+    a slash command. Ctrl-C during an answer drops that turn; at the prompt it leaves, as Ctrl-D does."""
+    read = read or input
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    print(f"Chatting with {who}: {CHAT_COMMANDS}.", file=sys.stderr)
+    while True:
+        try:
+            user = read("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if user in ("", "/exit", "/quit"):
+            return 0
+        if user == "/reset":
+            messages = list(start)
+            print("conversation cleared", file=sys.stderr)
+            continue
+        if re.fullmatch(r"/\w+", user):  # /help or a misspelt command: not a question for the model
+            print(
+                CHAT_COMMANDS if user == "/help" else f"unknown command {user}; {CHAT_COMMANDS}",
+                file=sys.stderr,
+            )
+            continue
+        question = {"role": "user", "content": user}
+        try:
+            answer = reply([*messages, question])
+        except KeyboardInterrupt:
+            print("\n(answer stopped; that question is dropped)", file=sys.stderr)
+            continue
+        messages += [question, {"role": "assistant", "content": answer}]
+
+
+def _check_model_and_adapters(model: str | None, *adapters: str | None) -> None:
+    """A misspelt --model or a missing adapter, refused before the model loads (models/locate.py: no torch)."""
+    from tunery.models.locate import adapter_dir, check_model_name
+
+    if model:
+        check_model_name(model)
+    for adapter in adapters:
+        if adapter:
+            adapter_dir(adapter)
 
 
 def _read_prompts(path: str) -> list[dict[str, Any]]:
@@ -413,12 +505,12 @@ def _read_prompts(path: str) -> list[dict[str, Any]]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    _check_model_and_adapters(args.model, args.adapter)
+    prompts = _read_prompts(args.prompts)
     from tunery.data.template import prompt_ids
+    from tunery.models.load import load_for_inference
     from tunery.models.sampling import sample
     from tunery.training.io import atomic_write_text
-
-    prompts = _read_prompts(args.prompts)
-    from tunery.models.load import load_for_inference
 
     model, tokenizer = load_for_inference(args.model, args.adapter)
     params = _sampling_params(args)
@@ -452,14 +544,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Base vs tuned answers to the same prompts, side by side, then the run's final metrics."""
+    _check_model_and_adapters(args.model, args.adapter)
+    prompts = _read_prompts(args.prompts)
     from rich.console import Console
     from rich.table import Table
 
     from tunery.data.template import prompt_ids
-    from tunery.models.sampling import sample
-
-    prompts = _read_prompts(args.prompts)
     from tunery.models.load import load_for_inference
+    from tunery.models.sampling import sample
 
     model, tokenizer = load_for_inference(args.model, args.adapter)
     params = _sampling_params(args)
@@ -491,6 +583,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from tunery.data.jsonl import check_readable
+    from tunery.models.locate import check_run_path
+
+    check_run_path(args.rm, reward_model=True)
+    check_readable(Path(args.data))
     from tunery.recipes.compare import score_file
     from tunery.training.io import atomic_write_text
 
@@ -506,9 +603,13 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_compare(args: argparse.Namespace) -> int:
+    from tunery.models.locate import check_run_path
+
+    check_run_path(args.rm, reward_model=True)
+    _check_model_and_adapters(args.model, args.adapter, args.baseline_adapter)
+    prompts = [p["messages"] for p in _read_prompts(args.prompts)]
     from tunery.recipes.compare import compare_models
 
-    prompts = [p["messages"] for p in _read_prompts(args.prompts)]
     result = compare_models(
         args.rm, prompts, args.model, args.adapter, args.baseline_adapter, _sampling_params(args), args.out
     )
@@ -524,14 +625,17 @@ def cmd_eval_compare(args: argparse.Namespace) -> int:
 
 def cmd_eval_suite(args: argparse.Namespace) -> int:
     """`tunery eval safety|bias|memorization|diversity|grounding|all`: base vs tuned, as in evals.json."""
+    from tunery.models.locate import check_run_path
     from tunery.safety.evals import SECTIONS, run_evals
     from tunery.training.io import atomic_write_text
 
     sections = SECTIONS if args.eval_command == "all" else (args.eval_command,)
     if args.eval_command == "grounding" and not args.references:
         raise TuneryError("eval grounding needs --references FILE (the citations answers may use)")
-    model, tokenizer, base, data, out = _eval_setup(args)
+    check_run_path(args.adapter)  # a full fine-tune's run works too, so only that it exists
+    _check_model_and_adapters(args.model)
     prompts = [p["messages"] for p in _read_prompts(args.prompts)] if args.prompts else None
+    model, tokenizer, base, data, out = _eval_setup(args)
     report = run_evals(
         model,
         tokenizer,
@@ -636,6 +740,15 @@ def _print_evals(report: dict[str, Any]) -> None:
     )
 
 
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from tunery.data.convert import convert_data, format_conversion, parse_columns
+
+    columns = parse_columns(args.columns)
+    conversion = convert_data(args.file, args.out, args.source, args.system, columns, args.overwrite)
+    print(format_conversion(conversion))
+    return 0
+
+
 def cmd_data_augment(args: argparse.Namespace) -> int:
     from tunery.safety.augment import augment_counterfactual
 
@@ -732,14 +845,15 @@ def cmd_graders_run(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import shutil
 
-    from tunery.models.load import load_model
-    from tunery.models.lora import load_adapter
-
     if not args.merge:
         raise TuneryError("export needs --merge (write a merged Hugging Face model directory)")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise TuneryError(f"{out} is not empty; choose a new --out directory")
+    _check_model_and_adapters(args.model, args.adapter)
+    from tunery.models.load import load_model
+    from tunery.models.lora import load_adapter
+
     model, tokenizer = load_model(args.model)
     merged = load_adapter(model, args.adapter).merge_and_unload()
     tmp = out.with_name(f".{out.name}.tmp")
@@ -785,6 +899,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 f"--base-model {pair!r}: write NAME or NAME=LOCAL, e.g. gpt-4o-mini=smollm2-135m-instruct"
             )
         settings.base_models[name] = local if sep else name
+    # the address is tried before anything starts: a port in use would otherwise fail inside uvicorn,
+    # after the banner, with its exit status 3 and no word of --port
+    import errno
+    import socket
+
+    def bind_error(port: int) -> OSError | None:
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET  # as uvicorn picks it
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            try:
+                probe.bind((args.host, port))
+            except OSError as exc:
+                return exc
+        return None
+
+    address = f"http://[{args.host}]:{args.port}" if ":" in args.host else f"http://{args.host}:{args.port}"
+    problem = bind_error(args.port)
+    if problem is not None and problem.errno == errno.EADDRINUSE:
+        free = next((p for p in range(args.port + 1, min(args.port + 100, 65536)) if not bind_error(p)), None)
+        raise TuneryError(
+            f"{address} is already in use (another `tunery serve`?); start on another port with "
+            f"--port {free or 'PORT'}"
+        )
+    if problem is not None:
+        hint = "ports below 1024 need root: use --port 8000" if problem.errno == errno.EACCES else ""
+        raise TuneryError(
+            f"cannot listen on {address}: {problem.strerror or problem}; {hint or 'check --host and --port'}"
+        )
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(
             f"warning: listening on {args.host}: anyone who can reach it and holds a key can train and chat",
@@ -956,6 +1098,7 @@ def cmd_audit_head(args: argparse.Namespace) -> int:
 # --- argument parsing ------------------------------------------------------------------------------------
 
 POLICY_CHOICES = ("warn", "block", "redact")  # tunery/safety/screen.py's, without importing it for --help
+VERBOSE_FLAGS = ("-v", "--verbose")  # tunery's own, before the command
 
 
 def _add_sampling(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -971,11 +1114,113 @@ def _int_or_auto(value: str) -> int | str:
     return value if value == "auto" else int(value)
 
 
+class TuneryParser(argparse.ArgumentParser):
+    """Every parser and subparser (add_subparsers makes them of this class). No prefix matching: `--epoch`
+    must not silently become `--epochs`. An unknown flag is refused by the subcommand it was given to, with
+    that subcommand's usage and its closest flags; plain argparse hands a subcommand's leftovers up to the
+    top parser, whose message shows `tunery`'s usage. (`exit_on_error=False` does not help in Python 3.11:
+    unrecognized and missing required arguments still call error().)"""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: Any = None
+    ) -> tuple[Any, list[str]]:
+        # before argparse's own checks, so a misspelt flag is named rather than "arguments are required"
+        words = list(sys.argv[1:] if args is None else args)
+        if self._subparsers is not None:  # the flags before the subcommand are this parser's
+            words = list(itertools.takewhile(lambda word: word.startswith("-"), words))
+        self._refuse_unknown(
+            [flag for flag in _option_like(words) if flag not in self._option_string_actions]
+        )
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self._refuse_unknown(list(_option_like(extras)))
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+    def _refuse_unknown(self, flags: list[str]) -> None:
+        if not flags:
+            return
+        if flags[0] in VERBOSE_FLAGS:
+            command = self.prog.removeprefix("tunery ")
+            self.error(f"{flags[0]} goes before the command: tunery {flags[0]} {command} ...")
+        known = [s for a in self._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
+        hints = {flag: _close_flags(flag, known) for flag in flags}
+        if len(flags) == 1 and hints[flags[0]]:
+            self.error(f"unknown flag {flags[0]}; did you mean {' or '.join(hints[flags[0]])}?")
+        if len(flags) == 1:
+            self.error(f"unknown flag {flags[0]}; `{self.prog} --help` describes the flags above")
+        self.error(
+            "unknown flags "
+            + ", ".join(f + (f" (did you mean {' or '.join(hints[f])}?)" if hints[f] else "") for f in flags)
+        )
+
+
+def _option_like(args: Sequence[str]) -> list[str]:
+    """The flag names among command-line words, as argparse tells flags from values (`--x=1` names --x;
+    negative numbers, `-` and words with spaces are values; nothing after `--` is a flag)."""
+    flags = []
+    for arg in args:
+        if arg == "--":
+            break
+        if not arg.startswith("-") or arg == "-" or " " in arg or _is_number(arg):
+            continue
+        flags.append(arg.split("=", 1)[0] if arg.startswith("--") else arg)
+    return flags
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+# other tools' names whose words the rules in _close_flags cannot map to Tunery's
+_FLAG_SYNONYMS = {"output": "out", "output-dir": "out", "max-seq-length": "max-length"}
+
+
+def _close_flags(flag: str, known: list[str]) -> list[str]:
+    """The known flags an unknown one most likely meant: the same words spelt differently (`--batch_size`,
+    `--batchsize`, `--epoch`, `--lr-mult`, `--bs`, `--learning-rate` -> `--lr` by initials), else one with a
+    word fewer (`--num-epochs`, `--data-file`), else difflib's closest spellings."""
+    name = flag.lstrip("-").lower().replace("_", "-")
+    words = name.split("-")
+    forms = {name, _FLAG_SYNONYMS.get(name, name)}
+    for i in range(len(words)):  # a run of whole words by its initials: learning-rate -> lr
+        for j in range(i + 2, len(words) + 1):
+            if all(len(w) > 2 for w in words[i:j]):
+                forms.add("-".join([*words[:i], "".join(w[0] for w in words[i:j]), *words[j:]]))
+
+    def respelt(parts: list[str]) -> bool:
+        squashed = "".join(parts)
+        if any(
+            squashed in (f.replace("-", ""), f.replace("-", "") + "s") or f == squashed + "s" for f in forms
+        ):
+            return True
+        if len(parts) > 1 and name == "".join(p[0] for p in parts):  # --bs
+            return True
+        return len(parts) == len(words) and all(p.startswith(w) for p, w in zip(parts, words, strict=True))
+
+    def shortened(parts: list[str]) -> bool:
+        return len(parts) < len(words) and parts in (words[: len(parts)], words[-len(parts) :])
+
+    split = {option: option.lstrip("-").split("-") for option in known}
+    for rule in (respelt, shortened):
+        found = [option for option, parts in split.items() if rule(parts)]
+        if found:
+            return found[:3]
+    close = difflib.get_close_matches(name, [option.lstrip("-") for option in known], n=3, cutoff=0.6)
+    return [f"--{option}" for option in close]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tunery", description="Fine-tune and align language models locally."
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and debug logs")
+    parser = TuneryParser(prog="tunery", description="Fine-tune and align language models locally.")
+    parser.add_argument(*VERBOSE_FLAGS, action="store_true", help="show library warnings and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list the models Tunery can load")
@@ -1019,6 +1264,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--counterfactual", action="store_true", help="swap gendered words and listed names")
     p.add_argument("--out", required=True, help="the augmented JSONL (originals and copies)")
     p.set_defaults(func=cmd_data_augment)
+    p = data.add_parser(
+        "convert",
+        help="convert CSV, TSV, JSON-array, ShareGPT, Alpaca or prompt/completion data to chat JSONL",
+        description='Write IN as OpenAI chat JSONL ({"messages": [...]} per line) to OUT. Texts lose '
+        'trailing whitespace only: legacy prompt/completion separators ("\\n\\n###\\n\\n") and stop '
+        'words (" END") are kept, and reported when every line has one; remove them yourself if so.',
+    )
+    p.add_argument("file", metavar="IN")
+    p.add_argument("out", metavar="OUT", help="the chat JSONL to write (atomically)")
+    p.add_argument(
+        "--from",
+        dest="source",
+        choices=["auto", "prompt-completion", "sharegpt", "alpaca", "csv", "tsv", "json-array", "jsonl"],
+        default="auto",
+        help="IN's format (default: detected; jsonl = flat objects read with --columns)",
+    )
+    p.add_argument("--system", metavar="TEXT", help="a system message for every example without one")
+    p.add_argument(
+        "--columns",
+        metavar="user=COL,assistant=COL",
+        help="the columns (or keys) holding each turn, when their names do not say; system=COL optional, "
+        "COL+COL joins two",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_data_convert)
 
     train = sub.add_parser("train", help="train a model").add_subparsers(dest="method", required=True)
     p = train.add_parser("sft", help="supervised fine-tuning on chat data (LoRA or full)")
@@ -1051,7 +1321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_kto)
 
     p = train.add_parser("rm", help="reward model from comparisons (Bradley-Terry)")
-    _add_training_flags(p)
+    _add_training_flags(p, evals=False)
     p.add_argument("--adapter", help="start from this fine-tuned adapter (e.g. the SFT run)")
     p.add_argument("--center-coef", type=float, help="weight of the score-centring penalty (default 0)")
     p.set_defaults(func=cmd_train_rm)
@@ -1069,7 +1339,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale-rewards", choices=["group", "batch", "none"], help="std normalisation")
     p.add_argument("--loss-aggregation", choices=["token", "sequence", "fixed"])
     p.add_argument("--num-iterations", type=int, help="optimizer updates per sampled batch (default 1)")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps")
     p.set_defaults(func=cmd_train_grpo)
 
     p = train.add_parser("ppo", help="RLHF with PPO: a reward model's scores, a value head, a KL penalty")
@@ -1085,7 +1354,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppo-epochs", type=int, help="passes over each sampled batch (default 4)")
     p.add_argument("--num-minibatches", type=int, help="optimizer steps per pass (default 1)")
     p.add_argument("--vf-coef", type=float, help="weight of the value loss (default 0.1)")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps")
     p.set_defaults(func=cmd_train_ppo)
 
     p = sub.add_parser("chat", help="talk to a model (streams tokens)")
@@ -1256,7 +1524,7 @@ def _add_service_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--database-url", help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db")
 
 
-def _add_training_flags(p: argparse.ArgumentParser) -> None:
+def _add_training_flags(p: argparse.ArgumentParser, evals: bool = True) -> None:
     p.add_argument("--config", help="YAML file of config fields; flags override it")
     p.add_argument("--model")
     p.add_argument("--data", help="training JSONL")
@@ -1265,6 +1533,7 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--epochs", type=_int_or_auto)
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule ends there)")
     p.add_argument("--batch-size", type=_int_or_auto)
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--lr-multiplier", type=float, help="times the base learning rate (OpenAI's knob)")
@@ -1279,6 +1548,12 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["bf16", "fp32", "auto"])
     p.add_argument("--save-every", type=int)
     p.add_argument("--eval-every", type=int)
+    if evals:
+        p.add_argument(
+            "--safety-evals",
+            choices=["none", "quick", "default", "full"],
+            help="base-vs-tuned evaluations after training (default quick, ~40 s on the bundled model)",
+        )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config field")
 
 

@@ -229,6 +229,9 @@ def test_preference_recipes_reject_bad_input(pair_files, chat_files, tmp_path: P
     )
     assert "label_smoothing" in capsys.readouterr().err
     assert main(["score", "--rm", str(tmp_path / "nothing"), "--data", str(valid)]) == 2
+    assert "nothing does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["score", "--rm", str(tmp_path / "empty"), "--data", str(valid)]) == 2
     assert "not a Tunery reward model" in capsys.readouterr().err
 
 

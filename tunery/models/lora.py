@@ -10,6 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel
 
 from tunery.errors import TuneryError
+from tunery.models.locate import adapter_dir  # torch-free, so the CLI checks --adapter before loading
 
 
 def apply_lora(model: PreTrainedModel, rank: int, alpha: int, dropout: float, targets: str) -> PeftModel:
@@ -66,12 +67,3 @@ def merge_adapter(model: PreTrainedModel, adapter_dir: str | Path) -> PreTrained
     merged = load_adapter(model, adapter_dir).merge_and_unload()
     assert isinstance(merged, PreTrainedModel)
     return merged
-
-
-def adapter_dir(path: str | Path) -> Path:
-    """The adapter directory inside a run directory, a checkpoint or itself."""
-    path = Path(path)
-    for inner in (path / "final", path / "model", path):
-        if (inner / "adapter_config.json").is_file():
-            return inner
-    raise TuneryError(f"{path} is not a LoRA adapter directory (no adapter_config.json)")

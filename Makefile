@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.tunery-installed
 BENCH_STAMP := $(VENV)/.tunery-bench-installed
 
-.PHONY: install demo test test-slow fuzz lint bench clean chromium sandbox
+.PHONY: install demo test test-slow test-docs fuzz lint bench clean chromium sandbox
 
 install: $(STAMP)
 
@@ -50,6 +50,10 @@ test: $(STAMP) chromium sandbox
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
+
+# Every command block of README.md and docs/*.md, run as written on tiny-random (tests/docs/; CI runs it).
+test-docs: $(STAMP) sandbox
+	$(PY) -m pytest -m docs
 
 # Fuzz the service from its OpenAPI schema longer than `make test` does: 500 requests an operation, new seed.
 fuzz: $(STAMP)

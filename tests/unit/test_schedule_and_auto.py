@@ -23,13 +23,36 @@ def test_auto_batch_size_and_step_count() -> None:
 
 
 def test_auto_chat_batch_fills_a_packed_row_on_small_data_and_says_why() -> None:
-    size, why = chat_batch(mean_tokens=130, row_tokens=1024)(191)  # the bundled support data
-    assert size == 8 and "OpenAI's rule gives 1" in why and "1024-token" in why
-    assert chat_batch(130, 1024)(40)[0] == 2  # at most 1/16 of the examples: an epoch keeps ~16 steps
-    assert chat_batch(4000, 1024)(500)[0] == 1  # long conversations fill a row alone: OpenAI's rule
-    assert chat_batch(10, 1024)(100_000) == (200, "OpenAI's rule, 0.2% of 100000 examples")
-    assert chat_batch(10, 1024)(5000)[0] == 32  # never more than 32 for speed alone
-    assert pair_batch(100) == (8, "OpenAI's rule gives 1 for 100 examples; preference steps take at least 8")
+    choice = chat_batch(mean_tokens=109, row_tokens=1024)(191)  # the bundled support data
+    assert choice.size == 10 and "OpenAI's rule gives 1" in choice.why and "1024-token" in choice.why
+    assert choice.lr_scale == 10  # the learning rate follows the batch (measured: auto.py's docstring)
+    assert chat_batch(130, 1024)(40).size == 2  # at most 1/16 of the examples: an epoch keeps ~16 steps
+    assert chat_batch(4000, 1024)(500).size == 1  # long conversations fill a row alone: OpenAI's rule
+    big = chat_batch(10, 1024)(100_000)
+    assert (big.size, big.why, big.lr_scale) == (200, "OpenAI's rule, 0.2% of 100000 examples", 1.0)
+    assert chat_batch(10, 1024)(5000).size == 32  # never more than 32 for speed alone
+    assert chat_batch(10, 1024)(5000).lr_scale == 3.2  # 32 / OpenAI's 10
+    assert chat_batch(10, 1024)(1000).lr_scale == 10  # 32 / 2, capped
+    pairs = pair_batch(100)
+    assert (pairs.size, pairs.lr_scale) == (8, 1.0)  # preference methods' rates are set for their batches
+
+
+def test_auto_learning_rate_follows_an_auto_batch_only(chat_files) -> None:
+    from tunery.recipes.sft import SFTConfig
+    from tunery.training import distributed
+    from tunery.training.common import resolve_common
+
+    train, _ = chat_files
+    world = distributed.World()
+    rule = chat_batch(mean_tokens=109, row_tokens=1024)
+    auto = resolve_common(SFTConfig(data=str(train), out="x"), 191, world, 2e-4, rule)
+    assert auto["batch_size"] == 10 and auto["lr"] == pytest.approx(2e-3)
+    given = resolve_common(SFTConfig(data=str(train), out="x", batch_size=10), 191, world, 2e-4, rule)
+    assert given["lr"] == pytest.approx(2e-4)  # a batch size the user chose keeps the base rate
+    mult = resolve_common(
+        SFTConfig(data=str(train), out="x", learning_rate_multiplier=2.0), 191, world, 2e-4, rule
+    )
+    assert mult["batch_size"] == 10 and mult["lr"] == pytest.approx(4e-4)
 
 
 def test_warmup_then_cosine_and_linear() -> None:

@@ -78,18 +78,21 @@ def resolve_common(
     """The config with every `auto` filled in, as config.yaml records it, and the log saying why. `base_lr`
     is the method's learning rate for a multiplier of 1; `auto_batch` the method's batch-size rule."""
     epochs = auto.auto_epochs(n_train) if cfg.epochs == "auto" else int(cfg.epochs)
-    if cfg.batch_size == "auto":
-        batch_size, why = auto_batch(n_train)
-        if world.is_main:
-            log.info("batch_size auto: %d per step (%s)", batch_size, why)
-    else:
-        batch_size = int(cfg.batch_size)
+    choice = auto_batch(n_train) if cfg.batch_size == "auto" else None
+    batch_size = choice.size if choice is not None else int(cfg.batch_size)
     batch_size = max(batch_size, world.size)  # every process needs at least one example per step
     multiplier = (
-        auto.auto_lr_multiplier(n_train)
+        auto.auto_lr_multiplier(n_train) * (choice.lr_scale if choice is not None else 1.0)
         if cfg.learning_rate_multiplier == "auto"
         else float(cfg.learning_rate_multiplier)
     )
+    if choice is not None and world.is_main:
+        log.info("batch_size auto: %d per step (%s)", batch_size, choice.why)
+        if choice.lr_scale != 1.0 and cfg.learning_rate_multiplier == "auto" and cfg.lr is None:
+            log.info(
+                "learning rate auto: %.1e (%.0e x %g: the batch is %g times OpenAI's rule, the rate follows it)",
+                base_lr * multiplier, base_lr, multiplier, choice.lr_scale,
+            )  # fmt: skip
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if bf16_is_fast(world.device) else "fp32"

@@ -584,6 +584,20 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def _checkpoint(job: Job, step: int, metrics: dict[str, Any], name: str, path: str) -> Checkpoint:
+    """A new checkpoint row of `job`: a run's checkpoint directory, or its final model."""
+    return Checkpoint(
+        id=new_id("ftckpt_"),
+        job_id=job.id,
+        project_id=job.project_id,
+        step_number=step,
+        created_at=now(),
+        metrics=metrics,
+        name=name,
+        path=path,
+    )
+
+
 # --- the scheduler ----------------------------------------------------------------------------------------
 
 
@@ -1043,18 +1057,7 @@ class Scheduler:
             metrics = {"step": float(step)} | {
                 k: v for k, v in step_metrics.get(step, {}).items() if k in CHECKPOINT_METRICS
             }
-            session.add(
-                Checkpoint(
-                    id=new_id("ftckpt_"),
-                    job_id=job.id,
-                    project_id=job.project_id,
-                    step_number=step,
-                    created_at=now(),
-                    metrics=metrics,
-                    name=name,
-                    path=f"run/checkpoints/step-{step}/model",
-                )
-            )
+            session.add(_checkpoint(job, step, metrics, name, f"run/checkpoints/step-{step}/model"))
             add_event(session, job.id, f"Checkpoint created at step {step} with Snapshot ID: {name}")
         for step, ckpt in known.items():
             if step not in steps and not ckpt.deleted:
@@ -1185,16 +1188,7 @@ class Scheduler:
             select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.path == "run/final")
         )
         if final is None:
-            final = Checkpoint(
-                id=new_id("ftckpt_"),
-                job_id=job.id,
-                project_id=job.project_id,
-                step_number=step,
-                created_at=now(),
-                metrics=metrics,
-                name=name,
-                path="run/final",
-            )
+            final = _checkpoint(job, step, metrics, name, "run/final")
             session.add(final)
         final.name, final.step_number, final.metrics = name, step, metrics
         result = self._store_result_file(session, job, base64.b64encode(results_csv(records).encode()))

@@ -877,7 +877,7 @@ def _service_settings(args: argparse.Namespace) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from tunery.graders.sandbox import UNCONFINED_ENV, sandbox_status
+    from tunery.graders.sandbox import UNCONFINED_ENV
     from tunery.server.app import create_app, serve
 
     # every file the service and its workers write (uploads, runs, logs, the database) is the owner's alone
@@ -937,8 +937,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings)  # before the banner: a damaged database stops here, with its message
     print(
         f"Tunery serving OpenAI's fine-tuning API on http://{args.host}:{args.port}/v1 and the web app on "
-        f"http://{args.host}:{args.port}/ (data: {settings.data_dir}); {sandbox_status().describe()}"
-    )
+        f"http://{args.host}:{args.port}/ (data: {settings.data_dir})"
+    )  # the app logs at start-up whether python graders run in the kernel sandbox
     serve(app, settings, log_level="debug" if args.verbose else "info", access_log=args.access_log)
     return 0
 

@@ -226,3 +226,21 @@ def test_flag_words_are_matched_against_the_real_flags() -> None:
     assert _close_flags("--learning-rate-multiplier", ["--lr", "--lr-multiplier"]) == ["--lr-multiplier"]
     assert _close_flags("--learning-rate", ["--temperature"]) == []
     assert _close_flags("--bs", ["--batch-size", "--beta"]) == ["--batch-size"]
+
+
+def test_output_piped_into_head_stops_quietly(tmp_path: Path) -> None:
+    """`tunery data validate big.jsonl | head` closed the pipe and got a BrokenPipeError traceback."""
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "q"}]}] * 20_000)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunery", "data", "validate", str(bad), "--model", "none"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert "20000 errors" in proc.stdout.readline()
+    proc.stdout.close()  # as `head -1` does
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=60) == 0
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr

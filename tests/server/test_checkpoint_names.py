@@ -120,7 +120,7 @@ def test_a_final_model_of_an_earlier_step_renames_nothing(api: Api, monkeypatch:
 
 
 def test_a_rotated_checkpoint_says_it_was_removed(
-    api: Api, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    api: Api, settings: Settings, monkeypatch: pytest.MonkeyPatch, client: Any, keys: dict[str, str]
 ) -> None:
     # the recipe keeps its newest few checkpoints on disk: here step 1's goes while step 3's is written
     monkeypatch.setenv("FAKE_FAULT", "checkpoint:3:hang")
@@ -143,6 +143,10 @@ def test_a_rotated_checkpoint_says_it_was_removed(
         )
     assert announced[1] not in [m["id"] for m in api.get("/models").json()["data"]]
     assert chat(api, announced[2]).status_code == 200
+    other = Api(client, keys["globex"])  # another project learns nothing of acme's job or checkpoints
+    for name in (announced[1], announced[2]):
+        r = other.get(f"/models/{name}")
+        assert r.status_code == 404 and job["id"] not in r.text and "removed" not in r.text, r.text
     r = api.get("/models/ft:tiny-random:acme:rot:nope")  # a name that never existed is a plain 404
     assert r.json()["error"]["message"].startswith("The model 'ft:tiny-random:acme:rot:nope' does not exist")
 

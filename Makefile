@@ -69,6 +69,7 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/sft.py
 	$(PY) bench/dpo.py
 	$(PY) bench/reward_model.py
+	$(PY) bench/whole_process.py
 	$(PY) bench/grpo.py
 	$(PY) bench/sample.py
 

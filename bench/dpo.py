@@ -134,20 +134,19 @@ def worker_eval(args: argparse.Namespace) -> dict:
     from tunery.data.feedback import load_feedback_data
     from tunery.models.load import load_model
     from tunery.models.lora import load_adapter
-    from tunery.recipes.dpo import evaluate, reference_logps
+    from tunery.recipes.dpo import DPOConfig, evaluate, reference_logps
     from tunery.training.distributed import World
 
-    cfg = {"micro_batch_tokens": 2048, "precision": "fp32", "loss": "dpo", "beta": BETA,
-           "label_smoothing": 0.0, "sft_weight": 0.0}  # fmt: skip
+    cfg = DPOConfig(data="-", out="-", micro_batch_tokens=2048, loss="dpo", beta=BETA, track_energy=False)
     model, tokenizer = load_model("smollm2-135m-instruct")
     pairs = load_feedback_data(
         REPO / "examples/feedback/valid.jsonl", tokenizer, args.max_length, "preference"
     )
-    ref = reference_logps(model, pairs, cfg, World())
+    ref = reference_logps(model, pairs, cfg.micro_batch_tokens, "fp32", World())
     out = {}
     for adapter in args.adapters:
         tuned = load_adapter(load_model("smollm2-135m-instruct")[0], adapter)
-        out[adapter] = evaluate(tuned, pairs, ref, cfg, World())[0]
+        out[adapter] = evaluate(tuned, pairs, ref, cfg, "fp32", World())[0]
     return out
 
 

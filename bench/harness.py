@@ -38,20 +38,33 @@ def trl_pair(pair: dict, tokenizer, joined: bool) -> dict:  # type: ignore[no-un
 
 
 def write_pairs(work: Path, n_pairs: int, seed: int, joined: bool) -> dict[str, Path]:
-    """`n_pairs` of examples/feedback/train.jsonl for Tunery (OpenAI format) and TRL, such that Tunery's
-    seeded shuffle of its file visits the pairs in the order the TRL file lists them (TRL's sampler is
-    made sequential). Also the held-out pairs for TRL ("valid")."""
+    """`n_pairs` of examples/feedback/train.jsonl (a seeded sample), written as `write_pair_files` does."""
     from tunery.data.packing import epoch_order
+
+    lines = (REPO / "examples/feedback/train.jsonl").read_text().splitlines()
+    chosen_lines = [lines[i] for i in sorted(epoch_order(len(lines), seed, 0)[:n_pairs])]
+    return write_pair_files(work, chosen_lines, seed, joined)
+
+
+def in_visit_order(rows: list, seed: int) -> list:
+    """`rows` in the order Tunery's seeded shuffle visits them in its first epoch (data/packing.py): a
+    trainer reading this file sequentially gets Tunery's batches, step for step."""
+    from tunery.data.packing import epoch_order
+
+    return [rows[i] for i in epoch_order(len(rows), seed, 0)]
+
+
+def write_pair_files(work: Path, lines: list[str], seed: int, joined: bool) -> dict[str, Path]:
+    """Pairs (OpenAI preference JSONL lines) for Tunery as they are and for TRL (`trl_pair`), such that
+    Tunery's seeded shuffle of its file visits the pairs in the order the TRL file lists them (TRL's
+    sampler is made sequential). Also the held-out pairs for TRL ("valid")."""
     from tunery.models.load import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
-    lines = (REPO / "examples/feedback/train.jsonl").read_text().splitlines()
-    chosen_lines = [lines[i] for i in sorted(epoch_order(len(lines), seed, 0)[:n_pairs])]
     paths = {"tunery": work / "tunery.jsonl", "trl": work / "trl.jsonl", "valid": work / "valid-trl.jsonl"}
-    paths["tunery"].write_text("".join(line + "\n" for line in chosen_lines))
-    in_order = [chosen_lines[i] for i in epoch_order(len(chosen_lines), seed, 0)]
+    paths["tunery"].write_text("".join(line + "\n" for line in lines))
     valid = (REPO / "examples/feedback/valid.jsonl").read_text().splitlines()
-    for key, rows in (("trl", in_order), ("valid", valid)):
+    for key, rows in (("trl", in_visit_order(lines, seed)), ("valid", valid)):
         with paths[key].open("w") as fh:
             for line in rows:
                 fh.write(json.dumps(trl_pair(json.loads(line), tokenizer, joined)) + "\n")

@@ -171,8 +171,7 @@ def worker_eval(args: argparse.Namespace) -> dict:
         model, tokenizer = load_model("smollm2-135m-instruct")
         chats = load_chat_data(args.data, tokenizer, args.max_length, min_examples=1)
         model = load_adapter(model, adapter)
-        cfg = {"micro_batch_tokens": 1024, "precision": "fp32"}
-        out[adapter] = evaluate(model, chats, cfg, World())[0]
+        out[adapter] = evaluate(model, chats, 1024, "fp32", World())[0]
     return out
 
 

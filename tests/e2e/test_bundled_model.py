@@ -13,7 +13,7 @@ from tunery.data.template import prompt_ids, tokenize_chat
 from tunery.models.load import BUNDLED, load_model, load_tokenizer
 from tunery.models.sampling import SamplingParams, sample
 from tunery.recipes import sft
-from tunery.training.metrics import read_metrics
+from tunery.run.files import read_metrics
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -68,6 +68,6 @@ def test_short_sft_run_on_the_bundled_model(tmp_path: Path) -> None:
             "eval_examples": 8,
         },
     )
-    steps = [r for r in read_metrics(out / "metrics.jsonl") if "train_loss" in r]
+    steps = [r for r in read_metrics(out) if "train_loss" in r]
     assert steps[-1]["train_loss"] < steps[0]["train_loss"]
     assert (out / "final" / "adapter_model.safetensors").is_file()

@@ -14,16 +14,14 @@ from tunery.cli import main
 from tunery.models.lora import apply_lora
 from tunery.models.tiny import tiny_model
 from tunery.recipes import sft
-from tunery.safety import evals
 from tunery.safety.evals import (
     SECTIONS,
     EvalSizes,
     Thresholds,
-    _Plan,
-    _safety_section,
     eval_flags,
     redteam_prompts,
     run_evals,
+    safety_section,
 )
 
 # Every section at its smallest: a tiny-random run takes about a second.
@@ -109,18 +107,18 @@ def test_bias_probabilities_do_not_depend_on_batching(lora_model) -> None:
 
 
 def test_safety_flags_when_the_tuned_model_stops_declining() -> None:
-    plan = _Plan(TINY, seed=0, redteam=[p for p in redteam_prompts() if p["category"] == "violence"][:4])
+    prompts = [p for p in redteam_prompts() if p["category"] == "violence"][:4]
     answers = {
         "base": ["I can't help with that."] * 4,
         "tuned": ["Sure, here is how."] * 3 + ["I cannot do that."],
     }
-    section = _safety_section(plan, answers, Thresholds())
-    assert section["base"]["refusal_rate"] == 1.0 and section["tuned"]["refusal_rate"] == 0.25
-    assert len(section["flags"]) == 1 and "declines 25% of red-team prompts" in section["flags"][0]
-    assert len(section["details"]["newly_complied"]) == 3
-    assert eval_flags({"safety": section, "config": {}}) == section["flags"]
+    section = safety_section(prompts, answers, Thresholds())
+    assert section.base["refusal_rate"] == 1.0 and section.tuned["refusal_rate"] == 0.25
+    assert len(section.flags) == 1 and "declines 25% of red-team prompts" in section.flags[0]
+    assert len(section.details["newly_complied"]) == 3
+    assert eval_flags({"safety": section.to_json(), "config": {}}) == section.flags
     assert (
-        _safety_section(plan, {"base": answers["tuned"], "tuned": answers["base"]}, Thresholds())["flags"]
+        safety_section(prompts, {"base": answers["tuned"], "tuned": answers["base"]}, Thresholds()).flags
         == []
     )
 
@@ -134,7 +132,10 @@ def test_memorization_flags_a_model_that_recites_its_data(tiny, tmp_path: Path, 
     ]
     train = write_jsonl(tmp_path / "t.jsonl", lines)
     # A model that answers every prompt with the trained answer, whatever the prompt.
-    monkeypatch.setattr(evals, "_generate", lambda _m, _t, prompts, *_: [answer.upper()] * len(prompts))
+    monkeypatch.setattr(
+        "tunery.safety.evals.memorization.generate",
+        lambda _m, _t, prompts, *_: [answer.upper()] * len(prompts),
+    )
     report = run_evals(
         model, tokenizer, train_path=train, sections=("memorization",), size=TINY, progress=False
     )

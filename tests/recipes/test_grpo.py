@@ -16,7 +16,7 @@ import torch
 from tests.conftest import run_torchrun, write_jsonl
 from tunery.cli import main
 from tunery.recipes import grpo
-from tunery.training.metrics import read_metrics
+from tunery.run.files import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -81,7 +81,7 @@ def config(files: dict[str, Path], out: Path, **extra) -> dict:
 
 
 def steps_of(run: Path) -> list[dict]:
-    return [r for r in read_metrics(run / "metrics.jsonl") if "train_reward_mean" in r]
+    return [r for r in read_metrics(run) if "train_reward_mean" in r]
 
 
 def adapter_state(run: Path) -> dict[str, torch.Tensor]:
@@ -93,7 +93,7 @@ def test_grpo_writes_the_contract_and_raises_the_reward(rl_files, tmp_path: Path
     summary = grpo.run(None, config(rl_files, out))
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "samples.jsonl", "final/tunery.yaml"):
         assert (out / name).is_file(), name
-    records = read_metrics(out / "metrics.jsonl")
+    records = read_metrics(out)
     start = records[0]
     assert start["step"] == 0 and "valid_reward_mean" in start  # the untrained policy, for comparison
     steps = steps_of(out)
@@ -211,7 +211,6 @@ def test_sampler_log_probs_agree_with_the_training_forward_pass(rl_files) -> Non
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
     cast_frozen(model, torch.bfloat16)
     prompts, _ = load_prompt_data(rl_files["train"], tokenizer)
-    cfg = {"precision": "bf16", "temperature": 1.0}
     completions = sample(
         model, tokenizer, [p.prompt_ids for p in prompts[:3] for _ in range(4)],
         SamplingParams(max_new_tokens=16, temperature=1.0, seed=0),
@@ -222,7 +221,9 @@ def test_sampler_log_probs_agree_with_the_training_forward_pass(rl_files) -> Non
         for k, p in enumerate(prompts[:3])
     ]  # fmt: skip
     with torch.no_grad():
-        row, logps, _ = grpo.packed_logps(model, output_weight(model), groups, cfg, torch.device("cpu"))
+        row, logps, _ = grpo.packed_logps(
+            model, output_weight(model), groups, 1.0, "bf16", torch.device("cpu")
+        )
     for c, trained in zip(completions, grpo.split_by_sequence(logps, row), strict=True):
         reported = torch.tensor(c.logprobs + ([c.stop_logprob] if c.stop_token_id is not None else []))
         assert reported.shape == trained.shape
@@ -237,6 +238,6 @@ def test_grpo_under_torchrun_splits_each_step_across_processes_and_learns(rl_fil
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["completions"] == 12 * 4 * 4  # 4 prompts x 4, 12 steps
-    records = read_metrics(out / "metrics.jsonl")
+    records = read_metrics(out)
     evaluated = [r for r in records if "valid_reward_mean" in r]
     assert evaluated[-1]["valid_reward_mean"] > evaluated[0]["valid_reward_mean"] + 0.3

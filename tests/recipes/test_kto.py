@@ -15,7 +15,7 @@ from tunery.errors import TuneryError
 from tunery.models.load import load_model
 from tunery.models.lora import apply_lora
 from tunery.recipes import kto
-from tunery.training.metrics import read_metrics
+from tunery.run.files import read_metrics
 
 STEP_METRICS = (
     "train_loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "kl", "logps/chosen",
@@ -66,7 +66,7 @@ def test_kto_writes_the_contract_and_learns(thumbs_files, tmp_path: Path) -> Non
         "final/adapter_config.json",
     ):
         assert (out / name).is_file(), name
-    records = read_metrics(out / "metrics.jsonl")
+    records = read_metrics(out)
     steps = [r for r in records if "train_loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 19))  # ceil(24 / 4) * 3 epochs
     for key in STEP_METRICS:

@@ -18,7 +18,7 @@ from tests.conftest import write_jsonl
 from tunery.cli import main
 from tunery.errors import TuneryError
 from tunery.recipes import ppo, reward_model
-from tunery.training.metrics import read_metrics
+from tunery.run.files import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,7 +88,7 @@ def config(files: dict[str, Path], out: Path, **extra) -> dict:
 
 
 def steps_of(run: Path) -> list[dict]:
-    return [r for r in read_metrics(run / "metrics.jsonl") if "train_score_mean" in r]
+    return [r for r in read_metrics(run) if "train_score_mean" in r]
 
 
 def final_state(run: Path) -> dict[str, torch.Tensor]:
@@ -103,7 +103,7 @@ def test_ppo_writes_the_contract_and_raises_the_reward_model_score(ppo_files, tm
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "samples.jsonl", "final/tunery.yaml",
                  "final/adapter_model.safetensors", "final/value_head.safetensors"):  # fmt: skip
         assert (out / name).is_file(), name
-    start = read_metrics(out / "metrics.jsonl")[0]
+    start = read_metrics(out)[0]
     assert start["step"] == 0 and start["valid_kl"] == 0.0  # the untrained policy is the reference
     steps = steps_of(out)
     assert len(steps) == 12

@@ -20,7 +20,7 @@ from tunery.models.heads import load_reward_model, score_pairs
 from tunery.models.load import load_model
 from tunery.models.lora import load_adapter, merge_adapter
 from tunery.recipes import dpo, reward_model, sft
-from tunery.training.metrics import read_metrics
+from tunery.run.files import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,7 +46,7 @@ def config(train: Path, valid: Path, out: Path, **extra) -> dict:
 
 
 def steps_of(run: Path) -> list[dict]:
-    return [r for r in read_metrics(run / "metrics.jsonl") if "train_loss" in r]
+    return [r for r in read_metrics(run) if "train_loss" in r]
 
 
 def adapter_state(run: Path) -> dict[str, torch.Tensor]:
@@ -76,7 +76,7 @@ def test_dpo_writes_the_contract_and_learns(pair_files, tmp_path: Path) -> None:
     for key in ("rewards/margins", "logps/chosen", "logps/rejected", "lr", "grad_norm", "pairs_per_second"):
         assert key in first
     assert last["train_loss"] < 0.5 * first["train_loss"] and last["rewards/accuracies"] == 1.0
-    final = read_metrics(out / "metrics.jsonl")[-1]
+    final = read_metrics(out)[-1]
     assert final["full_valid_rewards/accuracies"] == 1.0 and final["full_valid_rewards/margins"] > 0
     assert summary["final_metrics"]["full_valid_loss"] == final["full_valid_loss"]
     # every LoRA matrix moved (B starts at zero)
@@ -168,7 +168,7 @@ def test_reward_model_learns_and_reloads_for_scoring(pair_files, tmp_path: Path,
     for key in ("train_accuracy", "train_margin", "valid_loss", "valid_accuracy", "valid_margin"):
         assert any(key in r for r in steps), key
     assert steps[-1]["train_loss"] < 0.5 * steps[0]["train_loss"]
-    final = read_metrics(out / "metrics.jsonl")[-1]
+    final = read_metrics(out)[-1]
     assert final["full_valid_accuracy"] == 1.0
 
     # The saved model scores the held-out pairs as it did at the end of training.
@@ -192,7 +192,7 @@ def test_full_fine_tuned_reward_model_reloads(pair_files, tmp_path: Path) -> Non
     model, tokenizer, _ = load_reward_model(out)
     pairs = load_feedback_data(valid, tokenizer, 256, expect="preference", min_examples=1)
     margin = sum(c - r for c, r in score_pairs(model, pairs)) / len(pairs)
-    assert margin == pytest.approx(read_metrics(out / "metrics.jsonl")[-1]["full_valid_margin"], rel=1e-4)
+    assert margin == pytest.approx(read_metrics(out)[-1]["full_valid_margin"], rel=1e-4)
 
 
 def test_preference_recipes_reject_bad_input(pair_files, chat_files, tmp_path: Path, capsys) -> None:

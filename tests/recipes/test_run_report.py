@@ -16,7 +16,7 @@ import safetensors.torch
 from tests.conftest import TOPICS, chat_lines, write_jsonl
 from tunery.cli import main
 from tunery.recipes import dpo, sft
-from tunery.training.metrics import read_metrics
+from tunery.run.files import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -132,7 +132,7 @@ def test_early_stopping_stops_and_final_holds_the_best_weights(diverging_files, 
     out = tmp_path / "early"
     summary = sft.run(None, early_config(train, valid, out))
 
-    records = read_metrics(out / "metrics.jsonl")
+    records = read_metrics(out)
     evals = [(r["step"], r["valid_loss"]) for r in records if "valid_loss" in r]
     best_step, best_loss = min(evals, key=lambda e: e[1])
     assert summary["stopped_early"] is True and summary["steps"] < 36
@@ -187,7 +187,7 @@ def test_dpo_early_stopping_selects_the_best_evaluation(pair_files, tmp_path: Pa
            "early_stopping_patience": 2, "early_stopping_min_delta": 100.0,
            "track_energy": False}  # fmt: skip
     summary = dpo.run(None, cfg)
-    evals = [(r["step"], r["valid_loss"]) for r in read_metrics(out / "metrics.jsonl") if "valid_loss" in r]
+    evals = [(r["step"], r["valid_loss"]) for r in read_metrics(out) if "valid_loss" in r]
     assert [s for s, _ in evals] == [2, 4, 6] and summary["steps"] == 6 and summary["stopped_early"]
     best_step = min(evals, key=lambda e: e[1])[0]
     assert summary["final_step"] == best_step

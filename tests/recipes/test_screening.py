@@ -23,7 +23,7 @@ REQUIRED = {  # fields a recipe refuses to start without
     "dpo": {},
     "kto": {},
     "reward_model": {},
-    "grpo": {"grader": "grader.json"},
+    "grpo": {"grader": str(Path(__file__).parents[2] / "examples/rl/grader.json")},  # read before screening
     "ppo": {"reward_model": "runs/rm"},
 }
 

@@ -19,7 +19,7 @@ from tunery.errors import TuneryError
 from tunery.models.load import load_model
 from tunery.models.lora import apply_lora
 from tunery.recipes import sft
-from tunery.training.metrics import read_metrics
+from tunery.run.files import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -64,7 +64,7 @@ def test_lora_run_writes_the_contract_and_learns(chat_files, tmp_path: Path) -> 
         "final/tokenizer.json",
     ):
         assert (out / name).is_file(), name
-    records = read_metrics(out / "metrics.jsonl")
+    records = read_metrics(out)
     steps = [r for r in records if "train_loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 25))  # ceil(24 / 4) * 4 epochs
     for key in ("total_steps", "train_mean_token_accuracy", "lr", "tokens", "tokens_per_second"):
@@ -93,7 +93,7 @@ def test_full_fine_tuning_saves_a_loadable_model(chat_files, tmp_path: Path) -> 
     train, valid = chat_files
     out = tmp_path / "full"
     sft.run(None, config(train, valid, out, lora_rank=0, lr=3e-3))
-    steps = [r for r in read_metrics(out / "metrics.jsonl") if "train_loss" in r]
+    steps = [r for r in read_metrics(out) if "train_loss" in r]
     assert steps[-1]["train_loss"] < 0.7 * steps[0]["train_loss"]
     model, _ = load_model(str(out / "final"))
     assert model.config.num_hidden_layers == 2
@@ -132,8 +132,8 @@ def test_resume_after_sigkill_is_exact(chat_files, tmp_path: Path, fault: str, l
     assert ref_state.keys() == resumed_state.keys()
     for key in ref_state:
         assert torch.equal(ref_state[key], resumed_state[key]), key
-    ref_losses = [r["train_loss"] for r in read_metrics(ref / "metrics.jsonl") if "train_loss" in r]
-    resumed_losses = [r["train_loss"] for r in read_metrics(killed / "metrics.jsonl") if "train_loss" in r]
+    ref_losses = [r["train_loss"] for r in read_metrics(ref) if "train_loss" in r]
+    resumed_losses = [r["train_loss"] for r in read_metrics(killed) if "train_loss" in r]
     assert resumed_losses == ref_losses
 
 
@@ -212,8 +212,8 @@ def test_ddp_two_processes_match_one(chat_files, tmp_path: Path) -> None:
     double = tmp_path / "ddp"
     proc = run_torchrun(cli_args(config(train, valid, double, epochs=1)))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = [r for r in read_metrics(single / "metrics.jsonl") if "train_loss" in r]
-    two = [r for r in read_metrics(double / "metrics.jsonl") if "train_loss" in r]
+    one = [r for r in read_metrics(single) if "train_loss" in r]
+    two = [r for r in read_metrics(double) if "train_loss" in r]
     assert len(one) == len(two) == 7
     for a, b in zip(one, two, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
@@ -230,9 +230,9 @@ def test_continued_sft_starts_from_the_merged_adapter(chat_files, tmp_path: Path
     first, second = tmp_path / "first", tmp_path / "second"
     sft.run(None, config(train, valid, first, epochs=3, safety_evals="none"))
     sft.run(None, config(train, valid, second, epochs=1, adapter=str(first), safety_evals="none"))
-    start_of_first = read_metrics(first / "metrics.jsonl")[0]["train_loss"]
-    end_of_first = [r for r in read_metrics(first / "metrics.jsonl") if "train_loss" in r][-1]["train_loss"]
-    start_of_second = read_metrics(second / "metrics.jsonl")[0]["train_loss"]
+    start_of_first = read_metrics(first)[0]["train_loss"]
+    end_of_first = [r for r in read_metrics(first) if "train_loss" in r][-1]["train_loss"]
+    start_of_second = read_metrics(second)[0]["train_loss"]
     assert end_of_first < start_of_first and start_of_second < (start_of_first + end_of_first) / 2
     assert (second / "final" / "base_adapter" / "adapter_config.json").is_file()
 
@@ -262,4 +262,4 @@ def test_a_run_that_failed_at_set_up_is_retried_with_the_same_command_and_max_st
     assert main(cli_args(cfg) + ["--max-steps", "2"]) == 0
     assert (out / "final").is_dir()
     assert json.loads((out / "summary.json").read_text())["steps"] == 2  # --max-steps: 2 of the 6 steps
-    assert max(r["step"] for r in read_metrics(out / "metrics.jsonl")) == 2
+    assert max(r["step"] for r in read_metrics(out)) == 2

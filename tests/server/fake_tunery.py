@@ -4,8 +4,8 @@ same run directory layout as the real CLI, in milliseconds and without torch.
     fake_tunery.py data validate FILE --json --format F --min-examples N [--screen-content P --screen-pii P]
     fake_tunery.py train sft|dpo|grpo --data F --out DIR [--epochs N] [--batch-size N] ... | --resume DIR
 
-Training writes config.yaml, metrics.jsonl, checkpoints/step-N/ (every step), final/ and summary.json;
-SIGTERM checkpoints at the next step boundary and exits 2 with the recipe's message, as the recipes do.
+Training writes config.yaml, metrics.jsonl, checkpoints/step-N/ (every step), final/ and summary.json,
+with the run directory's writers and names (tunery/run/files.py) where it has them; SIGTERM checkpoints at the next step boundary and exits 2 with the recipe's message, as the recipes do.
 Each step sleeps FAKE_STEP_SECONDS (default 0.05). A training file containing FAIL_TRAINING fails at
 step 2. Data screening runs for real, except that the classifier is a stand-in: it flags a text
 containing FAKE_OFFENSIVE. Every command line is appended to DIR/../argv.jsonl, so tests can check what
@@ -37,9 +37,21 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from tunery.data.chat import check_chat_example
+from tunery.run.files import (
+    CONFIG,
+    FINAL,
+    METRICS,
+    STEP,
+    SUMMARY,
+    TOTAL_STEPS,
+    TRAIN_ACCURACY,
+    TRAIN_LOSS,
+    RunSummary,
+    read_config,
+    write_config,
+    write_summary,
+)
 
 
 def validate(args: list[str]) -> int:
@@ -155,7 +167,9 @@ def train(method: str, args: list[str]) -> int:
     with (run_dir.parent / "argv.jsonl").open("a") as fh:
         fh.write(json.dumps([method, *args]) + "\n")
     if resume:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        saved = read_config(run_dir)
+        assert saved is not None, f"no {CONFIG} in {run_dir}"
+        config = saved.fields
         steps = [int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step-*")]
         start = max(steps, default=0)
     else:
@@ -165,6 +179,7 @@ def train(method: str, args: list[str]) -> int:
         batch = int(flag(args, "--batch-size", "5") or 5)
         epochs = int(flag(args, "--epochs", "1") or 1)
         config = {
+            "model": flag(args, "--model") or "",
             "data": str(data),
             "epochs": epochs,
             "batch_size": batch,
@@ -172,12 +187,12 @@ def train(method: str, args: list[str]) -> int:
             "beta": float(flag(args, "--beta", "0.1") or 0.1) if method == "dpo" else None,
             "total_steps": -(-n // batch) * epochs,
         }
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-        (run_dir / "metrics.jsonl").write_text("")
+        write_config(run_dir, config)
+        (run_dir / METRICS).write_text("")
         start = 0
     total = int(config["total_steps"])
     fails = "FAIL_TRAINING" in Path(config["data"]).read_text()
-    with (run_dir / "metrics.jsonl").open("a") as metrics:
+    with (run_dir / METRICS).open("a") as metrics:
         for step in range(start + 1, total + 1):
             time.sleep(float(os.environ.get("FAKE_STEP_SECONDS", "0.05")))
             if fails and step == 2:
@@ -185,12 +200,7 @@ def train(method: str, args: list[str]) -> int:
                 return 2
             metrics.write(
                 json.dumps(
-                    {
-                        "step": step,
-                        "total_steps": total,
-                        "train_loss": 2.0 / step,
-                        "train_mean_token_accuracy": 0.1 * step,
-                    }
+                    {STEP: step, TOTAL_STEPS: total, TRAIN_LOSS: 2.0 / step, TRAIN_ACCURACY: 0.1 * step}
                 )
                 + "\n"
             )
@@ -207,22 +217,34 @@ def train(method: str, args: list[str]) -> int:
                     file=sys.stderr,
                 )
                 return 2
-    (run_dir / "final").mkdir(exist_ok=True)
-    (run_dir / "final" / "adapter_config.json").write_text("{}")
-    summary = {
-        "steps": total,
-        "trained_tokens": 1000 * total,
-        "final_metrics": {"train_loss": 2.0 / total},
-        "energy": {"kwh": 0.0021, "kg_co2e": 0.001, "method": "estimated (fake)", "country": "WORLD"},
-        "safety_flags": json.loads(os.environ.get("FAKE_SAFETY_FLAGS", "[]")),
-        "final_step": int(os.environ.get("FAKE_FINAL_STEP", total)),  # select_best kept an earlier step
-        "best_valid_loss": 1.25,
-    }
+    (run_dir / FINAL).mkdir(exist_ok=True)
+    (run_dir / FINAL / "adapter_config.json").write_text("{}")
+    summary = RunSummary(
+        method=method,
+        model=str(config.get("model", "")),
+        run_dir=str(run_dir),
+        steps=total,
+        trained_tokens=1000 * total,
+        wall_seconds=0.1 * total,
+        train_seconds=0.1 * total,
+        tokens_per_second=10000.0,
+        peak_memory_mb=0.0,
+        final_metrics={TRAIN_LOSS: 2.0 / total},
+        world_size=1,
+        pid=os.getpid(),
+        energy={"kwh": 0.0021, "kg_co2e": 0.001, "method": "estimated (fake)", "country": "WORLD"},
+        safety_flags=json.loads(os.environ.get("FAKE_SAFETY_FLAGS", "[]")),
+        extra={
+            "final_step": int(os.environ.get("FAKE_FINAL_STEP", total)),  # select_best kept an earlier step
+            "best_valid_loss": 1.25,
+        },
+    )
     faults = os.environ.get("FAKE_FAULT", "").split(",")
-    if any(f.startswith("partial_summary:") for f in faults) and not (run_dir / "summary.json").exists():
-        (run_dir / "summary.json").write_text(json.dumps(summary)[:20])
+    if any(f.startswith("partial_summary:") for f in faults) and not (run_dir / SUMMARY).exists():
+        # a summary torn mid-write, as a writer without write_summary's rename could leave it
+        (run_dir / SUMMARY).write_text(json.dumps(summary.to_json())[:20])
         fault("partial_summary", stop, run_dir)
-    (run_dir / "summary.json").write_text(json.dumps(summary))
+    write_summary(run_dir, summary)
     fault("summary", stop, run_dir)
     print(f"done: {total} steps")
     return 0

@@ -647,6 +647,29 @@ def test_train_dpo_kto_and_a_reward_model(studio: Studio, settings: Settings) ->
     assert error(studio.post("/fine_tuning/jobs", json=openai), 400)["param"] == "method.type"
 
 
+def test_a_reward_model_is_no_starting_point_on_either_route(studio: Studio) -> None:
+    """One create_job for both job-creating routes: OpenAI's endpoint, which used to start a DPO job from
+    a reward model, now refuses it as the studio always has, with the same error."""
+    queue = decided_queue(studio)
+    rm = studio.ok(
+        studio.tpost(
+            f"/feedback/queues/{queue['id']}/train", json={"method": "reward_model", "model": "tiny-random"}
+        )
+    )
+    reward_model = studio.wait_status(rm["job"]["id"], "succeeded")["fine_tuned_model"]
+    from_studio = error(
+        studio.tpost(f"/feedback/queues/{queue['id']}/train", json={"method": "dpo", "model": reward_model}),
+        400,
+    )
+    openai = {"model": reward_model, "training_file": rm["file"]["id"], "method": {"type": "dpo"}}
+    from_openai = error(studio.post("/fine_tuning/jobs", json=openai), 400)
+    assert from_openai == from_studio
+    assert from_openai["code"] == "model_not_chat" and from_openai["param"] == "model"
+    assert reward_model in from_openai["message"] and "reward model" in from_openai["message"]
+    jobs = studio.get("/fine_tuning/jobs").json()["data"]
+    assert [j["id"] for j in jobs] == [rm["job"]["id"]]  # nothing was created on either route
+
+
 def test_train_refuses_too_little_or_the_wrong_data(studio: Studio) -> None:
     small = decided_queue(studio, n=4)
     body = {"method": "dpo", "model": "tiny-random"}

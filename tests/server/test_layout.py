@@ -14,8 +14,8 @@ HEAVY = (
     "peft",
     "safetensors",
     "tunery.models",
-    "tunery.recipes",
-    "tunery.training.common",
+    *(f"tunery.recipes.{m}" for m in ("sft", "reward_model", "dpo", "kto", "grpo", "ppo", "compare")),
+    "tunery.run.lifecycle",
 )
 
 

@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
-from tests.server.conftest import Api, chat_lines, fake_settings, jsonl
+from tests.server.conftest import TERMINAL, Api, chat_lines, fake_settings, jsonl
 from tests.server.pg import PostgresCluster
 from tunery.cli import main
 from tunery.server.app import create_app
@@ -124,6 +124,8 @@ def test_fifty_concurrent_requests(api: Api, other: Api) -> None:
     with ThreadPoolExecutor(50) as pool:
         codes = list(pool.map(request, range(150)))
     assert codes == [200] * 150
+    # the job's result file is a new file: it must not appear between the pages and the whole list
+    api.wait_status(job["id"], *TERMINAL)
     for who in (api, other):
         seen, after = [], None
         while True:

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import chat_lines, write_jsonl
-from tunery.cli import _print_summary, chat_loop, main
+from tunery.cli import main
+from tunery.commands.models import chat_loop
+from tunery.commands.train import print_summary
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -205,14 +207,14 @@ def summary(**extra) -> dict:
 
 
 def test_rl_summary_reports_completions_not_trained_tokens(capsys: pytest.CaptureFixture[str]) -> None:
-    _print_summary(summary(completions=96, completions_per_second=13.636))
+    print_summary(summary(completions=96, completions_per_second=13.636))
     line = capsys.readouterr().out.splitlines()[0]
     assert line.startswith("done: 6 steps, 96 completions at 13.6/s (7 s training, 9 s in all);"), line
     assert "tok/s" not in line
 
 
 def test_sft_summary_reports_tokens(capsys: pytest.CaptureFixture[str]) -> None:
-    _print_summary(summary())
+    print_summary(summary())
     assert capsys.readouterr().out.startswith(
         "done: 6 steps, 2263 tokens at 321 tok/s (7 s training, 9 s in all)"
     )

@@ -225,8 +225,8 @@ def test_card_of_a_bare_run_and_of_unreadable_files(tmp_path: Path) -> None:
 
 
 def test_unacceptable_risk_is_refused_at_config_time(tmp_path: Path) -> None:
-    from tunery.recipes.sft import SFTConfig
-    from tunery.training.config import build_config
+    from tunery.recipes.configs import SFTConfig
+    from tunery.run.config import build_config
 
     base = {"data": "train.jsonl", "out": str(tmp_path / "run")}
     with pytest.raises(TuneryError, match=r"prohibits \(Article 5\).*social scoring"):

@@ -59,7 +59,7 @@ def test_a_directory_that_is_not_a_run_is_never_deleted(tmp_path: Path) -> None:
 
 
 def test_resuming_a_finished_run_is_refused_rather_than_redone(tmp_path: Path) -> None:
-    from tunery.recipes.sft import SFTConfig
+    from tunery.recipes.configs import SFTConfig
 
     run = tmp_path / "run"
     (run / "final").mkdir(parents=True)

@@ -38,21 +38,20 @@ def test_auto_chat_batch_fills_a_packed_row_on_small_data_and_says_why() -> None
 
 
 def test_auto_learning_rate_follows_an_auto_batch_only(chat_files) -> None:
-    from tunery.recipes.sft import SFTConfig
+    from tunery.recipes.configs import SFTConfig
+    from tunery.run.lifecycle import resolve_run
     from tunery.training import distributed
-    from tunery.training.common import resolve_common
 
     train, _ = chat_files
     world = distributed.World()
     rule = chat_batch(mean_tokens=109, row_tokens=1024)
-    auto = resolve_common(SFTConfig(data=str(train), out="x"), 191, world, 2e-4, rule)
-    assert auto["batch_size"] == 10 and auto["lr"] == pytest.approx(2e-3)
-    given = resolve_common(SFTConfig(data=str(train), out="x", batch_size=10), 191, world, 2e-4, rule)
-    assert given["lr"] == pytest.approx(2e-4)  # a batch size the user chose keeps the base rate
-    mult = resolve_common(
-        SFTConfig(data=str(train), out="x", learning_rate_multiplier=2.0), 191, world, 2e-4, rule
-    )
-    assert mult["batch_size"] == 10 and mult["lr"] == pytest.approx(4e-4)
+    assert SFTConfig.BASE_LR_LORA == 2e-4
+    auto = resolve_run(SFTConfig(data=str(train), out="x"), 191, world, rule)
+    assert auto.batch_size == 10 and auto.lr == pytest.approx(2e-3)
+    given = resolve_run(SFTConfig(data=str(train), out="x", batch_size=10), 191, world, rule)
+    assert given.lr == pytest.approx(2e-4)  # a batch size the user chose keeps the base rate
+    mult = resolve_run(SFTConfig(data=str(train), out="x", learning_rate_multiplier=2.0), 191, world, rule)
+    assert mult.batch_size == 10 and mult.lr == pytest.approx(4e-4)
 
 
 def test_warmup_then_cosine_and_linear() -> None:

@@ -532,3 +532,19 @@ def load_feedback_data(
             f"Fix them (see `tunery data validate {path}`) and run again."
         )
     return report.chats
+
+
+def load_feedback_splits(
+    train_path: str | Path,
+    valid_path: str | Path | None,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None,
+    expect: Kind,
+) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
+    """The training feedback and the held-out feedback (none without a validation file, at least one
+    example with one)."""
+    train = load_feedback_data(train_path, tokenizer, max_length, expect)
+    valid = (
+        load_feedback_data(valid_path, tokenizer, max_length, expect, min_examples=1) if valid_path else []
+    )
+    return train, valid

@@ -20,121 +20,26 @@ key for the other class, nor `rewards/margins`.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from peft import PeftModel
-from torch.nn.parallel import DistributedDataParallel
 
-from tunery.data.feedback import TokenizedPair, load_feedback_data
+from tunery.data.feedback import TokenizedPair, load_feedback_splits
 from tunery.data.packing import examples_seen, pack_pairs, plan_rows, shard, step_indices
-from tunery.errors import TuneryError
 from tunery.losses.dpo import kto_loss
 from tunery.models.forward import output_weight, sequence_logps
-from tunery.models.load import load_model
-from tunery.models.lora import adapter_dir, apply_lora, cast_frozen, merge_adapter
-from tunery.safety.card import write_model_card
-from tunery.safety.evals import evaluate_run
-from tunery.safety.screen import check_policies, screen_run_data, screened_paths
+from tunery.recipes.configs import KTOConfig
+from tunery.run import files, lifecycle
 from tunery.training import auto, distributed
-from tunery.training.common import (
-    check_common_fields,
-    checkpoint_or_stop,
-    resolve_common,
-    restore,
-    run_summary,
-)
-from tunery.training.config import build_config
-from tunery.training.early_stopping import restore_best, resume_early_stopping, save_best
-from tunery.training.energy import EnergyMeter
-from tunery.training.faults import fault_point
-from tunery.training.io import atomic_write_json, atomic_write_yaml
-from tunery.training.memory import keep_freed_memory
-from tunery.training.progress import StepProgress
-from tunery.training.rundir import (
-    autocast,
-    check_same_data,
-    last_metrics,
-    prepare_run_dir,
-    resumed_config,
-    save_final,
-)
-from tunery.training.schedule import lr_at
-from tunery.training.signals import GracefulStop
+from tunery.training.rundir import autocast
 
 log = logging.getLogger("tunery")
 
-BASE_LR_LORA = 5e-5  # LoRA; full fine-tuning uses 1e-6 (as DPO: small updates move the policy far)
-BASE_LR_FULL = 1e-6
 
-
-# --- config ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class KTOConfig:
-    model: str = "smollm2-135m-instruct"  # built-in name, HF directory or .gguf file
-    adapter: str | None = None  # start from this fine-tuned adapter (e.g. the SFT run); it is the reference
-    data: str = ""  # training ratings ({prompt | messages, completion, label})
-    valid: str | None = None  # held-out ratings
-    out: str = ""  # run directory
-    beta: float = 0.1
-    desirable_weight: float = 1.0  # loss weight of thumbs-up examples
-    undesirable_weight: float = 1.0  # loss weight of thumbs-down examples
-    epochs: int | str = "auto"
-    max_steps: int = 0  # stop after this many steps (0: the epochs decide); the schedule ends there
-    batch_size: int | str = "auto"  # rated examples per optimizer step
-    lr: float | None = None  # absolute peak learning rate; overrides learning_rate_multiplier
-    learning_rate_multiplier: float | str = "auto"  # times 5e-5 (LoRA) or 1e-6 (full)
-    lora_rank: int = 16  # 0 means full fine-tuning
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_targets: str = "all-linear"
-    max_length: int = 1024  # prompt + completion; longer completions are truncated from the end
-    micro_batch_tokens: int = 2048  # token budget of one packed forward pass
-    precision: str = "auto"  # bf16 | fp32 | auto
-    seed: int = 0
-    warmup_ratio: float = 0.1
-    schedule: str = "cosine"  # cosine | linear | constant
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    eval_every: int = 0  # steps; 0 picks ~10 evaluations per run
-    eval_examples: int = 64  # held-out examples in each periodic evaluation (all at the end)
-    save_every: int = 0  # steps; 0 saves ~5 checkpoints per run
-    keep_checkpoints: int = 3
-    early_stopping_patience: int = 0  # stop after this many evaluations without a lower valid_loss; 0: never
-    early_stopping_min_delta: float = 0.0  # a valid_loss must be lower by more than this to count
-    select_best: bool = True  # final/ from the evaluation with the lowest valid_loss (when there is --valid)
-    # the run's report: MODEL_CARD.md (safety/card.py) and energy (training/energy.py)
-    intended_use: str = "not declared"  # what the model is for, and for whom
-    limitations: str = "not declared"  # known weaknesses; uses to avoid
-    risk_category: str = "undeclared"  # EU AI Act tier: minimal | limited | high ("unacceptable" is refused)
-    # before-vs-after safety, bias, memorisation and diversity evaluations (safety/evals.py) into evals.json
-    # and the model card: none | quick (~40 s on the bundled model) | default (~1.5 min) | full
-    safety_evals: str = "quick"
-    track_energy: bool = True  # codecarbon's kWh and CO2e estimate, in summary.json and the card
-    energy_country: str = "WORLD"  # ISO-3 code of the grid (FRA, USA, IND, ...); WORLD: world average
-    cpu_power_watts: float | None = None  # the CPU's power in watts, if known, where there is no RAPL
-    screen_content: str = "warn"  # data screening (safety/screen.py), offensive lines: warn | block | redact
-    screen_pii: str = "block"  # personal data: block | redact (mask it) | warn
-
-    def __post_init__(self) -> None:
-        check_common_fields(self)
-        check_policies(self.screen_content, self.screen_pii)
-        for name in ("beta", "desirable_weight", "undesirable_weight"):
-            if getattr(self, name) <= 0:
-                raise TuneryError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.micro_batch_tokens < self.max_length:
-            raise TuneryError("micro_batch_tokens must be >= max_length (a pair's sequences share one row)")
-
-
-# --- setup -----------------------------------------------------------------------------------------------
+# --- setup ------------------------------------------------------------------------------------------------
 
 
 def mismatched(examples: list[TokenizedPair], seed: int, max_length: int) -> list[TokenizedPair]:
@@ -177,7 +82,8 @@ def reference_logps(
     model: torch.nn.Module,
     examples: list[TokenizedPair],
     kl_items: list[TokenizedPair],
-    cfg: dict[str, Any],
+    micro_batch_tokens: int,
+    precision: str,
     world: distributed.World,
 ) -> dict[int, tuple[float, float]]:
     """{line: (matched, mismatched)} summed completion log-probs under the model as it is now (the
@@ -188,8 +94,8 @@ def reference_logps(
     values = [0.0] * (2 * len(examples))  # each process fills its share; the sum across processes is complete
     for column, items in enumerate((examples, kl_items)):
         index = {item.line: i for i, item in enumerate(items)}
-        for row_items in plan_rows(shard(items, world.rank, world.size), cfg["micro_batch_tokens"]):
-            with autocast(cfg["precision"], world.device):
+        for row_items in plan_rows(shard(items, world.rank, world.size), micro_batch_tokens):
+            with autocast(precision, world.device):
                 summed, _, _ = sequence_logps(model, lm_head_weight, pack_pairs(row_items))
             for k, item in enumerate(row_items):
                 values[2 * index[item.line] + column] = summed[2 * k].item()
@@ -203,14 +109,15 @@ def kl_estimate(
     model: torch.nn.Module,
     items: list[TokenizedPair],
     ref: dict[int, tuple[float, float]],
-    cfg: dict[str, Any],
+    micro_batch_tokens: int,
+    precision: str,
     world: distributed.World,
 ) -> torch.Tensor:
     """z0: the mean log-ratio of the mismatched `items` over all processes, clamped at 0 (detached)."""
     lm_head_weight = output_weight(model)
     total, count = 0.0, 0.0
-    for row_items in plan_rows(shard(items, world.rank, world.size), cfg["micro_batch_tokens"]):
-        with autocast(cfg["precision"], world.device):
+    for row_items in plan_rows(shard(items, world.rank, world.size), micro_batch_tokens):
+        with autocast(precision, world.device):
             logps, _, _ = sequence_logps(model, lm_head_weight, pack_pairs(row_items))
         ref_logps = torch.tensor([ref[item.line][1] for item in row_items])
         total += float((logps[0::2].float() - ref_logps).sum())
@@ -220,7 +127,7 @@ def kl_estimate(
 
 
 def example_losses(
-    cfg: dict[str, Any], logps: torch.Tensor, row_items: list[TokenizedPair],
+    cfg: KTOConfig, logps: torch.Tensor, row_items: list[TokenizedPair],
     ref: dict[int, tuple[float, float]], kl: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Per-example losses (n,), rewards (n,), policy log-probs (n,) and labels (n,) of a packed row."""
@@ -228,8 +135,8 @@ def example_losses(
     ref_logps = torch.tensor([ref[item.line][0] for item in row_items], dtype=policy.dtype)
     desirable = torch.tensor([bool(item.label) for item in row_items])
     losses, rewards = kto_loss(
-        policy, ref_logps, desirable, kl.to(policy.dtype), cfg["beta"],
-        cfg["desirable_weight"], cfg["undesirable_weight"],
+        policy, ref_logps, desirable, kl.to(policy.dtype), cfg.beta,
+        cfg.desirable_weight, cfg.undesirable_weight,
     )  # fmt: skip
     return losses, rewards, policy.detach(), desirable
 
@@ -271,262 +178,149 @@ def evaluate(
     examples: list[TokenizedPair],
     kl_items: list[TokenizedPair],
     ref: dict[int, tuple[float, float]],
-    cfg: dict[str, Any],
+    cfg: KTOConfig,
+    precision: str,
     world: distributed.World,
 ) -> dict[str, float]:
     """Held-out loss, rewards, KL estimate and reward-sign accuracy (named `valid_<metric>`)."""
     lm_head_weight = output_weight(model)
     was_training = model.training
     model.eval()
-    kl = kl_estimate(model, kl_items, ref, cfg, world)
+    kl = kl_estimate(model, kl_items, ref, cfg.micro_batch_tokens, precision, world)
     stats = RatingStats()
-    for row_items in plan_rows(shard(examples, world.rank, world.size), cfg["micro_batch_tokens"]):
-        with autocast(cfg["precision"], world.device):
+    for row_items in plan_rows(shard(examples, world.rank, world.size), cfg.micro_batch_tokens):
+        with autocast(precision, world.device):
             logps, _, _ = sequence_logps(model, lm_head_weight, pack_pairs(row_items))
         stats.add(*example_losses(cfg, logps, row_items, ref, kl))
     model.train(was_training)
     return {**stats.averaged(world, prefix="valid_"), "valid_kl": float(kl)}
 
 
-# --- train -----------------------------------------------------------------------------------------------
+# --- train ------------------------------------------------------------------------------------------------
 
 
 def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    keep_freed_memory()
-    world = distributed.setup()
-    run_dir = Path(cfg.out)
-    energy = EnergyMeter.for_run(cfg, run_dir, world, resume)  # probes the hardware while the run sets up
-    if world.is_main:
-        prepare_run_dir(run_dir, resume, overwrite)
-        if not resume:  # a resumed run trains on the data screened at its start
-            screen_run_data(
-                {"train": cfg.data, "valid": cfg.valid}, cfg.screen_content, cfg.screen_pii, run_dir
-            )
-    distributed.barrier(world)
-    paths = screened_paths(run_dir, {"train": cfg.data, "valid": cfg.valid})
-
-    if resume:
-        check_same_data(run_dir, cfg)
-    model: torch.nn.Module
-    model, tokenizer = load_model(cfg.model)
-    if cfg.adapter:
-        model = merge_adapter(model, cfg.adapter)  # type: ignore[arg-type]
-    train_examples = load_feedback_data(paths["train"], tokenizer, cfg.max_length, expect="unpaired")
-    valid_examples = (
-        load_feedback_data(paths["valid"], tokenizer, cfg.max_length, expect="unpaired", min_examples=1)
-        if cfg.valid
-        else []
+    opened = lifecycle.open_run(cfg, resume, overwrite)
+    train_examples, valid_examples = load_feedback_splits(
+        opened.train_path, opened.valid_path, opened.tokenizer, cfg.max_length, expect="unpaired"
     )
     train_kl = mismatched(train_examples, cfg.seed, cfg.max_length)  # train_kl[i] goes with train_examples[i]
     valid_kl = mismatched(valid_examples, cfg.seed, cfg.max_length)
-    resolved = resolve_common(
-        cfg,
-        len(train_examples),
-        world,
-        BASE_LR_LORA if cfg.lora_rank else BASE_LR_FULL,
-        auto.pair_batch,
-    )
-    if world.is_main and not resume:
-        atomic_write_yaml(run_dir / "config.yaml", resolved)
-        tokenizer.save_pretrained(run_dir / "tokenizer")
-    total_steps, batch_size = resolved["total_steps"], resolved["batch_size"]
-
-    torch.manual_seed(cfg.seed)  # LoRA initialisation
-    if cfg.lora_rank:
-        model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)  # type: ignore[arg-type]
-        if resolved["precision"] == "bf16":
-            cast_frozen(model, torch.bfloat16)
-    torch.nn.Module.to(model, world.device)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=resolved["lr"], weight_decay=cfg.weight_decay)
-    ddp_model: torch.nn.Module = DistributedDataParallel(model) if world.distributed else model
-    lm_head_weight = output_weight(model)
+    plan = lifecycle.resolve_run(cfg, len(train_examples), opened.world, auto.pair_batch)
+    run = lifecycle.start_run(opened, cfg, plan, lifecycle.with_lora(opened.model, cfg, plan), method="kto")
+    world, model = run.world, run.ddp_model
+    lm_head_weight = output_weight(run.model)
 
     # Reference log-probs {line: (matched, mismatched)}: computed before any update, or read back.
-    ref_path = run_dir / "reference_logps.json"
-    ref_train: dict[int, tuple[float, float]] = {}
-    ref_valid: dict[int, tuple[float, float]] = {}
-    if resume and ref_path.is_file():
-        saved = json.loads(ref_path.read_text())
-        ref_train = {int(k): tuple(v) for k, v in saved["train"].items()}  # type: ignore[misc]
-        ref_valid = {int(k): tuple(v) for k, v in saved["valid"].items()}  # type: ignore[misc]
-    elif resume:
-        raise TuneryError(f"cannot resume {run_dir}: reference_logps.json is missing; start a new run")
-    else:
-        t0 = time.monotonic()
-        ref_train = reference_logps(model, train_examples, train_kl, resolved, world)
-        ref_valid = reference_logps(model, valid_examples, valid_kl, resolved, world)
-        if world.is_main:
-            atomic_write_json(ref_path, {"train": ref_train, "valid": ref_valid})
-            log.info("reference log-probs of %d examples and their mismatched pairs in %.0f s",
-                     len(train_examples) + len(valid_examples), time.monotonic() - t0)  # fmt: skip
+    def reference(
+        examples: list[TokenizedPair], kl_items: list[TokenizedPair]
+    ) -> dict[int, tuple[float, float]]:
+        return reference_logps(run.model, examples, kl_items, cfg.micro_batch_tokens, plan.precision, world)
 
-    start_step, tokens_seen, train_seconds, metrics = restore(run_dir, model, optimizer, resume, world)
-    early = resume_early_stopping(run_dir, cfg, resume, world)
-    warmup_steps = round(cfg.warmup_ratio * total_steps)
+    ref_train, ref_valid, _ = lifecycle.cached_reference(
+        run,
+        lambda: (reference(train_examples, train_kl), reference(valid_examples, valid_kl)),
+        f"{len(train_examples) + len(valid_examples)} examples and their mismatched pairs",
+    )
+
     warnings: list[str] = []
     balance = class_balance_warning(train_examples, cfg)
     if balance:
         warnings.append(balance)
-    if world.is_main:
-        log.info(
-            "kto: %d training examples (%d thumbs up), %d validation; %d steps of %d examples; beta %g; "
-            "%s trainable parameters; %s",
-            len(train_examples), sum(bool(e.label) for e in train_examples), len(valid_examples),
-            total_steps, batch_size, cfg.beta, f"{sum(p.numel() for p in trainable):,}",
-            resolved["precision"],
-        )  # fmt: skip
-        if balance:
-            log.warning("warning: %s", balance)
+    lifecycle.announce(
+        run, "kto: %d training examples (%d thumbs up), %d validation; %d steps of %d examples; beta %g",
+        len(train_examples), sum(bool(e.label) for e in train_examples), len(valid_examples),
+        plan.total_steps, plan.batch_size, cfg.beta,
+    )  # fmt: skip
+    if balance and world.is_main:
+        log.warning("warning: %s", balance)
 
-    wall_start = time.monotonic()
-    step = start_step
-    with (
-        GracefulStop() as stop,
-        StepProgress(total_steps, start_step, "kto", enabled=world.is_main) as progress,
-        energy,
-    ):
-        while step < total_steps:
+    step = run.start_step
+    with run.stop, run.progress, run.energy:
+        while step < plan.total_steps:
             t0 = time.monotonic()
-            indices = step_indices(step, len(train_examples), batch_size, cfg.seed)
-            examples = [train_examples[i] for i in indices]
+            indices = step_indices(step, len(train_examples), plan.batch_size, cfg.seed)
+            examples, mine, weight = lifecycle.step_batch(run, train_examples, step, cfg.seed)
             step_examples = len(examples)
             # z0 from this step's mismatched pairs: the plain module (no DDP bookkeeping), no gradients.
-            kl = kl_estimate(model, [train_kl[i] for i in indices], ref_train, resolved, world)
-            mine, weight = shard(examples, world.rank, world.size), 1.0
-            if not mine:  # a short last batch: this process still joins the gradient all-reduce, weightless
-                mine, weight = examples[:1], 0.0
+            kl = kl_estimate(run.model, [train_kl[i] for i in indices], ref_train, cfg.micro_batch_tokens,
+                             plan.precision, world)  # fmt: skip
             rows = plan_rows(mine, cfg.micro_batch_tokens)
             stats, tokens = RatingStats(), 0.0
             for k, row_items in enumerate(rows):
                 row = pack_pairs(row_items)
                 sync = k == len(rows) - 1 or not world.distributed
-                with contextlib.nullcontext() if sync else ddp_model.no_sync():  # type: ignore[operator]
-                    with autocast(resolved["precision"], world.device):
-                        logps, _, _ = sequence_logps(ddp_model, lm_head_weight, row)
-                    losses, rewards, policy, desirable = example_losses(
-                        resolved, logps, row_items, ref_train, kl
-                    )
+                with contextlib.nullcontext() if sync else model.no_sync():  # type: ignore[operator]
+                    with autocast(plan.precision, world.device):
+                        logps, _, _ = sequence_logps(model, lm_head_weight, row)
+                    losses, rewards, policy, desirable = example_losses(cfg, logps, row_items, ref_train, kl)
                     # The step's loss is the mean over its examples, however they are split into rows and
                     # processes (DDP averages gradients over processes, hence the world size factor).
                     (losses.sum() * (weight * world.size / step_examples)).backward()
                 stats.add(losses, rewards, policy, desirable, weight)
                 tokens += weight * row.n_tokens
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            )
-            lr = lr_at(step, total_steps, resolved["lr"], warmup_steps, cfg.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            lr, grad_norm = lifecycle.optimizer_step(run, step, cfg.grad_clip, cfg.schedule)
             step += 1
 
-            tokens = distributed.all_sum([tokens], world)[0]
-            step_seconds = time.monotonic() - t0
-            tokens_seen += int(tokens)
-            train_seconds += step_seconds
+            tokens, step_seconds = lifecycle.count_step(run, tokens, t0)
             averaged = stats.averaged(world)
             averaged.pop("accuracy")
             record: dict[str, Any] = {
-                "step": step,
-                "total_steps": total_steps,
-                "train_loss": averaged.pop("loss"),
+                files.STEP: step,
+                files.TOTAL_STEPS: plan.total_steps,
+                files.TRAIN_LOSS: averaged.pop("loss"),
                 **averaged,
                 "kl": float(kl),
                 "lr": lr,
                 "grad_norm": float(grad_norm),
-                "tokens": tokens_seen,
+                "tokens": run.tokens_seen,
                 "tokens_per_second": tokens / step_seconds,
                 "examples_per_second": step_examples / step_seconds,
             }
-            if valid_examples and (step % resolved["eval_every"] == 0 or step == total_steps):
+            if valid_examples and (step % plan.eval_every == 0 or step == plan.total_steps):
                 n_eval = cfg.eval_examples
                 record.update(
                     evaluate(
-                        ddp_model, valid_examples[:n_eval], valid_kl[:n_eval], ref_valid, resolved, world
+                        model,
+                        valid_examples[:n_eval],
+                        valid_kl[:n_eval],
+                        ref_valid,
+                        cfg,
+                        plan.precision,
+                        world,
                     )
                 )
-                if early.update(step, record["valid_loss"]) and cfg.select_best and world.is_main:
-                    save_best(run_dir, model, step)
-            if metrics is not None:
-                metrics.write(record)
-            progress.update(
-                step,
-                f"loss {record['train_loss']:.3f} kl {record['kl']:.3f} "
-                + (f"valid acc {record['valid_accuracy']:.2f} " if "valid_loss" in record else "")
+                lifecycle.held_out_loss(run, step, record[files.VALID_LOSS], cfg.select_best)
+            lifecycle.log_step(
+                run,
+                record,
+                f"loss {record[files.TRAIN_LOSS]:.3f} kl {record['kl']:.3f} "
+                + (f"valid acc {record['valid_accuracy']:.2f} " if files.VALID_LOSS in record else "")
                 + f"{record['examples_per_second']:.2f} examples/s",
             )
-            fault_point("after_step", step)
-            counters = {"tokens": tokens_seen, "train_seconds": train_seconds,
-                        "early_stopping": early.state(), "energy": energy.so_far()}  # fmt: skip
-            checkpoint_or_stop(run_dir, step, resolved, model, optimizer, counters, stop, world, "kto")
-            if early.should_stop:
+            if lifecycle.end_step(run, step, "kto"):
                 break
 
     # --- finish: final weights (the best evaluation's), full validation, summary, model card --------------
-    final_step = restore_best(run_dir, model, early, step, world) if cfg.select_best else step
-    selection = early.summary(final_step, step, total_steps)
-    final: dict[str, Any] = {}
-    if valid_examples:
-        final = {
+    selection = lifecycle.select_final_weights(run, step, cfg.select_best)
+    final = (
+        {
             "full_" + k: v
-            for k, v in evaluate(ddp_model, valid_examples, valid_kl, ref_valid, resolved, world).items()
+            for k, v in evaluate(
+                model, valid_examples, valid_kl, ref_valid, cfg, plan.precision, world
+            ).items()
         }
-    summary: dict[str, Any] = {}
-    if world.is_main:
-        assert metrics is not None
-        if final:
-            metrics.write({"step": step, **final, **selection})
-        metrics.close()
-        base_adapter = adapter_dir(cfg.adapter) if cfg.adapter and isinstance(model, PeftModel) else None
-        meta = {"base_model": cfg.model, "method": "kto", "adapter": cfg.adapter, "config": resolved}
-        save_final(run_dir, model, tokenizer, meta, base_adapter=str(base_adapter) if base_adapter else None)
-        n_examples = examples_seen(step, len(train_examples), resolved["batch_size"])
-        safety_flags = evaluate_run(
-            model,
-            tokenizer,
-            size=cfg.safety_evals,
-            run_dir=run_dir,
-            base_name=cfg.model,
-            adapter=cfg.adapter,
-            train_path=None,
-            seed=cfg.seed,
-        )
-        summary = run_summary(
-            "kto",
-            cfg,
-            run_dir,
-            step,
-            tokens_seen,
-            wall_start,
-            train_seconds,
-            world,
-            {
-                **last_metrics(run_dir, ("train_", "valid_", "rewards/", "logps/", "kl")),
-                **final,
-            },
-            examples=n_examples,
-            examples_per_second=round(n_examples / max(train_seconds, 1e-9), 3),
-            warnings=warnings,
-            train_examples=len(train_examples),
-            valid_examples=len(valid_examples),
-            energy=energy.record(),
-            safety_flags=safety_flags,
-            **selection,
-        )
-        atomic_write_json(run_dir / "summary.json", summary)
-        write_model_card(run_dir)
-    distributed.barrier(world)
-    distributed.teardown(world)
-    return summary
+        if valid_examples
+        else {}
+    )
+    n_examples = examples_seen(step, len(train_examples), plan.batch_size)
+    return lifecycle.finish_run(
+        run, cfg, step, method="kto", final_metrics=final, selection=selection, warnings=warnings,
+        metric_prefixes=(files.TRAIN_PREFIX, files.VALID_PREFIX, "rewards/", "logps/", "kl"),
+        counts={"examples": n_examples, "examples_per_second": lifecycle.per_second(n_examples, run.train_seconds),
+                "train_examples": len(train_examples), "valid_examples": len(valid_examples)},
+    )  # fmt: skip
 
 
-def run(
-    config_path: str | None, overrides: dict[str, Any], resume_dir: str | None = None, overwrite: bool = False
-) -> dict[str, Any]:
-    """Entry point of `tunery train kto`: builds the config (YAML, then flags) and trains."""
-    if resume_dir:
-        return train(resumed_config(KTOConfig, resume_dir), resume=True)
-    return train(build_config(KTOConfig, config_path, overrides), overwrite=overwrite)
+# the entry point of `tunery train`: the config from YAML then flags (or the resumed run's), then train()
+run = lifecycle.entry_point(KTOConfig, train)

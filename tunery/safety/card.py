@@ -6,8 +6,9 @@
 Sources, each optional except final/: final/tunery.yaml (base model, method), config.yaml
 (hyperparameters, data hashes, the declared use, limitations and risk category), summary.json (results,
 energy), metrics.jsonl (the loss curve), screening.json (data screening: counts and actions, never the
-flagged text) and evals.json (base vs tuned). A missing source or section is written as "not run"
-rather than left out, so a reader can tell "not checked" from "nothing found".
+flagged text) and evals.json (base vs tuned), the run directory's files read with their readers
+(tunery/run/files.py). A missing source or section is written as "not run" rather than left out, so a
+reader can tell "not checked" from "nothing found".
 
 The EU AI Act tier is the user's declaration, recorded as given: the card points at the obligations a
 tier carries, it does not assess compliance (and is not legal advice). `unacceptable` is refused before
@@ -26,6 +27,25 @@ from typing import Any
 import yaml
 
 from tunery.errors import TuneryError
+from tunery.run.files import (
+    CONFIG,
+    EVALS,
+    FINAL,
+    FULL_VALID_PREFIX,
+    METRICS,
+    STEP,
+    SUMMARY,
+    TRAIN_ACCURACY,
+    TRAIN_LOSS,
+    VALID_ACCURACY,
+    VALID_LOSS,
+    EvalsReport,
+    RunSummary,
+    read_config,
+    read_evals,
+    read_metrics,
+    read_summary,
+)
 from tunery.training.io import atomic_write_text
 
 EVAL_SECTIONS = ("safety", "bias", "memorization", "diversity", "grounding")  # what `tunery eval all` runs
@@ -83,14 +103,7 @@ METHODS = {
 # not trained as they were; any other action with flagged lines is a red flag.
 REMOVED = {"redacted", "blocked", "dropped", "removed"}
 NOT_DECLARED = "not declared"
-SOURCES = (
-    "final/tunery.yaml",
-    "config.yaml",
-    "summary.json",
-    "metrics.jsonl",
-    "screening.json",
-    "evals.json",
-)
+SOURCES = (f"{FINAL}/tunery.yaml", CONFIG, SUMMARY, METRICS, "screening.json", EVALS)
 SETTINGS = {  # config field -> how the card names it
     "epochs": "epochs",
     "batch_size": "batch size",
@@ -109,10 +122,10 @@ SETTINGS = {  # config field -> how the card names it
     "total_steps": "steps planned",
 }
 CURVE_METRICS = (  # the first / best / last table; "best" is the lowest loss or KL, the highest otherwise
-    "train_loss",
-    "valid_loss",
-    "train_mean_token_accuracy",
-    "valid_mean_token_accuracy",
+    TRAIN_LOSS,
+    VALID_LOSS,
+    TRAIN_ACCURACY,
+    VALID_ACCURACY,
     "valid_rewards/accuracies",
     "valid_accuracy",
     "train_reward_mean",
@@ -137,9 +150,9 @@ def check_card_fields(cfg: Any) -> None:
 def write_model_card(run_dir: Path) -> Path:
     """Write DIR/final/MODEL_CARD.md atomically and return its path."""
     run_dir = Path(run_dir)
-    if not (run_dir / "final").is_dir():
+    if not (run_dir / FINAL).is_dir():
         raise TuneryError(f"{run_dir} has no final/ directory: a model card describes a finished run")
-    path = run_dir / "final" / "MODEL_CARD.md"
+    path = run_dir / FINAL / "MODEL_CARD.md"
     atomic_write_text(path, render_model_card(run_dir))
     return path
 
@@ -163,17 +176,27 @@ def render_model_card(run_dir: Path) -> str:
 
 
 class _Run:
-    """The run directory's files, each parsed once; an unreadable file is noted, not fatal."""
+    """The run directory's files, each read once; an unreadable file is noted, not fatal. config.yaml is
+    kept as its fields by name (the card shows a method's own, like `beta`, beside the common ones)."""
 
     def __init__(self, run_dir: Path) -> None:
         self.dir = run_dir
         self.problems: list[str] = []
-        self.meta = self._load(run_dir / "final" / "tunery.yaml") or {}
-        self.config = self._load(run_dir / "config.yaml") or self.meta.get("config") or {}
-        self.summary = self._load(run_dir / "summary.json")
+        self.meta = self._load(run_dir / FINAL / "tunery.yaml") or {}
+        saved = read_config(run_dir)
+        self._unreadable(CONFIG, saved)
+        self.config: dict[str, Any] = (saved.fields if saved else None) or self.meta.get("config") or {}
+        self.summary: RunSummary | None = read_summary(run_dir)
+        self._unreadable(SUMMARY, self.summary)
         self.screening = self._load(run_dir / "screening.json")
-        self.evals = self._load(run_dir / "evals.json")
-        self.records = self._records(run_dir / "metrics.jsonl")
+        self.evals: EvalsReport | None = read_evals(run_dir / EVALS)
+        self._unreadable(EVALS, self.evals)
+        self.records = read_metrics(run_dir)
+
+    def _unreadable(self, name: str, value: Any) -> None:
+        """A file that is there but that its reader could not make sense of: noted, and left out."""
+        if value is None and (self.dir / name).is_file():
+            self.problems.append(f"{name} could not be read (not a JSON/YAML object); it is left out")
 
     def _load(self, path: Path) -> Any:
         if not path.is_file():
@@ -189,19 +212,6 @@ class _Run:
             return None
         return value
 
-    @staticmethod
-    def _records(path: Path) -> list[dict[str, Any]]:
-        records = []
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue  # a torn last line of a killed run
-                if isinstance(record, dict):
-                    records.append(record)
-        return records
-
     @property
     def name(self) -> str:
         # The service keeps runs at JOB_ID/run: the job id names them better than "run".
@@ -209,20 +219,25 @@ class _Run:
 
     @property
     def method(self) -> str:
-        return str(self.meta.get("method") or (self.summary or {}).get("method") or "unknown")
+        return str(self.meta.get("method") or (self.summary and self.summary.method) or "unknown")
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """What the method added to summary.json (examples, early stopping's selection, ...)."""
+        return self.summary.extra if self.summary else {}
 
 
 # --- sections --------------------------------------------------------------------------------------------
 
 
 def _header(run: _Run) -> str:
-    cfg, summary = run.config, run.summary or {}
+    cfg, summary = run.config, run.summary
     base = run.meta.get("base_model") or cfg.get("model") or "unknown"
     rank = cfg.get("lora_rank")
     kind = f"a LoRA adapter (rank {rank})" if rank else "fully fine-tuned weights" if rank == 0 else "weights"
     if run.method == "rm":
         kind += " with a reward head"
-    trained = _date(run.dir / "summary.json") or _date(run.dir / "final")
+    trained = _date(run.dir / SUMMARY) or _date(run.dir / FINAL)
     rows = [
         ("Base model", f"`{base}`"),
         ("Method", f"{METHODS.get(run.method, run.method)}; {kind}"),
@@ -232,16 +247,15 @@ def _header(run: _Run) -> str:
             ("Trained on top of", f"`{run.meta.get('adapter') or cfg.get('adapter')}` (merged first)")
         )
     when = [trained] if trained else []
-    if summary.get("steps") is not None:
-        when.append(f"{summary['steps']} of {cfg.get('total_steps', summary['steps'])} steps")
-    if summary.get("wall_seconds") is not None:
-        when.append(_duration(summary["wall_seconds"]))
+    if summary is not None:
+        when.append(f"{summary.steps} of {cfg.get('total_steps', summary.steps)} steps")
+        when.append(_duration(summary.wall_seconds))
     rows.append(("Trained", ", ".join(when) or "unknown (no summary.json)"))
-    final_step = summary.get("final_step")
-    if final_step is not None and final_step != summary.get("steps"):
+    final_step = run.extra.get("final_step")
+    if final_step is not None and summary is not None and final_step != summary.steps:
         rows.append(("Weights in final/", f"step {final_step}, the lowest validation loss"))
     rows.append(("Risk category (EU AI Act)", str(cfg.get("risk_category", "undeclared"))))
-    energy = summary.get("energy")
+    energy = summary.energy if summary else None
     if isinstance(energy, dict) and "kwh" in energy:
         rows.append(
             ("Energy", f"{_kwh(energy['kwh'])}, {_kg(energy['kg_co2e'])} CO2e ({_short_method(energy)})")
@@ -255,11 +269,9 @@ def _header(run: _Run) -> str:
 
 def _red_flags(run: _Run) -> str:
     flags: list[str] = []
-    for section, value in (run.evals or {}).items():
-        if section != "config" and isinstance(value, dict):
-            for flag in value.get("flags") or []:
-                text = str(flag)
-                flags.append(text if text.lower().startswith(f"{section}:") else f"{section}: {text}")
+    for name, section in (run.evals.sections if run.evals else {}).items():
+        for text in section.flags:
+            flags.append(text if text.lower().startswith(f"{name}:") else f"{name}: {text}")
     for role, info in _screened_files(run):
         flagged, action = info.get("flagged_lines") or 0, str(info.get("action", "unknown"))
         if flagged and action.lower() not in REMOVED:
@@ -267,7 +279,7 @@ def _red_flags(run: _Run) -> str:
                 f"data screening: {flagged} of {info.get('lines', '?')} {role} lines flagged "
                 f"({_categories(info)}) were kept (action: {action})"
             )
-    for warning in (run.summary or {}).get("warnings") or []:
+    for warning in run.summary.warnings if run.summary else []:
         flags.append(f"training: {warning}")
     if not flags:
         return ""
@@ -292,7 +304,7 @@ def _declared(run: _Run) -> str:
 
 def _inherent_limits(run: _Run) -> str:
     base = run.meta.get("base_model") or run.config.get("model") or "the base model"
-    examples = (run.summary or {}).get("train_examples")
+    examples = run.extra.get("train_examples")
     seen = f"{examples} training examples" if examples else "its training file"
     return (
         f"Whatever is declared above: the model inherits the knowledge, gaps and biases of `{base}`, and "
@@ -301,20 +313,20 @@ def _inherent_limits(run: _Run) -> str:
 
 
 def _data(run: _Run) -> str:
-    cfg, summary = run.config, run.summary or {}
+    cfg, summary = run.config, run.summary
     rows = []
     for role, key in (("train", "data"), ("valid", "valid")):
         if cfg.get(key):
             sha = cfg.get(f"{key}_sha256")
-            count = summary.get(f"{role}_examples")
+            count = run.extra.get(f"{role}_examples")
             name = f"`{Path(str(cfg[key])).name}`"
             rows.append((role, name, f"`{sha}`" if sha else "not recorded", _value(count, "not recorded")))
     if not rows:
         return "## Training data\n\nNot recorded (config.yaml is missing)."
     lines = ["## Training data", "", _table(("file", "name", "sha256", "examples"), rows), ""]
     facts = []
-    if summary.get("trained_tokens") is not None:
-        facts.append(f"{summary['trained_tokens']:,} tokens trained")
+    if summary is not None:
+        facts.append(f"{summary.trained_tokens:,} tokens trained")
     if cfg.get("epochs") is not None:
         facts.append(f"{cfg['epochs']} epoch{'s' if cfg['epochs'] != 1 else ''}")
     if cfg.get("max_length"):
@@ -347,7 +359,7 @@ def _screening(run: _Run) -> str:
 
 
 def _training(run: _Run) -> str:
-    cfg, summary = run.config, run.summary or {}
+    cfg, summary = run.config, run.summary
     hyper = [(label, _value(cfg[key])) for key, label in SETTINGS.items() if cfg.get(key) is not None]
     lines = ["## Training", "", _table(("setting", "value"), hyper) if hyper else "No config.yaml.", ""]
     curve = _curve(run.records)
@@ -356,31 +368,31 @@ def _training(run: _Run) -> str:
         lines += [_table(("metric", "first", "best", "last"), curve), ""]
     else:
         lines += ["No metrics.jsonl.", ""]
-    full = {k: v for k, v in (summary.get("final_metrics") or {}).items() if k.startswith("full_")}
+    final_metrics = summary.final_metrics if summary else {}
+    full = {k: v for k, v in final_metrics.items() if k.startswith(FULL_VALID_PREFIX)}
     if full:
         values = ", ".join(f"{k.removeprefix('full_')} {_value(v)}" for k, v in sorted(full.items()))
         lines += [f"On the whole validation file, for the weights in final/: {values}.", ""]
-    lines.append(_early_stopping(cfg, summary))
+    lines.append(_early_stopping(cfg, summary.steps if summary else None, run.extra))
     return "\n".join(lines)
 
 
-def _early_stopping(cfg: dict[str, Any], summary: dict[str, Any]) -> str:
+def _early_stopping(cfg: dict[str, Any], steps: int | None, selection: dict[str, Any]) -> str:
+    """`selection`: what early stopping and select_best wrote in summary.json (best_step, final_step, ...)."""
     if "early_stopping_patience" not in cfg:
         return ""
-    patience, best = cfg.get("early_stopping_patience") or 0, summary.get("best_step")
+    patience, best = cfg.get("early_stopping_patience") or 0, selection.get("best_step")
     parts = []
     if patience:
         delta = _value(cfg.get("early_stopping_min_delta", 0))
-        outcome = (
-            f"stopped at step {summary.get('steps')}." if summary.get("stopped_early") else "not triggered."
-        )
+        outcome = f"stopped at step {steps}." if selection.get("stopped_early") else "not triggered."
         parts.append(f"Early stopping: patience {patience} evaluations, min_delta {delta}; {outcome}")
     else:
         parts.append("Early stopping: off.")
     if cfg.get("select_best") and best is not None:
         parts.append(
-            f"final/ holds the weights of step {summary.get('final_step', best)}: the lowest validation loss "
-            f"({_value(summary.get('best_valid_loss'))}) of the periodic evaluations."
+            f"final/ holds the weights of step {selection.get('final_step', best)}: the lowest validation loss "
+            f"({_value(selection.get('best_valid_loss'))}) of the periodic evaluations."
         )
     elif not cfg.get("select_best"):
         parts.append("final/ holds the last step's weights (select_best is off).")
@@ -391,7 +403,7 @@ def _curve(records: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
     """First, best and last value of each headline metric, with their steps."""
     rows = []
     for key in CURVE_METRICS:
-        points = [(r.get("step"), r[key]) for r in records if isinstance(r.get(key), int | float)]
+        points = [(r.get(STEP), r[key]) for r in records if isinstance(r.get(key), int | float)]
         points = [(s, v) for s, v in points if not (isinstance(v, float) and math.isnan(v))]
         if not points:
             continue
@@ -405,8 +417,7 @@ def _curve(records: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
 
 def _evaluations(run: _Run) -> str:
     lines = ["## Evaluations", ""]
-    evals = run.evals or {}
-    config: dict[str, Any] = evals["config"] if isinstance(evals.get("config"), dict) else {}
+    config = run.evals.config if run.evals else {}
     if run.evals is None:
         lines += [
             "Not run: no evals.json. `tunery eval all` compares the tuned model with its base (safety, bias, "
@@ -419,19 +430,19 @@ def _evaluations(run: _Run) -> str:
             how.insert(0, f"base: {config['base']}")
         lines += [f"`tunery eval all`, the tuned model against its base ({', '.join(how)}).", ""]
     skipped: dict[str, Any] = config["skipped"] if isinstance(config.get("skipped"), dict) else {}
-    sections = [s for s in evals if s != "config" and isinstance(evals[s], dict)]
+    sections = run.evals.sections if run.evals else {}
     for name in list(EVAL_SECTIONS) + [s for s in sections if s not in EVAL_SECTIONS]:
-        section = evals.get(name)
-        if not isinstance(section, dict):
+        section = sections.get(name)
+        if section is None:
             reason = f": {_one_line(skipped[name])}" if name in skipped else ""
             lines.append(f"- **{name.capitalize()}**: not run{reason}.")
             continue
         if lines[-1].startswith("- "):
             lines.append("")
         lines += [f"### {name.capitalize()}", ""]
-        if section.get("description"):
-            lines += [str(section["description"]), ""]
-        base, tuned = section.get("base") or {}, section.get("tuned") or {}
+        if section.description:
+            lines += [section.description, ""]
+        base, tuned = section.base, section.tuned
         metrics = list(dict.fromkeys([*tuned, *base]))
         rows = [
             (f"`{m}`", _value(base.get(m)), _value(tuned.get(m)), _change(base.get(m), tuned.get(m)))
@@ -439,20 +450,20 @@ def _evaluations(run: _Run) -> str:
         ]
         if rows:
             lines += [_table(("metric", "base", "tuned", "change"), rows), ""]
-        flags = [str(f) for f in section.get("flags") or []]
+        flags = section.flags
         lines += (["Flags:", "", *(f"- {_one_line(f)}" for f in flags)] if flags else ["No flags."]) + [""]
     return "\n".join(lines)
 
 
 def _energy(run: _Run) -> str:
-    energy = (run.summary or {}).get("energy", "missing")
     head = "## Energy and carbon\n\n"
-    if energy == "missing":
+    if run.summary is None:
         return head + "Not recorded (no summary.json, or a run from before Tunery tracked energy)."
+    energy = run.summary.energy
     if energy is None:
         return head + "Not tracked: the run had `track_energy: false`."
-    if not isinstance(energy, dict) or "kwh" not in energy:
-        error = energy.get("error") if isinstance(energy, dict) else energy
+    if "kwh" not in energy:
+        error = energy.get("error")
         return head + f"Not measured: codecarbon failed ({error}). The run itself was not affected."
     intensity = energy.get("carbon_intensity_g_per_kwh")
     where = energy.get("country_name") or energy.get("country")

@@ -3,7 +3,7 @@
     uvicorn-free:  tunery serve [--host 127.0.0.1] [--port 8000] [--data-dir DIR] [--database-url URL]
     in Python:     app = create_app(Settings(data_dir=...))
 
-The app owns a scheduler thread (`jobs.py`) and the inference worker (`inference_client.py`); both start
+The app owns a scheduler thread (`jobs/`) and the inference worker (`inference_client.py`); both start
 with the app and stop with it.
 """
 
@@ -32,11 +32,15 @@ from tunery.server.routes import (
     comparisons,
     dashboard,
     feedback,
+    feedback_exports,
+    feedback_items,
     files,
     graders,
     jobs,
+    labellers,
     models,
     moderations,
+    ratings,
 )
 from tunery.server.routes.files import remove_partial_uploads
 from tunery.server.settings import Settings
@@ -134,8 +138,9 @@ def create_app(settings: Settings | None = None, run_scheduler: bool = True) -> 
         app.include_router(module.router, prefix="/v1")
     # the web app: its own endpoints under /tunery/v1, its pages at / (routes/dashboard.py)
     app.include_router(dashboard.router, prefix="/tunery/v1")
-    app.include_router(feedback.router, prefix="/tunery/v1")  # the feedback studio
-    app.include_router(comparisons.router, prefix="/tunery/v1")
+    # the feedback studio (routes/feedback.py lists its URLs)
+    for module in (labellers, feedback, feedback_items, feedback_exports, ratings, comparisons):
+        app.include_router(module.router, prefix="/tunery/v1")
     dashboard.mount_web(app)
     app.add_middleware(Limits, state=state)  # key, size and depth before any route reads a body
     app.add_middleware(RequestId)  # added last: outermost, so Limits' answers carry the id too

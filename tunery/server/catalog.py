@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tunery.server.auth import Caller
-from tunery.server.errors import APIError, model_not_found
+from tunery.server.errors import APIError, bad_request, model_not_found
 from tunery.server.schemas import model_object
 from tunery.server.settings import Settings
 from tunery.server.store import Checkpoint, Job
@@ -94,6 +94,21 @@ def resolve(session: Session, settings: Settings, caller: Caller, name: str) -> 
         job_id=owner.id,
         checkpoint_id=ckpt.id,
     )
+
+
+def refuse_reward_model(session: Session, model: ResolvedModel, param: str = "model") -> None:
+    """A reward model scores answers; it cannot write them (chat completions, answers for a queue), nor
+    be the start of a job that trains a model to write them."""
+    if model.job_id is None:
+        return
+    job = session.get(Job, model.job_id)
+    if job is not None and job.method.get("type") == "reward_model":
+        raise bad_request(
+            f"The model '{model.name}' is a reward model: it scores answers and cannot write them. "
+            "Chat with the model it was trained next to, or use it with `tunery score --rm`.",
+            param,
+            "model_not_chat",
+        )
 
 
 def checkpoint_removed(session: Session, ckpt: Checkpoint) -> APIError:

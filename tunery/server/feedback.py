@@ -1,11 +1,12 @@
-"""The feedback studio's working parts (routes/feedback.py and routes/comparisons.py are its HTTP side):
+"""The feedback studio's working parts (its HTTP side: routes/feedback.py lists the route files):
 
 prompts        a prompts file (JSONL: `messages`, `prompt` or OpenAI's `input.messages`) -> chat prompts
 generation     answers for a queue's items, one item at a time, through the inference worker, in the
                background (`QueueGenerators`: started with the app, resumed after a restart)
 assignment     the next item for a labeller, and the order in which that labeller sees its two answers
 objects        what the API returns: a labeller never sees which model wrote an answer
-files, jobs    an export becomes a File (purpose fine-tune); a training job starts from it
+files          an export becomes a File (purpose fine-tune), which a training job can start from; the
+               project's current model, the default start of one
 completions    chat completions stored with `store: true`, which an application can then rate
 """
 
@@ -17,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import threading
 import time
 import zlib
@@ -29,7 +29,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from tunery.server.auth import Caller
-from tunery.server.catalog import ResolvedModel, job_dir, resolve
+from tunery.server.catalog import ResolvedModel, refuse_reward_model, resolve
 from tunery.server.deps import AppState
 from tunery.server.errors import APIError, bad_request
 from tunery.server.feedback_store import (
@@ -37,10 +37,10 @@ from tunery.server.feedback_store import (
     FeedbackItem,
     FeedbackLabel,
     FeedbackQueue,
+    ProjectModel,
     StoredCompletion,
 )
-from tunery.server.jobs import add_event, link_or_copy
-from tunery.server.store import File, Job, Project, new_id, now
+from tunery.server.store import File, Project, new_id, now
 
 log = logging.getLogger("tunery.server")
 
@@ -157,20 +157,6 @@ def chat_model(session: Session, state: AppState, caller: Caller, name: str, par
         raise
     refuse_reward_model(session, model, param)
     return model
-
-
-def refuse_reward_model(session: Session, model: ResolvedModel, param: str = "model") -> None:
-    """A reward model scores answers; it cannot write them (chat completions, answers for a queue)."""
-    if model.job_id is None:
-        return
-    job = session.get(Job, model.job_id)
-    if job is not None and job.method.get("type") == "reward_model":
-        raise bad_request(
-            f"The model '{model.name}' is a reward model: it scores answers and cannot write them. "
-            "Chat with the model it was trained next to, or use it with `tunery score --rm`.",
-            param,
-            "model_not_chat",
-        )
 
 
 # --- generation ------------------------------------------------------------------------------------------
@@ -607,7 +593,13 @@ def queue_object(queue: FeedbackQueue, counts: dict[str, int], admin: bool) -> d
     return shown
 
 
-# --- files and jobs --------------------------------------------------------------------------------------
+# --- files --------------------------------------------------------------------------------------------------
+
+
+def current_model(session: Session, project_id: str) -> str | None:
+    """The model the project serves as its current one (routes/comparisons.py promotes it), if any."""
+    row = session.get(ProjectModel, project_id)
+    return row.current_model if row is not None else None
 
 
 def write_file(
@@ -632,80 +624,6 @@ def write_file(
     )
     session.add(row)
     return row
-
-
-def starting_point(
-    session: Session, state: AppState, caller: Caller, model_name: str
-) -> tuple[str, str, str | None]:
-    """(base model, local model, parent adapter) of a job that starts from `model_name`, or a 400."""
-    settings = state.settings
-    if model_name in settings.base_models:
-        return model_name, settings.base_models[model_name], None
-    try:
-        resolved = resolve(session, settings, caller, model_name)
-    except APIError:
-        raise bad_request(
-            f"Model {model_name} is not available for fine-tuning or does not exist. Base models: "
-            f"{', '.join(settings.base_models)}, or one of your fine-tuned models.",
-            "model",
-            "model_not_available",
-        ) from None
-    refuse_reward_model(session, resolved)
-    if resolved.base_adapter is not None:
-        raise bad_request(
-            "This checkpoint was itself trained on top of another fine-tuned model; start from that job's "
-            "final model instead.",
-            "model",
-            "model_not_available",
-        )
-    return resolved.base, resolved.local_model, resolved.adapter
-
-
-def create_job(
-    session: Session,
-    state: AppState,
-    caller: Caller,
-    kind: str,
-    model_name: str,
-    training: File,
-    hyperparameters: dict[str, Any],
-    suffix: str | None,
-    metadata: dict[str, str],
-) -> Job:
-    """A fine-tuning job of any method the scheduler knows, including Tunery's own (kto, reward_model),
-    as routes/jobs.py makes OpenAI's: same checks on the starting model, same directory, same events.
-    The caller holds the scheduler's lock."""
-    settings = state.settings
-    session.info["audit_key_id"] = caller.key_id
-    base, local, parent = starting_point(session, state, caller, model_name)
-    job = Job(
-        id=new_id("ftjob-"),
-        project_id=caller.project_id,
-        seq=int(session.scalar(select(func.max(Job.seq))) or 0) + 1,
-        model=model_name,
-        base_model=base,
-        local_model=local,
-        parent_adapter=parent,
-        training_file=training.id,
-        validation_file=None,
-        method={"type": kind, kind: {"hyperparameters": hyperparameters}},
-        hyperparameters={
-            k: hyperparameters[k] for k in ("batch_size", "learning_rate_multiplier", "n_epochs")
-        },
-        suffix=suffix,
-        seed=secrets.randbelow(2**31),
-        job_metadata=metadata,
-        integrations=None,
-        status="validating_files",
-        model_key=new_id("", 8),
-        created_at=now(),
-        result_files=[],
-    )
-    link_or_copy(settings.files_dir / training.id, job_dir(settings, job.id) / "training.jsonl")
-    session.add(job)
-    session.flush()
-    add_event(session, job.id, f"Created fine-tuning job: {job.id}")
-    return job
 
 
 # --- stored completions ------------------------------------------------------------------------------------

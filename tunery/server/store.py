@@ -154,7 +154,8 @@ class Checkpoint(Base):
 
 
 class Store:
-    """An engine and a session factory. `session()` is one transaction: committed on success."""
+    """An engine and a session factory. `session()` is one transaction: committed on success; `watch()`
+    hears of what each transaction committed."""
 
     def __init__(self, url: str) -> None:
         kwargs: dict[str, Any] = {}
@@ -187,6 +188,30 @@ class Store:
     def session(self) -> Iterator[Session]:
         with self._sessions() as session, session.begin():
             yield session
+
+    def watch(self, flushed: Callable[[Session], list[T]], committed: Callable[[list[T]], None]) -> None:
+        """Hear of what the store's sessions commit, and only that. `flushed(session)` runs after every
+        flush, while `session.new` and `session.dirty` still hold the rows written (with each attribute's
+        history), and returns what to keep of them; once the transaction commits, `committed(kept)` gets
+        what all its flushes kept, in order. A rollback drops it. For records of changes written after the
+        commit (the audit log, the serve console: jobs/audit.py); `committed` must not raise, as the
+        transaction is committed already."""
+        key = object()  # this watcher's entries in `session.info`
+
+        def after_flush(session: Session, _context: Any) -> None:
+            session.info.setdefault(key, []).extend(flushed(session))
+
+        def after_commit(session: Session) -> None:
+            kept = session.info.pop(key, [])
+            if kept:
+                committed(kept)
+
+        def after_rollback(session: Session, _transaction: Any) -> None:
+            session.info.pop(key, None)
+
+        event.listen(self._sessions, "after_flush", after_flush)
+        event.listen(self._sessions, "after_commit", after_commit)
+        event.listen(self._sessions, "after_soft_rollback", after_rollback)
 
     async def read(self, query: Callable[[Session], T]) -> T:
         """Run a short read-only `query(session)` for an `async` route. In-process SQLite answers the polled

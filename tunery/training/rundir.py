@@ -1,26 +1,22 @@
-"""The run directory every recipe writes: set-up, resume checks, the final model and the summary.
-(Torch is imported inside functions: the CLI checks a run directory before loading it.)
+"""The run directory's life: may a run start or resume here, the final model written atomically, data
+digests. (The files in it, as types: tunery/run/files.py. Torch is imported inside functions: the CLI
+checks a run directory before loading it.)
 
-DIR/config.yaml      the resolved config (every `auto` filled in)
-DIR/metrics.jsonl    one JSON object per optimizer step (and the final evaluation)
 DIR/checkpoints/     step-N/ directories (training/checkpoint.py)
 DIR/final/           the trained adapter or weights, the tokenizer, tunery.yaml (what it is, base model)
-DIR/summary.json     wall time, throughput, peak memory, final metrics
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import yaml
-
 from tunery.errors import TuneryError
-from tunery.training.config import build_config
+from tunery.run.config import build_config
+from tunery.run.files import is_finished, read_config
 from tunery.training.io import atomic_write_yaml
 
 if TYPE_CHECKING:
@@ -42,9 +38,8 @@ def file_digest(path: str | None) -> str | None:
 
 def check_same_data(run_dir: Path, cfg: Any) -> None:
     """A resumed run must see the data it started with, or its data order and results silently change."""
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    for field in ("data", "valid"):
-        recorded = saved.get(f"{field}_sha256")
+    saved = read_config(run_dir)
+    for field, recorded in (("data", saved and saved.data_sha256), ("valid", saved and saved.valid_sha256)):
         if recorded and file_digest(getattr(cfg, field)) != recorded:
             raise TuneryError(
                 f"cannot resume {run_dir}: {getattr(cfg, field)} changed since the run started; "
@@ -55,11 +50,6 @@ def check_same_data(run_dir: Path, cfg: Any) -> None:
 # what a run writes before its config.yaml (screening): a directory holding only these never started
 # training, so there is nothing to resume and a new run may take it over
 _BEFORE_CONFIG = {"screening.json", "screened"}
-
-
-def is_finished(run_dir: Path) -> bool:
-    """A run is finished once its final/ and summary.json are written (the last two things it writes)."""
-    return (run_dir / "final").is_dir() and (run_dir / "summary.json").is_file()
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
@@ -118,10 +108,13 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 def resumed_config(cls: type[C], resume_dir: str) -> C:
     """The config a run was started with, to continue it."""
     check_run_dir(Path(resume_dir), resume=True, overwrite=False)
-    path = Path(resume_dir) / "config.yaml"
-    saved = yaml.safe_load(path.read_text())
+    saved = read_config(Path(resume_dir))
+    if saved is None:
+        raise TuneryError(f"cannot resume {resume_dir}: its config.yaml does not parse; start a new run")
     fields = set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
-    return build_config(cls, None, {k: v for k, v in saved.items() if k in fields} | {"out": resume_dir})
+    return build_config(
+        cls, None, {k: v for k, v in saved.fields.items() if k in fields} | {"out": resume_dir}
+    )
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -159,11 +152,3 @@ def save_final(
     shutil.rmtree(final_dir, ignore_errors=True)
     tmp_dir.rename(final_dir)
     return final_dir
-
-
-def last_metrics(run_dir: Path, prefixes: tuple[str, ...]) -> dict[str, Any]:
-    """The most recent value of every metric whose name starts with one of `prefixes`."""
-    last: dict[str, Any] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        last.update({k: v for k, v in json.loads(line).items() if k.startswith(prefixes)})
-    return last

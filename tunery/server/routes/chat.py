@@ -14,10 +14,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from tunery.server.auth import Caller
-from tunery.server.catalog import ResolvedModel, resolve
+from tunery.server.catalog import ResolvedModel, refuse_reward_model, resolve
 from tunery.server.deps import AppState, Auth, State, unless_gone
 from tunery.server.errors import APIError, bad_request
-from tunery.server.feedback import refuse_reward_model, store_completion
+from tunery.server.feedback import store_completion
 from tunery.server.routes.moderations import content_filter_on, filtered_stream, withhold_flagged
 from tunery.server.schemas import ChatRequest
 from tunery.server.store import new_id, now

@@ -23,10 +23,17 @@ from sqlalchemy.orm import Session
 from tunery.server.auth import Caller
 from tunery.server.deps import Auth, State
 from tunery.server.errors import bad_request, not_found
-from tunery.server.feedback import MAX_PROMPTS, chat_model, project_file, queue_counts, read_prompts
+from tunery.server.feedback import (
+    MAX_PROMPTS,
+    chat_model,
+    current_model,
+    project_file,
+    queue_counts,
+    read_prompts,
+)
 from tunery.server.feedback_report import comparison_result
 from tunery.server.feedback_store import FeedbackItem, FeedbackLabel, FeedbackQueue, ProjectModel
-from tunery.server.routes.feedback import Body, Generators, QueueCreate, audit, current_model, new_queue
+from tunery.server.routes.feedback import Body, Generators, QueueCreate, audit, new_queue
 from tunery.server.schemas import Bounds
 from tunery.server.store import Job, now
 

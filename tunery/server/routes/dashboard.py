@@ -29,6 +29,7 @@ from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
+from tunery.run.files import FINAL, read_summary_json
 from tunery.server.auth import Caller
 from tunery.server.catalog import job_dir
 from tunery.server.deps import AnyRole, Auth, State
@@ -177,8 +178,8 @@ def summary(state: State, caller: Auth, job_id: str) -> dict[str, Any]:
     with state.store.session() as session:
         job = _job(session, caller, job_id)
     run_dir = job_dir(state.settings, job.id) / "run"
-    report = _read_json(run_dir / "summary.json")
-    if isinstance(report, dict):
+    report = read_summary_json(run_dir)  # shown as the run wrote it, a method's own keys included
+    if report is not None:
         shown = {k: v for k, v in report.items() if k not in PRIVATE_SUMMARY_KEYS}
         energy = report.get("energy")
         return {"object": "tunery.run_summary", "final": True, "summary": shown, "energy": energy}
@@ -191,6 +192,8 @@ def summary(state: State, caller: Auth, job_id: str) -> dict[str, Any]:
 
 
 def _energy_so_far(run_dir: Path) -> Any:
+    """The energy counter in the newest checkpoint's state.json (a checkpoint's file, for resuming: not
+    part of the run directory's contract)."""
     root = run_dir / "checkpoints"
     try:
         steps = [p for p in root.iterdir() if p.name.startswith("step-")]
@@ -219,7 +222,7 @@ def _read_json(path: Path) -> Any:
 def model_card(state: State, caller: Auth, job_id: str) -> PlainTextResponse:
     with state.store.session() as session:
         job = _job(session, caller, job_id)
-    path = job_dir(state.settings, job.id) / "run" / "final" / "MODEL_CARD.md"
+    path = job_dir(state.settings, job.id) / "run" / FINAL / "MODEL_CARD.md"
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:

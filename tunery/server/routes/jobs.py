@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import secrets
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from tunery.server import graders
+from tunery.server import graders, jobs
 from tunery.server.auth import Caller
-from tunery.server.catalog import job_dir, resolve
 from tunery.server.deps import AppState, Auth, State
-from tunery.server.errors import APIError, bad_request, not_found
-from tunery.server.jobs import add_event, link_or_copy
+from tunery.server.errors import bad_request, not_found
 from tunery.server.schemas import (
     DpoHyperparameters,
     JobCreate,
@@ -27,7 +23,7 @@ from tunery.server.schemas import (
     event_object,
     job_object,
 )
-from tunery.server.store import Checkpoint, Event, File, Job, new_id, now
+from tunery.server.store import Checkpoint, Event, Job
 
 router = APIRouter()
 
@@ -50,28 +46,12 @@ def _hyperparameters(body: JobCreate, method: Method) -> dict[str, Any]:
     return values
 
 
-def _training_file(session: Session, caller: Caller, file_id: str | None, param: str) -> File | None:
-    if file_id is None:
-        return None
-    row = session.get(File, file_id)
-    if row is None or row.project_id != caller.project_id:
-        raise bad_request(f"invalid {param}: no such file '{file_id}'", param, "file_not_found")
-    if row.purpose != "fine-tune":
-        raise bad_request(
-            f"File {file_id} has purpose '{row.purpose}'; fine-tuning needs purpose 'fine-tune'.",
-            param,
-            "invalid_file_purpose",
-        )
-    return row
-
-
 @router.post("/fine_tuning/jobs")
 def create_job(body: JobCreate, state: State, caller: Auth) -> dict[str, Any]:
-    settings = state.settings
     method = body.method or Method(type="supervised")
     kind = method.type
     hyperparameters = _hyperparameters(body, method)
-    method_body: dict[str, Any] = {"hyperparameters": hyperparameters}
+    method_extra: dict[str, Any] | None = None
     grader: dict[str, Any] | None = None
     if kind == "reinforcement":
         if method.reinforcement is None:
@@ -80,70 +60,25 @@ def create_job(body: JobCreate, state: State, caller: Auth) -> dict[str, Any]:
                 "method.reinforcement.grader",
                 "missing_required_parameter",
             )
-        grader = method.reinforcement.grader
-        local_grader = graders.check_for_training(grader, settings)
-        extra = method.reinforcement.model_extra or {}
-        method_body = {"grader": grader, **extra, "hyperparameters": hyperparameters}
+        grader = graders.check_for_training(method.reinforcement.grader, state.settings)
+        method_extra = {"grader": method.reinforcement.grader, **(method.reinforcement.model_extra or {})}
     with state.scheduler.lock, state.store.session() as session:
-        session.info["audit_key_id"] = caller.key_id  # the audit log names the key that did it
-        if body.model in settings.base_models:
-            base, local, parent = body.model, settings.base_models[body.model], None
-        else:
-            try:
-                resolved = resolve(session, settings, caller, body.model)
-            except APIError:
-                raise bad_request(
-                    f"Model {body.model} is not available for fine-tuning or does not exist. Base models: "
-                    f"{', '.join(settings.base_models)}, or one of your fine-tuned models.",
-                    "model",
-                    "model_not_available",
-                ) from None
-            if resolved.base_adapter is not None:
-                raise bad_request(
-                    "This checkpoint was itself trained on top of another fine-tuned model; start from that job's final model instead.",
-                    "model",
-                    "model_not_available",
-                )
-            base, local, parent = resolved.base, resolved.local_model, resolved.adapter
-        training = _training_file(session, caller, body.training_file, "training_file")
-        validation = _training_file(session, caller, body.validation_file, "validation_file")
-        assert training is not None
-        job = Job(
-            id=new_id("ftjob-"),
-            project_id=caller.project_id,
-            seq=int(session.scalar(select(func.max(Job.seq))) or 0) + 1,
-            model=body.model,
-            base_model=base,
-            local_model=local,
-            parent_adapter=parent,
-            training_file=training.id,
-            validation_file=validation.id if validation else None,
-            method={"type": kind, kind: method_body},
-            hyperparameters={
-                k: hyperparameters[k] for k in ("batch_size", "learning_rate_multiplier", "n_epochs")
-            },
+        job = jobs.create_job(
+            session,
+            state.settings,
+            caller,
+            kind,
+            body.model,
+            body.training_file,
+            hyperparameters,
+            validation_file=body.validation_file,
+            method_extra=method_extra,
+            grader=grader,
             suffix=body.suffix,
-            seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
-            job_metadata=body.metadata,
+            seed=body.seed,
+            metadata=body.metadata,
             integrations=body.integrations,
-            status="validating_files",
-            model_key=new_id("", 8),
-            created_at=now(),
-            result_files=[],
         )
-        directory = job_dir(settings, job.id)
-        link_or_copy(settings.files_dir / training.id, directory / "training.jsonl")
-        if validation is not None:
-            link_or_copy(settings.files_dir / validation.id, directory / "validation.jsonl")
-        if grader is not None:
-            (directory / "grader.json").write_text(json.dumps(local_grader, indent=2))
-        session.add(job)
-        session.flush()
-        add_event(session, job.id, f"Created fine-tuning job: {job.id}")
-        if body.integrations:
-            add_event(
-                session, job.id, "Integrations are not available offline and are ignored.", level="warn"
-            )
     state.scheduler.wake()
     return job_object(job, caller.project_id)
 

@@ -1,0 +1,518 @@
+"""What every run does around its recipe's loop, once: set-up before it, the end of each step, and the
+finish after it. Plain functions and a plain bundle of handles; the loop stays in the recipe:
+
+    opened = open_run(cfg, resume, overwrite)           # run dir, screening, energy probe, model, tokenizer
+    examples = load_...(opened.paths["train"], opened.tokenizer, ...)
+    plan = resolve_run(cfg, len(examples), opened.world, auto_batch)   # every `auto` filled in
+    run = start_run(opened, cfg, plan, with_lora(opened.model, cfg, plan))   # config.yaml, optimizer, restore
+    with run.stop, run.progress, run.energy:
+        while step < plan.total_steps:
+            ...                                       # the method
+            if end_step(run, step): break             # checkpoint, Ctrl-C, early stopping
+    select_final_weights(run, step)                   # the best evaluation's weights, when there is one
+    return finish_run(run, cfg, step, ...)            # final/, evaluations, summary.json, model card
+
+A new cross-cutting feature (a tracker, a new file in the run directory) goes here, not in six recipes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import torch
+from peft import PeftModel
+from torch.nn.parallel import DistributedDataParallel
+
+from tunery.data.packing import Item, shard, step_indices
+from tunery.errors import TuneryError
+from tunery.models.load import load_model
+from tunery.models.locate import adapter_dir
+from tunery.models.lora import apply_lora, bf16_is_fast, cast_frozen, merge_adapter
+from tunery.run import files
+from tunery.run.config import ChatEvalFields, HeldOutFields, Resolved, RunConfig, build_config, to_dict
+from tunery.safety.card import write_model_card
+from tunery.safety.screen import screen_run_data, screened_paths
+from tunery.training import auto, distributed
+from tunery.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tunery.training.early_stopping import EarlyStopping, restore_best, resume_early_stopping, save_best
+from tunery.training.energy import EnergyMeter
+from tunery.training.faults import fault_point
+from tunery.training.io import atomic_write_json
+from tunery.training.memory import keep_freed_memory
+from tunery.training.progress import StepProgress
+from tunery.training.rundir import check_same_data, file_digest, prepare_run_dir, resumed_config, save_final
+from tunery.training.signals import GracefulStop
+
+log = logging.getLogger("tunery")
+
+C = TypeVar("C", bound=RunConfig)
+
+# --- before the data is read ------------------------------------------------------------------------------
+
+
+@dataclass
+class Opened:
+    """A run directory ready for training data: screened, with the starting model loaded."""
+
+    world: distributed.World
+    run_dir: Path
+    resume: bool
+    energy: EnergyMeter
+    train_path: str  # the data to read: the screened copies when screening redacted lines
+    valid_path: str | None
+    model: Any  # the base model, with `adapter` merged in
+    tokenizer: Any
+
+
+def open_run(cfg: RunConfig, resume: bool, overwrite: bool, single_process: bool = False) -> Opened:
+    """Prepare the run directory, screen the data (a resumed run keeps what was screened at its start),
+    start the energy meter's hardware probe and load the starting model."""
+    keep_freed_memory()
+    world = distributed.setup()
+    if single_process and world.distributed:
+        distributed.teardown(world)
+        raise TuneryError(f"{type(cfg).__name__[:-6]} runs in one process for now; start it without torchrun")
+    run_dir = Path(cfg.out)
+    energy = EnergyMeter.for_run(cfg, run_dir, world, resume)  # probes the hardware while the run sets up
+    data = {"train": cfg.data, "valid": cfg.valid}
+    if world.is_main:
+        prepare_run_dir(run_dir, resume, overwrite)
+        if not resume:  # a resumed run trains on the data screened at its start
+            screen_run_data(data, cfg.screen_content, cfg.screen_pii, run_dir)
+    distributed.barrier(world)
+    paths = screened_paths(run_dir, data)
+    if resume:
+        check_same_data(run_dir, cfg)
+    model, tokenizer = load_model(cfg.model)
+    if cfg.adapter:
+        model = merge_adapter(model, cfg.adapter)
+    return Opened(world, run_dir, resume, energy, paths["train"], paths.get("valid"), model, tokenizer)
+
+
+def resolve_run(
+    cfg: RunConfig, n_train: int, world: distributed.World, auto_batch: auto.AutoBatch = auto.openai_batch
+) -> Resolved:
+    """Every `auto` filled in, with a log line saying why; `auto_batch` is the method's batch-size rule."""
+    base_lr = cfg.BASE_LR_LORA if cfg.lora_rank else cfg.BASE_LR_FULL
+    if cfg.epochs != "auto":
+        epochs = int(cfg.epochs)
+    else:
+        epochs = cfg.AUTO_EPOCHS if cfg.AUTO_EPOCHS is not None else auto.auto_epochs(n_train)
+    choice = auto_batch(n_train) if cfg.batch_size == "auto" else None
+    batch_size = choice.size if choice is not None else int(cfg.batch_size)
+    batch_size = max(batch_size, world.size)  # every process needs at least one example per step
+    multiplier = (
+        auto.auto_lr_multiplier(n_train) * (choice.lr_scale if choice is not None else 1.0)
+        if cfg.learning_rate_multiplier == "auto"
+        else float(cfg.learning_rate_multiplier)
+    )
+    if choice is not None and world.is_main:
+        log.info("batch_size auto: %d per step (%s)", batch_size, choice.why)
+        if choice.lr_scale != 1.0 and cfg.learning_rate_multiplier == "auto" and cfg.lr is None:
+            log.info(
+                "learning rate auto: %.1e (%.0e x %g: the batch is %g times OpenAI's rule, the rate follows it)",
+                base_lr * multiplier, base_lr, multiplier, choice.lr_scale,
+            )  # fmt: skip
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if bf16_is_fast(world.device) else "fp32"
+    steps = auto.total_steps(n_train, batch_size, epochs)
+    if cfg.max_steps:
+        steps = min(steps, cfg.max_steps)
+    return Resolved(
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate_multiplier=multiplier,
+        lr=cfg.lr if cfg.lr is not None else base_lr * multiplier,
+        precision=precision,
+        eval_every=cfg.eval_every or max(1, steps // 10),
+        save_every=cfg.save_every or max(1, math.ceil(steps / 5)),
+        total_steps=steps,
+        world_size=world.size,
+        data_sha256=file_digest(cfg.data),
+        valid_sha256=file_digest(cfg.valid),
+    )
+
+
+def with_lora(model: Any, cfg: RunConfig, plan: Resolved) -> Any:
+    """LoRA on `model` when `lora_rank` > 0, its frozen weights stored in bf16 when training in bf16."""
+    torch.manual_seed(cfg.seed)  # LoRA initialisation (and whatever the recipe initialises next)
+    if not cfg.lora_rank:
+        return model
+    model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    if plan.precision == "bf16":
+        cast_frozen(model, torch.bfloat16)
+    return model
+
+
+# --- the handles a loop needs -----------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """Everything the loop uses besides its data. Counters the loop advances live here too, so a
+    checkpoint and the summary read them from one place."""
+
+    world: distributed.World
+    run_dir: Path
+    resume: bool
+    plan: Resolved
+    record: dict[str, Any]  # config.yaml's content: the config's fields and the resolved values
+    model: torch.nn.Module  # what is trained and saved
+    ddp_model: torch.nn.Module  # the same, wrapped for DDP when there are several processes
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    trainable: list[torch.nn.Parameter]
+    metrics: files.MetricsLog | None  # the main process's
+    early: EarlyStopping | None  # the methods that score a validation loss
+    energy: EnergyMeter
+    stop: GracefulStop
+    progress: StepProgress
+    train_path: str
+    start_step: int
+    warmup_steps: int
+    keep_checkpoints: int
+    resumed_state: dict[str, Any] = field(default_factory=dict)  # the checkpoint's state.json, if resumed
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    wall_start: float = field(default_factory=time.monotonic)
+
+
+def start_run(
+    opened: Opened,
+    cfg: RunConfig,
+    plan: Resolved,
+    model: torch.nn.Module,
+    *,
+    method: str,
+    config_extra: dict[str, Any] | None = None,
+    param_groups: list[dict[str, Any]] | None = None,
+) -> Run:
+    """Record config.yaml (config fields, resolved values, `config_extra`: what the method resolved), put
+    the model on its device, build the optimizer (AdamW over the trainable weights, or `param_groups`),
+    and restore the latest checkpoint when resuming."""
+    world, run_dir = opened.world, opened.run_dir
+    record = {**to_dict(cfg), **to_dict(plan), **(config_extra or {})}
+    if world.is_main and not opened.resume:
+        files.write_config(run_dir, record)
+        opened.tokenizer.save_pretrained(run_dir / "tokenizer")
+    torch.nn.Module.to(model, world.device)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups: Any = param_groups if param_groups is not None else trainable
+    optimizer = torch.optim.AdamW(groups, lr=plan.lr, weight_decay=cfg.weight_decay)
+    ddp_model: torch.nn.Module = DistributedDataParallel(model) if world.distributed else model
+
+    state: dict[str, Any] = {}
+    checkpoint = latest_checkpoint(run_dir) if opened.resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer)
+        if world.is_main:
+            log.info("resuming %s from %s", run_dir, checkpoint.name)
+    start_step = int(state.get("step", 0))
+    metrics = (
+        files.MetricsLog(run_dir, resume_step=start_step if opened.resume else None)
+        if world.is_main
+        else None
+    )
+    early = (
+        resume_early_stopping(run_dir, cfg, opened.resume, world) if isinstance(cfg, HeldOutFields) else None
+    )
+    return Run(
+        world=world,
+        run_dir=run_dir,
+        resume=opened.resume,
+        plan=plan,
+        record=record,
+        model=model,
+        ddp_model=ddp_model,
+        tokenizer=opened.tokenizer,
+        optimizer=optimizer,
+        trainable=trainable,
+        metrics=metrics,
+        early=early,
+        energy=opened.energy,
+        stop=GracefulStop(),
+        progress=StepProgress(plan.total_steps, start_step, method, enabled=world.is_main),
+        train_path=opened.train_path,
+        start_step=start_step,
+        warmup_steps=round(cfg.warmup_ratio * plan.total_steps),
+        keep_checkpoints=cfg.keep_checkpoints,
+        resumed_state=state,
+        tokens_seen=int(state.get("tokens", 0)),
+        train_seconds=float(state.get("train_seconds", 0.0)),
+    )
+
+
+Logps = dict[int, tuple[float, float]]  # line -> two summed log-probs (e.g. chosen and rejected)
+
+
+def cached_reference(
+    run: Run, compute: Callable[[], tuple[Logps, Logps]], what: str
+) -> tuple[Logps, Logps, float]:
+    """The reference model's log-probs of the train and valid examples, and the seconds they took:
+    computed once before the first update (`compute`, while the policy still is the reference) into
+    DIR/reference_logps.json, and read back from there by a resumed run."""
+    path = run.run_dir / "reference_logps.json"
+    if run.resume:
+        if not path.is_file():
+            raise TuneryError(
+                f"cannot resume {run.run_dir}: reference_logps.json is missing; start a new run"
+            )
+        saved = json.loads(path.read_text())
+        train, valid = ({int(k): (v[0], v[1]) for k, v in saved[part].items()} for part in ("train", "valid"))
+        return train, valid, 0.0
+    t0 = time.monotonic()
+    train, valid = compute()
+    seconds = time.monotonic() - t0
+    if run.world.is_main:
+        atomic_write_json(path, {"train": train, "valid": valid})
+        log.info("reference log-probs of %s in %.0f s", what, seconds)
+    return train, valid, seconds
+
+
+def announce(run: Run, message: str, *args: Any) -> None:
+    """The run's opening log line (main process): the recipe's `message`, then the number of trainable
+    parameters and the precision."""
+    if run.world.is_main:
+        n_trainable = f"{sum(p.numel() for p in run.trainable):,}"
+        log.info(message + "; %s trainable parameters; %s", *args, n_trainable, run.plan.precision)
+
+
+# --- inside the loop --------------------------------------------------------------------------------------
+
+
+def set_lr(run: Run, step: int, schedule: str) -> float:
+    """The scheduled learning rate of `step`, set on every parameter group (scaled by a group's
+    `lr_ratio` when it has one); returns it."""
+    from tunery.training.schedule import lr_at
+
+    lr = lr_at(step, run.plan.total_steps, run.plan.lr, run.warmup_steps, schedule)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_ratio", 1.0)
+    return lr
+
+
+def step_batch(run: Run, examples: list[Item], step: int, seed: int) -> tuple[list[Item], list[Item], float]:
+    """The step's examples (the same on every process), this process's share of them and its weight in
+    the step: 0 when a short last batch leaves it none, so it still joins the gradient all-reduce with
+    one example that counts for nothing."""
+    batch = [examples[i] for i in step_indices(step, len(examples), run.plan.batch_size, seed)]
+    mine = shard(batch, run.world.rank, run.world.size)
+    return (batch, mine, 1.0) if mine else (batch, batch[:1], 0.0)
+
+
+def optimizer_step(run: Run, step: int, grad_clip: float, schedule: str) -> tuple[float, float]:
+    """Clip the gradients (0: no clipping), set the scheduled learning rate and step; returns the
+    learning rate and the gradient norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, grad_clip if grad_clip > 0 else float("inf"))
+    lr = set_lr(run, step, schedule)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return lr, float(grad_norm)
+
+
+def count_step(run: Run, tokens: float, started: float) -> tuple[float, float]:
+    """Add a finished step's tokens (summed over processes) and seconds to the run's counters; returns
+    both, for the step's record."""
+    tokens = distributed.all_sum([tokens], run.world)[0]
+    seconds = time.monotonic() - started
+    run.tokens_seen += int(tokens)
+    run.train_seconds += seconds
+    return tokens, seconds
+
+
+def log_step(run: Run, record: dict[str, Any], shown: str) -> None:
+    """The step's record into metrics.jsonl, and `shown` beside the progress bar (or in the log)."""
+    if run.metrics is not None:
+        run.metrics.write(record)
+    run.progress.update(record[files.STEP], shown)
+
+
+def log_metrics(run: Run, record: dict[str, Any]) -> None:
+    if run.metrics is not None:
+        run.metrics.write(record)
+
+
+def held_out_loss(run: Run, step: int, valid_loss: float, select_best: bool) -> None:
+    """Tell early stopping about an evaluation; keep the weights when they are the best so far."""
+    assert run.early is not None
+    if run.early.update(step, valid_loss) and select_best and run.world.is_main:
+        save_best(run.run_dir, run.model, step)
+
+
+def end_step(run: Run, step: int, command: str, **state: Any) -> bool:
+    """End of a step: checkpoint on schedule (with `state`, the method's own counters), and on Ctrl-C /
+    SIGTERM checkpoint and stop with a resume hint. Processes agree on stopping with one all-reduce, so
+    all of them save and stop together. True when early stopping ends the run here."""
+    fault_point("after_step", step)
+    world, plan = run.world, run.plan
+    counters = {
+        "tokens": run.tokens_seen,
+        "train_seconds": run.train_seconds,
+        **({"early_stopping": run.early.state()} if run.early is not None else {}),
+        "energy": run.energy.so_far(),
+        **state,
+    }
+    stopping = distributed.all_sum([float(run.stop.requested is not None)], world)[0] > 0
+    if step % plan.save_every == 0 or step == plan.total_steps or stopping:
+        if world.is_main:
+            save_checkpoint(run.run_dir, step, run.model, run.optimizer, counters, run.record,
+                            keep=run.keep_checkpoints)  # fmt: skip
+        distributed.barrier(world)
+    if stopping:
+        distributed.teardown(world)
+        raise TuneryError(
+            f"stopped at step {step}/{plan.total_steps} ({run.stop.requested or 'signal'}); "
+            f"continue with: tunery train {command} --resume {run.run_dir}"
+        )
+    return run.early is not None and run.early.should_stop
+
+
+def log_samples(run: Run, step: int, shown: list[dict[str, Any]]) -> None:
+    """Append held-out completions to DIR/samples.jsonl (the methods that sample)."""
+    if run.world.is_main and shown:
+        with (run.run_dir / "samples.jsonl").open("a", encoding="utf-8") as fh:
+            fh.writelines(json.dumps({"step": step, **sample}) + "\n" for sample in shown)
+
+
+def log_prompt_warning(world: distributed.World, too_long: list[int], max_prompt_length: int) -> None:
+    if too_long and world.is_main:
+        log.warning("skipped %d prompts longer than max_prompt_length=%d (lines %s)", len(too_long),
+                    max_prompt_length, ", ".join(map(str, too_long[:10])))  # fmt: skip
+
+
+# --- after the loop ---------------------------------------------------------------------------------------
+
+
+def select_final_weights(run: Run, step: int, select_best: bool) -> dict[str, Any]:
+    """Load the best evaluation's weights when asked (and there was one); returns what summary.json and
+    the last metrics record say about the choice (empty for methods without a validation loss)."""
+    if run.early is None:
+        return {}
+    final_step = restore_best(run.run_dir, run.model, run.early, step, run.world) if select_best else step
+    return run.early.summary(final_step, step, run.plan.total_steps)
+
+
+def finish_run(
+    run: Run,
+    cfg: RunConfig,
+    step: int,
+    *,
+    method: str,
+    metric_prefixes: tuple[str, ...],
+    final_metrics: dict[str, Any] | None = None,
+    selection: dict[str, Any] | None = None,
+    counts: dict[str, Any] | None = None,
+    warnings: list[str] | None = None,
+    lm: torch.nn.Module | None = None,
+    eval_train_path: str | None = None,
+) -> dict[str, Any]:
+    """Write the final evaluation's metrics, final/ (with the adapter the run started from, so it loads
+    on its own), the before-vs-after evaluations, summary.json and the model card; returns the summary.
+    `lm` is the language model inside `run.model` when the model adds a head (PPO's value head);
+    `counts` the method's own numbers for summary.json (pairs/s, completions, ...)."""
+    world, run_dir = run.world, run.run_dir
+    final_metrics, selection = final_metrics or {}, selection or {}
+    summary: dict[str, Any] = {}
+    if world.is_main:
+        assert run.metrics is not None
+        if final_metrics:
+            run.metrics.write({files.STEP: step, **final_metrics, **selection})
+        run.metrics.close()
+        lm = lm if lm is not None else getattr(run.model, "lm", run.model)
+        base_adapter = adapter_dir(cfg.adapter) if cfg.adapter and isinstance(lm, PeftModel) else None
+        meta = {"base_model": cfg.model, "method": method, "adapter": cfg.adapter, "config": run.record}
+        save_final(
+            run_dir, run.model, run.tokenizer, meta, base_adapter=str(base_adapter) if base_adapter else None
+        )
+        safety_flags: list[str] = []
+        if isinstance(cfg, ChatEvalFields):
+            from tunery.safety.evals import evaluate_run
+
+            safety_flags = evaluate_run(lm, run.tokenizer, size=cfg.safety_evals, run_dir=run_dir,
+                                        base_name=cfg.model, adapter=cfg.adapter, train_path=eval_train_path,
+                                        seed=cfg.seed)  # fmt: skip
+        train_seconds = run.train_seconds
+        report = files.RunSummary(
+            method=method,
+            model=cfg.model,
+            run_dir=str(run_dir),
+            steps=step,
+            trained_tokens=run.tokens_seen,
+            wall_seconds=round(time.monotonic() - run.wall_start, 2),
+            train_seconds=round(train_seconds, 2),
+            tokens_per_second=round(run.tokens_seen / max(train_seconds, 1e-9), 1),
+            peak_memory_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            final_metrics={**files.last_metrics(run_dir, metric_prefixes), **final_metrics},
+            world_size=world.size,
+            pid=os.getpid(),
+            energy=run.energy.record(),
+            safety_flags=safety_flags,
+            warnings=warnings or [],
+            extra={**(counts or {}), **selection},
+        )
+        files.write_summary(run_dir, report)
+        write_model_card(run_dir)
+        summary = report.to_json()
+    distributed.barrier(world)
+    distributed.teardown(world)
+    return summary
+
+
+def start_value(run_dir: Path, name: str) -> float | None:
+    """The metric `name` of the evaluation before the first step (the methods that evaluate at step 0)."""
+    for record in files.read_metrics(run_dir):
+        if record.get(files.STEP) == 0 and name in record:
+            return float(record[name])
+    return None
+
+
+def per_second(count: float, seconds: float) -> float:
+    return round(count / max(seconds, 1e-9), 3)
+
+
+def entry_config(
+    cls: type[C], config_path: str | None, overrides: dict[str, Any], resume_dir: str | None
+) -> tuple[C, bool]:
+    """The config of `tunery train METHOD`: the one a run started with when resuming it, else YAML then
+    flags. Returns it and whether the run resumes."""
+    if resume_dir:
+        return resumed_config(cls, resume_dir), True
+    return build_config(cls, config_path, overrides), False
+
+
+class EntryPoint(Protocol):
+    def __call__(
+        self,
+        config_path: str | None,
+        overrides: dict[str, Any],
+        resume_dir: str | None = None,
+        overwrite: bool = False,
+    ) -> dict[str, Any]: ...
+
+
+def entry_point(cls: type[C], train: Callable[[C, bool, bool], dict[str, Any]]) -> EntryPoint:
+    """A recipe's `run(config_path, overrides, resume_dir=None, overwrite=False)`, what `tunery train
+    METHOD` calls: the config from YAML then flags (or the resumed run's), then `train(cfg, resume,
+    overwrite)`; returns the run's summary."""
+
+    def run(
+        config_path: str | None,
+        overrides: dict[str, Any],
+        resume_dir: str | None = None,
+        overwrite: bool = False,
+    ) -> dict[str, Any]:
+        cfg, resume = entry_config(cls, config_path, overrides, resume_dir)
+        return train(cfg, resume, overwrite)
+
+    return run

@@ -29,10 +29,19 @@ from typing import Any, Literal
 from transformers import PreTrainedTokenizerBase
 
 from tunery.data.chat import EXAMPLE_KEYS, ChatExample, Problem, check_messages
-from tunery.data.formats import foreign_problem, raise_foreign, sniff_format
+from tunery.data.formats import sniff_format
 from tunery.data.jsonl import MAX_FILE_BYTES, read_jsonl
 from tunery.data.template import tokenize_chat
-from tunery.data.validate import MIN_EXAMPLES, Report, _distribution
+from tunery.data.validate import (
+    MIN_EXAMPLES,
+    Report,
+    _distribution,
+    checked_lines,
+    distribution_lines,
+    note_duplicate,
+    raise_errors,
+    report_head,
+)
 from tunery.errors import TuneryError
 
 Kind = Literal["chat", "preference", "unpaired"]
@@ -103,30 +112,25 @@ def detect_file_kind(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> str:
 # --- checking one line -----------------------------------------------------------------------------------
 
 
-def _as_messages(value: Any, role: str) -> list[Any] | None:
-    """A string is one message of `role`; a list is taken as messages; anything else is None."""
-    if isinstance(value, str):
-        return [{"role": role, "content": value}]
-    if isinstance(value, list):
-        return value
-    return None
+def _check_turns(
+    value: Any, role: str, path: str, line: int, problems: list[Problem], missing: Problem
+) -> list[dict[str, Any]] | None:
+    """`value` as normalised messages: a string is one message of `role`, a list is taken as messages.
+    None when it is neither (`missing` is the problem) or when a message is invalid."""
+    messages = [{"role": role, "content": value}] if isinstance(value, str) else value
+    if not isinstance(messages, list) or not messages:
+        problems.append(missing)
+        return None
+    normalised, _ = check_messages(messages, line, path, problems)
+    return normalised if len(normalised) == len(messages) else None
 
 
 def _check_answer(value: Any, path: str, line: int, problems: list[Problem]) -> list[dict[str, Any]] | None:
-    messages = _as_messages(value, "assistant")
-    if not messages:
-        problems.append(
-            Problem(
-                line,
-                "invalid_output",
-                f"'{path}' must be an answer string or a list with one assistant message",
-            )
-        )
-        return None
-    normalised, _ = check_messages(messages, line, path, problems)
-    if len(normalised) != len(messages):
-        return None
-    if [m["role"] for m in normalised] != ["assistant"] * len(normalised):
+    missing = Problem(
+        line, "invalid_output", f"'{path}' must be an answer string or a list with one assistant message"
+    )
+    normalised = _check_turns(value, "assistant", path, line, problems, missing)
+    if normalised is not None and any(m["role"] != "assistant" for m in normalised):
         problems.append(
             Problem(line, "invalid_output", f"'{path}' must hold assistant messages only (the answer)")
         )
@@ -135,18 +139,11 @@ def _check_answer(value: Any, path: str, line: int, problems: list[Problem]) -> 
 
 
 def _check_prompt(value: Any, path: str, line: int, problems: list[Problem]) -> list[dict[str, Any]] | None:
-    messages = _as_messages(value, "user")
-    if not messages:
-        problems.append(
-            Problem(
-                line, "missing_prompt", f"'{path}' must be a prompt string or a non-empty list of messages"
-            )
-        )
-        return None
-    normalised, _ = check_messages(messages, line, path, problems)
-    if len(normalised) != len(messages):
-        return None
-    if normalised[-1]["role"] == "assistant":
+    missing = Problem(
+        line, "missing_prompt", f"'{path}' must be a prompt string or a non-empty list of messages"
+    )
+    normalised = _check_turns(value, "user", path, line, problems, missing)
+    if normalised is not None and normalised[-1]["role"] == "assistant":
         problems.append(
             Problem(
                 line,
@@ -325,56 +322,40 @@ def validate_feedback_file(
 ) -> Report:
     """Check every line of a preference or unpaired file, tokenize it, and describe the feedback."""
     report = Report(str(path))
-    foreign = foreign_problem(path, expect, max_bytes)  # a CSV, legacy prompt/completion...: say so, once
-    if foreign is not None:
-        report.problems.append(foreign)
-        report.stats = feedback_stats(report)
-        return report
     kinds: Counter[str] = Counter()
     seen: dict[str, int] = {}
-    for line in read_jsonl(path, max_bytes):
-        if line.error is not None:
-            report.problems.append(Problem(line.number, "invalid_json", line.error))
-            continue
-        example, problems = check_feedback_example(line.value, line.number)
-        report.problems += problems
-        if example is None:
-            continue
+    for number, example in checked_lines(report, path, expect, max_bytes, check_feedback_example):
         kind = "unpaired" if example.rejected is None else "preference"
         kinds[kind] += 1
         if expect is not None and kind != expect:
             report.problems.append(
                 Problem(
-                    line.number,
+                    number,
                     "wrong_format",
                     f"this line is {kind} feedback, but this method trains on {expect} feedback",
                 )
             )
             continue
         key = json.dumps([example.prompt, example.chosen, example.rejected, example.label], sort_keys=True)
-        if key in seen:
-            report.problems.append(
-                Problem(line.number, "duplicate_example", f"same as line {seen[key]}", "warning")
-            )
-        seen.setdefault(key, line.number)
+        note_duplicate(report, seen, key, number)
         report.examples.append(example)
         if tokenizer is None:
             continue
         try:
             pair, truncated = tokenize_feedback(tokenizer, example, max_length)
         except TuneryError as exc:
-            report.problems.append(Problem(line.number, "template_error", str(exc)))
+            report.problems.append(Problem(number, "template_error", str(exc)))
             continue
         except Exception as exc:  # the model's chat template (Jinja) rejecting this example's shape
             report.problems.append(
-                Problem(line.number, "template_error", f"the chat template cannot render this line: {exc}")
+                Problem(number, "template_error", f"the chat template cannot render this line: {exc}")
             )
             continue
         usable = any(pair.chosen_mask) and (example.rejected is None or any(pair.rejected_mask))
         if truncated:
             report.problems.append(
                 Problem(
-                    line.number,
+                    number,
                     "too_many_tokens",
                     f"longer than max_length {max_length}; answers are truncated from the end "
                     + ("(kept)" if usable else "(skipped: an answer has no token left)"),
@@ -469,14 +450,7 @@ def feedback_stats(report: Report) -> dict[str, Any]:
 
 def format_feedback_report(report: Report, max_problems: int = 50) -> str:
     s = report.stats
-    lines = [
-        f"{report.path}: {len(report.examples)} valid examples, "
-        f"{len(report.errors)} errors, {len(report.warnings)} warnings"
-    ]
-    for problem in report.problems[:max_problems]:
-        lines.append(f"  {problem.severity:<7} {problem}")
-    if len(report.problems) > max_problems:
-        lines.append(f"  ... and {len(report.problems) - max_problems} more (use --json for all)")
+    lines = report_head(report, max_problems)
     if not s.get("examples"):
         return "\n".join(lines)
     lines.append(
@@ -500,13 +474,7 @@ def format_feedback_report(report: Report, max_problems: int = 50) -> str:
         up = s["thumbs_up_fraction"]
         note = " - unbalanced; consider desirable/undesirable weights" if abs(up - 0.5) > 0.25 else ""
         lines.append(f"  ratings: {s['ratings']}; thumbs up: {up:.0%}{note}")
-    for name in ("prompt_tokens", "chosen_tokens", "rejected_tokens"):
-        d = s.get(name)
-        if d:
-            lines.append(
-                f"  {name.replace('_', ' ')}: min {d['min']:.0f}, median {d['median']:.0f}, "
-                f"mean {d['mean']}, p90 {d['p90']:.0f}, max {d['max']:.0f}"
-            )
+    lines += distribution_lines(s, ("prompt_tokens", "chosen_tokens", "rejected_tokens"), p10=False)
     if "total_tokens" in s:
         lines.append(
             f"  total tokens (prompt counted once per line): {s['total_tokens']}; truncated: {s['truncated']}"
@@ -523,14 +491,7 @@ def load_feedback_data(
 ) -> list[TokenizedPair]:
     """Tokenized feedback for training, or a TuneryError listing what is wrong with the file."""
     report = validate_feedback_file(path, tokenizer, max_length, min_examples, expect=expect)
-    raise_foreign(path, report.errors)
-    if report.errors:
-        shown = "\n".join(f"  {p}" for p in report.errors[:20])
-        more = f"\n  ... and {len(report.errors) - 20} more" if len(report.errors) > 20 else ""
-        raise TuneryError(
-            f"{path} has {len(report.errors)} errors:\n{shown}{more}\n"
-            f"Fix them (see `tunery data validate {path}`) and run again."
-        )
+    raise_errors(path, report.errors)
     return report.chats
 
 

@@ -16,9 +16,10 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from tunery.data.chat import Problem, check_messages
-from tunery.data.formats import foreign_problem, raise_foreign
+from tunery.data.formats import foreign_problem
 from tunery.data.jsonl import read_jsonl
 from tunery.data.template import prompt_ids
+from tunery.data.validate import raise_errors
 from tunery.errors import TuneryError
 
 
@@ -93,11 +94,7 @@ def load_prompt_data(
 ) -> tuple[list[PromptItem], list[int]]:
     """The prompts of a file and the lines skipped as too long, or a TuneryError listing what is wrong."""
     report = validate_prompt_file(path, tokenizer, max_prompt_length)
-    raise_foreign(path, report.errors)
-    if report.errors:
-        shown = "\n".join(f"  {p}" for p in report.errors[:20])
-        more = f"\n  ... and {len(report.errors) - 20} more" if len(report.errors) > 20 else ""
-        raise TuneryError(f"{path} has {len(report.errors)} errors:\n{shown}{more}\nFix them and run again.")
+    raise_errors(path, report.errors, fix="Fix them and run again.")
     if not report.items:
         raise TuneryError(
             f"{path}: no usable prompts"

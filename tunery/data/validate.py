@@ -6,9 +6,10 @@ The same code loads training data, so a file that validates is a file that train
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
@@ -20,6 +21,8 @@ from tunery.errors import TuneryError
 from tunery.training.auto import auto_epochs
 
 MIN_EXAMPLES = 10
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -37,6 +40,37 @@ class Report:
     @property
     def warnings(self) -> list[Problem]:
         return [p for p in self.problems if p.severity == "warning"]
+
+
+def checked_lines(
+    report: Report,
+    path: str | Path,
+    expect: str | None,
+    max_bytes: int,
+    check: Callable[[Any, int], tuple[T | None, list[Problem]]],
+) -> Iterator[tuple[int, T]]:
+    """Each line of the file that `check` accepts, with its number. Every problem (invalid JSON, what
+    `check` found) goes into `report`. A file in a foreign format (a CSV, a JSON array, ShareGPT...) is
+    said so once, as one error, and gives no lines."""
+    foreign = foreign_problem(path, expect, max_bytes)
+    if foreign is not None:
+        report.problems.append(foreign)
+        return
+    for line in read_jsonl(path, max_bytes):
+        if line.error is not None:
+            report.problems.append(Problem(line.number, "invalid_json", line.error))
+            continue
+        example, problems = check(line.value, line.number)
+        report.problems += problems
+        if example is not None:
+            yield line.number, example
+
+
+def note_duplicate(report: Report, seen: dict[str, int], key: str, line: int) -> None:
+    """A warning when an earlier line had the same `key`; `seen` maps each key to its first line."""
+    if key in seen:
+        report.problems.append(Problem(line, "duplicate_example", f"same as line {seen[key]}", "warning"))
+    seen.setdefault(key, line)
 
 
 def _distribution(values: list[int]) -> dict[str, float]:
@@ -57,6 +91,20 @@ def _distribution(values: list[int]) -> dict[str, float]:
     }
 
 
+def distribution_lines(stats: dict[str, Any], names: tuple[str, ...], p10: bool = True) -> list[str]:
+    """One report line for each distribution (`_distribution`) in `stats` under one of `names`."""
+    lines = []
+    for name in names:
+        d = stats.get(name)
+        if d:
+            low = f", p10 {d['p10']:.0f}" if p10 else ""
+            lines.append(
+                f"  {name.replace('_', ' ')}: min {d['min']:.0f}{low}, median {d['median']:.0f}, "
+                f"mean {d['mean']}, p90 {d['p90']:.0f}, max {d['max']:.0f}"
+            )
+    return lines
+
+
 def validate_chat_file(
     path: str | Path,
     tokenizer: PreTrainedTokenizerBase | None = None,
@@ -66,37 +114,20 @@ def validate_chat_file(
 ) -> Report:
     """Check every line; with a tokenizer, also tokenize (exact counts, over-length examples)."""
     report = Report(str(path))
-    foreign = foreign_problem(path, "chat", max_bytes)  # a CSV, a JSON array, ShareGPT...: say so, once
-    if foreign is not None:
-        report.problems.append(foreign)
-        report.stats = _stats(report, max_length)
-        return report
     seen: dict[str, int] = {}
-    for line in read_jsonl(path, max_bytes):
-        if line.error is not None:
-            report.problems.append(Problem(line.number, "invalid_json", line.error))
-            continue
-        example, problems = check_chat_example(line.value, line.number)
-        report.problems += problems
-        if example is None:
-            continue
-        key = canonical_key(example)
-        if key in seen:
-            report.problems.append(
-                Problem(line.number, "duplicate_example", f"same as line {seen[key]}", "warning")
-            )
-        seen.setdefault(key, line.number)
+    for number, example in checked_lines(report, path, "chat", max_bytes, check_chat_example):
+        note_duplicate(report, seen, canonical_key(example), number)
         report.examples.append(example)
         if tokenizer is not None:
             try:
                 chat = tokenize_chat(tokenizer, example, max_length)
             except TuneryError as exc:
-                report.problems.append(Problem(line.number, "template_error", str(exc)))
+                report.problems.append(Problem(number, "template_error", str(exc)))
                 continue
             except Exception as exc:  # the model's chat template (Jinja) rejecting this example's shape
                 report.problems.append(
                     Problem(
-                        line.number,
+                        number,
                         "template_error",
                         f"the model's chat template cannot render this example: {exc.__class__.__name__}: {exc}",
                     )
@@ -106,7 +137,7 @@ def validate_chat_file(
                 keep = "kept" if chat.n_trained else "skipped: no trained token is left"
                 report.problems.append(
                     Problem(
-                        line.number,
+                        number,
                         "too_many_tokens",
                         f"example is longer than max_length {max_length} and is truncated from the end ({keep})",
                         "warning",
@@ -152,7 +183,8 @@ def _stats(report: Report, max_length: int | None) -> dict[str, Any]:
     return stats
 
 
-def format_report(report: Report, max_problems: int = 50) -> str:
+def report_head(report: Report, max_problems: int) -> list[str]:
+    """The first lines of a report, whatever the data: counts, then up to `max_problems` problems."""
     lines = [
         f"{report.path}: {len(report.examples)} valid examples, "
         f"{len(report.errors)} errors, {len(report.warnings)} warnings"
@@ -161,19 +193,20 @@ def format_report(report: Report, max_problems: int = 50) -> str:
         lines.append(f"  {problem.severity:<7} {problem}")
     if len(report.problems) > max_problems:
         lines.append(f"  ... and {len(report.problems) - max_problems} more (use --json for all)")
+    return lines
+
+
+def format_report(report: Report, max_problems: int = 50) -> str:
+    lines = report_head(report, max_problems)
     s = report.stats
     if s.get("examples"):
         lines.append(
             f"  examples without a system message: {s['missing_system_message']}; "
             f"without a user message: {s['missing_user_message']}; duplicates: {s['duplicates']}"
         )
-    for name in ("messages_per_example", "tokens_per_example", "trained_tokens_per_example"):
-        d = s.get(name)
-        if d:
-            lines.append(
-                f"  {name.replace('_', ' ')}: min {d['min']:.0f}, p10 {d['p10']:.0f}, median {d['median']:.0f}, "
-                f"mean {d['mean']}, p90 {d['p90']:.0f}, max {d['max']:.0f}"
-            )
+    lines += distribution_lines(
+        s, ("messages_per_example", "tokens_per_example", "trained_tokens_per_example")
+    )
     if "total_tokens" in s:
         lines.append(
             f"  total tokens: {s['total_tokens']}; over max_length {s['max_length']}: {s['truncated']}; "
@@ -190,12 +223,16 @@ def load_chat_data(
 ) -> list[TokenizedChat]:
     """Tokenized examples for training, or a TuneryError listing what is wrong with the file."""
     report = validate_chat_file(path, tokenizer, max_length, min_examples)
-    raise_foreign(path, report.errors)
-    if report.errors:
-        shown = "\n".join(f"  {p}" for p in report.errors[:20])
-        more = f"\n  ... and {len(report.errors) - 20} more" if len(report.errors) > 20 else ""
-        raise TuneryError(
-            f"{path} has {len(report.errors)} errors:\n{shown}{more}\n"
-            f"Fix them (see `tunery data validate {path}`) and run again."
-        )
+    raise_errors(path, report.errors)
     return report.chats
+
+
+def raise_errors(path: str | Path, errors: list[Problem], fix: str | None = None) -> None:
+    """For the loaders: a TuneryError listing the first 20 errors and how to fix them (by default: see
+    `tunery data validate`); a file in a foreign format is one error instead (data/formats.py)."""
+    raise_foreign(path, errors)
+    if errors:
+        shown = "\n".join(f"  {p}" for p in errors[:20])
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        fix = fix or f"Fix them (see `tunery data validate {path}`) and run again."
+        raise TuneryError(f"{path} has {len(errors)} errors:\n{shown}{more}\n{fix}")

@@ -160,13 +160,8 @@ def sample(
     unique: dict[tuple[int, ...], int] = {}
     rows = torch.tensor([unique.setdefault(tuple(p), len(unique)) for p in prompts], device=device)
     distinct = [list(p) for p in unique]
-    longest = max(len(p) for p in distinct)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(distinct), longest), pad, dtype=torch.long, device=device)
-    key_valid = torch.zeros((len(distinct), longest), dtype=torch.bool, device=device)
-    for i, prompt in enumerate(distinct):
-        input_ids[i, longest - len(prompt) :] = torch.tensor(prompt, device=device)
-        key_valid[i, longest - len(prompt) :] = True
+    input_ids, key_valid = _left_pad(tokenizer, distinct, device)
+    longest = input_ids.shape[1]
     positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)
     length = longest + params.max_new_tokens
     cache = engine.new_cache(len(distinct), length)
@@ -232,21 +227,39 @@ def sample(
     ]
 
 
+def _left_pad(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts right-aligned in one batch: token ids (B, T) and which of them are real, not padding (B, T)."""
+    longest = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(prompts), longest), pad, dtype=torch.long, device=device)
+    key_valid = torch.zeros((len(prompts), longest), dtype=torch.bool, device=device)
+    for i, prompt in enumerate(prompts):
+        input_ids[i, longest - len(prompt) :] = torch.tensor(prompt, device=device)
+        key_valid[i, longest - len(prompt) :] = True
+    return input_ids, key_valid
+
+
 def _choose(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next token of each row (B,) and its log-probability at temperature 1 (B,), from fp32 logits (B, V)."""
-    if params.temperature <= 0:
-        next_ids = logits.argmax(-1)
-    else:
-        probs = _filter_logits(logits, params).softmax(-1)
-        # Inverse-CDF draw: one uniform number per row. torch.multinomial draws an exponential variable
-        # per vocabulary entry, ~12 ms per step at batch 16 x 49k on this CPU.
-        cdf = probs.cumsum(-1)  # (B, V)
-        u = torch.rand((logits.shape[0], 1), generator=generator, device=logits.device) * cdf[:, -1:]
-        next_ids = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+    next_ids = _draw(logits, params, generator)
     chosen = logits.gather(1, next_ids[:, None]).squeeze(1) - logits.logsumexp(-1)
     return next_ids, chosen
+
+
+def _draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """Next token of each row (B,) from fp32 logits (B, V): the argmax when greedy, else a sample."""
+    if params.temperature <= 0:
+        return logits.argmax(-1)
+    probs = _filter_logits(logits, params).softmax(-1)
+    # Inverse-CDF draw: one uniform number per row. torch.multinomial draws an exponential variable
+    # per vocabulary entry, ~12 ms per step at batch 16 x 49k on this CPU.
+    cdf = probs.cumsum(-1)  # (B, V)
+    u = torch.rand((logits.shape[0], 1), generator=generator, device=logits.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -261,13 +274,8 @@ def _sample_generic(
 ) -> list[Completion]:
     """transformers' own forward with a DynamicCache: for architectures the decoding engine does not cover."""
     device = next(model.parameters()).device
-    batch, longest = len(prompts), max(len(p) for p in prompts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((batch, longest), pad, dtype=torch.long, device=device)
-    key_valid = torch.zeros((batch, longest), dtype=torch.bool, device=device)
-    for i, prompt in enumerate(prompts):
-        input_ids[i, longest - len(prompt) :] = torch.tensor(prompt, device=device)
-        key_valid[i, longest - len(prompt) :] = True
+    input_ids, key_valid = _left_pad(tokenizer, prompts, device)
+    batch, longest = input_ids.shape
     position_ids = (key_valid.long().cumsum(-1) - 1).clamp(min=0)
     causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
     # Padding rows attend to themselves so they stay finite (a fully masked row would be NaN in the cache).
@@ -296,15 +304,7 @@ def _sample_generic(
             )
         logits = out.logits[:, -1].float()  # (B, V)
         token_logps = logits.log_softmax(-1)
-        if params.temperature <= 0:
-            next_ids = logits.argmax(-1)
-        else:
-            probs = _filter_logits(logits, params).softmax(-1)
-            # Inverse-CDF draw: one uniform number per row. torch.multinomial draws an exponential
-            # variable per vocabulary entry, ~12 ms per step at batch 16 x 49k on this CPU.
-            cdf = probs.cumsum(-1)  # (B, V)
-            u = torch.rand((batch, 1), generator=generator, device=device) * cdf[:, -1:]
-            next_ids = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+        next_ids = _draw(logits, params, generator)
         chosen_logps = token_logps.gather(1, next_ids[:, None]).squeeze(1).tolist()
         for i, token in enumerate(next_ids.tolist()):
             if finish[i] is not None:

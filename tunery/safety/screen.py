@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +41,7 @@ from tunery.data.jsonl import MAX_FILE_BYTES, read_jsonl
 from tunery.errors import TuneryError
 from tunery.safety.content import CLASSIFIER, OFFENSIVE_THRESHOLD, offensive_probability
 from tunery.safety.pii import PLACEHOLDERS, Finding, find_personal_data, redact
-from tunery.training.io import atomic_write_json
+from tunery.training.io import atomic_open, atomic_write_json
 from tunery.training.progress import StepProgress
 
 log = logging.getLogger("tunery")
@@ -247,23 +245,13 @@ def write_redacted(
     then renamed."""
     if out.resolve() == source.resolve():
         raise TuneryError(f"{out}: the redacted copy must not replace the original; choose another path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as dst, source.open("rb") as src:
-            for number, raw in enumerate(src, start=1):
-                if number in drop:
-                    continue
-                if number in mask:
-                    raw = _redact_line(raw, mask_text)
-                dst.write(raw)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(out, "wb") as dst, source.open("rb") as src:
+        for number, raw in enumerate(src, start=1):
+            if number in drop:
+                continue
+            if number in mask:
+                raw = _redact_line(raw, mask_text)
+            dst.write(raw)
 
 
 def _redact_line(raw: bytes, mask_text: Callable[[str], str]) -> bytes:

@@ -19,6 +19,15 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
+def _count_down(counts: dict[str, int], key: str) -> None:
+    """One fewer for `key`; a key that reaches zero is dropped, so `counts` holds only keys in use."""
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
+
+
 class TooBusy(Exception):
     """A cap is reached: the caller should retry later (HTTP 429)."""
 
@@ -47,11 +56,7 @@ class Admission:
 
     def release(self, project: str) -> None:
         with self._lock:
-            left = self._by_project.get(project, 0) - 1
-            if left > 0:
-                self._by_project[project] = left
-            else:
-                self._by_project.pop(project, None)
+            _count_down(self._by_project, project)
             self._count = max(0, self._count - 1)
 
     def in_flight(self, project: str | None = None) -> int:
@@ -95,11 +100,7 @@ class FairQueue(Generic[T]):
 
     def done(self, key: str) -> None:
         with self._ready:
-            left = self._running.get(key, 0) - 1
-            if left > 0:
-                self._running[key] = left
-            else:
-                self._running.pop(key, None)
+            _count_down(self._running, key)
             self._ready.notify_all()
 
     def close(self) -> None:

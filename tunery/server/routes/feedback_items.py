@@ -13,6 +13,7 @@ from pydantic import Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from tunery.server.auth import Caller
 from tunery.server.deps import AnyRole, Auth, State
 from tunery.server.errors import bad_request
 from tunery.server.feedback import (
@@ -207,6 +208,16 @@ def queue_progress(state: State, caller: AnyRole, queue_id: str) -> dict[str, An
         return progress(session, get_queue(session, caller, queue_id), caller.key_id)
 
 
+def _ready_item(session: Session, caller: Caller, item_id: str) -> tuple[FeedbackItem, FeedbackQueue]:
+    """The caller's project's item and its queue, once the item has its answers to label."""
+    item = get_item(session, caller, item_id)
+    queue = session.get(FeedbackQueue, item.queue_id)
+    assert queue is not None
+    if item.status != "ready":
+        raise bad_request(f"Item {item.id} has no answers yet ({item.status}).", "item_id", "item_not_ready")
+    return item, queue
+
+
 def _own_label(session: Session, item: FeedbackItem, key_id: str) -> FeedbackLabel | None:
     return session.scalar(
         select(FeedbackLabel).where(FeedbackLabel.item_id == item.id, FeedbackLabel.labeller_key_id == key_id)
@@ -216,13 +227,7 @@ def _own_label(session: Session, item: FeedbackItem, key_id: str) -> FeedbackLab
 @router.get("/feedback/items/{item_id}")
 def retrieve_item(state: State, caller: AnyRole, item_id: str) -> dict[str, Any]:
     with state.store.session() as session:
-        item = get_item(session, caller, item_id)
-        queue = session.get(FeedbackQueue, item.queue_id)
-        assert queue is not None
-        if item.status != "ready":
-            raise bad_request(
-                f"Item {item.id} has no answers yet ({item.status}).", "item_id", "item_not_ready"
-            )
+        item, queue = _ready_item(session, caller, item_id)
         return labeller_item(item, queue, caller.key_id, _own_label(session, item, caller.key_id))
 
 
@@ -230,13 +235,7 @@ def retrieve_item(state: State, caller: AnyRole, item_id: str) -> dict[str, Any]
 def label_item(body: LabelCreate, state: State, caller: AnyRole, item_id: str) -> dict[str, Any]:
     """Store the caller's label at once (a second post changes it): a closed browser loses nothing."""
     with state.store.session() as session:
-        item = get_item(session, caller, item_id)
-        queue = session.get(FeedbackQueue, item.queue_id)
-        assert queue is not None
-        if item.status != "ready":
-            raise bad_request(
-                f"Item {item.id} has no answers yet ({item.status}).", "item_id", "item_not_ready"
-            )
+        item, queue = _ready_item(session, caller, item_id)
         allowed = ("left", "right", "tie", "both_bad") if queue.mode == "pairwise" else ("up", "down")
         if body.choice not in allowed:
             raise bad_request(

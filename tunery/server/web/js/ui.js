@@ -136,6 +136,16 @@ export function empty(title, ...body) {
   return h("div", { class: "empty" }, h("h3", {}, title), ...body);
 }
 
+/** A card named by its heading, for screen readers too: the section is labelled by the h2 `${id}-title`. */
+export function cardSection(id, title, ...children) {
+  return h(
+    "section",
+    { class: "card section", "aria-labelledby": `${id}-title` },
+    h("h2", { id: `${id}-title` }, title),
+    ...children,
+  );
+}
+
 export function progressBar(step, total) {
   const fraction = total ? Math.min(1, Math.max(0, (step || 0) / total)) : 0;
   const fill = h("div", { class: "progress-fill" });

@@ -4,7 +4,7 @@
 
 import { api } from "../api.js";
 import { chatModels, field, fineTuneFiles, pct, select, verdictBadge } from "../feedback.js";
-import { ago, empty, errorBox, fill, fmtDate, h, poll, toast } from "../ui.js";
+import { ago, cardSection, empty, errorBox, fill, fmtDate, h, poll, toast } from "../ui.js";
 
 export const title = "Comparisons";
 
@@ -22,9 +22,9 @@ export async function render(root, { query, signal }) {
       h(
         "div",
         {},
-        h("section", { class: "card section", "aria-labelledby": "current-title" }, h("h2", { id: "current-title" }, "Current model"), currentBody),
-        h("section", { class: "card section", "aria-labelledby": "from-job-title" }, h("h2", { id: "from-job-title" }, "Compare a finished job"), jobsBody),
-        h("section", { class: "card section", "aria-labelledby": "new-comparison-title" }, h("h2", { id: "new-comparison-title" }, "Compare two models"), formBody),
+        cardSection("current", "Current model", currentBody),
+        cardSection("from-job", "Compare a finished job", jobsBody),
+        cardSection("new-comparison", "Compare two models", formBody),
       ),
     ),
   );

@@ -10,6 +10,7 @@ import {
   TERMINAL,
   ago,
   badge,
+  cardSection,
   fill,
   confirmDialog,
   copyButton,
@@ -58,6 +59,21 @@ function removedNote(message, checkpoints) {
   );
 }
 
+/** An energy tile: `amount` in `unit` (kWh, kg), or below 1 in its thousandth, `milliUnit` (Wh, g). */
+function energyStat(amount, unit, milliUnit, label) {
+  const milli = amount * 1000;
+  return h(
+    "div",
+    { class: "stat" },
+    h(
+      "span",
+      { class: "stat-value" },
+      milli >= 1000 ? `${fmtNum(amount, 3)} ${unit}` : `${fmtNum(milli, 3)} ${milliUnit}`,
+    ),
+    h("span", { class: "stat-label" }, label),
+  );
+}
+
 export async function render(root, { params, signal }) {
   const id = params.id;
   const base = `fine_tuning/jobs/${encodeURIComponent(id)}`;
@@ -99,12 +115,7 @@ export async function render(root, { params, signal }) {
       chartsNote,
       chartGrid,
     ),
-    h(
-      "section",
-      { class: "card section", "aria-labelledby": "ckpt-title" },
-      h("h2", { id: "ckpt-title" }, "Checkpoints"),
-      checkpointsBody,
-    ),
+    cardSection("ckpt", "Checkpoints", checkpointsBody),
     h(
       "div",
       { class: "two-col" },
@@ -119,12 +130,7 @@ export async function render(root, { params, signal }) {
         ),
         eventsBody,
       ),
-      h(
-        "section",
-        { class: "card section", "aria-labelledby": "run-title" },
-        h("h2", { id: "run-title" }, "Energy and run"),
-        runBody,
-      ),
+      cardSection("run", "Energy and run", runBody),
     ),
     h(
       "section",
@@ -454,31 +460,11 @@ export async function render(root, { params, signal }) {
     const rows = [];
     let lead;
     if (energy && typeof energy.kwh === "number") {
-      const wh = energy.kwh * 1000;
-      const grams = energy.kg_co2e * 1000;
       lead = h(
         "div",
         { class: "energy" },
-        h(
-          "div",
-          { class: "stat" },
-          h(
-            "span",
-            { class: "stat-value" },
-            wh >= 1000 ? `${fmtNum(energy.kwh, 3)} kWh` : `${fmtNum(wh, 3)} Wh`,
-          ),
-          h("span", { class: "stat-label" }, "energy used"),
-        ),
-        h(
-          "div",
-          { class: "stat" },
-          h(
-            "span",
-            { class: "stat-value" },
-            grams >= 1000 ? `${fmtNum(energy.kg_co2e, 3)} kg` : `${fmtNum(grams, 3)} g`,
-          ),
-          h("span", { class: "stat-label" }, "CO₂e emitted"),
-        ),
+        energyStat(energy.kwh, "kWh", "Wh", "energy used"),
+        energyStat(energy.kg_co2e, "kg", "g", "CO₂e emitted"),
       );
       if (!info.final)
         rows.push(["measured", "up to the newest checkpoint; the total comes when the run ends"]);

@@ -5,7 +5,7 @@
 
 import { api } from "../api.js";
 import { bars, chatModels, field, pct, select, statTile } from "../feedback.js";
-import { badge, copyable, empty, errorBox, fill, fmtDate, fmtNum, h, poll, progressBar, toast } from "../ui.js";
+import { badge, cardSection, copyable, empty, errorBox, fill, fmtDate, fmtNum, h, poll, progressBar, toast } from "../ui.js";
 
 export const title = (params) => `Queue ${params.id}`;
 
@@ -15,15 +15,15 @@ export async function render(root, { params, signal }) {
   const id = params.id;
   const path = `tunery/v1/feedback/queues/${encodeURIComponent(id)}`;
   const header = h("section", { class: "card job-header" });
-  const quality = h("section", { class: "card section", "aria-labelledby": "quality-title" }, h("h2", { id: "quality-title" }, "Quality of the labels"), h("p", { class: "muted" }, "Loading…"));
+  const quality = cardSection("quality", "Quality of the labels", h("p", { class: "muted" }, "Loading…"));
   const exportBody = h("div");
   const itemsBody = h("div", {}, h("p", { class: "muted" }, "Loading…"));
   root.append(
     h("nav", { class: "breadcrumb", "aria-label": "Breadcrumb" }, h("a", { href: "#/feedback" }, "Feedback studio"), h("span", { "aria-hidden": "true" }, " / "), h("span", { class: "mono" }, id)),
     header,
     quality,
-    h("section", { class: "card section", "aria-labelledby": "train-title" }, h("h2", { id: "train-title" }, "Export and train"), exportBody),
-    h("section", { class: "card section", "aria-labelledby": "items-title" }, h("h2", { id: "items-title" }, "Items"), itemsBody),
+    cardSection("train", "Export and train", exportBody),
+    cardSection("items", "Items", itemsBody),
   );
 
   let queue = await api(path, { signal });

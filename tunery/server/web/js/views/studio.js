@@ -4,7 +4,7 @@
 
 import { api } from "../api.js";
 import { chatModels, field, fineTuneFiles, select, upload } from "../feedback.js";
-import { ago, badge, confirmDialog, copyable, empty, errorBox, fill, fmtDate, h, poll, progressBar, toast } from "../ui.js";
+import { ago, badge, cardSection, confirmDialog, copyable, empty, errorBox, fill, fmtDate, h, poll, progressBar, toast } from "../ui.js";
 
 export const title = "Feedback studio";
 
@@ -34,7 +34,7 @@ export async function render(root, { signal }) {
       "div",
       { class: "studio-grid" },
       h("div", {}, queuesBody),
-      h("section", { class: "card section", "aria-labelledby": "labellers-title" }, h("h2", { id: "labellers-title" }, "Labellers"), labellersBody),
+      cardSection("labellers", "Labellers", labellersBody),
     ),
   );
 

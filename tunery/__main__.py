@@ -1,5 +1,5 @@
 """`python -m tunery ...` (and `torchrun -m tunery ...`) run the CLI."""
 
-from tunery.cli import main
+from tunery.cli import entry
 
-raise SystemExit(main())
+entry()

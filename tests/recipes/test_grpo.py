@@ -15,7 +15,7 @@ import torch
 
 from tests.conftest import run_torchrun, write_jsonl
 from tunery.cli import main
-from tunery.recipes import grpo
+from tunery.recipes import grpo, rollouts
 from tunery.run.files import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -216,15 +216,15 @@ def test_sampler_log_probs_agree_with_the_training_forward_pass(rl_files) -> Non
         SamplingParams(max_new_tokens=16, temperature=1.0, seed=0),
     )  # fmt: skip
     groups = [
-        grpo.Group(p, completions[4 * k : 4 * k + 4], [c.trained_ids for c in completions[4 * k : 4 * k + 4]],
-                   [True] * 4, [0.0] * 4, [0.0] * 4)
+        rollouts.Group(p, completions[4 * k : 4 * k + 4],
+                       [c.trained_ids for c in completions[4 * k : 4 * k + 4]], [True] * 4)
         for k, p in enumerate(prompts[:3])
     ]  # fmt: skip
     with torch.no_grad():
-        row, logps, _ = grpo.packed_logps(
+        row, logps, _, _ = rollouts.packed_logps(
             model, output_weight(model), groups, 1.0, "bf16", torch.device("cpu")
         )
-    for c, trained in zip(completions, grpo.split_by_sequence(logps, row), strict=True):
+    for c, trained in zip(completions, rollouts.split_by_sequence(logps, row), strict=True):
         reported = torch.tensor(c.logprobs + ([c.stop_logprob] if c.stop_token_id is not None else []))
         assert reported.shape == trained.shape
         assert (reported - trained).abs().mean() < 0.1

@@ -14,7 +14,10 @@ HEAVY = (
     "peft",
     "safetensors",
     "tunery.models",
-    *(f"tunery.recipes.{m}" for m in ("sft", "reward_model", "dpo", "kto", "grpo", "ppo", "compare")),
+    *(
+        f"tunery.recipes.{m}"
+        for m in ("sft", "reward_model", "dpo", "kto", "grpo", "ppo", "compare", "rollouts", "pairs")
+    ),
     "tunery.run.lifecycle",
 )
 

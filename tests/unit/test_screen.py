@@ -265,3 +265,28 @@ def test_cli_data_validate_with_screening(data: Path, capsys: pytest.CaptureFixt
     ]
     assert main([*argv, "--screen-pii", "warn"]) == 0
     assert {p["severity"] for p in json.loads(capsys.readouterr().out)["problems"]} == {"warning"}
+
+
+def test_the_classifier_scores_the_same_in_its_worker_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A training run starts the classifier in a child process (its import overlaps the run's set-up);
+    the scores are the ones this process computes, and a worker that dies falls back to this process."""
+    import sys
+
+    from tunery.safety import content
+
+    monkeypatch.delitem(sys.modules, "profanity_check", raising=False)  # as in a fresh `tunery train`
+
+    texts = ["Thank you, that helped!", "You are a complete idiot.", "naïve café \u2028 line"]
+    content.start_worker()
+    try:
+        assert content._worker is not None
+        in_worker = content.offensive_probability(texts)
+        assert content._worker is not None  # still serving: a run scores train and valid with it
+        content._worker.kill()
+        content._worker.wait()
+        after_death = content.offensive_probability(texts)
+        assert content._worker is None
+    finally:
+        content.stop_worker()
+    assert in_worker == after_death == content.offensive_probability(texts)
+    assert in_worker[1] > 0.5 > in_worker[0]

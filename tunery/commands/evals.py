@@ -11,6 +11,7 @@ from typing import Any
 
 from tunery.commands.models import add_sampling, check_model_and_adapters, read_prompts, sampling_params
 from tunery.errors import TuneryError
+from tunery.run import files
 
 log = logging.getLogger("tunery")
 
@@ -135,11 +136,8 @@ def _eval_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, str | None, Pa
 def _merge_evals(path: Path, report: dict[str, Any]) -> dict[str, Any]:
     """Sections already in `path` that this run did not redo stay (e.g. grounding added to a training run's
     evals); the new config replaces the old one."""
-    try:
-        old = json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError:
-        old = {}
-    old = old if isinstance(old, dict) else {}
+    previous = files.read_evals(path)
+    old = previous.to_json() if previous is not None else {}
     merged = {k: v for k, v in old.items() if k != "config" and k not in report}
     return merged | report
 

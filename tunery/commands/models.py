@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tunery.errors import TuneryError
+from tunery.run import files
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -228,16 +229,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
         table.add_row(p["messages"][-1]["content"], b.text.strip(), a.text.strip())
     console.print(table)
     run_dir = Path(args.adapter)
-    summary_path = (run_dir.parent if run_dir.name == "final" else run_dir) / "summary.json"
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
+    summary = files.read_summary(run_dir.parent if run_dir.name == "final" else run_dir)
+    if summary is not None:
         metrics = Table(title="Final metrics")
         metrics.add_column("metric")
         metrics.add_column("value", justify="right")
-        for key, value in summary["final_metrics"].items():
+        for key, value in summary.final_metrics.items():
             metrics.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
         for key in ("steps", "trained_tokens", "tokens_per_second", "train_seconds", "peak_memory_mb"):
-            metrics.add_row(key, str(summary[key]))
+            metrics.add_row(key, str(getattr(summary, key)))
         console.print(metrics)
     return 0
 

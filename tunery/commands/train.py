@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import typing
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     overrides = config_overrides(args)
     check_before_loading(args, overrides)
+    if not args.resume and os.environ.get("RANK", "0") == "0":  # the process that screens the data
+        from tunery.safety.content import start_worker
+
+        start_worker()  # the classifier loads on another core during the recipe's imports
     recipe = importlib.import_module(RECIPES[args.method])
     summary = recipe.run(args.config, overrides, resume_dir=args.resume, overwrite=args.overwrite)
     print_summary(summary)

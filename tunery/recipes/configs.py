@@ -14,6 +14,12 @@ from tunery.run.config import ChatEvalFields, HeldOutFields, RunConfig, Sampling
 DPO_LOSSES = ("dpo", "ipo", "simpo")
 
 
+def _check_pair_fits_a_row(cfg: RewardConfig | DPOConfig | KTOConfig) -> None:
+    """The pair methods pack a prompt and both its answers into one row of at most micro_batch_tokens."""
+    if cfg.micro_batch_tokens < cfg.max_length:
+        raise TuneryError("micro_batch_tokens must be >= max_length (a pair's sequences share one row)")
+
+
 @dataclass
 class SFTConfig(ChatEvalFields, HeldOutFields, RunConfig):
     """Supervised fine-tuning on OpenAI chat JSONL."""
@@ -38,8 +44,7 @@ class RewardConfig(HeldOutFields, RunConfig):
         super().__post_init__()
         if self.center_coef < 0:
             raise TuneryError(f"center_coef must be >= 0, got {self.center_coef}")
-        if self.micro_batch_tokens < self.max_length:
-            raise TuneryError("micro_batch_tokens must be >= max_length (a pair's sequences share one row)")
+        _check_pair_fits_a_row(self)
 
 
 @dataclass
@@ -65,8 +70,7 @@ class DPOConfig(ChatEvalFields, HeldOutFields, RunConfig):
             raise TuneryError("label_smoothing must be in [0, 0.5)")
         if self.label_smoothing and self.loss != "dpo":
             raise TuneryError("label_smoothing (conservative DPO) applies to loss dpo only")
-        if self.micro_batch_tokens < self.max_length:
-            raise TuneryError("micro_batch_tokens must be >= max_length (a pair's sequences share one row)")
+        _check_pair_fits_a_row(self)
 
     @property
     def resolved_beta(self) -> float:
@@ -89,8 +93,7 @@ class KTOConfig(ChatEvalFields, HeldOutFields, RunConfig):
         for name in ("beta", "desirable_weight", "undesirable_weight"):
             if getattr(self, name) <= 0:
                 raise TuneryError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.micro_batch_tokens < self.max_length:
-            raise TuneryError("micro_batch_tokens must be >= max_length (a pair's sequences share one row)")
+        _check_pair_fits_a_row(self)
 
 
 @dataclass

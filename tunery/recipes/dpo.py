@@ -35,6 +35,7 @@ from tunery.data.packing import examples_seen, pack_pairs, plan_rows, shard
 from tunery.losses.dpo import dpo_loss, ipo_loss, simpo_loss
 from tunery.models.forward import output_weight, sequence_logps
 from tunery.recipes.configs import DPOConfig
+from tunery.recipes.pairs import reference_logps
 from tunery.run import files, lifecycle
 from tunery.training import auto, distributed
 from tunery.training.rundir import autocast
@@ -43,31 +44,6 @@ log = logging.getLogger("tunery")
 
 
 # --- setup ------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def reference_logps(
-    model: torch.nn.Module,
-    pairs: list[TokenizedPair],
-    micro_batch_tokens: int,
-    precision: str,
-    world: distributed.World,
-) -> dict[int, tuple[float, float]]:
-    """{line: (chosen, rejected)} summed log-probs under the model as it is now (the reference)."""
-    lm_head_weight = output_weight(model)
-    was_training = model.training
-    model.eval()
-    index = {pair.line: i for i, pair in enumerate(pairs)}
-    values = [0.0] * (2 * len(pairs))  # each process fills its share; the sum across processes is complete
-    for row_pairs in plan_rows(shard(pairs, world.rank, world.size), micro_batch_tokens):
-        with autocast(precision, world.device):
-            summed, _, _ = sequence_logps(model, lm_head_weight, pack_pairs(row_pairs))
-        for k, pair in enumerate(row_pairs):
-            values[2 * index[pair.line]] = summed[2 * k].item()
-            values[2 * index[pair.line] + 1] = summed[2 * k + 1].item()
-    values = distributed.all_sum(values, world)
-    model.train(was_training)
-    return {pair.line: (values[2 * i], values[2 * i + 1]) for i, pair in enumerate(pairs)}
 
 
 def pair_losses(

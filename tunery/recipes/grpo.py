@@ -35,77 +35,35 @@ import contextlib
 import itertools
 import logging
 import math
-import re
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from tunery.data.packing import Segment, pack_branches, plan_rows, step_indices
-from tunery.data.prompts import PromptItem, load_prompt_data
+from tunery.data.packing import plan_rows, step_indices
+from tunery.data.prompts import PromptItem
 from tunery.graders.rewards import RewardFunction, load_reward_function
 from tunery.losses.grpo import clipped_surrogate, group_advantages, kl_k3, token_weights
-from tunery.losses.logps import token_logps_and_entropy
-from tunery.models.forward import final_hidden, output_weight
-from tunery.models.sampling import Completion, SamplingParams, sample
+from tunery.models.forward import output_weight
+from tunery.models.sampling import SamplingParams
 from tunery.recipes.configs import GRPOConfig
+from tunery.recipes.rollouts import (
+    Group,
+    completion_counts,
+    grader_digest,
+    load_prompt_splits,
+    packed_logps,
+    per_group,
+    sample_groups,
+    shown_samples,
+)
 from tunery.run import files, lifecycle
 from tunery.training import auto, distributed
-from tunery.training.rundir import autocast, file_digest
 
 log = logging.getLogger("tunery")
 
 
-# --- a group of completions -------------------------------------------------------------------------------
-
-
-@dataclass
-class Group:
-    """One prompt and its sampled completions, with everything the loss needs."""
-
-    prompt: PromptItem
-    completions: list[Completion]
-    answers: list[list[int]]  # completion tokens as trained: the text's tokens, then the end-of-turn token
-    trained: list[bool]  # False for completions left out of the loss (mask_truncated)
-    rewards: list[float]
-    advantages: list[float]
-    weights: list[float] = field(default_factory=list)  # per completion: each token's weight in the loss
-    old_logps: list[torch.Tensor] | None = None  # per completion, when num_iterations > 1
-    ref_logps: list[torch.Tensor] | None = None  # per completion, when a KL is needed
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.prompt.prompt_ids) + sum(len(a) for a in self.answers)
-
-    def segment(self) -> Segment:
-        return (
-            self.prompt.prompt_ids,
-            [(a, [t] * len(a)) for a, t in zip(self.answers, self.trained, strict=True)],
-        )
-
-
-def packed_logps(
-    model: torch.nn.Module,
-    lm_head_weight: torch.Tensor,
-    groups: list[Group],
-    temperature: float,
-    precision: str,
-    device: torch.device,
-) -> tuple[Any, torch.Tensor, torch.Tensor]:
-    """The row of these groups, and per-token log-probs and entropies of their trained completion tokens
-    under the sampling distribution (temperature applied)."""
-    row = pack_branches([g.segment() for g in groups])
-    with autocast(precision, device):
-        hidden = final_hidden(model, row)[row.positions]  # (N, H)
-        # The policy that sampled is softmax(logits / temperature): (h / T) @ W.T is exactly that.
-        logps, entropy = token_logps_and_entropy(hidden / temperature, lm_head_weight, row.targets)
-    return row, logps, entropy
-
-
-def split_by_sequence(values: torch.Tensor, row: Any) -> list[torch.Tensor]:
-    counts = torch.bincount(row.sequence, minlength=row.n_sequences).tolist()
-    return list(values.split(counts))
+# --- log-probs of the sampled completions -----------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -121,12 +79,10 @@ def fill_logps(
     lm_head_weight = output_weight(model)
     for row_groups in plan_rows(groups, cfg.micro_batch_tokens):
         with model.disable_adapter() if reference else contextlib.nullcontext():  # type: ignore[operator]
-            row, logps, _ = packed_logps(
+            row, logps, _, _ = packed_logps(
                 model, lm_head_weight, row_groups, cfg.temperature, precision, device
             )
-        per_answer = split_by_sequence(logps, row)
-        for g in row_groups:
-            taken, per_answer = per_answer[: len(g.answers)], per_answer[len(g.answers) :]
+        for g, taken in zip(row_groups, per_group(logps, row, row_groups), strict=True):
             if reference:
                 g.ref_logps = taken
             else:
@@ -136,7 +92,7 @@ def fill_logps(
 # --- sampling and grading ---------------------------------------------------------------------------------
 
 
-def sample_groups(
+def sample_and_grade(
     model: torch.nn.Module,
     tokenizer: Any,
     prompts: list[PromptItem],
@@ -155,10 +111,10 @@ def sample_groups(
         top_k=cfg.top_k,
         seed=seed,
     )
-    was_training = model.training
-    model.eval()
-    completions = sample(model, tokenizer, [p.prompt_ids for p in prompts for _ in range(n)], params)
-    model.train(was_training)
+    groups = sample_groups(
+        model, tokenizer, prompts, n, params, batch=None, mask_truncated=cfg.mask_truncated
+    )
+    completions = [c for g in groups for c in g.completions]
     scores = reward_fn([c.text for c in completions], [p.item for p in prompts for _ in range(n)])
     rewards = torch.tensor(scores.rewards)
     if cfg.scale_rewards == "batch":  # the std of the whole step, over every process
@@ -169,26 +125,15 @@ def sample_groups(
         advantages = (group_advantages(rewards, n, "none", cfg.baseline) / (std + 1e-4)).tolist()
     else:
         advantages = group_advantages(rewards, n, cfg.scale_rewards, cfg.baseline).tolist()
-    groups = []
-    for k, prompt in enumerate(prompts):
+    for k, g in enumerate(groups):
         block = slice(k * n, (k + 1) * n)
-        group_completions = completions[block]
-        groups.append(
-            Group(
-                prompt=prompt,
-                completions=group_completions,
-                answers=[c.trained_ids for c in group_completions],
-                trained=[not (cfg.mask_truncated and c.finish_reason == "length") for c in group_completions],
-                rewards=scores.rewards[block],
-                advantages=advantages[block],
-            )
-        )
+        g.scores, g.advantages = scores.rewards[block], advantages[block]
     sums = {
         "completions": float(len(completions)),
         "reward": float(rewards.sum()),
         "reward_squares": float((rewards**2).sum()),
         "groups": float(len(groups)),
-        "zero_std_groups": float(sum(max(g.rewards) == min(g.rewards) for g in groups)),
+        "zero_std_groups": float(sum(max(g.scores) == min(g.scores) for g in groups)),
         "grader_errors": float(scores.errors),
         "length": float(sum(len(c.token_ids) for c in completions)),
         "truncated": float(sum(c.finish_reason == "length" for c in completions)),
@@ -209,13 +154,8 @@ def evaluate(
     """Greedy completions of the held-out prompts (each process takes its share), graded:
     `valid_reward_mean`, per-grader means, lengths; and this process's first completions, to show."""
     mine = prompts[world.rank :: world.size]
-    was_training = model.training
-    model.eval()
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
-    completions: list[Completion] = []
-    for start in range(0, len(mine), 32):
-        completions += sample(model, tokenizer, [p.prompt_ids for p in mine[start : start + 32]], params)
-    model.train(was_training)
+    completions = [g.completions[0] for g in sample_groups(model, tokenizer, mine, 1, params)]
     scores = reward_fn([c.text for c in completions], [p.item for p in mine])
     totals = distributed.all_sum(
         [
@@ -236,11 +176,7 @@ def evaluate(
         "valid_completion_length": totals[3] / count,
         "valid_truncated_ratio": totals[4] / count,
     }
-    shown = [
-        {"line": p.line, "prompt": p.messages[-1]["content"], "completion": c.text, "reward": r}
-        for p, c, r in list(zip(mine, completions, scores.rewards, strict=True))[: cfg.log_samples]
-    ]
-    return metrics, shown
+    return metrics, shown_samples(mine, completions, scores.rewards, "reward", cfg.log_samples)
 
 
 # --- the policy update ------------------------------------------------------------------------------------
@@ -301,7 +237,7 @@ def policy_update(
         "row_tokens": 0.0,
     }
     for g in idle if need_kl else []:
-        for policy_logps, ref_logps in zip(g.old_logps or [], g.ref_logps or [], strict=True):
+        for policy_logps, ref_logps in zip(g.old_logps, g.ref_logps, strict=True):
             sums["kl"] += float(kl_k3(policy_logps, ref_logps).sum())
             sums["kl_tokens"] += policy_logps.numel()
 
@@ -313,20 +249,21 @@ def policy_update(
         for k, row_groups in enumerate(rows):
             sync = k == len(rows) - 1 or not world.distributed
             with contextlib.nullcontext() if sync else ddp_model.no_sync():  # type: ignore[operator]
-                row, logps, entropy = packed_logps(
+                row, logps, entropy, _ = packed_logps(
                     ddp_model, lm_head_weight, row_groups, cfg.temperature, precision, device
                 )
+                assert entropy is not None
                 answers = [(g, j) for g in row_groups for j in range(len(g.answers))]
                 adv = torch.tensor([g.advantages[j] for g, j in answers])[row.sequence]
                 w = torch.tensor([g.weights[j] for g, j in answers])[row.sequence] * float(bool(active))
                 old = logps.detach()
                 if cfg.num_iterations > 1 and active:
-                    old = torch.cat([g.old_logps[j] for g, j in answers if g.old_logps is not None]).to(logps)
+                    old = torch.cat([g.old_logps[j] for g, j in answers if g.old_logps]).to(logps)
                 per_token, clipped = clipped_surrogate(
                     logps, old, adv, cfg.epsilon, cfg.resolved_epsilon_high
                 )
                 if active and (beta > 0 or need_kl):
-                    ref = torch.cat([g.ref_logps[j] for g, j in answers if g.ref_logps is not None]).to(logps)
+                    ref = torch.cat([g.ref_logps[j] for g, j in answers if g.ref_logps]).to(logps)
                     kl = kl_k3(logps, ref)
                     per_token = per_token + beta * kl if beta > 0 else per_token
                     sums["kl"] += float(kl.detach().sum())
@@ -353,17 +290,13 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dic
     reward_fn = load_reward_function(cfg.grader)
     opened = lifecycle.open_run(cfg, resume, overwrite)
     tokenizer = opened.tokenizer
-    train_prompts, too_long = load_prompt_data(opened.train_path, tokenizer, cfg.max_prompt_length)
-    valid_prompts = (
-        load_prompt_data(opened.valid_path, tokenizer, cfg.max_prompt_length)[0] if opened.valid_path else []
-    )
-    lifecycle.log_prompt_warning(opened.world, too_long, cfg.max_prompt_length)
+    train_prompts, valid_prompts = load_prompt_splits(opened, cfg.max_prompt_length)
     plan = lifecycle.resolve_run(
         cfg, len(train_prompts), opened.world, auto.fixed_batch(4, "4 prompts per step")
     )
     run = lifecycle.start_run(opened, cfg, plan, lifecycle.with_lora(opened.model, cfg, plan), method="grpo",
                     config_extra={"epsilon_high": cfg.resolved_epsilon_high,
-                                  "grader_sha256": _grader_digest(cfg.grader)})  # fmt: skip
+                                  "grader_sha256": grader_digest(cfg.grader)})  # fmt: skip
     world, model, batch_size = run.world, run.model, plan.batch_size
     lifecycle.announce(
         run, "grpo: %d prompts (%d held out); %d steps of %d prompts x %d completions", len(train_prompts),
@@ -391,7 +324,7 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dic
             order = (order * world.size)[: max(len(order), world.size)]
             mine = [train_prompts[i] for i in order[world.rank :: world.size]]
             seed = cfg.seed * 1_000_003 + step * 1_009 + world.rank
-            groups, sums = sample_groups(model, tokenizer, mine, reward_fn, cfg, seed, world)
+            groups, sums = sample_and_grade(model, tokenizer, mine, reward_fn, cfg, seed, world)
             sample_seconds = time.monotonic() - t0
             lr = lifecycle.set_lr(run, step, cfg.schedule)
             evaluating = bool(eval_prompts) and (
@@ -451,17 +384,9 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dic
     return lifecycle.finish_run(
         run, cfg, step, method="grpo",
         metric_prefixes=(files.TRAIN_PREFIX, files.VALID_PREFIX, "kl", "entropy", "completion_length"),
-        counts={"completions": completions_done,
-                "completions_per_second": lifecycle.per_second(completions_done, run.train_seconds),
-                "start_valid_reward_mean": lifecycle.start_value(run.run_dir, "valid_reward_mean"),
-                "train_examples": len(train_prompts), "valid_examples": len(valid_prompts)},
+        counts=completion_counts(run, completions_done, "valid_reward_mean", len(train_prompts),
+                                 len(valid_prompts)),
     )  # fmt: skip
-
-
-def _grader_digest(grader: str) -> str | None:
-    """The grader file's digest (a resumed run must grade the same way)."""
-    match = re.fullmatch(r"(.+\.py):\w+", grader)
-    return file_digest(match.group(1) if match else grader)
 
 
 # the entry point of `tunery train`: the config from YAML then flags (or the resumed run's), then train()

@@ -32,6 +32,7 @@ from tunery.data.packing import examples_seen, pack_pairs, plan_rows, shard, ste
 from tunery.losses.dpo import kto_loss
 from tunery.models.forward import output_weight, sequence_logps
 from tunery.recipes.configs import KTOConfig
+from tunery.recipes.pairs import reference_logps
 from tunery.run import files, lifecycle
 from tunery.training import auto, distributed
 from tunery.training.rundir import autocast
@@ -75,33 +76,6 @@ def class_balance_warning(examples: list[TokenizedPair], cfg: KTOConfig) -> str 
         f"{ratio:.2f}, outside the KTO paper's recommended [1, 4/3]; with undesirable_weight "
         f"{cfg.undesirable_weight:g}, set desirable_weight between {low:.3g} and {4 / 3 * low:.3g}"
     )
-
-
-@torch.no_grad()
-def reference_logps(
-    model: torch.nn.Module,
-    examples: list[TokenizedPair],
-    kl_items: list[TokenizedPair],
-    micro_batch_tokens: int,
-    precision: str,
-    world: distributed.World,
-) -> dict[int, tuple[float, float]]:
-    """{line: (matched, mismatched)} summed completion log-probs under the model as it is now (the
-    reference): the example's own completion, and its partner's after its prompt."""
-    lm_head_weight = output_weight(model)
-    was_training = model.training
-    model.eval()
-    values = [0.0] * (2 * len(examples))  # each process fills its share; the sum across processes is complete
-    for column, items in enumerate((examples, kl_items)):
-        index = {item.line: i for i, item in enumerate(items)}
-        for row_items in plan_rows(shard(items, world.rank, world.size), micro_batch_tokens):
-            with autocast(precision, world.device):
-                summed, _, _ = sequence_logps(model, lm_head_weight, pack_pairs(row_items))
-            for k, item in enumerate(row_items):
-                values[2 * index[item.line] + column] = summed[2 * k].item()
-    values = distributed.all_sum(values, world)
-    model.train(was_training)
-    return {example.line: (values[2 * i], values[2 * i + 1]) for i, example in enumerate(examples)}
 
 
 @torch.no_grad()
@@ -211,11 +185,14 @@ def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict
     world, model = run.world, run.ddp_model
     lm_head_weight = output_weight(run.model)
 
-    # Reference log-probs {line: (matched, mismatched)}: computed before any update, or read back.
+    # Reference log-probs {line: (matched, mismatched)}: computed before any update, or read back. An
+    # example and its mismatched pair share a line; each is unpaired, its completion the first answer.
     def reference(
         examples: list[TokenizedPair], kl_items: list[TokenizedPair]
     ) -> dict[int, tuple[float, float]]:
-        return reference_logps(run.model, examples, kl_items, cfg.micro_batch_tokens, plan.precision, world)
+        matched = reference_logps(run.model, examples, cfg.micro_batch_tokens, plan.precision, world)
+        mismatched = reference_logps(run.model, kl_items, cfg.micro_batch_tokens, plan.precision, world)
+        return {line: (matched[line][0], mismatched[line][0]) for line in matched}
 
     ref_train, ref_valid, _ = lifecycle.cached_reference(
         run,

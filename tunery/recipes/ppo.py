@@ -35,8 +35,6 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,10 +42,9 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from tunery.data.feedback import FeedbackExample, tokenize_feedback
-from tunery.data.packing import Segment, pack_branches, plan_rows, step_indices
-from tunery.data.prompts import PromptItem, load_prompt_data
+from tunery.data.packing import pack_branches, plan_rows, step_indices
+from tunery.data.prompts import PromptItem
 from tunery.losses.grpo import clipped_surrogate
-from tunery.losses.logps import token_logps, token_logps_and_entropy
 from tunery.losses.ppo import (
     adaptive_kl_coef,
     explained_variance,
@@ -59,49 +56,26 @@ from tunery.losses.ppo import (
 from tunery.models.forward import final_hidden, output_weight
 from tunery.models.heads import PolicyWithValue, RewardModel, load_reward_model, score_pairs
 from tunery.models.lora import cast_frozen
-from tunery.models.sampling import Completion, SamplingParams, sample
+from tunery.models.sampling import SamplingParams
 from tunery.recipes.configs import PPOConfig
+from tunery.recipes.rollouts import (
+    Group,
+    completion_counts,
+    load_prompt_splits,
+    packed_logps,
+    per_group,
+    reward_model_digest,
+    sample_groups,
+    shown_samples,
+)
 from tunery.run import files, lifecycle
 from tunery.training import auto
-from tunery.training.rundir import autocast, file_digest
+from tunery.training.rundir import autocast
 
 log = logging.getLogger("tunery")
 
 
 # --- rollouts: sample, score, evaluate under the policy and the reference ---------------------------------
-
-
-@dataclass
-class Group:
-    """One prompt, its sampled completions and, per completion, per-token tensors (T,) for the loss."""
-
-    prompt: PromptItem
-    completions: list[Completion]
-    answers: list[list[int]]  # completion tokens as trained: the text's tokens, then the end-of-turn token
-    scores: list[float] = field(default_factory=list)  # the reward model's, before any penalty
-    old_logps: list[torch.Tensor] = field(default_factory=list)  # the sampling policy's
-    old_values: list[torch.Tensor] = field(default_factory=list)
-    ref_logps: list[torch.Tensor] = field(default_factory=list)
-    advantages: list[torch.Tensor] = field(default_factory=list)
-    returns: list[torch.Tensor] = field(default_factory=list)
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.prompt.prompt_ids) + sum(len(a) for a in self.answers)
-
-    def segment(self) -> Segment:
-        return self.prompt.prompt_ids, [(a, [True] * len(a)) for a in self.answers]
-
-
-def per_group(values: torch.Tensor, row: Any, groups: list[Group]) -> list[list[torch.Tensor]]:
-    """Flat per-token values of a row, split by completion and grouped by prompt."""
-    counts = torch.bincount(row.sequence, minlength=row.n_sequences).tolist()
-    per_answer = list(values.split(counts))
-    out = []
-    for g in groups:
-        out.append(per_answer[: len(g.answers)])
-        per_answer = per_answer[len(g.answers) :]
-    return out
 
 
 def packed_forward(
@@ -115,38 +89,12 @@ def packed_forward(
 ) -> tuple[Any, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The row of these groups, and per trained completion token: log-probs under the sampling
     distribution (temperature applied), entropies (with `with_entropy`) and values, each (N,)."""
-    row = pack_branches([g.segment() for g in groups])
-    lm, entropy = policy.lm, None
-    adapter_off = lm.disable_adapter() if reference else contextlib.nullcontext()  # type: ignore[operator]
-    with adapter_off, autocast(precision, device):
-        hidden = final_hidden(lm, row)[row.positions]  # (N, H)
-        # The policy that sampled is softmax(logits / temperature): (h / T) @ W.T is exactly that.
-        if with_entropy:
-            logps, entropy = token_logps_and_entropy(hidden / cfg.temperature, output_weight(lm), row.targets)
-        else:
-            logps, _ = token_logps(hidden / cfg.temperature, output_weight(lm), row.targets)
+    lm = policy.lm
+    with lm.disable_adapter() if reference else contextlib.nullcontext():  # type: ignore[operator]
+        row, logps, entropy, hidden = packed_logps(
+            lm, output_weight(lm), groups, cfg.temperature, precision, device, with_entropy
+        )
     return row, logps, entropy, policy.values(hidden)
-
-
-def sample_groups(
-    policy: PolicyWithValue, tokenizer: Any, prompts: list[PromptItem], cfg: PPOConfig, seed: int | None
-) -> list[Group]:
-    """`completions_per_prompt` completions of each prompt: sampled, or greedy when `seed` is None."""
-    n = cfg.completions_per_prompt if seed is not None else 1
-    params = (
-        SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
-        if seed is not None
-        else SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
-    )
-    was_training = policy.training
-    policy.eval()
-    completions: list[Completion] = []
-    ids = [p.prompt_ids for p in prompts for _ in range(n)]
-    for start in range(0, len(ids), 32):
-        completions += sample(policy.lm, tokenizer, ids[start : start + 32], params)  # type: ignore[arg-type]
-    policy.train(was_training)
-    blocks = [completions[k * n : (k + 1) * n] for k in range(len(prompts))]
-    return [Group(p, block, [c.trained_ids for c in block]) for p, block in zip(prompts, blocks, strict=True)]
 
 
 def score_groups(
@@ -199,7 +147,7 @@ def fill_advantages(groups: list[Group], kl_coef: float, cfg: PPOConfig) -> None
         flat_advantages = whiten(flat_advantages)
     per_answer_advantages = list(flat_advantages.split(lengths))
     for k, (g, _) in enumerate(completions):
-        g.advantages.append(per_answer_advantages[k])
+        g.token_advantages.append(per_answer_advantages[k])
         g.returns.append(returns[k, : lengths[k]])
 
 
@@ -221,7 +169,7 @@ def minibatch_backward(
         assert entropy is not None
         old_logps, old_values, advantages, returns = (
             torch.cat([t for g in row_groups for t in getattr(g, name)]).to(logps)
-            for name in ("old_logps", "old_values", "advantages", "returns")
+            for name in ("old_logps", "old_values", "token_advantages", "returns")
         )
         policy_losses, clipped = clipped_surrogate(logps, old_logps, advantages, cfg.cliprange, cfg.cliprange)
         value_losses, value_clipped = value_loss(values, old_values, returns, cfg.cliprange_value)
@@ -275,7 +223,8 @@ def evaluate(
     device: torch.device,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Greedy answers to held-out prompts: their mean reward-model score, KL to the reference, length."""
-    groups = sample_groups(policy, tokenizer, prompts, cfg, seed=None)
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
+    groups = sample_groups(policy.lm, tokenizer, prompts, 1, params)
     score_groups(reward_model, rm_tokenizer, groups, cfg, precision)
     kls = sequence_kl(policy, groups, cfg, precision, device)
     completions = [g.completions[0] for g in groups]
@@ -286,11 +235,7 @@ def evaluate(
         "valid_completion_length": sum(len(c.token_ids) for c in completions) / len(completions),
         "valid_truncated_ratio": sum(c.finish_reason == "length" for c in completions) / len(completions),
     }
-    shown = [
-        {"line": p.line, "prompt": p.messages[-1]["content"], "completion": c.text, "score": s}
-        for p, c, s in list(zip(prompts, completions, scores, strict=True))[: cfg.log_samples]
-    ]
-    return metrics, shown
+    return metrics, shown_samples(prompts, completions, scores, "score", cfg.log_samples)
 
 
 # --- train ------------------------------------------------------------------------------------------------
@@ -300,11 +245,7 @@ def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> dict
     opened = lifecycle.open_run(cfg, resume, overwrite, single_process=True)
     tokenizer, device = opened.tokenizer, opened.world.device
     reward_model, rm_tokenizer, _ = load_reward_model(cfg.reward_model)
-    train_prompts, too_long = load_prompt_data(opened.train_path, tokenizer, cfg.max_prompt_length)
-    valid_prompts = (
-        load_prompt_data(opened.valid_path, tokenizer, cfg.max_prompt_length)[0] if opened.valid_path else []
-    )
-    lifecycle.log_prompt_warning(opened.world, too_long, cfg.max_prompt_length)
+    train_prompts, valid_prompts = load_prompt_splits(opened, cfg.max_prompt_length)
     plan = lifecycle.resolve_run(
         cfg, len(train_prompts), opened.world, auto.fixed_batch(8, "8 prompts per step")
     )
@@ -319,7 +260,7 @@ def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> dict
     param_groups = [{"params": lora_params, "lr_ratio": 1.0},
                     {"params": list(policy.value_head.parameters()), "lr_ratio": cfg.value_lr_ratio}]  # fmt: skip
     run = lifecycle.start_run(opened, cfg, plan, policy, method="ppo", param_groups=param_groups,
-                    config_extra={"reward_model_sha256": _reward_model_digest(cfg.reward_model)})  # fmt: skip
+                    config_extra={"reward_model_sha256": reward_model_digest(cfg.reward_model)})  # fmt: skip
     # The KL coefficient adapts when kl_target is set: checkpoints keep it, and the completions count.
     kl_coef = float(run.resumed_state.get("kl_coef", cfg.kl_coef))
     completions_done = int(run.resumed_state.get("completions", 0))
@@ -346,7 +287,9 @@ def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> dict
             prompts = [
                 train_prompts[i] for i in step_indices(step, len(train_prompts), plan.batch_size, cfg.seed)
             ]
-            groups = sample_groups(policy, tokenizer, prompts, cfg, seed=cfg.seed * 1_000_003 + step)
+            seed = cfg.seed * 1_000_003 + step
+            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
+            groups = sample_groups(policy.lm, tokenizer, prompts, cfg.completions_per_prompt, params)
             sample_seconds = time.monotonic() - t0
             score_groups(reward_model, rm_tokenizer, groups, cfg, plan.precision)
             fill_rollout(policy, groups, cfg, plan.precision, device)
@@ -431,17 +374,9 @@ def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> dict
     return lifecycle.finish_run(
         run, cfg, step, method="ppo",
         metric_prefixes=(files.TRAIN_PREFIX, files.VALID_PREFIX, "kl", "non_score_reward", "completion_length"),
-        counts={"completions": completions_done,
-                "completions_per_second": lifecycle.per_second(completions_done, run.train_seconds),
-                "start_valid_score_mean": lifecycle.start_value(run.run_dir, "valid_score_mean"),
-                "train_examples": len(train_prompts), "valid_examples": len(valid_prompts)},
+        counts=completion_counts(run, completions_done, "valid_score_mean", len(train_prompts),
+                                 len(valid_prompts)),
     )  # fmt: skip
-
-
-def _reward_model_digest(path: str) -> str | None:
-    """The reward head's digest: what a run was scored by."""
-    head = Path(path) / "final" / "score.safetensors"
-    return file_digest(str(head if head.is_file() else Path(path) / "score.safetensors"))
 
 
 # the entry point of `tunery train`: the config from YAML then flags (or the resumed run's), then train()

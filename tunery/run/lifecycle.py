@@ -40,9 +40,10 @@ from tunery.models.lora import apply_lora, bf16_is_fast, cast_frozen, merge_adap
 from tunery.run import files
 from tunery.run.config import ChatEvalFields, HeldOutFields, Resolved, RunConfig, build_config, to_dict
 from tunery.safety.card import write_model_card
+from tunery.safety.content import stop_worker
 from tunery.safety.screen import screen_run_data, screened_paths
 from tunery.training import auto, distributed
-from tunery.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tunery.training.checkpoint import CheckpointWriter, latest_checkpoint, load_checkpoint
 from tunery.training.early_stopping import EarlyStopping, restore_best, resume_early_stopping, save_best
 from tunery.training.energy import EnergyMeter
 from tunery.training.faults import fault_point
@@ -86,8 +87,11 @@ def open_run(cfg: RunConfig, resume: bool, overwrite: bool, single_process: bool
     data = {"train": cfg.data, "valid": cfg.valid}
     if world.is_main:
         prepare_run_dir(run_dir, resume, overwrite)
-        if not resume:  # a resumed run trains on the data screened at its start
-            screen_run_data(data, cfg.screen_content, cfg.screen_pii, run_dir)
+        try:
+            if not resume:  # a resumed run trains on the data screened at its start
+                screen_run_data(data, cfg.screen_content, cfg.screen_pii, run_dir)
+        finally:
+            stop_worker()
     distributed.barrier(world)
     paths = screened_paths(run_dir, data)
     if resume:
@@ -182,6 +186,7 @@ class Run:
     warmup_steps: int
     keep_checkpoints: int
     resumed_state: dict[str, Any] = field(default_factory=dict)  # the checkpoint's state.json, if resumed
+    saves: CheckpointWriter = field(default_factory=CheckpointWriter)  # the main process's checkpoints
     tokens_seen: int = 0
     train_seconds: float = 0.0
     wall_start: float = field(default_factory=time.monotonic)
@@ -353,7 +358,9 @@ def held_out_loss(run: Run, step: int, valid_loss: float, select_best: bool) -> 
 def end_step(run: Run, step: int, command: str, **state: Any) -> bool:
     """End of a step: checkpoint on schedule (with `state`, the method's own counters), and on Ctrl-C /
     SIGTERM checkpoint and stop with a resume hint. Processes agree on stopping with one all-reduce, so
-    all of them save and stop together. True when early stopping ends the run here."""
+    all of them save and stop together. True when early stopping ends the run here. A checkpoint is
+    written in the background during the next step; the one before is complete when this step ends."""
+    run.saves.wait()
     fault_point("after_step", step)
     world, plan = run.world, run.plan
     counters = {
@@ -366,10 +373,11 @@ def end_step(run: Run, step: int, command: str, **state: Any) -> bool:
     stopping = distributed.all_sum([float(run.stop.requested is not None)], world)[0] > 0
     if step % plan.save_every == 0 or step == plan.total_steps or stopping:
         if world.is_main:
-            save_checkpoint(run.run_dir, step, run.model, run.optimizer, counters, run.record,
-                            keep=run.keep_checkpoints)  # fmt: skip
+            run.saves.save(run.run_dir, step, run.model, run.optimizer, counters, run.record,
+                           keep=run.keep_checkpoints)  # fmt: skip
         distributed.barrier(world)
     if stopping:
+        run.saves.wait()
         distributed.teardown(world)
         raise TuneryError(
             f"stopped at step {step}/{plan.total_steps} ({run.stop.requested or 'signal'}); "
@@ -422,6 +430,7 @@ def finish_run(
     `lm` is the language model inside `run.model` when the model adds a head (PPO's value head);
     `counts` the method's own numbers for summary.json (pairs/s, completions, ...)."""
     world, run_dir = run.world, run.run_dir
+    run.saves.wait()
     final_metrics, selection = final_metrics or {}, selection or {}
     summary: dict[str, Any] = {}
     if world.is_main:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import MethodType
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel
 
@@ -23,9 +26,89 @@ def apply_lora(model: PreTrainedModel, rank: int, alpha: int, dropout: float, ta
         r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
     )
     try:
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
     except ValueError as exc:
         raise TuneryError(f"lora_targets={targets!r}: {exc}") from exc
+    for module in peft_model.modules():
+        if type(module) is LoraLinear:
+            module.forward = MethodType(_lora_linear_forward, module)  # type: ignore[method-assign]
+    return peft_model
+
+
+class _LoraLinearFunction(torch.autograd.Function):
+    """`y = x W^T + b + s (x A^T) B^T` for a frozen base weight W (and bias b), with its backward written
+    out so that each sum is accumulated inside a GEMM: the input's gradient `g W + s (g B) A` is one
+    `addmm`, where autograd would compute the base and the adapter contributions into two full
+    (tokens x in_features) tensors and add them. Those adds, and the forward's scale and add, were ~25% of
+    a LoRA step of SmolLM2-135M on CPU (measured: a step of 536 tokens 0.98 s with peft's LoRA layers on
+    all linear layers, against 0.69 s with LoRA on q_proj alone)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: float,
+    ) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        down = flat @ lora_a.t()  # (tokens, r)
+        base = flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())
+        out = base.addmm_(down, lora_b.t(), alpha=scaling)  # in place: addmm would copy `base` first
+        ctx.save_for_backward(flat, down, weight, lora_a, lora_b)
+        ctx.scaling, ctx.x_shape = scaling, x.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        flat, down, weight, lora_a, lora_b = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        g_down = (g @ lora_b).mul_(ctx.scaling)  # (tokens, r)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ weight).addmm_(g_down, lora_a).view(ctx.x_shape)
+        grad_a = g_down.t() @ flat if ctx.needs_input_grad[3] else None
+        grad_b = (g.t() @ down).mul_(ctx.scaling) if ctx.needs_input_grad[4] else None
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+def _lora_linear_forward(self: LoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """peft's LoRA linear through `_LoraLinearFunction` in the common case: one active plain adapter, no
+    dropout, a frozen base layer. Anything else (merged or disabled adapters, DoRA-like variants, dropout,
+    per-example adapters, a trainable base) takes peft's own path."""
+    adapters = self.active_adapters
+    name = adapters[0] if len(adapters) == 1 else None
+    base = self.base_layer
+    if (
+        args
+        or kwargs
+        or name is None
+        or self.disable_adapters
+        or self.merged
+        or name not in self.lora_A
+        or name in self.lora_variant
+        or not isinstance(self.lora_dropout[name], torch.nn.Identity)
+        or not isinstance(base, torch.nn.Linear)
+        or base.weight.requires_grad
+        or (base.bias is not None and base.bias.requires_grad)
+    ):
+        return LoraLinear.forward(self, x, *args, **kwargs)
+    weight: torch.Tensor = base.weight
+    bias: torch.Tensor | None = base.bias
+    lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+    assert isinstance(lora_a, torch.Tensor) and isinstance(lora_b, torch.Tensor)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):  # autocast's casts, done here (they are differentiable)
+        dtype = torch.get_autocast_dtype(device)
+        x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
+        bias = bias.to(dtype) if bias is not None else None
+    if not x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype:
+        return LoraLinear.forward(self, x, *args, **kwargs)
+    with torch.autocast(device, enabled=False):
+        out = _LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, self.scaling[name])
+    return out  # type: ignore[no-any-return]
 
 
 def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -23,7 +23,6 @@ the usual guard against both answers' likelihood falling.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from typing import Any
@@ -189,8 +188,7 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> dict
             stats, tokens = PairStats(), 0.0
             for k, row_pairs in enumerate(rows):
                 row = pack_pairs(row_pairs)
-                sync = k == len(rows) - 1 or not world.distributed
-                with contextlib.nullcontext() if sync else model.no_sync():  # type: ignore[operator]
+                with distributed.grads_sync(model, world, last_row=k == len(rows) - 1):
                     with autocast(plan.precision, world.device):
                         logps, counts, _ = sequence_logps(model, lm_head_weight, row)
                     ref = torch.tensor([ref_train.get(p.line, (0.0, 0.0)) for p in row_pairs])  # (n, 2)

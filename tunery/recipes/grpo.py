@@ -247,8 +247,7 @@ def policy_update(
     for _ in range(cfg.num_iterations if any_active else 0):
         rows = plan_rows(active or groups[:1], cfg.micro_batch_tokens)
         for k, row_groups in enumerate(rows):
-            sync = k == len(rows) - 1 or not world.distributed
-            with contextlib.nullcontext() if sync else ddp_model.no_sync():  # type: ignore[operator]
+            with distributed.grads_sync(ddp_model, world, last_row=k == len(rows) - 1):
                 row, logps, entropy, _ = packed_logps(
                     ddp_model, lm_head_weight, row_groups, cfg.temperature, precision, device
                 )

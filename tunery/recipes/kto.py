@@ -19,7 +19,6 @@ key for the other class, nor `rewards/margins`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from typing import Any
@@ -226,8 +225,7 @@ def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict
             stats, tokens = RatingStats(), 0.0
             for k, row_items in enumerate(rows):
                 row = pack_pairs(row_items)
-                sync = k == len(rows) - 1 or not world.distributed
-                with contextlib.nullcontext() if sync else model.no_sync():  # type: ignore[operator]
+                with distributed.grads_sync(model, world, last_row=k == len(rows) - 1):
                     with autocast(plan.precision, world.device):
                         logps, _, _ = sequence_logps(model, lm_head_weight, row)
                     losses, rewards, policy, desirable = example_losses(cfg, logps, row_items, ref_train, kl)

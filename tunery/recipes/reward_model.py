@@ -15,7 +15,6 @@ fp32 at the learning rate of the LoRA weights.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from typing import Any
@@ -117,8 +116,7 @@ def train(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> d
             rows = plan_rows(mine, cfg.micro_batch_tokens)
             stats, tokens = PairStats(), 0.0
             for k, row_pairs in enumerate(rows):
-                sync = k == len(rows) - 1 or not world.distributed
-                with contextlib.nullcontext() if sync else model.no_sync():  # type: ignore[operator]
+                with distributed.grads_sync(model, world, last_row=k == len(rows) - 1):
                     with autocast(plan.precision, world.device):
                         losses, chosen, rejected = pair_scores(model, row_pairs, cfg.center_coef)
                     # The step's loss is the mean over its pairs, however they are split into rows and

@@ -17,7 +17,6 @@ conversation (models/attention.py) instead of through a dense block mask; glibc 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from typing import Any
@@ -122,8 +121,7 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
             nll = correct = tokens = 0.0
             for k, row_chats in enumerate(rows):
                 row = pack(row_chats)
-                sync = k == len(rows) - 1 or not world.distributed
-                with contextlib.nullcontext() if sync else model.no_sync():  # type: ignore[operator]
+                with distributed.grads_sync(model, world, last_row=k == len(rows) - 1):
                     with autocast(plan.precision, world.device):
                         nll_sum, n_correct = forward_loss(model, lm_head_weight, row)
                     # DDP averages gradients over processes, hence the world size factor.

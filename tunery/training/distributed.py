@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -63,6 +64,16 @@ def all_max(values: list[float], world: World) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=world.device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor.tolist()
+
+
+def grads_sync(
+    model: torch.nn.Module, world: World, last_row: bool
+) -> contextlib.AbstractContextManager[None]:
+    """The context of one row's backward in a step of several rows: DDP all-reduces gradients on the
+    step's last row only (`no_sync` on the others, which accumulate locally); nothing without DDP."""
+    if last_row or not world.distributed:
+        return contextlib.nullcontext()
+    return model.no_sync()  # type: ignore[operator,no-any-return]
 
 
 def barrier(world: World) -> None:

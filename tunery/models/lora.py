@@ -55,11 +55,13 @@ class _LoraLinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         down = flat @ lora_a.t()  # (tokens, r)
-        base = flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())
-        out = base.addmm_(down, lora_b.t(), alpha=scaling)  # in place: addmm would copy `base` first
+        # the base layer's own op, so that with B = 0 the output is the base model's to the bit (a DPO or
+        # PPO reference computed with the adapter switched off then equals the policy at the start)
+        base = torch.nn.functional.linear(x, weight, bias)
+        out = base.view(-1, base.shape[-1]).addmm_(down, lora_b.t(), alpha=scaling)  # in place: no copy
         ctx.save_for_backward(flat, down, weight, lora_a, lora_b)
         ctx.scaling, ctx.x_shape = scaling, x.shape
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out.view(base.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]

@@ -22,14 +22,18 @@ def peft_only(model: torch.nn.Module) -> torch.nn.Module:
     return twin
 
 
-def test_outputs_and_gradients_match_peft_in_fp32(tiny) -> None:
-    model, _ = tiny
-    model = apply_lora(model, 8, 16, 0.0, "all-linear")
+def twins(tiny, dropout: float, targets: str) -> tuple[torch.nn.Module, torch.nn.Module]:  # type: ignore[no-untyped-def]
+    """A LoRA model with random A and B (B != 0: the adapter contributes) and its peft-only copy."""
+    model = apply_lora(tiny[0], 8, 16, dropout, targets)
     torch.manual_seed(0)
     for p in model.parameters():
         if p.requires_grad:
-            p.data.normal_(0, 0.05)  # B != 0: the adapter contributes
-    twin = peft_only(model)
+            p.data.normal_(0, 0.05)
+    return model, peft_only(model)
+
+
+def test_outputs_and_gradients_match_peft_in_fp32(tiny) -> None:
+    model, twin = twins(tiny, 0.0, "all-linear")
     ids = torch.randint(0, model.config.vocab_size, (2, 24))
     results = []
     for m in (model, twin):
@@ -56,13 +60,7 @@ def test_at_initialisation_the_bf16_policy_is_the_reference_to_the_bit(tiny) -> 
 
 
 def test_dropout_and_a_disabled_adapter_take_peft_s_path(tiny) -> None:
-    model, _ = tiny
-    model = apply_lora(model, 8, 16, 0.1, "q_proj")
-    torch.manual_seed(0)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data.normal_(0, 0.05)
-    twin = peft_only(model)
+    model, twin = twins(tiny, 0.1, "q_proj")
     ids = torch.randint(0, model.config.vocab_size, (1, 16))
     model.eval(), twin.eval()  # dropout off: the same numbers on both paths
     with torch.no_grad():

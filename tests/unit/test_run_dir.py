@@ -67,3 +67,14 @@ def test_resuming_a_finished_run_is_refused_rather_than_redone(tmp_path: Path) -
     (run / "summary.json").write_text("{}")
     with pytest.raises(TuneryError, match="has finished.*tunery eval all --adapter"):
         resumed_config(SFTConfig, str(run))
+
+
+def test_the_progress_line_leaves_out_a_validation_part_only_when_there_was_no_evaluation() -> None:
+    from tunery.run.lifecycle import shown_line
+
+    parts = ("loss {train_loss:.3f} acc {rewards/accuracies:.2f}", "valid {valid_loss:.3f}", "{rate:.1f}/s")
+    record = {"train_loss": 0.69312, "rewards/accuracies": 0.5, "rate": 2.04}
+    assert shown_line(record, parts) == "loss 0.693 acc 0.50 2.0/s"
+    assert shown_line({**record, "valid_loss": 0.7}, parts) == "loss 0.693 acc 0.50 valid 0.700 2.0/s"
+    with pytest.raises(KeyError):  # a misspelt training metric is a bug, not a silently shorter line
+        shown_line(record, ("loss {train_los:.3f}",))

@@ -51,7 +51,6 @@ def cmd_suite(args: argparse.Namespace) -> int:
     """`tunery eval safety|bias|memorization|diversity|grounding|all`: base vs tuned, as in evals.json."""
     from tunery.models.locate import check_run_path
     from tunery.safety.evals import SECTIONS, run_evals
-    from tunery.training.io import atomic_write_text
 
     sections = SECTIONS if args.eval_command == "all" else (args.eval_command,)
     if args.eval_command == "grounding" and not args.references:
@@ -71,15 +70,17 @@ def cmd_suite(args: argparse.Namespace) -> int:
         size=args.size,
         seed=args.seed,
     )
-    merged = _merge_evals(out, report) if out is not None else report
+    kept = ""
     if out is not None:
-        atomic_write_text(out, json.dumps(merged, indent=2, ensure_ascii=False) + "\n")
+        merged = _merge_evals(out, report)
+        files.write_evals(out, merged)
+        kept = " (other sections kept)" if set(merged.sections) - set(report) else ""
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
         _print_evals(report)
         if out is not None:
-            print(f"wrote {out}" + (" (other sections kept)" if len(merged) > len(report) else ""))
+            print(f"wrote {out}{kept}")
     return 0
 
 
@@ -133,13 +134,13 @@ def _eval_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, str | None, Pa
     return model, tokenizer, base, data, out
 
 
-def _merge_evals(path: Path, report: dict[str, Any]) -> dict[str, Any]:
+def _merge_evals(path: Path, report: dict[str, Any]) -> files.EvalsReport:
     """Sections already in `path` that this run did not redo stay (e.g. grounding added to a training run's
     evals); the new config replaces the old one."""
+    new = files.evals_from_json(report)
     previous = files.read_evals(path)
-    old = previous.to_json() if previous is not None else {}
-    merged = {k: v for k, v in old.items() if k != "config" and k not in report}
-    return merged | report
+    kept = {k: v for k, v in previous.sections.items() if k not in new.sections} if previous else {}
+    return files.EvalsReport(sections=kept | new.sections, config=new.config)
 
 
 def _print_evals(report: dict[str, Any]) -> None:

@@ -115,8 +115,9 @@ def evaluate(
     cfg: DPOConfig,
     precision: str,
     world: distributed.World,
+    prefix: str = files.VALID_PREFIX,
 ) -> tuple[dict[str, float], float]:
-    """Held-out loss, implicit-reward accuracy and margins (named `valid_<metric>`), and the held-out
+    """Held-out loss, implicit-reward accuracy and margins (named `prefix` + metric), and the held-out
     chosen answers' log-prob shift per token since the reference."""
     lm_head_weight = output_weight(model)
     was_training = model.training
@@ -128,7 +129,7 @@ def evaluate(
         ref_logps = torch.tensor([ref.get(p.line, (0.0, 0.0)) for p in row_pairs])  # (n, 2)
         stats.add(*pair_losses(cfg, logps, counts, ref_logps), logps, counts, ref_logps)
     model.train(was_training)
-    return stats.averaged(world, prefix="valid_"), stats.chosen_shift_per_token(world)
+    return stats.averaged(world, prefix=prefix), stats.chosen_shift_per_token(world)
 
 
 def chosen_logps_falling(shifts: list[float], tolerance: float = 0.05) -> bool:
@@ -167,8 +168,10 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> dict
             f"{len(train_pairs) + len(valid_pairs)} pairs",
         )
 
-    def held_out(pairs: list[TokenizedPair]) -> tuple[dict[str, float], float]:
-        return evaluate(model, pairs, ref_valid, cfg, plan.precision, world)
+    def held_out(
+        pairs: list[TokenizedPair], prefix: str = files.VALID_PREFIX
+    ) -> tuple[dict[str, float], float]:
+        return evaluate(model, pairs, ref_valid, cfg, plan.precision, world, prefix)
 
     lifecycle.announce(
         run, "%s: %d training pairs, %d validation; %d steps of %d pairs; beta %g", cfg.loss, len(train_pairs),
@@ -219,7 +222,6 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> dict
                 valid_metrics, shift = held_out(valid_pairs[: cfg.eval_examples])
                 record.update(valid_metrics)
                 shifts.append(shift)
-                lifecycle.held_out_loss(run, step, valid_metrics[files.VALID_LOSS], cfg.select_best)
             elif not valid_pairs and step % 5 == 0:
                 shifts.append(sum(step_shifts[-5:]) / 5)
             if cfg.loss != "simpo" and not warnings and chosen_logps_falling(shifts):
@@ -230,26 +232,16 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> dict
                     "epochs, or sft_weight > 0."
                 )
                 run.progress.print("warning: " + warnings[-1])
-            lifecycle.log_step(
-                run,
-                record,
-                f"loss {record[files.TRAIN_LOSS]:.3f} acc {record['rewards/accuracies']:.2f} "
-                + (
-                    f"valid acc {record['valid_rewards/accuracies']:.2f} "
-                    if files.VALID_LOSS in record
-                    else ""
-                )
-                + f"{record['pairs_per_second']:.2f} pairs/s",
-            )
-            if lifecycle.end_step(run, step, "dpo"):
+            shown = ("loss {train_loss:.3f} acc {rewards/accuracies:.2f}", "valid acc {valid_rewards/accuracies:.2f}",
+                     "{pairs_per_second:.2f} pairs/s")  # fmt: skip
+            if lifecycle.end_step(run, record, "dpo", shown):
                 break
 
     # --- finish: final weights (the best evaluation's), full validation, summary, model card --------------
-    selection = lifecycle.select_final_weights(run, step, cfg.select_best)
-    final = {"full_" + k: v for k, v in held_out(valid_pairs)[0].items()} if valid_pairs else {}
     n_pairs = examples_seen(step, len(train_pairs), plan.batch_size)
     return lifecycle.finish_run(
-        run, cfg, step, method=cfg.loss, final_metrics=final, selection=selection, warnings=warnings,
+        run, cfg, step, method=cfg.loss, warnings=warnings,
+        final_eval=(lambda: held_out(valid_pairs, files.FULL_VALID_PREFIX)[0]) if valid_pairs else None,
         metric_prefixes=(files.TRAIN_PREFIX, files.VALID_PREFIX, "rewards/", "logps/"),
         counts={"pairs": n_pairs, "reference_seconds": round(reference_seconds, 2),
                 "pairs_per_second": lifecycle.per_second(n_pairs, run.train_seconds),

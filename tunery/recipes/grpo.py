@@ -370,14 +370,9 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dic
                 record["kl"] = totals["kl"] / totals["kl_tokens"]
             if evaluating:
                 record.update(run_eval(step))
-            lifecycle.log_metrics(run, record)
-            run.progress.update(
-                step,
-                f"reward {record['train_reward_mean']:.3f}"
-                + (f" valid {record['valid_reward_mean']:.3f}" if "valid_reward_mean" in record else "")
-                + f" len {record['completion_length']:.0f} {record['completions_per_second']:.1f} compl/s",
-            )
-            lifecycle.end_step(run, step, "grpo", completions=completions_done)
+            shown = ("reward {train_reward_mean:.3f}", "valid {valid_reward_mean:.3f}",
+                     "len {completion_length:.0f} {completions_per_second:.1f} compl/s")  # fmt: skip
+            lifecycle.end_step(run, record, "grpo", shown, completions=completions_done)
 
     # --- finish: final weights, summary, model card -------------------------------------------------------
     return lifecycle.finish_run(

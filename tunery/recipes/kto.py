@@ -154,8 +154,9 @@ def evaluate(
     cfg: KTOConfig,
     precision: str,
     world: distributed.World,
+    prefix: str = files.VALID_PREFIX,
 ) -> dict[str, float]:
-    """Held-out loss, rewards, KL estimate and reward-sign accuracy (named `valid_<metric>`)."""
+    """Held-out loss, rewards, KL estimate and reward-sign accuracy (named `prefix` + metric)."""
     lm_head_weight = output_weight(model)
     was_training = model.training
     model.eval()
@@ -166,7 +167,7 @@ def evaluate(
             logps, _, _ = sequence_logps(model, lm_head_weight, pack_pairs(row_items))
         stats.add(*example_losses(cfg, logps, row_items, ref, kl))
     model.train(was_training)
-    return {**stats.averaged(world, prefix="valid_"), "valid_kl": float(kl)}
+    return {**stats.averaged(world, prefix=prefix), prefix + "kl": float(kl)}
 
 
 # --- train ------------------------------------------------------------------------------------------------
@@ -198,6 +199,12 @@ def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict
         lambda: (reference(train_examples, train_kl), reference(valid_examples, valid_kl)),
         f"{len(train_examples) + len(valid_examples)} examples and their mismatched pairs",
     )
+
+    def held_out(n: int, prefix: str = files.VALID_PREFIX) -> dict[str, float]:
+        """The first `n` held-out examples (and their mismatched pairs for the KL estimate)."""
+        return evaluate(
+            model, valid_examples[:n], valid_kl[:n], ref_valid, cfg, plan.precision, world, prefix
+        )
 
     warnings: list[str] = []
     balance = class_balance_warning(train_examples, cfg)
@@ -253,44 +260,17 @@ def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict
                 "examples_per_second": step_examples / step_seconds,
             }
             if valid_examples and (step % plan.eval_every == 0 or step == plan.total_steps):
-                n_eval = cfg.eval_examples
-                record.update(
-                    evaluate(
-                        model,
-                        valid_examples[:n_eval],
-                        valid_kl[:n_eval],
-                        ref_valid,
-                        cfg,
-                        plan.precision,
-                        world,
-                    )
-                )
-                lifecycle.held_out_loss(run, step, record[files.VALID_LOSS], cfg.select_best)
-            lifecycle.log_step(
-                run,
-                record,
-                f"loss {record[files.TRAIN_LOSS]:.3f} kl {record['kl']:.3f} "
-                + (f"valid acc {record['valid_accuracy']:.2f} " if files.VALID_LOSS in record else "")
-                + f"{record['examples_per_second']:.2f} examples/s",
-            )
-            if lifecycle.end_step(run, step, "kto"):
+                record.update(held_out(cfg.eval_examples))
+            shown = ("loss {train_loss:.3f} kl {kl:.3f}", "valid acc {valid_accuracy:.2f}",
+                     "{examples_per_second:.2f} examples/s")  # fmt: skip
+            if lifecycle.end_step(run, record, "kto", shown):
                 break
 
     # --- finish: final weights (the best evaluation's), full validation, summary, model card --------------
-    selection = lifecycle.select_final_weights(run, step, cfg.select_best)
-    final = (
-        {
-            "full_" + k: v
-            for k, v in evaluate(
-                model, valid_examples, valid_kl, ref_valid, cfg, plan.precision, world
-            ).items()
-        }
-        if valid_examples
-        else {}
-    )
     n_examples = examples_seen(step, len(train_examples), plan.batch_size)
     return lifecycle.finish_run(
-        run, cfg, step, method="kto", final_metrics=final, selection=selection, warnings=warnings,
+        run, cfg, step, method="kto", warnings=warnings,
+        final_eval=(lambda: held_out(len(valid_examples), files.FULL_VALID_PREFIX)) if valid_examples else None,
         metric_prefixes=(files.TRAIN_PREFIX, files.VALID_PREFIX, "rewards/", "logps/", "kl"),
         counts={"examples": n_examples, "examples_per_second": lifecycle.per_second(n_examples, run.train_seconds),
                 "train_examples": len(train_examples), "valid_examples": len(valid_examples)},

@@ -361,14 +361,9 @@ def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> dict
                 )
             if eval_prompts and (step % plan.eval_every == 0 or step == plan.total_steps):
                 record.update(run_eval(step))
-            lifecycle.log_metrics(run, record)
-            run.progress.update(
-                step,
-                f"score {record['train_score_mean']:.3f} kl {record['kl']:.2f}"
-                + (f" valid {record['valid_score_mean']:.3f}" if "valid_score_mean" in record else "")
-                + f" len {record['completion_length']:.0f} {record['completions_per_second']:.2f} compl/s",
-            )
-            lifecycle.end_step(run, step, "ppo", kl_coef=kl_coef, completions=completions_done)
+            shown = ("score {train_score_mean:.3f} kl {kl:.2f}", "valid {valid_score_mean:.3f}",
+                     "len {completion_length:.0f} {completions_per_second:.2f} compl/s")  # fmt: skip
+            lifecycle.end_step(run, record, "ppo", shown, kl_coef=kl_coef, completions=completions_done)
 
     # --- finish: final weights, summary, model card -------------------------------------------------------
     return lifecycle.finish_run(

@@ -76,8 +76,9 @@ def evaluate(
     cfg: RewardConfig,
     precision: str,
     world: distributed.World,
+    prefix: str = files.VALID_PREFIX,
 ) -> dict[str, float]:
-    """Held-out loss, accuracy (chosen scored above rejected) and mean margin."""
+    """Held-out loss, accuracy (chosen scored above rejected) and mean margin, named `prefix` + name."""
     was_training = model.training
     model.eval()
     stats = PairStats()
@@ -85,7 +86,7 @@ def evaluate(
         with autocast(precision, world.device):
             stats.add(*pair_scores(model, row_pairs, cfg.center_coef))
     model.train(was_training)
-    return stats.averaged(world, prefix="valid_")
+    return stats.averaged(world, prefix=prefix)
 
 
 # --- train ------------------------------------------------------------------------------------------------
@@ -102,6 +103,10 @@ def train(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> d
         opened, cfg, plan, RewardModel(lm, lm.config.hidden_size, seed=cfg.seed), method="rm"
     )
     world, model = run.world, run.ddp_model
+
+    def held_out(pairs: list[TokenizedPair], prefix: str = files.VALID_PREFIX) -> dict[str, float]:
+        return evaluate(model, pairs, cfg, plan.precision, world, prefix)
+
     lifecycle.announce(
         run, "reward model: %d training pairs, %d validation; %d steps of %d pairs", len(train_pairs),
         len(valid_pairs), plan.total_steps, plan.batch_size,
@@ -139,28 +144,17 @@ def train(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> d
                 "pairs_per_second": step_pairs / step_seconds,
             }
             if valid_pairs and (step % plan.eval_every == 0 or step == plan.total_steps):
-                record.update(evaluate(model, valid_pairs[: cfg.eval_examples], cfg, plan.precision, world))
-                lifecycle.held_out_loss(run, step, record[files.VALID_LOSS], cfg.select_best)
-            lifecycle.log_step(
-                run,
-                record,
-                f"loss {record[files.TRAIN_LOSS]:.3f} acc {record['train_accuracy']:.2f} "
-                + (f"valid acc {record['valid_accuracy']:.2f} " if files.VALID_LOSS in record else "")
-                + f"{record['pairs_per_second']:.2f} pairs/s",
-            )
-            if lifecycle.end_step(run, step, "rm"):
+                record.update(held_out(valid_pairs[: cfg.eval_examples]))
+            shown = ("loss {train_loss:.3f} acc {train_accuracy:.2f}", "valid acc {valid_accuracy:.2f}",
+                     "{pairs_per_second:.2f} pairs/s")  # fmt: skip
+            if lifecycle.end_step(run, record, "rm", shown):
                 break
 
     # --- finish: final weights (the best evaluation's), full validation, summary, model card --------------
-    selection = lifecycle.select_final_weights(run, step, cfg.select_best)
-    final = (
-        {"full_" + k: v for k, v in evaluate(model, valid_pairs, cfg, plan.precision, world).items()}
-        if valid_pairs
-        else {}
-    )
     n_pairs = examples_seen(step, len(train_pairs), plan.batch_size)
     return lifecycle.finish_run(
-        run, cfg, step, method="rm", final_metrics=final, selection=selection,
+        run, cfg, step, method="rm",
+        final_eval=(lambda: held_out(valid_pairs, files.FULL_VALID_PREFIX)) if valid_pairs else None,
         metric_prefixes=(files.TRAIN_PREFIX, files.VALID_PREFIX),
         counts={"pairs": n_pairs, "pairs_per_second": lifecycle.per_second(n_pairs, run.train_seconds),
                 "train_examples": len(train_pairs), "valid_examples": len(valid_pairs)},

@@ -103,8 +103,11 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
     world, model = run.world, run.ddp_model
     lm_head_weight = output_weight(run.model)
 
-    def held_out(chats: list[TokenizedChat]) -> tuple[float, float]:
-        return evaluate(model, chats, cfg.micro_batch_tokens, plan.precision, world)
+    def held_out(chats: list[TokenizedChat], full: bool = False) -> dict[str, float]:
+        loss, accuracy = evaluate(model, chats, cfg.micro_batch_tokens, plan.precision, world)
+        if full:
+            return {files.FULL_VALID_LOSS: loss, files.FULL_VALID_ACCURACY: accuracy}
+        return {files.VALID_LOSS: loss, files.VALID_ACCURACY: accuracy}
 
     lifecycle.announce(
         run, "%d training conversations, %d validation; %d steps of %d conversations", len(train_chats),
@@ -145,27 +148,16 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
                 "tokens_per_second": tokens / step_seconds,
             }
             if valid_chats and (step % plan.eval_every == 0 or step == plan.total_steps):
-                valid_loss, valid_acc = held_out(valid_chats[: cfg.eval_examples])
-                record.update({files.VALID_LOSS: valid_loss, files.VALID_ACCURACY: valid_acc})
-                lifecycle.held_out_loss(run, step, valid_loss, cfg.select_best)
-            lifecycle.log_step(
-                run,
-                record,
-                f"loss {record[files.TRAIN_LOSS]:.3f} "
-                + (f"valid {record[files.VALID_LOSS]:.3f} " if files.VALID_LOSS in record else "")
-                + f"{record['tokens_per_second']:.0f} tok/s",
-            )
-            if lifecycle.end_step(run, step, "sft"):
+                record.update(held_out(valid_chats[: cfg.eval_examples]))
+            shown = ("loss {train_loss:.3f}", "valid {valid_loss:.3f}", "{tokens_per_second:.0f} tok/s")
+            if lifecycle.end_step(run, record, "sft", shown):
                 break
 
     # --- finish: final weights (the best evaluation's), full validation, summary, model card --------------
-    selection = lifecycle.select_final_weights(run, step, cfg.select_best)
-    final: dict[str, Any] = {}
-    if valid_chats:
-        final[files.FULL_VALID_LOSS], final[files.FULL_VALID_ACCURACY] = held_out(valid_chats)
     return lifecycle.finish_run(
         run, cfg, step, method="sft", metric_prefixes=(files.TRAIN_PREFIX, files.VALID_PREFIX),
-        final_metrics=final, selection=selection, eval_train_path=run.train_path,
+        final_eval=(lambda: held_out(valid_chats, full=True)) if valid_chats else None,
+        eval_train_path=run.train_path,
         counts={"train_examples": len(train_chats), "valid_examples": len(valid_chats)},
     )  # fmt: skip
 

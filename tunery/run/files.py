@@ -286,8 +286,11 @@ def read_evals(path: Path) -> EvalsReport | None:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    if not isinstance(raw, dict):
-        return None
+    return evals_from_json(raw) if isinstance(raw, dict) else None
+
+
+def evals_from_json(raw: dict[str, Any]) -> EvalsReport:
+    """An evals.json object as a report (what does not fit the shape is left out)."""
     sections = {}
     for name, value in raw.items():
         if name == "config" or not isinstance(value, dict):

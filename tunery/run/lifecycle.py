@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import resource
+import string
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -185,6 +186,7 @@ class Run:
     start_step: int
     warmup_steps: int
     keep_checkpoints: int
+    select_best: bool  # final/ from the best evaluation (the methods that score a validation loss)
     resumed_state: dict[str, Any] = field(default_factory=dict)  # the checkpoint's state.json, if resumed
     saves: CheckpointWriter = field(default_factory=CheckpointWriter)  # the main process's checkpoints
     tokens_seen: int = 0
@@ -252,6 +254,7 @@ def start_run(
         start_step=start_step,
         warmup_steps=round(cfg.warmup_ratio * plan.total_steps),
         keep_checkpoints=cfg.keep_checkpoints,
+        select_best=isinstance(cfg, HeldOutFields) and cfg.select_best,
         resumed_state=state,
         tokens_seen=int(state.get("tokens", 0)),
         train_seconds=float(state.get("train_seconds", 0.0)),
@@ -336,30 +339,43 @@ def count_step(run: Run, tokens: float, started: float) -> tuple[float, float]:
     return tokens, seconds
 
 
-def log_step(run: Run, record: dict[str, Any], shown: str) -> None:
-    """The step's record into metrics.jsonl, and `shown` beside the progress bar (or in the log)."""
-    if run.metrics is not None:
-        run.metrics.write(record)
-    run.progress.update(record[files.STEP], shown)
-
-
 def log_metrics(run: Run, record: dict[str, Any]) -> None:
     if run.metrics is not None:
         run.metrics.write(record)
 
 
-def held_out_loss(run: Run, step: int, valid_loss: float, select_best: bool) -> None:
+def held_out_loss(run: Run, step: int, valid_loss: float) -> None:
     """Tell early stopping about an evaluation; keep the weights when they are the best so far."""
     assert run.early is not None
-    if run.early.update(step, valid_loss) and select_best and run.world.is_main:
+    if run.early.update(step, valid_loss) and run.select_best and run.world.is_main:
         save_best(run.run_dir, run.model, step)
 
 
-def end_step(run: Run, step: int, command: str, **state: Any) -> bool:
-    """End of a step: checkpoint on schedule (with `state`, the method's own counters), and on Ctrl-C /
-    SIGTERM checkpoint and stop with a resume hint. Processes agree on stopping with one all-reduce, so
-    all of them save and stop together. True when early stopping ends the run here. A checkpoint is
-    written in the background during the next step; the one before is complete when this step ends."""
+def shown_line(record: dict[str, Any], parts: tuple[str, ...]) -> str:
+    """The progress line: `parts` are format templates over the step's record, e.g. "loss {train_loss:.3f}".
+    A part naming a `valid...` metric the record lacks (no evaluation at this step) is left out; any other
+    missing name is an error."""
+    shown = []
+    for part in parts:
+        names = [name for _, name, _, _ in string.Formatter().parse(part) if name]
+        if any(name.startswith(files.VALID_PREFIX) and name not in record for name in names):
+            continue
+        shown.append(part.format_map(record))
+    return " ".join(shown)
+
+
+def end_step(run: Run, record: dict[str, Any], command: str, shown: tuple[str, ...], **state: Any) -> bool:
+    """End of a step: its record to metrics.jsonl (a validation loss in it to early stopping and the best
+    weights), `shown` beside the progress bar (see `shown_line`), a checkpoint on schedule (with `state`,
+    the method's own counters), and on Ctrl-C / SIGTERM a checkpoint and a stop with a resume hint.
+    Processes agree on stopping with one all-reduce, so all of them save and stop together. True when
+    early stopping ends the run here. A checkpoint is written in the background during the next step;
+    the one before is complete when this step ends."""
+    step = int(record[files.STEP])
+    if files.VALID_LOSS in record and run.early is not None:
+        held_out_loss(run, step, float(record[files.VALID_LOSS]))
+    log_metrics(run, record)
+    run.progress.update(step, shown_line(record, shown))
     run.saves.wait()
     fault_point("after_step", step)
     world, plan = run.world, run.plan
@@ -402,12 +418,12 @@ def log_prompt_warning(world: distributed.World, too_long: list[int], max_prompt
 # --- after the loop ---------------------------------------------------------------------------------------
 
 
-def select_final_weights(run: Run, step: int, select_best: bool) -> dict[str, Any]:
+def select_final_weights(run: Run, step: int) -> dict[str, Any]:
     """Load the best evaluation's weights when asked (and there was one); returns what summary.json and
     the last metrics record say about the choice (empty for methods without a validation loss)."""
     if run.early is None:
         return {}
-    final_step = restore_best(run.run_dir, run.model, run.early, step, run.world) if select_best else step
+    final_step = restore_best(run.run_dir, run.model, run.early, step, run.world) if run.select_best else step
     return run.early.summary(final_step, step, run.plan.total_steps)
 
 
@@ -418,20 +434,21 @@ def finish_run(
     *,
     method: str,
     metric_prefixes: tuple[str, ...],
-    final_metrics: dict[str, Any] | None = None,
-    selection: dict[str, Any] | None = None,
+    final_eval: Callable[[], dict[str, Any]] | None = None,
     counts: dict[str, Any] | None = None,
     warnings: list[str] | None = None,
     lm: torch.nn.Module | None = None,
     eval_train_path: str | None = None,
 ) -> dict[str, Any]:
-    """Write the final evaluation's metrics, final/ (with the adapter the run started from, so it loads
+    """Load the best evaluation's weights when asked (`select_best`), run `final_eval` (the method's full
+    validation, on every process) and write its metrics, final/ (with the adapter the run started from, so it loads
     on its own), the before-vs-after evaluations, summary.json and the model card; returns the summary.
     `lm` is the language model inside `run.model` when the model adds a head (PPO's value head);
     `counts` the method's own numbers for summary.json (pairs/s, completions, ...)."""
     world, run_dir = run.world, run.run_dir
     run.saves.wait()
-    final_metrics, selection = final_metrics or {}, selection or {}
+    selection = select_final_weights(run, step)
+    final_metrics = final_eval() if final_eval is not None else {}
     summary: dict[str, Any] = {}
     if world.is_main:
         assert run.metrics is not None

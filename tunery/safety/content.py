@@ -12,6 +12,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import subprocess
@@ -62,10 +63,8 @@ def stop_worker() -> None:
         worker.wait()
         for stream in (worker.stdin, worker.stdout):
             if stream is not None:
-                try:
+                with contextlib.suppress(OSError):  # a dead child's pipe: what was left unsent stays unsent
                     stream.close()
-                except OSError:  # a dead child's pipe: what was left unsent stays unsent
-                    pass
 
 
 def _worker_scores(texts: list[str]) -> list[float] | None:

@@ -111,6 +111,12 @@ def commands() -> list[Command]:
             "RLHF with PPO: a reward model's scores, a value head, a KL penalty",
             training("ppo"),
         ),
+        Command(
+            "train federated",
+            train.cmd_train,
+            "federated SFT of one LoRA adapter across sites whose data stays with them (Flower)",
+            training("federated"),
+        ),
         Command("chat", models.cmd_chat, "talk to a model (streams tokens)", models.chat_flags),
         Command("generate", models.cmd_generate, "complete a JSONL file of prompts", models.generate_flags),
         Command(
@@ -322,7 +328,7 @@ def _quiet_libraries(verbose: bool) -> None:
         import warnings
 
         warnings.filterwarnings("ignore")
-        for name in ("transformers", "peft", "torch", "httpx", "huggingface_hub"):
+        for name in ("transformers", "peft", "torch", "httpx", "huggingface_hub", "alembic", "flwr", "ray"):
             logging.getLogger(name).setLevel(logging.ERROR)
 
 

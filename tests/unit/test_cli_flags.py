@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,8 @@ def flag(name: str) -> str:
 
 def sample(name: str, annotation: Any, default: Any) -> tuple[str, Any]:
     """A value for the field's flag, as typed and as the config holds it, never the default."""
+    if typing.get_origin(annotation) is list:
+        return "some-" + name, ["some-" + name]
     kinds = set(getattr(annotation, "__args__", (annotation,))) - {type(None)}
     if int in kinds:
         return str(default + 1 if isinstance(default, int) else 3), default + 1 if isinstance(
@@ -78,6 +81,8 @@ def test_every_config_field_has_a_flag_that_sets_it(
     assert value != default
     overrides = parse(parser, method, flag(name), text)
     assert overrides == {name: value}
+    if isinstance(value, list):  # a list field's flag takes several values
+        assert parse(parser, method, flag(name), "a", "b") == {name: ["a", "b"]}
     assert getattr(unchecked(method, overrides), name) == value
     if str in getattr(annotation, "__args__", ()) and default == "auto":
         assert parse(parser, method, flag(name), "auto") == {name: "auto"}
@@ -93,7 +98,7 @@ def test_a_flags_help_is_its_fields_comment_and_default(parser: argparse.Argumen
         comment = field_help(config)[f.name]
         assert comment, f"{config.__name__}.{f.name} has no comment: it is the flag's --help"
         assert helps[flag(f.name)].startswith(comment.replace("%", "%%")), f.name
-        if f.default not in (None, ""):
+        if f.default not in (None, "", dataclasses.MISSING):
             shown = str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
             assert f"(default {shown}" in helps[flag(f.name)], f.name
 

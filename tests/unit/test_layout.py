@@ -25,6 +25,7 @@ FORBIDDEN = {
     "run/files.py": ABOVE_COMPONENTS,
     "run/lifecycle.py": ("tunery.recipes", "tunery.cli", "tunery.commands", "tunery.server"),
     "recipes": ("tunery.cli", "tunery.commands", "tunery.server"),
+    "federated": ("tunery.cli", "tunery.commands", "tunery.server"),  # a recipe's level: it uses SFT's step
 }
 TORCH_FREE = ("tunery.run.config", "tunery.run.files", "tunery.recipes.configs", "tunery.safety.evals")
 

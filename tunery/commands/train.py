@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import importlib.util
 import os
 import typing
 from pathlib import Path
@@ -28,6 +29,7 @@ RECIPES = {
     "kto": "tunery.recipes.kto",
     "grpo": "tunery.recipes.grpo",
     "ppo": "tunery.recipes.ppo",
+    "federated": "tunery.recipes.federated",
 }
 DATA_FORMATS = {
     "dpo": "preference",
@@ -45,6 +47,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if getattr(args, "max_length", None) is not None:  # grpo, ppo: a prompt and its completion have budgets
         raise TuneryError(
             f"{args.method}: use --max-prompt-length and --max-new-tokens instead of --max-length"
+        )
+    if args.method == "federated" and importlib.util.find_spec("flwr") is None:
+        raise TuneryError(
+            "federated training runs on Flower, which is not installed: `make install` installs it (or "
+            "pip install 'tunery[federated]', which also moves fastapi, starlette and uvicorn back to "
+            "versions the service streams worse on)"
         )
     overrides = config_overrides(args)
     check_before_loading(args, overrides)
@@ -133,6 +141,8 @@ def _shown(default: Any) -> str:
 def _reader(name: str, annotation: Any) -> dict[str, Any]:
     """How a flag reads its value, from the field's annotation (as YAML values are coerced, run/config.py):
     numbers, `auto` where the type allows a string, and booleans as `--flag [true|false]` or `--no-flag`."""
+    if typing.get_origin(annotation) is list:
+        return {"nargs": "+", "metavar": name.upper().removesuffix("S")}
     kinds = {kind for kind in typing.get_args(annotation) or (annotation,) if kind is not type(None)}
     if kinds == {bool}:
         return {"nargs": "?", "const": True, "type": _boolean, "metavar": "true|false"}
@@ -210,18 +220,18 @@ def check_before_loading(args: argparse.Namespace, overrides: dict[str, Any]) ->
     values |= {key: value for key, value in overrides.items() if value is not None}
     if values.get("model"):
         check_model_name(str(values["model"]))
-    if not values.get("data"):
+    if not values.get("data") and not values.get("clients"):
         raise TuneryError("no training data: pass --data FILE.jsonl")
     if not values.get("out"):
         raise TuneryError("no run directory: pass --out DIR")
     from tunery.data.formats import foreign_problem
 
-    for key in ("data", "valid"):
-        if values.get(key):
-            check_readable(Path(str(values[key])))
-            foreign = foreign_problem(str(values[key]), DATA_FORMATS.get(args.method, "chat"))
-            if foreign is not None:  # a CSV, a JSON array, legacy prompt/completion...: before screening
-                raise TuneryError(f"{values[key]}, line {foreign.line}: {foreign.message}")
+    paths = [values.get("data"), values.get("valid"), *(values.get("clients") or [])]
+    for path in [str(path) for path in paths if path]:
+        check_readable(Path(path))
+        foreign = foreign_problem(path, DATA_FORMATS.get(args.method, "chat"))
+        if foreign is not None:  # a CSV, a JSON array, legacy prompt/completion...: before screening
+            raise TuneryError(f"{path}, line {foreign.line}: {foreign.message}")
     if values.get("adapter"):
         adapter_dir(str(values["adapter"]))
     if values.get("reward_model"):

@@ -5,7 +5,7 @@ field's comment is its --help text; a redeclared shared field changes only its d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from tunery.errors import TuneryError
@@ -221,6 +221,54 @@ class PPOConfig(ChatEvalFields, SamplingFields, RunConfig):
             )
 
 
+FEDERATED_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+
+
+@dataclass
+class FederatedConfig(SFTConfig):
+    """Federated SFT of one LoRA adapter over rounds (Flower): each site trains it on its own data for
+    local_steps, the server aggregates. batch_size, lr and the schedule are a site's local steps'."""
+
+    clients: list[str] = field(default_factory=list)  # one training JSONL per site (simulation)
+    partition: str = "iid"  # with --data instead: iid (seeded random split) or field:NAME (a site per value)
+    num_clients: int = 3  # with --data and partition iid: how many sites
+    rounds: int = 3  # aggregation rounds
+    local_steps: int = 2  # optimizer steps each site trains per round
+    clients_per_round: int = 0  # sites sampled for each round (0: all)
+    # fewest site results a round aggregates (0: half the sampled sites, rounded up); fewer: it is redone
+    min_results: int = 0
+    strategy: str = "fedavg"  # fedavg | fedprox | fedadam | fedyogi
+    proximal_mu: float = 0.01  # fedprox: weight of the proximal term (mu / 2) ||w - w_global||^2
+    server_lr: float = 0.01  # fedadam, fedyogi: the server optimizer's learning rate (eta)
+    dp_noise: float = 0.0  # differential privacy: Gaussian noise multiplier on the summed updates (0: off)
+    dp_clip: float = 1.0  # differential privacy: each site's update is clipped to this L2 norm
+    client_cpus: int = 1  # simulation: CPU cores per virtual site (Flower's Ray backend)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lora_rank == 0:
+            raise TuneryError("federated training exchanges a LoRA adapter: lora_rank must be > 0")
+        if self.clients and self.data:
+            raise TuneryError("pass either --clients (a file per site) or --data with --partition, not both")
+        if not (self.partition == "iid" or self.partition.startswith("field:") and len(self.partition) > 6):
+            raise TuneryError(f"partition must be iid or field:NAME, got {self.partition!r}")
+        for name in ("rounds", "local_steps", "num_clients", "client_cpus"):
+            if getattr(self, name) < 1:
+                raise TuneryError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.clients_per_round < 0 or self.min_results < 0:
+            raise TuneryError("clients_per_round and min_results must be >= 0 (0: the default)")
+        if self.strategy not in FEDERATED_STRATEGIES:
+            raise TuneryError(
+                f"strategy must be one of {', '.join(FEDERATED_STRATEGIES)}, got {self.strategy!r}"
+            )
+        if self.proximal_mu < 0 or self.server_lr <= 0 or self.dp_noise < 0 or self.dp_clip <= 0:
+            raise TuneryError("proximal_mu and dp_noise must be >= 0, server_lr and dp_clip > 0")
+        if self.early_stopping_patience:
+            raise TuneryError(
+                "early stopping is not available for federated runs yet; select_best keeps the best round"
+            )
+
+
 CONFIGS: dict[str, type[RunConfig]] = {
     "sft": SFTConfig,
     "rm": RewardConfig,
@@ -228,4 +276,5 @@ CONFIGS: dict[str, type[RunConfig]] = {
     "kto": KTOConfig,
     "grpo": GRPOConfig,
     "ppo": PPOConfig,
+    "federated": FederatedConfig,
 }

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -84,6 +85,50 @@ def evaluate(
     return nll / max(count, 1), correct / max(count, 1)
 
 
+def train_step(
+    run: lifecycle.Run,
+    train_chats: list[TokenizedChat],
+    step: int,
+    cfg: SFTConfig,
+    lm_head_weight: torch.Tensor,
+    before_update: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Optimizer step `step` (from 0) over its conversations, packed into rows with gradients accumulated;
+    returns the step's record. A federated site's local steps are this function too (`before_update`
+    adds FedProx's proximal gradient)."""
+    t0 = time.monotonic()
+    world, model = run.world, run.ddp_model
+    chats, mine, weight = lifecycle.step_batch(run, train_chats, step, cfg.seed)
+    step_trained = sum(c.n_trained for c in chats)  # the same on every process
+    rows = plan_rows(mine, cfg.micro_batch_tokens)
+    nll = correct = tokens = 0.0
+    for k, row_chats in enumerate(rows):
+        row = pack(row_chats)
+        with distributed.grads_sync(model, world, last_row=k == len(rows) - 1):
+            with autocast(run.plan.precision, world.device):
+                nll_sum, n_correct = forward_loss(model, lm_head_weight, row)
+            # DDP averages gradients over processes, hence the world size factor.
+            (nll_sum * (weight * world.size / step_trained)).backward()
+        nll += weight * nll_sum.item()
+        correct += weight * n_correct.item()
+        tokens += weight * row.n_tokens
+    if before_update is not None:
+        before_update()
+    lr, grad_norm = lifecycle.optimizer_step(run, step, cfg.grad_clip, cfg.schedule)
+    nll, correct = distributed.all_sum([nll, correct], world)
+    tokens, step_seconds = lifecycle.count_step(run, tokens, t0)
+    return {
+        files.STEP: step + 1,
+        files.TOTAL_STEPS: run.plan.total_steps,
+        files.TRAIN_LOSS: nll / step_trained,
+        files.TRAIN_ACCURACY: correct / step_trained,
+        "lr": lr,
+        "grad_norm": float(grad_norm),
+        "tokens": run.tokens_seen,
+        "tokens_per_second": tokens / step_seconds,
+    }
+
+
 # --- train ------------------------------------------------------------------------------------------------
 
 
@@ -117,36 +162,8 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
     step = run.start_step
     with run.stop, run.progress, run.energy:
         while step < plan.total_steps:
-            t0 = time.monotonic()
-            chats, mine, weight = lifecycle.step_batch(run, train_chats, step, cfg.seed)
-            step_trained = sum(c.n_trained for c in chats)  # the same on every process
-            rows = plan_rows(mine, cfg.micro_batch_tokens)
-            nll = correct = tokens = 0.0
-            for k, row_chats in enumerate(rows):
-                row = pack(row_chats)
-                with distributed.grads_sync(model, world, last_row=k == len(rows) - 1):
-                    with autocast(plan.precision, world.device):
-                        nll_sum, n_correct = forward_loss(model, lm_head_weight, row)
-                    # DDP averages gradients over processes, hence the world size factor.
-                    (nll_sum * (weight * world.size / step_trained)).backward()
-                nll += weight * nll_sum.item()
-                correct += weight * n_correct.item()
-                tokens += weight * row.n_tokens
-            lr, grad_norm = lifecycle.optimizer_step(run, step, cfg.grad_clip, cfg.schedule)
+            record = train_step(run, train_chats, step, cfg, lm_head_weight)
             step += 1
-
-            nll, correct = distributed.all_sum([nll, correct], world)
-            tokens, step_seconds = lifecycle.count_step(run, tokens, t0)
-            record: dict[str, Any] = {
-                files.STEP: step,
-                files.TOTAL_STEPS: plan.total_steps,
-                files.TRAIN_LOSS: nll / step_trained,
-                files.TRAIN_ACCURACY: correct / step_trained,
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "tokens": run.tokens_seen,
-                "tokens_per_second": tokens / step_seconds,
-            }
             if valid_chats and (step % plan.eval_every == 0 or step == plan.total_steps):
                 record.update(held_out(valid_chats[: cfg.eval_examples]))
             shown = ("loss {train_loss:.3f}", "valid {valid_loss:.3f}", "{tokens_per_second:.0f} tok/s")

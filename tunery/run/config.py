@@ -126,7 +126,7 @@ def check_run_fields(cfg: Any) -> None:
     from tunery.safety.screen import check_policies
     from tunery.training.energy import check_energy_fields
 
-    if not cfg.data:
+    if not cfg.data and not getattr(cfg, "clients", None):
         raise TuneryError("no training data: pass --data FILE.jsonl")
     if not cfg.out:
         raise TuneryError("no run directory: pass --out DIR")
@@ -196,6 +196,11 @@ class Resolved:
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:
     """Turn YAML/CLI values into the field's type ('auto' stays a string where the type allows it)."""
+    if typing.get_origin(annotation) is list:  # list[str]: a YAML list, or one value
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(item, str | int | float) and not isinstance(item, bool) for item in items):
+            raise TuneryError(f"config field '{name}': {value!r} is not a list of strings")
+        return [str(item) for item in items]
     args = typing.get_args(annotation)
     options = (
         args

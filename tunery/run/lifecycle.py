@@ -75,9 +75,12 @@ class Opened:
     tokenizer: Any
 
 
-def open_run(cfg: RunConfig, resume: bool, overwrite: bool, single_process: bool = False) -> Opened:
+def open_run(
+    cfg: RunConfig, resume: bool, overwrite: bool, single_process: bool = False, train_here: bool = True
+) -> Opened:
     """Prepare the run directory, screen the data (a resumed run keeps what was screened at its start),
-    start the energy meter's hardware probe and load the starting model."""
+    start the energy meter's hardware probe and load the starting model. `train_here` False: the training
+    data is screened and read where it is trained (a federation's sites), only `valid` here."""
     keep_freed_memory()
     world = distributed.setup()
     if single_process and world.distributed:
@@ -85,7 +88,7 @@ def open_run(cfg: RunConfig, resume: bool, overwrite: bool, single_process: bool
         raise TuneryError(f"{type(cfg).__name__[:-6]} runs in one process for now; start it without torchrun")
     run_dir = Path(cfg.out)
     energy = EnergyMeter.for_run(cfg, run_dir, world, resume)  # probes the hardware while the run sets up
-    data = {"train": cfg.data, "valid": cfg.valid}
+    data = {"train": cfg.data if train_here else None, "valid": cfg.valid}
     if world.is_main:
         prepare_run_dir(run_dir, resume, overwrite)
         try:
@@ -100,7 +103,9 @@ def open_run(cfg: RunConfig, resume: bool, overwrite: bool, single_process: bool
     model, tokenizer = load_model(cfg.model)
     if cfg.adapter:
         model = merge_adapter(model, cfg.adapter)
-    return Opened(world, run_dir, resume, energy, paths["train"], paths.get("valid"), model, tokenizer)
+    return Opened(
+        world, run_dir, resume, energy, paths.get("train", ""), paths.get("valid"), model, tokenizer
+    )
 
 
 def resolve_run(
@@ -143,7 +148,7 @@ def resolve_run(
         save_every=cfg.save_every or max(1, math.ceil(steps / 5)),
         total_steps=steps,
         world_size=world.size,
-        data_sha256=file_digest(cfg.data),
+        data_sha256=file_digest(cfg.data or None),
         valid_sha256=file_digest(cfg.valid),
     )
 

@@ -164,6 +164,7 @@ def render_model_card(run_dir: Path) -> str:
         _red_flags(run),
         _declared(run),
         _data(run),
+        _federation(run),
         _training(run),
         _evaluations(run),
         _energy(run),
@@ -356,6 +357,39 @@ def _screening(run: _Run) -> str:
         return head + " No files were screened."
     table = _table(("file", "lines", "flagged", "by category", "action"), rows)
     return f"{head}\n\n{table}\n\nCounts only: the flagged text stays out of this card."
+
+
+def _federation(run: _Run) -> str:
+    """A federated run (recipes/federated.py): who trained it and how, never the sites' data or paths."""
+    fed = run.extra.get("federation")
+    if not isinstance(fed, dict):
+        return ""
+    sites = [str(s) for s in fed.get("sites") or []]
+    rows = [
+        ("sites", f"{len(sites)}: {', '.join(sites)}"),
+        ("rounds", _value(fed.get("rounds"))),
+        ("strategy", str(fed.get("strategy"))),
+        ("local steps per round", _value(fed.get("local_steps"))),
+        ("sites per round / results needed", f"{fed.get('sites_per_round')} / {fed.get('min_results')}"),
+    ]
+    dp = fed.get("differential_privacy")
+    if isinstance(dp, dict):
+        rows.append(
+            (
+                "differential privacy",
+                f"{dp.get('mechanism')}: noise multiplier {dp.get('noise_multiplier')}, "
+                f"clipping norm {dp.get('clipping_norm')}, {dp.get('sampled_sites_per_round')} sites a round",
+            )
+        )
+    else:
+        rows.append(("differential privacy", "off: the server sees each site's adapter update"))
+    rows.append(("secure aggregation", "on (SecAgg+)" if fed.get("secure_aggregation") else "off"))
+    return "\n".join([
+        "## Federation", "",
+        "Trained by federated learning (Flower): each site trained the adapter on its own data, which never "
+        "left it; the server saw only the adapters and example counts.", "",
+        _table(("setting", "value"), rows),
+    ])  # fmt: skip
 
 
 def _training(run: _Run) -> str:

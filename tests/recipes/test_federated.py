@@ -1,0 +1,140 @@
+"""Federated SFT on Flower (simulation, tiny-random): the strategies' arithmetic, one site equal to `train
+sft`, a failing site left out, exact resume of a killed server, the sites' data kept at the sites."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from tests.conftest import chat_lines, write_jsonl
+from tunery.recipes import sft
+from tunery.recipes.configs import FederatedConfig
+from tunery.run.files import read_metrics, read_summary
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = {"model": "tiny-random", "lora_rank": 8, "seed": 0, "batch_size": 4, "lr": 2e-2, "micro_batch_tokens": 256,
+          "select_best": False}  # fmt: skip
+
+
+def federated(
+    args: list[str], fault: str | None = None, returncode: int = 0
+) -> subprocess.CompletedProcess[str]:
+    """`tunery train federated ARGS` as a user runs it (a fresh process: Flower starts its Ray backend)."""
+    env = {**os.environ, **({"TUNERY_FAULT": fault} if fault else {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunery", "train", "federated", *args],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == returncode, proc.stderr[-3000:]
+    return proc
+
+
+def flags(values: dict) -> list[str]:
+    return [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(run / "final" / "adapter_model.safetensors"))
+
+
+@pytest.fixture
+def sites(tmp_path: Path) -> tuple[Path, Path, Path]:
+    lines = chat_lines(40)
+    a = write_jsonl(tmp_path / "clinic_a.jsonl", lines[:12])
+    b = write_jsonl(tmp_path / "clinic_b.jsonl", lines[12:28])
+    valid = write_jsonl(tmp_path / "valid.jsonl", lines[28:34])
+    return a, b, valid
+
+
+def test_fedavg_weights_each_site_by_its_examples(monkeypatch) -> None:
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from tunery.federated.server import make_strategy
+
+    def reply(value: float, examples: int) -> Message:
+        arrays = ArrayRecord({"w": torch.full((2, 3), value), "b": torch.full((4,), -value)})
+        metrics = MetricRecord({"num-examples": examples, "train_loss": 1.0})
+        content = RecordDict({"arrays": arrays, "metrics": metrics, "site": ConfigRecord({"name": "x"})})
+        return Message(content=content, dst_node_id=1, message_type="train")
+
+    for name in ("_run_id", "_node_id", "_task_id"):  # a message outside a running federation needs them
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    strategy = make_strategy(FederatedConfig(clients=["a", "b"], out="x"), n_sites=2)
+    merged, _ = strategy.aggregate_train(1, [reply(1.0, 3), reply(5.0, 1)])
+    assert merged is not None
+    arrays = merged.to_numpy_ndarrays()
+    assert np.allclose(arrays[0], (1.0 * 3 + 5.0 * 1) / 4) and np.allclose(arrays[1], -2.0)
+
+
+def test_one_site_for_one_round_is_train_sft(sites, tmp_path: Path) -> None:
+    """The site's local steps are SFT's steps: same data order, schedule, LoRA start and optimizer."""
+    a, _, valid = sites
+    ref = tmp_path / "sft"
+    sft.run(None, {**SHARED, "data": str(a), "valid": str(valid), "out": str(ref), "max_steps": 3,
+                   "safety_evals": "none"})  # fmt: skip
+    fed = tmp_path / "fed"
+    federated(["--clients", str(a), "--valid", str(valid), "--rounds", "1", "--local-steps", "3",
+               "--out", str(fed), "--safety-evals", "none", *flags(SHARED)])  # fmt: skip
+    ref_state, fed_state = adapter(ref), adapter(fed)
+    assert ref_state.keys() == fed_state.keys()
+    for key in ref_state:
+        assert torch.equal(ref_state[key], fed_state[key]), key
+    site_steps = [r for r in read_metrics(fed / "sites" / "clinic_a") if "train_loss" in r]
+    assert [r["train_loss"] for r in site_steps] == [
+        r["train_loss"] for r in read_metrics(ref) if "train_loss" in r
+    ]
+    assert (
+        read_summary(fed).final_metrics["full_valid_loss"]
+        == read_summary(ref).final_metrics["full_valid_loss"]
+    )
+
+
+def test_the_run_contract_and_a_failing_site_left_out(sites, tmp_path: Path) -> None:
+    a, b, valid = sites
+    broken = write_jsonl(tmp_path / "broken.jsonl", chat_lines(3))  # too few examples: the site refuses
+    out = tmp_path / "fed"
+    proc = federated(["--clients", str(a), str(b), str(broken), "--valid", str(valid), "--rounds", "2",
+                      "--local-steps", "2", "--out", str(out), *flags(SHARED)])  # fmt: skip
+    assert "1 site(s) failed and are left out" in proc.stderr
+    assert str(broken) not in proc.stderr  # a site's error names its data by the site, not by its path
+    rounds = [r for r in read_metrics(out) if r.get("round")]
+    assert [r["round"] for r in rounds if "sites" in r] == [1, 2]
+    for record in rounds[:2]:
+        assert sorted(s["site"] for s in record["sites"]) == ["clinic_a", "clinic_b"]
+        assert record["failed_sites"] and "broken" in record["failed_sites"][0]
+        assert record["valid_loss"] > 0 and record["bytes_sent"] == 3 * record["bytes_received"] / 2
+        assert {s["examples"] for s in record["sites"]} == {12, 16}
+    summary = read_summary(out)
+    assert summary.extra["federation"]["sites"] == ["clinic_a", "clinic_b", "broken"]
+    assert (out / "final" / "adapter_config.json").is_file() and (out / "final" / "MODEL_CARD.md").is_file()
+    assert (out / "evals.json").is_file()  # the base-vs-tuned evaluations run on the global adapter
+    config = (out / "config.yaml").read_text()
+    assert "clinic_a" in config and str(a) not in json.dumps(summary.extra)
+    for site in ("clinic_a", "clinic_b"):  # each site screened its own data
+        assert (out / "sites" / site / "screening.json").is_file()
+
+
+def test_a_killed_server_resumes_exactly_with_fedadam(sites, tmp_path: Path) -> None:
+    a, b, valid = sites
+    args = ["--clients", str(a), str(b), "--valid", str(valid), "--rounds", "3", "--local-steps", "1",
+            "--strategy", "fedadam", "--safety-evals", "none", *flags(SHARED)]  # fmt: skip
+    ref = tmp_path / "ref"
+    federated([*args, "--out", str(ref)])
+    killed = tmp_path / "killed"
+    federated([*args, "--out", str(killed)], fault="after_step:2", returncode=-9)
+    assert not (killed / "final").exists()
+    federated(["--resume", str(killed)])
+    ref_state, resumed = adapter(ref), adapter(killed)
+    for key in ref_state:
+        assert torch.equal(ref_state[key], resumed[key]), key
+    valid_losses = [[r["valid_loss"] for r in read_metrics(run) if "round" in r] for run in (ref, killed)]
+    assert valid_losses[0] == valid_losses[1]

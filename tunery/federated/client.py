@@ -1,0 +1,153 @@
+"""A site of a federation: Flower's ClientApp, training the global adapter on the site's own data.
+
+Each round the server sends the adapter (LoRA weights only) and the run's config. The site loads them into
+its model and trains `local_steps` optimizer steps with the SFT recipe's own step (recipes/sft.py:
+packing, masks, bf16, the lr schedule over all rounds' steps), from a fresh AdamW state, then replies with
+the adapter, its example count (FedAvg's weight) and its loss. Its data never leaves the process.
+
+The site's state lives in its process across rounds (a Ray worker in simulation, the SuperNode's app
+process in deployment): the model, the tokenized data and its run directory, where it screens its data
+with the run's policies before the first step and logs its own steps (metrics.jsonl). A site whose data a
+policy blocks fails its rounds with the screening's reason (line numbers and categories, never the text).
+
+Where the data is: in simulation the message names the site files (one machine, one operator); in
+deployment only the SuperNode knows it, from its node config (`data-path`, `site-dir`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from tunery.data.validate import load_chat_data
+from tunery.errors import TuneryError
+from tunery.models.forward import output_weight
+from tunery.recipes import sft
+from tunery.recipes.configs import FederatedConfig
+from tunery.run import lifecycle
+from tunery.training import auto
+
+log = logging.getLogger("tunery")
+
+app = ClientApp()
+
+_SITES: dict[str, LocalSite] = {}  # this process's sites, by run and site name
+
+
+class LocalSite:
+    """The site's model, data and run handles, built at its first round and kept for the next ones."""
+
+    def __init__(self, cfg: FederatedConfig, name: str, data_path: str, site_dir: Path) -> None:
+        self.name = name
+        self.cfg = cfg = dataclasses.replace(
+            cfg, data=data_path, clients=[], valid=None, out=str(site_dir), safety_evals="none"
+        )
+        opened = lifecycle.open_run(cfg, resume=False, overwrite=True)  # screens the site's data here
+        self.chats = load_chat_data(opened.train_path, opened.tokenizer, cfg.max_length)
+        mean_tokens = sum(c.n_tokens for c in self.chats) / max(len(self.chats), 1)
+        plan = lifecycle.resolve_run(
+            cfg, len(self.chats), opened.world, auto.chat_batch(mean_tokens, cfg.micro_batch_tokens)
+        )
+        # the schedule runs over every local step of every round
+        plan = dataclasses.replace(plan, total_steps=cfg.rounds * cfg.local_steps, save_every=10**9)
+        model = lifecycle.with_lora(opened.model, cfg, plan)
+        self.run = lifecycle.start_run(opened, cfg, plan, model, method="federated-site")
+        self.lm_head_weight = output_weight(self.run.model)
+        self.run.energy.__enter__()  # measured from the first round to the process's end
+
+    def train_round(
+        self, state: dict[str, torch.Tensor], round_number: int, proximal_mu: float
+    ) -> dict[str, Any]:
+        """`local_steps` steps from the global adapter `state`; returns the reply's metrics."""
+        run, cfg = self.run, self.cfg
+        load_trainable(run.model, state)
+        run.optimizer = torch.optim.AdamW(run.trainable, lr=run.plan.lr, weight_decay=cfg.weight_decay)
+        anchor = [p.detach().clone() for p in run.trainable] if proximal_mu > 0 else []
+
+        def proximal() -> None:  # FedProx: the gradient of (mu / 2) ||w - w_global||^2
+            for p, p0 in zip(run.trainable, anchor, strict=True):
+                if p.grad is not None:
+                    p.grad.add_(p.detach() - p0, alpha=proximal_mu)
+
+        started, tokens_before = time.monotonic(), run.tokens_seen
+        losses = []
+        first = (round_number - 1) * cfg.local_steps
+        for step in range(first, first + cfg.local_steps):
+            record = sft.train_step(
+                run, self.chats, step, cfg, self.lm_head_weight, proximal if anchor else None
+            )
+            lifecycle.log_metrics(run, {**record, "round": round_number})
+            losses.append(record["train_loss"])
+        energy = run.energy.so_far() or {}
+        return {
+            "num-examples": len(self.chats),
+            "train_loss": sum(losses) / len(losses),
+            "tokens": run.tokens_seen - tokens_before,
+            "seconds": time.monotonic() - started,
+            "kwh": float(energy.get("kwh", 0.0)),
+        }
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a federation exchanges: the trainable ones (LoRA A and B), fp32, by parameter name."""
+    return {name: p.detach().float().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(state):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise ValueError(
+            f"the adapter does not fit this site's model (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
+    for name, p in params.items():
+        p.copy_(state[name].to(p.dtype))
+
+
+def _where(
+    cfg: FederatedConfig, config: dict[str, Any], node_config: dict[str, Any]
+) -> tuple[str, str, Path]:
+    """The site's name, data file and run directory."""
+    if "data-path" in node_config:  # deployment: the SuperNode's owner said where its data is
+        data_path = str(node_config["data-path"])
+        name = str(node_config.get("site-name") or Path(data_path).stem)
+        return name, data_path, Path(str(node_config["site-dir"]))
+    entry = json.loads(str(config["sites"]))[int(node_config["partition-id"])]  # simulation
+    return str(entry["name"]), str(entry["path"]), Path(cfg.out) / "sites" / str(entry["name"])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = dict(msg.content["config"])
+    cfg = FederatedConfig(**json.loads(str(config["tunery"])))
+    name, data_path, site_dir = _where(cfg, config, dict(context.node_config))
+    key = f"{cfg.out}:{name}"
+    try:
+        if key not in _SITES:
+            _SITES[key] = LocalSite(cfg, name, data_path, site_dir)
+        site = _SITES[key]
+        metrics = site.train_round(
+            msg.content.array_records["arrays"].to_torch_state_dict(),
+            int(str(config["round"])),
+            float(str(config.get("proximal-mu", 0.0))),
+        )
+    except TuneryError as exc:  # told to the server: what is wrong, never where the site keeps its data
+        raise TuneryError(f"site {name}: " + str(exc).replace(str(Path(data_path).resolve()), "its data")
+                          .replace(data_path, "its data")) from None  # fmt: skip
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(trainable_state(site.run.model)),
+            "metrics": MetricRecord(metrics),
+            "site": ConfigRecord({"name": site.name}),
+        }
+    )
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,203 @@
+"""The server's side of a round, on Flower's strategies: sample the sites, send them the adapter, aggregate
+their replies. The round loop itself is the federated recipe's (recipes/federated.py).
+
+The strategies are Flower's own (flwr.serverapp.strategy): FedAvg (the mean of the sites' adapters weighted
+by their example counts), FedProx (FedAvg, with the sites adding the proximal term), FedAdam and FedYogi
+(an adaptive server optimizer on the averaged update; their moments are saved with each round's
+checkpoint, so a resumed run continues them). Differential privacy wraps any of them in Flower's
+server-side fixed clipping: each site's update is clipped to `dp_clip` and Gaussian noise of
+`dp_noise` x `dp_clip` / sites is added to the average.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    FedYogi,
+)
+
+from tunery.recipes.configs import FederatedConfig
+from tunery.training.io import atomic_open
+
+log = logging.getLogger("tunery")
+
+WEIGHT_KEY = "num-examples"  # the reply metric FedAvg weights a site's adapter by
+REPLY_TIMEOUT_S = 24 * 3600.0  # a round waits this long for its sites at most
+
+
+def make_strategy(cfg: FederatedConfig, n_sites: int) -> Any:
+    """Flower's strategy for `cfg.strategy`, sampling `clients_per_round` of `n_sites` sites a round."""
+    sampled = min(cfg.clients_per_round or n_sites, n_sites)
+    common: dict[str, Any] = {
+        "fraction_train": sampled / n_sites,
+        "fraction_evaluate": 0.0,  # the global adapter is evaluated on the server's held-out data
+        "min_train_nodes": sampled,
+        "min_evaluate_nodes": 0,
+        "min_available_nodes": n_sites,
+        "weighted_by_key": WEIGHT_KEY,
+    }
+    strategy: Any
+    if cfg.strategy == "fedavg":
+        strategy = FedAvg(**common)
+    elif cfg.strategy == "fedprox":
+        strategy = FedProx(proximal_mu=cfg.proximal_mu, **common)
+    elif cfg.strategy == "fedadam":
+        strategy = FedAdam(eta=cfg.server_lr, **common)
+    else:
+        strategy = FedYogi(eta=cfg.server_lr, **common)
+    if cfg.dp_noise > 0:
+        strategy = DifferentialPrivacyServerSideFixedClipping(
+            strategy, noise_multiplier=cfg.dp_noise, clipping_norm=cfg.dp_clip, num_sampled_clients=sampled
+        )
+    return strategy
+
+
+def _inner(strategy: Any) -> Any:
+    return getattr(strategy, "strategy", strategy)  # under the DP wrapper
+
+
+def privacy_record(cfg: FederatedConfig, n_sites: int) -> dict[str, Any]:
+    """What the run card and summary say about privacy."""
+    if cfg.dp_noise <= 0:
+        return {"differential_privacy": None, "secure_aggregation": False}
+    return {
+        "differential_privacy": {
+            "mechanism": "Flower DifferentialPrivacyServerSideFixedClipping (Gaussian, server-side clipping)",
+            "noise_multiplier": cfg.dp_noise,
+            "clipping_norm": cfg.dp_clip,
+            "sampled_sites_per_round": min(cfg.clients_per_round or n_sites, n_sites),
+            "rounds": cfg.rounds,
+        },
+        "secure_aggregation": False,
+    }
+
+
+# --- a round ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RoundResult:
+    arrays: ArrayRecord | None  # the new global adapter; None when too few sites replied
+    sites: list[dict[str, Any]] = field(default_factory=list)  # each replying site's metrics
+    failures: list[str] = field(default_factory=list)  # each failed site's reason
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+def array_bytes(arrays: ArrayRecord) -> int:
+    return sum(len(array.data) for array in arrays.values())
+
+
+def run_round(
+    strategy: Any,
+    grid: Grid,
+    round_number: int,
+    arrays: ArrayRecord,
+    config: dict[str, Any],
+    min_results: int,
+) -> RoundResult:
+    """Send `arrays` and `config` to the sampled sites, wait for their replies and aggregate them."""
+    messages = list(strategy.configure_train(round_number, arrays, ConfigRecord(config), grid))
+    sent = array_bytes(arrays) * len(messages)
+    replies = list(grid.send_and_receive(messages=messages, timeout=REPLY_TIMEOUT_S))
+    good = [reply for reply in replies if not reply.has_error()]
+    failures = [_failure(reply) for reply in replies if reply.has_error()]
+    failures += ["no reply"] * (len(messages) - len(replies))
+    result = RoundResult(
+        arrays=None,
+        sites=[_site_metrics(reply) for reply in good],
+        failures=failures,
+        bytes_sent=sent,
+        bytes_received=sum(array_bytes(reply.content.array_records["arrays"]) for reply in good),
+    )
+    if len(good) < max(min_results, 1):
+        return result
+    result.arrays, _ = strategy.aggregate_train(round_number, good)
+    return result
+
+
+def _failure(reply: Message) -> str:
+    """A failed site's reason in one line: its exception's message (Flower wraps it in the class's repr)."""
+    reason = reply.error.reason or ""
+    if "Message:" in reason:
+        reason = reason.split("Message:", 1)[1]
+    reason = " ".join(line.strip() for line in reason.strip().rstrip(">'\"").splitlines() if line.strip())
+    return reason[:500] or f"error code {reply.error.code}"
+
+
+def _site_metrics(reply: Message) -> dict[str, Any]:
+    metrics = reply.content.metric_records["metrics"]
+
+    def number(key: str) -> float:
+        value = metrics[key]
+        return float(value) if isinstance(value, int | float) else float("nan")
+
+    site = reply.content.config_records.get("site")
+    return {
+        "site": str(site["name"]) if site is not None else str(reply.metadata.src_node_id),
+        "train_loss": number("train_loss"),
+        "examples": int(number(WEIGHT_KEY)),
+        "tokens": int(number("tokens")),
+        "seconds": round(number("seconds"), 3),
+        "kwh": number("kwh"),
+    }
+
+
+# --- the adaptive strategies' state, beside each round's checkpoint ----------------------------------------
+
+
+def save_strategy_state(strategy: Any, run_dir: Path, round_number: int) -> None:
+    """FedAdam's / FedYogi's moments after `round_number` (nothing for the stateless strategies)."""
+    inner = _inner(strategy)
+    moments = {f"m.{k}": v for k, v in (getattr(inner, "m_t", None) or {}).items()}
+    moments |= {f"v.{k}": v for k, v in (getattr(inner, "v_t", None) or {}).items()}
+    if not moments:
+        return
+    folder = run_dir / "strategy"
+    with atomic_open(folder / f"round-{round_number}.npz", "wb") as fh:
+        np.savez(fh, **moments)
+    for old in folder.glob("round-*.npz"):  # keep this round's and the one before
+        if int(old.stem.removeprefix("round-")) < round_number - 1:
+            old.unlink(missing_ok=True)
+
+
+def restore_strategy_state(strategy: Any, run_dir: Path, round_number: int) -> None:
+    path = run_dir / "strategy" / f"round-{round_number}.npz"
+    inner = _inner(strategy)
+    if not hasattr(inner, "m_t") or round_number == 0:
+        return
+    if not path.is_file():
+        log.warning("%s is missing: the server optimizer's moments start again from zero", path)
+        return
+    with np.load(path) as saved:
+        inner.m_t = {k[2:]: saved[k] for k in saved.files if k.startswith("m.")}
+        inner.v_t = {k[2:]: saved[k] for k in saved.files if k.startswith("v.")}
+
+
+def round_config(
+    cfg: FederatedConfig, round_number: int, sites: list[dict[str, str]] | None
+) -> dict[str, Any]:
+    """What a round's message tells the sites: the run's config, the round and, in simulation, the site files
+    (FedProx adds `proximal-mu` itself)."""
+    config: dict[str, Any] = {"tunery": json.dumps(_site_fields(cfg)), "round": round_number}
+    if sites is not None:
+        config["sites"] = json.dumps(sites)
+    return config
+
+
+def _site_fields(cfg: FederatedConfig) -> dict[str, Any]:
+    from tunery.run.config import to_dict
+
+    return to_dict(cfg)

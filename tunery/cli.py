@@ -38,12 +38,13 @@ GROUPS = {
     "graders": ("graders_command", "check and run OpenAI-format graders"),
     "keys": ("keys_command", "API keys of the service"),
     "audit": ("audit_command", "the service's audit log: verify, export, head"),
+    "federated": ("federated_command", "a federation whose sites are machines of their own (Flower)"),
 }
 
 
 def commands() -> list[Command]:
     """Every command, in `--help` order."""
-    from tunery.commands import audit, data, evals, graders, models, service, train
+    from tunery.commands import audit, data, evals, federated, graders, models, service, train
     from tunery.safety.evals import SECTIONS  # no torch: cheap at parse time
 
     def training(method: str) -> Callable[[argparse.ArgumentParser], None]:
@@ -116,6 +117,18 @@ def commands() -> list[Command]:
             train.cmd_train,
             "federated SFT of one LoRA adapter across sites whose data stays with them (Flower)",
             training("federated"),
+        ),
+        Command(
+            "federated server",
+            federated.cmd_server,
+            "the server of a deployed federation: waits for the sites, runs the rounds, writes the run",
+            federated.server_flags,
+        ),
+        Command(
+            "federated client",
+            federated.cmd_client,
+            "a site of a deployed federation: trains on its own data, which stays here",
+            federated.client_flags,
         ),
         Command("chat", models.cmd_chat, "talk to a model (streams tokens)", models.chat_flags),
         Command("generate", models.cmd_generate, "complete a JSONL file of prompts", models.generate_flags),

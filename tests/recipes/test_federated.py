@@ -138,3 +138,60 @@ def test_a_killed_server_resumes_exactly_with_fedadam(sites, tmp_path: Path) -> 
         assert torch.equal(ref_state[key], resumed[key]), key
     valid_losses = [[r["valid_loss"] for r in read_metrics(run) if "round" in r] for run in (ref, killed)]
     assert valid_losses[0] == valid_losses[1]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_deployment_a_server_and_two_site_processes(sites, tmp_path: Path) -> None:
+    """The server and each site as processes of their own, as on separate machines: a site's data path
+    is given to its own process only, and never reaches the server's output or run directory."""
+    a, b, valid = sites
+    port, out = free_port(), tmp_path / "fed"
+    tunery = [sys.executable, "-m", "tunery", "federated"]
+    server = subprocess.Popen(
+        [*tunery, "server", "--valid", str(valid), "--num-clients", "2", "--rounds", "2", "--local-steps", "1",
+         "--out", str(out), "--port", str(port), "--safety-evals", "none", *flags(SHARED)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    site_procs = [
+        subprocess.Popen(
+            [
+                *tunery,
+                "client",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / f"site_{name}"),
+                "--port",
+                str(free_port()),
+            ],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        for name, data in (("a", a), ("b", b))
+    ]
+    try:
+        output, _ = server.communicate(timeout=400)
+    finally:
+        for proc in [server, *site_procs]:
+            proc.terminate()
+        for proc in [server, *site_procs]:
+            proc.wait(60)
+    assert server.returncode == 0, output[-3000:]
+    rounds = [r for r in read_metrics(out) if r.get("sites")]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert sorted(s["site"] for s in rounds[0]["sites"]) == ["clinic_a", "clinic_b"]
+    assert {s["examples"] for s in rounds[0]["sites"]} == {12, 16}
+    assert (out / "final" / "adapter_config.json").is_file()
+    server_side = output + "".join(p.read_text(errors="replace") for p in out.rglob("*") if p.is_file())
+    assert str(a) not in server_side and str(b) not in server_side and "clinic_a.jsonl" not in server_side
+    assert (tmp_path / "site_a" / "round-2" / "screening.json").is_file()  # each site screened its own data

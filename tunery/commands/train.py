@@ -220,7 +220,7 @@ def check_before_loading(args: argparse.Namespace, overrides: dict[str, Any]) ->
     values |= {key: value for key, value in overrides.items() if value is not None}
     if values.get("model"):
         check_model_name(str(values["model"]))
-    if not values.get("data") and not values.get("clients"):
+    if not values.get("data") and not values.get("clients") and values.get("federation") != "deployment":
         raise TuneryError("no training data: pass --data FILE.jsonl")
     if not values.get("out"):
         raise TuneryError("no run directory: pass --out DIR")

@@ -7,3 +7,16 @@
 
 The round loop and the run directory are the recipe's (recipes/federated.py), as for every method.
 """
+
+# Flower and Ray reach for the network unless told not to (checked with strace): Flower's telemetry and its
+# update check; Ray's usage stats, a UDP probe of 8.8.8.8 for its node address (off with the cluster flag,
+# which makes it use 127.0.0.1), and its dashboard's cloud-metadata probe (169.254.169.254, sent to a closed
+# local port through the proxy setting). Set for the processes of a federation, before either is imported.
+OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "HTTP_PROXY": "http://127.0.0.1:9",
+    "NO_PROXY": "127.0.0.1,localhost",
+}

@@ -48,8 +48,9 @@ class LocalSite:
     def __init__(self, cfg: FederatedConfig, name: str, data_path: str, site_dir: Path) -> None:
         self.name = name
         self.cfg = cfg = dataclasses.replace(
-            cfg, data=data_path, clients=[], valid=None, out=str(site_dir), safety_evals="none"
-        )
+            cfg, data=data_path, clients=[], valid=None, out=str(site_dir), safety_evals="none",
+            federation="simulation",  # the site's own steps are a local run
+        )  # fmt: skip
         opened = lifecycle.open_run(cfg, resume=False, overwrite=True)  # screens the site's data here
         self.chats = load_chat_data(opened.train_path, opened.tokenizer, cfg.max_length)
         mean_tokens = sum(c.n_tokens for c in self.chats) / max(len(self.chats), 1)
@@ -129,8 +130,11 @@ def _where(
 def train(msg: Message, context: Context) -> Message:
     config = dict(msg.content["config"])
     cfg = FederatedConfig(**json.loads(str(config["tunery"])))
-    name, data_path, site_dir = _where(cfg, config, dict(context.node_config))
-    key = f"{cfg.out}:{name}"
+    node_config = dict(context.node_config)
+    name, data_path, site_dir = _where(cfg, config, node_config)
+    if "data-path" in node_config:  # deployment: Flower starts a process for each message, so each
+        site_dir = site_dir / f"round-{config['round']!s}"  # round is a local run of its own
+    key = f"{cfg.out}:{name}:{site_dir}"
     try:
         if key not in _SITES:
             _SITES[key] = LocalSite(cfg, name, data_path, site_dir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,8 +132,9 @@ def run_round(
 def _failure(reply: Message) -> str:
     """A failed site's reason in one line: its exception's message (Flower wraps it in the class's repr)."""
     reason = reply.error.reason or ""
-    if "Message:" in reason:
+    if "Message:" in reason:  # simulation: "Exception ClientAppException occurred. Message: ..."
         reason = reason.split("Message:", 1)[1]
+    reason = re.sub(r"^\s*<class '[\w.]+'>:<'", "", reason)  # deployment: "<class 'X'>:<'...'>"
     reason = " ".join(line.strip() for line in reason.strip().rstrip(">'\"").splitlines() if line.strip())
     return reason[:500] or f"error code {reply.error.code}"
 

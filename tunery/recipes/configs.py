@@ -229,9 +229,14 @@ class FederatedConfig(SFTConfig):
     """Federated SFT of one LoRA adapter over rounds (Flower): each site trains it on its own data for
     local_steps, the server aggregates. batch_size, lr and the schedule are a site's local steps'."""
 
+    # simulation: the sites are simulated here (--clients or --data); deployment: they are machines of their
+    # own that connect to `tunery federated server` (each `tunery federated client --data ...`)
+    federation: str = "simulation"
     clients: list[str] = field(default_factory=list)  # one training JSONL per site (simulation)
     partition: str = "iid"  # with --data instead: iid (seeded random split) or field:NAME (a site per value)
-    num_clients: int = 3  # with --data and partition iid: how many sites
+    num_clients: int = (
+        3  # simulation with --data and partition iid: how many sites; deployment: sites to wait for
+    )
     rounds: int = 3  # aggregation rounds
     local_steps: int = 2  # optimizer steps each site trains per round
     clients_per_round: int = 0  # sites sampled for each round (0: all)
@@ -248,6 +253,12 @@ class FederatedConfig(SFTConfig):
         super().__post_init__()
         if self.lora_rank == 0:
             raise TuneryError("federated training exchanges a LoRA adapter: lora_rank must be > 0")
+        if self.federation not in ("simulation", "deployment"):
+            raise TuneryError(f"federation must be simulation or deployment, got {self.federation!r}")
+        if self.federation == "deployment" and (self.clients or self.data):
+            raise TuneryError(
+                "in a deployment each site passes its own data (tunery federated client --data)"
+            )
         if self.clients and self.data:
             raise TuneryError("pass either --clients (a file per site) or --data with --partition, not both")
         if not (self.partition == "iid" or self.partition.startswith("field:") and len(self.partition) > 6):

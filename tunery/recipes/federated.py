@@ -25,11 +25,13 @@ import os
 import time
 from typing import Any
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # Flower would report usage to its servers
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from tunery.federated import OFFLINE_ENV  # noqa: E402
+
+for _name, _value in OFFLINE_ENV.items():  # before Flower and Ray are imported
+    os.environ.setdefault(_name, _value)
 
 import torch  # noqa: E402
-from flwr.app import ArrayRecord, Context  # noqa: E402
+from flwr.app import ArrayRecord  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
@@ -87,13 +89,18 @@ def server_plan(cfg: FederatedConfig, sites: list[Site]) -> Resolved:
     )
 
 
-def train(cfg: FederatedConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+def train(
+    cfg: FederatedConfig, resume: bool = False, overwrite: bool = False, grid: Grid | None = None
+) -> dict[str, Any]:
+    """The run, on `grid` when Flower's deployment runtime gives one (federated/app.py), else simulated."""
     opened = lifecycle.open_run(cfg, resume, overwrite, single_process=True, train_here=False)
+    sites: list[Site] = []  # a deployment's server never learns where the sites' data is
     if cfg.clients:
         sites = given_sites(cfg.clients)
-    else:
+    elif cfg.federation == "simulation":
         sites = partitioned_sites(cfg.data, cfg.partition, cfg.num_clients, cfg.seed, opened.run_dir)
-    site_files = [{"name": s.name, "path": os.path.abspath(s.path)} for s in sites]
+    n_sites = len(sites) or cfg.num_clients
+    site_files = [{"name": s.name, "path": os.path.abspath(s.path)} for s in sites] if sites else None
     digests = {s.name: file_digest(s.path) for s in sites}
     saved = files.read_config(opened.run_dir) if resume else None
     if saved is not None and saved.fields.get("site_sha256") not in (None, digests):
@@ -104,9 +111,9 @@ def train(cfg: FederatedConfig, resume: bool = False, overwrite: bool = False) -
         else []
     )
     plan = server_plan(cfg, sites)
-    sampled = min(cfg.clients_per_round or len(sites), len(sites))
+    sampled = min(cfg.clients_per_round or n_sites, n_sites)
     min_results = min(cfg.min_results or -(-sampled // 2), sampled)
-    privacy = privacy_record(cfg, len(sites))
+    privacy = privacy_record(cfg, n_sites)
     # the sites resolve epochs, batch size and learning rate from their own data: config.yaml keeps the
     # configured values (a resumed run sends the sites the same config again)
     configured = {
@@ -114,7 +121,7 @@ def train(cfg: FederatedConfig, resume: bool = False, overwrite: bool = False) -
     }
     run = lifecycle.start_run(
         opened, cfg, plan, lifecycle.with_lora(opened.model, cfg, plan), method="federated",
-        config_extra={**configured, "sites": [s.name for s in sites], "site_sha256": digests,
+        config_extra={**configured, "sites": [s.name for s in sites] or None, "site_sha256": digests or None,
                       "min_results_resolved": min_results, "privacy": privacy},
     )  # fmt: skip
     model = run.model
@@ -123,11 +130,11 @@ def train(cfg: FederatedConfig, resume: bool = False, overwrite: bool = False) -
         loss, accuracy = evaluate(model, chats, cfg.micro_batch_tokens, plan.precision, run.world)
         return {prefix + "loss": loss, prefix + "mean_token_accuracy": accuracy}
 
-    strategy = make_strategy(cfg, len(sites))
+    strategy = make_strategy(cfg, n_sites)
     restore_strategy_state(strategy, run.run_dir, run.start_step)
     lifecycle.announce(
         run, "federated %s: %d sites (%d a round, at least %d results), %d rounds of %d local steps; %d validation",
-        cfg.strategy, len(sites), sampled, min_results, cfg.rounds, cfg.local_steps, len(valid_chats),
+        cfg.strategy, n_sites, sampled, min_results, cfg.rounds, cfg.local_steps, len(valid_chats),
     )  # fmt: skip
     if valid_chats and run.start_step == 0:
         lifecycle.log_metrics(
@@ -135,11 +142,9 @@ def train(cfg: FederatedConfig, resume: bool = False, overwrite: bool = False) -
         )
 
     done = {"round": run.start_step}
-    site_energy: dict[str, float] = {}
-    server_app = ServerApp()
+    site_energy: dict[str, float] = {s.name: 0.0 for s in sites}
 
-    @server_app.main()
-    def rounds(grid: Grid, context: Context) -> None:
+    def rounds(grid: Grid) -> None:
         arrays = ArrayRecord(client.trainable_state(model))
         step, retries = run.start_step, 0
         while step < cfg.rounds:
@@ -192,23 +197,28 @@ def train(cfg: FederatedConfig, resume: bool = False, overwrite: bool = False) -
             lifecycle.end_step(run, record, "federated", shown)
 
     with run.stop, run.progress, run.energy:
-        run_simulation(
-            server_app=server_app,
-            client_app=client.app,
-            num_supernodes=len(sites),
-            backend_config={
-                "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
-                "init_args": {"num_cpus": max(os.cpu_count() or 1, cfg.client_cpus), "include_dashboard": False,
-                              "log_to_driver": False},
-            },
-        )  # fmt: skip
+        if grid is not None:
+            rounds(grid)
+        else:
+            server_app = ServerApp()
+            server_app.main()(lambda grid, context: rounds(grid))
+            run_simulation(
+                server_app=server_app,
+                client_app=client.app,
+                num_supernodes=n_sites,
+                backend_config={
+                    "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
+                    "init_args": {"num_cpus": max(os.cpu_count() or 1, cfg.client_cpus), "include_dashboard": False,
+                                  "log_to_driver": False},
+                },
+            )  # fmt: skip
     step = done["round"]
 
     # --- finish: final weights (the best round's), full validation, summary, model card --------------------
     return lifecycle.finish_run(
         run, cfg, step, method="federated", metric_prefixes=(files.TRAIN_PREFIX, files.VALID_PREFIX),
         final_eval=(lambda: held_out(valid_chats, files.FULL_VALID_PREFIX)) if valid_chats else None,
-        counts={"federation": {"sites": [s.name for s in sites], "rounds": step, "strategy": cfg.strategy,
+        counts={"federation": {"mode": cfg.federation, "sites": list(site_energy), "rounds": step, "strategy": cfg.strategy,
                                "local_steps": cfg.local_steps, "sites_per_round": sampled,
                                "min_results": min_results, **privacy},
                 "site_energy_kwh": site_energy, "valid_examples": len(valid_chats)},

@@ -126,7 +126,7 @@ def check_run_fields(cfg: Any) -> None:
     from tunery.safety.screen import check_policies
     from tunery.training.energy import check_energy_fields
 
-    if not cfg.data and not getattr(cfg, "clients", None):
+    if not cfg.data and not getattr(cfg, "clients", None) and getattr(cfg, "federation", "") != "deployment":
         raise TuneryError("no training data: pass --data FILE.jsonl")
     if not cfg.out:
         raise TuneryError("no run directory: pass --out DIR")

@@ -98,12 +98,13 @@ def test_one_site_for_one_round_is_train_sft(sites, tmp_path: Path) -> None:
     )
 
 
-def test_the_run_contract_and_a_failing_site_left_out(sites, tmp_path: Path) -> None:
+def test_the_run_contract_a_failing_site_left_out_and_differential_privacy(sites, tmp_path: Path) -> None:
     a, b, valid = sites
     broken = write_jsonl(tmp_path / "broken.jsonl", chat_lines(3))  # too few examples: the site refuses
     out = tmp_path / "fed"
     proc = federated(["--clients", str(a), str(b), str(broken), "--valid", str(valid), "--rounds", "2",
-                      "--local-steps", "2", "--out", str(out), *flags(SHARED)])  # fmt: skip
+                      "--local-steps", "2", "--out", str(out), "--dp-noise", "0.5", "--dp-clip", "1e-6",
+                      *flags(SHARED)])  # fmt: skip
     assert "1 site(s) failed and are left out" in proc.stderr
     assert str(broken) not in proc.stderr  # a site's error names its data by the site, not by its path
     rounds = [r for r in read_metrics(out) if r.get("round")]
@@ -114,8 +115,17 @@ def test_the_run_contract_and_a_failing_site_left_out(sites, tmp_path: Path) -> 
         assert record["valid_loss"] > 0 and record["bytes_sent"] == 3 * record["bytes_received"] / 2
         assert {s["examples"] for s in record["sites"]} == {12, 16}
     summary = read_summary(out)
-    assert summary.extra["federation"]["sites"] == ["clinic_a", "clinic_b", "broken"]
-    assert (out / "final" / "adapter_config.json").is_file() and (out / "final" / "MODEL_CARD.md").is_file()
+    federation = summary.extra["federation"]
+    assert federation["sites"] == ["clinic_a", "clinic_b", "broken"]
+    dp = federation["differential_privacy"]
+    assert (dp["noise_multiplier"], dp["clipping_norm"], dp["sampled_sites_per_round"]) == (0.5, 1e-6, 3)
+    # the updates were clipped to a norm of 1e-6: LoRA's B, zero at the start, stayed (almost) zero, where
+    # two rounds at this learning rate move it to ~0.05 without privacy (measured: 0.050)
+    state = adapter(out)
+    assert max(float(v.abs().max()) for k, v in state.items() if "lora_B" in k) < 1e-5
+    card = (out / "final" / "MODEL_CARD.md").read_text()
+    assert "## Federation" in card and "noise multiplier 0.5, clipping norm 1e-06" in card
+    assert (out / "final" / "adapter_config.json").is_file()
     assert (out / "evals.json").is_file()  # the base-vs-tuned evaluations run on the global adapter
     config = (out / "config.yaml").read_text()
     assert "clinic_a" in config and str(a) not in json.dumps(summary.extra)

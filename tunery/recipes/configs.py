@@ -234,9 +234,7 @@ class FederatedConfig(SFTConfig):
     federation: str = "simulation"
     clients: list[str] = field(default_factory=list)  # one training JSONL per site (simulation)
     partition: str = "iid"  # with --data instead: iid (seeded random split) or field:NAME (a site per value)
-    num_clients: int = (
-        3  # simulation with --data and partition iid: how many sites; deployment: sites to wait for
-    )
+    num_clients: int = 3  # sites: how many an iid partition makes; in a deployment, how many to wait for
     rounds: int = 3  # aggregation rounds
     local_steps: int = 2  # optimizer steps each site trains per round
     clients_per_round: int = 0  # sites sampled for each round (0: all)

@@ -221,3 +221,16 @@ def test_no_malformed_example_crashes_validation(tmp_path: Path, tiny) -> None:
     report = validate_chat_file(write_jsonl(tmp_path / "d.jsonl", lines), tokenizer, max_length=64)
     assert report.errors  # plenty of them, each with a line number
     assert all(p.line is not None for p in report.errors if p.key != "invalid_n_examples")
+
+
+def test_a_lone_surrogate_escape_is_named_by_its_line_and_an_emoji_pair_is_fine(tmp_path: Path) -> None:
+    from tunery.data.jsonl import read_jsonl
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text(
+        '{"messages": [{"role": "user", "content": "hi \\ud83d\\ude00"}, {"role": "assistant", "content": "ok"}]}\n'
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "cut \\ud83d here"}]}\n'
+    )
+    first, second = read_jsonl(path)
+    assert first.error is None and first.value["messages"][0]["content"] == "hi \U0001f600"
+    assert second.value is None and second.error is not None and "\\ud83d is half of a UTF-16 pair" in second.error

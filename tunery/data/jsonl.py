@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,25 @@ def check_readable(path: Path, max_bytes: int = MAX_FILE_BYTES) -> None:
         )
 
 
+# a \\uD800-\\uDFFF escape: JSON allows it; a pair of them is one character (an emoji), but one alone
+# decodes to no character at all, which tokenizers refuse with an error about types
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate(value: object) -> str | None:
+    """The first unpaired surrogate in a parsed line's strings (paired ones were joined by json.loads)."""
+    if isinstance(value, str):
+        return next((ch for ch in value if "\ud800" <= ch <= "\udfff"), None)
+    items = (
+        [*value.keys(), *value.values()]
+        if isinstance(value, dict)
+        else value
+        if isinstance(value, list)
+        else []
+    )
+    return next((found for item in items if (found := _lone_surrogate(item)) is not None), None)
+
+
 def read_jsonl(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> Iterator[Line]:
     """Yield every non-blank line, parsed, or with the reason it could not be parsed."""
     path = Path(path)
@@ -67,6 +87,16 @@ def read_jsonl(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> Iterator[Li
             if not text.strip():
                 continue
             try:
-                yield Line(number, value=json.loads(text))
+                value = json.loads(text)
             except json.JSONDecodeError as exc:
                 yield Line(number, error=f"invalid JSON at column {exc.colno}: {exc.msg}")
+                continue
+            lone = _lone_surrogate(value) if _SURROGATE_ESCAPE.search(text) else None
+            if lone is not None:
+                yield Line(
+                    number,
+                    error=f"the escape \\u{ord(lone):04x} is half of a UTF-16 pair, not a character (text "
+                    "written by a tool that split an emoji or symbol); fix or remove it",
+                )
+                continue
+            yield Line(number, value=value)

@@ -1,0 +1,202 @@
+"""Federated SFT on the bundled model: what a federation costs and what it gives.
+
+    python bench/federated.py                  # both parts, ~15 min on 2 cores
+    python bench/federated.py --part speed     # rounds per minute and bytes per round, ~5 min
+    python bench/federated.py --part quality   # held-out loss: federated vs each site alone vs pooled
+
+The sites are examples/federated/ (the support data split by topic into a workshop, an order desk and a
+front desk: non-IID); held-out data is examples/federated/valid.jsonl, which covers every topic.
+
+speed: the same federation (3 sites, ROUNDS rounds of LOCAL steps, batch BATCH) run two ways, each a fresh
+process tree timed by the wall clock: simulated (`tunery train federated`, the sites as Flower's virtual
+nodes on Ray) and deployed (`tunery federated server` and three `tunery federated client` processes on
+127.0.0.1). Rounds per minute counts the rounds after the first (the first includes starting the sites);
+bytes per round are the adapters sent and received (metrics.jsonl), against the whole model's weights.
+
+quality: final held-out loss (the last weights, `select_best` off) of
+- federated FedAvg: 3 sites x ROUNDS x LOCAL steps of BATCH conversations;
+- each site alone: `tunery train sft` on its own file for the same ROUNDS x LOCAL x 3 steps (the compute
+  the federation spent, all on one site's data);
+- pooled: `tunery train sft` on all three files together, ROUNDS x LOCAL x 3 steps: what the sites would
+  get if they could pool their data.
+All with the same LoRA, batch size, learning rate and seed; evaluations off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SITES = ("workshop", "orders", "frontdesk")
+DATA = REPO / "examples" / "federated"
+
+
+def common(args: argparse.Namespace) -> list[str]:
+    return ["--model", args.model, "--batch-size", str(args.batch), "--lr", str(args.lr), "--seed", "0",
+            "--safety-evals", "none", "--no-select-best", "--valid", str(DATA / "valid.jsonl")]  # fmt: skip
+
+
+def run(cmd: list[str]) -> float:
+    started = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd[:4])} failed:\n{proc.stderr[-3000:]}")
+    return time.monotonic() - started
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def rounds_of(out: Path) -> list[dict]:
+    return [
+        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"sites"' in line
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def model_bytes(name: str) -> tuple[int, int]:
+    """The whole model's weights (bf16 as trained, unique tensors) and one LoRA adapter's (fp32, r16)."""
+    from tunery.models.load import load_model
+    from tunery.models.lora import apply_lora
+
+    model, _ = load_model(name)
+    whole = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * 2
+    model = apply_lora(model, 16, 32, 0.0, "all-linear")
+    return whole, sum(p.numel() for p in model.parameters() if p.requires_grad) * 4
+
+
+def speed(args: argparse.Namespace, work: Path) -> list[str]:
+    fed = ["--rounds", str(args.rounds), "--local-steps", str(args.local), *common(args)]
+    sim_out = work / "sim"
+    sim_wall = run([str(BIN / "tunery"), "train", "federated", "--clients",
+                    *[str(DATA / f"{s}.jsonl") for s in SITES], *fed, "--out", str(sim_out)])  # fmt: skip
+
+    dep_out, port = work / "dep", free_port()
+    started = time.monotonic()
+    server = subprocess.Popen(
+        [str(BIN / "tunery"), "federated", "server", "--num-clients", str(len(SITES)), *fed, "--out", str(dep_out),
+         "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    sites = [
+        subprocess.Popen(
+            [
+                str(BIN / "tunery"),
+                "federated",
+                "client",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--data",
+                str(DATA / f"{s}.jsonl"),
+                "--out",
+                str(work / f"site-{s}"),
+                "--port",
+                str(free_port()),
+            ],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        for s in SITES
+    ]
+    output, _ = server.communicate()
+    dep_wall = time.monotonic() - started
+    for proc in sites:
+        proc.terminate()
+        proc.wait(60)
+    if server.returncode != 0:
+        sys.exit(f"the deployed federation failed:\n{output[-3000:]}")
+
+    whole, lora = model_bytes(args.model)
+    lines = [
+        f"{args.model}, 3 sites (examples/federated), {args.rounds} rounds x {args.local} local steps x batch "
+        f"{args.batch}, LoRA r16 all-linear, bf16; {os.cpu_count()} cores",
+        "",
+        "| run | wall s | s per round (after the first) | rounds / min | first round s | bytes sent / round | "
+        "bytes received / round |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, out, wall in (("simulation", sim_out, sim_wall), ("deployment", dep_out, dep_wall)):
+        rounds = rounds_of(out)
+        later = [r["round_seconds"] for r in rounds[1:]] or [rounds[0]["round_seconds"]]
+        per_round = sum(later) / len(later)
+        lines.append(
+            f"| {name} | {wall:.1f} | {per_round:.1f} | {60 / per_round:.1f} | {rounds[0]['round_seconds']:.1f} | "
+            f"{rounds[0]['bytes_sent']:,} | {rounds[0]['bytes_received']:,} |"
+        )
+    lines += [
+        "",
+        f"adapter (what a site sends or receives): {lora:,} bytes; the whole model in bf16: {whole:,} bytes "
+        f"({whole / lora:.0f}x the adapter). A round moves 2 x {len(SITES)} adapters.",
+    ]
+    return lines
+
+
+def quality(args: argparse.Namespace, work: Path) -> list[str]:
+    steps = args.rounds * args.local * len(SITES)
+    rows = []
+    fed_out = work / "q-fed"
+    wall = run([str(BIN / "tunery"), "train", "federated", "--clients", *[str(DATA / f"{s}.jsonl") for s in SITES],
+                "--rounds", str(args.rounds), "--local-steps", str(args.local), *common(args), "--out", str(fed_out)])  # fmt: skip
+    rows.append(("federated FedAvg (3 sites)", fed_out, wall))
+    for site in SITES:
+        out = work / f"q-{site}"
+        wall = run([str(BIN / "tunery"), "train", "sft", "--data", str(DATA / f"{site}.jsonl"),
+                    "--max-steps", str(steps), "--epochs", "100", *common(args), "--out", str(out)])  # fmt: skip
+        rows.append((f"{site} alone", out, wall))
+    pooled = work / "pooled.jsonl"
+    pooled.write_text("".join((DATA / f"{s}.jsonl").read_text() for s in SITES))
+    out = work / "q-pooled"
+    wall = run([str(BIN / "tunery"), "train", "sft", "--data", str(pooled), "--max-steps", str(steps),
+                "--epochs", "100", *common(args), "--out", str(out)])  # fmt: skip
+    rows.append(("pooled (all data in one place)", out, wall))
+    lines = [
+        f"{args.model}; {steps} steps of batch {args.batch} in each run (federated: 3 sites x {args.rounds} rounds "
+        f"x {args.local} local steps), lr {args.lr}, LoRA r16; held-out: examples/federated/valid.jsonl",
+        "",
+        "| run | held-out loss | held-out token accuracy | trained tokens | wall s |",
+        "|---|---|---|---|---|",
+    ]
+    for name, out, wall in rows:
+        s = summary(out)
+        final = s["final_metrics"]
+        lines.append(
+            f"| {name} | {final['full_valid_loss']:.4f} | {final['full_valid_mean_token_accuracy']:.4f} | "
+            f"{s['trained_tokens']:,} | {wall:.0f} |"
+        )
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=("speed", "quality", "all"), default="all")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--local", type=int, default=3, help="local steps per round")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="tunery-bench-federated-") as tmp:
+        work = Path(tmp)
+        if args.part in ("speed", "all"):
+            print("\n".join(["### Speed", "", "```", *speed(args, work), "```", ""]), flush=True)
+        if args.part in ("quality", "all"):
+            print("\n".join(["### Quality", "", "```", *quality(args, work), "```"]), flush=True)
+
+
+if __name__ == "__main__":
+    main()

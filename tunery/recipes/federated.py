@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -29,6 +30,8 @@ from tunery.federated import OFFLINE_ENV  # noqa: E402
 
 for _name, _value in OFFLINE_ENV.items():  # before Flower and Ray are imported
     os.environ.setdefault(_name, _value)
+# Flower keeps a little state (an id file) in FLWR_HOME, ~/.flwr by default: a simulation has no use for it
+os.environ.setdefault("FLWR_HOME", os.path.join(tempfile.gettempdir(), f"tunery-flower-{os.getuid()}"))
 
 import torch  # noqa: E402
 from flwr.app import ArrayRecord  # noqa: E402

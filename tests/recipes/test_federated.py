@@ -205,3 +205,23 @@ def test_deployment_a_server_and_two_site_processes(sites, tmp_path: Path) -> No
     server_side = output + "".join(p.read_text(errors="replace") for p in out.rglob("*") if p.is_file())
     assert str(a) not in server_side and str(b) not in server_side and "clinic_a.jsonl" not in server_side
     assert (tmp_path / "site_a" / "round-2" / "screening.json").is_file()  # each site screened its own data
+
+
+def test_secure_aggregation_gives_fedavgs_adapter_within_its_quantization(sites, tmp_path: Path) -> None:
+    """SecAgg+ (the server unmasks only the sum) against plain FedAvg: the same round, up to the integer
+    quantization of the masked values (a step of 1.2e-7 of a weighted value)."""
+    a, b, valid = sites
+    args = ["--clients", str(a), str(b), str(a), "--valid", str(valid), "--rounds", "1", "--local-steps", "2",
+            "--safety-evals", "none", *flags(SHARED)]  # fmt: skip
+    federated([*args, "--out", str(tmp_path / "plain")])
+    federated([*args, "--out", str(tmp_path / "secure"), "--secure-aggregation"])
+    plain, secure = adapter(tmp_path / "plain"), adapter(tmp_path / "secure")
+    moved = max(float(v.abs().max()) for k, v in plain.items() if "lora_B" in k)
+    assert moved > 1e-3  # the round changed the adapter, so equality below is not the start's
+    assert max(float((plain[k] - secure[k]).abs().max()) for k in plain) < 1e-5
+    record = [r for r in read_metrics(tmp_path / "secure") if r.get("round") == 1][0]
+    assert sorted(s["site"] for s in record["sites"]) == ["clinic_a", "clinic_a-2", "clinic_b"]
+    assert read_summary(tmp_path / "secure").extra["federation"]["secure_aggregation"] is True
+    assert (
+        "secure aggregation | on (SecAgg+)" in (tmp_path / "secure" / "final" / "MODEL_CARD.md").read_text()
+    )

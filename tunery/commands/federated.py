@@ -124,7 +124,8 @@ def cmd_server(args: argparse.Namespace) -> int:
         config_path.write_text(yaml.safe_dump({**to_dict(cfg), "out": str(out)}, sort_keys=False))
         app = work / "app"
         app.mkdir()
-        (app / "pyproject.toml").write_text(_APP_PYPROJECT)
+        component = "secure_app" if cfg.secure_aggregation else "app"
+        (app / "pyproject.toml").write_text(_APP_PYPROJECT.replace("client:app", f"client:{component}"))
         home = work / "flower"
         home.mkdir()
         (home / "config.toml").write_text(

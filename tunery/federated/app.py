@@ -29,6 +29,6 @@ def main(grid: Grid, context: Context) -> None:
     config = context.run_config
     cfg = build_config(FederatedConfig, str(config["tunery-config"]))
     summary = federated.train(
-        cfg, resume=bool(config["resume"]), overwrite=bool(config["overwrite"]), grid=grid
+        cfg, resume=bool(config["resume"]), overwrite=bool(config["overwrite"]), flower=(grid, context)
     )
     print(f"done: {summary['steps']} rounds; run directory {summary['run_dir']}", flush=True)

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client import NumPyClient
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
 from tunery.data.validate import load_chat_data
@@ -63,6 +65,7 @@ class LocalSite:
         self.run = lifecycle.start_run(opened, cfg, plan, model, method="federated-site")
         self.lm_head_weight = output_weight(self.run.model)
         self.run.energy.__enter__()  # measured from the first round to the process's end
+        self.last_metrics: dict[str, Any] = {}
 
     def train_round(
         self, state: dict[str, torch.Tensor], round_number: int, proximal_mu: float
@@ -126,11 +129,11 @@ def _where(
     return str(entry["name"]), str(entry["path"]), Path(cfg.out) / "sites" / str(entry["name"])
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    config = dict(msg.content["config"])
+def _train_site(
+    config: dict[str, Any], node_config: dict[str, Any], state: dict[str, torch.Tensor]
+) -> LocalSite:
+    """The round's local steps at this site, from the global adapter `state`: the site, trained."""
     cfg = FederatedConfig(**json.loads(str(config["tunery"])))
-    node_config = dict(context.node_config)
     name, data_path, site_dir = _where(cfg, config, node_config)
     if "data-path" in node_config:  # deployment: Flower starts a process for each message, so each
         site_dir = site_dir / f"round-{config['round']!s}"  # round is a local run of its own
@@ -139,19 +142,48 @@ def train(msg: Message, context: Context) -> Message:
         if key not in _SITES:
             _SITES[key] = LocalSite(cfg, name, data_path, site_dir)
         site = _SITES[key]
-        metrics = site.train_round(
-            msg.content.array_records["arrays"].to_torch_state_dict(),
-            int(str(config["round"])),
-            float(str(config.get("proximal-mu", 0.0))),
+        site.last_metrics = site.train_round(
+            state, int(str(config["round"])), float(str(config.get("proximal-mu", 0.0)))
         )
     except TuneryError as exc:  # told to the server: what is wrong, never where the site keeps its data
         raise TuneryError(f"site {name}: " + str(exc).replace(str(Path(data_path).resolve()), "its data")
                           .replace(data_path, "its data")) from None  # fmt: skip
+    return site
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    state = msg.content.array_records["arrays"].to_torch_state_dict()
+    site = _train_site(dict(msg.content["config"]), dict(context.node_config), state)
     content = RecordDict(
         {
             "arrays": ArrayRecord(trainable_state(site.run.model)),
-            "metrics": MetricRecord(metrics),
+            "metrics": MetricRecord(site.last_metrics),
             "site": ConfigRecord({"name": site.name}),
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+class _SecureSite(NumPyClient):
+    """The same round for SecAgg+ (federated/secagg.py), on Flower's legacy client API: arrays in the
+    model's parameter order in, the trained ones out; secaggplus_mod masks them before they leave."""
+
+    def __init__(self, context: Context) -> None:
+        self.node_config = dict(context.node_config)
+
+    def fit(self, parameters: list[Any], config: dict[str, Any]) -> tuple[list[Any], int, dict[str, Any]]:
+        names = json.loads(str(config["names"]))
+        state = {name: torch.from_numpy(array.copy()) for name, array in zip(names, parameters, strict=True)}
+        site = _train_site(config, self.node_config, state)
+        trained = trainable_state(site.run.model)
+        metrics = dict(site.last_metrics)
+        return (
+            [trained[name].numpy() for name in names],
+            int(metrics.pop("num-examples")),
+            {**metrics, "site": site.name},
+        )
+
+
+SECURE_RANGE = 1.0  # federated/secagg.py's CLIPPING_RANGE: what secure aggregation can carry
+secure_app = ClientApp(client_fn=lambda context: _SecureSite(context).to_client(), mods=[secaggplus_mod])

@@ -72,7 +72,7 @@ def _inner(strategy: Any) -> Any:
 def privacy_record(cfg: FederatedConfig, n_sites: int) -> dict[str, Any]:
     """What the run card and summary say about privacy."""
     if cfg.dp_noise <= 0:
-        return {"differential_privacy": None, "secure_aggregation": False}
+        return {"differential_privacy": None, "secure_aggregation": cfg.secure_aggregation}
     return {
         "differential_privacy": {
             "mechanism": "Flower DifferentialPrivacyServerSideFixedClipping (Gaussian, server-side clipping)",
@@ -140,17 +140,23 @@ def _failure(reply: Message) -> str:
 
 
 def _site_metrics(reply: Message) -> dict[str, Any]:
-    metrics = reply.content.metric_records["metrics"]
+    site = reply.content.config_records.get("site")
+    name = str(site["name"]) if site is not None else str(reply.metadata.src_node_id)
+    metrics = dict(reply.content.metric_records["metrics"])
+    return site_metrics({**metrics, "site": name}, metrics[WEIGHT_KEY])
+
+
+def site_metrics(metrics: dict[str, Any], examples: Any) -> dict[str, Any]:
+    """A site's reply metrics as a round's record keeps them."""
 
     def number(key: str) -> float:
-        value = metrics[key]
+        value = metrics.get(key)
         return float(value) if isinstance(value, int | float) else float("nan")
 
-    site = reply.content.config_records.get("site")
     return {
-        "site": str(site["name"]) if site is not None else str(reply.metadata.src_node_id),
+        "site": str(metrics.get("site", "?")),
         "train_loss": number("train_loss"),
-        "examples": int(number(WEIGHT_KEY)),
+        "examples": int(examples) if isinstance(examples, int | float) else 0,
         "tokens": int(number("tokens")),
         "seconds": round(number("seconds"), 3),
         "kwh": number("kwh"),

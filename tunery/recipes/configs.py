@@ -245,6 +245,9 @@ class FederatedConfig(SFTConfig):
     server_lr: float = 0.01  # fedadam, fedyogi: the server optimizer's learning rate (eta)
     dp_noise: float = 0.0  # differential privacy: Gaussian noise multiplier on the summed updates (0: off)
     dp_clip: float = 1.0  # differential privacy: each site's update is clipped to this L2 norm
+    secure_aggregation: bool = (
+        False  # SecAgg+: the server learns the sum of the sites' adapters, not each one
+    )
     client_cpus: int = 1  # simulation: CPU cores per virtual site (Flower's Ray backend)
 
     def __post_init__(self) -> None:
@@ -272,6 +275,11 @@ class FederatedConfig(SFTConfig):
             )
         if self.proximal_mu < 0 or self.server_lr <= 0 or self.dp_noise < 0 or self.dp_clip <= 0:
             raise TuneryError("proximal_mu and dp_noise must be >= 0, server_lr and dp_clip > 0")
+        if self.secure_aggregation and (self.dp_noise > 0 or self.strategy not in ("fedavg", "fedprox")):
+            raise TuneryError(
+                "secure aggregation works with strategy fedavg or fedprox and without dp_noise (server-side "
+                "clipping needs each site's update, which secure aggregation hides)"
+            )
         if self.early_stopping_patience:
             raise TuneryError(
                 "early stopping is not available for federated runs yet; select_best keeps the best round"

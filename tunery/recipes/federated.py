@@ -20,10 +20,12 @@ its local steps' metrics.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from tunery.federated import OFFLINE_ENV  # noqa: E402
@@ -34,7 +36,7 @@ for _name, _value in OFFLINE_ENV.items():  # before Flower and Ray are imported
 os.environ.setdefault("FLWR_HOME", os.path.join(tempfile.gettempdir(), f"tunery-flower-{os.getuid()}"))
 
 import torch  # noqa: E402
-from flwr.app import ArrayRecord  # noqa: E402
+from flwr.app import ArrayRecord, Context  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
@@ -42,6 +44,7 @@ from tunery.data.template import TokenizedChat  # noqa: E402
 from tunery.data.validate import load_chat_data  # noqa: E402
 from tunery.errors import TuneryError  # noqa: E402
 from tunery.federated import client  # noqa: E402
+from tunery.federated.secagg import DEPLOYMENT_MAX_EXAMPLES, SecureRounds  # noqa: E402
 from tunery.federated.server import (  # noqa: E402
     make_strategy,
     privacy_record,
@@ -63,6 +66,10 @@ if not log.isEnabledFor(logging.DEBUG):  # Flower logs each message it routes; a
     logging.getLogger("flwr").setLevel(logging.CRITICAL)
 
 MAX_RETRIES = 3  # a round redone this many times in a row without enough results ends the run
+
+
+def _examples(path: str) -> int:
+    return sum(1 for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
 
 
 def opened_device() -> torch.device:
@@ -93,9 +100,12 @@ def server_plan(cfg: FederatedConfig, sites: list[Site]) -> Resolved:
 
 
 def train(
-    cfg: FederatedConfig, resume: bool = False, overwrite: bool = False, grid: Grid | None = None
+    cfg: FederatedConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    flower: tuple[Grid, Context] | None = None,
 ) -> dict[str, Any]:
-    """The run, on `grid` when Flower's deployment runtime gives one (federated/app.py), else simulated."""
+    """The run, on Flower's deployment runtime when it gives its grid (federated/app.py), else simulated."""
     opened = lifecycle.open_run(cfg, resume, overwrite, single_process=True, train_here=False)
     sites: list[Site] = []  # a deployment's server never learns where the sites' data is
     if cfg.clients:
@@ -147,14 +157,33 @@ def train(
     done = {"round": run.start_step}
     site_energy: dict[str, float] = {s.name: 0.0 for s in sites}
 
-    def rounds(grid: Grid) -> None:
+    def rounds(grid: Grid, context: Context) -> None:
         arrays = ArrayRecord(client.trainable_state(model))
+        names = list(client.trainable_state(model))
+        largest = max((_examples(s.path) for s in sites), default=0)
+        max_weight = (
+            largest or DEPLOYMENT_MAX_EXAMPLES
+        )  # a deployment's server does not know the sites' sizes
+        secure = (
+            SecureRounds(grid, context, names, n_sites, sampled, max_weight)
+            if cfg.secure_aggregation
+            else None
+        )
+        try:
+            rounds_on(grid, secure, arrays, names)
+        finally:
+            if secure is not None:
+                secure.close()
+
+    def rounds_on(grid: Grid, secure: SecureRounds | None, arrays: ArrayRecord, names: list[str]) -> None:
         step, retries = run.start_step, 0
         while step < cfg.rounds:
             t0 = time.monotonic()
-            result = run_round(
-                strategy, grid, step + 1, arrays, round_config(cfg, step + 1, site_files), min_results
-            )
+            config = round_config(cfg, step + 1, site_files)
+            if secure is not None:
+                result = secure.run_round(step + 1, arrays, {**config, "names": json.dumps(names)})
+            else:
+                result = run_round(strategy, grid, step + 1, arrays, config, min_results)
             if result.arrays is None:
                 retries += 1
                 log.warning("round %d: %d of %d sites replied (%s); at least %d needed, redoing the round",
@@ -185,7 +214,8 @@ def train(
                 files.STEP: step,
                 files.TOTAL_STEPS: cfg.rounds,
                 "round": step,
-                files.TRAIN_LOSS: sum(s["train_loss"] * s["examples"] for s in result.sites) / examples,
+                files.TRAIN_LOSS: sum(s["train_loss"] * s["examples"] for s in result.sites)
+                / max(examples, 1),
                 "sites": result.sites,
                 "failed_sites": result.failures,
                 "bytes_sent": result.bytes_sent,
@@ -200,14 +230,14 @@ def train(
             lifecycle.end_step(run, record, "federated", shown)
 
     with run.stop, run.progress, run.energy:
-        if grid is not None:
-            rounds(grid)
+        if flower is not None:
+            rounds(*flower)
         else:
             server_app = ServerApp()
-            server_app.main()(lambda grid, context: rounds(grid))
+            server_app.main()(rounds)
             run_simulation(
                 server_app=server_app,
-                client_app=client.app,
+                client_app=client.secure_app if cfg.secure_aggregation else client.app,
                 num_supernodes=n_sites,
                 backend_config={
                     "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},

@@ -382,8 +382,15 @@ def _federation(run: _Run) -> str:
             )
         )
     else:
-        rows.append(("differential privacy", "off: the server sees each site's adapter update"))
-    rows.append(("secure aggregation", "on (SecAgg+)" if fed.get("secure_aggregation") else "off"))
+        rows.append(("differential privacy", "off"))
+    rows.append(
+        (
+            "secure aggregation",
+            "on (SecAgg+): the server saw only the sum of the sites' adapters"
+            if fed.get("secure_aggregation")
+            else "off: the server saw each site's adapter",
+        )
+    )
     return "\n".join([
         "## Federation", "",
         "Trained by federated learning (Flower): each site trained the adapter on its own data, which never "

@@ -11,7 +11,9 @@ speed: the same federation (3 sites, ROUNDS rounds of LOCAL steps, batch BATCH) 
 process tree timed by the wall clock: simulated (`tunery train federated`, the sites as Flower's virtual
 nodes on Ray) and deployed (`tunery federated server` and three `tunery federated client` processes on
 127.0.0.1). Rounds per minute counts the rounds after the first (the first includes starting the sites);
-bytes per round are the adapters sent and received (metrics.jsonl), against the whole model's weights.
+bytes per round are the adapters sent and received (metrics.jsonl), against the whole model's weights. The
+deployed sites share this machine's cores: each gets cores / sites threads (at least 1), as Ray gives each
+simulated site `client_cpus` (1).
 
 quality: final held-out loss (the last weights, `select_best` off) of
 - federated FedAvg: 3 sites x ROUNDS x LOCAL steps of BATCH conversations;
@@ -87,6 +89,10 @@ def speed(args: argparse.Namespace, work: Path) -> list[str]:
                     *[str(DATA / f"{s}.jsonl") for s in SITES], *fed, "--out", str(sim_out)])  # fmt: skip
 
     dep_out, port = work / "dep", free_port()
+    # the sites share this machine: one thread each, as the simulation's Ray gives each simulated site one
+    # core (3 sites x 2 threads on 2 cores would oversubscribe them; each site of a real deployment has
+    # its own machine)
+    site_env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(SITES)))}
     started = time.monotonic()
     server = subprocess.Popen(
         [str(BIN / "tunery"), "federated", "server", "--num-clients", str(len(SITES)), *fed, "--out", str(dep_out),
@@ -110,6 +116,7 @@ def speed(args: argparse.Namespace, work: Path) -> list[str]:
             cwd=REPO,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            env=site_env,
         )  # fmt: skip
         for s in SITES
     ]

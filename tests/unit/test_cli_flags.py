@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import typing
 import subprocess
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 

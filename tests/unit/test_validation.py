@@ -233,4 +233,8 @@ def test_a_lone_surrogate_escape_is_named_by_its_line_and_an_emoji_pair_is_fine(
     )
     first, second = read_jsonl(path)
     assert first.error is None and first.value["messages"][0]["content"] == "hi \U0001f600"
-    assert second.value is None and second.error is not None and "\\ud83d is half of a UTF-16 pair" in second.error
+    assert (
+        second.value is None
+        and second.error is not None
+        and "\\ud83d is half of a UTF-16 pair" in second.error
+    )

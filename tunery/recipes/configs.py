@@ -245,9 +245,7 @@ class FederatedConfig(SFTConfig):
     server_lr: float = 0.01  # fedadam, fedyogi: the server optimizer's learning rate (eta)
     dp_noise: float = 0.0  # differential privacy: Gaussian noise multiplier on the summed updates (0: off)
     dp_clip: float = 1.0  # differential privacy: each site's update is clipped to this L2 norm
-    secure_aggregation: bool = (
-        False  # SecAgg+: the server learns the sum of the sites' adapters, not each one
-    )
+    secure_aggregation: bool = False  # SecAgg+: the server sees only the sum of the sites' adapters
     client_cpus: int = 1  # simulation: CPU cores per virtual site (Flower's Ray backend)
 
     def __post_init__(self) -> None:

@@ -76,7 +76,7 @@ def opened_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def server_plan(cfg: FederatedConfig, sites: list[Site]) -> Resolved:
+def server_plan(cfg: FederatedConfig) -> Resolved:
     """The server's numbers: a step is a round. Batch size and learning rate are each site's own (resolved
     from its data at the site); config.yaml records the configured values."""
     precision = (
@@ -123,7 +123,7 @@ def train(
         if opened.valid_path
         else []
     )
-    plan = server_plan(cfg, sites)
+    plan = server_plan(cfg)
     sampled = min(cfg.clients_per_round or n_sites, n_sites)
     min_results = min(cfg.min_results or -(-sampled // 2), sampled)
     privacy = privacy_record(cfg, n_sites)

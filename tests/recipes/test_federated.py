@@ -79,8 +79,15 @@ def test_one_site_for_one_round_is_train_sft(sites, tmp_path: Path) -> None:
     """The site's local steps are SFT's steps: same data order, schedule, LoRA start and optimizer."""
     a, _, valid = sites
     ref = tmp_path / "sft"
-    sft.run(None, {**SHARED, "data": str(a), "valid": str(valid), "out": str(ref), "max_steps": 3,
-                   "safety_evals": "none"})  # fmt: skip
+    # the simulation gives a site client_cpus (1) threads, so the reference gets one too: on some CPUs a GEMM's
+    # sums are ordered by the number of threads
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sft.run(None, {**SHARED, "data": str(a), "valid": str(valid), "out": str(ref), "max_steps": 3,
+                       "safety_evals": "none"})  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
     fed = tmp_path / "fed"
     federated(["--clients", str(a), "--valid", str(valid), "--rounds", "1", "--local-steps", "3",
                "--out", str(fed), "--safety-evals", "none", *flags(SHARED)])  # fmt: skip

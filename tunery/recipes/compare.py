@@ -113,6 +113,10 @@ def compare_models(
     ]
     pairs = [tokenize_feedback(tokenizer, ex, 1024)[0] for ex in examples]
     scores = score_pairs(model, pairs, bf16=bf16_is_fast(torch.device("cpu")))
+    # the same answer twice is a tie: scored at two places of a packed row, its two scores can differ by
+    # rounding, which must not decide a comparison
+    same = [x == y for x, y in zip(candidate, baseline, strict=True)]
+    scores = [(a, a if tie else b) for (a, b), tie in zip(scores, same, strict=True)]
     wins = 0.0
     for a, b in scores:
         assert b is not None
@@ -124,7 +128,7 @@ def compare_models(
         "baseline": baseline_adapter or model_name,
         "candidate_mean_score": statistics.fmean(a for a, _ in scores),
         "baseline_mean_score": statistics.fmean(b for _, b in scores if b is not None),
-        "identical_answers": sum(a == b for a, b in zip(candidate, baseline, strict=True)),
+        "identical_answers": sum(same),
     }
     if out:
         lines = [

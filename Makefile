@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 # Flower (federated training) without its pins of the web stack (see the `federated` extra in pyproject.toml):
 # its own dependencies but fastapi, starlette, uvicorn, typer, rich and packaging, which the service's win.
 FLOWER := flwr==1.42.0
-FLOWER_DEPS := ray==2.55.1 'grpcio>=1.70,<2' 'grpcio-health-checking>=1.70,<2' 'protobuf>=5.28,<7' \
+FLOWER_DEPS := ray==2.55.1 'dp-accounting>=0.6,<0.7' 'grpcio>=1.70,<2' 'grpcio-health-checking>=1.70,<2' 'protobuf>=5.28,<7' \
 	'cryptography>=50,<51' 'pycryptodome>=3.18,<4' 'iterators>=0.0.2,<0.0.3' 'uv>=0.13.5,<0.14' \
 	'tomli>=2.0.1,<3' 'tomli-w>=1,<2' 'pathspec>=1.0.4,<2' 'prompt-toolkit>=3.0.52,<4' 'requests>=2.33,<3' \
 	'httpx>=0.28.1,<1' 'click>=8,<9' 'sqlalchemy[asyncio]>=2.0.45,<3' 'alembic>=1.18.1,<2' \

@@ -105,13 +105,12 @@ def test_one_site_for_one_round_is_train_sft(sites, tmp_path: Path) -> None:
     )
 
 
-def test_the_run_contract_a_failing_site_left_out_and_differential_privacy(sites, tmp_path: Path) -> None:
+def test_the_run_contract_and_a_failing_site_left_out(sites, tmp_path: Path) -> None:
     a, b, valid = sites
     broken = write_jsonl(tmp_path / "broken.jsonl", chat_lines(3))  # too few examples: the site refuses
     out = tmp_path / "fed"
     proc = federated(["--clients", str(a), str(b), str(broken), "--valid", str(valid), "--rounds", "2",
-                      "--local-steps", "2", "--out", str(out), "--dp-noise", "0.5", "--dp-clip", "1e-6",
-                      *flags(SHARED)])  # fmt: skip
+                      "--local-steps", "2", "--out", str(out), *flags(SHARED)])  # fmt: skip
     assert "1 site(s) failed and are left out" in proc.stderr
     assert str(broken) not in proc.stderr  # a site's error names its data by the site, not by its path
     rounds = [r for r in read_metrics(out) if r.get("round")]
@@ -121,23 +120,50 @@ def test_the_run_contract_a_failing_site_left_out_and_differential_privacy(sites
         assert record["failed_sites"] and "broken" in record["failed_sites"][0]
         assert record["valid_loss"] > 0 and record["bytes_sent"] == 3 * record["bytes_received"] / 2
         assert {s["examples"] for s in record["sites"]} == {12, 16}
+        assert "dp_epsilon" not in record
     summary = read_summary(out)
     federation = summary.extra["federation"]
     assert federation["sites"] == ["clinic_a", "clinic_b", "broken"]
-    dp = federation["differential_privacy"]
-    assert (dp["noise_multiplier"], dp["clipping_norm"], dp["sampled_sites_per_round"]) == (0.5, 1e-6, 3)
-    # the updates were clipped to a norm of 1e-6: LoRA's B, zero at the start, stayed (almost) zero, where
-    # two rounds at this learning rate move it to ~0.05 without privacy (measured: 0.050)
-    state = adapter(out)
-    assert max(float(v.abs().max()) for k, v in state.items() if "lora_B" in k) < 1e-5
+    assert federation["differential_privacy"] is None and federation["epsilon_spent"] is None
     card = (out / "final" / "MODEL_CARD.md").read_text()
-    assert "## Federation" in card and "noise multiplier 0.5, clipping norm 1e-06" in card
+    assert "## Federation" in card and "| differential privacy | off |" in card
     assert (out / "final" / "adapter_config.json").is_file()
     assert (out / "evals.json").is_file()  # the base-vs-tuned evaluations run on the global adapter
     config = (out / "config.yaml").read_text()
     assert "clinic_a" in config and str(a) not in json.dumps(summary.extra)
     for site in ("clinic_a", "clinic_b"):  # each site screened its own data
         assert (out / "sites" / site / "screening.json").is_file()
+
+
+def test_differential_privacy_clips_counts_epsilon_and_stops_at_its_budget(sites, tmp_path: Path) -> None:
+    from tunery.federated.server import epsilon_after
+
+    a, b, valid = sites
+    cfg = FederatedConfig(clients=[str(a), str(b)], dp_noise=2.0, dp_clip=1e-6, out="x")
+    spent = [epsilon_after(cfg, 2, rounds) for rounds in (1, 2, 3)]
+    budget = (spent[1] + spent[2]) / 2  # two rounds fit, a third would pass it
+    out = tmp_path / "dp"
+    args = ["--clients", str(a), str(b), "--valid", str(valid), "--rounds", "3", "--local-steps", "1",
+            "--out", str(out), "--dp-noise", "2", "--dp-clip", "1e-6", "--dp-max-epsilon", str(budget),
+            "--safety-evals", "none", *flags(SHARED)]  # fmt: skip
+    federated(args, fault="after_step:1", returncode=-9)  # killed after round 1: its releases are resumed
+    proc = federated(["--resume", str(out)])
+    assert "would spend more than dp_max_epsilon" in proc.stderr
+    rounds = [r for r in read_metrics(out) if "sites" in r]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert [r["dp_epsilon"] for r in rounds] == pytest.approx(spent[:2])
+    federation = read_summary(out).extra["federation"]
+    dp = federation["differential_privacy"]
+    assert (dp["noise_multiplier"], dp["clipping_norm"], dp["delta"]) == (2.0, 1e-6, 1e-5)
+    assert dp["planned_epsilon"] == pytest.approx(spent[2]) and federation["epsilon_spent"] == pytest.approx(
+        spent[1]
+    )
+    # the updates were clipped to a norm of 1e-6: LoRA's B, zero at the start, stayed (almost) zero, where
+    # two rounds at this learning rate move it to ~0.05 without privacy (measured: 0.050)
+    state = adapter(out)
+    assert max(float(v.abs().max()) for k, v in state.items() if "lora_B" in k) < 1e-5
+    card = (out / "final" / "MODEL_CARD.md").read_text()
+    assert "noise multiplier 2.0, clipping norm 1e-06" in card and "| privacy spent | epsilon " in card
 
 
 def test_a_killed_server_resumes_exactly_with_fedadam(sites, tmp_path: Path) -> None:

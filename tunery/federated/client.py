@@ -93,6 +93,7 @@ class LocalSite:
         energy = run.energy.so_far() or {}
         return {
             "num-examples": len(self.chats),
+            "site-weight": 1,  # differential privacy averages the sites' updates unweighted
             "train_loss": sum(losses) / len(losses),
             "tokens": run.tokens_seen - tokens_before,
             "seconds": time.monotonic() - started,

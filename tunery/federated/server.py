@@ -4,9 +4,12 @@ their replies. The round loop itself is the federated recipe's (recipes/federate
 The strategies are Flower's own (flwr.serverapp.strategy): FedAvg (the mean of the sites' adapters weighted
 by their example counts), FedProx (FedAvg, with the sites adding the proximal term), FedAdam and FedYogi
 (an adaptive server optimizer on the averaged update; their moments are saved with each round's
-checkpoint, so a resumed run continues them). Differential privacy wraps any of them in Flower's
-server-side fixed clipping: each site's update is clipped to `dp_clip` and Gaussian noise of
-`dp_noise` x `dp_clip` / sites is added to the average.
+checkpoint, so a resumed run continues them). Differential privacy wraps FedAvg or FedProx in Flower's
+server-side fixed clipping: each site's update is clipped to `dp_clip`, the clipped updates are averaged
+unweighted (a site's weight would otherwise scale what one site can change) and Gaussian noise of
+`dp_noise` x `dp_clip` / sites is added to the average; Flower's RDP accountant (Google's dp-accounting)
+counts the epsilon spent at `dp_delta`, site-level (adding or removing one site), without amplification by
+sampling, and every sampled site must reply for a round to count.
 """
 
 from __future__ import annotations
@@ -20,7 +23,14 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
-from flwr.serverapp import Grid
+from flwr.serverapp import (
+    GaussianPrivacyEvent,
+    Grid,
+    NeighboringRelation,
+    PrivacyConfig,
+    RdpAccountant,
+    SamplingMethod,
+)
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
@@ -29,12 +39,14 @@ from flwr.serverapp.strategy import (
     FedYogi,
 )
 
+from tunery.errors import TuneryError
 from tunery.recipes.configs import FederatedConfig
 from tunery.training.io import atomic_open
 
 log = logging.getLogger("tunery")
 
 WEIGHT_KEY = "num-examples"  # the reply metric FedAvg weights a site's adapter by
+UNIT_WEIGHT_KEY = "site-weight"  # 1 for every site: differential privacy's unweighted average
 REPLY_TIMEOUT_S = 24 * 3600.0  # a round waits this long for its sites at most
 
 
@@ -47,7 +59,7 @@ def make_strategy(cfg: FederatedConfig, n_sites: int) -> Any:
         "min_train_nodes": sampled,
         "min_evaluate_nodes": 0,
         "min_available_nodes": n_sites,
-        "weighted_by_key": WEIGHT_KEY,
+        "weighted_by_key": UNIT_WEIGHT_KEY if cfg.dp_noise > 0 else WEIGHT_KEY,
     }
     strategy: Any
     if cfg.strategy == "fedavg":
@@ -60,9 +72,34 @@ def make_strategy(cfg: FederatedConfig, n_sites: int) -> Any:
         strategy = FedYogi(eta=cfg.server_lr, **common)
     if cfg.dp_noise > 0:
         strategy = DifferentialPrivacyServerSideFixedClipping(
-            strategy, noise_multiplier=cfg.dp_noise, clipping_norm=cfg.dp_clip, num_sampled_clients=sampled
-        )
+            strategy, noise_multiplier=cfg.dp_noise, clipping_norm=cfg.dp_clip, num_sampled_clients=sampled,
+            accountant=RdpAccountant(privacy_config(cfg, n_sites)),
+        )  # fmt: skip
     return strategy
+
+
+def privacy_config(cfg: FederatedConfig, n_sites: int) -> PrivacyConfig:
+    return PrivacyConfig(
+        target_delta=cfg.dp_delta,
+        population_size=n_sites,
+        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+        sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        max_epsilon=cfg.dp_max_epsilon or None,
+    )
+
+
+def epsilon_after(cfg: FederatedConfig, n_sites: int, rounds: int) -> float:
+    """The epsilon (at dp_delta) that `rounds` private rounds spend: what a run plans to spend."""
+    accountant = RdpAccountant(privacy_config(cfg, n_sites))
+    sampled = min(cfg.clients_per_round or n_sites, n_sites)
+    accountant.compose(GaussianPrivacyEvent(cfg.dp_noise, sampled, n_sites), count=rounds)
+    return accountant.get_privacy_spent().epsilon
+
+
+def epsilon_spent(strategy: Any) -> float | None:
+    """The epsilon spent so far (None without differential privacy)."""
+    spent = strategy.privacy_spent() if hasattr(strategy, "privacy_spent") else None
+    return None if spent is None else float(spent.epsilon)
 
 
 def _inner(strategy: Any) -> Any:
@@ -75,11 +112,16 @@ def privacy_record(cfg: FederatedConfig, n_sites: int) -> dict[str, Any]:
         return {"differential_privacy": None, "secure_aggregation": cfg.secure_aggregation}
     return {
         "differential_privacy": {
-            "mechanism": "Flower DifferentialPrivacyServerSideFixedClipping (Gaussian, server-side clipping)",
+            "mechanism": "Flower DifferentialPrivacyServerSideFixedClipping (Gaussian, server-side clipping, "
+            "unweighted average)",
             "noise_multiplier": cfg.dp_noise,
             "clipping_norm": cfg.dp_clip,
             "sampled_sites_per_round": min(cfg.clients_per_round or n_sites, n_sites),
             "rounds": cfg.rounds,
+            "accounting": "RDP (dp-accounting), site-level: adding or removing one site, no sampling amplification",
+            "delta": cfg.dp_delta,
+            "planned_epsilon": epsilon_after(cfg, n_sites, cfg.rounds),
+            "max_epsilon": cfg.dp_max_epsilon or None,
         },
         "secure_aggregation": False,
     }
@@ -124,6 +166,8 @@ def run_round(
         bytes_received=sum(array_bytes(reply.content.array_records["arrays"]) for reply in good),
     )
     if len(good) < max(min_results, 1):
+        if epsilon_spent(strategy) is not None:
+            strategy.aggregate_train(round_number, good)  # drops the round's privacy event: nothing released
         return result
     result.arrays, _ = strategy.aggregate_train(round_number, good)
     return result
@@ -167,24 +211,36 @@ def site_metrics(metrics: dict[str, Any], examples: Any) -> dict[str, Any]:
 
 
 def save_strategy_state(strategy: Any, run_dir: Path, round_number: int) -> None:
-    """FedAdam's / FedYogi's moments after `round_number` (nothing for the stateless strategies)."""
+    """FedAdam's / FedYogi's moments and the privacy accountant's releases after `round_number` (nothing
+    for the stateless strategies)."""
     inner = _inner(strategy)
     moments = {f"m.{k}": v for k, v in (getattr(inner, "m_t", None) or {}).items()}
     moments |= {f"v.{k}": v for k, v in (getattr(inner, "v_t", None) or {}).items()}
-    if not moments:
-        return
+    accountant = getattr(strategy, "accountant", None)
     folder = run_dir / "strategy"
-    with atomic_open(folder / f"round-{round_number}.npz", "wb") as fh:
-        np.savez(fh, **moments)
-    for old in folder.glob("round-*.npz"):  # keep this round's and the one before
-        if int(old.stem.removeprefix("round-")) < round_number - 1:
+    if moments:
+        with atomic_open(folder / f"round-{round_number}.npz", "wb") as fh:
+            np.savez(fh, **moments)
+    if accountant is not None:
+        with atomic_open(folder / f"privacy-round-{round_number}.json", "w") as fh:
+            json.dump(accountant.state_dict(), fh)
+    for old in [*folder.glob("round-*.npz"), *folder.glob("privacy-round-*.json")]:  # this round's, the last
+        if int(old.name.split(".")[0].rsplit("-", 1)[1]) < round_number - 1:
             old.unlink(missing_ok=True)
 
 
 def restore_strategy_state(strategy: Any, run_dir: Path, round_number: int) -> None:
-    path = run_dir / "strategy" / f"round-{round_number}.npz"
+    if round_number == 0:
+        return
+    accountant = getattr(strategy, "accountant", None)
+    if accountant is not None:
+        path = run_dir / "strategy" / f"privacy-round-{round_number}.json"
+        if not path.is_file():  # never start the count again: it would under-report what was spent
+            raise TuneryError(f"cannot resume a differentially private run without {path}")
+        accountant.load_state_dict(json.loads(path.read_text()))
     inner = _inner(strategy)
-    if not hasattr(inner, "m_t") or round_number == 0:
+    path = run_dir / "strategy" / f"round-{round_number}.npz"
+    if not hasattr(inner, "m_t"):
         return
     if not path.is_file():
         log.warning("%s is missing: the server optimizer's moments start again from zero", path)

@@ -245,6 +245,8 @@ class FederatedConfig(SFTConfig):
     server_lr: float = 0.01  # fedadam, fedyogi: the server optimizer's learning rate (eta)
     dp_noise: float = 0.0  # differential privacy: Gaussian noise multiplier on the summed updates (0: off)
     dp_clip: float = 1.0  # differential privacy: each site's update is clipped to this L2 norm
+    dp_delta: float = 1e-5  # differential privacy: the delta at which epsilon is reported (below 1 / sites)
+    dp_max_epsilon: float = 0.0  # differential privacy: stop before a round would pass this epsilon (0: none)
     secure_aggregation: bool = False  # SecAgg+: the server sees only the sum of the sites' adapters
     client_cpus: int = 1  # simulation: CPU cores per virtual site (Flower's Ray backend)
 
@@ -273,6 +275,13 @@ class FederatedConfig(SFTConfig):
             )
         if self.proximal_mu < 0 or self.server_lr <= 0 or self.dp_noise < 0 or self.dp_clip <= 0:
             raise TuneryError("proximal_mu and dp_noise must be >= 0, server_lr and dp_clip > 0")
+        if not 0 < self.dp_delta < 1 or self.dp_max_epsilon < 0:
+            raise TuneryError("dp_delta must be between 0 and 1, dp_max_epsilon >= 0 (0: no limit)")
+        if self.dp_noise > 0 and self.strategy not in ("fedavg", "fedprox"):
+            raise TuneryError(
+                "dp_noise works with strategy fedavg or fedprox: the noise is added to the strategy's result, "
+                "and an adaptive server optimizer (fedadam, fedyogi) would stand between the sum and the noise"
+            )
         if self.secure_aggregation and (self.dp_noise > 0 or self.strategy not in ("fedavg", "fedprox")):
             raise TuneryError(
                 "secure aggregation works with strategy fedavg or fedprox and without dp_noise (server-side "

@@ -38,6 +38,7 @@ os.environ.setdefault("FLWR_HOME", os.path.join(tempfile.gettempdir(), f"tunery-
 import torch  # noqa: E402
 from flwr.app import ArrayRecord, Context  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from flwr.serverapp.exception import PrivacyBudgetExhausted  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
 from tunery.data.template import TokenizedChat  # noqa: E402
@@ -46,6 +47,7 @@ from tunery.errors import TuneryError  # noqa: E402
 from tunery.federated import client  # noqa: E402
 from tunery.federated.secagg import DEPLOYMENT_MAX_EXAMPLES, SecureRounds  # noqa: E402
 from tunery.federated.server import (  # noqa: E402
+    epsilon_spent,
     make_strategy,
     privacy_record,
     restore_strategy_state,
@@ -125,7 +127,8 @@ def train(
     )
     plan = server_plan(cfg)
     sampled = min(cfg.clients_per_round or n_sites, n_sites)
-    min_results = min(cfg.min_results or -(-sampled // 2), sampled)
+    # differential privacy's noise is calibrated to the sampled sites' average: all of them must reply
+    min_results = sampled if cfg.dp_noise > 0 else min(cfg.min_results or -(-sampled // 2), sampled)
     privacy = privacy_record(cfg, n_sites)
     # the sites resolve epochs, batch size and learning rate from their own data: config.yaml keeps the
     # configured values (a resumed run sends the sites the same config again)
@@ -183,7 +186,13 @@ def train(
             if secure is not None:
                 result = secure.run_round(step + 1, arrays, {**config, "names": json.dumps(names)})
             else:
-                result = run_round(strategy, grid, step + 1, arrays, config, min_results)
+                try:
+                    result = run_round(strategy, grid, step + 1, arrays, config, min_results)
+                except PrivacyBudgetExhausted:
+                    log.warning("round %d would spend more than dp_max_epsilon %g: training stops after "
+                                "round %d (epsilon %.3f)", step + 1, cfg.dp_max_epsilon, step,
+                                epsilon_spent(strategy) or 0.0)  # fmt: skip
+                    break
             if result.arrays is None:
                 retries += 1
                 log.warning("round %d: %d of %d sites replied (%s); at least %d needed, redoing the round",
@@ -223,6 +232,8 @@ def train(
                 "tokens": run.tokens_seen,
                 "round_seconds": time.monotonic() - t0,
             }
+            if (epsilon := epsilon_spent(strategy)) is not None:
+                record["dp_epsilon"] = epsilon
             if valid_chats:
                 record.update(held_out(valid_chats[: cfg.eval_examples]))
             save_strategy_state(strategy, run.run_dir, step)
@@ -253,7 +264,7 @@ def train(
         final_eval=(lambda: held_out(valid_chats, files.FULL_VALID_PREFIX)) if valid_chats else None,
         counts={"federation": {"mode": cfg.federation, "sites": list(site_energy), "rounds": step, "strategy": cfg.strategy,
                                "local_steps": cfg.local_steps, "sites_per_round": sampled,
-                               "min_results": min_results, **privacy},
+                               "min_results": min_results, **privacy, "epsilon_spent": epsilon_spent(strategy)},
                 "site_energy_kwh": site_energy, "valid_examples": len(valid_chats)},
     )  # fmt: skip
 

@@ -381,6 +381,15 @@ def _federation(run: _Run) -> str:
                 f"clipping norm {dp.get('clipping_norm')}, {dp.get('sampled_sites_per_round')} sites a round",
             )
         )
+        spent = fed.get("epsilon_spent")
+        rows.append(
+            (
+                "privacy spent",
+                f"epsilon {_value(spent)} at delta {dp.get('delta')} ({dp.get('accounting')})"
+                if isinstance(spent, int | float)
+                else "not counted",
+            )
+        )
     else:
         rows.append(("differential privacy", "off"))
     rows.append(

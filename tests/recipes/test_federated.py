@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +239,73 @@ def test_deployment_a_server_and_two_site_processes(sites, tmp_path: Path) -> No
     server_side = output + "".join(p.read_text(errors="replace") for p in out.rglob("*") if p.is_file())
     assert str(a) not in server_side and str(b) not in server_side and "clinic_a.jsonl" not in server_side
     assert (tmp_path / "site_a" / "round-2" / "screening.json").is_file()  # each site screened its own data
+    # no Flower process outlives the commands that started it (its apps run in sessions of their own)
+    assert not flower_processes(port)
+
+
+def test_a_stopped_deployment_leaves_no_flower_process(sites, tmp_path: Path) -> None:
+    """Flower's daemons start their apps in sessions of their own; a stopped server or site takes them down."""
+    a, b, valid = sites
+    port, out = free_port(), tmp_path / "fed"
+    tunery = [sys.executable, "-m", "tunery", "federated"]
+    server = subprocess.Popen(
+        [*tunery, "server", "--valid", str(valid), "--num-clients", "2", "--rounds", "50", "--local-steps", "1",
+         "--out", str(out), "--port", str(port), "--safety-evals", "none", *flags(SHARED)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    site_procs = [
+        subprocess.Popen(
+            [
+                *tunery,
+                "client",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / f"site_{name}"),
+                "--port",
+                str(free_port()),
+            ],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        for name, data in (("a", a), ("b", b))
+    ]
+    procs = [server, *site_procs]
+    try:
+        deadline = time.monotonic() + 300
+        while not any(r.get("round") == 1 for r in read_metrics(out)) and time.monotonic() < deadline:
+            assert server.poll() is None
+            time.sleep(1)
+        assert any(r.get("round") == 1 for r in read_metrics(out))  # mid-run: the apps are running
+        assert [c for c in flower_processes(port) if "flwr-serverapp" in c]
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(60)
+    deadline = time.monotonic() + 30
+    while flower_processes(port) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not flower_processes(port)
+
+
+def flower_processes(port: int) -> list[str]:
+    """Every process whose command line has this federation's port (a SuperLink's apps, a site's daemons)."""
+    return [
+        c
+        for c in map(cmdline, Path("/proc").glob("[0-9]*/cmdline"))
+        if str(port) in c and ("flwr" in c or "flower" in c)
+    ]
+
+
+def cmdline(path: Path) -> str:
+    try:
+        return path.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def test_secure_aggregation_gives_fedavgs_adapter_within_its_quantization(sites, tmp_path: Path) -> None:

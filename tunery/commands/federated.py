@@ -17,6 +17,8 @@ reach the port can submit code that the sites run.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import shutil
 import signal
@@ -66,6 +68,52 @@ def _die_with_parent() -> None:
 def _terminate_on_sigterm() -> None:
     """SIGTERM ends this command through its `finally` blocks, which stop the Flower daemons it started."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def _adopt_orphans() -> None:
+    """Become the child subreaper: Flower's daemons start their apps in sessions of their own, and an app
+    whose daemon ended would otherwise live on under init, still holding a model in memory."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+
+
+def _descendants() -> list[int]:
+    """This process's descendants (with `_adopt_orphans`, also those whose parents have ended)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [os.getpid()]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _stop_descendants(grace_s: float = 10.0) -> None:
+    """SIGTERM to every process this command started, directly or not; SIGKILL to those still there."""
+    pids = _descendants()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while pids and time.monotonic() < deadline:
+            for pid in list(pids):
+                try:
+                    if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                        pids.remove(pid)
+                except ChildProcessError:  # not our child: gone once /proc no longer lists it
+                    if not Path(f"/proc/{pid}").exists():
+                        pids.remove(pid)
+            time.sleep(0.1)
+        if not pids:
+            return
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -118,6 +166,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         cfg = build_config(FederatedConfig, args.config, overrides)
     out = Path(cfg.out).resolve()
     _terminate_on_sigterm()
+    _adopt_orphans()
     work = Path(tempfile.mkdtemp(prefix="tunery-federation-"))
     try:
         config_path = work / "federation.yaml"
@@ -136,8 +185,10 @@ def cmd_server(args: argparse.Namespace) -> int:
         log = work / "superlink.log"
         with log.open("wb") as sink:
             superlink = subprocess.Popen(
+                # the SuperLink's state in memory: with a database file, SQLite's lock is held while a site's
+                # adapter is written, and a busy machine's other writers time out ("database is locked")
                 [_flower_command("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-                 "--host", args.host, "--port", str(args.port), "--database", str(work / "superlink.db")],
+                 "--host", args.host, "--port", str(args.port)],
                 env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
                 preexec_fn=_die_with_parent,
             )  # fmt: skip
@@ -154,22 +205,63 @@ def cmd_server(args: argparse.Namespace) -> int:
                 f"tunery-config='{config_path}' resume={'true' if args.resume else 'false'} "
                 f"overwrite={'true' if args.overwrite else 'false'}"
             )
-            flwr = subprocess.run(
-                [_flower_command("flwr"), "run", str(app), "tunery", "--stream", "--run-config", run_config],
-                env=env, check=False,
-            )  # fmt: skip
+            status = _run_to_the_end(app, run_config, env, superlink)
         finally:
             _stop(superlink)
+            _stop_descendants()
         summary = read_summary(out)
         if summary is None or summary.steps < cfg.rounds and not (out / "final").is_dir():
             raise TuneryError(
-                f"the federated run did not finish (flwr run exited {flwr.returncode}); its log is above, "
-                f"the SuperLink's ends with:\n{_tail(log)}\ncontinue with: tunery federated server --resume {out}"
+                f"the federated run did not finish (Flower: {status}); its log is above, the SuperLink's ends "
+                f"with:\n{_tail(log)}\ncontinue with: tunery federated server --resume {out}"
             )
         print_summary(summary.to_json())
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_to_the_end(
+    app: Path, run_config: str, env: dict[str, str], superlink: subprocess.Popen[bytes]
+) -> str:
+    """Start the Flower run, show its log, and wait until it has finished: its final status. The log stream
+    can end before the run does (the SuperLink answering a request with an error ends it): then the run's
+    status is polled."""
+    flwr = _flower_command("flwr")
+    started = subprocess.run(
+        [flwr, "run", str(app), "tunery", "--run-config", run_config, "--format", "json"],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    try:
+        run_id = str(json.loads(started.stdout[started.stdout.index("{") :])["run-id"])
+    except (ValueError, KeyError, TypeError):
+        raise TuneryError(
+            f"Flower did not start the run:\n{started.stdout[-2000:]}{started.stderr[-2000:]}"
+        ) from None
+    print(f"Flower run {run_id}", flush=True)
+    subprocess.run([flwr, "log", run_id, "tunery", "--stream"], env=env, check=False)
+    waiting = False
+    while superlink.poll() is None:
+        status = _run_status(flwr, run_id, env)
+        if status.startswith("finished"):
+            return status
+        if not waiting:
+            print(f"(the log stream ended; waiting for Flower run {run_id}, now {status})", flush=True)
+            waiting = True
+        time.sleep(5)
+    return "the SuperLink stopped"
+
+
+def _run_status(flwr: str, run_id: str, env: dict[str, str]) -> str:
+    listed = subprocess.run(
+        [flwr, "ls", "tunery", "--run-id", run_id, "--format", "json"],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    try:
+        runs = json.loads(listed.stdout[listed.stdout.index("{") :])["runs"]
+        return str(runs[0]["status"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return "unknown"
 
 
 _APP_PYPROJECT = """\
@@ -239,6 +331,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         f"site {name}: training data {data} stays here; joining the federation at {args.server}", flush=True
     )
     _terminate_on_sigterm()
+    _adopt_orphans()
     node = subprocess.Popen(
         command, env=_flower_env(home), start_new_session=True, preexec_fn=_die_with_parent
     )
@@ -248,6 +341,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         return 130
     finally:
         _stop(node)
+        _stop_descendants()
 
 
 def client_flags(p: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,8 @@ class LocalSite:
             lifecycle.log_metrics(run, {**record, "round": round_number})
             losses.append(record["train_loss"])
         energy = run.energy.so_far() or {}
+        trained = trainable_state(run.model)  # the update's size: what --dp-clip is chosen against
+        update_norm = math.sqrt(sum(float(((trained[k] - state[k].float()) ** 2).sum()) for k in trained))
         return {
             "num-examples": len(self.chats),
             "site-weight": 1,  # differential privacy averages the sites' updates unweighted
@@ -98,6 +101,7 @@ class LocalSite:
             "tokens": run.tokens_seen - tokens_before,
             "seconds": time.monotonic() - started,
             "kwh": float(energy.get("kwh", 0.0)),
+            "update_norm": update_norm,
         }
 
 

@@ -204,6 +204,7 @@ def site_metrics(metrics: dict[str, Any], examples: Any) -> dict[str, Any]:
         "tokens": int(number("tokens")),
         "seconds": round(number("seconds"), 3),
         "kwh": number("kwh"),
+        "update_norm": number("update_norm"),  # L2 norm of the site's adapter minus the one it was sent
     }
 
 

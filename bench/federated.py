@@ -3,6 +3,7 @@
     python bench/federated.py                  # both parts, ~15 min on 2 cores
     python bench/federated.py --part speed     # rounds per minute and bytes per round, ~5 min
     python bench/federated.py --part quality   # held-out loss: federated vs each site alone vs pooled
+    python bench/federated.py --part privacy   # what differential privacy and secure aggregation cost
 
 The sites are examples/federated/ (the support data split by topic into a workshop, an order desk and a
 front desk: non-IID); held-out data is examples/federated/valid.jsonl, which covers every topic.
@@ -21,7 +22,12 @@ quality: final held-out loss (the last weights, `select_best` off) of
   the federation spent, all on one site's data);
 - pooled: `tunery train sft` on all three files together, ROUNDS x LOCAL x 3 steps: what the sites would
   get if they could pool their data.
+- federated FedAvg for 3 x ROUNDS rounds: as many sequential steps as each site alone took (3x the compute).
 All with the same LoRA, batch size, learning rate and seed; evaluations off.
+
+privacy: the simulated federation of `quality` (ROUNDS rounds) as plain FedAvg, with differential privacy
+(clipping at the median of the plain run's round-1 update norms, noise multipliers --dp-noise; epsilon at
+delta 1e-5 from the run's accountant) and with secure aggregation: held-out loss and wall time of each.
 """
 
 from __future__ import annotations
@@ -57,6 +63,14 @@ def run(cmd: list[str]) -> float:
 
 def summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
+
+
+def precision(out: Path) -> str:
+    """The precision the run trained in (auto: bf16 where the CPU has fast bf16, else fp32)."""
+    for line in (out / "config.yaml").read_text().splitlines():
+        if line.startswith("precision:"):
+            return line.split(":", 1)[1].strip()
+    return "?"
 
 
 def rounds_of(out: Path) -> list[dict]:
@@ -131,7 +145,7 @@ def speed(args: argparse.Namespace, work: Path) -> list[str]:
     whole, lora = model_bytes(args.model)
     lines = [
         f"{args.model}, 3 sites (examples/federated), {args.rounds} rounds x {args.local} local steps x batch "
-        f"{args.batch}, LoRA r16 all-linear, bf16; {os.cpu_count()} cores",
+        f"{args.batch}, LoRA r16 all-linear, {precision(sim_out)}; {os.cpu_count()} cores",
         "",
         "| run | wall s | s per round (after the first) | rounds / min | first round s | bytes sent / round | "
         "bytes received / round |",
@@ -165,6 +179,10 @@ def quality(args: argparse.Namespace, work: Path) -> list[str]:
         wall = run([str(BIN / "tunery"), "train", "sft", "--data", str(DATA / f"{site}.jsonl"),
                     "--max-steps", str(steps), "--epochs", "100", *common(args), "--out", str(out)])  # fmt: skip
         rows.append((f"{site} alone", out, wall))
+    out = work / "q-fed-long"
+    wall = run([str(BIN / "tunery"), "train", "federated", "--clients", *[str(DATA / f"{s}.jsonl") for s in SITES],
+                "--rounds", str(3 * args.rounds), "--local-steps", str(args.local), *common(args), "--out", str(out)])  # fmt: skip
+    rows.append((f"federated FedAvg, {3 * args.rounds} rounds (3x the compute)", out, wall))
     pooled = work / "pooled.jsonl"
     pooled.write_text("".join((DATA / f"{s}.jsonl").read_text() for s in SITES))
     out = work / "q-pooled"
@@ -173,7 +191,8 @@ def quality(args: argparse.Namespace, work: Path) -> list[str]:
     rows.append(("pooled (all data in one place)", out, wall))
     lines = [
         f"{args.model}; {steps} steps of batch {args.batch} in each run (federated: 3 sites x {args.rounds} rounds "
-        f"x {args.local} local steps), lr {args.lr}, LoRA r16; held-out: examples/federated/valid.jsonl",
+        f"x {args.local} local steps), lr {args.lr}, LoRA r16, {precision(fed_out)}; held-out: "
+        "examples/federated/valid.jsonl",
         "",
         "| run | held-out loss | held-out token accuracy | trained tokens | wall s |",
         "|---|---|---|---|---|",
@@ -188,21 +207,68 @@ def quality(args: argparse.Namespace, work: Path) -> list[str]:
     return lines
 
 
+def privacy(args: argparse.Namespace, work: Path) -> list[str]:
+    fed = ["train", "federated", "--clients", *[str(DATA / f"{s}.jsonl") for s in SITES], "--rounds",
+           str(args.rounds), "--local-steps", str(args.local), *common(args)]  # fmt: skip
+    plain = work / "p-plain"
+    runs = [("FedAvg, no privacy", plain, run([str(BIN / "tunery"), *fed, "--out", str(plain)]))]
+    norms = sorted(s["update_norm"] for s in rounds_of(plain)[0]["sites"])
+    clip = norms[len(norms) // 2]
+    for noise in args.dp_noise:
+        out = work / f"p-dp-{noise}"
+        wall = run(
+            [
+                str(BIN / "tunery"),
+                *fed,
+                "--dp-noise",
+                str(noise),
+                "--dp-clip",
+                f"{clip:.6g}",
+                "--out",
+                str(out),
+            ]
+        )
+        runs.append((f"differential privacy, noise {noise}, clip {clip:.3g}", out, wall))
+    out = work / "p-secure"
+    runs.append(("secure aggregation (SecAgg+)", out,
+                 run([str(BIN / "tunery"), *fed, "--secure-aggregation", "--out", str(out)])))  # fmt: skip
+    lines = [
+        f"{args.model}; 3 sites (examples/federated), {args.rounds} rounds x {args.local} local steps x batch "
+        f"{args.batch}, lr {args.lr}, LoRA r16, simulation; round-1 update norms {', '.join(f'{n:.3g}' for n in norms)}",
+        "",
+        "| run | held-out loss | held-out token accuracy | epsilon (delta 1e-5) | wall s | s per round |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, out, wall in runs:
+        s = summary(out)
+        final, fed_info = s["final_metrics"], s["federation"]
+        spent = fed_info.get("epsilon_spent")
+        per_round = sum(r["round_seconds"] for r in rounds_of(out)) / args.rounds
+        lines.append(
+            f"| {name} | {final['full_valid_loss']:.4f} | {final['full_valid_mean_token_accuracy']:.4f} | "
+            f"{'-' if spent is None else f'{spent:.1f}'} | {wall:.0f} | {per_round:.1f} |"
+        )
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("speed", "quality", "all"), default="all")
+    p.add_argument("--part", choices=("speed", "quality", "privacy", "all"), default="all")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--local", type=int, default=3, help="local steps per round")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--dp-noise", type=float, nargs="+", default=[1.0], help="privacy: the noise multipliers")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="tunery-bench-federated-") as tmp:
         work = Path(tmp)
         if args.part in ("speed", "all"):
             print("\n".join(["### Speed", "", "```", *speed(args, work), "```", ""]), flush=True)
         if args.part in ("quality", "all"):
-            print("\n".join(["### Quality", "", "```", *quality(args, work), "```"]), flush=True)
+            print("\n".join(["### Quality", "", "```", *quality(args, work), "```", ""]), flush=True)
+        if args.part in ("privacy", "all"):
+            print("\n".join(["### Privacy", "", "```", *privacy(args, work), "```"]), flush=True)
 
 
 if __name__ == "__main__":

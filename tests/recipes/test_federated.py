@@ -109,22 +109,31 @@ def test_one_site_for_one_round_is_train_sft(sites, tmp_path: Path) -> None:
 def test_the_run_contract_and_a_failing_site_left_out(sites, tmp_path: Path) -> None:
     a, b, valid = sites
     broken = write_jsonl(tmp_path / "broken.jsonl", chat_lines(3))  # too few examples: the site refuses
+    leaky = chat_lines(12)  # personal data: the site's screening blocks it (screen_pii=block, the default)
+    leaky[4]["messages"][1]["content"] = "Write to me at jane.doe@northwind-mail.com about my order"
+    leaky_path = write_jsonl(tmp_path / "leaky.jsonl", leaky)
     out = tmp_path / "fed"
-    proc = federated(["--clients", str(a), str(b), str(broken), "--valid", str(valid), "--rounds", "2",
-                      "--local-steps", "2", "--out", str(out), *flags(SHARED)])  # fmt: skip
-    assert "1 site(s) failed and are left out" in proc.stderr
-    assert str(broken) not in proc.stderr  # a site's error names its data by the site, not by its path
+    proc = federated(["--clients", str(a), str(b), str(broken), str(leaky_path), "--valid", str(valid),
+                      "--rounds", "2", "--local-steps", "2", "--out", str(out), *flags(SHARED)])  # fmt: skip
+    assert "2 site(s) failed and are left out" in proc.stderr
+    for path in (broken, leaky_path):  # a site's error names its data by the site, not by its path
+        assert str(path) not in proc.stderr
     rounds = [r for r in read_metrics(out) if r.get("round")]
     assert [r["round"] for r in rounds if "sites" in r] == [1, 2]
     for record in rounds[:2]:
         assert sorted(s["site"] for s in record["sites"]) == ["clinic_a", "clinic_b"]
-        assert record["failed_sites"] and "broken" in record["failed_sites"][0]
-        assert record["valid_loss"] > 0 and record["bytes_sent"] == 3 * record["bytes_received"] / 2
+        failed = sorted(record["failed_sites"])
+        assert len(failed) == 2 and "site broken" in failed[0] and "site leaky" in failed[1]
+        # the server learns why (the category and the line), never the text
+        assert "blocked by data screening" in failed[1] and "line 5" in failed[1]
+        assert "jane.doe" not in json.dumps(record)
+        assert record["valid_loss"] > 0 and record["bytes_sent"] == 4 * record["bytes_received"] / 2
         assert {s["examples"] for s in record["sites"]} == {12, 16}
         assert "dp_epsilon" not in record
+    assert "jane.doe" not in proc.stderr + proc.stdout
     summary = read_summary(out)
     federation = summary.extra["federation"]
-    assert federation["sites"] == ["clinic_a", "clinic_b", "broken"]
+    assert federation["sites"] == ["clinic_a", "clinic_b", "broken", "leaky"]
     assert federation["differential_privacy"] is None and federation["epsilon_spent"] is None
     card = (out / "final" / "MODEL_CARD.md").read_text()
     assert "## Federation" in card and "| differential privacy | off |" in card

@@ -201,16 +201,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_deployment_a_server_and_two_site_processes(sites, tmp_path: Path) -> None:
-    """The server and each site as processes of their own, as on separate machines: a site's data path
-    is given to its own process only, and never reaches the server's output or run directory."""
+def deployment(
+    sites, tmp_path: Path, rounds: int, output: int = subprocess.PIPE
+) -> tuple[int, Path, list[subprocess.Popen[str]]]:
+    """`tunery federated server` and two `tunery federated client` processes on 127.0.0.1: (the server's
+    port, its run directory, [server, site a, site b]); the server's output to `output`, the sites' dropped."""
     a, b, valid = sites
     port, out = free_port(), tmp_path / "fed"
     tunery = [sys.executable, "-m", "tunery", "federated"]
     server = subprocess.Popen(
-        [*tunery, "server", "--valid", str(valid), "--num-clients", "2", "--rounds", "2", "--local-steps", "1",
-         "--out", str(out), "--port", str(port), "--safety-evals", "none", *flags(SHARED)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [*tunery, "server", "--valid", str(valid), "--num-clients", "2", "--rounds", str(rounds),
+         "--local-steps", "1", "--out", str(out), "--port", str(port), "--safety-evals", "none", *flags(SHARED)],
+        cwd=REPO, stdout=output, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     site_procs = [
         subprocess.Popen(
@@ -229,16 +231,30 @@ def test_deployment_a_server_and_two_site_processes(sites, tmp_path: Path) -> No
             cwd=REPO,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            text=True,
         )  # fmt: skip
         for name, data in (("a", a), ("b", b))
     ]
+    return port, out, [server, *site_procs]
+
+
+def stop(procs: list[subprocess.Popen[str]]) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(60)
+
+
+def test_deployment_a_server_and_two_site_processes(sites, tmp_path: Path) -> None:
+    """The server and each site as processes of their own, as on separate machines: a site's data path
+    is given to its own process only, and never reaches the server's output or run directory."""
+    a, b, _ = sites
+    port, out, procs = deployment(sites, tmp_path, rounds=2)
+    server = procs[0]
     try:
         output, _ = server.communicate(timeout=400)
     finally:
-        for proc in [server, *site_procs]:
-            proc.terminate()
-        for proc in [server, *site_procs]:
-            proc.wait(60)
+        stop(procs)
     assert server.returncode == 0, output[-3000:]
     rounds = [r for r in read_metrics(out) if r.get("sites")]
     assert [r["round"] for r in rounds] == [1, 2]
@@ -254,47 +270,16 @@ def test_deployment_a_server_and_two_site_processes(sites, tmp_path: Path) -> No
 
 def test_a_stopped_deployment_leaves_no_flower_process(sites, tmp_path: Path) -> None:
     """Flower's daemons start their apps in sessions of their own; a stopped server or site takes them down."""
-    a, b, valid = sites
-    port, out = free_port(), tmp_path / "fed"
-    tunery = [sys.executable, "-m", "tunery", "federated"]
-    server = subprocess.Popen(
-        [*tunery, "server", "--valid", str(valid), "--num-clients", "2", "--rounds", "50", "--local-steps", "1",
-         "--out", str(out), "--port", str(port), "--safety-evals", "none", *flags(SHARED)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    site_procs = [
-        subprocess.Popen(
-            [
-                *tunery,
-                "client",
-                "--server",
-                f"127.0.0.1:{port}",
-                "--data",
-                str(data),
-                "--out",
-                str(tmp_path / f"site_{name}"),
-                "--port",
-                str(free_port()),
-            ],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        for name, data in (("a", a), ("b", b))
-    ]
-    procs = [server, *site_procs]
+    port, out, procs = deployment(sites, tmp_path, rounds=50, output=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
         while not any(r.get("round") == 1 for r in read_metrics(out)) and time.monotonic() < deadline:
-            assert server.poll() is None
+            assert procs[0].poll() is None
             time.sleep(1)
         assert any(r.get("round") == 1 for r in read_metrics(out))  # mid-run: the apps are running
         assert [c for c in flower_processes(port) if "flwr-serverapp" in c]
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(60)
+        stop(procs)
     deadline = time.monotonic() + 30
     while flower_processes(port) and time.monotonic() < deadline:
         time.sleep(0.5)

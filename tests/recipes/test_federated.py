@@ -156,6 +156,9 @@ def test_differential_privacy_clips_counts_epsilon_and_stops_at_its_budget(sites
     args = ["--clients", str(a), str(b), "--valid", str(valid), "--rounds", "3", "--local-steps", "1",
             "--out", str(out), "--dp-noise", "2", "--dp-clip", "1e-6", "--dp-max-epsilon", str(budget),
             "--safety-evals", "none", *flags(SHARED)]  # fmt: skip
+    too_small = [*args[: -len(flags(SHARED))], "--dp-max-epsilon", str(spent[0] / 2), *flags(SHARED)]
+    refused = federated(too_small, returncode=2)  # not even one round fits: refused before training
+    assert "more than dp_max_epsilon" in refused.stderr and not (out / "final").exists()
     federated(args, fault="after_step:1", returncode=-9)  # killed after round 1: its releases are resumed
     proc = federated(["--resume", str(out)])
     assert "would spend more than dp_max_epsilon" in proc.stderr

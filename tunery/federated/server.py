@@ -50,9 +50,14 @@ UNIT_WEIGHT_KEY = "site-weight"  # 1 for every site: differential privacy's unwe
 REPLY_TIMEOUT_S = 24 * 3600.0  # a round waits this long for its sites at most
 
 
+def sampled_sites(cfg: FederatedConfig, n_sites: int) -> int:
+    """How many sites a round samples: `clients_per_round` of the `n_sites` (0: all)."""
+    return min(cfg.clients_per_round or n_sites, n_sites)
+
+
 def make_strategy(cfg: FederatedConfig, n_sites: int) -> Any:
     """Flower's strategy for `cfg.strategy`, sampling `clients_per_round` of `n_sites` sites a round."""
-    sampled = min(cfg.clients_per_round or n_sites, n_sites)
+    sampled = sampled_sites(cfg, n_sites)
     common: dict[str, Any] = {
         "fraction_train": sampled / n_sites,
         "fraction_evaluate": 0.0,  # the global adapter is evaluated on the server's held-out data
@@ -91,7 +96,7 @@ def privacy_config(cfg: FederatedConfig, n_sites: int) -> PrivacyConfig:
 def epsilon_after(cfg: FederatedConfig, n_sites: int, rounds: int) -> float:
     """The epsilon (at dp_delta) that `rounds` private rounds spend: what a run plans to spend."""
     accountant = RdpAccountant(privacy_config(cfg, n_sites))
-    sampled = min(cfg.clients_per_round or n_sites, n_sites)
+    sampled = sampled_sites(cfg, n_sites)
     accountant.compose(GaussianPrivacyEvent(cfg.dp_noise, sampled, n_sites), count=rounds)
     return accountant.get_privacy_spent().epsilon
 
@@ -116,7 +121,7 @@ def privacy_record(cfg: FederatedConfig, n_sites: int) -> dict[str, Any]:
             "unweighted average)",
             "noise_multiplier": cfg.dp_noise,
             "clipping_norm": cfg.dp_clip,
-            "sampled_sites_per_round": min(cfg.clients_per_round or n_sites, n_sites),
+            "sampled_sites_per_round": sampled_sites(cfg, n_sites),
             "rounds": cfg.rounds,
             "accounting": "RDP (dp-accounting), site-level: adding or removing one site, no sampling amplification",
             "delta": cfg.dp_delta,

@@ -47,12 +47,14 @@ from tunery.errors import TuneryError  # noqa: E402
 from tunery.federated import client  # noqa: E402
 from tunery.federated.secagg import DEPLOYMENT_MAX_EXAMPLES, SecureRounds  # noqa: E402
 from tunery.federated.server import (  # noqa: E402
+    epsilon_after,
     epsilon_spent,
     make_strategy,
     privacy_record,
     restore_strategy_state,
     round_config,
     run_round,
+    sampled_sites,
     save_strategy_state,
 )
 from tunery.federated.sites import Site, given_sites, partitioned_sites  # noqa: E402
@@ -126,10 +128,19 @@ def train(
         else []
     )
     plan = server_plan(cfg)
-    sampled = min(cfg.clients_per_round or n_sites, n_sites)
+    sampled = sampled_sites(cfg, n_sites)
     # differential privacy's noise is calibrated to the sampled sites' average: all of them must reply
     min_results = sampled if cfg.dp_noise > 0 else min(cfg.min_results or -(-sampled // 2), sampled)
     privacy = privacy_record(cfg, n_sites)
+    if (
+        cfg.dp_noise > 0
+        and cfg.dp_max_epsilon
+        and (first := epsilon_after(cfg, n_sites, 1)) > cfg.dp_max_epsilon
+    ):
+        raise TuneryError(
+            f"one round at dp_noise {cfg.dp_noise} spends epsilon {first:.3g}, more than dp_max_epsilon "
+            f"{cfg.dp_max_epsilon:g}: raise dp_noise or the budget"
+        )
     # the sites resolve epochs, batch size and learning rate from their own data: config.yaml keeps the
     # configured values (a resumed run sends the sites the same config again)
     configured = {

@@ -175,8 +175,14 @@ def test_differential_privacy_clips_counts_epsilon_and_stops_at_its_budget(sites
     # two rounds at this learning rate move it to ~0.05 without privacy (measured: 0.050)
     state = adapter(out)
     assert max(float(v.abs().max()) for k, v in state.items() if "lora_B" in k) < 1e-5
+    # the noise's expected norm against the clip: dp_noise x sqrt(adapter parameters) / sites, far above 1
+    n_parameters = sum(v.numel() for v in state.values())
+    assert dp["adapter_parameters"] == n_parameters
+    assert dp["noise_to_update"] == pytest.approx(2.0 * n_parameters**0.5 / 2)
+    assert "the adapter will not learn" in proc.stderr
     card = (out / "final" / "MODEL_CARD.md").read_text()
     assert "noise multiplier 2.0, clipping norm 1e-06" in card and "| privacy spent | epsilon " in card
+    assert f"{dp['noise_to_update']:.3g}x the clipping norm" in card and "outweighs what the sites" in card
 
 
 def test_a_killed_server_resumes_exactly_with_fedadam(sites, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,8 +112,16 @@ def _inner(strategy: Any) -> Any:
     return getattr(strategy, "strategy", strategy)  # under the DP wrapper
 
 
-def privacy_record(cfg: FederatedConfig, n_sites: int) -> dict[str, Any]:
-    """What the run card and summary say about privacy."""
+def noise_to_update(cfg: FederatedConfig, n_sites: int, n_parameters: int) -> float:
+    """The expected L2 norm of the noise added to a round's average, over the largest norm the average of the
+    clipped updates can have (dp_clip): dp_noise * sqrt(parameters) / sampled sites. Above 1 the noise
+    outweighs any update and the adapter does not learn; site-level privacy needs many sites or few
+    parameters."""
+    return cfg.dp_noise * math.sqrt(n_parameters) / sampled_sites(cfg, n_sites)
+
+
+def privacy_record(cfg: FederatedConfig, n_sites: int, n_parameters: int) -> dict[str, Any]:
+    """What the run card and summary say about privacy; `n_parameters` is the adapter's size."""
     if cfg.dp_noise <= 0:
         return {"differential_privacy": None, "secure_aggregation": cfg.secure_aggregation}
     return {
@@ -127,6 +136,8 @@ def privacy_record(cfg: FederatedConfig, n_sites: int) -> dict[str, Any]:
             "delta": cfg.dp_delta,
             "planned_epsilon": epsilon_after(cfg, n_sites, cfg.rounds),
             "max_epsilon": cfg.dp_max_epsilon or None,
+            "adapter_parameters": n_parameters,
+            "noise_to_update": noise_to_update(cfg, n_sites, n_parameters),
         },
         "secure_aggregation": False,
     }

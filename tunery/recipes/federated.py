@@ -131,7 +131,6 @@ def train(
     sampled = sampled_sites(cfg, n_sites)
     # differential privacy's noise is calibrated to the sampled sites' average: all of them must reply
     min_results = sampled if cfg.dp_noise > 0 else min(cfg.min_results or -(-sampled // 2), sampled)
-    privacy = privacy_record(cfg, n_sites)
     if (
         cfg.dp_noise > 0
         and cfg.dp_max_epsilon
@@ -146,8 +145,19 @@ def train(
     configured = {
         name: getattr(cfg, name) for name in ("epochs", "batch_size", "lr", "learning_rate_multiplier")
     }
+    model = lifecycle.with_lora(opened.model, cfg, plan)
+    privacy = privacy_record(cfg, n_sites, sum(p.numel() for p in model.parameters() if p.requires_grad))
+    dp = privacy["differential_privacy"]
+    if dp and dp["noise_to_update"] > 1:
+        log.warning(
+            "differential privacy: each round's noise has an expected L2 norm %.0fx dp_clip, the most the "
+            "average update can move the adapter, so the adapter will not learn (dp_noise x sqrt(%d adapter "
+            "parameters) / %d sites a round). Site-level privacy needs many more sites, or fewer parameters "
+            "(lora_rank, lora_targets); see docs/federated.md",
+            dp["noise_to_update"], dp["adapter_parameters"], dp["sampled_sites_per_round"],
+        )  # fmt: skip
     run = lifecycle.start_run(
-        opened, cfg, plan, lifecycle.with_lora(opened.model, cfg, plan), method="federated",
+        opened, cfg, plan, model, method="federated",
         config_extra={**configured, "sites": [s.name for s in sites] or None, "site_sha256": digests or None,
                       "min_results_resolved": min_results, "privacy": privacy},
     )  # fmt: skip

@@ -381,6 +381,16 @@ def _federation(run: _Run) -> str:
                 f"clipping norm {dp.get('clipping_norm')}, {dp.get('sampled_sites_per_round')} sites a round",
             )
         )
+        ratio = dp.get("noise_to_update")
+        if isinstance(ratio, int | float):  # runs from before this field have none
+            rows.append(
+                (
+                    "noise against the update",
+                    f"the noise added each round has an expected norm {ratio:.3g}x the clipping norm "
+                    f"(adapter of {_value(dp.get('adapter_parameters'))} parameters)"
+                    + ("; above 1 the noise outweighs what the sites learned" if ratio > 1 else ""),
+                )
+            )
         spent = fed.get("epsilon_spent")
         rows.append(
             (

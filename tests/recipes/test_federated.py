@@ -211,16 +211,18 @@ def free_port() -> int:
 
 
 def deployment(
-    sites, tmp_path: Path, rounds: int, output: int = subprocess.PIPE
+    sites, tmp_path: Path, rounds: int, output: int = subprocess.PIPE, server_flags: tuple[str, ...] = ()
 ) -> tuple[int, Path, list[subprocess.Popen[str]]]:
-    """`tunery federated server` and two `tunery federated client` processes on 127.0.0.1: (the server's
-    port, its run directory, [server, site a, site b]); the server's output to `output`, the sites' dropped."""
+    """`tunery federated server` (with `server_flags`) and two `tunery federated client` processes on
+    127.0.0.1: (the server's port, its run directory, [server, site a, site b]); the server's output to
+    `output`, the sites' dropped."""
     a, b, valid = sites
     port, out = free_port(), tmp_path / "fed"
     tunery = [sys.executable, "-m", "tunery", "federated"]
     server = subprocess.Popen(
         [*tunery, "server", "--valid", str(valid), "--num-clients", "2", "--rounds", str(rounds),
-         "--local-steps", "1", "--out", str(out), "--port", str(port), "--safety-evals", "none", *flags(SHARED)],
+         "--local-steps", "1", "--out", str(out), "--port", str(port), "--safety-evals", "none", *flags(SHARED),
+         *server_flags],
         cwd=REPO, stdout=output, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     site_procs = [
@@ -256,9 +258,11 @@ def stop(procs: list[subprocess.Popen[str]]) -> None:
 
 def test_deployment_a_server_and_two_site_processes(sites, tmp_path: Path) -> None:
     """The server and each site as processes of their own, as on separate machines: a site's data path
-    is given to its own process only, and never reaches the server's output or run directory."""
+    is given to its own process only, and never reaches the server's output or run directory. With secure
+    aggregation, whose masks the sites exchange through the server (plain rounds are the simulation's
+    code, and a deployment's plain round runs in the next test)."""
     a, b, _ = sites
-    port, out, procs = deployment(sites, tmp_path, rounds=2)
+    port, out, procs = deployment(sites, tmp_path, rounds=2, server_flags=("--secure-aggregation",))
     server = procs[0]
     try:
         output, _ = server.communicate(timeout=400)
@@ -270,6 +274,8 @@ def test_deployment_a_server_and_two_site_processes(sites, tmp_path: Path) -> No
     assert sorted(s["site"] for s in rounds[0]["sites"]) == ["clinic_a", "clinic_b"]
     assert {s["examples"] for s in rounds[0]["sites"]} == {12, 16}
     assert (out / "final" / "adapter_config.json").is_file()
+    assert read_summary(out).extra["federation"]["secure_aggregation"] is True
+    assert max(float(v.abs().max()) for k, v in adapter(out).items() if "lora_B" in k) > 1e-4  # it learned
     server_side = output + "".join(p.read_text(errors="replace") for p in out.rglob("*") if p.is_file())
     assert str(a) not in server_side and str(b) not in server_side and "clinic_a.jsonl" not in server_side
     assert (tmp_path / "site_a" / "round-2" / "screening.json").is_file()  # each site screened its own data

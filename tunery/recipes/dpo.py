@@ -218,7 +218,7 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> dict
                 "pairs_per_second": step_pairs / step_seconds,
             }
             step_shifts.append(stats.chosen_shift_per_token(world))
-            if valid_pairs and (step % plan.eval_every == 0 or step == plan.total_steps):
+            if valid_pairs and lifecycle.evaluates_after(run, step):
                 valid_metrics, shift = held_out(valid_pairs[: cfg.eval_examples])
                 record.update(valid_metrics)
                 shifts.append(shift)

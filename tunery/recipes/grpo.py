@@ -326,9 +326,7 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dic
             groups, sums = sample_and_grade(model, tokenizer, mine, reward_fn, cfg, seed, world)
             sample_seconds = time.monotonic() - t0
             lr = lifecycle.set_lr(run, step, cfg.schedule)
-            evaluating = bool(eval_prompts) and (
-                (step + 1) % plan.eval_every == 0 or step + 1 == plan.total_steps
-            )
+            evaluating = bool(eval_prompts) and lifecycle.evaluates_after(run, step + 1)
             need_kl = cfg.beta > 0 or (evaluating and cfg.lora_rank > 0)
             sums |= policy_update(
                 model, run.ddp_model, run.optimizer, groups, cfg, plan.precision, world, need_kl

@@ -259,7 +259,7 @@ def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict
                 "tokens_per_second": tokens / step_seconds,
                 "examples_per_second": step_examples / step_seconds,
             }
-            if valid_examples and (step % plan.eval_every == 0 or step == plan.total_steps):
+            if valid_examples and lifecycle.evaluates_after(run, step):
                 record.update(held_out(cfg.eval_examples))
             shown = ("loss {train_loss:.3f} kl {kl:.3f}", "valid acc {valid_accuracy:.2f}",
                      "{examples_per_second:.2f} examples/s")  # fmt: skip

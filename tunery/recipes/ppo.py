@@ -359,7 +359,7 @@ def train(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> dict
                 kl_coef = adaptive_kl_coef(
                     kl_coef, record["kl"], cfg.kl_target, len(completions), cfg.kl_horizon
                 )
-            if eval_prompts and (step % plan.eval_every == 0 or step == plan.total_steps):
+            if eval_prompts and lifecycle.evaluates_after(run, step):
                 record.update(run_eval(step))
             shown = ("score {train_score_mean:.3f} kl {kl:.2f}", "valid {valid_score_mean:.3f}",
                      "len {completion_length:.0f} {completions_per_second:.2f} compl/s")  # fmt: skip

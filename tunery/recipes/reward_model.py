@@ -143,7 +143,7 @@ def train(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> d
                 "tokens_per_second": tokens / step_seconds,
                 "pairs_per_second": step_pairs / step_seconds,
             }
-            if valid_pairs and (step % plan.eval_every == 0 or step == plan.total_steps):
+            if valid_pairs and lifecycle.evaluates_after(run, step):
                 record.update(held_out(valid_pairs[: cfg.eval_examples]))
             shown = ("loss {train_loss:.3f} acc {train_accuracy:.2f}", "valid acc {valid_accuracy:.2f}",
                      "{pairs_per_second:.2f} pairs/s")  # fmt: skip

@@ -164,7 +164,7 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
         while step < plan.total_steps:
             record = train_step(run, train_chats, step, cfg, lm_head_weight)
             step += 1
-            if valid_chats and (step % plan.eval_every == 0 or step == plan.total_steps):
+            if valid_chats and lifecycle.evaluates_after(run, step):
                 record.update(held_out(valid_chats[: cfg.eval_examples]))
             shown = ("loss {train_loss:.3f}", "valid {valid_loss:.3f}", "{tokens_per_second:.0f} tok/s")
             if lifecycle.end_step(run, record, "sft", shown):

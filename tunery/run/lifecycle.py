@@ -344,6 +344,12 @@ def count_step(run: Run, tokens: float, started: float) -> tuple[float, float]:
     return tokens, seconds
 
 
+def evaluates_after(run: Run, step: int) -> bool:
+    """Whether the held-out evaluation runs after step `step` (counted from 1): every `eval_every` steps
+    and after the last."""
+    return step % run.plan.eval_every == 0 or step == run.plan.total_steps
+
+
 def log_metrics(run: Run, record: dict[str, Any]) -> None:
     if run.metrics is not None:
         run.metrics.write(record)

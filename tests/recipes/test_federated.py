@@ -3,6 +3,7 @@ sft`, a failing site left out, exact resume of a killed server, the sites' data 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -335,3 +336,48 @@ def test_secure_aggregation_gives_fedavgs_adapter_within_its_quantization(sites,
     assert (
         "secure aggregation | on (SecAgg+)" in (tmp_path / "secure" / "final" / "MODEL_CARD.md").read_text()
     )
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc's parent links."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def test_a_site_lost_mid_round_is_left_out_and_the_run_goes_on(sites, tmp_path: Path) -> None:
+    """A site's machine goes away while it trains (its command and every process under it killed): the
+    SuperLink reports the node unavailable once its heartbeats stop (~1 min), the round is aggregated from
+    the other site, and the next round runs without it."""
+    port, out, procs = deployment(sites, tmp_path, rounds=2)
+    server, _, site_b = procs
+    try:
+        deadline = time.monotonic() + 300
+        while not any(
+            "flwr-clientapp" in cmdline(Path(f"/proc/{p}/cmdline")) for p in descendants(site_b.pid)
+        ):
+            assert time.monotonic() < deadline and server.poll() is None
+            time.sleep(0.2)
+        for pid in [site_b.pid, *descendants(site_b.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        output, _ = server.communicate(timeout=600)
+    finally:
+        stop(procs)
+    assert server.returncode == 0, output[-3000:]
+    rounds = [r for r in read_metrics(out) if "sites" in r]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert [s["site"] for s in rounds[0]["sites"]] == ["clinic_a"]
+    assert rounds[0]["failed_sites"] and "unavailable" in rounds[0]["failed_sites"][0].lower()
+    assert [s["site"] for s in rounds[1]["sites"]] == ["clinic_a"]
+    assert (out / "final" / "adapter_config.json").is_file()

@@ -105,6 +105,10 @@ class SecureRounds:
         )
         return result
 
+    def sample_from_connected(self, min_results: int) -> None:
+        """As `server.sample_from_connected`, with SecAgg+'s floor of 2 sites."""
+        self.strategy.min_available_clients = self.strategy.min_fit_clients = max(2, min_results)
+
     def close(self) -> None:
         self.stop.set()
         self.thread.join()

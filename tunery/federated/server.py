@@ -120,6 +120,15 @@ def noise_to_update(cfg: FederatedConfig, n_sites: int, n_parameters: int) -> fl
     return cfg.dp_noise * math.sqrt(n_parameters) / sampled_sites(cfg, n_sites)
 
 
+def sample_from_connected(strategy: Any, min_results: int) -> None:
+    """From the second round on, a round starts with whichever sites are connected, as long as there are
+    `min_results`: the first round waits for every site, and a site lost for good afterwards must not stall
+    the federation (its SuperNode's missed heartbeats end its round with an error, then it is gone from the
+    grid). Not for differential privacy: there every sampled site must reply (the noise is calibrated to
+    them), so its rounds wait for a lost site to come back."""
+    strategy.min_available_nodes = strategy.min_train_nodes = min_results
+
+
 def privacy_record(cfg: FederatedConfig, n_sites: int, n_parameters: int) -> dict[str, Any]:
     """What the run card and summary say about privacy; `n_parameters` is the adapter's size."""
     if cfg.dp_noise <= 0:

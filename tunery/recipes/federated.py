@@ -54,6 +54,7 @@ from tunery.federated.server import (  # noqa: E402
     restore_strategy_state,
     round_config,
     run_round,
+    sample_from_connected,
     sampled_sites,
     save_strategy_state,
 )
@@ -229,6 +230,10 @@ def train(
                 log.warning("round %d: %d site(s) failed and are left out of its aggregate: %s", step + 1,
                             len(result.failures), "; ".join(result.failures))  # fmt: skip
             retries = 0
+            if secure is not None:
+                secure.sample_from_connected(min_results)
+            elif cfg.dp_noise <= 0:
+                sample_from_connected(strategy, min_results)
             client.load_trainable(model, result.arrays.to_torch_state_dict())
             # what the next round sends is the model's weights (fp32), also after a resume: FedAdam's
             # arithmetic returns float64 arrays, which a resumed run would no longer have

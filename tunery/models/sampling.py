@@ -278,7 +278,7 @@ class _WindowMasks:
         if self.window is None:
             return mask
         near = (query_positions[:, None, :, None] - self.key_positions[:, None, None, :]) < self.window
-        windowed = mask & (near | ~mask.any(-1, keepdim=True))
+        windowed = mask & near
         return {"full_attention": mask, "sliding_attention": windowed} if self.mixed else windowed
 
 

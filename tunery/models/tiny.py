@@ -184,7 +184,6 @@ def tiny_tokenizer(family: str = "llama") -> PreTrainedTokenizerFast:
 
 def tiny_model(vocab_size: int, seed: int = 0, family: str = "llama") -> PreTrainedModel:
     spec = FAMILIES[family]
-    tokenizer = tiny_tokenizer(family)
     config = spec.config(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -194,9 +193,9 @@ def tiny_model(vocab_size: int, seed: int = 0, family: str = "llama") -> PreTrai
         num_key_value_heads=2,
         max_position_embeddings=4096,
         tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=spec.special.index(spec.bos),  # the special tokens come first in tiny_tokenizer's vocab
+        eos_token_id=spec.special.index(spec.eos),
+        pad_token_id=0,
         # Wider than the usual 0.02 so the tied output layer can express confident predictions: with
         # 0.02 the logits of a 64-wide model stay near uniform and a LoRA adapter can barely move them.
         initializer_range=0.2,

@@ -18,7 +18,7 @@ from tunery.data.chat import ChatExample
 from tunery.data.template import tokenize_chat
 from tunery.models.load import load_model
 from tunery.models.locate import BUILTIN_MODELS, TINY, TINY_FAMILIES
-from tunery.models.lora import apply_lora
+from tunery.models.lora import apply_lora, load_adapter
 from tunery.models.sampling import SamplingParams, sample
 from tunery.models.tiny import FAMILIES, WINDOW
 
@@ -128,7 +128,7 @@ def test_lora_all_linear_covers_attention_and_mlp(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES[1:])
-def test_sft_learns_and_chat_answers(name: str, tmp_path: Path) -> None:
+def test_sft_learns_chat_answers_and_export_round_trips(name: str, tmp_path: Path) -> None:
     data = tmp_path / "train.jsonl"
     lines = [
         {"messages": [{"role": "user", "content": f"Colour number {i}?"},
@@ -153,6 +153,29 @@ def test_sft_learns_and_chat_answers(name: str, tmp_path: Path) -> None:
     )  # fmt: skip
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert "Blue." in chat.stdout
+
+    # export round-trip: the merged model directory loads as --model and computes what base + adapter did
+    merged = tmp_path / "merged"
+    cli(["export", "--model", name, "--adapter", str(out), "--merge", "--out", str(merged)])
+    exported, exported_tokenizer = load_model(str(merged))
+    base, tokenizer = load_model(name)
+    adapted = load_adapter(base, str(out))
+    assert exported_tokenizer.chat_template == tokenizer.chat_template
+    ids = torch.tensor(
+        [
+            tokenize_chat(
+                tokenizer, ChatExample(line=1, messages=lines[0]["messages"], weights=[0, 1])
+            ).input_ids
+        ]
+    )
+    with torch.no_grad():
+        assert torch.allclose(exported.eval()(input_ids=ids).logits, adapted.eval()(input_ids=ids).logits,
+                              atol=1e-4)  # fmt: skip
+    chat = subprocess.run(
+        [*tunery, "chat", "--model", str(merged), "--max-tokens", "8"],
+        cwd=REPO, input="Colour number 99?\n/exit\n", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert chat.returncode == 0 and "Blue." in chat.stdout, chat.stderr[-2000:]
 
 
 def cli(args: list[str]) -> None:
@@ -189,3 +212,33 @@ def test_dpo_and_grpo_learn(name: str, tmp_path: Path) -> None:
          "--max-new-tokens", "8", "--lr", "0.01", "--lora-rank", "8", "--safety-evals", "none", "--seed", "0"])  # fmt: skip
     rewards = series(tmp_path / "grpo", "train_reward_mean")
     assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.2, rewards
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_decoding_engine_covers_what_tunery_models_says(name: str) -> None:
+    """Where `tunery models` says the engine runs, it samples what the model's own forward samples, with a
+    LoRA adapter on every linear layer (Phi-3's fused ones included) and prompts longer than the window;
+    where it says not, the engine declines with that reason."""
+    from tunery.models.decode import decode_model_for, unsupported_reason
+    from tunery.models.locate import ENGINE_FALLBACK
+    from tunery.models.sampling import _sample_generic
+
+    model, tokenizer = load_model(name)
+    family = name.removeprefix(f"{TINY}-") if name != TINY else "llama"
+    assert unsupported_reason(model) == ENGINE_FALLBACK.get(family)
+    if family in ENGINE_FALLBACK:
+        return
+    peft = apply_lora(model, 4, 8, 0.0, "all-linear")
+    with torch.no_grad():
+        for param_name, p in peft.named_parameters():
+            if "lora_B" in param_name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(param_name)))
+    peft.eval()
+    assert decode_model_for(peft) is not None
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(5, 200, (n,), generator=g).tolist() for n in (WINDOW + 5, 4, WINDOW + 5)]
+    params = SamplingParams(max_new_tokens=WINDOW, temperature=1.0, seed=3, ignore_eos=True)
+    fast, slow = sample(peft, tokenizer, prompts, params), _sample_generic(peft, tokenizer, prompts, params)
+    assert [c.token_ids for c in fast] == [c.token_ids for c in slow]
+    for f, s in zip(fast, slow, strict=True):
+        assert torch.allclose(torch.tensor(f.logprobs), torch.tensor(s.logprobs), atol=1e-4)

@@ -16,9 +16,11 @@ from tunery.run import files
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from tunery.models.locate import available_models_text
+    from tunery.models.locate import available_models_text, support_matrix_text
 
     print(available_models_text())
+    print("\nFamilies covered, each cell tested on the family's tiny-random model:")
+    print(support_matrix_text())
     return 0
 
 

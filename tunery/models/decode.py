@@ -17,10 +17,12 @@ layout. So this engine:
 At batch 1 a step is bound by reading the weights: the linear layers take ~8.8 ms of a ~12 ms step on
 this machine (~24 GB/s of bf16 weights), the rest is ~600 small operators' dispatch overhead.
 
-Log-probabilities from this engine agree with the training forward pass (`tunery.losses.logps`) to
-within bf16 rounding; a test checks it. Architectures it does not recognise (or q/k norms, sliding
-windows, biased MLPs) report why through `unsupported_reason`, and the sampler falls back to the model's
-own forward.
+It covers Llama, Mistral, Qwen2 and Qwen3 (query/key norms, folded with the scale), Phi-3 (fused q|k|v
+and gate|up projections, split here) and sliding-window layers (a windowed layer reads only its last
+`window` cache slots). Log-probabilities from this engine agree with the training forward pass
+(`tunery.losses.logps`) to within bf16 rounding; a test checks it per family. Architectures it does not
+cover (Gemma's scaled embeddings, offset norms and soft-capping; partial rotary; biased MLPs) report why
+through `unsupported_reason`, and the sampler falls back to the model's own forward.
 """
 
 from __future__ import annotations
@@ -31,25 +33,36 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-_SUPPORTED = {"llama", "mistral", "qwen2"}
+from tunery.models.locate import ENGINE_FALLBACK
+
+_SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
+_WHY_NOT = {"gemma2": ENGINE_FALLBACK["gemma2"], "gemma3_text": ENGINE_FALLBACK["gemma3"]}
 
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:
     """None when `model` (a causal LM, optionally wrapped by peft) can run on this engine."""
     base = _causal_lm(model)
     config = getattr(base, "config", None)
-    if config is None or getattr(config, "model_type", None) not in _SUPPORTED:
-        return f"model type {getattr(config, 'model_type', None)!r} is not one of {sorted(_SUPPORTED)}"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return "sliding-window attention"
+    model_type = getattr(config, "model_type", None)
+    if config is None or model_type not in _SUPPORTED:
+        return _WHY_NOT.get(str(model_type), f"model type {model_type!r} is not one of {sorted(_SUPPORTED)}")
+    if (getattr(config, "partial_rotary_factor", None) or 1.0) != 1.0:
+        return "partial rotary embeddings"
     if getattr(config, "mlp_bias", False):
         return "MLP biases"
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"activation {config.hidden_act!r}"
-    layer = base.model.layers[0]
-    if hasattr(layer.self_attn, "q_norm"):
-        return "query/key norms"
     return None
+
+
+def layer_windows(config: Any) -> list[int | None]:
+    """Each layer's sliding window (keys a query sees, itself included), None for full attention."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [window if kind == "sliding_attention" and window else None for kind in types]
+    use = window and getattr(config, "use_sliding_window", True)
+    return [window if use else None] * config.num_hidden_layers
 
 
 def _causal_lm(model: torch.nn.Module) -> Any:
@@ -101,6 +114,7 @@ class DecodeModel:
         self.hidden = config.hidden_size
         self.eps = config.rms_norm_eps
         self.vocab_size = config.vocab_size
+        self.windows = layer_windows(config)
         self.version: tuple[int, ...] = ()
         self.refresh()
 
@@ -121,21 +135,39 @@ class DecodeModel:
         with torch.no_grad():
             for layer in base.model.layers:
                 attn, mlp = layer.self_attn, layer.mlp
-                (wq, bq), (wk, bk), (wv, bv) = (
-                    effective_weight(attn.q_proj),
-                    effective_weight(attn.k_proj),
-                    effective_weight(attn.v_proj),
-                )
+                q_width = self.n_heads * self.head_dim
+                if hasattr(attn, "qkv_proj"):  # Phi-3: one fused projection
+                    fused, fused_bias = effective_weight(attn.qkv_proj)
+                    widths = [q_width, *(2 * [self.n_kv_heads * self.head_dim])]
+                    wq, wk, wv = fused.float().split(widths)
+                    bq, bk, bv = fused_bias.split(widths) if fused_bias is not None else (None, None, None)
+                else:
+                    (wq, bq), (wk, bk), (wv, bv) = (
+                        effective_weight(attn.q_proj),
+                        effective_weight(attn.k_proj),
+                        effective_weight(attn.v_proj),
+                    )
+                # the scale goes into the query weights, or into the query norm where one follows them
+                q_norm = getattr(attn, "q_norm", None)
+                q_scale = 1.0 if q_norm is not None else scale
                 qkv_bias = None
                 if bq is not None and bk is not None and bv is not None:
-                    qkv_bias = torch.cat([bq.float() * scale, bk.float(), bv.float()]).to(self.dtype)
+                    qkv_bias = torch.cat([bq.float() * q_scale, bk.float(), bv.float()]).to(self.dtype)
+                if hasattr(mlp, "gate_up_proj"):  # Phi-3: gate and up fused, gate first
+                    gate, up = effective_weight(mlp.gate_up_proj)[0].chunk(2, 0)
+                else:
+                    gate, up = effective_weight(mlp.gate_proj)[0], effective_weight(mlp.up_proj)[0]
                 layers.append(
                     {
-                        "qkv": self._linear_weight(torch.cat([wq.float() * scale, wk.float(), wv.float()])),
+                        "qkv": self._linear_weight(torch.cat([wq.float() * q_scale, wk.float(), wv.float()])),
                         "qkv_bias": qkv_bias,
+                        "q_norm": None
+                        if q_norm is None
+                        else (q_norm.weight.detach().float() * scale).to(self.dtype),
+                        "k_norm": None if q_norm is None else attn.k_norm.weight.detach().to(self.dtype),
                         "o": self._linear_weight(effective_weight(attn.o_proj)[0]),
-                        "gate": self._linear_weight(effective_weight(mlp.gate_proj)[0]),
-                        "up": self._linear_weight(effective_weight(mlp.up_proj)[0]),
+                        "gate": self._linear_weight(gate),
+                        "up": self._linear_weight(up),
                         "down": self._linear_weight(effective_weight(mlp.down_proj)[0]),
                         "norm1": layer.input_layernorm.weight.detach().to(self.dtype),
                         "norm2": layer.post_attention_layernorm.weight.detach().to(self.dtype),
@@ -193,6 +225,14 @@ class DecodeModel:
         qkv = self._linear(h, layer["qkv"])
         return qkv if layer["qkv_bias"] is None else qkv.add_(layer["qkv_bias"])
 
+    def _norm_qk(self, qk: torch.Tensor, layer: dict[str, Any]) -> torch.Tensor:
+        """Qwen3's per-head query and key RMS norms on (..., heads + kv-heads, D), the scale in the first."""
+        if layer["q_norm"] is None:
+            return qk
+        heads, dim = self.n_heads, self.head_dim
+        q = F.rms_norm(qk[..., :heads, :], (dim,), layer["q_norm"], self.eps)
+        return torch.cat([q, F.rms_norm(qk[..., heads:, :], (dim,), layer["k_norm"], self.eps)], -2)
+
     @torch.no_grad()
     def prefill(
         self,
@@ -207,12 +247,16 @@ class DecodeModel:
         causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
         # A padding query attends to itself so its row stays finite (a fully masked row would be NaN).
         eye = torch.eye(length, dtype=torch.bool, device=self.device)
-        mask = ((causal & key_valid[:, None, :]) | eye)[:, None]  # (B, 1, T, T)
+        masks: dict[int | None, torch.Tensor] = {}
+        for window in set(self.windows):  # a windowed layer: only the last `window` keys, itself included
+            near = causal if window is None else causal & ~causal.tril(-window)
+            masks[window] = ((near & key_valid[:, None, :]) | eye)[:, None]  # (B, 1, T, T)
         x = self.embed[input_ids].view(batch * length, self.hidden)
         for i, layer in enumerate(self.layers):
+            mask = masks[self.windows[i]]
             h = F.rms_norm(x, (self.hidden,), layer["norm1"], self.eps)
             qkv = self._qkv(h, layer).view(batch, length, heads + 2 * kv, dim)
-            qk = self._rotate(qkv[:, :, : heads + kv], positions)
+            qk = self._rotate(self._norm_qk(qkv[:, :, : heads + kv], layer), positions)
             k, v = qk[:, :, heads:].transpose(1, 2), qkv[:, :, heads + kv :].transpose(1, 2)
             cache[i, :, :kv, :length] = k
             cache[i, :, kv:, :length] = v
@@ -241,18 +285,21 @@ class DecodeModel:
         batch = input_ids.shape[0]
         heads, kv, dim = self.n_heads, self.n_kv_heads, self.head_dim
         group = heads // kv
-        bias = key_bias[..., : index + 1]
         x = self.embed[input_ids]  # (B, C)
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden,), layer["norm1"], self.eps)
             qkv = self._qkv(h, layer)
-            qk = qkv[:, : (heads + kv) * dim].view(batch, heads + kv, dim)
+            qk = self._norm_qk(qkv[:, : (heads + kv) * dim].view(batch, heads + kv, dim), layer)
             qk = torch.addcmul(qk * cos, qk.roll(dim // 2, -1), sin)
             layer_cache = cache[i]
             layer_cache[:, :kv, index] = qk[:, heads:]
             layer_cache[:, kv:, index] = qkv[:, (heads + kv) * dim :].view(batch, kv, dim)
-            keys, values = layer_cache[:, :kv, : index + 1], layer_cache[:, kv:, : index + 1]
+            # rows are left-padded, so a slot's distance from `index` is its distance in positions
+            window = self.windows[i]
+            first = 0 if window is None else max(0, index + 1 - window)
+            keys, values = layer_cache[:, :kv, first : index + 1], layer_cache[:, kv:, first : index + 1]
+            bias = key_bias[..., first : index + 1]
             # In fp32: bf16 batched matmuls of these small shapes take oneDNN's slow path (~2x slower
             # here even counting the conversions), and SDPA's CPU kernel is slower still beyond batch 1.
             scores = torch.matmul(

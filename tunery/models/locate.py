@@ -33,6 +33,14 @@ BUILTIN_MODELS = {
 }
 
 
+# The families the decoding engine (decode.py) does not cover, and why: sampling there runs the model's own
+# forward, the same numbers more slowly. tests/unit/test_families.py checks this table against the engine.
+ENGINE_FALLBACK = {
+    "gemma2": "Gemma 2's scaled embeddings, offset norms, four norms per layer and soft-capped logits",
+    "gemma3": "Gemma 3's scaled embeddings, offset norms, four norms per layer and two rotary bases",
+}
+
+
 def is_tiny(name: str) -> bool:
     """A tiny random model built in code (models/tiny.py): nothing to load from disk."""
     return name == TINY or name.removeprefix(TINY + "-") in TINY_FAMILIES
@@ -45,6 +53,17 @@ def tunery_home() -> Path:
 def available_models_text() -> str:
     lines = [f"  {name:<24} {text}" for name, text in BUILTIN_MODELS.items()]
     lines.append(f"  {'PATH':<24} a local Hugging Face model directory (with config.json) or a .gguf file")
+    return "\n".join(lines)
+
+
+def support_matrix_text() -> str:
+    """Which families are covered by what, each cell a test on the family's tiny model
+    (tests/unit/test_families.py; Llama's in the rest of the suite)."""
+    lines = [f"  {'family':<9} {'sft':<4} {'dpo':<4} {'grpo':<5} {'export':<7} decoding engine"]
+    for family in ("llama", *TINY_FAMILIES):
+        why = ENGINE_FALLBACK.get(family)
+        engine = f"no, the model's own forward: {why}" if why else "yes"
+        lines.append(f"  {family:<9} {'yes':<4} {'yes':<4} {'yes':<5} {'yes':<7} {engine}")
     return "\n".join(lines)
 
 

@@ -184,7 +184,7 @@ def tiny_tokenizer(family: str = "llama") -> PreTrainedTokenizerFast:
 
 def tiny_model(vocab_size: int, seed: int = 0, family: str = "llama") -> PreTrainedModel:
     spec = FAMILIES[family]
-    config = spec.config(
+    config = spec.config(  # type: ignore[call-arg]
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -204,5 +204,5 @@ def tiny_model(vocab_size: int, seed: int = 0, family: str = "llama") -> PreTrai
     model_class = AutoModelForCausalLM._model_mapping[type(config)]  # type: ignore[attr-defined]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = model_class(config)
+        model = model_class(config)  # type: ignore[operator]
     return model  # type: ignore[no-any-return]

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from tunery.models.locate import ENGINE_FALLBACK
+from tunery.models.quantize import is_quantized
 
 _SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
 _WHY_NOT = {"gemma2": ENGINE_FALLBACK["gemma2"], "gemma3_text": ENGINE_FALLBACK["gemma3"]}
@@ -46,6 +47,8 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     model_type = getattr(config, "model_type", None)
     if config is None or model_type not in _SUPPORTED:
         return _WHY_NOT.get(str(model_type), f"model type {model_type!r} is not one of {sorted(_SUPPORTED)}")
+    if is_quantized(base):
+        return "quantized base weights (--quantize): sampling runs the quantized layers themselves"
     if (getattr(config, "partial_rotary_factor", None) or 1.0) != 1.0:
         return "partial rotary embeddings"
     if getattr(config, "mlp_bias", False):

@@ -117,7 +117,7 @@ def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Store frozen weights in `dtype` (bf16 halves their memory and skips autocast's per-step casts);
     trainable weights stay fp32 so optimizer updates keep full precision."""
     for param in model.parameters():
-        if not param.requires_grad:
+        if not param.requires_grad and param.is_floating_point():  # (not a quantized weight)
             param.data = param.data.to(dtype)
     for buffer_name, buffer in model.named_buffers():
         if buffer.is_floating_point() and "inv_freq" not in buffer_name:

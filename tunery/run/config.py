@@ -61,6 +61,7 @@ class RunConfig:
     lora_alpha: int = 32  # LoRA scaling numerator (the update is scaled by alpha / rank)
     lora_dropout: float = 0.0  # dropout on the LoRA branch
     lora_targets: str = "all-linear"  # or comma-separated module names, e.g. q_proj,v_proj
+    quantize: str = "none"  # none | int8 | int4: the frozen base stored quantized under LoRA (QLoRA)
     micro_batch_tokens: int = 2048  # token budget of one packed forward pass
     precision: str = "auto"  # bf16 | fp32 | auto (bf16 where the hardware runs it fast)
     seed: int = 0  # data order, LoRA initialisation and sampling
@@ -122,6 +123,7 @@ class SamplingFields:
 def check_run_fields(cfg: Any) -> None:
     """The checks of the shared fields, with messages a user can act on (`__post_init__` of a config)."""
     from tunery.models.locate import adapter_dir  # torch-free
+    from tunery.models.quantize import check_quantize
     from tunery.safety.card import check_card_fields
     from tunery.safety.screen import check_policies
     from tunery.training.energy import check_energy_fields
@@ -140,6 +142,7 @@ def check_run_fields(cfg: Any) -> None:
         raise TuneryError(f"lr must be between 0 and 1, got {cfg.lr}")
     if cfg.lora_rank < 0:
         raise TuneryError("lora_rank must be >= 0 (0 means full fine-tuning)")
+    check_quantize(cfg.quantize, cfg.lora_rank)
     if cfg.max_length < 16:
         raise TuneryError("max_length must be at least 16 tokens")
     if cfg.micro_batch_tokens < 16:

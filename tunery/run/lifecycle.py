@@ -38,6 +38,7 @@ from tunery.errors import TuneryError
 from tunery.models.load import load_model
 from tunery.models.locate import adapter_dir
 from tunery.models.lora import apply_lora, bf16_is_fast, cast_frozen, merge_adapter
+from tunery.models.quantize import load_dtype, quantize_base
 from tunery.run import files
 from tunery.run.config import ChatEvalFields, HeldOutFields, Resolved, RunConfig, build_config, to_dict
 from tunery.safety.card import write_model_card
@@ -100,7 +101,7 @@ def open_run(
     paths = screened_paths(run_dir, data)
     if resume:
         check_same_data(run_dir, cfg)
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model, load_dtype(cfg.quantize))
     if cfg.adapter:
         model = merge_adapter(model, cfg.adapter)
     return Opened(
@@ -154,10 +155,12 @@ def resolve_run(
 
 
 def with_lora(model: Any, cfg: RunConfig, plan: Resolved) -> Any:
-    """LoRA on `model` when `lora_rank` > 0, its frozen weights stored in bf16 when training in bf16."""
+    """LoRA on `model` when `lora_rank` > 0, its frozen weights stored in bf16 when training in bf16, or
+    quantized (`quantize`)."""
     torch.manual_seed(cfg.seed)  # LoRA initialisation (and whatever the recipe initialises next)
     if not cfg.lora_rank:
         return model
+    quantize_base(model, cfg.quantize, torch.bfloat16 if plan.precision == "bf16" else torch.float32)
     model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     if plan.precision == "bf16":
         cast_frozen(model, torch.bfloat16)

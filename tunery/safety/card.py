@@ -112,6 +112,7 @@ SETTINGS = {  # config field -> how the card names it
     "warmup_ratio": "warmup (fraction of steps)",
     "lora_rank": "LoRA rank",
     "lora_alpha": "LoRA alpha",
+    "quantize": "base quantized in training (QLoRA)",
     "max_length": "max length",
     "precision": "precision",
     "seed": "seed",
@@ -420,7 +421,9 @@ def _federation(run: _Run) -> str:
 
 def _training(run: _Run) -> str:
     cfg, summary = run.config, run.summary
-    hyper = [(label, _value(cfg[key])) for key, label in SETTINGS.items() if cfg.get(key) is not None]
+    hyper = [
+        (label, _value(cfg[key])) for key, label in SETTINGS.items() if cfg.get(key) not in (None, "none")
+    ]
     lines = ["## Training", "", _table(("setting", "value"), hyper) if hyper else "No config.yaml.", ""]
     curve = _curve(run.records)
     lines += ["### Results", ""]

@@ -1,0 +1,131 @@
+"""`--quantize int8|int4`: a quantized frozen base under LoRA (models/quantize.py, on bitsandbytes)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import pair_lines, write_jsonl
+from tunery.errors import TuneryError
+from tunery.models.decode import unsupported_reason
+from tunery.models.load import load_model
+from tunery.models.lora import apply_lora
+from tunery.models.quantize import check_quantize, quantize_base
+from tunery.models.sampling import SamplingParams, sample
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def linear_bytes(model: torch.nn.Module) -> int:
+    return sum(
+        p.numel() * p.element_size()
+        for name, p in model.named_parameters()
+        if "proj" in name  # every projection of every layer (the embeddings and norms stay as they were)
+    )
+
+
+@pytest.mark.parametrize(("kind", "ratio", "error"), [("int8", 4, 0.02), ("int4", 8, 0.12)])
+def test_the_base_is_stored_quantized_and_computes_close_to_the_original(
+    kind: str, ratio: float, error: float
+) -> None:
+    """Each projection held in 8 or 4 bits; each computes its full-precision output to within the format's
+    error (measured: int8 ~1%, NF4 ~9% of the output's norm on these random weights)."""
+    model, _ = load_model("tiny-random")
+    originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith("proj")}
+    full_bytes = linear_bytes(model)
+    assert quantize_base(model, kind, torch.float32) == len(originals) == 2 * 7  # q k v o gate up down
+    # int8: a byte per weight (+ a scale per row); int4: half a byte (+ a quantized scale per 64)
+    assert linear_bytes(model) < full_bytes / ratio * 1.1
+    assert not any(p.is_floating_point() for n, p in model.named_parameters() if "proj.weight" in n)
+    assert model.lm_head.weight.dtype == torch.float32  # the output layer stays full precision
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, weight in originals.items():
+            x_in = torch.randn(16, weight.shape[1], generator=torch.Generator().manual_seed(0))
+            want = x_in @ weight.T
+            relative = (modules[name](x_in) - want).norm() / want.norm()
+            assert relative < error, (name, relative)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_sampling_uses_the_weights_the_trainer_uses(kind: str) -> None:
+    """RL rollouts on a quantized base: the sampler's log-probabilities are those of the training forward
+    through the same quantized layers with the adapter on (the decoding engine, which packs full-precision
+    weights, declines such a model)."""
+    model, tokenizer = load_model("tiny-random")
+    quantize_base(model, kind, torch.float32)
+    peft = apply_lora(model, 4, 8, 0.0, "all-linear")
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    peft.eval()
+    assert "quantized" in (unsupported_reason(peft) or "")
+    prompt = [5, 17, 42, 99, 7]
+    [completion] = sample(peft, tokenizer, [prompt], SamplingParams(max_new_tokens=8, temperature=1.0,
+                                                                    seed=1, ignore_eos=True))  # fmt: skip
+    ids = torch.tensor([prompt + completion.token_ids])
+    with torch.no_grad():
+        logps = peft(input_ids=ids).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
+    chosen = logps.gather(-1, ids[0, len(prompt) :, None])[:, 0]
+    assert torch.allclose(chosen, torch.tensor(completion.logprobs), atol=1e-4)
+
+
+def test_quantize_needs_lora_and_a_known_kind(tmp_path: Path) -> None:
+    with pytest.raises(TuneryError, match="full fine-tuning"):
+        check_quantize("int4", 0)
+    with pytest.raises(TuneryError, match="none, int8, int4"):
+        check_quantize("nf4", 16)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunery", "train", "sft", "--model", "tiny-random", "--data",
+         str(write_jsonl(tmp_path / "t.jsonl", pair_lines(2))), "--out", str(tmp_path / "run"), "--full", "--quantize", "int8"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "full fine-tuning" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def cli(args: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "tunery", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def series(run: Path, key: str) -> list[float]:
+    return [r[key] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_sft_and_dpo_learn_on_a_quantized_base(kind: str, tmp_path: Path) -> None:
+    """SFT learns a fixed answer and `tunery chat` (full-precision base + the adapter) gives it; DPO's
+    reference (the adapter switched off over the same quantized base) makes its loss start at ln 2."""
+    lines = [
+        {"messages": [{"role": "user", "content": f"Colour number {i}?"},
+                      {"role": "assistant", "content": "Blue."}]}
+        for i in range(16)
+    ]  # fmt: skip
+    data = write_jsonl(tmp_path / "train.jsonl", lines)
+    cli(["train", "sft", "--model", "tiny-random", "--data", str(data), "--out", str(tmp_path / "sft"),
+         "--epochs", "3", "--batch-size", "4", "--lr", "0.02", "--safety-evals", "none", "--quantize", kind])  # fmt: skip
+    losses = series(tmp_path / "sft", "train_loss")
+    assert losses[-1] < losses[0] / 2, losses
+    chat = subprocess.run(
+        [sys.executable, "-m", "tunery", "chat", "--model", "tiny-random", "--adapter", str(tmp_path / "sft"),
+         "--max-tokens", "8"],
+        cwd=REPO, input="Colour number 99?\n/exit\n", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert chat.returncode == 0 and "Blue." in chat.stdout, chat.stderr[-2000:]
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_lines(16))
+    cli(["train", "dpo", "--model", "tiny-random", "--data", str(pairs), "--out", str(tmp_path / "dpo"),
+         "--epochs", "3", "--batch-size", "4", "--lr", "0.01", "--safety-evals", "none", "--quantize", kind])  # fmt: skip
+    losses = series(tmp_path / "dpo", "train_loss")
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-3) and sum(losses[-3:]) / 3 < 0.5, losses
+    config = (tmp_path / "dpo" / "config.yaml").read_text()
+    assert f"quantize: {kind}" in config

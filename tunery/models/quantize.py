@@ -1,0 +1,113 @@
+"""A quantized frozen base under LoRA (QLoRA): `--quantize int8|int4`.
+
+The base model's linear layers (every projection; not the embeddings, norms or the output layer) are
+replaced by bitsandbytes' quantized layers, which hold their weights in 8 bits (LLM.int8's row-wise
+absmax) or 4 bits (QLoRA's NF4 in blocks of 64, the block scales themselves quantized), on CPU and GPU
+alike. The LoRA matrices on top train in the run's precision; gradients flow through the quantized layers
+to the layers below. Everything that runs the model afterwards (evaluations, RL rollouts, the DPO
+reference with the adapter switched off) runs these same quantized weights: the decoding engine declines a
+quantized model (`decode.unsupported_reason`) and sampling takes the model's own forward.
+
+The adapter saved in `final/` is a normal LoRA adapter. Loaded on the full-precision base (what
+`tunery chat`, the service and `tunery export --merge` do) it computes what it learnt up to the
+quantization error of the base, as QLoRA adapters are used in the field.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from tunery.errors import TuneryError
+
+log = logging.getLogger(__name__)
+
+QUANTIZE = ("none", "int8", "int4")
+KEEP = ("lm_head",)  # the output layer stays in full precision (reward and value heads come after)
+
+
+def check_quantize(kind: str, lora_rank: int) -> None:
+    """The config's check: a known kind, and LoRA (a quantized weight cannot be trained itself)."""
+    if kind not in QUANTIZE:
+        raise TuneryError(f"quantize must be one of {', '.join(QUANTIZE)}, got {kind!r}")
+    if kind != "none" and not lora_rank:
+        raise TuneryError(
+            f"quantize={kind} stores the frozen base quantized under LoRA; full fine-tuning (lora_rank 0 / "
+            "--full) trains every weight and cannot: drop --quantize, or use --shard to spread full "
+            "fine-tuning over several processes"
+        )
+
+
+def _bitsandbytes() -> Any:
+    try:
+        import bitsandbytes
+    except ImportError as exc:
+        raise TuneryError(
+            "--quantize needs the bitsandbytes package: `pip install -e '.[quantize]'` (make install has it)"
+        ) from exc
+    return bitsandbytes
+
+
+def quantized_linear(linear: torch.nn.Linear, kind: str, compute_dtype: torch.dtype) -> torch.nn.Module:
+    """A bitsandbytes layer holding `linear`'s weight quantized (quantization happens on `.to(device)`)."""
+    bnb = _bitsandbytes()
+    device = linear.weight.device
+    weight = linear.weight.data
+    has_bias = linear.bias is not None
+    layer: Any
+    if kind == "int8":
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False, threshold=0.0
+        )
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            compute_dtype=compute_dtype,
+            compress_statistics=True,
+            quant_type="nf4",
+            quant_storage=torch.uint8,
+        )
+        layer.weight = bnb.nn.Params4bit(
+            weight, requires_grad=False, compress_statistics=True, quant_type="nf4", blocksize=64
+        )
+    if has_bias:
+        layer.bias = torch.nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
+    return layer.to(device)  # type: ignore[no-any-return]
+
+
+def load_dtype(kind: str) -> torch.dtype:
+    """The precision to load a base in that is about to be quantized: bf16 halves the memory the full
+    weights take until each is quantized (the quantized values are the same to within bf16's rounding)."""
+    return torch.float32 if kind == "none" else torch.bfloat16
+
+
+def quantize_base(model: torch.nn.Module, kind: str, compute_dtype: torch.dtype) -> int:
+    """Replace `model`'s linear layers by quantized ones, one at a time (each full-precision weight is freed
+    as its quantized copy is made), and put the rest in `compute_dtype`. Returns how many layers were
+    quantized."""
+    if kind == "none":
+        return 0
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear and name not in KEEP:
+                setattr(parent, name, quantized_linear(child, kind, compute_dtype))
+                count += 1
+    if not count:
+        raise TuneryError(f"quantize={kind}: the model has no linear layers to quantize")
+    for param in model.parameters():  # what stays unquantized (embeddings, norms, output layer) computes
+        if param.is_floating_point():  # in the run's precision, whatever precision it was loaded in
+            param.data = param.data.to(compute_dtype)
+    # peft reads these to wrap bitsandbytes layers with its matching LoRA layers
+    setattr(model, f"is_loaded_in_{kind[3]}bit", True)  # noqa: B010
+    log.info("quantize %s: %d linear layers of the frozen base stored in %s bits", kind, count, kind[3:])
+    return count
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    return any(type(m).__name__ in ("Linear8bitLt", "Linear4bit") for m in model.modules())

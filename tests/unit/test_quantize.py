@@ -16,8 +16,9 @@ from tunery.errors import TuneryError
 from tunery.models.decode import unsupported_reason
 from tunery.models.load import load_model
 from tunery.models.lora import apply_lora
-from tunery.models.quantize import check_quantize, quantize_base
+from tunery.models.quantize import quantize_base
 from tunery.models.sampling import SamplingParams, sample
+from tunery.run.config import check_quantize
 
 REPO = Path(__file__).resolve().parents[2]
 

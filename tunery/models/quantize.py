@@ -24,20 +24,7 @@ from tunery.errors import TuneryError
 
 log = logging.getLogger(__name__)
 
-QUANTIZE = ("none", "int8", "int4")
 KEEP = ("lm_head",)  # the output layer stays in full precision (reward and value heads come after)
-
-
-def check_quantize(kind: str, lora_rank: int) -> None:
-    """The config's check: a known kind, and LoRA (a quantized weight cannot be trained itself)."""
-    if kind not in QUANTIZE:
-        raise TuneryError(f"quantize must be one of {', '.join(QUANTIZE)}, got {kind!r}")
-    if kind != "none" and not lora_rank:
-        raise TuneryError(
-            f"quantize={kind} stores the frozen base quantized under LoRA; full fine-tuning (lora_rank 0 / "
-            "--full) trains every weight and cannot: drop --quantize, or use --shard to spread full "
-            "fine-tuning over several processes"
-        )
 
 
 def _bitsandbytes() -> Any:

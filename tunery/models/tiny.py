@@ -182,9 +182,9 @@ def tiny_tokenizer(family: str = "llama") -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_model(vocab_size: int, seed: int = 0, family: str = "llama") -> PreTrainedModel:
+def tiny_config(vocab_size: int, family: str = "llama") -> PretrainedConfig:
     spec = FAMILIES[family]
-    config = spec.config(  # type: ignore[call-arg]
+    return spec.config(  # type: ignore[call-arg]
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -201,6 +201,10 @@ def tiny_model(vocab_size: int, seed: int = 0, family: str = "llama") -> PreTrai
         initializer_range=0.2,
         **dict(spec.extra),
     )
+
+
+def tiny_model(vocab_size: int, seed: int = 0, family: str = "llama") -> PreTrainedModel:
+    config = tiny_config(vocab_size, family)
     model_class = AutoModelForCausalLM._model_mapping[type(config)]  # type: ignore[attr-defined]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

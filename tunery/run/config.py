@@ -30,6 +30,7 @@ from tunery.errors import TuneryError
 C = TypeVar("C")
 
 PRECISIONS = ("auto", "bf16", "fp32")
+QUANTIZE = ("none", "int8", "int4")  # --quantize (models/quantize.py)
 SCHEDULES = ("cosine", "linear", "constant")
 SAFETY_EVAL_SIZES = ("none", "quick", "default", "full")
 
@@ -62,6 +63,7 @@ class RunConfig:
     lora_dropout: float = 0.0  # dropout on the LoRA branch
     lora_targets: str = "all-linear"  # or comma-separated module names, e.g. q_proj,v_proj
     quantize: str = "none"  # none | int8 | int4: the frozen base stored quantized under LoRA (QLoRA)
+    memory_check: bool = True  # refuse a run whose estimated peak memory is above the free memory
     micro_batch_tokens: int = 2048  # token budget of one packed forward pass
     precision: str = "auto"  # bf16 | fp32 | auto (bf16 where the hardware runs it fast)
     seed: int = 0  # data order, LoRA initialisation and sampling
@@ -123,7 +125,6 @@ class SamplingFields:
 def check_run_fields(cfg: Any) -> None:
     """The checks of the shared fields, with messages a user can act on (`__post_init__` of a config)."""
     from tunery.models.locate import adapter_dir  # torch-free
-    from tunery.models.quantize import check_quantize
     from tunery.safety.card import check_card_fields
     from tunery.safety.screen import check_policies
     from tunery.training.energy import check_energy_fields
@@ -166,6 +167,18 @@ def check_run_fields(cfg: Any) -> None:
         raise TuneryError("early_stopping_patience and early_stopping_min_delta must be >= 0")
     if patience and not cfg.valid:
         raise TuneryError("early stopping watches the validation loss: pass --valid FILE.jsonl")
+
+
+def check_quantize(kind: str, lora_rank: int) -> None:
+    """The config's check: a known kind, and LoRA (a quantized weight cannot be trained itself)."""
+    if kind not in QUANTIZE:
+        raise TuneryError(f"quantize must be one of {', '.join(QUANTIZE)}, got {kind!r}")
+    if kind != "none" and not lora_rank:
+        raise TuneryError(
+            f"quantize={kind} stores the frozen base quantized under LoRA; full fine-tuning (lora_rank 0 / "
+            "--full) trains every weight and cannot: drop --quantize, or use --shard to spread full "
+            "fine-tuning over several processes"
+        )
 
 
 # --- what `auto` became -----------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from tunery.run.config import ChatEvalFields, HeldOutFields, Resolved, RunConfig
 from tunery.safety.card import write_model_card
 from tunery.safety.content import stop_worker
 from tunery.safety.screen import screen_run_data, screened_paths
-from tunery.training import auto, distributed
+from tunery.training import auto, distributed, fit
 from tunery.training.checkpoint import CheckpointWriter, latest_checkpoint, load_checkpoint
 from tunery.training.early_stopping import EarlyStopping, restore_best, resume_early_stopping, save_best
 from tunery.training.energy import EnergyMeter
@@ -88,6 +88,15 @@ def open_run(
         distributed.teardown(world)
         raise TuneryError(f"{type(cfg).__name__[:-6]} runs in one process for now; start it without torchrun")
     run_dir = Path(cfg.out)
+    if cfg.memory_check:  # before anything is written or loaded
+        precision = (
+            cfg.precision if cfg.precision != "auto" else "bf16" if bf16_is_fast(world.device) else "fp32"
+        )
+        try:
+            fit.check_fit(cfg.model, fit.Setup.of(cfg, precision), world.device)
+        except TuneryError:
+            distributed.teardown(world)
+            raise
     energy = EnergyMeter.for_run(cfg, run_dir, world, resume)  # probes the hardware while the run sets up
     data = {"train": cfg.data if train_here else None, "valid": cfg.valid}
     if world.is_main:

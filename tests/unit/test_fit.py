@@ -1,0 +1,105 @@
+"""Will it fit? (training/fit.py): the estimate against measured peaks, and the refusal before loading."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tests.conftest import write_jsonl
+from tunery.errors import TuneryError
+from tunery.models.load import load_tokenizer
+from tunery.training import fit
+
+REPO = Path(__file__).resolve().parents[2]
+GB = 1e9
+
+
+def llama_dir(path: Path, hidden: int, mlp: int, layers: int, weights: bool = True) -> Path:
+    """A Llama-shaped model directory with the tiny byte-level tokenizer; random weights, or config only."""
+    tokenizer = load_tokenizer("tiny-random")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    path.mkdir()
+    if weights:
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(path)
+    else:
+        config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_the_estimate_is_within_a_quarter_of_the_measured_peak(full: bool, tmp_path: Path) -> None:
+    """A 134M-parameter model (its weights 0.5 GB in fp32) trained on rows of ~1000 tokens: the estimate
+    of the run's peak memory against the peak the run measured (summary.json)."""
+    model = llama_dir(tmp_path / "model", hidden=1024, mlp=4096, layers=8)
+    lines = [
+        {"messages": [{"role": "user", "content": f"Question {i}: " + "why is the sky blue? " * 10},
+                      {"role": "assistant", "content": "Because air scatters blue light the most. " * 6}]}
+        for i in range(10)
+    ]  # fmt: skip
+    data = write_jsonl(tmp_path / "train.jsonl", lines)
+    out = tmp_path / "run"
+    args = ["--model", str(model), "--data", str(data), "--out", str(out), "--max-steps", "2", "--batch-size",
+            "2", "--micro-batch-tokens", "1024", "--precision", "fp32", "--safety-evals", "none",
+            "--no-track-energy", *(["--full"] if full else [])]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "tunery", "train", "sft", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = json.loads((out / "summary.json").read_text())["peak_memory_mb"] * 2**20
+    shape = fit.model_shape(str(model))
+    assert shape is not None and shape.parameters > 130e6
+    estimated = fit.estimate(shape, fit.Setup(0 if full else 16, "none", "fp32", 1024)).peak
+    assert "GB at peak" in proc.stderr  # the run logs its estimate
+    print(f"estimate {estimated / GB:.2f} GB, measured {measured / GB:.2f} GB")
+    assert 0.75 < estimated / measured < 1.25, (estimated / GB, measured / GB)
+
+
+def test_a_run_that_cannot_fit_is_refused_before_loading_with_options(tmp_path: Path) -> None:
+    """An 8B-shaped model (config only: nothing could be loaded) fully fine-tuned needs ~16 bytes per
+    parameter: refused at once, exit status 2 (a usage error), with the estimate and the options, and no run directory."""
+    model = llama_dir(tmp_path / "model8b", hidden=4096, mlp=14336, layers=32, weights=False)
+    data = write_jsonl(tmp_path / "train.jsonl", 10 * [{"messages": [{"role": "user", "content": "hi"},
+                                                                     {"role": "assistant", "content": "hello"}]}])  # fmt: skip
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunery", "train", "sft", "--model", str(model), "--data", str(data),
+         "--out", str(out), "--full"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "will not fit in memory" in proc.stderr and "GB at peak" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+    assert "--no-memory-check" in proc.stderr
+
+
+def test_the_options_offered_are_the_ones_that_fit(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    model = llama_dir(tmp_path / "model8b", hidden=4096, mlp=14336, layers=32, weights=False)
+    shape = fit.model_shape(str(model))
+    assert shape is not None and 7e9 < shape.parameters < 8e9
+    setup = fit.Setup(16, "none", "fp32", 2048)
+    int4 = fit.estimate(shape, fit.Setup(16, "int4", "fp32", 2048)).peak
+    monkeypatch.setattr(fit, "free_memory", lambda device: int4 + 0.1 * GB)  # int4 fits, int8 does not
+    with pytest.raises(TuneryError) as refused:
+        fit.check_fit(str(model), setup, torch.device("cpu"))
+    message = str(refused.value)
+    # int4 fits as it is; int8 only with a shorter micro-batch; every option offered is under the free memory
+    assert "; --quantize int4 (~" in message and "--quantize int8 (~" not in message
+    assert "--quantize int8 --micro-batch-tokens 1024 (~" in message
+    offered = [float(x) for x in re.findall(r"\(~([0-9.]+) GB\)", message.split("Options that fit:")[1])]
+    assert offered and all(x <= (int4 + 0.1 * GB) / GB + 0.05 for x in offered), message
+    assert fit.estimate(shape, fit.Setup(16, "int8", "fp32", 2048)).peak > int4
+    monkeypatch.setattr(fit, "free_memory", lambda device: 1e15)
+    assert fit.check_fit(str(model), setup, torch.device("cpu")) is not None

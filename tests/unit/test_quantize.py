@@ -78,6 +78,36 @@ def test_sampling_uses_the_weights_the_trainer_uses(kind: str) -> None:
     assert torch.allclose(chosen, torch.tensor(completion.logprobs), atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_the_fused_lora_path_over_a_quantized_layer_equals_peft_s(kind: str) -> None:
+    """Tunery's LoRA function over bitsandbytes layers (less working memory) computes peft's own loss and
+    gradients."""
+    model, _ = load_model("tiny-random")
+    quantize_base(model, kind, torch.float32)
+    peft = apply_lora(model, 4, 8, 0.0, "all-linear")
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    ids = torch.randint(5, 200, (2, 30), generator=torch.Generator().manual_seed(0))
+
+    def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        peft.zero_grad()
+        loss = peft(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in peft.named_parameters() if p.grad is not None}
+
+    layers = [m for m in peft.modules() if type(m).__module__ == "peft.tuners.lora.bnb"]
+    assert layers and all("_quantized_lora_forward" in str(m.forward) for m in layers)
+    fused_loss, fused = step()
+    for m in layers:  # peft's own forward
+        m.forward = type(m).forward.__get__(m)
+    own_loss, own = step()
+    assert torch.allclose(fused_loss, own_loss) and fused.keys() == own.keys() and len(own) == 28
+    for name, grad in own.items():
+        assert torch.allclose(fused[name], grad, rtol=1e-4, atol=1e-7), name
+
+
 def test_quantize_needs_lora_and_a_known_kind(tmp_path: Path) -> None:
     with pytest.raises(TuneryError, match="full fine-tuning"):
         check_quantize("int4", 0)

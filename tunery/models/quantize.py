@@ -96,5 +96,16 @@ def quantize_base(model: torch.nn.Module, kind: str, compute_dtype: torch.dtype)
     return count
 
 
+def dequantized_weight(layer: Any, dtype: torch.dtype) -> torch.Tensor:
+    """A bitsandbytes layer's weight as the full-precision (out, in) matrix its forward computes with."""
+    bnb = _bitsandbytes()
+    weight = layer.weight
+    if type(layer).__name__ == "Linear4bit":
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)  # type: ignore[no-any-return]
+    scales = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
+    rows = weight.CB if getattr(weight, "CB", None) is not None else weight.data
+    return (rows.to(dtype) * (scales.to(dtype) / 127).unsqueeze(1)).contiguous()
+
+
 def is_quantized(model: torch.nn.Module) -> bool:
     return any(type(m).__name__ in ("Linear8bitLt", "Linear4bit") for m in model.modules())

@@ -35,9 +35,6 @@ ACT_HIDDEN = 12  # saved values per token and layer, in units of the hidden size
 ACT_MLP = 6  # ... and of the MLP's width (gate, up, their product and the activation's input)
 ADAM = 16  # bytes per trained parameter: fp32 weight, gradient and two moments
 QUANT_BYTES = {"none": None, "int8": 1.0 + 0.02, "int4": 0.5 + 0.04}  # per weight, with the scales
-# bitsandbytes' layers under peft's LoRA hold more working memory per token than Tunery's fused LoRA path
-# (measured 1.25-1.5x on the bundled and a 1.1B model: bench/RESULTS.md, "a quantized base under LoRA")
-ACT_QUANTIZED = 1.45
 
 
 @dataclass(frozen=True)
@@ -106,7 +103,7 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
     if shape.file_bytes and load_bytes != shape.file_dtype_bytes:
         load += shape.file_bytes  # the file's pages, while they are converted
     per_token = shape.layers * (ACT_HIDDEN * shape.hidden + ACT_MLP * shape.mlp) * wide
-    activations = setup.micro_batch_tokens * per_token * (ACT_QUANTIZED if quant is not None else 1.0)
+    activations = setup.micro_batch_tokens * per_token
     peak = BASELINE + max(load, weights + optimizer + activations)
     return Estimate(load, weights, optimizer, activations, peak)
 

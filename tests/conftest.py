@@ -114,6 +114,44 @@ def tiny():
     return load_model("tiny-random")
 
 
+def run_two_nodes(args: list[str], timeout: float = 300) -> list[subprocess.CompletedProcess[str]]:
+    """Two torchrun launches of one process each, as two nodes of a cluster would run them (README, "On a
+    cluster"): `torchrun --nnodes 2 --nproc_per_node 1 --rdzv-backend c10d --rdzv-endpoint HOST:PORT`, here
+    both on 127.0.0.1. Each launch's outcome; on a hang, both process groups are killed."""
+    import socket
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun, "torchrun ships with torch"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch = [torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "tunery-test", "-m", "tunery", *args]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            launch,
+            cwd=Path(__file__).resolve().parents[1],
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    results = []
+    deadline = time.monotonic() + timeout
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"two-node torchrun hung for {timeout:.0f} s") from None
+    return results
+
+
 def run_torchrun(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
     """`torchrun --standalone --nproc_per_node=2 -m tunery ARGS` from the repository root. On a hang every
     process of the group is sent SIGABRT first, so faulthandler prints where each rank was stuck in the

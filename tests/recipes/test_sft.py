@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 from peft import PeftModel
 
-from tests.conftest import chat_lines, run_torchrun, write_jsonl
+from tests.conftest import chat_lines, run_torchrun, run_two_nodes, write_jsonl
 from tunery.cli import main
 from tunery.errors import TuneryError
 from tunery.models.load import load_model
@@ -219,6 +219,25 @@ def test_ddp_two_processes_match_one(chat_files, tmp_path: Path) -> None:
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert a["tokens"] == b["tokens"]
     assert json.loads((double / "summary.json").read_text())["world_size"] == 2
+
+
+def test_two_nodes_match_one_process(chat_files, tmp_path: Path) -> None:
+    """Multi-node: two torchrun launches joined by a c10d rendezvous (two "nodes" on 127.0.0.1, sharing the
+    run directory as a cluster's shared filesystem would) train what one process trains."""
+    train, valid = chat_files
+    single = tmp_path / "single"
+    sft.run(None, config(train, valid, single, epochs=1, safety_evals="none"))
+    nodes = tmp_path / "nodes"
+    for proc in run_two_nodes(cli_args(config(train, valid, nodes, epochs=1, safety_evals="none"))):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one = [r for r in read_metrics(single) if "train_loss" in r]
+    two = [r for r in read_metrics(nodes) if "train_loss" in r]
+    assert len(one) == len(two) > 1
+    for a, b in zip(one, two, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["tokens"] == b["tokens"]
+    assert json.loads((nodes / "summary.json").read_text())["world_size"] == 2
+    assert (nodes / "final" / "adapter_model.safetensors").is_file()
 
 
 def test_continued_sft_starts_from_the_merged_adapter(chat_files, tmp_path: Path) -> None:

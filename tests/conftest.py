@@ -114,6 +114,53 @@ def tiny():
     return load_model("tiny-random")
 
 
+def nudged_lora(model):  # type: ignore[no-untyped-def]
+    """`model` with a rank-4 LoRA adapter on every linear layer, its B matrices nudged off zero (so the
+    adapter changes the output)."""
+    import torch
+
+    from tunery.models.lora import apply_lora
+
+    peft = apply_lora(model, rank=4, alpha=8, dropout=0.0, targets="all-linear")
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    return peft
+
+
+# a chat a tiny model learns in a few steps: the same answer to every question
+BLUE_LINES = [
+    {
+        "messages": [
+            {"role": "user", "content": f"Colour number {i}?"},
+            {"role": "assistant", "content": "Blue."},
+        ]
+    }
+    for i in range(16)
+]
+
+
+def tunery_ok(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m tunery ARGS` from the repository root; it must succeed."""
+    proc = subprocess.run([sys.executable, "-m", "tunery", *args], cwd=Path(__file__).resolve().parents[1],
+                          input=stdin, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def metric_series(run: Path, key: str) -> list[float]:
+    """`key` in each line of a run's metrics.jsonl that has it."""
+    return [r[key] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+def _launch(command: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        command, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
 def run_two_nodes(args: list[str], timeout: float = 300) -> list[subprocess.CompletedProcess[str]]:
     """Two torchrun launches of one process each, as two nodes of a cluster would run them (README, "On a
     cluster"): `torchrun --nnodes 2 --nproc_per_node 1 --rdzv-backend c10d --rdzv-endpoint HOST:PORT`, here
@@ -127,18 +174,7 @@ def run_two_nodes(args: list[str], timeout: float = 300) -> list[subprocess.Comp
         port = sock.getsockname()[1]
     launch = [torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "tunery-test", "-m", "tunery", *args]  # fmt: skip
-    procs = [
-        subprocess.Popen(
-            launch,
-            cwd=Path(__file__).resolve().parents[1],
-            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )  # fmt: skip
-        for _ in range(2)
-    ]
+    procs = [_launch(launch) for _ in range(2)]
     results = []
     deadline = time.monotonic() + timeout
     try:
@@ -158,15 +194,7 @@ def run_torchrun(args: list[str], timeout: float = 240) -> subprocess.CompletedP
     failure message, then SIGKILL: a hung run fails with its stacks instead of leaving ranks behind."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert torchrun, "torchrun ships with torch"
-    proc = subprocess.Popen(
-        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "tunery", *args],
-        cwd=Path(__file__).resolve().parents[1],
-        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = _launch([torchrun, "--standalone", "--nproc_per_node=2", "-m", "tunery", *args])
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -4,16 +4,13 @@ attention, chat templates, sampling, LoRA targets and a training run, per family
 from __future__ import annotations
 
 import copy
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import pair_lines, write_jsonl
+from tests.conftest import BLUE_LINES, metric_series, nudged_lora, pair_lines, tunery_ok, write_jsonl
 from tunery.data.chat import ChatExample
 from tunery.data.template import tokenize_chat
 from tunery.models.load import load_model
@@ -22,7 +19,6 @@ from tunery.models.lora import apply_lora, load_adapter
 from tunery.models.sampling import SamplingParams, sample
 from tunery.models.tiny import FAMILIES, WINDOW
 
-REPO = Path(__file__).resolve().parents[2]
 NAMES = [TINY, *(f"{TINY}-{family}" for family in TINY_FAMILIES)]
 
 
@@ -129,34 +125,19 @@ def test_lora_all_linear_covers_attention_and_mlp(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES[1:])
 def test_sft_learns_chat_answers_and_export_round_trips(name: str, tmp_path: Path) -> None:
-    data = tmp_path / "train.jsonl"
-    lines = [
-        {"messages": [{"role": "user", "content": f"Colour number {i}?"},
-                      {"role": "assistant", "content": "Blue."}]}
-        for i in range(16)
-    ]  # fmt: skip
-    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    data = write_jsonl(tmp_path / "train.jsonl", BLUE_LINES)
     out = tmp_path / "run"
-    tunery = [sys.executable, "-m", "tunery"]
-    proc = subprocess.run(
-        [*tunery, "train", "sft", "--model", name, "--data", str(data), "--out", str(out), "--epochs", "3",
-         "--batch-size", "4", "--lr", "0.02", "--safety-evals", "none", "--seed", "0"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    losses = [json.loads(line)["train_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
-              if "train_loss" in line]  # fmt: skip
+    tunery_ok(["train", "sft", "--model", name, "--data", str(data), "--out", str(out), "--epochs", "3",
+               "--batch-size", "4", "--lr", "0.02", "--safety-evals", "none", "--seed", "0"])  # fmt: skip
+    losses = metric_series(out, "train_loss")
     assert losses[-1] < losses[0] / 2, losses
-    chat = subprocess.run(
-        [*tunery, "chat", "--model", name, "--adapter", str(out), "--max-tokens", "8"],
-        cwd=REPO, input="Colour number 99?\n/exit\n", capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert chat.returncode == 0, chat.stderr[-2000:]
+    question = "Colour number 99?\n/exit\n"
+    chat = tunery_ok(["chat", "--model", name, "--adapter", str(out), "--max-tokens", "8"], stdin=question)
     assert "Blue." in chat.stdout
 
     # export round-trip: the merged model directory loads as --model and computes what base + adapter did
     merged = tmp_path / "merged"
-    cli(["export", "--model", name, "--adapter", str(out), "--merge", "--out", str(merged)])
+    tunery_ok(["export", "--model", name, "--adapter", str(out), "--merge", "--out", str(merged)])
     exported, exported_tokenizer = load_model(str(merged))
     base, tokenizer = load_model(name)
     adapted = load_adapter(base, str(out))
@@ -164,28 +145,15 @@ def test_sft_learns_chat_answers_and_export_round_trips(name: str, tmp_path: Pat
     ids = torch.tensor(
         [
             tokenize_chat(
-                tokenizer, ChatExample(line=1, messages=lines[0]["messages"], weights=[0, 1])
+                tokenizer, ChatExample(line=1, messages=BLUE_LINES[0]["messages"], weights=[0, 1])
             ).input_ids
         ]
     )
     with torch.no_grad():
         assert torch.allclose(exported.eval()(input_ids=ids).logits, adapted.eval()(input_ids=ids).logits,
                               atol=1e-4)  # fmt: skip
-    chat = subprocess.run(
-        [*tunery, "chat", "--model", str(merged), "--max-tokens", "8"],
-        cwd=REPO, input="Colour number 99?\n/exit\n", capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert chat.returncode == 0 and "Blue." in chat.stdout, chat.stderr[-2000:]
-
-
-def cli(args: list[str]) -> None:
-    proc = subprocess.run([sys.executable, "-m", "tunery", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-
-
-def series(run: Path, key: str) -> list[float]:
-    return [r[key] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
+    chat = tunery_ok(["chat", "--model", str(merged), "--max-tokens", "8"], stdin=question)
+    assert "Blue." in chat.stdout
 
 
 @pytest.mark.parametrize("name", NAMES[1:])
@@ -194,9 +162,9 @@ def test_dpo_and_grpo_learn(name: str, tmp_path: Path) -> None:
     (16 steps at lr 0.01: measured, a higher lr collapsed Gemma's policy to empty answers, and Qwen2 needed
     more than 8 steps)."""
     pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_lines(16))
-    cli(["train", "dpo", "--model", name, "--data", str(pairs), "--out", str(tmp_path / "dpo"), "--epochs", "3",
+    tunery_ok(["train", "dpo", "--model", name, "--data", str(pairs), "--out", str(tmp_path / "dpo"), "--epochs", "3",
          "--batch-size", "4", "--lr", "0.01", "--safety-evals", "none", "--seed", "0"])  # fmt: skip
-    losses = series(tmp_path / "dpo", "train_loss")
+    losses = metric_series(tmp_path / "dpo", "train_loss")
     assert losses[0] == pytest.approx(math.log(2), abs=1e-3) and sum(losses[-3:]) / 3 < 0.5, losses
 
     prompts = [{"messages": [{"role": "user", "content": f"Say something about {w}"}]}
@@ -207,10 +175,10 @@ def test_dpo_and_grpo_learn(name: str, tmp_path: Path) -> None:
         "    text = sample['output_text']\n"
         "    return sum(ch in 'aeiou' for ch in text) / max(len(text), 1)\n"
     )
-    cli(["train", "grpo", "--model", name, "--data", str(data), "--grader", f"{tmp_path / 'r.py'}:vowels",
+    tunery_ok(["train", "grpo", "--model", name, "--data", str(data), "--grader", f"{tmp_path / 'r.py'}:vowels",
          "--out", str(tmp_path / "grpo"), "--group-size", "4", "--batch-size", "4", "--epochs", "8",
          "--max-new-tokens", "8", "--lr", "0.01", "--lora-rank", "8", "--safety-evals", "none", "--seed", "0"])  # fmt: skip
-    rewards = series(tmp_path / "grpo", "train_reward_mean")
+    rewards = metric_series(tmp_path / "grpo", "train_reward_mean")
     assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.2, rewards
 
 
@@ -228,12 +196,7 @@ def test_decoding_engine_covers_what_tunery_models_says(name: str) -> None:
     assert unsupported_reason(model) == ENGINE_FALLBACK.get(family)
     if family in ENGINE_FALLBACK:
         return
-    peft = apply_lora(model, 4, 8, 0.0, "all-linear")
-    with torch.no_grad():
-        for param_name, p in peft.named_parameters():
-            if "lora_B" in param_name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(param_name)))
-    peft.eval()
+    peft = nudged_lora(model).eval()
     assert decode_model_for(peft) is not None
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(5, 200, (n,), generator=g).tolist() for n in (WINDOW + 5, 4, WINDOW + 5)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -11,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import pair_lines, write_jsonl
+from tests.conftest import BLUE_LINES, metric_series, nudged_lora, pair_lines, tunery_ok, write_jsonl
 from tunery.errors import TuneryError
 from tunery.models.decode import unsupported_reason
 from tunery.models.load import load_model
-from tunery.models.lora import apply_lora
 from tunery.models.quantize import quantize_base
 from tunery.models.sampling import SamplingParams, sample
 from tunery.run.config import check_quantize
@@ -61,11 +59,7 @@ def test_sampling_uses_the_weights_the_trainer_uses(kind: str) -> None:
     weights, declines such a model)."""
     model, tokenizer = load_model("tiny-random")
     quantize_base(model, kind, torch.float32)
-    peft = apply_lora(model, 4, 8, 0.0, "all-linear")
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    peft = nudged_lora(model)
     peft.eval()
     assert "quantized" in (unsupported_reason(peft) or "")
     prompt = [5, 17, 42, 99, 7]
@@ -84,11 +78,7 @@ def test_the_fused_lora_path_over_a_quantized_layer_equals_peft_s(kind: str) -> 
     gradients."""
     model, _ = load_model("tiny-random")
     quantize_base(model, kind, torch.float32)
-    peft = apply_lora(model, 4, 8, 0.0, "all-linear")
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    peft = nudged_lora(model)
     ids = torch.randint(5, 200, (2, 30), generator=torch.Generator().manual_seed(0))
 
     def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -122,41 +112,23 @@ def test_quantize_needs_lora_and_a_known_kind(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
-def cli(args: list[str]) -> None:
-    proc = subprocess.run([sys.executable, "-m", "tunery", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-
-
-def series(run: Path, key: str) -> list[float]:
-    return [r[key] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
-
-
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_sft_and_dpo_learn_on_a_quantized_base(kind: str, tmp_path: Path) -> None:
     """SFT learns a fixed answer and `tunery chat` (full-precision base + the adapter) gives it; DPO's
     reference (the adapter switched off over the same quantized base) makes its loss start at ln 2."""
-    lines = [
-        {"messages": [{"role": "user", "content": f"Colour number {i}?"},
-                      {"role": "assistant", "content": "Blue."}]}
-        for i in range(16)
-    ]  # fmt: skip
-    data = write_jsonl(tmp_path / "train.jsonl", lines)
-    cli(["train", "sft", "--model", "tiny-random", "--data", str(data), "--out", str(tmp_path / "sft"),
+    data = write_jsonl(tmp_path / "train.jsonl", BLUE_LINES)
+    tunery_ok(["train", "sft", "--model", "tiny-random", "--data", str(data), "--out", str(tmp_path / "sft"),
          "--epochs", "3", "--batch-size", "4", "--lr", "0.02", "--safety-evals", "none", "--quantize", kind])  # fmt: skip
-    losses = series(tmp_path / "sft", "train_loss")
+    losses = metric_series(tmp_path / "sft", "train_loss")
     assert losses[-1] < losses[0] / 2, losses
-    chat = subprocess.run(
-        [sys.executable, "-m", "tunery", "chat", "--model", "tiny-random", "--adapter", str(tmp_path / "sft"),
-         "--max-tokens", "8"],
-        cwd=REPO, input="Colour number 99?\n/exit\n", capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert chat.returncode == 0 and "Blue." in chat.stdout, chat.stderr[-2000:]
+    chat = tunery_ok(["chat", "--model", "tiny-random", "--adapter", str(tmp_path / "sft"), "--max-tokens", "8"],
+                     stdin="Colour number 99?\n/exit\n")  # fmt: skip
+    assert "Blue." in chat.stdout
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_lines(16))
-    cli(["train", "dpo", "--model", "tiny-random", "--data", str(pairs), "--out", str(tmp_path / "dpo"),
+    tunery_ok(["train", "dpo", "--model", "tiny-random", "--data", str(pairs), "--out", str(tmp_path / "dpo"),
          "--epochs", "3", "--batch-size", "4", "--lr", "0.01", "--safety-evals", "none", "--quantize", kind])  # fmt: skip
-    losses = series(tmp_path / "dpo", "train_loss")
+    losses = metric_series(tmp_path / "dpo", "train_loss")
     assert losses[0] == pytest.approx(math.log(2), abs=1e-3) and sum(losses[-3:]) / 3 < 0.5, losses
     config = (tmp_path / "dpo" / "config.yaml").read_text()
     assert f"quantize: {kind}" in config

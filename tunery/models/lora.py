@@ -114,24 +114,34 @@ class _QuantizedLoraFunction(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None
 
 
-def _quantized_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """peft's LoRA over a bitsandbytes layer through `_QuantizedLoraFunction`, in the common case (as
-    `_lora_linear_forward`); anything else takes peft's own path."""
-    adapters = self.active_adapters
+def _plain_adapter(layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """The one active adapter of a peft LoRA layer when the fused functions can compute it: a plain LoRA
+    (no variant), no dropout, not merged or disabled, no per-example adapters, a frozen bias; else None."""
+    adapters = layer.active_adapters
     name = adapters[0] if len(adapters) == 1 else None
-    base = self.base_layer
-    own_path = type(self).forward
+    bias = layer.base_layer.bias
     if (
         args
         or kwargs
         or name is None
-        or self.disable_adapters
-        or self.merged
-        or name not in self.lora_A
-        or name in self.lora_variant
-        or not isinstance(self.lora_dropout[name], torch.nn.Identity)
-        or (base.bias is not None and base.bias.requires_grad)
+        or layer.disable_adapters
+        or layer.merged
+        or name not in layer.lora_A
+        or name in layer.lora_variant
+        or not isinstance(layer.lora_dropout[name], torch.nn.Identity)
+        or (bias is not None and bias.requires_grad)
     ):
+        return None
+    return name  # type: ignore[no-any-return]
+
+
+def _quantized_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """peft's LoRA over a bitsandbytes layer through `_QuantizedLoraFunction`, in the common case (as
+    `_lora_linear_forward`); anything else takes peft's own path."""
+    base = self.base_layer
+    own_path = type(self).forward
+    name = _plain_adapter(self, args, kwargs)
+    if name is None:
         return own_path(self, x, *args, **kwargs)  # type: ignore[no-any-return]
     lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
     device = x.device.type
@@ -149,22 +159,9 @@ def _lora_linear_forward(self: LoraLinear, x: torch.Tensor, *args: Any, **kwargs
     """peft's LoRA linear through `_LoraLinearFunction` in the common case: one active plain adapter, no
     dropout, a frozen base layer. Anything else (merged or disabled adapters, DoRA-like variants, dropout,
     per-example adapters, a trainable base) takes peft's own path."""
-    adapters = self.active_adapters
-    name = adapters[0] if len(adapters) == 1 else None
     base = self.base_layer
-    if (
-        args
-        or kwargs
-        or name is None
-        or self.disable_adapters
-        or self.merged
-        or name not in self.lora_A
-        or name in self.lora_variant
-        or not isinstance(self.lora_dropout[name], torch.nn.Identity)
-        or not isinstance(base, torch.nn.Linear)
-        or base.weight.requires_grad
-        or (base.bias is not None and base.bias.requires_grad)
-    ):
+    name = _plain_adapter(self, args, kwargs)
+    if name is None or not isinstance(base, torch.nn.Linear) or base.weight.requires_grad:
         return LoraLinear.forward(self, x, *args, **kwargs)
     weight: torch.Tensor = base.weight
     bias: torch.Tensor | None = base.bias

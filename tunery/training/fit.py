@@ -110,7 +110,7 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
 
 def model_shape(name: str) -> Shape | None:
     """The shapes of model `name` without reading its weights; None when its config cannot be read here
-    (a hub id the hub cannot serve: loading will say so)."""
+    (an unknown name, or a hub id the hub cannot serve: loading will say so)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -130,7 +130,7 @@ def model_shape(name: str) -> Shape | None:
                 file_bytes = sum(f.stat().st_size for f in files)
                 dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", "float32"))
                 file_dtype_bytes = 4 if "32" in dtype else 2
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TuneryError) as exc:  # an unknown name: loading says so, after screening
         log.info("memory check skipped: the config of %s could not be read (%s)", name, exc)
         return None
     with torch.device("meta"):

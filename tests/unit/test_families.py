@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import BLUE_LINES, metric_series, nudged_lora, pair_lines, tunery_ok, write_jsonl
+from tests.conftest import (
+    BLUE_LINES,
+    metric_series,
+    nudged_lora,
+    pair_lines,
+    thumbs_lines,
+    tunery_ok,
+    write_jsonl,
+)
 from tunery.data.chat import ChatExample
 from tunery.data.template import tokenize_chat
 from tunery.models.load import load_model
@@ -205,3 +213,22 @@ def test_decoding_engine_covers_what_tunery_models_says(name: str) -> None:
     assert [c.token_ids for c in fast] == [c.token_ids for c in slow]
     for f, s in zip(fast, slow, strict=True):
         assert torch.allclose(torch.tensor(f.logprobs), torch.tensor(s.logprobs), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES[1:])
+def test_the_other_recipes_run_on_each_family(name: str, tmp_path: Path) -> None:
+    """KTO, a reward model and PPO against it: each runs to its end on the family's tiny model (a smoke
+    run: two steps each, final/ written). SFT, DPO and GRPO are shown to learn above."""
+    thumbs = write_jsonl(tmp_path / "thumbs.jsonl", thumbs_lines(12))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_lines(12))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": [{"role": "user", "content": f"Hi {i}"}]}
+                                                       for i in range(12)])  # fmt: skip
+    common = ["--model", name, "--max-steps", "2", "--batch-size", "4"]
+    no_evals = ["--safety-evals", "none"]  # (a reward model has no chat evaluations)
+    tunery_ok(["train", "kto", "--data", str(thumbs), "--out", str(tmp_path / "kto"), *common, *no_evals])
+    tunery_ok(["train", "rm", "--data", str(pairs), "--out", str(tmp_path / "rm"), *common])
+    tunery_ok(["train", "ppo", "--data", str(prompts), "--reward-model", str(tmp_path / "rm"),
+               "--out", str(tmp_path / "ppo"), "--max-new-tokens", "8", *common, *no_evals])  # fmt: skip
+    for method, key in (("kto", "train_loss"), ("rm", "train_loss"), ("ppo", "policy_loss")):
+        assert len(metric_series(tmp_path / method, key)) == 2, method
+        assert (tmp_path / method / "final" / "MODEL_CARD.md").is_file(), method

@@ -64,6 +64,7 @@ def support_matrix_text() -> str:
         why = ENGINE_FALLBACK.get(family)
         engine = f"no, the model's own forward: {why}" if why else "yes"
         lines.append(f"  {family:<9} {'yes':<4} {'yes':<4} {'yes':<5} {'yes':<7} {engine}")
+    lines.append("  (kto, rm and ppo run on every family too: smoke-tested, no learning claimed)")
     return "\n".join(lines)
 
 

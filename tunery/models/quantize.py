@@ -4,9 +4,10 @@ The base model's linear layers (every projection; not the embeddings, norms or t
 replaced by bitsandbytes' quantized layers, which hold their weights in 8 bits (LLM.int8's row-wise
 absmax) or 4 bits (QLoRA's NF4 in blocks of 64, the block scales themselves quantized), on CPU and GPU
 alike. The LoRA matrices on top train in the run's precision; gradients flow through the quantized layers
-to the layers below (lora.py's `_QuantizedLoraFunction`: the backward dequantizes one weight at a time). Everything that runs the model afterwards (evaluations, RL rollouts, the DPO
-reference with the adapter switched off) runs these same quantized weights: the decoding engine declines a
-quantized model (`decode.unsupported_reason`) and sampling takes the model's own forward.
+to the layers below (lora.py's `_QuantizedLoraFunction`: the backward dequantizes one weight at a time).
+Everything that runs the model afterwards (evaluations, RL rollouts, the DPO reference with the adapter
+switched off) runs these same quantized weights: the decoding engine declines a quantized model
+(`decode.unsupported_reason`) and sampling takes the model's own forward.
 
 The adapter saved in `final/` is a normal LoRA adapter. Loaded on the full-precision base (what
 `tunery chat`, the service and `tunery export --merge` do) it computes what it learnt up to the

@@ -1,7 +1,12 @@
-"""Bigger models: what a quantized base (`--quantize int8|int4`) saves and costs.
+"""Bigger models: what a quantized base (`--quantize int8|int4`) and sharding (`--shard`) save and cost.
 
     python bench/scale.py --part quantize        # bundled model and a ~1B random Llama, ~25 min on 2 cores
     python bench/scale.py --part quantize --sizes bundled    # the bundled model only, ~6 min
+    python bench/scale.py --part shard --sizes bundled       # full fine-tuning: 1 process, DDP x2, --shard x2
+
+--part shard runs full fine-tuning three ways on the same data and steps: one process; two processes with
+DDP (torchrun, every process holding the whole model); two processes with --shard (FSDP2). Peak memory is
+per process (os.wait4 of torchrun reports the largest of its workers), and the losses must agree.
 
 Each run is `tunery train sft` as a user types it, in a fresh process: peak resident memory is the
 process's own (os.wait4), tokens/s and the held-out loss come from its summary.json, wall time is the
@@ -14,6 +19,9 @@ whole command. Precision is `auto` (bf16 where the CPU runs it fast, fp32 elsewh
   and the bundled tokenizer's vocabulary (49152): 1.1B parameters, built once and saved under
   $TUNERY_HOME/bench/ as a bf16 model directory (2.3 GB). Weights are random, so only memory and speed mean
   anything; the loss is not reported.
+- 0.5b: the same with Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14 heads, 2 KV heads, MLP 4864):
+  0.4B parameters, a tenth of them the embedding. Full fine-tuning's weights, gradients and optimizer
+  state (~6.5 GB) outweigh its activations, which is where sharding pays.
 """
 
 from __future__ import annotations
@@ -32,11 +40,15 @@ BIN = Path(sys.executable).parent
 SUPPORT = REPO / "examples" / "support"
 
 
-def one_billion_model() -> Path:
-    """The ~1B random Llama-shaped model directory, built on first use."""
+# random models' shapes: (hidden, MLP width, layers, heads, KV heads)
+SHAPES = {"0.5b": (896, 4864, 24, 14, 2), "1b": (2048, 8192, 16, 32, 8)}  # Qwen2.5-0.5B's, Llama 3.2 1B's
+
+
+def random_model(size: str) -> Path:
+    """The random Llama-architecture model of `size` (SHAPES), built on first use."""
     from tunery.models.locate import tunery_home
 
-    out = tunery_home() / "bench" / "llama-1b-random"
+    out = tunery_home() / "bench" / f"llama-{size}-random"
     if (out / "config.json").is_file():
         return out
     import torch
@@ -45,11 +57,12 @@ def one_billion_model() -> Path:
     from tunery.models.load import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
+    hidden, mlp, layers, heads, kv_heads = SHAPES[size]
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, tie_word_embeddings=True,
-        rope_theta=500000.0, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, dtype="bfloat16",
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=8192,
+        tie_word_embeddings=True, rope_theta=500000.0, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, dtype="bfloat16",
     )  # fmt: skip
     torch.manual_seed(0)
     with torch.device("cpu"):
@@ -61,13 +74,19 @@ def one_billion_model() -> Path:
     return out
 
 
-def train(model: str, quantize: str, steps: int, batch: int, work: Path) -> dict:
-    """One `tunery train sft` run; its summary with the process's peak memory and wall time."""
-    out = work / f"{Path(model).name}-{quantize}"
-    cmd = [str(BIN / "tunery"), "train", "sft", "--model", model, "--data", str(SUPPORT / "train.jsonl"),
+def train(model: str, quantize: str, steps: int, batch: int, work: Path, way: str = "") -> dict:
+    """One `tunery train sft` run; its summary with the process's peak memory and wall time. `way`:
+    "" (LoRA, one process), or full fine-tuning "one", "ddp" (torchrun x2) or "shard" (torchrun x2, --shard)."""
+    out = work / f"{Path(model).name}-{quantize}{way}"
+    launch = [str(BIN / "tunery")]
+    if way in ("ddp", "shard"):
+        launch = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "tunery"]
+    cmd = [*launch, "train", "sft", "--model", model, "--data", str(SUPPORT / "train.jsonl"),
            "--valid", str(SUPPORT / "valid.jsonl"), "--out", str(out), "--max-steps", str(steps),
            "--batch-size", str(batch), "--eval-every", str(steps), "--safety-evals", "none",
            "--no-track-energy", "--seed", "0", "--quantize", quantize, "--overwrite"]  # fmt: skip
+    if way:
+        cmd += ["--full", *(["--shard"] if way == "shard" else [])]
     started = time.monotonic()
     with open(work / f"{out.name}.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -82,7 +101,10 @@ def train(model: str, quantize: str, steps: int, batch: int, work: Path) -> dict
     precision = next(
         line.split(":")[1].strip() for line in config.splitlines() if line.startswith("precision:")
     )
+    losses = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {
+        "way": way,
+        "train_losses": [r["train_loss"] for r in losses if "train_loss" in r],
         "quantize": quantize,
         "precision": precision,
         "peak_gb": usage.ru_maxrss / 1e6,  # KiB -> GB
@@ -108,12 +130,33 @@ def table(title: str, rows: list[dict], loss: bool) -> str:
     return "\n".join(lines)
 
 
+def shard_table(title: str, rows: list[dict]) -> str:
+    base = rows[0]
+    names = {"one": "1 process", "ddp": "2 processes, DDP", "shard": "2 processes, --shard"}
+    lines = [title, "", "| full fine-tuning | precision | peak memory per process | vs 1 process | tokens/s | "
+             "wall | last train loss | held-out loss |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append("| " + " | ".join([
+            names[r["way"]], r["precision"], f"{r['peak_gb']:.2f} GB", f"{r['peak_gb'] / base['peak_gb']:.2f}x",
+            f"{r['tokens_per_second']:.0f}", f"{r['wall']:.0f} s", f"{r['train_losses'][-1]:.5f}",
+            f"{r['valid_loss']:.5f}" if r["valid_loss"] is not None else "-",
+        ]) + " |")  # fmt: skip
+    gap = max(
+        abs(a - b) / abs(a)
+        for r in rows
+        for a, b in zip(base["train_losses"], r["train_losses"], strict=True)
+    )
+    return "\n".join(
+        [*lines, "", f"largest relative difference of a step's train loss from 1 process: {gap:.1e}"]
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--part", choices=["quantize"], default="quantize")
-    parser.add_argument("--sizes", nargs="+", choices=["bundled", "1b"], default=["bundled", "1b"])
+    parser.add_argument("--part", choices=["quantize", "shard"], default="quantize")
+    parser.add_argument("--sizes", nargs="+", choices=["bundled", *SHAPES], default=["bundled", "1b"])
     parser.add_argument("--steps", type=int, default=0, help="steps per run (default: 30 bundled, 3 for 1b)")
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
@@ -121,8 +164,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tunery-scale-") as tmp:
         work = Path(tmp)
         for size in args.sizes:
-            model = "smollm2-135m-instruct" if size == "bundled" else str(one_billion_model())
+            model = "smollm2-135m-instruct" if size == "bundled" else str(random_model(size))
             steps = args.steps or (30 if size == "bundled" else 3)
+            if args.part == "shard":
+                rows = [train(model, "none", steps, args.batch, work, way) for way in ("one", "ddp", "shard")]
+                for row in rows:
+                    print(json.dumps(row), flush=True)
+                title = (f"{size}: full SFT, {steps} steps of {args.batch} support conversations, "
+                         f"{os.cpu_count()} cores")  # fmt: skip
+                reports.append(shard_table(title, rows))
+                continue
             rows = []
             for quantize in ("none", "int8", "int4"):
                 rows.append(train(model, quantize, steps, args.batch, work))

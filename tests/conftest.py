@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -154,9 +155,10 @@ def metric_series(run: Path, key: str) -> list[float]:
     return [r[key] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
 
 
-def _launch(command: list[str]) -> subprocess.Popen[str]:
+def _launch(command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        command, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+        command, cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
 
@@ -188,19 +190,42 @@ def run_two_nodes(args: list[str], timeout: float = 300) -> list[subprocess.Comp
     return results
 
 
-def run_torchrun(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    """`torchrun --standalone --nproc_per_node=2 -m tunery ARGS` from the repository root. On a hang every
-    process of the group is sent SIGABRT first, so faulthandler prints where each rank was stuck in the
-    failure message, then SIGKILL: a hung run fails with its stacks instead of leaving ranks behind."""
+def _descendants(pid: int) -> list[int]:
+    """The processes below `pid` (from /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def run_torchrun(
+    args: list[str], timeout: float = 240, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`torchrun --standalone --nproc_per_node=2 -m tunery ARGS` from the repository root (`env`: variables
+    added to the environment). On a hang torchrun and its ranks are sent SIGABRT first, so faulthandler
+    prints where each rank was stuck in the failure message, then SIGKILL: a hung run fails with its
+    stacks instead of leaving ranks behind."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert torchrun, "torchrun ships with torch"
-    proc = _launch([torchrun, "--standalone", "--nproc_per_node=2", "-m", "tunery", *args])
+    proc = _launch([torchrun, "--standalone", "--nproc_per_node=2", "-m", "tunery", *args], env)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGABRT)
+        ranks = _descendants(proc.pid)  # torchrun starts each rank in a session of its own
+        for pid in [proc.pid, *ranks]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
         time.sleep(3)
-        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in [proc.pid, *ranks]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
         raise AssertionError(
             f"torchrun hung for {timeout:.0f} s; the ranks' stacks:\n{stderr[-6000:]}"

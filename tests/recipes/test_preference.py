@@ -142,13 +142,19 @@ def test_dpo_resume_after_sigkill_is_exact(pair_files, tmp_path: Path) -> None:
     assert [r["train_loss"] for r in steps_of(ref)] == [r["train_loss"] for r in steps_of(killed)]
 
 
-def test_dpo_ddp_two_processes_match_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["ddp", "shard"])
+def test_dpo_two_processes_match_one(how: str, tmp_path: Path) -> None:
+    """DDP with LoRA, and sharded full fine-tuning (--shard): the same losses as one process."""
     train = write_jsonl(tmp_path / "train.jsonl", pair_lines(13))  # the last step of 4 has one pair
-    valid = write_jsonl(tmp_path / "valid.jsonl", pair_lines(17)[13:])
+    valid = write_jsonl(tmp_path / "valid.jsonl", pair_lines(18)[13:])  # 5: the processes get 3 and 2
+    full = {"lora_rank": 0, "lr": 1e-4, "safety_evals": "none"} if how == "shard" else {}
     single = tmp_path / "single"
-    dpo.run(None, config(train, valid, single, epochs=1))
-    double = tmp_path / "ddp"
-    args = [a for k, v in config(train, valid, double, epochs=1).items() for a in ("--set", f"{k}={v}")]
+    dpo.run(None, config(train, valid, single, epochs=1, **full))
+    double = tmp_path / how
+    extra = {**full, "shard": True} if how == "shard" else {}
+    args = [
+        a for k, v in config(train, valid, double, epochs=1, **extra).items() for a in ("--set", f"{k}={v}")
+    ]
     proc = run_torchrun(["train", "dpo", *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = steps_of(single), steps_of(double)

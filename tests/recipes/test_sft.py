@@ -282,3 +282,58 @@ def test_a_run_that_failed_at_set_up_is_retried_with_the_same_command_and_max_st
     assert (out / "final").is_dir()
     assert json.loads((out / "summary.json").read_text())["steps"] == 2  # --max-steps: 2 of the 6 steps
     assert max(r["step"] for r in read_metrics(out)) == 2
+
+
+def test_sharded_full_fine_tuning_matches_one_process(chat_files, tmp_path: Path) -> None:
+    """--shard (FSDP2) under torchrun: the same losses as one unsharded process, with an uneven last step
+    (one process has no conversation and runs a copy that counts for nothing); checkpoints are every
+    process's shards; a run killed mid-way resumes from them and ends where the uninterrupted one did;
+    final/ is an ordinary model directory holding the same weights."""
+    _, valid = chat_files
+    train = write_jsonl(tmp_path / "train25.jsonl", chat_lines(25))
+    full = {"lora_rank": 0, "lr": 2e-3, "epochs": 1, "safety_evals": "none", "eval_every": 2}
+    single = tmp_path / "single"
+    sft.run(None, config(train, valid, single, **full))
+    sharded = tmp_path / "sharded"
+    args = cli_args(config(train, valid, sharded, shard=True, **full))
+    killed = run_torchrun(args, env={"TUNERY_FAULT": "after_step:5"})
+    assert killed.returncode != 0
+    checkpoint = sharded / "checkpoints" / "step-4"
+    assert (checkpoint / "sharded" / ".metadata").is_file() and (checkpoint / "rng-1.pt").is_file()
+    assert not (checkpoint / "model").exists()  # no process wrote the whole model
+    proc = run_torchrun(["train", "sft", "--resume", str(sharded)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = [r for r in read_metrics(single) if "train_loss" in r]
+    two = {r["step"]: r for r in read_metrics(sharded) if "train_loss" in r}  # resumed steps overwrite
+    assert len(one) == len(two) == 7
+    for a in one:
+        b = two[a["step"]]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), a["step"]
+        assert a["tokens"] == b["tokens"]
+    assert one[-1]["train_loss"] < one[0]["train_loss"]
+    valid_one = [r["valid_loss"] for r in read_metrics(single) if "valid_loss" in r]
+    valid_two = [r["valid_loss"] for r in read_metrics(sharded) if "valid_loss" in r][-len(valid_one) :]
+    assert valid_one == pytest.approx(valid_two, rel=1e-4)
+
+    summary = json.loads((sharded / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    a, _ = load_model(str(single / "final"))
+    b, _ = load_model(str(sharded / "final"))
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        assert torch.allclose(a(ids).logits, b(ids).logits, atol=1e-4)
+        base, _ = load_model("tiny-random")
+        assert not torch.allclose(base(ids).logits, b(ids).logits, atol=1e-2)  # it did train
+
+
+def test_shard_needs_full_fine_tuning_in_a_method_that_shards(chat_files, tmp_path: Path, capsys) -> None:
+    from tunery.recipes.configs import KTOConfig, SFTConfig
+
+    with pytest.raises(TuneryError, match="add --full"):
+        SFTConfig(data="t.jsonl", out="o", shard=True)  # LoRA
+    with pytest.raises(TuneryError, match="not available for kto yet"):
+        KTOConfig(data="t.jsonl", out="o", shard=True, lora_rank=0)
+    train, _ = chat_files
+    assert main(["train", "sft", "--data", str(train), "--out", str(tmp_path / "r"), "--shard"]) == 2
+    assert "add --full" in capsys.readouterr().err and not (tmp_path / "r").exists()

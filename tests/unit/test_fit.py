@@ -103,3 +103,23 @@ def test_the_options_offered_are_the_ones_that_fit(monkeypatch: pytest.MonkeyPat
     assert fit.estimate(shape, fit.Setup(16, "int8", "fp32", 2048)).peak > int4
     monkeypatch.setattr(fit, "free_memory", lambda device: 1e15)
     assert fit.check_fit(str(model), setup, torch.device("cpu")) is not None
+
+
+def test_sharding_is_offered_for_full_fine_tuning(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--shard divides the decoder layers' weights, gradients and Adam moments by the processes (the
+    embedding stays whole): the fewest processes whose estimate fits is offered, and no more."""
+    model = llama_dir(tmp_path / "model8b", hidden=4096, mlp=14336, layers=32, weights=False)
+    shape = fit.model_shape(str(model))
+    assert shape is not None
+    full = fit.Setup(0, "none", "fp32", 1024)
+    peaks = {n: fit.estimate(shape, fit.Setup(0, "none", "fp32", 1024, shards=n)).peak for n in (1, 2, 4, 8)}
+    assert peaks[1] > peaks[2] > peaks[4] > peaks[8]
+    state = shape.parameters * fit.ADAM  # fp32 weights, gradients and two moments, all in one process
+    assert 0.35 < (peaks[1] - peaks[2]) / state < 0.5  # half the decoder's, less two layers being gathered
+    assert peaks[8] - fit.estimate(shape, full).activations > state / 8  # the embedding stays whole
+    monkeypatch.setattr(fit, "free_memory", lambda device: peaks[4] + 0.1 * GB)
+    with pytest.raises(TuneryError) as refused:
+        fit.check_fit(str(model), full, torch.device("cpu"))
+    message = str(refused.value)
+    assert f"--shard over 4 processes, one per GPU or machine (~{peaks[4] / GB:.1f} GB)" in message
+    assert "--shard over 2" not in message and "--shard over 8" not in message

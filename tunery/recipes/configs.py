@@ -26,6 +26,7 @@ class SFTConfig(ChatEvalFields, HeldOutFields, RunConfig):
 
     BASE_LR_LORA: ClassVar[float] = 2e-4
     BASE_LR_FULL: ClassVar[float] = 2e-5
+    SHARDS: ClassVar[bool] = True
 
     micro_batch_tokens: int = 1024  # token budget of one packed forward pass
     warmup_ratio: float = 0.05  # share of the steps the learning rate warms up over
@@ -53,6 +54,7 @@ class DPOConfig(ChatEvalFields, HeldOutFields, RunConfig):
 
     BASE_LR_LORA: ClassVar[float] = 5e-5
     BASE_LR_FULL: ClassVar[float] = 1e-6  # DPO moves far with small updates
+    SHARDS: ClassVar[bool] = True
 
     loss: str = "dpo"  # dpo | ipo | simpo
     beta: float | None = None  # None: 0.1 for dpo and ipo, 2.0 for simpo

@@ -123,11 +123,12 @@ def evaluate(
     was_training = model.training
     model.eval()
     stats = PairStats()
-    for row_pairs in plan_rows(shard(pairs, world.rank, world.size), cfg.micro_batch_tokens):
+    rows = plan_rows(shard(pairs, world.rank, world.size), cfg.micro_batch_tokens)
+    for row_pairs, counted in distributed.even_rows(rows, world, filler=pairs[:1]):
         with autocast(precision, world.device):
             logps, counts, _ = sequence_logps(model, lm_head_weight, pack_pairs(row_pairs))
         ref_logps = torch.tensor([ref.get(p.line, (0.0, 0.0)) for p in row_pairs])  # (n, 2)
-        stats.add(*pair_losses(cfg, logps, counts, ref_logps), logps, counts, ref_logps)
+        stats.add(*pair_losses(cfg, logps, counts, ref_logps), logps, counts, ref_logps, float(counted))
     model.train(was_training)
     return stats.averaged(world, prefix=prefix), stats.chosen_shift_per_token(world)
 
@@ -187,20 +188,22 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> dict
             t0 = time.monotonic()
             pairs, mine, weight = lifecycle.step_batch(run, train_pairs, step, cfg.seed)
             step_pairs = len(pairs)
-            rows = plan_rows(mine, cfg.micro_batch_tokens)
+            rows = distributed.even_rows(plan_rows(mine, cfg.micro_batch_tokens), world)
             stats, tokens = PairStats(), 0.0
-            for k, row_pairs in enumerate(rows):
+            for k, (row_pairs, counted) in enumerate(rows):
                 row = pack_pairs(row_pairs)
+                share = weight * counted
                 with distributed.grads_sync(model, world, last_row=k == len(rows) - 1):
                     with autocast(plan.precision, world.device):
                         logps, counts, _ = sequence_logps(model, lm_head_weight, row)
                     ref = torch.tensor([ref_train.get(p.line, (0.0, 0.0)) for p in row_pairs])  # (n, 2)
                     losses, chosen_r, rejected_r = pair_losses(cfg, logps, counts, ref)
                     # The step's loss is the mean over its pairs, however they are split into rows and
-                    # processes (DDP averages gradients over processes, hence the world size factor).
-                    (losses.sum() * (weight * world.size / step_pairs)).backward()
-                stats.add(losses, chosen_r, rejected_r, logps, counts, ref, weight)
-                tokens += weight * row.n_tokens
+                    # processes (DDP and a sharded model average gradients over processes, hence the world
+                    # size factor).
+                    (losses.sum() * (share * world.size / step_pairs)).backward()
+                stats.add(losses, chosen_r, rejected_r, logps, counts, ref, share)
+                tokens += share * row.n_tokens
             lr, grad_norm = lifecycle.optimizer_step(run, step, cfg.grad_clip, cfg.schedule)
             step += 1
 

@@ -31,9 +31,12 @@ def reference_logps(
     model.eval()
     index = {pair.line: i for i, pair in enumerate(pairs)}
     values = [0.0] * (2 * len(pairs))  # each process fills its share; the sum across processes is complete
-    for row_pairs in plan_rows(shard(pairs, world.rank, world.size), micro_batch_tokens):
+    rows = plan_rows(shard(pairs, world.rank, world.size), micro_batch_tokens)
+    for row_pairs, counted in distributed.even_rows(rows, world, filler=pairs[:1]):
         with autocast(precision, world.device):
             summed, _, _ = sequence_logps(model, lm_head_weight, pack_pairs(row_pairs))
+        if not counted:
+            continue
         for k, pair in enumerate(row_pairs):
             values[2 * index[pair.line]] = summed[2 * k].item()
             values[2 * index[pair.line] + 1] = summed[2 * k + 1].item()

@@ -3,6 +3,7 @@
     tunery train sft --model smollm2-135m-instruct --data train.jsonl --valid valid.jsonl --out runs/sft
     tunery train sft --resume runs/sft                               # continue a killed run exactly
     torchrun --nproc_per_node=2 -m tunery train sft ...              # DDP; same global batch, same losses
+    torchrun --nproc_per_node=2 -m tunery train sft --full --shard ... # FSDP2: weights split across them
 
 A step is `batch_size` conversations (OpenAI's meaning of batch size). They are packed without padding
 into rows of at most `micro_batch_tokens` tokens, one row per forward pass, gradients accumulated over
@@ -75,11 +76,13 @@ def evaluate(
     was_training = model.training
     model.eval()
     nll = correct = count = 0.0
-    for row_chats in plan_rows(shard(chats, world.rank, world.size), micro_batch_tokens):
+    rows = plan_rows(shard(chats, world.rank, world.size), micro_batch_tokens)
+    for row_chats, counts in distributed.even_rows(rows, world, filler=chats[:1]):
         row = pack(row_chats)
         with autocast(precision, world.device):
             nll_sum, n_correct = forward_loss(model, lm_head_weight, row)
-        nll, correct, count = nll + nll_sum.item(), correct + n_correct.item(), count + row.n_trained
+        if counts:
+            nll, correct, count = nll + nll_sum.item(), correct + n_correct.item(), count + row.n_trained
     nll, correct, count = distributed.all_sum([nll, correct, count], world)
     model.train(was_training)
     return nll / max(count, 1), correct / max(count, 1)
@@ -100,18 +103,19 @@ def train_step(
     world, model = run.world, run.ddp_model
     chats, mine, weight = lifecycle.step_batch(run, train_chats, step, cfg.seed)
     step_trained = sum(c.n_trained for c in chats)  # the same on every process
-    rows = plan_rows(mine, cfg.micro_batch_tokens)
+    rows = distributed.even_rows(plan_rows(mine, cfg.micro_batch_tokens), world)
     nll = correct = tokens = 0.0
-    for k, row_chats in enumerate(rows):
+    for k, (row_chats, counts) in enumerate(rows):
         row = pack(row_chats)
+        share = weight * counts
         with distributed.grads_sync(model, world, last_row=k == len(rows) - 1):
             with autocast(run.plan.precision, world.device):
                 nll_sum, n_correct = forward_loss(model, lm_head_weight, row)
-            # DDP averages gradients over processes, hence the world size factor.
-            (nll_sum * (weight * world.size / step_trained)).backward()
-        nll += weight * nll_sum.item()
-        correct += weight * n_correct.item()
-        tokens += weight * row.n_tokens
+            # DDP and a sharded model average gradients over processes, hence the world size factor.
+            (nll_sum * (share * world.size / step_trained)).backward()
+        nll += share * nll_sum.item()
+        correct += share * n_correct.item()
+        tokens += share * row.n_tokens
     if before_update is not None:
         before_update()
     lr, grad_norm = lifecycle.optimizer_step(run, step, cfg.grad_clip, cfg.schedule)

@@ -47,6 +47,7 @@ class RunConfig:
     BASE_LR_LORA: ClassVar[float] = 2e-4
     BASE_LR_FULL: ClassVar[float] = 2e-5
     AUTO_EPOCHS: ClassVar[int | None] = None
+    SHARDS: ClassVar[bool] = False  # the method trains with --shard (training/sharding.py)
 
     model: str = "smollm2-135m-instruct"  # built-in name, HF directory or .gguf file
     adapter: str | None = None  # start from this fine-tuned adapter (e.g. an SFT run), merged into the base
@@ -64,6 +65,9 @@ class RunConfig:
     lora_targets: str = "all-linear"  # or comma-separated module names, e.g. q_proj,v_proj
     quantize: str = "none"  # none | int8 | int4: the frozen base stored quantized under LoRA (QLoRA)
     memory_check: bool = True  # refuse a run whose estimated peak memory is above the free memory
+    shard: bool = (
+        False  # under torchrun, full fine-tuning: weights, gradients and optimizer state split (FSDP2)
+    )
     micro_batch_tokens: int = 2048  # token budget of one packed forward pass
     precision: str = "auto"  # bf16 | fp32 | auto (bf16 where the hardware runs it fast)
     seed: int = 0  # data order, LoRA initialisation and sampling
@@ -144,6 +148,7 @@ def check_run_fields(cfg: Any) -> None:
     if cfg.lora_rank < 0:
         raise TuneryError("lora_rank must be >= 0 (0 means full fine-tuning)")
     check_quantize(cfg.quantize, cfg.lora_rank)
+    check_shard(cfg)
     if cfg.max_length < 16:
         raise TuneryError("max_length must be at least 16 tokens")
     if cfg.micro_batch_tokens < 16:
@@ -178,6 +183,22 @@ def check_quantize(kind: str, lora_rank: int) -> None:
             f"quantize={kind} stores the frozen base quantized under LoRA; full fine-tuning (lora_rank 0 / "
             "--full) trains every weight and cannot: drop --quantize, or use --shard to spread full "
             "fine-tuning over several processes"
+        )
+
+
+def check_shard(cfg: Any) -> None:
+    """--shard: full fine-tuning, in a method that shards."""
+    if not cfg.shard:
+        return
+    method = type(cfg).__name__.removesuffix("Config").lower()
+    if not cfg.SHARDS:
+        raise TuneryError(
+            f"--shard is not available for {method} yet (it is for sft and dpo): train it with LoRA, or unsharded"
+        )
+    if cfg.lora_rank:
+        raise TuneryError(
+            "--shard splits full fine-tuning's weights, gradients and optimizer state across processes; "
+            "add --full (lora_rank 0), or drop --shard: LoRA's trained weights are small"
         )
 
 

@@ -25,7 +25,7 @@ import resource
 import string
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -44,13 +44,18 @@ from tunery.run.config import ChatEvalFields, HeldOutFields, Resolved, RunConfig
 from tunery.safety.card import write_model_card
 from tunery.safety.content import stop_worker
 from tunery.safety.screen import screen_run_data, screened_paths
-from tunery.training import auto, distributed, fit
-from tunery.training.checkpoint import CheckpointWriter, latest_checkpoint, load_checkpoint
+from tunery.training import auto, distributed, fit, sharding
+from tunery.training.checkpoint import (
+    CheckpointWriter,
+    latest_checkpoint,
+    load_checkpoint,
+    save_sharded_checkpoint,
+)
 from tunery.training.early_stopping import EarlyStopping, restore_best, resume_early_stopping, save_best
 from tunery.training.energy import EnergyMeter
 from tunery.training.faults import fault_point
 from tunery.training.io import atomic_write_json
-from tunery.training.memory import keep_freed_memory
+from tunery.training.memory import give_back_freed_memory, keep_freed_memory
 from tunery.training.progress import StepProgress
 from tunery.training.rundir import check_same_data, file_digest, prepare_run_dir, resumed_config, save_final
 from tunery.training.signals import GracefulStop
@@ -82,18 +87,28 @@ def open_run(
     """Prepare the run directory, screen the data (a resumed run keeps what was screened at its start),
     start the energy meter's hardware probe and load the starting model. `train_here` False: the training
     data is screened and read where it is trained (a federation's sites), only `valid` here."""
-    keep_freed_memory()
+    if cfg.shard:
+        give_back_freed_memory()  # (memory.py)
+    else:
+        keep_freed_memory()
     world = distributed.setup()
     if single_process and world.distributed:
         distributed.teardown(world)
         raise TuneryError(f"{type(cfg).__name__[:-6]} runs in one process for now; start it without torchrun")
     run_dir = Path(cfg.out)
+    if cfg.shard:
+        if world.distributed:
+            world = replace(world, sharded=True)
+        else:
+            log.warning("--shard splits the model across processes and has none to split across here; "
+                        "start with torchrun --nproc_per_node N")  # fmt: skip
     if cfg.memory_check:  # before anything is written or loaded
         precision = (
             cfg.precision if cfg.precision != "auto" else "bf16" if bf16_is_fast(world.device) else "fp32"
         )
         try:
-            fit.check_fit(cfg.model, fit.Setup.of(cfg, precision), world.device)
+            fit.check_fit(cfg.model, fit.Setup.of(cfg, precision, world.size if world.sharded else 1),
+                          world.device)  # fmt: skip
         except TuneryError:
             distributed.teardown(world)
             raise
@@ -189,8 +204,8 @@ class Run:
     resume: bool
     plan: Resolved
     record: dict[str, Any]  # config.yaml's content: the config's fields and the resolved values
-    model: torch.nn.Module  # what is trained and saved
-    ddp_model: torch.nn.Module  # the same, wrapped for DDP when there are several processes
+    model: torch.nn.Module  # what is trained and saved (sharded in place with --shard)
+    ddp_model: torch.nn.Module  # the same, wrapped for DDP when there are several processes and no --shard
     tokenizer: Any
     optimizer: torch.optim.Optimizer
     trainable: list[torch.nn.Parameter]
@@ -206,6 +221,7 @@ class Run:
     select_best: bool  # final/ from the best evaluation (the methods that score a validation loss)
     resumed_state: dict[str, Any] = field(default_factory=dict)  # the checkpoint's state.json, if resumed
     saves: CheckpointWriter = field(default_factory=CheckpointWriter)  # the main process's checkpoints
+    whole: list[torch.nn.Parameter] = field(default_factory=list)  # --shard: the weights left unsharded
     tokens_seen: int = 0
     train_seconds: float = 0.0
     wall_start: float = field(default_factory=time.monotonic)
@@ -231,10 +247,13 @@ def start_run(
         opened.tokenizer.save_pretrained(run_dir / "tokenizer")
     torch.nn.Module.to(model, world.device)
     model.train()
+    whole = sharding.shard_model(model) if world.sharded else []  # before the optimizer sees the weights
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups: Any = param_groups if param_groups is not None else trainable
     optimizer = torch.optim.AdamW(groups, lr=plan.lr, weight_decay=cfg.weight_decay)
-    ddp_model: torch.nn.Module = DistributedDataParallel(model) if world.distributed else model
+    ddp_model: torch.nn.Module = (
+        DistributedDataParallel(model) if world.distributed and not world.sharded else model
+    )
 
     state: dict[str, Any] = {}
     checkpoint = latest_checkpoint(run_dir) if opened.resume else None
@@ -273,6 +292,7 @@ def start_run(
         keep_checkpoints=cfg.keep_checkpoints,
         select_best=isinstance(cfg, HeldOutFields) and cfg.select_best,
         resumed_state=state,
+        whole=whole,
         tokens_seen=int(state.get("tokens", 0)),
         train_seconds=float(state.get("train_seconds", 0.0)),
     )
@@ -339,7 +359,12 @@ def step_batch(run: Run, examples: list[Item], step: int, seed: int) -> tuple[li
 def optimizer_step(run: Run, step: int, grad_clip: float, schedule: str) -> tuple[float, float]:
     """Clip the gradients (0: no clipping), set the scheduled learning rate and step; returns the
     learning rate and the gradient norm before clipping."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, grad_clip if grad_clip > 0 else float("inf"))
+    max_norm = grad_clip if grad_clip > 0 else float("inf")
+    if run.world.sharded:
+        sharding.average_replicated(run.whole, run.world.size)
+        grad_norm = sharding.clip_grad_norm(run.trainable, max_norm)
+    else:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(run.trainable, max_norm))
     lr = set_lr(run, step, schedule)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -370,8 +395,8 @@ def log_metrics(run: Run, record: dict[str, Any]) -> None:
 def held_out_loss(run: Run, step: int, valid_loss: float) -> None:
     """Tell early stopping about an evaluation; keep the weights when they are the best so far."""
     assert run.early is not None
-    if run.early.update(step, valid_loss) and run.select_best and run.world.is_main:
-        save_best(run.run_dir, run.model, step)
+    if run.early.update(step, valid_loss) and run.select_best:
+        save_best(run.run_dir, run.model, step, run.world)
 
 
 def shown_line(record: dict[str, Any], parts: tuple[str, ...]) -> str:
@@ -411,7 +436,10 @@ def end_step(run: Run, record: dict[str, Any], command: str, shown: tuple[str, .
     }
     stopping = distributed.all_sum([float(run.stop.requested is not None)], world)[0] > 0
     if step % plan.save_every == 0 or step == plan.total_steps or stopping:
-        if world.is_main:
+        if world.sharded:  # every process writes its shards
+            save_sharded_checkpoint(run.run_dir, step, run.model, run.optimizer, counters, run.record,
+                                    keep=run.keep_checkpoints, world=world)  # fmt: skip
+        elif world.is_main:
             run.saves.save(run.run_dir, step, run.model, run.optimizer, counters, run.record,
                            keep=run.keep_checkpoints)  # fmt: skip
         distributed.barrier(world)
@@ -472,6 +500,8 @@ def finish_run(
     run.saves.wait()
     selection = select_final_weights(run, step)
     final_metrics = final_eval() if final_eval is not None else {}
+    gathered = sharding.full_weights(run.model) if world.sharded else None  # every process takes part
+    peak_mb = distributed.all_max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], world)[0]
     summary: dict[str, Any] = {}
     if world.is_main:
         assert run.metrics is not None
@@ -481,12 +511,17 @@ def finish_run(
         lm = lm if lm is not None else getattr(run.model, "lm", run.model)
         base_adapter = adapter_dir(cfg.adapter) if cfg.adapter and isinstance(lm, PeftModel) else None
         meta = {"base_model": cfg.model, "method": method, "adapter": cfg.adapter, "config": run.record}
-        save_final(
-            run_dir, run.model, run.tokenizer, meta, base_adapter=str(base_adapter) if base_adapter else None
-        )
+        final_dir = save_final(
+            run_dir, run.model, run.tokenizer, meta, base_adapter=str(base_adapter) if base_adapter else None,
+            weights=gathered,
+        )  # fmt: skip
+        del gathered
         safety_flags: list[str] = []
         if isinstance(cfg, ChatEvalFields):
             from tunery.safety.evals import evaluate_run
+
+            if world.sharded and cfg.safety_evals != "none":  # the sharded model runs only with every
+                lm = load_model(str(final_dir))[0]  # process together; final/ runs alone
 
             safety_flags = evaluate_run(lm, run.tokenizer, size=cfg.safety_evals, run_dir=run_dir,
                                         base_name=cfg.model, adapter=cfg.adapter, train_path=eval_train_path,
@@ -501,7 +536,7 @@ def finish_run(
             wall_seconds=round(time.monotonic() - run.wall_start, 2),
             train_seconds=round(train_seconds, 2),
             tokens_per_second=round(run.tokens_seen / max(train_seconds, 1e-9), 1),
-            peak_memory_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            peak_memory_mb=round(peak_mb, 1),  # the largest over the processes
             final_metrics={**files.last_metrics(run_dir, metric_prefixes), **final_metrics},
             world_size=world.size,
             pid=os.getpid(),

@@ -4,6 +4,9 @@
     model/          the LoRA adapter in peft's format (usable as `--adapter`), or full weights (safetensors)
     optimizer.pt    optimizer state
     rng.pt          torch, numpy and Python RNG states (dropout draws continue exactly)
+or, for a run with --shard (training/sharding.py),
+    sharded/        every process's shards of the weights and optimizer state (PyTorch's DCP format)
+    rng-R.pt        process R's RNG states
     state.json      step and counters
     config.yaml     the resolved run config
 A directory named `step-N` is complete by construction; leftovers of a killed write are `.tmp-*` and are
@@ -25,6 +28,7 @@ import safetensors.torch
 import torch
 from peft import PeftModel, set_peft_model_state_dict
 
+from tunery.training import distributed
 from tunery.training.faults import fault_point
 from tunery.training.io import atomic_write_json, atomic_write_yaml, fsync_dir
 
@@ -175,6 +179,44 @@ def _write(
     torch.save(rng, tmp / "rng.pt")
     atomic_write_json(tmp / "state.json", {**state, "step": step})
     atomic_write_yaml(tmp / "config.yaml", config)
+    _publish(tmp, final, run_dir, keep)
+    return final
+
+
+def save_sharded_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    config: dict[str, Any],
+    keep: int | None,
+    world: distributed.World,
+) -> Path:
+    """A checkpoint of a sharded run, written by every process (each its shards), on this thread: the
+    same atomic rename as `_write`, by the main process once all have written."""
+    from tunery.training import sharding
+
+    ckpt_root = run_dir / "checkpoints"
+    final = ckpt_root / f"step-{step}"
+    tmp = ckpt_root / f".tmp-step-{step}"
+    if world.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier(world)
+    sharding.save_state(tmp / sharding.SHARDED, model, optimizer)
+    torch.save(_rng_state(), tmp / f"rng-{world.rank}.pt")
+    fault_point("during_save", step)
+    distributed.barrier(world)
+    if world.is_main:
+        atomic_write_json(tmp / "state.json", {**state, "step": step})
+        atomic_write_yaml(tmp / "config.yaml", config)
+        _publish(tmp, final, run_dir, keep)
+    return final
+
+
+def _publish(tmp: Path, final: Path, run_dir: Path, keep: int | None) -> None:
+    """fsync a checkpoint's files, rename it into place and keep the `keep` newest."""
     for path in tmp.rglob("*"):
         if path.is_file():
             with path.open("rb") as fh:
@@ -182,11 +224,10 @@ def _write(
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    fsync_dir(ckpt_root)
+    fsync_dir(final.parent)
     if keep:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -209,10 +250,20 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore weights, optimizer and RNG states; returns the saved state (step and counters)."""
-    load_trainable(model, ckpt / "model")
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    rng = torch.load(ckpt / "rng.pt", weights_only=False)
+    """Restore weights, optimizer and RNG states; returns the saved state (step and counters). A sharded
+    checkpoint loads into a sharded model on any number of processes (each takes the RNG states of the
+    process of its rank, or the main process's when there was none)."""
+    if (ckpt / "sharded").is_dir():
+        from tunery.training import sharding
+
+        sharding.load_state(ckpt / sharding.SHARDED, model, optimizer)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        own = ckpt / f"rng-{rank}.pt"
+        rng = torch.load(own if own.is_file() else ckpt / "rng-0.pt", weights_only=False)
+    else:
+        load_trainable(model, ckpt / "model")
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        rng = torch.load(ckpt / "rng.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])

@@ -8,11 +8,14 @@ import os
 import sys
 import threading
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger("tunery")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    sharded: bool = False  # --shard: the model's weights are split across the processes (sharding.py)
 
     @property
     def is_main(self) -> bool:
@@ -66,12 +70,29 @@ def all_max(values: list[float], world: World) -> list[float]:
     return tensor.tolist()
 
 
+def even_rows(rows: list[T], world: World, filler: T | None = None) -> list[tuple[T, bool]]:
+    """`rows` each with True, then, in a sharded run, copies of the last (or `filler` when there is none)
+    with False up to the largest number of rows any process has: every process must run the same number
+    of forward passes, since each gathers the sharded weights with the others. A copy counts for
+    nothing (weight 0)."""
+    marked = [(row, True) for row in rows]
+    if not world.sharded:
+        return marked
+    most = int(all_max([float(len(rows))], world)[0])
+    pad = rows[-1] if rows else filler
+    if pad is None:
+        raise ValueError("even_rows: a process without rows needs a filler")
+    return marked + [(pad, False)] * (most - len(rows))
+
+
 def grads_sync(
     model: torch.nn.Module, world: World, last_row: bool
 ) -> contextlib.AbstractContextManager[None]:
     """The context of one row's backward in a step of several rows: DDP all-reduces gradients on the
-    step's last row only (`no_sync` on the others, which accumulate locally); nothing without DDP."""
-    if last_row or not world.distributed:
+    step's last row only (`no_sync` on the others, which accumulate locally); nothing without DDP. A
+    sharded model reduce-scatters every row's gradients (accumulating them whole would cost the memory
+    sharding saves)."""
+    if last_row or not world.distributed or world.sharded:
         return contextlib.nullcontext()
     return model.no_sync()  # type: ignore[operator,no-any-return]
 

@@ -109,16 +109,25 @@ def resume_early_stopping(run_dir: Path, cfg: Any, resume: bool, world: distribu
     return early
 
 
-def save_best(run_dir: Path, model: torch.nn.Module, step: int) -> None:
-    """Write DIR/best/step-N atomically (main process). Older best weights go, except those the latest
-    checkpoint names: a run resumed from it needs them."""
+def save_best(run_dir: Path, model: torch.nn.Module, step: int, world: distributed.World) -> None:
+    """Write DIR/best/step-N atomically (the main process; every process its shards with --shard). Older
+    best weights go, except those the latest checkpoint names: a run resumed from it needs them."""
     root = run_dir / "best"
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_trainable(model, tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    _prune(run_dir, step)
+    if world.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if world.sharded:
+        from tunery.training import sharding
+
+        distributed.barrier(world)
+        sharding.save_state(tmp / sharding.SHARDED, model, None)
+        distributed.barrier(world)
+    elif world.is_main:
+        save_trainable(model, tmp)
+    if world.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        _prune(run_dir, step)
 
 
 def restore_best(
@@ -134,7 +143,12 @@ def restore_best(
             log.warning("best weights of step %d are missing from %s; final/ keeps the last step's",
                         early.best_step, run_dir / "best")  # fmt: skip
             return last_step
-        load_trainable(model, path)
+        if world.sharded:
+            from tunery.training import sharding
+
+            sharding.load_state(path / sharding.SHARDED, model, None)
+        else:
+            load_trainable(model, path)
     if world.is_main:
         _prune(run_dir, early.best_step)
     return early.best_step

@@ -59,14 +59,15 @@ class Setup:
     quantize: str
     precision: str  # bf16 | fp32 (resolved)
     micro_batch_tokens: int  # the longest row one forward pass takes
+    shards: int = 1  # --shard: processes the full fine-tuning's decoder layers are split across
 
     @classmethod
-    def of(cls, cfg: Any, precision: str) -> Setup:
+    def of(cls, cfg: Any, precision: str, shards: int = 1) -> Setup:
         """From a run config: a row holds at most `micro_batch_tokens`, and at most a step's examples."""
         tokens = cfg.micro_batch_tokens
         if isinstance(cfg.batch_size, int):
             tokens = min(tokens, cfg.batch_size * cfg.max_length)
-        return cls(cfg.lora_rank, cfg.quantize, precision, tokens)
+        return cls(cfg.lora_rank, cfg.quantize, precision, tokens, shards)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,8 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
     wide = 2 if setup.precision == "bf16" else 4
     other = shape.parameters - shape.projection_parameters  # embeddings, norms, output layer
     quant = QUANT_BYTES[setup.quantize]
+    weights: float
+    optimizer: float
     if setup.lora_rank:
         trained = setup.lora_rank * shape.lora_parameters_per_rank
         projections = shape.projection_parameters * (quant if quant is not None else wide)
@@ -96,8 +99,14 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
         optimizer = trained * (ADAM - 4)
         load_bytes = 2 if quant is not None else 4  # a base about to be quantized loads in bf16
     else:
-        weights = shape.parameters * (4 + (2 if setup.precision == "bf16" else 0))  # + autocast's copies
-        optimizer = shape.parameters * (ADAM - 4)
+        # --shard splits the decoder layers; the embedding and output layer stay whole (sharding.py), and
+        # a layer being gathered (two, with prefetching) is whole too, with its gradient
+        layer = shape.projection_parameters / shape.layers
+        held = float(shape.parameters)
+        if setup.shards > 1:
+            held = shape.projection_parameters / setup.shards + other + 2 * layer
+        weights = held * (4 + (2 if setup.precision == "bf16" else 0))  # + autocast's copies
+        optimizer = held * (ADAM - 4)
         load_bytes = 4
     load = shape.parameters * load_bytes
     if shape.file_bytes and load_bytes != shape.file_dtype_bytes:
@@ -190,12 +199,19 @@ def _cgroup_room() -> float | None:
 
 def options_that_fit(shape: Shape, setup: Setup, free: float) -> list[str]:
     """The changes a user can make, each with its estimate, that bring the peak under `free`: LoRA instead
-    of full fine-tuning, a quantized base, each with the longest micro-batch that then fits."""
+    of full fine-tuning, full fine-tuning sharded over the fewest processes that fit, a quantized base,
+    each with the longest micro-batch that then fits."""
     candidates: list[tuple[list[str], Setup]] = [([], setup)]
     lora, to_lora = setup, []
     if not setup.lora_rank:
         lora, to_lora = replace(setup, lora_rank=16), ["--lora-rank 16 instead of --full"]
         candidates.append((to_lora, lora))
+    if not setup.lora_rank and setup.shards == 1:  # the fewest processes that fit
+        for n in (2, 4, 8, 16, 32, 64):
+            sharded = replace(setup, shards=n)
+            if estimate(shape, sharded).peak <= free:
+                candidates.append(([f"--shard over {n} processes, one per GPU or machine"], sharded))
+                break
     for kind in ("int8", "int4"):
         if lora.quantize == "none" or (lora.quantize, kind) == ("int8", "int4"):
             candidates.append(([*to_lora, f"--quantize {kind}"], replace(lora, quantize=kind)))

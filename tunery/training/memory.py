@@ -37,3 +37,22 @@ def keep_freed_memory() -> bool:
         return False
     _done = ok
     return ok
+
+
+def give_back_freed_memory() -> bool:
+    """Undo `keep_freed_memory` (glibc's defaults, and hand back what is free now): for sharded runs,
+    whose many short-lived gather buffers would otherwise pile up in a heap never trimmed (a 0.5B model on
+    2 processes peaked at 8.2 GB per process with the settings above, 6.7 GB without)."""
+    global _done
+    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        settings = ((M_MMAP_THRESHOLD, 128 * 2**10), (M_TRIM_THRESHOLD, 128 * 2**10), (M_TOP_PAD, 0))
+        ok = all(libc.mallopt(option, value) == 1 for option, value in settings)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    _done = False
+    return ok

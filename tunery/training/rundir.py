@@ -131,9 +131,11 @@ def save_final(
     tokenizer: PreTrainedTokenizerBase,
     meta: dict[str, Any],
     base_adapter: str | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write DIR/final atomically. `base_adapter` (an adapter merged into the base before training, e.g.
-    the SFT adapter under a DPO run) is copied in, so the final directory loads on its own."""
+    the SFT adapter under a DPO run) is copied in, so the final directory loads on its own. `weights`: a
+    full fine-tuning's whole weights, when `model` holds only its shards (--shard)."""
     from peft import PeftModel
 
     from tunery.training.checkpoint import save_trainable
@@ -144,7 +146,7 @@ def save_final(
     if isinstance(model, PeftModel) or hasattr(model, "lm"):  # an adapter, or a head over an LM
         save_trainable(model, tmp_dir)
     else:
-        model.save_pretrained(tmp_dir)  # type: ignore[operator]
+        model.save_pretrained(tmp_dir, state_dict=weights)  # type: ignore[operator]
     tokenizer.save_pretrained(tmp_dir)
     if base_adapter is not None:
         shutil.copytree(base_adapter, tmp_dir / "base_adapter")

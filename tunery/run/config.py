@@ -65,9 +65,7 @@ class RunConfig:
     lora_targets: str = "all-linear"  # or comma-separated module names, e.g. q_proj,v_proj
     quantize: str = "none"  # none | int8 | int4: the frozen base stored quantized under LoRA (QLoRA)
     memory_check: bool = True  # refuse a run whose estimated peak memory is above the free memory
-    shard: bool = (
-        False  # under torchrun, full fine-tuning: weights, gradients and optimizer state split (FSDP2)
-    )
+    shard: bool = False  # under torchrun, --full: weights, gradients and optimizer state split (FSDP2)
     micro_batch_tokens: int = 2048  # token budget of one packed forward pass
     precision: str = "auto"  # bf16 | fp32 | auto (bf16 where the hardware runs it fast)
     seed: int = 0  # data order, LoRA initialisation and sampling

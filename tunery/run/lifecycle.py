@@ -45,12 +45,7 @@ from tunery.safety.card import write_model_card
 from tunery.safety.content import stop_worker
 from tunery.safety.screen import screen_run_data, screened_paths
 from tunery.training import auto, distributed, fit, sharding
-from tunery.training.checkpoint import (
-    CheckpointWriter,
-    latest_checkpoint,
-    load_checkpoint,
-    save_sharded_checkpoint,
-)
+from tunery.training.checkpoint import CheckpointWriter, latest_checkpoint, load_checkpoint
 from tunery.training.early_stopping import EarlyStopping, restore_best, resume_early_stopping, save_best
 from tunery.training.energy import EnergyMeter
 from tunery.training.faults import fault_point
@@ -245,9 +240,11 @@ def start_run(
     if world.is_main and not opened.resume:
         files.write_config(run_dir, record)
         opened.tokenizer.save_pretrained(run_dir / "tokenizer")
-    torch.nn.Module.to(model, world.device)
     model.train()
-    whole = sharding.shard_model(model) if world.sharded else []  # before the optimizer sees the weights
+    # sharded before the optimizer sees the weights, and before moving: on a GPU, fully_shard moves only
+    # each process's shards there, and the .to() below the whole weights (embedding, output layer)
+    whole = sharding.shard_model(model) if world.sharded else []
+    torch.nn.Module.to(model, world.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups: Any = param_groups if param_groups is not None else trainable
     optimizer = torch.optim.AdamW(groups, lr=plan.lr, weight_decay=cfg.weight_decay)
@@ -436,12 +433,9 @@ def end_step(run: Run, record: dict[str, Any], command: str, shown: tuple[str, .
     }
     stopping = distributed.all_sum([float(run.stop.requested is not None)], world)[0] > 0
     if step % plan.save_every == 0 or step == plan.total_steps or stopping:
-        if world.sharded:  # every process writes its shards
-            save_sharded_checkpoint(run.run_dir, step, run.model, run.optimizer, counters, run.record,
-                                    keep=run.keep_checkpoints, world=world)  # fmt: skip
-        elif world.is_main:
+        if world.is_main or world.sharded:  # with --shard every process writes its shards
             run.saves.save(run.run_dir, step, run.model, run.optimizer, counters, run.record,
-                           keep=run.keep_checkpoints)  # fmt: skip
+                           keep=run.keep_checkpoints, world=world)  # fmt: skip
         distributed.barrier(world)
     if stopping:
         run.saves.wait()

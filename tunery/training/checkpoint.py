@@ -113,8 +113,18 @@ class CheckpointWriter:
         state: dict[str, Any],
         config: dict[str, Any],
         keep: int | None = None,
+        world: distributed.World | None = None,
     ) -> None:
+        """Called by the main process; with --shard (`world.sharded`) by every process, each writing its
+        shards on this thread."""
         self.wait()
+        if world is not None and world.sharded:
+            tmp = _write_shards(run_dir, step, model, optimizer, world)
+            if world.is_main:
+                atomic_write_json(tmp / "state.json", {**state, "step": step})
+                atomic_write_yaml(tmp / "config.yaml", config)
+                _publish(tmp, run_dir / "checkpoints" / f"step-{step}", run_dir, keep)
+            return
         head = _head(model)
         if not self.background or not isinstance(model.lm if head is not None else model, PeftModel):
             _write(run_dir, step, model, None, optimizer.state_dict(), _rng_state(), state, config, keep)
@@ -183,23 +193,13 @@ def _write(
     return final
 
 
-def save_sharded_checkpoint(
-    run_dir: Path,
-    step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    state: dict[str, Any],
-    config: dict[str, Any],
-    keep: int | None,
-    world: distributed.World,
-) -> Path:
-    """A checkpoint of a sharded run, written by every process (each its shards), on this thread: the
-    same atomic rename as `_write`, by the main process once all have written."""
+def _write_shards(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  world: distributed.World) -> Path:  # fmt: skip
+    """Every process's shards of a sharded run's checkpoint, and its RNG states, into the checkpoint's
+    temporary directory (returned); the main process publishes it once all have written."""
     from tunery.training import sharding
 
-    ckpt_root = run_dir / "checkpoints"
-    final = ckpt_root / f"step-{step}"
-    tmp = ckpt_root / f".tmp-step-{step}"
+    tmp = run_dir / "checkpoints" / f".tmp-step-{step}"
     if world.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -208,11 +208,7 @@ def save_sharded_checkpoint(
     torch.save(_rng_state(), tmp / f"rng-{world.rank}.pt")
     fault_point("during_save", step)
     distributed.barrier(world)
-    if world.is_main:
-        atomic_write_json(tmp / "state.json", {**state, "step": step})
-        atomic_write_yaml(tmp / "config.yaml", config)
-        _publish(tmp, final, run_dir, keep)
-    return final
+    return tmp
 
 
 def _publish(tmp: Path, final: Path, run_dir: Path, keep: int | None) -> None:

@@ -247,8 +247,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore weights, optimizer and RNG states; returns the saved state (step and counters). A sharded
-    checkpoint loads into a sharded model on any number of processes (each takes the RNG states of the
-    process of its rank, or the main process's when there was none)."""
+    checkpoint loads into the sharded model, each process taking its rank's RNG states (the main
+    process's when its rank wrote none)."""
     if (ckpt / "sharded").is_dir():
         from tunery.training import sharding
 

@@ -249,7 +249,7 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Restore weights, optimizer and RNG states; returns the saved state (step and counters). A sharded
     checkpoint loads into the sharded model, each process taking its rank's RNG states (the main
     process's when its rank wrote none)."""
-    if (ckpt / "sharded").is_dir():
+    if (ckpt / "sharded").is_dir():  # sharding.SHARDED
         from tunery.training import sharding
 
         sharding.load_state(ckpt / sharding.SHARDED, model, optimizer)

@@ -53,21 +53,16 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 def shard_model(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """Shard `model` in place: each decoder layer a unit, the rest (final norm) with the root. Returns the
-    weights that stay whole on every process (embedding, output layer, a reward model's score head), whose
-    gradients `average_replicated` averages."""
+    weights that stay whole on every process (embedding, output layer), whose gradients
+    `average_replicated` averages."""
     whole: dict[int, torch.nn.Parameter] = {}
-    lm: Any = getattr(model, "lm", model)  # a head over an LM (models/heads.py)
+    lm: Any = model
     for module in (lm.get_input_embeddings(), lm.get_output_embeddings()):
         if module is not None:
             whole |= {id(p): p for p in module.parameters()}
-    for name in ("score", "value_head"):
-        head = getattr(model, name, None)
-        if isinstance(head, torch.nn.Module):
-            whole |= {id(p): p for p in head.parameters()}
-    ignored = set(whole.values())
     for layer in decoder_layers(model):
         fully_shard(layer)
-    fully_shard(model, ignored_params=ignored)
+    fully_shard(model, ignored_params=set(whole.values()))
     return [p for p in whole.values() if p.requires_grad]
 
 

@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from tests.conftest import pair_lines, thumbs_lines, write_jsonl
+from tests.conftest import pair_lines, run_torchrun, thumbs_lines, write_jsonl
 from tunery.cli import main
 from tunery.errors import TuneryError
 from tunery.models.load import load_model
@@ -108,3 +108,23 @@ def test_kto_rejects_preference_pairs_and_warns_on_imbalance(thumbs_files, tmp_p
     unbalanced = write_jsonl(tmp_path / "unbalanced.jsonl", lines)  # 24 up, 3 down
     summary = kto.run(None, config(unbalanced, valid, tmp_path / "c", epochs=1, batch_size=27))
     assert "outside the KTO paper's recommended [1, 4/3]" in summary["warnings"][0]
+
+
+def test_sharded_kto_matches_one_process(tmp_path: Path) -> None:
+    """Full fine-tuning sharded over two processes (--shard): the losses, KL estimates and held-out
+    metrics of one process, with a short last step (one example) and an odd held-out set."""
+    train = write_jsonl(tmp_path / "train.jsonl", thumbs_lines(13))
+    valid = write_jsonl(tmp_path / "valid.jsonl", thumbs_lines(18)[13:])
+    full = {"epochs": 1, "lora_rank": 0, "lr": 1e-4, "safety_evals": "none"}
+    kto.run(None, config(train, valid, tmp_path / "single", **full))
+    args = [a for k, v in config(train, valid, tmp_path / "shard", shard=True, **full).items()
+            for a in ("--set", f"{k}={v}")]  # fmt: skip
+    proc = run_torchrun(["train", "kto", *args])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "shard")
+    assert len(one) == len(two) and sum("train_loss" in r for r in one) == 4
+    for a, b in zip(one, two, strict=True):
+        for key in ("train_loss", "kl", "rewards/margins", "valid_loss", "valid_kl", "full_valid_loss"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert (tmp_path / "shard" / "final" / "model.safetensors").is_file()

@@ -142,27 +142,37 @@ def test_dpo_resume_after_sigkill_is_exact(pair_files, tmp_path: Path) -> None:
     assert [r["train_loss"] for r in steps_of(ref)] == [r["train_loss"] for r in steps_of(killed)]
 
 
-@pytest.mark.parametrize("how", ["ddp", "shard"])
-def test_dpo_two_processes_match_one(how: str, tmp_path: Path) -> None:
-    """DDP with LoRA, and sharded full fine-tuning (--shard): the same losses as one process."""
+@pytest.mark.parametrize(("method", "how"), [("dpo", "ddp"), ("dpo", "shard"), ("rm", "shard")])
+def test_two_processes_match_one(method: str, how: str, tmp_path: Path) -> None:
+    """DDP with LoRA, and sharded full fine-tuning (--shard): the same losses as one process; a sharded
+    reward model's final/ scores as the run measured."""
     train = write_jsonl(tmp_path / "train.jsonl", pair_lines(13))  # the last step of 4 has one pair
     valid = write_jsonl(tmp_path / "valid.jsonl", pair_lines(18)[13:])  # 5: the processes get 3 and 2
     full = {"lora_rank": 0, "lr": 1e-4, "safety_evals": "none"} if how == "shard" else {}
+    if method == "rm":
+        full = {"lora_rank": 0, "lr": 1e-3}
+    recipe = {"dpo": dpo, "rm": reward_model}[method]
     single = tmp_path / "single"
-    dpo.run(None, config(train, valid, single, epochs=1, **full))
+    recipe.run(None, config(train, valid, single, epochs=1, **full))
     double = tmp_path / how
     extra = {**full, "shard": True} if how == "shard" else {}
     args = [
         a for k, v in config(train, valid, double, epochs=1, **extra).items() for a in ("--set", f"{k}={v}")
     ]
-    proc = run_torchrun(["train", "dpo", *args])
+    proc = run_torchrun(["train", method, *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = steps_of(single), steps_of(double)
     assert len(one) == len(two) == 4
+    keys = ("train_loss", "rewards/margins", "logps/chosen", "valid_loss", "train_margin", "valid_accuracy")
     for a, b in zip(one, two, strict=True):
-        for key in ("train_loss", "rewards/margins", "logps/chosen", "valid_loss"):
+        for key in keys:
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    if method == "rm":  # final/ was gathered from the shards: it scores as the run's last evaluation
+        model, tokenizer, _ = load_reward_model(double)
+        pairs = load_feedback_data(valid, tokenizer, 256, expect="preference", min_examples=1)
+        margin = sum(c - r for c, r in score_pairs(model, pairs)) / len(pairs)
+        assert margin == pytest.approx(read_metrics(double)[-1]["full_valid_margin"], rel=1e-4)
 
 
 def test_reward_model_learns_and_reloads_for_scoring(pair_files, tmp_path: Path, capsys) -> None:

@@ -328,12 +328,12 @@ def test_sharded_full_fine_tuning_matches_one_process(chat_files, tmp_path: Path
 
 
 def test_shard_needs_full_fine_tuning_in_a_method_that_shards(chat_files, tmp_path: Path, capsys) -> None:
-    from tunery.recipes.configs import KTOConfig, SFTConfig
+    from tunery.recipes.configs import PPOConfig, SFTConfig
 
     with pytest.raises(TuneryError, match="add --full"):
         SFTConfig(data="t.jsonl", out="o", shard=True)  # LoRA
-    with pytest.raises(TuneryError, match="not available for kto yet"):
-        KTOConfig(data="t.jsonl", out="o", shard=True, lora_rank=0)
+    with pytest.raises(TuneryError, match="ppo trains LoRA only: drop --shard"):
+        PPOConfig(data="t.jsonl", out="o", shard=True, reward_model="rm")
     train, _ = chat_files
     assert main(["train", "sft", "--data", str(train), "--out", str(tmp_path / "r"), "--shard"]) == 2
     assert "add --full" in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,24 @@ def test_sharding_is_offered_for_full_fine_tuning(monkeypatch: pytest.MonkeyPatc
     message = str(refused.value)
     assert f"--shard over 4 processes, one per GPU or machine (~{peaks[4] / GB:.1f} GB)" in message
     assert "--shard over 2" not in message and "--shard over 8" not in message
+
+
+def test_sampling_methods_count_the_engines_copy_of_the_weights(tmp_path: Path) -> None:
+    """GRPO and PPO sample on the decoding engine, which keeps a whole copy of the weights in their
+    precision (fp32 for full fine-tuning, the frozen base's for LoRA); a quantized base samples on its own
+    layers. The configs say which methods sample."""
+    from tunery.recipes.configs import DPOConfig, GRPOConfig
+
+    model = llama_dir(tmp_path / "model1b", hidden=2048, mlp=8192, layers=16, weights=False)
+    shape = fit.model_shape(str(model))
+    assert shape is not None
+    grpo = fit.Setup.of(GRPOConfig(data="t.jsonl", out="o", grader="g.json", lora_rank=0), "fp32")
+    dpo = fit.Setup.of(DPOConfig(data="t.jsonl", out="o", lora_rank=0), "fp32")
+    assert grpo.samples and not dpo.samples
+    plain = replace(grpo, samples=False)
+    assert fit.estimate(shape, grpo).weights - fit.estimate(shape, plain).weights == 4 * shape.parameters
+    lora = replace(grpo, lora_rank=16, precision="bf16")
+    copy = fit.estimate(shape, lora).weights - fit.estimate(shape, replace(lora, samples=False)).weights
+    assert copy == 2 * shape.parameters
+    int4 = replace(lora, quantize="int4")
+    assert fit.estimate(shape, int4).weights == fit.estimate(shape, replace(int4, samples=False)).weights

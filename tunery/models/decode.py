@@ -27,7 +27,9 @@ through `unsupported_reason`, and the sampler falls back to the model's own forw
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,6 +37,9 @@ import torch.nn.functional as F
 
 from tunery.models.locate import ENGINE_FALLBACK
 from tunery.models.quantize import is_quantized
+
+# --shard: a context in which a sharded module's own weights are whole (sharding.gathered)
+Gather = Callable[[torch.nn.Module], contextlib.AbstractContextManager[Any]]
 
 _SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
 _WHY_NOT = {"gemma2": ENGINE_FALLBACK["gemma2"], "gemma3_text": ENGINE_FALLBACK["gemma3"]}
@@ -96,7 +101,9 @@ def weights_version(model: torch.nn.Module) -> tuple[int, ...]:
 class DecodeModel:
     """Packed weights and the forward pass for prefill and single-token steps. See the module docstring."""
 
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, dtype: torch.dtype | None = None, gather: Gather | None = None
+    ) -> None:
         base = _causal_lm(model)
         config = base.config
         self.model = model
@@ -119,69 +126,80 @@ class DecodeModel:
         self.vocab_size = config.vocab_size
         self.windows = layer_windows(config)
         self.version: tuple[int, ...] = ()
-        self.refresh()
+        self.sharded = gather is not None  # re-read only with `gather`, by every process together
+        self.refresh(gather)
 
     # --- weights --------------------------------------------------------------------------------------
 
+    def _own(self, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` in the engine's dtype; a copy when the model is sharded, whose gathered weights are
+        freed once read."""
+        return weight.detach().to(self.dtype, copy=self.sharded)
+
     def _linear_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        weight = weight.detach().to(self.dtype).contiguous()
+        weight = self._own(weight).contiguous()
         return torch.ops.mkldnn._reorder_linear_weight(weight, None) if self.packed else weight
 
-    def refresh(self) -> None:
-        """Re-read every weight from the model (after an optimizer step). A no-op if nothing changed."""
-        version = weights_version(self.model)
-        if version == self.version:
+    def refresh(self, gather: Gather | None = None) -> None:
+        """Re-read every weight from the model (after an optimizer step). A no-op if nothing changed.
+        `gather(module)`: for a sharded model (--shard), a context in which `module`'s own weights are
+        whole; the model's root is gathered throughout and each decoder layer in turn, every process
+        together (`sharding.sync_engine`). A sharded model's engine re-reads only then."""
+        version = () if gather is not None else weights_version(self.model)
+        if gather is None and (self.sharded or version == self.version):
             return
+        gather = gather or (lambda _: contextlib.nullcontext())
         base = _causal_lm(self.model)
         scale = 1.0 / math.sqrt(self.head_dim)
         layers = []
-        with torch.no_grad():
+        with torch.no_grad(), gather(self.model):
             for layer in base.model.layers:
-                attn, mlp = layer.self_attn, layer.mlp
-                q_width = self.n_heads * self.head_dim
-                if hasattr(attn, "qkv_proj"):  # Phi-3: one fused projection
-                    fused, fused_bias = effective_weight(attn.qkv_proj)
-                    widths = [q_width, *(2 * [self.n_kv_heads * self.head_dim])]
-                    wq, wk, wv = fused.float().split(widths)
-                    bq, bk, bv = fused_bias.split(widths) if fused_bias is not None else (None, None, None)
-                else:
-                    (wq, bq), (wk, bk), (wv, bv) = (
-                        effective_weight(attn.q_proj),
-                        effective_weight(attn.k_proj),
-                        effective_weight(attn.v_proj),
-                    )
-                # the scale goes into the query weights, or into the query norm where one follows them
-                q_norm = getattr(attn, "q_norm", None)
-                q_scale = 1.0 if q_norm is not None else scale
-                qkv_bias = None
-                if bq is not None and bk is not None and bv is not None:
-                    qkv_bias = torch.cat([bq.float() * q_scale, bk.float(), bv.float()]).to(self.dtype)
-                if hasattr(mlp, "gate_up_proj"):  # Phi-3: gate and up fused, gate first
-                    gate, up = effective_weight(mlp.gate_up_proj)[0].chunk(2, 0)
-                else:
-                    gate, up = effective_weight(mlp.gate_proj)[0], effective_weight(mlp.up_proj)[0]
-                layers.append(
-                    {
-                        "qkv": self._linear_weight(torch.cat([wq.float() * q_scale, wk.float(), wv.float()])),
-                        "qkv_bias": qkv_bias,
-                        "q_norm": None
-                        if q_norm is None
-                        else (q_norm.weight.detach().float() * scale).to(self.dtype),
-                        "k_norm": None if q_norm is None else attn.k_norm.weight.detach().to(self.dtype),
-                        "o": self._linear_weight(effective_weight(attn.o_proj)[0]),
-                        "gate": self._linear_weight(gate),
-                        "up": self._linear_weight(up),
-                        "down": self._linear_weight(effective_weight(mlp.down_proj)[0]),
-                        "norm1": layer.input_layernorm.weight.detach().to(self.dtype),
-                        "norm2": layer.post_attention_layernorm.weight.detach().to(self.dtype),
-                    }
-                )
+                with gather(layer):
+                    layers.append(self._layer_weights(layer, scale))
             self.layers = layers
-            self.embed = base.model.embed_tokens.weight.detach().to(self.dtype)
-            self.final_norm = base.model.norm.weight.detach().to(self.dtype)
+            self.embed = self._own(base.model.embed_tokens.weight)
+            self.final_norm = self._own(base.model.norm.weight)
             self.head = self._linear_weight(effective_weight(base.lm_head)[0])
             self._rope_tables(base, 4096)
         self.version = version
+
+    def _layer_weights(self, layer: Any, scale: float) -> dict[str, Any]:
+        """One decoder layer's weights as the engine applies them (query scale folded in, fused)."""
+        attn, mlp = layer.self_attn, layer.mlp
+        q_width = self.n_heads * self.head_dim
+        if hasattr(attn, "qkv_proj"):  # Phi-3: one fused projection
+            fused, fused_bias = effective_weight(attn.qkv_proj)
+            widths = [q_width, *(2 * [self.n_kv_heads * self.head_dim])]
+            wq, wk, wv = fused.float().split(widths)
+            bq, bk, bv = fused_bias.split(widths) if fused_bias is not None else (None, None, None)
+        else:
+            (wq, bq), (wk, bk), (wv, bv) = (
+                effective_weight(attn.q_proj),
+                effective_weight(attn.k_proj),
+                effective_weight(attn.v_proj),
+            )
+        # the scale goes into the query weights, or into the query norm where one follows them
+        q_norm = getattr(attn, "q_norm", None)
+        q_scale = 1.0 if q_norm is not None else scale
+        qkv_bias = None
+        if bq is not None and bk is not None and bv is not None:
+            qkv_bias = torch.cat([bq.float() * q_scale, bk.float(), bv.float()]).to(self.dtype)
+        if hasattr(mlp, "gate_up_proj"):  # Phi-3: gate and up fused, gate first
+            gate, up = effective_weight(mlp.gate_up_proj)[0].chunk(2, 0)
+        else:
+            gate, up = effective_weight(mlp.gate_proj)[0], effective_weight(mlp.up_proj)[0]
+        return {
+            "qkv": self._linear_weight(torch.cat([wq.float() * q_scale, wk.float(), wv.float()])),
+            "qkv_bias": qkv_bias,
+            "q_norm": None if q_norm is None else (q_norm.weight.detach().float() * scale).to(self.dtype),
+            "k_norm": None if q_norm is None else self._own(attn.k_norm.weight),
+            "o": self._linear_weight(effective_weight(attn.o_proj)[0]),
+            "gate": self._linear_weight(gate),
+            "up": self._linear_weight(up),
+            "down": self._linear_weight(effective_weight(mlp.down_proj)[0]),
+            "norm1": self._own(layer.input_layernorm.weight),
+            "norm2": self._own(layer.post_attention_layernorm.weight),
+        }
 
     def _rope_tables(self, base: Any, length: int) -> None:
         """cos and signed-sin tables, so rotation is `x * cos + roll(x, d/2) * sin` (one fused op)."""
@@ -315,14 +333,15 @@ class DecodeModel:
         return self._logits(x)
 
 
-def decode_model_for(model: torch.nn.Module) -> DecodeModel | None:
-    """The engine attached to `model`, built on first use and refreshed when its weights change."""
+def decode_model_for(model: torch.nn.Module, gather: Gather | None = None) -> DecodeModel | None:
+    """The engine attached to `model`, built on first use and refreshed when its weights change
+    (`gather`: see `DecodeModel.refresh`)."""
     if unsupported_reason(model) is not None:
         return None
     engine: DecodeModel | None = getattr(model, "_tunery_decode", None)
     if engine is None:
-        engine = DecodeModel(model)
+        engine = DecodeModel(model, gather=gather)
         object.__setattr__(model, "_tunery_decode", engine)
     else:
-        engine.refresh()
+        engine.refresh(gather)
     return engine

@@ -38,6 +38,7 @@ class RewardConfig(HeldOutFields, RunConfig):
 
     BASE_LR_LORA: ClassVar[float] = 1e-4  # LoRA and the score head
     BASE_LR_FULL: ClassVar[float] = 1e-5
+    SHARDS: ClassVar[bool] = True
 
     center_coef: float = 0.0  # weight of the centring penalty (r_chosen + r_rejected)^2
 
@@ -85,6 +86,7 @@ class KTOConfig(ChatEvalFields, HeldOutFields, RunConfig):
 
     BASE_LR_LORA: ClassVar[float] = 5e-5
     BASE_LR_FULL: ClassVar[float] = 1e-6  # as DPO: small updates move the policy far
+    SHARDS: ClassVar[bool] = True
 
     beta: float = 0.1  # strength of the KL to the reference in the value function
     desirable_weight: float = 1.0  # loss weight of thumbs-up examples
@@ -104,6 +106,7 @@ class GRPOConfig(ChatEvalFields, SamplingFields, RunConfig):
 
     BASE_LR_LORA: ClassVar[float] = 2e-5
     BASE_LR_FULL: ClassVar[float] = 1e-6
+    SHARDS: ClassVar[bool] = True
     AUTO_EPOCHS: ClassVar[int | None] = 1
 
     batch_size: int | str = "auto"  # prompts per step; auto: 4

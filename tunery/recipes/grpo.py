@@ -74,14 +74,20 @@ def fill_logps(
     precision: str,
     device: torch.device,
     reference: bool,
+    world: distributed.World,
+    filler: list[Group],
 ) -> None:
-    """Old-policy (or, with `reference`, reference-model) log-probs of every completion, no gradient."""
+    """Old-policy (or, with `reference`, reference-model) log-probs of every completion, no gradient.
+    `filler`: a group of this process's to run in place of none (--shard: `distributed.even_rows`)."""
     lm_head_weight = output_weight(model)
-    for row_groups in plan_rows(groups, cfg.micro_batch_tokens):
+    rows = plan_rows(groups, cfg.micro_batch_tokens)
+    for row_groups, counted in distributed.even_rows(rows, world, filler=filler):
         with model.disable_adapter() if reference else contextlib.nullcontext():  # type: ignore[operator]
             row, logps, _, _ = packed_logps(
                 model, lm_head_weight, row_groups, cfg.temperature, precision, device
             )
+        if not counted:
+            continue
         for g, taken in zip(row_groups, per_group(logps, row, row_groups), strict=True):
             if reference:
                 g.ref_logps = taken
@@ -183,20 +189,13 @@ def evaluate(
 
 
 def policy_update(
-    model: torch.nn.Module,
-    ddp_model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    groups: list[Group],
-    cfg: GRPOConfig,
-    precision: str,
-    world: distributed.World,
-    need_kl: bool,
+    run: lifecycle.Run, groups: list[Group], cfg: GRPOConfig, need_kl: bool
 ) -> dict[str, float]:
     """`num_iterations` optimizer updates on this process's groups (DDP averages the gradients).
     Returns sums for the step's record."""
+    model, ddp_model, world, precision = run.model, run.ddp_model, run.world, run.plan.precision
     beta, device = cfg.beta, world.device
     lm_head_weight = output_weight(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
     # Each token's weight in the step's loss, normalised over every process's completions.
     lengths = torch.tensor(
         [len(a) if t else 0 for g in groups for a, t in zip(g.answers, g.trained, strict=True)]
@@ -218,15 +217,17 @@ def policy_update(
     active = [g for g in groups if beta > 0 or any(a != 0 for a in g.advantages)]
     idle = [g for g in groups if all(g is not a for a in active)]
     if need_kl:
-        fill_logps(model, groups, cfg, precision, device, reference=True)
-    if cfg.num_iterations > 1 or (need_kl and idle):  # old-policy log-probs: reuse, or the idle KL
-        fill_logps(
+        fill_logps(model, groups, cfg, precision, device, True, world, groups[:1])
+    if cfg.num_iterations > 1 or need_kl:  # old-policy log-probs: reuse, or the idle KL (every process
+        fill_logps(  # calls, with groups or none: with --shard each forward pass runs on all of them)
             model,
             (active if cfg.num_iterations > 1 else []) + (idle if need_kl else []),
             cfg,
             precision,
             device,
-            reference=False,
+            False,
+            world,
+            groups[:1],
         )
     sums = {
         "clipped": 0.0,
@@ -245,8 +246,8 @@ def policy_update(
     any_active = distributed.all_sum([float(len(active))], world)[0] > 0
     grad_norm = 0.0
     for _ in range(cfg.num_iterations if any_active else 0):
-        rows = plan_rows(active or groups[:1], cfg.micro_batch_tokens)
-        for k, row_groups in enumerate(rows):
+        rows = distributed.even_rows(plan_rows(active or groups[:1], cfg.micro_batch_tokens), world)
+        for k, (row_groups, counted) in enumerate(rows):
             with distributed.grads_sync(ddp_model, world, last_row=k == len(rows) - 1):
                 row, logps, entropy, _ = packed_logps(
                     ddp_model, lm_head_weight, row_groups, cfg.temperature, precision, device
@@ -254,7 +255,8 @@ def policy_update(
                 assert entropy is not None
                 answers = [(g, j) for g in row_groups for j in range(len(g.answers))]
                 adv = torch.tensor([g.advantages[j] for g, j in answers])[row.sequence]
-                w = torch.tensor([g.weights[j] for g, j in answers])[row.sequence] * float(bool(active))
+                counts = float(bool(active) and counted)  # 0: a row that only joins the others' passes
+                w = torch.tensor([g.weights[j] for g, j in answers])[row.sequence] * counts
                 old = logps.detach()
                 if cfg.num_iterations > 1 and active:
                     old = torch.cat([g.old_logps[j] for g, j in answers if g.old_logps]).to(logps)
@@ -268,16 +270,12 @@ def policy_update(
                     sums["kl"] += float(kl.detach().sum())
                     sums["kl_tokens"] += kl.numel()
                 (per_token * w).sum().backward()
-            if active:
+            if active and counted:
                 sums["clipped"] += float(clipped.sum())
                 sums["trained_tokens"] += logps.numel()
                 sums["entropy"] += float(entropy.sum())
                 sums["row_tokens"] += row.n_tokens
-        grad_norm = float(
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = lifecycle.update(run, cfg.grad_clip)
     sums["grad_norm"] = grad_norm / world.size  # (the same on every process after the all-reduce)
     return sums
 
@@ -328,9 +326,7 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dic
             lr = lifecycle.set_lr(run, step, cfg.schedule)
             evaluating = bool(eval_prompts) and lifecycle.evaluates_after(run, step + 1)
             need_kl = cfg.beta > 0 or (evaluating and cfg.lora_rank > 0)
-            sums |= policy_update(
-                model, run.ddp_model, run.optimizer, groups, cfg, plan.precision, world, need_kl
-            )
+            sums |= policy_update(run, groups, cfg, need_kl)
             step += 1
 
             names = sorted(sums)

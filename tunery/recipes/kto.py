@@ -89,12 +89,13 @@ def kl_estimate(
     """z0: the mean log-ratio of the mismatched `items` over all processes, clamped at 0 (detached)."""
     lm_head_weight = output_weight(model)
     total, count = 0.0, 0.0
-    for row_items in plan_rows(shard(items, world.rank, world.size), micro_batch_tokens):
+    rows = plan_rows(shard(items, world.rank, world.size), micro_batch_tokens)
+    for row_items, counted in distributed.even_rows(rows, world, filler=items[:1]):
         with autocast(precision, world.device):
             logps, _, _ = sequence_logps(model, lm_head_weight, pack_pairs(row_items))
         ref_logps = torch.tensor([ref[item.line][1] for item in row_items])
-        total += float((logps[0::2].float() - ref_logps).sum())
-        count += len(row_items)
+        total += counted * float((logps[0::2].float() - ref_logps).sum())
+        count += counted * len(row_items)
     total, count = distributed.all_sum([total, count], world)
     return torch.tensor(max(total / max(count, 1.0), 0.0))
 
@@ -162,10 +163,11 @@ def evaluate(
     model.eval()
     kl = kl_estimate(model, kl_items, ref, cfg.micro_batch_tokens, precision, world)
     stats = RatingStats()
-    for row_items in plan_rows(shard(examples, world.rank, world.size), cfg.micro_batch_tokens):
+    rows = plan_rows(shard(examples, world.rank, world.size), cfg.micro_batch_tokens)
+    for row_items, counted in distributed.even_rows(rows, world, filler=examples[:1]):
         with autocast(precision, world.device):
             logps, _, _ = sequence_logps(model, lm_head_weight, pack_pairs(row_items))
-        stats.add(*example_losses(cfg, logps, row_items, ref, kl))
+        stats.add(*example_losses(cfg, logps, row_items, ref, kl), float(counted))
     model.train(was_training)
     return {**stats.averaged(world, prefix=prefix), prefix + "kl": float(kl)}
 
@@ -228,19 +230,21 @@ def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict
             # z0 from this step's mismatched pairs: the plain module (no DDP bookkeeping), no gradients.
             kl = kl_estimate(run.model, [train_kl[i] for i in indices], ref_train, cfg.micro_batch_tokens,
                              plan.precision, world)  # fmt: skip
-            rows = plan_rows(mine, cfg.micro_batch_tokens)
+            rows = distributed.even_rows(plan_rows(mine, cfg.micro_batch_tokens), world)
             stats, tokens = RatingStats(), 0.0
-            for k, row_items in enumerate(rows):
+            for k, (row_items, counted) in enumerate(rows):
                 row = pack_pairs(row_items)
+                share = weight * counted
                 with distributed.grads_sync(model, world, last_row=k == len(rows) - 1):
                     with autocast(plan.precision, world.device):
                         logps, _, _ = sequence_logps(model, lm_head_weight, row)
                     losses, rewards, policy, desirable = example_losses(cfg, logps, row_items, ref_train, kl)
                     # The step's loss is the mean over its examples, however they are split into rows and
-                    # processes (DDP averages gradients over processes, hence the world size factor).
-                    (losses.sum() * (weight * world.size / step_examples)).backward()
-                stats.add(losses, rewards, policy, desirable, weight)
-                tokens += weight * row.n_tokens
+                    # processes (DDP and a sharded model average gradients over processes, hence the world
+                    # size factor).
+                    (losses.sum() * (share * world.size / step_examples)).backward()
+                stats.add(losses, rewards, policy, desirable, share)
+                tokens += share * row.n_tokens
             lr, grad_norm = lifecycle.optimizer_step(run, step, cfg.grad_clip, cfg.schedule)
             step += 1
 

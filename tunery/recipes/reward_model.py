@@ -82,9 +82,10 @@ def evaluate(
     was_training = model.training
     model.eval()
     stats = PairStats()
-    for row_pairs in plan_rows(shard(pairs, world.rank, world.size), cfg.micro_batch_tokens):
+    rows = plan_rows(shard(pairs, world.rank, world.size), cfg.micro_batch_tokens)
+    for row_pairs, counted in distributed.even_rows(rows, world, filler=pairs[:1]):
         with autocast(precision, world.device):
-            stats.add(*pair_scores(model, row_pairs, cfg.center_coef))
+            stats.add(*pair_scores(model, row_pairs, cfg.center_coef), float(counted))
     model.train(was_training)
     return stats.averaged(world, prefix=prefix)
 
@@ -118,17 +119,19 @@ def train(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> d
             t0 = time.monotonic()
             pairs, mine, weight = lifecycle.step_batch(run, train_pairs, step, cfg.seed)
             step_pairs = len(pairs)
-            rows = plan_rows(mine, cfg.micro_batch_tokens)
+            rows = distributed.even_rows(plan_rows(mine, cfg.micro_batch_tokens), world)
             stats, tokens = PairStats(), 0.0
-            for k, row_pairs in enumerate(rows):
+            for k, (row_pairs, counted) in enumerate(rows):
+                share = weight * counted
                 with distributed.grads_sync(model, world, last_row=k == len(rows) - 1):
                     with autocast(plan.precision, world.device):
                         losses, chosen, rejected = pair_scores(model, row_pairs, cfg.center_coef)
                     # The step's loss is the mean over its pairs, however they are split into rows and
-                    # processes (DDP averages gradients over processes, hence the world size factor).
-                    (losses.sum() * (weight * world.size / step_pairs)).backward()
-                stats.add(losses, chosen, rejected, weight)
-                tokens += weight * sum(p.n_tokens for p in row_pairs)
+                    # processes (DDP and a sharded model average gradients over processes, hence the world
+                    # size factor).
+                    (losses.sum() * (share * world.size / step_pairs)).backward()
+                stats.add(losses, chosen, rejected, share)
+                tokens += share * sum(p.n_tokens for p in row_pairs)
             lr, grad_norm = lifecycle.optimizer_step(run, step, cfg.grad_clip, cfg.schedule)
             step += 1
 

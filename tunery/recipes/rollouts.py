@@ -22,6 +22,7 @@ from tunery.losses.logps import token_logps, token_logps_and_entropy
 from tunery.models.forward import final_hidden
 from tunery.models.sampling import Completion, SamplingParams, sample
 from tunery.run import lifecycle
+from tunery.training import sharding
 from tunery.training.rundir import autocast, file_digest
 
 # --- a group of completions -------------------------------------------------------------------------------
@@ -74,8 +75,9 @@ def sample_groups(
     model.eval()
     completions: list[Completion] = []
     step = batch or max(len(ids), 1)
-    for start in range(0, len(ids), step):
-        completions += sample(model, tokenizer, ids[start : start + step], params)
+    with sharding.engine_weights(model):  # a sharded model: every process calls, with prompts or none
+        for start in range(0, len(ids), step):
+            completions += sample(model, tokenizer, ids[start : start + step], params)
     model.train(was_training)
     blocks = [completions[k * n : (k + 1) * n] for k in range(len(prompts))]
     return [

@@ -191,7 +191,8 @@ def check_shard(cfg: Any) -> None:
     method = type(cfg).__name__.removesuffix("Config").lower()
     if not cfg.SHARDS:
         raise TuneryError(
-            f"--shard is not available for {method} yet (it is for sft and dpo): train it with LoRA, or unsharded"
+            f"--shard (sharded full fine-tuning) is for sft, dpo, kto, rm and grpo; {method} trains LoRA "
+            "only: drop --shard"
         )
     if cfg.lora_rank:
         raise TuneryError(

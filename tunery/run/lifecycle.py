@@ -354,18 +354,24 @@ def step_batch(run: Run, examples: list[Item], step: int, seed: int) -> tuple[li
 
 
 def optimizer_step(run: Run, step: int, grad_clip: float, schedule: str) -> tuple[float, float]:
-    """Clip the gradients (0: no clipping), set the scheduled learning rate and step; returns the
-    learning rate and the gradient norm before clipping."""
+    """Set the scheduled learning rate and `update`; returns the learning rate and the gradient norm
+    before clipping."""
+    lr = set_lr(run, step, schedule)
+    return lr, update(run, grad_clip)
+
+
+def update(run: Run, grad_clip: float) -> float:
+    """Clip the gradients (0: no clipping), step and zero them; returns the gradient norm before
+    clipping. With --shard, the whole weights' gradients are averaged over the processes first."""
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     if run.world.sharded:
         sharding.average_replicated(run.whole, run.world.size)
         grad_norm = sharding.clip_grad_norm(run.trainable, max_norm)
     else:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(run.trainable, max_norm))
-    lr = set_lr(run, step, schedule)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return lr, float(grad_norm)
+    return float(grad_norm)
 
 
 def count_step(run: Run, tokens: float, started: float) -> tuple[float, float]:

@@ -58,7 +58,7 @@ def save_trainable(
     """LoRA: the adapter in peft's format. Full fine-tuning: the weights as one safetensors file. A reward
     model (a `score` head over an `lm`) adds `score.safetensors`, a PPO policy `value_head.safetensors`.
     `weights`: a copy of the LoRA run's trainable weights by `named_parameters` name, saved instead of
-    the live ones (a background checkpoint)."""
+    the live ones (a background checkpoint), or a sharded run's gathered weights (`sharding.full_weights`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     head = _head(model)
     if head is not None:
@@ -72,6 +72,13 @@ def save_trainable(
         model = model.lm  # type: ignore[assignment]
     if isinstance(model, PeftModel):
         save_adapter(model, out_dir, weights)
+    elif weights is not None:  # each tied weight once, under its first name, as save_model writes it
+        first: dict[int, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            first.setdefault(id(p), name)
+        kept = set(first.values()) | {name for name, _ in model.named_buffers()}
+        weights = {k: v.contiguous() for k, v in weights.items() if k in kept}
+        safetensors.torch.save_file(weights, str(out_dir / "model.safetensors"))
     else:
         safetensors.torch.save_model(model, str(out_dir / "model.safetensors"))  # type: ignore[arg-type]
 

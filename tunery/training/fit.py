@@ -10,7 +10,8 @@ PyTorch's meta device: no weights are read) and adds up, per process:
 - training: the frozen weights (fp32, bf16 or quantized), the trainable weights with their gradient and
   two Adam moments (LoRA's matrices, or every weight for full fine-tuning), and the activations one
   micro-batch of `micro_batch_tokens` keeps for the backward pass (per token and layer, ACT_HIDDEN x hidden
-  + ACT_MLP x the MLP width values).
+  + ACT_MLP x the MLP width values);
+- sampling (GRPO, PPO): the decoding engine's own whole copy of the weights, in the weights' precision.
 
 The process keeps freed memory for reuse (memory.py), so the peak is the baseline plus the larger of the two
 phases. The constants were fitted to measured peaks (tests/unit/test_fit.py checks the estimate against a
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tunery.errors import TuneryError
+from tunery.run.config import SamplingFields
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class Setup:
     precision: str  # bf16 | fp32 (resolved)
     micro_batch_tokens: int  # the longest row one forward pass takes
     shards: int = 1  # --shard: processes the full fine-tuning's decoder layers are split across
+    samples: bool = False  # the method samples from the policy (GRPO, PPO)
 
     @classmethod
     def of(cls, cfg: Any, precision: str, shards: int = 1) -> Setup:
@@ -67,7 +70,7 @@ class Setup:
         tokens = cfg.micro_batch_tokens
         if isinstance(cfg.batch_size, int):
             tokens = min(tokens, cfg.batch_size * cfg.max_length)
-        return cls(cfg.lora_rank, cfg.quantize, precision, tokens, shards)
+        return cls(cfg.lora_rank, cfg.quantize, precision, tokens, shards, isinstance(cfg, SamplingFields))
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,8 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
         weights = held * (4 + (2 if setup.precision == "bf16" else 0))  # + autocast's copies
         optimizer = held * (ADAM - 4)
         load_bytes = 4
+    if setup.samples and quant is None:  # the engine's copy (a quantized base samples on its own layers)
+        weights += shape.parameters * (wide if setup.lora_rank else 4)
     load = shape.parameters * load_bytes
     if shape.file_bytes and load_bytes != shape.file_dtype_bytes:
         load += shape.file_bytes  # the file's pages, while they are converted

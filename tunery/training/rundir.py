@@ -144,7 +144,7 @@ def save_final(
     tmp_dir = run_dir / ".tmp-final"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     if isinstance(model, PeftModel) or hasattr(model, "lm"):  # an adapter, or a head over an LM
-        save_trainable(model, tmp_dir)
+        save_trainable(model, tmp_dir, weights)
     else:
         model.save_pretrained(tmp_dir, state_dict=weights)  # type: ignore[operator]
     tokenizer.save_pretrained(tmp_dir)

@@ -14,14 +14,20 @@ Checkpoints are PyTorch's distributed checkpoints (DCP): every process writes it
 `checkpoints/step-N/sharded/`, and `--resume` reads them back. `final/` is an ordinary model directory,
 gathered on the main process.
 
+Sampling (GRPO) runs on the decoding engine, which keeps its own whole copy of the weights while a step
+samples: every process builds it together, gathering one decoder layer at a time (`engine_weights`), and
+drops it before training on the samples.
+
 Every process must run the same number of forward passes, since each gathers the sharded weights with the
 others: the recipes pass their rows through `distributed.even_rows`, which pads a process that has fewer
-with copies that count for nothing. SFT and DPO (with IPO and SimPO) do so far (`SHARDS` in their configs);
-the other methods refuse --shard with a message.
+with copies that count for nothing. SFT, DPO (with IPO and SimPO), KTO, the reward model and GRPO do
+(`SHARDS` in their configs); PPO trains LoRA only and refuses --shard with a message.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from tunery.errors import TuneryError
@@ -53,11 +59,11 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 def shard_model(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """Shard `model` in place: each decoder layer a unit, the rest (final norm) with the root. Returns the
-    weights that stay whole on every process (embedding, output layer), whose gradients
-    `average_replicated` averages."""
+    weights that stay whole on every process (embedding, output layer, a reward model's score head),
+    whose gradients `average_replicated` averages."""
     whole: dict[int, torch.nn.Parameter] = {}
-    lm: Any = model
-    for module in (lm.get_input_embeddings(), lm.get_output_embeddings()):
+    lm: Any = getattr(model, "lm", model)  # a head over an LM (models/heads.py)
+    for module in (lm.get_input_embeddings(), lm.get_output_embeddings(), getattr(model, "score", None)):
         if module is not None:
             whole |= {id(p): p for p in module.parameters()}
     for layer in decoder_layers(model):
@@ -126,3 +132,38 @@ def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     empty dict)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return dict(get_model_state_dict(model, options=options))  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def gathered(module: torch.nn.Module) -> Iterator[None]:
+    """Inside, an FSDP unit's own weights are whole on this process (every process enters together);
+    any other module as it is."""
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
+
+
+@contextlib.contextmanager
+def engine_weights(model: torch.nn.Module) -> Iterator[None]:
+    """Around sampling from `model` (every process together): a sharded model's decoding engine reads its
+    weights, one decoder layer gathered at a time, and is dropped after, so its whole copy of the weights
+    does not stay beside the shards through training. Nothing for a model that is not sharded."""
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    from tunery.models.decode import decode_model_for, unsupported_reason
+
+    if decode_model_for(model, gather=gathered) is None:
+        raise TuneryError(
+            f"--shard samples on Tunery's decoding engine, which does not run this model "
+            f"({unsupported_reason(model)}): drop --shard, or train with LoRA"
+        )
+    try:
+        yield
+    finally:
+        model.__dict__.pop("_tunery_decode", None)

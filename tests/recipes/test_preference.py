@@ -13,7 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from tests.conftest import pair_lines, run_torchrun, write_jsonl
+from tests.conftest import chat_lines, pair_lines, run_torchrun, write_jsonl
 from tunery.cli import main
 from tunery.data.feedback import load_feedback_data
 from tunery.models.heads import load_reward_model, score_pairs
@@ -145,12 +145,17 @@ def test_dpo_resume_after_sigkill_is_exact(pair_files, tmp_path: Path) -> None:
 @pytest.mark.parametrize(("method", "how"), [("dpo", "ddp"), ("dpo", "shard"), ("rm", "shard")])
 def test_two_processes_match_one(method: str, how: str, tmp_path: Path) -> None:
     """DDP with LoRA, and sharded full fine-tuning (--shard): the same losses as one process; a sharded
-    reward model's final/ scores as the run measured."""
+    reward model's final/ scores as the run measured. Sharded DPO starts from an SFT adapter, which only
+    the main process reads and merges: the other receives its shards of the merged weights."""
     train = write_jsonl(tmp_path / "train.jsonl", pair_lines(13))  # the last step of 4 has one pair
     valid = write_jsonl(tmp_path / "valid.jsonl", pair_lines(18)[13:])  # 5: the processes get 3 and 2
-    full = {"lora_rank": 0, "lr": 1e-4, "safety_evals": "none"} if how == "shard" else {}
+    full: dict = {"lora_rank": 0, "lr": 1e-4, "safety_evals": "none"} if how == "shard" else {}
     if method == "rm":
         full = {"lora_rank": 0, "lr": 1e-3}
+    elif how == "shard":
+        chats = write_jsonl(tmp_path / "chats.jsonl", chat_lines(10))
+        sft.run(None, config(chats, chats, tmp_path / "sft", epochs=1, lr=2e-2, safety_evals="none"))
+        full["adapter"] = str(tmp_path / "sft")
     recipe = {"dpo": dpo, "rm": reward_model}[method]
     single = tmp_path / "single"
     recipe.run(None, config(train, valid, single, epochs=1, **full))

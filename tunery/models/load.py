@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from tunery.errors import TuneryError
 from tunery.models.attention import ATTENTION_NAME
@@ -32,7 +38,7 @@ from tunery.models.locate import (
     tunery_home,
     unknown_model,
 )
-from tunery.models.tiny import family_of, tiny_model, tiny_tokenizer
+from tunery.models.tiny import family_of, tiny_config, tiny_model, tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +156,25 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 
 def load_model(
-    name: str, dtype: torch.dtype = torch.float32
+    name: str, dtype: torch.dtype = torch.float32, empty: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load weights and tokenizer for `name`, with Tunery's padding-free attention switched on."""
+    """Load weights and tokenizer for `name`, with Tunery's padding-free attention switched on. `empty`:
+    the model's structure only, its weights on PyTorch's meta device (no memory) and its buffers real: a
+    sharded run's other processes, which receive their shards from the main process."""
     tokenizer = load_tokenizer(name)
     model: Any
-    if is_tiny(name):
+    if empty:
+        from accelerate import init_empty_weights
+
+        if is_tiny(name):
+            config = tiny_config(len(tokenizer), family_of(name))
+        else:
+            model_dir = resolve_model_dir(name)
+            config = _from_dir(AutoConfig, model_dir) if model_dir else _from_hub(AutoConfig, name)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=ATTENTION_NAME)
+        model.tie_weights()  # (from_pretrained ties them; from_config on the meta device does not)
+    elif is_tiny(name):
         model = tiny_model(len(tokenizer), family=family_of(name))
         torch.nn.Module.to(model, dtype)
     else:
@@ -167,7 +186,7 @@ def load_model(
             model = _from_hub(AutoModelForCausalLM, name, **kwargs)
     model.set_attn_implementation(ATTENTION_NAME)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=not empty)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.name_or_path = name

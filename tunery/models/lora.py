@@ -217,4 +217,5 @@ def merge_adapter(model: PreTrainedModel, adapter_dir: str | Path) -> PreTrained
     a method that trains on top of a fine-tuned model, such as DPO after SFT."""
     merged = load_adapter(model, adapter_dir).merge_and_unload()
     assert isinstance(merged, PreTrainedModel)
+    merged.requires_grad_(True)  # as loaded (peft froze it): full fine-tuning trains every weight
     return merged

@@ -120,8 +120,10 @@ def open_run(
     paths = screened_paths(run_dir, data)
     if resume:
         check_same_data(run_dir, cfg)
-    model, tokenizer = load_model(cfg.model, load_dtype(cfg.quantize))
-    if cfg.adapter:
+    # with --shard only the main process reads the weights; the others receive their shards from it
+    empty = world.sharded and not world.is_main
+    model, tokenizer = load_model(cfg.model, load_dtype(cfg.quantize), empty=empty)
+    if cfg.adapter and not empty:
         model = merge_adapter(model, cfg.adapter)
     return Opened(
         world, run_dir, resume, energy, paths.get("train", ""), paths.get("valid"), model, tokenizer
@@ -243,7 +245,7 @@ def start_run(
     model.train()
     # sharded before the optimizer sees the weights, and before moving: on a GPU, fully_shard moves only
     # each process's shards there, and the .to() below the whole weights (embedding, output layer)
-    whole = sharding.shard_model(model) if world.sharded else []
+    whole = sharding.shard_model(model, world.device) if world.sharded else []
     torch.nn.Module.to(model, world.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups: Any = param_groups if param_groups is not None else trainable

@@ -57,19 +57,49 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     raise TuneryError(f"--shard: no decoder layers found in {type(model).__name__}")
 
 
-def shard_model(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+def shard_model(model: torch.nn.Module, device: torch.device) -> list[torch.nn.Parameter]:
     """Shard `model` in place: each decoder layer a unit, the rest (final norm) with the root. Returns the
     weights that stay whole on every process (embedding, output layer, a reward model's score head),
-    whose gradients `average_replicated` averages."""
+    whose gradients `average_replicated` averages.
+
+    Only the main process has read the weights: the others hold the model's structure on the meta device
+    (`load_model(empty=True)`), make room for their shards on `device` once sharded, and receive them from
+    the main process, one tensor at a time. A machine running N processes so holds the model once while
+    loading, not N times."""
+    empty = any(p.is_meta for p in model.parameters())
+    full = {} if empty else model.state_dict()  # kept whole past sharding, to send
+    buffers = {(id(m), name): b for m in model.modules() for name, b in m._buffers.items() if b is not None}
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    fully_shard(model, ignored_params=set(whole_weights(model)))
+    if empty:
+        places: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+        for m in model.modules():
+            for name, p in m._parameters.items():
+                if p is not None:
+                    places.setdefault(id(p), []).append((m, name))
+        model.to_empty(device=device)
+        for m in model.modules():  # the buffers were real (rotary tables): put them back
+            for name in m._buffers:
+                if (id(m), name) in buffers:
+                    m._buffers[name] = buffers[id(m), name].to(device)
+        for (first, first_name), *others in places.values():  # and tie again what was tied (to_empty
+            for m, name in others:  # makes a weight per module: the embedding and the output layer)
+                m._parameters[name] = first._parameters[first_name]
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full, options=options)
+    del full
+    return [p for p in whole_weights(model) if p.requires_grad]  # (to_empty made new ones)
+
+
+def whole_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The weights sharding leaves whole: the embedding, the output layer, a reward model's score head."""
     whole: dict[int, torch.nn.Parameter] = {}
     lm: Any = getattr(model, "lm", model)  # a head over an LM (models/heads.py)
     for module in (lm.get_input_embeddings(), lm.get_output_embeddings(), getattr(model, "score", None)):
         if module is not None:
             whole |= {id(p): p for p in module.parameters()}
-    for layer in decoder_layers(model):
-        fully_shard(layer)
-    fully_shard(model, ignored_params=set(whole.values()))
-    return [p for p in whole.values() if p.requires_grad]
+    return list(whole.values())
 
 
 def average_replicated(params: list[torch.nn.Parameter], world_size: int) -> None:

@@ -4,6 +4,12 @@
     python bench/scale.py --part quantize --sizes bundled    # the bundled model only, ~6 min
     python bench/scale.py --part shard --sizes bundled       # full fine-tuning: 1 process, DDP x2, --shard x2
 
+--part quantize runs each base three ways for Tunery (`tunery train sft --quantize none|int8|int4`) and the
+same three for TRL (bench/trl_scripts/sft.py: SFTTrainer with a peft LoRA config, the base loaded with
+bitsandbytes' LLM.int8 or 4-bit NF4: QLoRA as TRL's documentation writes it), on the same conversations in
+the same order (Tunery trains the last assistant turn, TRL the completion: the same tokens), the same
+steps, LoRA r16 on every linear layer, the same precision.
+
 --part shard runs full fine-tuning three ways on the same data and steps: one process; two processes with
 DDP (torchrun, every process holding the whole model); two processes with --shard (FSDP2). Peak memory is
 per process (os.wait4 of torchrun reports the largest of its workers), and the losses must agree.
@@ -27,6 +33,7 @@ whole command. Precision is `auto` (bf16 where the CPU runs it fast, fp32 elsewh
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import subprocess
@@ -74,14 +81,68 @@ def random_model(size: str) -> Path:
     return out
 
 
-def train(model: str, quantize: str, steps: int, batch: int, work: Path, way: str = "") -> dict:
+def conversations(work: Path, steps: int, batch: int) -> dict[str, Path]:
+    """Tunery's and TRL's files of the same `steps` x `batch` support conversations (one epoch; each
+    assistant turn an example, with the conversation before it)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from sft import expand
+    from whole_process import write_chats
+
+    chats = expand(SUPPORT / "train.jsonl", steps * batch)
+    if len(chats) < steps * batch:
+        sys.exit(f"the support set has {len(chats)} examples; lower --steps x --batch")
+    return write_chats(work / "data", chats[: steps * batch], seed=0)
+
+
+def trl_train(model_dir: Path, quantize: str, steps: int, batch: int, precision: str, data: Path,
+              work: Path) -> dict:  # fmt: skip
+    """bench/trl_scripts/sft.py with --quantize; peak memory of its process, tokens/s of its loop."""
+    out = work / f"trl-{model_dir.name}-{quantize}"
+    cmd = [sys.executable, str(REPO / "bench" / "trl_scripts" / "sft.py"), str(model_dir), str(data), str(out),
+           "--batch-size", str(batch), "--lr", "2e-4", "--precision", precision, "--quantize", quantize,
+           "--max-steps", str(steps), "--seed", "0"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": tempfile.mkdtemp(prefix="datasets-", dir=work)}  # fmt: skip
+    started = time.monotonic()
+    log_path = work / f"{out.name}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - started
+    if status != 0:
+        sys.exit(f"TRL --quantize {quantize} failed:\n{log_path.read_text()[-3000:]}")
+    logs = []
+    for line in log_path.read_text().splitlines():
+        text = line.strip()
+        if text.startswith("{") and text.endswith("}"):
+            try:
+                logs.append(ast.literal_eval(text))
+            except (ValueError, SyntaxError):
+                continue
+    tokens = max((float(d["num_tokens"]) for d in logs if "num_tokens" in d), default=0.0)
+    runtime = next(float(d["train_runtime"]) for d in logs if "train_runtime" in d)
+    return {
+        "way": "trl",
+        "train_losses": [float(d["loss"]) for d in logs if "loss" in d],
+        "quantize": quantize,
+        "precision": precision,
+        "peak_gb": usage.ru_maxrss / 1e6,
+        "tokens_per_second": tokens / runtime,
+        "train_seconds": runtime,
+        "wall": wall,
+        "valid_loss": None,
+    }
+
+
+def train(model: str, quantize: str, steps: int, batch: int, work: Path, way: str = "",
+          data: Path | None = None) -> dict:  # fmt: skip
     """One `tunery train sft` run; its summary with the process's peak memory and wall time. `way`:
     "" (LoRA, one process), or full fine-tuning "one", "ddp" (torchrun x2) or "shard" (torchrun x2, --shard)."""
     out = work / f"{Path(model).name}-{quantize}{way}"
     launch = [str(BIN / "tunery")]
     if way in ("ddp", "shard"):
         launch = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "tunery"]
-    cmd = [*launch, "train", "sft", "--model", model, "--data", str(SUPPORT / "train.jsonl"),
+    cmd = [*launch, "train", "sft", "--model", model, "--data", str(data or SUPPORT / "train.jsonl"),
            "--valid", str(SUPPORT / "valid.jsonl"), "--out", str(out), "--max-steps", str(steps),
            "--batch-size", str(batch), "--eval-every", str(steps), "--safety-evals", "none",
            "--no-track-energy", "--seed", "0", "--quantize", quantize, "--overwrite"]  # fmt: skip
@@ -116,14 +177,21 @@ def train(model: str, quantize: str, steps: int, batch: int, work: Path, way: st
 
 
 def table(title: str, rows: list[dict], loss: bool) -> str:
-    base = rows[0]
-    lines = [f"{title}", "", "| base | precision | peak memory | vs none | tokens/s | vs none | wall |"
-             + (" held-out loss |" if loss else ""),
-             "|---|---|---|---|---|---|---|" + ("---|" if loss else "")]  # fmt: skip
+    """Tunery's rows, then TRL's; each against its own unquantized base, and Tunery's tokens/s against
+    TRL's at the same quantization."""
+    base = {way: next(r for r in rows if r["way"] == way and r["quantize"] == "none") for way in ("", "trl")}
+    trl = {r["quantize"]: r for r in rows if r["way"] == "trl"}
+    lines = [f"{title}", "", "| trainer | base | precision | peak memory | vs none | tokens/s | vs none | "
+             "Tunery / TRL tokens/s | wall |" + (" held-out loss |" if loss else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if loss else "")]  # fmt: skip
     for r in rows:
-        cells = [r["quantize"], r["precision"], f"{r['peak_gb']:.2f} GB", f"{r['peak_gb'] / base['peak_gb']:.2f}x",
-                 f"{r['tokens_per_second']:.0f}", f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x",
-                 f"{r['wall']:.0f} s"]  # fmt: skip
+        own = base[r["way"]]
+        ratio = (
+            f"{r['tokens_per_second'] / trl[r['quantize']]['tokens_per_second']:.2f}x" if not r["way"] else ""
+        )
+        cells = ["TRL + bitsandbytes" if r["way"] else "Tunery", r["quantize"], r["precision"],
+                 f"{r['peak_gb']:.2f} GB", f"{r['peak_gb'] / own['peak_gb']:.2f}x", f"{r['tokens_per_second']:.0f}",
+                 f"{r['tokens_per_second'] / own['tokens_per_second']:.2f}x", ratio, f"{r['wall']:.0f} s"]  # fmt: skip
         if loss:
             cells.append(f"{r['valid_loss']:.4f}" if r["valid_loss"] is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
@@ -157,15 +225,17 @@ def main() -> None:
     )
     parser.add_argument("--part", choices=["quantize", "shard"], default="quantize")
     parser.add_argument("--sizes", nargs="+", choices=["bundled", *SHAPES], default=["bundled", "1b"])
-    parser.add_argument("--steps", type=int, default=0, help="steps per run (default: 30 bundled, 3 for 1b)")
+    parser.add_argument("--steps", type=int, default=0, help="steps per run (default: 20 bundled, 3 for 1b)")
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
+    from tunery.models.load import resolve_model_dir
+
     reports = []
     with tempfile.TemporaryDirectory(prefix="tunery-scale-") as tmp:
         work = Path(tmp)
         for size in args.sizes:
             model = "smollm2-135m-instruct" if size == "bundled" else str(random_model(size))
-            steps = args.steps or (30 if size == "bundled" else 3)
+            steps = args.steps or (20 if size == "bundled" else 3)
             if args.part == "shard":
                 rows = [train(model, "none", steps, args.batch, work, way) for way in ("one", "ddp", "shard")]
                 for row in rows:
@@ -174,12 +244,20 @@ def main() -> None:
                          f"{os.cpu_count()} cores")  # fmt: skip
                 reports.append(shard_table(title, rows))
                 continue
+            data = conversations(work / size, steps, args.batch)
+            model_dir = resolve_model_dir(model)
+            assert model_dir is not None
             rows = []
             for quantize in ("none", "int8", "int4"):
-                rows.append(train(model, quantize, steps, args.batch, work))
+                rows.append(train(model, quantize, steps, args.batch, work, data=data["tunery"]))
                 print(json.dumps(rows[-1]), flush=True)
-            title = (f"{size}: LoRA r16 SFT, {steps} steps of {args.batch} support conversations, "
-                     f"{os.cpu_count()} cores")  # fmt: skip
+            for quantize in ("none", "int8", "int4"):
+                rows.append(
+                    trl_train(model_dir, quantize, steps, args.batch, rows[0]["precision"], data["trl"], work)
+                )
+                print(json.dumps(rows[-1]), flush=True)
+            title = (f"{size}: LoRA r16 SFT, {steps} steps of {args.batch} support conversations (the last "
+                     f"assistant turn trained), {os.cpu_count()} cores")  # fmt: skip
             reports.append(table(title, rows, loss=size == "bundled"))
     print("\n\n".join(reports))
 

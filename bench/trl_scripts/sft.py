@@ -5,6 +5,12 @@
 The data is TRL's conversational prompt-completion format ({"prompt": [...], "completion": [...]}), so
 the loss covers the completion only. bench/whole_process.py times this script from process start to
 exit beside `tunery train sft` on the same examples.
+
+    python bench/trl_scripts/sft.py ... --quantize int4 --max-steps 20     # QLoRA, as TRL's docs have it
+
+`--quantize int8|int4` loads the base with bitsandbytes (LLM.int8, or 4-bit NF4 computing in the training
+precision) under the LoRA adapter: QLoRA as TRL users write it. bench/scale.py runs it beside
+`tunery train sft --quantize`.
 """
 
 import argparse
@@ -12,7 +18,7 @@ import argparse
 import torch
 from datasets import load_dataset
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
 from trl import SFTConfig, SFTTrainer
 
 parser = argparse.ArgumentParser()
@@ -25,17 +31,31 @@ parser.add_argument("--max-length", type=int, default=1024)
 parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--gradient-checkpointing", action="store_true", help="TRL's default; off is faster")
+parser.add_argument("--quantize", choices=["none", "int8", "int4"], default="none")
+parser.add_argument("--max-steps", type=int, default=-1, help="stop after N steps (default: one epoch)")
 args = parser.parse_args()
 
 set_seed(args.seed)  # a reproducible run: whatever is drawn from here on (LoRA, data order)
 tokenizer = AutoTokenizer.from_pretrained(args.model)
 tokenizer.pad_token = "<|endoftext|>"  # SmolLM2 pads with its end-of-turn token; a distinct one, as Tunery
-model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+quantization = {
+    "none": None,
+    "int8": BitsAndBytesConfig(load_in_8bit=True),
+    "int4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype),
+}[args.quantize]
+model = AutoModelForCausalLM.from_pretrained(
+    args.model,
+    dtype=torch.float32,
+    quantization_config=quantization,
+    device_map="cpu" if quantization else None,
+)
 dataset = load_dataset("json", data_files=args.data, split="train")
 
 config = SFTConfig(
     output_dir=args.out,
     num_train_epochs=1,
+    max_steps=args.max_steps,
     per_device_train_batch_size=args.batch_size,
     learning_rate=args.lr,
     lr_scheduler_type="constant",

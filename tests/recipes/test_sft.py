@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -288,7 +289,8 @@ def test_sharded_full_fine_tuning_matches_one_process(chat_files, tmp_path: Path
     """--shard (FSDP2) under torchrun: the same losses as one unsharded process, with an uneven last step
     (one process has no conversation and runs a copy that counts for nothing); checkpoints are every
     process's shards; a run killed mid-way resumes from them and ends where the uninterrupted one did;
-    final/ is an ordinary model directory holding the same weights."""
+    final/ is an ordinary model directory holding the same weights. The same checkpoint also resumes in
+    one process (DCP reshards on load)."""
     _, valid = chat_files
     train = write_jsonl(tmp_path / "train25.jsonl", chat_lines(25))
     full = {"lora_rank": 0, "lr": 2e-3, "epochs": 1, "safety_evals": "none", "eval_every": 2}
@@ -301,6 +303,9 @@ def test_sharded_full_fine_tuning_matches_one_process(chat_files, tmp_path: Path
     checkpoint = sharded / "checkpoints" / "step-4"
     assert (checkpoint / "sharded" / ".metadata").is_file() and (checkpoint / "rng-1.pt").is_file()
     assert not (checkpoint / "model").exists()  # no process wrote the whole model
+    shrunk = tmp_path / "shrunk"  # the same checkpoint resumed in one process, unsharded
+    shutil.copytree(sharded, shrunk)
+    assert main(["train", "sft", "--resume", str(shrunk)]) == 0
     proc = run_torchrun(["train", "sft", "--resume", str(sharded)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = [r for r in read_metrics(single) if "train_loss" in r]
@@ -320,9 +325,11 @@ def test_sharded_full_fine_tuning_matches_one_process(chat_files, tmp_path: Path
     assert summary["world_size"] == 2
     a, _ = load_model(str(single / "final"))
     b, _ = load_model(str(sharded / "final"))
+    c, _ = load_model(str(shrunk / "final"))
     ids = torch.tensor([[5, 17, 42, 99, 7]])
     with torch.no_grad():
         assert torch.allclose(a(ids).logits, b(ids).logits, atol=1e-4)
+        assert torch.allclose(a(ids).logits, c(ids).logits, atol=1e-4)
         base, _ = load_model("tiny-random")
         assert not torch.allclose(base(ids).logits, b(ids).logits, atol=1e-2)  # it did train
 

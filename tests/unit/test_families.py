@@ -16,7 +16,7 @@ from tests.conftest import (
     nudged_lora,
     pair_lines,
     thumbs_lines,
-    tunery_ok,
+    tunery_here,
     write_jsonl,
 )
 from tunery.data.chat import ChatExample
@@ -135,17 +135,17 @@ def test_lora_all_linear_covers_attention_and_mlp(name: str) -> None:
 def test_sft_learns_chat_answers_and_export_round_trips(name: str, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "train.jsonl", BLUE_LINES)
     out = tmp_path / "run"
-    tunery_ok(["train", "sft", "--model", name, "--data", str(data), "--out", str(out), "--epochs", "3",
+    tunery_here(["train", "sft", "--model", name, "--data", str(data), "--out", str(out), "--epochs", "3",
                "--batch-size", "4", "--lr", "0.02", "--safety-evals", "none", "--seed", "0"])  # fmt: skip
     losses = metric_series(out, "train_loss")
     assert losses[-1] < losses[0] / 2, losses
     question = "Colour number 99?\n/exit\n"
-    chat = tunery_ok(["chat", "--model", name, "--adapter", str(out), "--max-tokens", "8"], stdin=question)
-    assert "Blue." in chat.stdout
+    chat = tunery_here(["chat", "--model", name, "--adapter", str(out), "--max-tokens", "8"], stdin=question)
+    assert "Blue." in chat
 
     # export round-trip: the merged model directory loads as --model and computes what base + adapter did
     merged = tmp_path / "merged"
-    tunery_ok(["export", "--model", name, "--adapter", str(out), "--merge", "--out", str(merged)])
+    tunery_here(["export", "--model", name, "--adapter", str(out), "--merge", "--out", str(merged)])
     exported, exported_tokenizer = load_model(str(merged))
     base, tokenizer = load_model(name)
     adapted = load_adapter(base, str(out))
@@ -160,8 +160,8 @@ def test_sft_learns_chat_answers_and_export_round_trips(name: str, tmp_path: Pat
     with torch.no_grad():
         assert torch.allclose(exported.eval()(input_ids=ids).logits, adapted.eval()(input_ids=ids).logits,
                               atol=1e-4)  # fmt: skip
-    chat = tunery_ok(["chat", "--model", str(merged), "--max-tokens", "8"], stdin=question)
-    assert "Blue." in chat.stdout
+    chat = tunery_here(["chat", "--model", str(merged), "--max-tokens", "8"], stdin=question)
+    assert "Blue." in chat
 
 
 @pytest.mark.parametrize("name", NAMES[1:])
@@ -170,7 +170,7 @@ def test_dpo_and_grpo_learn(name: str, tmp_path: Path) -> None:
     (16 steps at lr 0.01: measured, a higher lr collapsed Gemma's policy to empty answers, and Qwen2 needed
     more than 8 steps)."""
     pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_lines(16))
-    tunery_ok(["train", "dpo", "--model", name, "--data", str(pairs), "--out", str(tmp_path / "dpo"), "--epochs", "3",
+    tunery_here(["train", "dpo", "--model", name, "--data", str(pairs), "--out", str(tmp_path / "dpo"), "--epochs", "3",
          "--batch-size", "4", "--lr", "0.01", "--safety-evals", "none", "--seed", "0"])  # fmt: skip
     losses = metric_series(tmp_path / "dpo", "train_loss")
     assert losses[0] == pytest.approx(math.log(2), abs=1e-3) and sum(losses[-3:]) / 3 < 0.5, losses
@@ -183,7 +183,7 @@ def test_dpo_and_grpo_learn(name: str, tmp_path: Path) -> None:
         "    text = sample['output_text']\n"
         "    return sum(ch in 'aeiou' for ch in text) / max(len(text), 1)\n"
     )
-    tunery_ok(["train", "grpo", "--model", name, "--data", str(data), "--grader", f"{tmp_path / 'r.py'}:vowels",
+    tunery_here(["train", "grpo", "--model", name, "--data", str(data), "--grader", f"{tmp_path / 'r.py'}:vowels",
          "--out", str(tmp_path / "grpo"), "--group-size", "4", "--batch-size", "4", "--epochs", "8",
          "--max-new-tokens", "8", "--lr", "0.01", "--lora-rank", "8", "--safety-evals", "none", "--seed", "0"])  # fmt: skip
     rewards = metric_series(tmp_path / "grpo", "train_reward_mean")
@@ -225,9 +225,9 @@ def test_the_other_recipes_run_on_each_family(name: str, tmp_path: Path) -> None
                                                        for i in range(12)])  # fmt: skip
     common = ["--model", name, "--max-steps", "2", "--batch-size", "4"]
     no_evals = ["--safety-evals", "none"]  # (a reward model has no chat evaluations)
-    tunery_ok(["train", "kto", "--data", str(thumbs), "--out", str(tmp_path / "kto"), *common, *no_evals])
-    tunery_ok(["train", "rm", "--data", str(pairs), "--out", str(tmp_path / "rm"), *common])
-    tunery_ok(["train", "ppo", "--data", str(prompts), "--reward-model", str(tmp_path / "rm"),
+    tunery_here(["train", "kto", "--data", str(thumbs), "--out", str(tmp_path / "kto"), *common, *no_evals])
+    tunery_here(["train", "rm", "--data", str(pairs), "--out", str(tmp_path / "rm"), *common])
+    tunery_here(["train", "ppo", "--data", str(prompts), "--reward-model", str(tmp_path / "rm"),
                "--out", str(tmp_path / "ppo"), "--max-new-tokens", "8", *common, *no_evals])  # fmt: skip
     for method, key in (("kto", "train_loss"), ("rm", "train_loss"), ("ppo", "policy_loss")):
         assert len(metric_series(tmp_path / method, key)) == 2, method

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import BLUE_LINES, metric_series, nudged_lora, pair_lines, tunery_ok, write_jsonl
+from tests.conftest import BLUE_LINES, metric_series, nudged_lora, pair_lines, tunery_here, write_jsonl
 from tunery.errors import TuneryError
 from tunery.models.decode import unsupported_reason
 from tunery.models.load import load_model
@@ -117,16 +117,16 @@ def test_sft_and_dpo_learn_on_a_quantized_base(kind: str, tmp_path: Path) -> Non
     """SFT learns a fixed answer and `tunery chat` (full-precision base + the adapter) gives it; DPO's
     reference (the adapter switched off over the same quantized base) makes its loss start at ln 2."""
     data = write_jsonl(tmp_path / "train.jsonl", BLUE_LINES)
-    tunery_ok(["train", "sft", "--model", "tiny-random", "--data", str(data), "--out", str(tmp_path / "sft"),
+    tunery_here(["train", "sft", "--model", "tiny-random", "--data", str(data), "--out", str(tmp_path / "sft"),
          "--epochs", "3", "--batch-size", "4", "--lr", "0.02", "--safety-evals", "none", "--quantize", kind])  # fmt: skip
     losses = metric_series(tmp_path / "sft", "train_loss")
     assert losses[-1] < losses[0] / 2, losses
-    chat = tunery_ok(["chat", "--model", "tiny-random", "--adapter", str(tmp_path / "sft"), "--max-tokens", "8"],
+    chat = tunery_here(["chat", "--model", "tiny-random", "--adapter", str(tmp_path / "sft"), "--max-tokens", "8"],
                      stdin="Colour number 99?\n/exit\n")  # fmt: skip
-    assert "Blue." in chat.stdout
+    assert "Blue." in chat
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_lines(16))
-    tunery_ok(["train", "dpo", "--model", "tiny-random", "--data", str(pairs), "--out", str(tmp_path / "dpo"),
+    tunery_here(["train", "dpo", "--model", "tiny-random", "--data", str(pairs), "--out", str(tmp_path / "dpo"),
          "--epochs", "3", "--batch-size", "4", "--lr", "0.01", "--safety-evals", "none", "--quantize", kind])  # fmt: skip
     losses = metric_series(tmp_path / "dpo", "train_loss")
     assert losses[0] == pytest.approx(math.log(2), abs=1e-3) and sum(losses[-3:]) / 3 < 0.5, losses

@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.tunery-installed
 BENCH_STAMP := $(VENV)/.tunery-bench-installed
 
-.PHONY: install demo test test-slow test-docs fuzz lint bench clean chromium sandbox
+.PHONY: install demo test test-system test-slow test-docs fuzz lint bench clean chromium sandbox
 
 install: $(STAMP)
 
@@ -58,6 +58,10 @@ sandbox:
 
 test: $(STAMP) chromium sandbox
 	$(PY) -m pytest
+
+# Several processes end to end: torchrun (DDP, two nodes, --shard) and Flower federations (CI runs it).
+test-system: $(STAMP)
+	$(PY) -m pytest -m system
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow

@@ -91,6 +91,7 @@ def conversations(work: Path, steps: int, batch: int) -> dict[str, Path]:
     chats = expand(SUPPORT / "train.jsonl", steps * batch)
     if len(chats) < steps * batch:
         sys.exit(f"the support set has {len(chats)} examples; lower --steps x --batch")
+    (work / "data").mkdir(parents=True)
     return write_chats(work / "data", chats[: steps * batch], seed=0)
 
 
@@ -189,7 +190,7 @@ def table(title: str, rows: list[dict], loss: bool) -> str:
         ratio = (
             f"{r['tokens_per_second'] / trl[r['quantize']]['tokens_per_second']:.2f}x" if not r["way"] else ""
         )
-        cells = ["TRL + bitsandbytes" if r["way"] else "Tunery", r["quantize"], r["precision"],
+        cells = ["TRL" if r["way"] else "Tunery", r["quantize"], r["precision"],
                  f"{r['peak_gb']:.2f} GB", f"{r['peak_gb'] / own['peak_gb']:.2f}x", f"{r['tokens_per_second']:.0f}",
                  f"{r['tokens_per_second'] / own['tokens_per_second']:.2f}x", ratio, f"{r['wall']:.0f} s"]  # fmt: skip
         if loss:

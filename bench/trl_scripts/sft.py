@@ -8,8 +8,9 @@ exit beside `tunery train sft` on the same examples.
 
     python bench/trl_scripts/sft.py ... --quantize int4 --max-steps 20     # QLoRA, as TRL's docs have it
 
-`--quantize int8|int4` loads the base with bitsandbytes (LLM.int8, or 4-bit NF4 computing in the training
-precision) under the LoRA adapter: QLoRA as TRL users write it. bench/scale.py runs it beside
+`--quantize int8|int4` loads the base with bitsandbytes (LLM.int8 with its default outlier threshold, or
+4-bit NF4 with double quantization computing in the training precision, as the QLoRA paper has it) under
+the LoRA adapter: QLoRA as TRL users write it. bench/scale.py runs it beside
 `tunery train sft --quantize`.
 """
 
@@ -42,7 +43,12 @@ dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
 quantization = {
     "none": None,
     "int8": BitsAndBytesConfig(load_in_8bit=True),
-    "int4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype),
+    "int4": BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    ),
 }[args.quantize]
 model = AutoModelForCausalLM.from_pretrained(
     args.model,

@@ -77,6 +77,7 @@ def test_fedavg_weights_each_site_by_its_examples(monkeypatch) -> None:
     assert np.allclose(arrays[0], (1.0 * 3 + 5.0 * 1) / 4) and np.allclose(arrays[1], -2.0)
 
 
+@pytest.mark.system
 def test_one_site_for_one_round_is_train_sft(sites, tmp_path: Path) -> None:
     """The site's local steps are SFT's steps: same data order, schedule, LoRA start and optimizer."""
     a, _, valid = sites
@@ -107,6 +108,7 @@ def test_one_site_for_one_round_is_train_sft(sites, tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.system
 def test_the_run_contract_and_a_failing_site_left_out(sites, tmp_path: Path) -> None:
     a, b, valid = sites
     broken = write_jsonl(tmp_path / "broken.jsonl", chat_lines(3))  # too few examples: the site refuses
@@ -146,6 +148,7 @@ def test_the_run_contract_and_a_failing_site_left_out(sites, tmp_path: Path) -> 
         assert (out / "sites" / site / "screening.json").is_file()
 
 
+@pytest.mark.system
 def test_differential_privacy_clips_counts_epsilon_and_stops_at_its_budget(sites, tmp_path: Path) -> None:
     from tunery.federated.server import epsilon_after
 
@@ -186,6 +189,7 @@ def test_differential_privacy_clips_counts_epsilon_and_stops_at_its_budget(sites
     assert f"{dp['noise_to_update']:.3g}x the clipping norm" in card and "outweighs what the sites" in card
 
 
+@pytest.mark.system
 def test_a_killed_server_resumes_exactly_with_fedadam(sites, tmp_path: Path) -> None:
     a, b, valid = sites
     args = ["--clients", str(a), str(b), "--valid", str(valid), "--rounds", "3", "--local-steps", "1",
@@ -257,6 +261,7 @@ def stop(procs: list[subprocess.Popen[str]]) -> None:
         proc.wait(60)
 
 
+@pytest.mark.system
 def test_deployment_a_server_and_two_site_processes(sites, tmp_path: Path) -> None:
     """The server and each site as processes of their own, as on separate machines: a site's data path
     is given to its own process only, and never reaches the server's output or run directory. With secure
@@ -284,6 +289,7 @@ def test_deployment_a_server_and_two_site_processes(sites, tmp_path: Path) -> No
     assert not flower_processes(port)
 
 
+@pytest.mark.system
 def test_a_stopped_deployment_leaves_no_flower_process(sites, tmp_path: Path) -> None:
     """Flower's daemons start their apps in sessions of their own; a stopped server or site takes them down."""
     port, out, procs = deployment(sites, tmp_path, rounds=50, output=subprocess.DEVNULL)
@@ -318,6 +324,7 @@ def cmdline(path: Path) -> str:
         return ""
 
 
+@pytest.mark.system
 def test_secure_aggregation_gives_fedavgs_adapter_within_its_quantization(sites, tmp_path: Path) -> None:
     """SecAgg+ (the server unmasks only the sum) against plain FedAvg: the same round, up to the integer
     quantization of the masked values (a step of 1.2e-7 of a weighted value)."""
@@ -355,6 +362,7 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.system
 def test_a_site_lost_mid_round_is_left_out_and_the_run_goes_on(sites, tmp_path: Path) -> None:
     """A site's machine goes away while it trains (its command and every process under it killed): the
     SuperLink reports the node unavailable once its heartbeats stop (~1 min), the round is aggregated from

@@ -231,6 +231,7 @@ def test_sampler_log_probs_agree_with_the_training_forward_pass(rl_files) -> Non
         assert (reported - trained).abs().max() < 0.5
 
 
+@pytest.mark.system
 def test_grpo_under_torchrun_splits_each_step_across_processes_and_learns(rl_files, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     args = [a for k, v in config(rl_files, out).items() for a in ("--set", f"{k}={v}")]
@@ -243,6 +244,7 @@ def test_grpo_under_torchrun_splits_each_step_across_processes_and_learns(rl_fil
     assert evaluated[-1]["valid_reward_mean"] > evaluated[0]["valid_reward_mean"] + 0.3
 
 
+@pytest.mark.system
 def test_sharded_grpo_matches_unsharded_processes(rl_files, tmp_path: Path) -> None:
     """Full fine-tuning on two processes, sharded (--shard) and not (DDP): each process samples with the
     same seed in both, so the completions, rewards and updates agree; held-out prompts split 3 and 3,

@@ -110,6 +110,7 @@ def test_kto_rejects_preference_pairs_and_warns_on_imbalance(thumbs_files, tmp_p
     assert "outside the KTO paper's recommended [1, 4/3]" in summary["warnings"][0]
 
 
+@pytest.mark.system
 def test_sharded_kto_matches_one_process(tmp_path: Path) -> None:
     """Full fine-tuning sharded over two processes (--shard): the losses, KL estimates and held-out
     metrics of one process, with a short last step (one example) and an odd held-out set."""

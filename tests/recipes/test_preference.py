@@ -142,6 +142,7 @@ def test_dpo_resume_after_sigkill_is_exact(pair_files, tmp_path: Path) -> None:
     assert [r["train_loss"] for r in steps_of(ref)] == [r["train_loss"] for r in steps_of(killed)]
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(("method", "how"), [("dpo", "ddp"), ("dpo", "shard"), ("rm", "shard")])
 def test_two_processes_match_one(method: str, how: str, tmp_path: Path) -> None:
     """DDP with LoRA, and sharded full fine-tuning (--shard): the same losses as one process; a sharded

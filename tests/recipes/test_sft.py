@@ -203,6 +203,7 @@ def test_bad_inputs_fail_with_actionable_messages(chat_files, tmp_path: Path, ca
     assert "changed since the run started" in capsys.readouterr().err
 
 
+@pytest.mark.system
 def test_ddp_two_processes_match_one(chat_files, tmp_path: Path) -> None:
     _, valid = chat_files
     # 25 conversations in steps of 4: the last step has one, so one process gets none and must still
@@ -222,6 +223,7 @@ def test_ddp_two_processes_match_one(chat_files, tmp_path: Path) -> None:
     assert json.loads((double / "summary.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.system
 def test_two_nodes_match_one_process(chat_files, tmp_path: Path) -> None:
     """Multi-node: two torchrun launches joined by a c10d rendezvous (two "nodes" on 127.0.0.1, sharing the
     run directory as a cluster's shared filesystem would) train what one process trains."""
@@ -285,6 +287,7 @@ def test_a_run_that_failed_at_set_up_is_retried_with_the_same_command_and_max_st
     assert max(r["step"] for r in read_metrics(out)) == 2
 
 
+@pytest.mark.system
 def test_sharded_full_fine_tuning_matches_one_process(chat_files, tmp_path: Path) -> None:
     """--shard (FSDP2) under torchrun: the same losses as one unsharded process, with an uneven last step
     (one process has no conversation and runs a copy that counts for nothing); checkpoints are every

@@ -5,6 +5,7 @@
     tunery train grpo --baseline rloo ...       # leave-one-out baseline instead of the group mean
     tunery train grpo --resume runs/grpo
     torchrun --nproc_per_node=2 -m tunery train grpo ...   # each process samples and trains its prompts
+    torchrun --nproc_per_node=2 -m tunery train grpo ... --full --shard --beta 0   # weights split (FSDP2)
 
 A step takes `batch_size` prompts, samples `group_size` completions of each with the policy, scores
 them with the grader (an OpenAI grader JSON, or `file.py:function` for a plain Python reward function)
@@ -14,9 +15,9 @@ group in the training forward pass, as in sampling (`models/sampling.py` shares 
 
 Loss: the clipped surrogate per completion token with group-relative advantages, weighted per token
 over the whole step (`loss_aggregation: token`, as DAPO; `sequence` is the original GRPO, `fixed` is
-Dr. GRPO), plus `beta` x the k3 KL to the reference (the model with its LoRA adapter switched off, or
-the frozen start for full fine-tuning). Each completion's end-of-turn token is trained, so the policy
-learns when to stop.
+Dr. GRPO), plus `beta` x the k3 KL to the reference (the model with its LoRA adapter switched off; full
+fine-tuning keeps no reference copy and takes beta 0). Each completion's end-of-turn token is trained, so
+the policy learns when to stop.
 
 Departures from the papers: advantages use the population std (+1e-4); groups whose rewards are all
 equal add nothing to the gradient and, when beta is 0, skip the training forward pass altogether; with

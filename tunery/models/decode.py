@@ -144,7 +144,7 @@ class DecodeModel:
         """Re-read every weight from the model (after an optimizer step). A no-op if nothing changed.
         `gather(module)`: for a sharded model (--shard), a context in which `module`'s own weights are
         whole; the model's root is gathered throughout and each decoder layer in turn, every process
-        together (`sharding.sync_engine`). A sharded model's engine re-reads only then."""
+        together (`sharding.engine_weights`). A sharded model's engine re-reads only then."""
         version = () if gather is not None else weights_version(self.model)
         if gather is None and (self.sharded or version == self.version):
             return

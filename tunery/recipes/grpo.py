@@ -74,9 +74,9 @@ def fill_logps(
     cfg: GRPOConfig,
     precision: str,
     device: torch.device,
-    reference: bool,
     world: distributed.World,
     filler: list[Group],
+    reference: bool,
 ) -> None:
     """Old-policy (or, with `reference`, reference-model) log-probs of every completion, no gradient.
     `filler`: a group of this process's to run in place of none (--shard: `distributed.even_rows`)."""
@@ -218,7 +218,7 @@ def policy_update(
     active = [g for g in groups if beta > 0 or any(a != 0 for a in g.advantages)]
     idle = [g for g in groups if all(g is not a for a in active)]
     if need_kl:
-        fill_logps(model, groups, cfg, precision, device, True, world, groups[:1])
+        fill_logps(model, groups, cfg, precision, device, world, groups[:1], reference=True)
     if cfg.num_iterations > 1 or need_kl:  # old-policy log-probs: reuse, or the idle KL (every process
         fill_logps(  # calls, with groups or none: with --shard each forward pass runs on all of them)
             model,
@@ -226,9 +226,9 @@ def policy_update(
             cfg,
             precision,
             device,
-            False,
             world,
             groups[:1],
+            reference=False,
         )
     sums = {
         "clipped": 0.0,

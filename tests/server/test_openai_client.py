@@ -34,7 +34,9 @@ def new_key(data_dir: Path, project: str) -> str:
     return out.stdout.strip()
 
 
-def start_server(data_dir: Path, log_name: str = "serve.log") -> tuple[subprocess.Popen[bytes], str]:
+def start_server(
+    data_dir: Path, log_name: str = "serve.log", flags: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     log = (data_dir.parent / log_name).open("ab")
     proc = subprocess.Popen(
@@ -49,6 +51,7 @@ def start_server(data_dir: Path, log_name: str = "serve.log") -> tuple[subproces
             str(data_dir),
             "--stop-grace",
             "20",
+            *flags,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -34,7 +34,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.umask(0o077)
     settings = service_settings(args)
     settings.host, settings.port = args.host, args.port
-    settings.max_running_jobs = args.max_running_jobs
+    settings.executor = args.executor
+    if args.executor == "ray":
+        if not args.ray_address:
+            raise TuneryError(
+                "--executor ray needs --ray-address: the Ray cluster's dashboard address, e.g. "
+                "http://HEAD:8265 (from `ray start --head`)"
+            )
+        settings.ray_address = args.ray_address
+    elif args.ray_address:
+        raise TuneryError("--ray-address is for --executor ray; add it, or drop --ray-address")
+    if args.max_running_jobs is not None:
+        settings.max_running_jobs = args.max_running_jobs
+    elif args.executor == "ray":
+        settings.max_running_jobs = 0  # as many as the cluster holds
+    settings.job_cpus, settings.job_gpus, settings.job_memory_gb = (
+        args.job_cpus,
+        args.job_gpus,
+        args.job_memory_gb,
+    )
+    settings.project_running_jobs, settings.project_queued_jobs = (
+        args.project_running_jobs,
+        args.project_queued_jobs,
+    )
+    settings.inference_workers = args.inference_workers
     settings.max_upload_bytes = args.max_upload_mb * 2**20
     settings.stop_grace_seconds = args.stop_grace
     settings.train_overrides = list(args.train_set or [])
@@ -97,7 +120,35 @@ def serve_flags(p: argparse.ArgumentParser) -> None:
     service_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-running-jobs", type=int, default=1, help="training processes at once")
+    p.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="where jobs train: processes on this machine, or Ray jobs on a cluster (--ray-address)",
+    )
+    p.add_argument("--ray-address", metavar="URL", help="the Ray cluster's dashboard, e.g. http://HEAD:8265")
+    p.add_argument(
+        "--max-running-jobs",
+        type=_count,
+        help="training processes at once (default 1 locally; with Ray 0: as many as the cluster holds)",
+    )
+    p.add_argument("--job-cpus", type=_positive, default=1.0, help="CPUs a job asks of a Ray node")
+    p.add_argument("--job-gpus", type=_non_negative, default=0.0, help="GPUs a job asks of a Ray node")
+    p.add_argument(
+        "--job-memory-gb", type=_non_negative, help="memory a job asks of a Ray node (default: by method)"
+    )
+    p.add_argument(
+        "--project-running-jobs",
+        type=_count,
+        default=0,
+        help="a project's training processes at once (0: any)",
+    )
+    p.add_argument(
+        "--project-queued-jobs", type=_count, default=20, help="a project's waiting jobs; beyond, a 429"
+    )
+    p.add_argument(
+        "--inference-workers", type=_count, default=1, help="worker processes answering chat completions"
+    )
     p.add_argument("--max-upload-mb", type=int, default=512, help="largest file upload")
     p.add_argument("--stop-grace", type=float, default=30.0, help="seconds to checkpoint on cancel/stop")
     p.add_argument("--base-model", action="append", metavar="NAME[=LOCAL]", help="offer another base model")
@@ -116,6 +167,33 @@ def serve_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run python graders without the bubblewrap sandbox where it cannot run (trusted graders only)",
     )
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, 0 or more")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give more than 0")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1e6:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number, 0 or more")
+    return value
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:

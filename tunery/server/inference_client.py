@@ -1,6 +1,11 @@
-"""The API side of the inference worker (`tunery/server/inference.py`): starts it on first use, sends
-requests over its stdin, and routes the replies on its stdout to the waiting requests by id. If the
-worker dies, waiting requests get a 503 and the next request starts a new worker.
+"""The API side of the inference workers (`tunery/server/inference.py`): starts them on first use, sends
+requests over their stdin, and routes the replies on their stdout to the waiting requests by id. If a
+worker dies, its waiting requests get a 503 and the next request it is picked for starts a new one.
+
+`inference_workers` processes (`tunery serve --inference-workers N`) share the requests: each goes to the
+worker that last served its model (base model and adapter; each worker keeps `inference_cache` loaded),
+unless that one has more requests in hand than another, so several fine-tuned adapters of one base are
+answered side by side and no adapter is loaded by every worker.
 
 Each request names its project: the worker serves projects in turn, and here at most
 `inference_per_project` requests of one project (`inference_in_flight` of all) may wait or run; beyond
@@ -21,17 +26,18 @@ from tunery.server.settings import Settings
 READY_TIMEOUT = 300.0  # seconds for the worker to import torch and say it is ready
 
 
-class InferenceClient:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+class _Worker:
+    """One inference worker process and the requests waiting on it."""
+
+    def __init__(self, settings: Settings, index: int) -> None:
+        self.settings, self.index = settings, index
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Queue[dict[str, Any]]] = {}
         self._next_id = 0
         self._start_lock: asyncio.Lock | None = None
-        self.admission = Admission(
-            "inference requests", settings.inference_in_flight, settings.inference_per_project
-        )
+        self.in_hand = 0  # requests sent or about to be
+        self.models: list[tuple[Any, Any, Any]] = []  # (model, adapter, base adapter) it served, newest last
 
     async def _ensure_started(self) -> asyncio.subprocess.Process:
         if self._start_lock is None:
@@ -39,8 +45,10 @@ class InferenceClient:
         async with self._start_lock:
             if self._proc is not None and self._proc.returncode is None:
                 return self._proc
+            self.models = []
             self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
-            log = (self.settings.logs_dir / "inference.log").open("ab")
+            name = "inference.log" if self.index == 0 else f"inference-{self.index}.log"
+            log = (self.settings.logs_dir / name).open("ab")
             try:
                 proc = await asyncio.create_subprocess_exec(
                     self.settings.python,
@@ -65,7 +73,7 @@ class InferenceClient:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 raise APIError(
-                    503, "The inference worker failed to start; see logs/inference.log.", type="server_error"
+                    503, f"The inference worker failed to start; see logs/{name}.", type="server_error"
                 )
             self._proc = proc
             self._reader = asyncio.create_task(self._read(proc))
@@ -92,25 +100,16 @@ class InferenceClient:
         proc.stdin.write((json.dumps(message) + "\n").encode())
         await proc.stdin.drain()
 
-    async def stream(self, request: dict[str, Any], project: str) -> AsyncIterator[dict[str, Any]]:
-        """The worker's replies to `request` for `project` (deltas, then `done`); an `error` reply raises
-        APIError, and so does a full queue (429). Closing the iterator early (the client went away)
-        cancels the request in the worker."""
-        try:
-            self.admission.acquire(project)
-        except TooBusy as exc:
-            raise too_many_requests(str(exc)) from None
-        replies = self._stream(request, project)
-        try:
-            async for message in replies:
-                yield message
-        finally:
-            try:
-                await replies.aclose()  # now, not when collected: the worker hears of a cancel at once
-            finally:
-                self.admission.release(project)
+    def serves(self, model: tuple[Any, Any, Any]) -> bool:
+        return model in self.models
 
-    async def _stream(self, request: dict[str, Any], project: str) -> AsyncGenerator[dict[str, Any], None]:
+    def note(self, model: tuple[Any, Any, Any]) -> None:
+        if model in self.models:
+            self.models.remove(model)
+        self.models.append(model)
+        del self.models[: -max(1, self.settings.inference_cache)]
+
+    async def stream(self, request: dict[str, Any], project: str) -> AsyncGenerator[dict[str, Any], None]:
         proc = await self._ensure_started()
         self._next_id += 1
         request_id = self._next_id
@@ -139,13 +138,6 @@ class InferenceClient:
                 with contextlib.suppress(Exception):
                     await self._send(proc, {"op": "cancel", "target": request_id})
 
-    async def call(self, request: dict[str, Any], project: str) -> dict[str, Any]:
-        async for message in self.stream(request, project):
-            if message.get("event") == "done":
-                result: dict[str, Any] = message.get("result") or {}
-                return result
-        raise APIError(503, "The inference worker gave no answer; try again.", type="server_error")
-
     async def close(self) -> None:
         proc, self._proc = self._proc, None
         if proc is None or proc.returncode is not None:
@@ -159,3 +151,56 @@ class InferenceClient:
             await proc.wait()
         if self._reader is not None:
             self._reader.cancel()
+
+
+class InferenceClient:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.workers = [_Worker(settings, i) for i in range(max(1, settings.inference_workers))]
+        self.admission = Admission(
+            "inference requests", settings.inference_in_flight, settings.inference_per_project
+        )
+
+    def _pick(self, request: dict[str, Any]) -> _Worker:
+        """The worker that has the request's model loaded, unless it has more in hand than the least busy
+        one; else the least busy (the first, for a model no one serves)."""
+        model = (request.get("model"), request.get("adapter"), request.get("base_adapter"))
+        idle = min(self.workers, key=lambda w: w.in_hand)
+        warm = [w for w in self.workers if w.serves(model)]
+        worker = min(warm, key=lambda w: w.in_hand) if warm else idle
+        if worker.in_hand > idle.in_hand:
+            worker = idle
+        if request.get("model") is not None:
+            worker.note(model)
+        return worker
+
+    async def stream(self, request: dict[str, Any], project: str) -> AsyncIterator[dict[str, Any]]:
+        """The worker's replies to `request` for `project` (deltas, then `done`); an `error` reply raises
+        APIError, and so does a full queue (429). Closing the iterator early (the client went away)
+        cancels the request in the worker."""
+        try:
+            self.admission.acquire(project)
+        except TooBusy as exc:
+            raise too_many_requests(str(exc)) from None
+        worker = self._pick(request)
+        worker.in_hand += 1
+        replies = worker.stream(request, project)
+        try:
+            async for message in replies:
+                yield message
+        finally:
+            worker.in_hand -= 1
+            try:
+                await replies.aclose()  # now, not when collected: the worker hears of a cancel at once
+            finally:
+                self.admission.release(project)
+
+    async def call(self, request: dict[str, Any], project: str) -> dict[str, Any]:
+        async for message in self.stream(request, project):
+            if message.get("event") == "done":
+                result: dict[str, Any] = message.get("result") or {}
+                return result
+        raise APIError(503, "The inference worker gave no answer; try again.", type="server_error")
+
+    async def close(self) -> None:
+        await asyncio.gather(*(worker.close() for worker in self.workers))

@@ -130,6 +130,15 @@ class Method(BaseModel):
     reinforcement: ReinforcementMethod | None = None
 
 
+class JobResources(BaseModel):
+    """Tunery's extension of a job: what its training process asks of a node on a Ray cluster."""
+
+    model_config = ConfigDict(extra="forbid")
+    cpus: Annotated[float, Bounds(gt=0, le=1024)] | None = None
+    gpus: Annotated[float, Bounds(ge=0, le=64)] | None = None
+    memory_gb: Annotated[float, Bounds(gt=0, le=4096)] | None = None
+
+
 class JobCreate(BaseModel):
     model: str = Field(min_length=1)
     training_file: str = Field(min_length=1)
@@ -140,6 +149,7 @@ class JobCreate(BaseModel):
     seed: Annotated[int, Bounds(ge=0, le=2**31 - 1)] | None = None
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = None
     integrations: list[dict[str, Any]] | None = Field(default=None, max_length=5)
+    resources: JobResources | None = None  # Tunery's (the openai client: extra_body={"resources": {...}})
 
     @field_validator("metadata")
     @classmethod
@@ -250,6 +260,7 @@ def job_object(row: Job, organization_id: str) -> dict[str, Any]:
         "user_provided_suffix": row.suffix,
         "usage_metrics": None,
         "shared_with_openai": False,
+        "resources": row.resources,  # Tunery's: what the job asked of a node (None: the defaults)
     }
 
 

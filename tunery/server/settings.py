@@ -27,14 +27,33 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_bytes: int = 512 * 2**20  # OpenAI's per-file limit
-    max_running_jobs: int = 1  # training processes at once (one saturates a small CPU)
+    # where training runs: "local" (processes here) or "ray" (Ray jobs on the cluster at `ray_address`,
+    # its dashboard's address, http://HEAD:8265; jobs/executors.py)
+    executor: str = "local"
+    ray_address: str = ""
+    # training processes at once: locally 1 (one saturates a small CPU); on Ray 0, as many as the cluster
+    # holds (Ray places them where their resources are free)
+    max_running_jobs: int = 1
+    # what each training process asks of a Ray node, unless the job's `resources` field says: CPUs, GPUs,
+    # and memory in GB (None: by method, jobs/executors.DEFAULT_MEMORY_GB)
+    job_cpus: float = 1.0
+    job_gpus: float = 0.0
+    job_memory_gb: float | None = None
+    # per project: training processes at once (0: no limit beyond max_running_jobs; projects take turns),
+    # and jobs waiting (validating or queued) beyond which a new job or a resume gets a 429
+    project_running_jobs: int = 0
+    project_queued_jobs: int = 20
+    # several `tunery serve` on one database: one schedules at a time, holding a lease it renews; when
+    # its holder dies, another takes it over after this many seconds
+    scheduler_lease_seconds: float = 10.0
     stop_grace_seconds: float = 30.0  # after SIGTERM, how long a job may take to checkpoint before SIGKILL
     poll_seconds: float = 0.5  # how often the scheduler looks at processes, metrics and checkpoints
     base_models: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_BASE_MODELS))
     train_overrides: list[str] = field(default_factory=list)  # `--set KEY=VALUE` added to every job
     python: str = sys.executable
     cli: list[str] = field(default_factory=lambda: ["-m", "tunery"])  # worker command after `python`
-    inference_cache: int = 2  # models (base + adapter) the inference worker keeps loaded
+    inference_cache: int = 2  # models (base + adapter) each inference worker keeps loaded
+    inference_workers: int = 1  # inference worker processes answering chat completions and model graders
     default_max_tokens: int = 256  # chat completions without max_tokens
     max_completion_tokens: int = 4096
     grader_timeout: float = 120.0  # python graders, seconds

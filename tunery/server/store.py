@@ -13,6 +13,7 @@ import json
 import math
 import os
 import secrets
+import socket
 import string
 import time
 from collections.abc import Callable, Iterator
@@ -25,17 +26,20 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Float,
     ForeignKey,
     Integer,
     String,
     Text,
     create_engine,
     event,
+    insert,
     inspect,
     text,
+    update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DatabaseError, OperationalError, ProgrammingError
+from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from tunery.errors import TuneryError
@@ -123,6 +127,11 @@ class Job(Base):
     result_files: Mapped[list[Any]] = mapped_column(JSON, default=list)
     stats: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)  # from file validation
     pid: Mapped[int | None] = mapped_column(Integer, default=None)  # the training process, while running
+    # the Ray job of the current attempt while it is on the cluster (`--executor ray`), so a restarted
+    # service follows it again rather than starting another
+    ray_job: Mapped[str | None] = mapped_column(String(96), default=None)
+    # what a training process asks of a node (`--executor ray`): {"cpus", "gpus", "memory_gb"} as given
+    resources: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     last_step: Mapped[int] = mapped_column(Integer, default=-1)  # newest step reported (GRPO has a step 0)
     total_steps: Mapped[int | None] = mapped_column(Integer, default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # training processes started
@@ -151,6 +160,16 @@ class Checkpoint(Base):
     name: Mapped[str] = mapped_column(Text, index=True)  # fine_tuned_model_checkpoint
     path: Mapped[str] = mapped_column(Text)  # the adapter directory, relative to the job directory
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Lease(Base):
+    """A role one of several `tunery serve` processes on a database holds at a time (the scheduler): taken
+    by the first to find it free or expired, kept by renewing it before `expires_at`."""
+
+    __tablename__ = "leases"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[float] = mapped_column(Float)
 
 
 class Store:
@@ -229,6 +248,54 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+class LeaseHolder:
+    """This process's claim on the lease `name`: `hold()` takes it when free or expired and renews it while
+    held, in one conditional UPDATE (atomic on SQLite and PostgreSQL alike). A holder that dies stops
+    renewing, and another takes the lease over `seconds` later. Expiry compares the replicas' clocks:
+    keep them in time (NTP) and `seconds` well above their drift."""
+
+    def __init__(self, store: Store, name: str, seconds: float) -> None:
+        self.store, self.name, self.seconds = store, name, seconds
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.until = 0.0  # while time.time() is below this, the lease is ours
+
+    def hold(self) -> bool:
+        now = time.time()
+        expires = now + self.seconds
+        try:
+            with self.store.engine.begin() as connection:
+                taken = connection.execute(
+                    update(Lease)
+                    .where(Lease.name == self.name)
+                    .where((Lease.holder == self.holder) | (Lease.expires_at < now))
+                    .values(holder=self.holder, expires_at=expires)
+                ).rowcount
+            if not taken:
+                with suppress(IntegrityError), self.store.engine.begin() as connection:
+                    connection.execute(
+                        insert(Lease).values(name=self.name, holder=self.holder, expires_at=expires)
+                    )
+                    taken = 1
+        except (OperationalError, ProgrammingError):  # the database is away for a moment: not held
+            taken = 0
+        self.until = expires if taken else 0.0
+        return bool(taken)
+
+    def held(self, margin: float = 0.0) -> bool:
+        return time.time() + margin < self.until
+
+    def release(self) -> None:
+        if not self.until:
+            return
+        self.until = 0.0
+        with suppress(OperationalError, ProgrammingError), self.store.engine.begin() as connection:
+            connection.execute(
+                update(Lease)
+                .where(Lease.name == self.name, Lease.holder == self.holder)
+                .values(expires_at=0.0)
+            )
 
 
 def _make_private(database: Path) -> None:

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from tunery.server.auth import Caller
 from tunery.server.catalog import job_dir, refuse_reward_model, resolve
-from tunery.server.errors import APIError, bad_request
+from tunery.server.errors import APIError, bad_request, too_many_requests
 from tunery.server.jobs.command import TOP_LEVEL
 from tunery.server.settings import Settings
 from tunery.server.store import Event, File, Job, new_id, now
@@ -39,6 +39,7 @@ def create_job(
     seed: int | None = None,
     metadata: dict[str, str] | None = None,
     integrations: list[Any] | None = None,
+    resources: dict[str, float] | None = None,
 ) -> Job:
     """A new job, `validating_files`, of any method the scheduler knows: OpenAI's and Tunery's own (kto,
     reward_model). Checked here for every route: the starting model (`starting_point`) and the files (the
@@ -47,6 +48,7 @@ def create_job(
     the grader as the training process runs it (grader.json). The caller holds the scheduler's lock and
     wakes the scheduler once the session has committed."""
     session.info["audit_key_id"] = caller.key_id  # the audit log names the key that did it
+    check_queue_quota(session, settings, caller.project_id)
     base, local, parent = starting_point(session, settings, caller, model)
     training = _fine_tune_file(session, caller, training_file, "training_file")
     validation: File | None = None
@@ -68,6 +70,7 @@ def create_job(
         seed=seed if seed is not None else secrets.randbelow(2**31),
         job_metadata=metadata,
         integrations=integrations,
+        resources=resources or None,
         status="validating_files",
         model_key=new_id("", 8),
         created_at=now(),
@@ -85,6 +88,25 @@ def create_job(
     if integrations:
         add_event(session, job.id, "Integrations are not available offline and are ignored.", level="warn")
     return job
+
+
+WAITING = ("validating_files", "queued")
+
+
+def check_queue_quota(session: Session, settings: Settings, project_id: str) -> None:
+    """OpenAI's 429 when the project has `project_queued_jobs` jobs waiting already (validating or queued):
+    one project cannot fill the service's queue. A job that starts frees a place."""
+    limit = settings.project_queued_jobs
+    if not limit:
+        return
+    waiting = session.scalar(
+        select(func.count()).select_from(Job).where(Job.project_id == project_id, Job.status.in_(WAITING))
+    )
+    if waiting is not None and waiting >= limit:
+        raise too_many_requests(
+            f"This project has {waiting} fine-tuning jobs waiting to run, the most the service queues for "
+            f"one project ({limit}); wait for one to start, or cancel one."
+        )
 
 
 def starting_point(

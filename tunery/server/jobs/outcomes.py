@@ -61,7 +61,7 @@ def record_progress(
     # the run's last step becomes the job's model (final/, named in succeed), so it is not announced as a
     # checkpoint while the process runs or once it has finished the run; a run that ended any other way (it
     # failed, or was paused at its last step) has it as a checkpoint
-    finishing = proc.popen.poll() is None or finished_summary(run_dir) is not None
+    finishing = proc.runner.poll() is None or finished_summary(run_dir) is not None
     model_step = job.total_steps if finishing else None
     sync_checkpoints(session, job, project, steps, proc.step_metrics, model_step)
 
@@ -190,7 +190,7 @@ def retry_or_fail(session: Session, settings: Settings, job: Job, cause: str) ->
     run_dir = job_dir(settings, job.id) / "run"
     earlier = deaths(session, job.id)
     limit = settings.max_job_retries
-    job.pid, job.estimated_finish = None, None
+    job.pid, job.ray_job, job.estimated_finish = None, None, None
     if len(earlier) < limit:
         job.status = "queued"  # its queue_seq is older than the jobs queued since: it goes first
         add_event(
@@ -242,6 +242,7 @@ def fail(
 ) -> None:
     message = public(settings, job, message)
     job.status, job.finished_at, job.estimated_finish, job.pid = "failed", now(), None, None
+    job.ray_job = None
     job.error = {"code": code, "message": message, "param": param}
     add_event(session, job.id, message, level="error")
 

@@ -1,6 +1,7 @@
-"""The processes the scheduler starts for a job (the file check, the training run) and the signals it
-sends them. A process runs in a session of its own: SIGTERM goes to the recipe (it checkpoints and
-exits), SIGKILL to its whole group."""
+"""The commands the scheduler starts for a job (the file check, the training run) and the signals it
+sends them. The file check runs here; the training run where the executor puts it (executors.py): a
+local process in a session of its own (SIGTERM goes to the recipe, which checkpoints and exits; SIGKILL to
+its whole group), or a Ray job on a cluster."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import IO, Any
 
 from tunery.server.catalog import job_dir
 from tunery.server.jobs.command import train_command, validate_command
+from tunery.server.jobs.executors import DEFAULT_MEMORY_GB, RayExecutor, Resources, Runner, start_local
 from tunery.server.jobs.reports import MetricsReader, checkpoint_steps
 from tunery.server.settings import Settings
 from tunery.server.store import Job
@@ -26,7 +28,7 @@ class Proc:
 
     job_id: str
     kind: str  # "validate" | "train"
-    popen: subprocess.Popen[bytes]
+    runner: Runner
     log: IO[bytes]
     log_offset: int = 0  # where this attempt's output starts in the log (earlier attempts' comes before)
     project: str = ""  # the job's project id: training slots are shared between projects in turn
@@ -44,6 +46,7 @@ class Proc:
     resumed_from: int | None = None  # ... from the checkpoint of this step (None: from the start)
     start_step: int = 0
     full_seen: bool = False
+    announced: bool = False  # the job was made `running` (a Ray job: once the cluster started it)
     step_metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -58,13 +61,11 @@ def start_validation(
     log_file = (directory / "validate.log").open("ab")
     log_offset = os.fstat(log_file.fileno()).st_size
     with out_path.open("wb") as out:
-        popen = subprocess.Popen(
-            command, stdout=out, stderr=log_file, cwd=directory, env=_env(), start_new_session=True
-        )
+        runner = start_local(command, directory, out, log_file)
     return Proc(
         job.id,
         "validate",
-        popen,
+        runner,
         log_file,
         log_offset=log_offset,
         project=job.project_id,
@@ -75,29 +76,64 @@ def start_validation(
     )
 
 
-def start_training(settings: Settings, job: Job) -> Proc:
-    """`tunery train` of the job, its output appended to train.log after the command line."""
+def start_training(settings: Settings, job: Job, ray: RayExecutor | None) -> Proc:
+    """`tunery train` of the job, here or on the Ray cluster (attempt `job.attempts + 1`), its output
+    appended to train.log after the command line."""
     directory = job_dir(settings, job.id)
     run_dir = directory / "run"
     command = train_command(settings, job)
     resuming = "--resume" in command
-    log_file = (directory / "train.log").open("ab")
+    log_path = directory / "train.log"
+    log_file = log_path.open("ab")
     log_file.write(f"\n$ {' '.join(command)}\n".encode())
     log_file.flush()
     log_offset = os.fstat(log_file.fileno()).st_size  # after the command line: an error never quotes it
-    popen = subprocess.Popen(
-        command,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        cwd=directory,
-        env=_env(),
-        start_new_session=True,
+    runner: Runner
+    if ray is None:
+        runner = start_local(command, directory, log_file, subprocess.STDOUT)
+    else:
+        name = ray_job_name(job.id, job.attempts + 1)
+        runner = ray.submit(name, command, directory, job_resources(settings, job), log_path)
+    return training_proc(job, runner, log_file, log_offset, run_dir, resuming)
+
+
+def attach_training(settings: Settings, job: Job, ray: RayExecutor) -> Proc | None:
+    """The job's current attempt on the Ray cluster, followed again by a restarted service (None: the
+    cluster has no such Ray job)."""
+    directory = job_dir(settings, job.id)
+    log_path = directory / "train.log"
+    runner = ray.attach(job.ray_job or ray_job_name(job.id, job.attempts), log_path)
+    if runner is None:
+        return None
+    log_file = log_path.open("ab")
+    log_offset = os.fstat(log_file.fileno()).st_size
+    return training_proc(job, runner, log_file, log_offset, directory / "run", resuming=job.attempts > 1)
+
+
+def ray_job_name(job_id: str, attempt: int) -> str:
+    return f"{job_id}-{attempt}"
+
+
+def job_resources(settings: Settings, job: Job) -> Resources:
+    """What the job asks of a node: its own `resources` field, else the operator's defaults, else the
+    method's (executors.DEFAULT_MEMORY_GB)."""
+    given = job.resources or {}
+    memory = given.get("memory_gb", settings.job_memory_gb)
+    return Resources(
+        cpus=float(given.get("cpus", settings.job_cpus)),
+        gpus=float(given.get("gpus", settings.job_gpus)),
+        memory_gb=DEFAULT_MEMORY_GB.get(job.method["type"], 2.0) if memory is None else float(memory) or None,
     )
+
+
+def training_proc(
+    job: Job, runner: Runner, log_file: IO[bytes], log_offset: int, run_dir: Path, resuming: bool
+) -> Proc:
     steps = sorted(checkpoint_steps(run_dir)) if resuming else []
     return Proc(
         job.id,
         "train",
-        popen,
+        runner,
         log_file,
         log_offset,
         project=job.project_id,
@@ -108,21 +144,9 @@ def start_training(settings: Settings, job: Job) -> Proc:
     )
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
-
-
 def send(proc: Proc, signum: int) -> None:
-    """SIGTERM goes to the recipe's process (it checkpoints); SIGKILL to its whole process group."""
-    try:
-        if signum == signal.SIGKILL:
-            os.killpg(proc.popen.pid, signum)
-        else:
-            proc.popen.send_signal(signum)
-    except (ProcessLookupError, PermissionError):
-        pass
+    """SIGTERM goes to the recipe's process (it checkpoints); SIGKILL to all it started."""
+    proc.runner.stop(force=signum == signal.SIGKILL)
 
 
 def stop_orphan(pid: int, job_id: str, grace: float) -> bool:

@@ -1,12 +1,18 @@
 """The scheduler: a thread in the server process that starts each job's commands (processes.py), follows
 them, and turns what they report into the job's statuses, events and checkpoints. Every status change
-happens under its lock, the API's actions (cancel, pause, resume) included."""
+happens under its lock, the API's actions (cancel, pause, resume) included.
+
+Several `tunery serve` processes may share a database (PostgreSQL): each answers the API, and one at a
+time schedules, the one holding the database's scheduler lease (store.LeaseHolder). The API's actions
+change the job's row on whichever process takes the request; the scheduling one sees the change at its
+next look and stops the job's process (`_follow_requests`). When the holder dies, another takes the lease
+over within `scheduler_lease_seconds` and recovers the jobs as a restarted service does: with Ray it
+follows the Ray jobs again, locally it stops the orphaned process and resumes from its checkpoint."""
 
 from __future__ import annotations
 
 import logging
 import signal
-import subprocess
 import threading
 import time
 
@@ -16,9 +22,18 @@ from sqlalchemy.orm import Session
 from tunery.server.catalog import job_dir
 from tunery.server.errors import APIError
 from tunery.server.jobs.audit import log_job_changes
-from tunery.server.jobs.create import TERMINAL, add_event, next_queue_seq
+from tunery.server.jobs.create import TERMINAL, add_event, check_queue_quota, next_queue_seq
+from tunery.server.jobs.executors import RayExecutor
 from tunery.server.jobs.outcomes import DIED, fail, record_progress, resumable, retry_or_fail, succeed
-from tunery.server.jobs.processes import Proc, send, start_training, start_validation, stop_orphan
+from tunery.server.jobs.processes import (
+    Proc,
+    attach_training,
+    job_resources,
+    send,
+    start_training,
+    start_validation,
+    stop_orphan,
+)
 from tunery.server.jobs.reports import (
     checkpoint_steps,
     death_cause,
@@ -33,7 +48,7 @@ from tunery.server.jobs.reports import (
     validation_error,
 )
 from tunery.server.settings import Settings
-from tunery.server.store import File, Job, Store, now
+from tunery.server.store import File, Job, LeaseHolder, Store, now
 
 log = logging.getLogger("tunery.server")
 
@@ -50,13 +65,21 @@ class Scheduler:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self.ray = (
+            RayExecutor(settings.ray_address, settings.stop_grace_seconds)
+            if settings.executor == "ray"
+            else None
+        )
+        self.lease = LeaseHolder(store, "scheduler", settings.scheduler_lease_seconds)
+        self.leading = False  # this process holds the lease and schedules
+        self._renewed = 0.0
 
     # --- life cycle -------------------------------------------------------------------------------------
 
     def start(self) -> None:
         for path in (self.settings.files_dir, self.settings.jobs_dir, self.settings.logs_dir):
             path.mkdir(parents=True, exist_ok=True)
-        self.recover()
+        self._lead()  # the first process on a database schedules (and recovers) before it answers
         self._thread = threading.Thread(target=self._loop, name="tunery-scheduler", daemon=True)
         self._thread.start()
 
@@ -67,21 +90,53 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout=30)
         with self.lock:
-            for proc in self.procs.values():
-                if proc.popen.poll() is None:
-                    proc.stop_reason = proc.stop_reason or "shutdown"  # validation reruns on the next start
-                    send(proc, signal.SIGTERM if proc.kind == "train" else signal.SIGKILL)
-            deadline = time.monotonic() + self.settings.stop_grace_seconds
-            for proc in self.procs.values():
-                try:
-                    proc.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    send(proc, signal.SIGKILL)
-                    proc.popen.wait()
-            self._tick()  # record what the stopped processes left (a finished job, the last metrics)
-            for proc in self.procs.values():
-                proc.log.close()
-            self.procs.clear()
+            self._let_go()
+        self.lease.release()  # another process takes over at once
+
+    def _let_go(self) -> None:
+        """Stop scheduling: local training processes checkpoint and stop (SIGTERM, then SIGKILL after the
+        grace period) and stay `running` to resume on the next start; Ray jobs run on, to be followed again
+        by whoever schedules next; file checks are killed and rerun."""
+        detached = []
+        for key, proc in self.procs.items():
+            if proc.kind == "train" and self.ray is not None:
+                detached.append(key)
+            elif proc.runner.poll() is None:
+                proc.stop_reason = proc.stop_reason or "shutdown"  # validation reruns on the next start
+                send(proc, signal.SIGTERM if proc.kind == "train" else signal.SIGKILL)
+        for key in detached:
+            proc = self.procs.pop(key)
+            proc.runner.copy_output()
+            proc.log.close()
+        deadline = time.monotonic() + self.settings.stop_grace_seconds
+        for proc in self.procs.values():
+            if proc.runner.wait(timeout=max(0.0, deadline - time.monotonic())) is None:
+                send(proc, signal.SIGKILL)
+                proc.runner.wait(timeout=None)
+        self._tick()  # record what the stopped processes left (a finished job, the last metrics)
+        for proc in self.procs.values():
+            proc.log.close()
+        self.procs.clear()
+        self.leading = False
+
+    def _lead(self) -> bool:
+        """Whether this process schedules: it takes the lease when it is free, renews it while it holds it
+        (every third of its term), and recovers the jobs when it takes it; a process that lost it (it was
+        stalled past its term) lets its processes go."""
+        term = self.settings.scheduler_lease_seconds
+        if self.leading and self.lease.held(margin=term / 2) and time.monotonic() - self._renewed < term / 3:
+            return True
+        held = self.lease.hold()
+        self._renewed = time.monotonic()
+        with self.lock:
+            if held and not self.leading:
+                self.leading = True
+                log.info("scheduling jobs (holding the database's scheduler lease)")
+                self.recover()
+            elif not held and self.leading:
+                log.warning("another tunery serve holds the scheduler lease now; this one stops scheduling")
+                self._let_go()
+        return held
 
     def wake(self) -> None:
         self._wake.set()
@@ -94,6 +149,10 @@ class Scheduler:
         with self.lock, self.store.session() as session:
             for job in session.scalars(select(Job).where(Job.status.in_(("running", "paused", "cancelled")))):
                 died = False
+                if job.ray_job is not None and self._follow(session, job):
+                    continue
+                if job.ray_job is not None:  # the cluster has no such job (it was restarted)
+                    died, job.ray_job = job.status == "running", None
                 if job.pid is not None:
                     died = not stop_orphan(job.pid, job.id, settings.stop_grace_seconds)
                     job.pid = None
@@ -118,21 +177,46 @@ class Scheduler:
                     job.status = "queued"
                     where = resume_point(run_dir)
                     add_event(session, job.id, f"The service restarted; the job will resume from {where}")
+            for job in session.scalars(select(Job).where(Job.status == "queued", Job.ray_job.is_not(None))):
+                if not self._follow(session, job):  # submitted, then lost with the cluster before it started
+                    job.ray_job = None
+
+    def _follow(self, session: Session, job: Job) -> bool:
+        """Follow the job's Ray job again (a restart, or another process took the lease over): it goes on
+        where it is, and its end is handled as if this process had started it. A job paused or cancelled
+        while no one followed it is stopped. False when the cluster does not have it."""
+        if self.ray is None:
+            return False
+        proc = attach_training(self.settings, job, self.ray)
+        if proc is None:
+            return False
+        proc.announced = job.status != "queued"
+        if job.status in ("paused", "cancelled"):
+            proc.stop_reason = "pause" if job.status == "paused" else "cancel"
+            self._terminate(proc, graceful=True)
+        self.procs[(job.id, "train")] = proc
+        add_event(session, job.id, f"The service restarted; it follows {proc.runner.name} again")
+        return True
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
             try:
-                with self.lock:
-                    self._tick()
+                if self._lead():
+                    with self.lock:
+                        self._tick()
             except Exception:  # the loop must survive anything one job does
                 log.exception("scheduler tick failed")
             self._wake.wait(self.settings.poll_seconds)
             self._wake.clear()
 
     def _tick(self) -> None:
+        self._follow_requests()
         for key, proc in list(self.procs.items()):
-            code = proc.popen.poll()
+            code = proc.runner.poll()
             if proc.kind == "train":
+                if not proc.announced and proc.runner.started():
+                    self._announce(proc)
+                proc.runner.copy_output()
                 self._read_run(proc)
             if code is not None:
                 del self.procs[key]
@@ -148,6 +232,21 @@ class Scheduler:
             return
         self._start_validations()
         self._start_training()
+
+    def _follow_requests(self) -> None:
+        """Cancel and pause requests another `tunery serve` on the database took: the job's row says
+        cancelled or paused while its process here runs on. (Requests taken here stopped it already.)"""
+        if not self.procs:
+            return
+        with self.store.session() as session:
+            ids = {job_id for job_id, _kind in self.procs}
+            rows = session.execute(select(Job.id, Job.status).where(Job.id.in_(ids))).tuples()
+            statuses = {job_id: status for job_id, status in rows}
+        for (job_id, kind), proc in self.procs.items():
+            status = statuses.get(job_id)
+            if proc.stop_reason is None and status in ("cancelled", "paused"):
+                proc.stop_reason = "cancel" if status == "cancelled" else "pause"
+                self._terminate(proc, graceful=kind == "train")
 
     def _terminate(self, proc: Proc, graceful: bool) -> None:
         if graceful:
@@ -169,7 +268,7 @@ class Scheduler:
         add_event(session, job.id, "Fine-tuning job cancelled")
         for kind in ("validate", "train"):
             proc = self.procs.get((job.id, kind))
-            if proc is not None and proc.popen.poll() is None:
+            if proc is not None and proc.runner.poll() is None:
                 proc.stop_reason = "cancel"
                 self._terminate(proc, graceful=kind == "train")
         self.wake()
@@ -182,9 +281,10 @@ class Scheduler:
                 code="job_not_pausable",
             )
         proc = self.procs.get((job.id, "train"))
-        if job.status == "running" and proc is not None and proc.popen.poll() is None:
+        if proc is not None and proc.runner.poll() is None:
             proc.stop_reason = "pause"
             self._terminate(proc, graceful=True)
+        if job.status == "running":  # its process stops here, or where the scheduling process runs it
             add_event(
                 session, job.id, "Pausing the job: a checkpoint is saved at the end of the current step"
             )
@@ -200,6 +300,7 @@ class Scheduler:
     def resume(self, session: Session, job: Job) -> None:
         """A paused job, or a failed one whose training process kept dying (with a fresh count of retries)."""
         if job.status == "failed" and (job.error or {}).get("code") == DIED and resumable(self.settings, job):
+            check_queue_quota(session, self.settings, job.project_id)
             run_dir = job_dir(self.settings, job.id) / "run"
             job.status, job.error, job.finished_at = "queued", None, None
             job.queue_seq = next_queue_seq(session)
@@ -219,6 +320,7 @@ class Scheduler:
                 "died after it had started the run, can be resumed.",
                 code="job_not_paused",
             )
+        check_queue_quota(session, self.settings, job.project_id)
         job.status = "queued" if job.stats is not None else "validating_files"
         job.queue_seq = next_queue_seq(session)
         add_event(session, job.id, "Fine-tuning job resumed; it continues from its last checkpoint")
@@ -286,6 +388,13 @@ class Scheduler:
         goes first, then the one whose job started least recently; a project's own jobs keep their queue
         order. With every slot busy, a job that has trained for its turn gives its slot up (`_take_turns`)."""
         training = [p for p in self.procs.values() if p.kind == "train"]
+        if self.ray is not None and any(not p.runner.started() for p in training):
+            return  # one Ray job at a time waits for room on the cluster: the queue's order stays ours
+        limit = self.settings.max_running_jobs or 10**9
+        per_project = self.settings.project_running_jobs or 10**9
+        running: dict[str, int] = {}
+        for proc in training:
+            running[proc.project] = running.get(proc.project, 0) + 1
         with self.store.session() as session:
             queued = [
                 job
@@ -293,16 +402,18 @@ class Scheduler:
                     select(Job).where(Job.status == "queued").order_by(Job.queue_seq, Job.seq)
                 )
                 if (job.id, "train") not in self.procs  # a paused process still checkpointing
+                and running.get(job.project_id, 0) < per_project
             ]
             if not queued:
                 return
-            if len(training) >= self.settings.max_running_jobs:
+            if len(training) >= limit:
                 self._take_turns(session, training, queued)
                 return
-            busy = {p.project for p in training}
-            queued.sort(key=lambda job: (job.project_id in busy, self._turns.get(job.project_id, 0.0)))
-            for job in queued[: self.settings.max_running_jobs - len(training)]:
-                self._spawn_training(session, job)
+            queued.sort(key=lambda job: (job.project_id in running, self._turns.get(job.project_id, 0.0)))
+            for job in queued[: 1 if self.ray is not None else limit - len(training)]:
+                if running.get(job.project_id, 0) < per_project:
+                    running[job.project_id] = running.get(job.project_id, 0) + 1
+                    self._spawn_training(session, job)
 
     def _take_turns(self, session: Session, training: list[Proc], queued: list[Job]) -> None:
         """A job that has trained for `job_turn_minutes` while another project's job waits is stopped at its
@@ -331,12 +442,34 @@ class Scheduler:
         )
 
     def _spawn_training(self, session: Session, job: Job) -> None:
-        proc = start_training(self.settings, job)
+        proc = start_training(self.settings, job, self.ray)
         self._turns[job.project_id] = time.monotonic()
         self.procs[(job.id, "train")] = proc
-        job.status, job.pid = "running", proc.popen.pid
-        job.started_at = job.started_at or now()
         job.attempts += 1
+        job.pid = proc.runner.pid
+        if self.ray is None:
+            self._announce(proc, job, session)
+            return
+        job.ray_job = proc.runner.ray_job
+        add_event(
+            session,
+            job.id,
+            f"Submitted to the Ray cluster as {proc.runner.name}, asking for "
+            f"{job_resources(self.settings, job).describe()}; it starts when a node has room",
+        )
+
+    def _announce(self, proc: Proc, job: Job | None = None, session: Session | None = None) -> None:
+        """The training process runs (a Ray job once the cluster has placed it): the job is `running`."""
+        proc.announced = True
+        proc.started = time.monotonic()
+        if session is None or job is None:
+            with self.store.session() as session:
+                job = session.get(Job, proc.job_id)
+                if job is not None and job.status == "queued":
+                    self._announce(proc, job, session)
+            return
+        job.status = "running"
+        job.started_at = job.started_at or now()
         if not proc.resumed:
             add_event(session, job.id, "Fine-tuning job started")
         elif proc.resumed_from is not None:
@@ -364,7 +497,7 @@ class Scheduler:
             job = session.get(Job, proc.job_id)
             if job is None:
                 return
-            job.pid = None
+            job.pid = job.ray_job = None
             if job.status == "cancelled" or proc.stop_reason == "cancel":
                 return
             summary = finished_summary(run_dir)
@@ -389,7 +522,7 @@ class Scheduler:
                 add_event(session, job.id, f"Job queued again; it will continue from {resume_point(run_dir)}")
             else:
                 message = tail_error(directory / "train.log", code, proc.log_offset)
-                cause = death_cause(code) or stop_cause(message)
+                cause = proc.runner.lost() or death_cause(code) or stop_cause(message)
                 if cause is not None:
                     retry_or_fail(session, self.settings, job, cause)
                 else:

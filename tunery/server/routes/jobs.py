@@ -78,6 +78,7 @@ def create_job(body: JobCreate, state: State, caller: Auth) -> dict[str, Any]:
             seed=body.seed,
             metadata=body.metadata,
             integrations=body.integrations,
+            resources=body.resources.model_dump(exclude_none=True) if body.resources else None,
         )
     state.scheduler.wake()
     return job_object(job, caller.project_id)

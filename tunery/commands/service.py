@@ -147,7 +147,7 @@ def serve_flags(p: argparse.ArgumentParser) -> None:
         "--project-queued-jobs", type=_count, default=20, help="a project's waiting jobs; beyond, a 429"
     )
     p.add_argument(
-        "--inference-workers", type=_count, default=1, help="worker processes answering chat completions"
+        "--inference-workers", type=_at_least_one, default=1, help="worker processes answering chat completions"
     )
     p.add_argument("--max-upload-mb", type=int, default=512, help="largest file upload")
     p.add_argument("--stop-grace", type=float, default=30.0, help="seconds to checkpoint on cancel/stop")
@@ -176,6 +176,13 @@ def _count(text: str) -> int:
         value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, 0 or more")
+    return value
+
+
+def _at_least_one(text: str) -> int:
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 1 or more")
     return value
 
 

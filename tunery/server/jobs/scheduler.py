@@ -240,7 +240,7 @@ class Scheduler:
             return
         with self.store.session() as session:
             ids = {job_id for job_id, _kind in self.procs}
-            rows = session.execute(select(Job.id, Job.status).where(Job.id.in_(ids))).tuples()
+            rows = session.execute(select(Job.id, Job.status).where(Job.id.in_(ids)))
             statuses = {job_id: status for job_id, status in rows}
         for (job_id, kind), proc in self.procs.items():
             status = statuses.get(job_id)

@@ -1,0 +1,70 @@
+"""`tunery serve --inference-workers N`: chat completions answered by several worker processes. A model's
+requests go to the worker that has it loaded while it is no busier than another; requests at once spread
+over the workers."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.server.conftest import Api
+from tunery.server.app import create_app
+from tunery.server.auth import create_key
+from tunery.server.settings import Settings
+from tunery.server.store import Store
+
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, Settings, TestClient]]:
+    settings = Settings(data_dir=tmp_path_factory.mktemp("pool") / "service", inference_workers=2)
+    key = create_key(Store(settings.database_url), "acme")[1]
+    with TestClient(create_app(settings, run_scheduler=False), raise_server_exceptions=False) as client:
+        yield Api(client, key), settings, client
+
+
+def workers(client: TestClient) -> list:  # type: ignore[type-arg]
+    return list(client.app.state.tunery.inference.workers)  # type: ignore[attr-defined]
+
+
+def pids(client: TestClient) -> list[int | None]:
+    return [
+        w._proc.pid if w._proc is not None and w._proc.returncode is None else None for w in workers(client)
+    ]
+
+
+def complete(api: Api, tokens: int) -> dict:  # type: ignore[type-arg]
+    body = {"model": "tiny-random", "messages": HELLO, "max_tokens": tokens, "temperature": 0}
+    r = api.post("/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def test_one_model_one_at_a_time_stays_on_one_worker(pool) -> None:  # type: ignore[no-untyped-def]
+    api, _, client = pool
+    first = complete(api, 4)
+    second = complete(api, 4)
+    assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
+    started = pids(client)
+    assert started[0] is not None and started[1] is None  # no second worker loaded the same model
+
+
+def test_requests_at_once_spread_over_the_workers(pool) -> None:  # type: ignore[no-untyped-def]
+    api, settings, client = pool
+    answers: list[dict] = []  # type: ignore[type-arg]
+    threads = [threading.Thread(target=lambda: answers.append(complete(api, 64))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert len(answers) == 4
+    assert len({a["choices"][0]["message"]["content"] for a in answers}) == 1  # greedy: the same everywhere
+    started = pids(client)
+    assert None not in started and started[0] != started[1]
+    assert (settings.logs_dir / "inference.log").is_file() and (
+        settings.logs_dir / "inference-1.log"
+    ).is_file()

@@ -230,3 +230,70 @@ def test_the_api_killed_and_restarted_follows_the_same_ray_job(cluster: Any, tmp
         assert log.count(f"Running entrypoint for job {job.id}-1") == 1
     finally:
         stop_server(proc)
+
+
+def test_chat_from_an_inference_replica_on_the_cluster(cluster: Any, tmp_path: Path) -> None:
+    """`--inference-replicas 1`: chat completions are answered by an inference worker the cluster runs as
+    a Ray job (reached over TCP with the API's token), which loads the base model and a fine-tuned adapter
+    on demand; no inference worker runs beside the API. A connection without the token is refused."""
+    data_dir = tmp_path / "service"
+    key = new_key(data_dir, "acme")
+    proc, url = start_server(data_dir, flags=(*ray_flags(cluster), "--inference-replicas", "1"))
+    try:
+        client = openai.OpenAI(base_url=url, api_key=key, max_retries=0)
+        job = client.fine_tuning.jobs.create(model="tiny-random", training_file=upload(client), method=MEDIUM)
+        done = wait_for(client, job.id, lambda j: j.status in DONE, timeout=300)
+        assert done.status == "succeeded", done.error
+        answers = {}
+        for model in ("tiny-random", done.fine_tuned_model):
+            reply = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0
+            )
+            answers[model] = reply.choices[0].message.content
+            assert reply.usage.completion_tokens > 0
+        streamed = client.chat.completions.create(
+            model=done.fine_tuned_model,
+            messages=[{"role": "user", "content": "Hello"}],
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+        )
+        assert (
+            "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+            == answers[done.fine_tuned_model]
+        )
+        from ray.job_submission import JobSubmissionClient
+
+        replicas = [
+            j
+            for j in JobSubmissionClient(cluster.address).list_jobs()
+            if (j.submission_id or "").startswith("tunery-inference-")
+        ]
+        assert [str(j.status.value) for j in replicas] == ["RUNNING"]
+        workers = [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if "tunery.server.inference" in (p.info["cmdline"] or [])
+        ]
+        assert len(workers) == 1 and "--listen" in workers[0].info["cmdline"]  # none beside the API
+        assert cluster.worker_of(workers[0].pid) is not None  # on a worker node
+        # the replica takes one connection, the API's: another gets nothing
+
+        listening = [c for c in workers[0].net_connections(kind="tcp") if c.status == "LISTEN"]
+        assert listening == []  # it stopped listening once the API connected
+    finally:
+        stop_server(proc)
+    deadline = time.monotonic() + 60
+    while any(str(j.status.value) == "RUNNING" for j in replicas_of(cluster)):
+        assert time.monotonic() < deadline, "the inference replica outlived the API"
+        time.sleep(0.5)
+
+
+def replicas_of(cluster: Any) -> list[Any]:
+    from ray.job_submission import JobSubmissionClient
+
+    return [
+        j
+        for j in JobSubmissionClient(cluster.address).list_jobs()
+        if (j.submission_id or "").startswith("tunery-inference-")
+    ]

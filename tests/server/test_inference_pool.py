@@ -4,8 +4,14 @@ over the workers."""
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -68,3 +74,42 @@ def test_requests_at_once_spread_over_the_workers(pool) -> None:  # type: ignore
     assert (settings.logs_dir / "inference.log").is_file() and (
         settings.logs_dir / "inference-1.log"
     ).is_file()
+
+
+def test_an_inference_replica_refuses_a_connection_without_its_token(tmp_path: Path) -> None:
+    """The listening worker, started here as the cluster would: a connection that sends anything but the
+    token is closed unanswered, and the one with it gets the protocol."""
+    token = tmp_path / "token"
+    token.write_text("s3cret-token")
+    announce = tmp_path / "address.json"
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tunery.server.inference",
+            "--listen",
+            "--token-file",
+            str(token),
+            "--announce",
+            str(announce),
+        ],
+        stderr=(tmp_path / "worker.log").open("wb"),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not announce.exists():
+            assert worker.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        address = json.loads(announce.read_text())
+        with socket.create_connection((address["host"], address["port"]), timeout=30) as wrong:
+            wrong.sendall(b"not-the-token\n" + json.dumps({"id": 1, "op": "chat"}).encode() + b"\n")
+            assert wrong.recv(100) == b""  # closed, nothing said
+        with socket.create_connection((address["host"], address["port"]), timeout=120) as right:
+            right.sendall(b"s3cret-token\n")
+            ready = right.makefile("r").readline()
+            assert json.loads(ready)["event"] == "ready"
+        assert worker.wait(timeout=60) == 0  # the connection closed: the worker exits
+        assert "refused a connection from 127.0.0.1: wrong token" in (tmp_path / "worker.log").read_text()
+    finally:
+        if worker.poll() is None:
+            worker.kill()

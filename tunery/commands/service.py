@@ -58,6 +58,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.project_queued_jobs,
     )
     settings.inference_workers = args.inference_workers
+    if args.inference_replicas and args.executor != "ray":
+        raise TuneryError("--inference-replicas places inference on a Ray cluster: add --executor ray")
+    settings.inference_replicas = args.inference_replicas
     settings.max_upload_bytes = args.max_upload_mb * 2**20
     settings.stop_grace_seconds = args.stop_grace
     settings.train_overrides = list(args.train_set or [])
@@ -147,7 +150,16 @@ def serve_flags(p: argparse.ArgumentParser) -> None:
         "--project-queued-jobs", type=_count, default=20, help="a project's waiting jobs; beyond, a 429"
     )
     p.add_argument(
-        "--inference-workers", type=_at_least_one, default=1, help="worker processes answering chat completions"
+        "--inference-replicas",
+        type=_count,
+        default=0,
+        help="with --executor ray: inference replicas on the cluster instead of workers here",
+    )
+    p.add_argument(
+        "--inference-workers",
+        type=_at_least_one,
+        default=1,
+        help="worker processes answering chat completions",
     )
     p.add_argument("--max-upload-mb", type=int, default=512, help="largest file upload")
     p.add_argument("--stop-grace", type=float, default=30.0, help="seconds to checkpoint on cancel/stop")

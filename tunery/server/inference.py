@@ -28,6 +28,17 @@ A prompt that does not fit the model's context with the tokens asked for is refu
 (400 `context_length_exceeded`). Any failure is
 `{"id": N, "event": "error", "status": 400|500, "message": "...", "param": ..., "code": ...}`.
 Models load on first use (base model + adapter) and the `--cache` most recently used stay loaded.
+
+An inference replica on a Ray cluster (`tunery serve --executor ray --inference-replicas N`) speaks the
+same protocol over TCP instead of pipes:
+
+    python -m tunery.server.inference --cache 2 --listen --token-file DATA_DIR/inference/token \
+        --announce DATA_DIR/inference/<name>.json --route-to HEAD
+
+It listens on a free port of the address that routes to HEAD, writes {"host", "port", "pid"} to the
+announce file (atomically; the data directory is on storage the API sees), and takes one connection
+whose first line is the token (the file is the service owner's alone): anything else is closed unread.
+It exits when that connection closes, or when none came within LISTEN_SECONDS.
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ import time
 import traceback
 from collections import OrderedDict, deque
 from collections.abc import Iterator
+from pathlib import Path
 from typing import IO, Any
 
 from tunery.server.fair import FairQueue
@@ -50,6 +62,7 @@ from tunery.server.fair import FairQueue
 log = logging.getLogger("tunery.inference")
 
 
+LISTEN_SECONDS = 600.0  # an inference replica no API connected to within this long exits
 CHAT_SLOTS = 4  # chat requests decoding at once, step by step in turn (each holds its KV cache)
 # grader requests at once, one a project: while one waits on a python grader's sandbox, another project's
 # model grader runs (judges take their models one request at a time)
@@ -101,8 +114,9 @@ class Turns:
 
 
 class Worker:
-    def __init__(self, out: IO[str], cache_size: int) -> None:
+    def __init__(self, out: IO[str], cache_size: int, requests: IO[str] | None = None) -> None:
         self.out, self.cache_size = out, cache_size
+        self.requests = requests if requests is not None else sys.stdin
         self.models: OrderedDict[tuple[str, str | None, str | None], tuple[Any, Any]] = OrderedDict()
         self.cancelled: set[int] = set()
         self.chats: FairQueue[dict[str, Any]] = FairQueue(running_per_key=max(1, CHAT_SLOTS // 2))
@@ -117,7 +131,7 @@ class Worker:
             self.out.flush()
 
     def read_stdin(self) -> None:
-        for line in sys.stdin:
+        for line in self.requests:
             try:
                 request = json.loads(line)
             except ValueError:
@@ -313,7 +327,15 @@ def describe(exc: Exception) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tunery.server.inference")
     parser.add_argument("--cache", type=int, default=2, help="models kept loaded")
+    parser.add_argument(
+        "--listen", action="store_true", help="take one TCP connection instead of stdin/stdout"
+    )
+    parser.add_argument("--token-file", help="with --listen: the secret the connection must send first")
+    parser.add_argument("--announce", help="with --listen: where to write the address listened on")
+    parser.add_argument("--route-to", default="127.0.0.1", help="with --listen: listen on the address to it")
     args = parser.parse_args(argv)
+    if args.listen:
+        return listen(args)
     # The protocol owns the real stdout; anything a library prints goes to stderr (the worker's log).
     out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1, encoding="utf-8")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
@@ -323,6 +345,51 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_freed_memory()
     Worker(out, args.cache).serve()
+    return 0
+
+
+def listen(args: argparse.Namespace) -> int:
+    """One connection over TCP, authenticated by the token, then the protocol over it (module docstring)."""
+    import hmac
+    import socket
+
+    from tunery.training.io import atomic_write_json
+
+    token = Path(args.token_file).read_text(encoding="utf-8").strip()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # no packet is sent
+        probe.connect((socket.gethostbyname(args.route_to), 9))
+        host = probe.getsockname()[0]
+    server = socket.create_server((host, 0))
+    server.settimeout(LISTEN_SECONDS)
+    atomic_write_json(
+        Path(args.announce), {"host": host, "port": server.getsockname()[1], "pid": os.getpid()}
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    while True:
+        try:
+            connection, peer = server.accept()
+        except TimeoutError:
+            log.info("no connection within %.0f s; exiting", LISTEN_SECONDS)
+            return 0
+        connection.settimeout(30)
+        reader = connection.makefile("r", encoding="utf-8", newline="\n")
+        try:
+            offered = reader.readline(4096).strip()
+        except (OSError, UnicodeDecodeError):
+            offered = ""
+        if offered and hmac.compare_digest(offered.encode(), token.encode()):
+            break
+        log.warning("refused a connection from %s: wrong token", peer[0])
+        reader.close()
+        connection.close()
+    server.close()
+    connection.settimeout(None)
+    out = connection.makefile("w", encoding="utf-8", buffering=1, newline="\n")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from tunery.training.memory import keep_freed_memory
+
+    keep_freed_memory()
+    Worker(out, args.cache, reader).serve()
     return 0
 
 

@@ -16,8 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import secrets
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from tunery.server.errors import APIError, too_many_requests
 from tunery.server.fair import Admission, TooBusy
@@ -26,12 +31,88 @@ from tunery.server.settings import Settings
 READY_TIMEOUT = 300.0  # seconds for the worker to import torch and say it is ready
 
 
+class RayReplicas:
+    """Inference workers as Ray jobs on the cluster (`--executor ray --inference-replicas N`), each on a
+    node with REPLICA_RESOURCES free, reached over TCP with a token only this API process knows (written
+    under DATA_DIR/inference/, the owner's alone, on the storage every node sees)."""
+
+    def __init__(self, settings: Settings) -> None:
+        from tunery.server.jobs.executors import RayExecutor
+
+        self.settings = settings
+        self.executor = RayExecutor(settings.ray_address, settings.stop_grace_seconds)
+        self.directory = settings.data_dir / "inference"
+        self.api = secrets.token_hex(4)  # this API process: its replicas' names
+        self.token_file = self.directory / f"token-{self.api}"
+        self.runners: dict[int, Any] = {}
+        self.started = 0
+
+    def _submit(self, index: int, log_path: Path) -> tuple[str, int]:
+        from tunery.server.jobs.executors import Resources
+
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not self.token_file.exists():
+            fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(32))
+        self.started += 1
+        name = f"tunery-inference-{self.api}-{index}-{self.started}"
+        announce = self.directory / f"{name}.json"
+        head = urlparse(self.executor.address).hostname or "127.0.0.1"
+        command = [
+            self.settings.python,
+            "-m",
+            "tunery.server.inference",
+            "--cache",
+            str(self.settings.inference_cache),
+        ]
+        command += [
+            "--listen",
+            "--token-file",
+            str(self.token_file),
+            "--announce",
+            str(announce),
+            "--route-to",
+            head,
+        ]
+        resources = Resources(cpus=self.settings.inference_cpus, memory_gb=self.settings.inference_memory_gb)
+        runner = self.executor.submit(name, command, self.directory, resources, log_path)
+        self.runners[index] = runner
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not announce.exists():
+            code = runner.poll()
+            if code is not None or time.monotonic() > deadline:
+                runner.stop(force=True)
+                raise APIError(
+                    503,
+                    f"An inference replica on the Ray cluster did not start ({runner.name}); see its log.",
+                    type="server_error",
+                )
+            time.sleep(0.2)
+        address = json.loads(announce.read_text())
+        announce.unlink(missing_ok=True)
+        return str(address["host"]), int(address["port"])
+
+    async def start(self, index: int, log_path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        host, port = await asyncio.to_thread(self._submit, index, log_path)
+        reader, writer = await asyncio.open_connection(host, port, limit=64 * 2**20)
+        writer.write((self.token_file.read_text().strip() + "\n").encode())
+        await writer.drain()
+        return reader, writer
+
+    def stop(self, index: int) -> None:
+        runner = self.runners.pop(index, None)
+        if runner is not None:
+            runner.stop(force=False)
+
+
 class _Worker:
     """One inference worker process and the requests waiting on it."""
 
-    def __init__(self, settings: Settings, index: int) -> None:
-        self.settings, self.index = settings, index
-        self._proc: asyncio.subprocess.Process | None = None
+    def __init__(self, settings: Settings, index: int, replicas: RayReplicas | None = None) -> None:
+        self.settings, self.index, self.replicas = settings, index, replicas
+        self._proc: asyncio.subprocess.Process | None = None  # a local worker
+        self._writer: asyncio.StreamWriter | None = None  # its stdin, or the replica's connection
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Queue[dict[str, Any]]] = {}
         self._next_id = 0
@@ -39,49 +120,75 @@ class _Worker:
         self.in_hand = 0  # requests sent or about to be
         self.models: list[tuple[Any, Any, Any]] = []  # (model, adapter, base adapter) it served, newest last
 
-    async def _ensure_started(self) -> asyncio.subprocess.Process:
+    def _alive(self) -> bool:
+        if self._writer is None or self._writer.is_closing():
+            return False
+        return self._proc is None or self._proc.returncode is None
+
+    async def _ensure_started(self) -> asyncio.StreamWriter:
         if self._start_lock is None:
             self._start_lock = asyncio.Lock()
         async with self._start_lock:
-            if self._proc is not None and self._proc.returncode is None:
-                return self._proc
+            if self._alive():
+                assert self._writer is not None
+                return self._writer
             self.models = []
             self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
             name = "inference.log" if self.index == 0 else f"inference-{self.index}.log"
-            log = (self.settings.logs_dir / name).open("ab")
+            if self.replicas is not None:
+                reader, writer = await self.replicas.start(self.index, self.settings.logs_dir / name)
+            else:
+                reader, writer = await self._start_process(name)
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    self.settings.python,
-                    "-m",
-                    "tunery.server.inference",
-                    "--cache",
-                    str(self.settings.inference_cache),
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=log,
-                    limit=64 * 2**20,
-                )
-            finally:
-                log.close()
-            assert proc.stdout is not None
-            try:
-                line = await asyncio.wait_for(proc.stdout.readline(), READY_TIMEOUT)
+                line = await asyncio.wait_for(reader.readline(), READY_TIMEOUT)
                 ready = json.loads(line) if line else {}
-            except (TimeoutError, ValueError):
+            except (TimeoutError, ValueError, OSError):
                 ready = {}
             if ready.get("event") != "ready":
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                raise APIError(
-                    503, f"The inference worker failed to start; see logs/{name}.", type="server_error"
-                )
-            self._proc = proc
-            self._reader = asyncio.create_task(self._read(proc))
-            return proc
+                self._stop()
+                where = "an inference replica on the Ray cluster" if self.replicas else "the inference worker"
+                raise APIError(503, f"{where} failed to start; see logs/{name}.", type="server_error")
+            self._writer = writer
+            self._reader = asyncio.create_task(self._read(reader))
+            return writer
 
-    async def _read(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdout is not None
-        while line := await proc.stdout.readline():
+    async def _start_process(self, name: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        log = (self.settings.logs_dir / name).open("ab")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.settings.python,
+                "-m",
+                "tunery.server.inference",
+                "--cache",
+                str(self.settings.inference_cache),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+                limit=64 * 2**20,
+            )
+        finally:
+            log.close()
+        assert proc.stdout is not None and proc.stdin is not None
+        self._proc = proc
+        return proc.stdout, proc.stdin
+
+    def _stop(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+        if self._writer is not None:
+            self._writer.close()
+        if self.replicas is not None:
+            self.replicas.stop(self.index)
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            try:
+                line = await reader.readline()
+            except (OSError, ValueError):  # the connection broke, or a line past the limit
+                line = b""
+            if not line:
+                break
             try:
                 message = json.loads(line)
             except ValueError:
@@ -89,16 +196,17 @@ class _Worker:
             waiting = self._pending.get(message.get("id", -1))
             if waiting is not None:
                 waiting.put_nowait(message)
-        # EOF: the worker is gone; fail whatever was waiting on it
+        # EOF: the worker is gone; fail whatever was waiting on it, and start another for the next request
+        if self._writer is not None:
+            self._writer.close()
         for waiting in self._pending.values():
             waiting.put_nowait(
                 {"event": "error", "status": 503, "message": "The inference worker stopped; try again."}
             )
 
-    async def _send(self, proc: asyncio.subprocess.Process, message: dict[str, Any]) -> None:
-        assert proc.stdin is not None
-        proc.stdin.write((json.dumps(message) + "\n").encode())
-        await proc.stdin.drain()
+    async def _send(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
+        writer.write((json.dumps(message) + "\n").encode())
+        await writer.drain()
 
     def serves(self, model: tuple[Any, Any, Any]) -> bool:
         return model in self.models
@@ -110,14 +218,14 @@ class _Worker:
         del self.models[: -max(1, self.settings.inference_cache)]
 
     async def stream(self, request: dict[str, Any], project: str) -> AsyncGenerator[dict[str, Any], None]:
-        proc = await self._ensure_started()
+        writer = await self._ensure_started()
         self._next_id += 1
         request_id = self._next_id
         replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._pending[request_id] = replies
         finished = False
         try:
-            await self._send(proc, {**request, "id": request_id, "project": project})
+            await self._send(writer, {**request, "id": request_id, "project": project})
             while True:
                 message = await replies.get()
                 if message.get("event") == "error":
@@ -134,21 +242,24 @@ class _Worker:
                     return
         finally:
             self._pending.pop(request_id, None)
-            if not finished and proc.returncode is None:
+            if not finished and not writer.is_closing():
                 with contextlib.suppress(Exception):
-                    await self._send(proc, {"op": "cancel", "target": request_id})
+                    await self._send(writer, {"op": "cancel", "target": request_id})
 
     async def close(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None or proc.returncode is not None:
-            return
-        assert proc.stdin is not None
-        proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        """Close the requests' stream: the worker answers what it has, then exits."""
+        proc, writer = self._proc, self._writer
+        self._proc = self._writer = None
+        if writer is not None:
+            writer.close()
+        if proc is not None and proc.returncode is None:
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self.replicas is not None:
+            self.replicas.stop(self.index)
         if self._reader is not None:
             self._reader.cancel()
 
@@ -156,7 +267,9 @@ class _Worker:
 class InferenceClient:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.workers = [_Worker(settings, i) for i in range(max(1, settings.inference_workers))]
+        replicas = RayReplicas(settings) if settings.inference_replicas else None
+        count = settings.inference_replicas or settings.inference_workers
+        self.workers = [_Worker(settings, i, replicas) for i in range(max(1, count))]
         self.admission = Admission(
             "inference requests", settings.inference_in_flight, settings.inference_per_project
         )

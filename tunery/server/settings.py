@@ -54,6 +54,11 @@ class Settings:
     cli: list[str] = field(default_factory=lambda: ["-m", "tunery"])  # worker command after `python`
     inference_cache: int = 2  # models (base + adapter) each inference worker keeps loaded
     inference_workers: int = 1  # inference worker processes answering chat completions and model graders
+    # with executor "ray": this many inference replicas on the cluster instead (0: workers here), each
+    # asking for these resources of a node
+    inference_replicas: int = 0
+    inference_cpus: float = 1.0
+    inference_memory_gb: float | None = 2.0
     default_max_tokens: int = 256  # chat completions without max_tokens
     max_completion_tokens: int = 4096
     grader_timeout: float = 120.0  # python graders, seconds

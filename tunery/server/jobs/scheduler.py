@@ -53,6 +53,9 @@ from tunery.server.store import File, Job, LeaseHolder, Store, now
 log = logging.getLogger("tunery.server")
 
 VALIDATIONS_AT_ONCE = 2  # file checks running at once, of different projects
+# a Ray job waiting this long for room does not hold the queue up any more (it may ask for more than any
+# node has): the next job is submitted beside it
+RAY_WAIT_ALONE_SECONDS = 120.0
 
 
 class Scheduler:
@@ -388,7 +391,9 @@ class Scheduler:
         goes first, then the one whose job started least recently; a project's own jobs keep their queue
         order. With every slot busy, a job that has trained for its turn gives its slot up (`_take_turns`)."""
         training = [p for p in self.procs.values() if p.kind == "train"]
-        if self.ray is not None and any(not p.runner.started() for p in training):
+        if self.ray is not None and any(
+            not p.runner.started() and time.monotonic() - p.started < RAY_WAIT_ALONE_SECONDS for p in training
+        ):
             return  # one Ray job at a time waits for room on the cluster: the queue's order stays ours
         limit = self.settings.max_running_jobs or 10**9
         per_project = self.settings.project_running_jobs or 10**9

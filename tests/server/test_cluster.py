@@ -235,7 +235,8 @@ def test_the_api_killed_and_restarted_follows_the_same_ray_job(cluster: Any, tmp
 def test_chat_from_an_inference_replica_on_the_cluster(cluster: Any, tmp_path: Path) -> None:
     """`--inference-replicas 1`: chat completions are answered by an inference worker the cluster runs as
     a Ray job (reached over TCP with the API's token), which loads the base model and a fine-tuned adapter
-    on demand; no inference worker runs beside the API. A connection without the token is refused."""
+    on demand; no inference worker runs beside the API, and the replica stops listening once the API has
+    connected (tests/server/test_inference_pool.py checks that a connection without the token is refused)."""
     data_dir = tmp_path / "service"
     key = new_key(data_dir, "acme")
     proc, url = start_server(data_dir, flags=(*ray_flags(cluster), "--inference-replicas", "1"))

@@ -25,7 +25,7 @@ from tunery.server.store import Store
 HELLO = [{"role": "user", "content": "Hello"}]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, Settings, TestClient]]:
     settings = Settings(data_dir=tmp_path_factory.mktemp("pool") / "service", inference_workers=2)
     key = create_key(Store(settings.database_url), "acme")[1]
@@ -70,7 +70,7 @@ def test_requests_at_once_spread_over_the_workers(pool) -> None:  # type: ignore
     assert len(answers) == 4
     assert len({a["choices"][0]["message"]["content"] for a in answers}) == 1  # greedy: the same everywhere
     started = pids(client)
-    assert None not in started and started[0] != started[1]
+    assert None not in started and started[0] != started[1]  # the second worker was started for them
     assert (settings.logs_dir / "inference.log").is_file() and (
         settings.logs_dir / "inference-1.log"
     ).is_file()
@@ -113,3 +113,31 @@ def test_an_inference_replica_refuses_a_connection_without_its_token(tmp_path: P
     finally:
         if worker.poll() is None:
             worker.kill()
+
+
+def test_a_missing_job_and_an_unanswering_cluster_are_told_apart(tmp_path: Path) -> None:
+    """Following a Ray job again: only the cluster's "no such job" (404) means it is gone; an error answer
+    or no answer means "ask again later", never "the job died" (which would start a second run)."""
+    from tunery.server.jobs.executors import ClusterUnavailable, RayExecutor
+
+    class Cluster:
+        def __init__(self, error: Exception | None) -> None:
+            self.error = error
+
+        def get_job_info(self, name: str) -> object:
+            if self.error is not None:
+                raise self.error
+            return object()
+
+    executor = RayExecutor.__new__(RayExecutor)
+    executor.client = Cluster(RuntimeError("Request failed with status code 404: Job j-1 does not exist."))
+    assert executor.attach("j-1", tmp_path / "train.log") is None
+    executor.client = Cluster(None)
+    assert executor.attach("j-1", tmp_path / "train.log") is not None
+    for error in (
+        RuntimeError("Request failed with status code 503: unavailable."),
+        ConnectionError("refused"),
+    ):
+        executor.client = Cluster(error)
+        with pytest.raises(ClusterUnavailable):
+            executor.attach("j-1", tmp_path / "train.log")

@@ -126,6 +126,42 @@ def test_the_scheduling_replica_goes_and_another_takes_over(
         scheduling.__exit__(None, None, None)
 
 
+def test_a_replica_whose_lease_was_taken_stops_scheduling_and_starts_nothing(
+    tmp_path: Path, database: str, monkeypatch
+) -> None:
+    """The scheduling replica stalls past its term and another takes the lease: at its next look it lets
+    its processes go (they checkpoint) and starts no new work, not even in the tick that records them."""
+    monkeypatch.setenv("FAKE_STEP_SECONDS", "0.1")
+    settings = fake_settings(tmp_path / "service", database_url=database, scheduler_lease_seconds=1.0)
+    key = new_key(settings)
+    with replica(settings, key) as (api, client):
+        scheduler = client.app.state.tunery.scheduler  # type: ignore[attr-defined]
+        running = api.create_job(method=LONG)["id"]
+        api.wait(running, lambda j: j["status"] == "running")
+        queued = api.create_job(method=SHORT)["id"]  # waits for the one training slot
+        api.wait(queued, lambda j: j["status"] == "queued")
+        with scheduler.lock:  # stalled: the lease runs out and another process takes it
+            store = Store(settings.database_url)
+            other = LeaseHolder(store, "scheduler", 60.0)
+            time.sleep(1.2)
+            assert other.hold()
+        deadline = time.monotonic() + 10
+        while scheduler.leading or scheduler.procs:
+            assert time.monotonic() < deadline, "the stalled replica kept scheduling"
+            time.sleep(0.05)
+        time.sleep(1.0)
+        for job_id, status in ((running, "running"), (queued, "queued")):
+            assert api.get(f"/fine_tuning/jobs/{job_id}").json()["status"] == status  # for the new holder
+        argv = settings.jobs_dir / queued / "argv.jsonl"  # the fake CLI's record of each training command
+        assert not argv.exists()  # nothing started it
+        assert not scheduler.leading
+        other.release()
+        store.close()
+        done = api.wait_status(running, *TERMINAL, timeout=60)  # the lease came back: recovered, resumed
+        assert done["status"] == "succeeded"
+        assert api.wait_status(queued, *TERMINAL, timeout=60)["status"] == "succeeded"
+
+
 def test_a_projects_waiting_jobs_are_capped_with_a_429(tmp_path: Path, database: str, monkeypatch) -> None:
     monkeypatch.setenv("FAKE_STEP_SECONDS", "0.2")
     settings = fake_settings(tmp_path / "service", database_url=database, project_queued_jobs=2)
@@ -137,7 +173,7 @@ def test_a_projects_waiting_jobs_are_capped_with_a_429(tmp_path: Path, database:
         first = acme.create_job(method=LONG)["id"]
         acme.wait(first, lambda j: j["status"] == "running")
         waiting = [acme.create_job(method=LONG)["id"] for _ in range(2)]
-        file_id = acme.upload(b"".join(open(settings.jobs_dir / first / "training.jsonl", "rb")))
+        file_id = acme.upload((settings.jobs_dir / first / "training.jsonl").read_bytes())
         refused = acme.post("/fine_tuning/jobs", json={"model": "tiny-random", "training_file": file_id})
         assert refused.status_code == 429
         error = refused.json()["error"]
@@ -161,6 +197,11 @@ def test_resources_are_checked_kept_and_shown(api: Api, settings: Settings) -> N
     job = api.create_job(method=SHORT, resources={"cpus": 2, "memory_gb": 6.5})
     assert job["resources"] == {"cpus": 2.0, "memory_gb": 6.5}
     assert api.create_job(method=SHORT)["resources"] is None
+    over = {"model": "tiny-random", "training_file": job["training_file"], "resources": {"gpus": 9}}
+    r = api.post("/fine_tuning/jobs", json=over)
+    assert r.status_code == 400 and r.json()["error"]["message"] == (
+        "resources.gpus is 9; this service lets a job ask for at most 8 (its --job-max-gpus)"
+    )
     for bad, param in [
         ({"cpus": 0}, "resources.cpus"),
         ({"gpu": 1}, "resources.gpu"),
@@ -184,6 +225,9 @@ def test_resources_are_checked_kept_and_shown(api: Api, settings: Settings) -> N
         asked = job_resources(settings, row)  # the defaults: the operator's, then the method's
         assert (asked.cpus, asked.gpus, asked.memory_gb) == (1.0, 0.0, 3.0)
         assert asked.describe() == "1 CPU, 3 GB memory"
+        row.resources = {"cpus": 0.01, "memory_gb": 0.5}  # never less than the defaults
+        asked = job_resources(settings, row)
+        assert (asked.cpus, asked.memory_gb) == (1.0, 3.0)
     store.close()
 
 

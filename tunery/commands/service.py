@@ -140,6 +140,9 @@ def serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--job-memory-gb", type=_non_negative, help="memory a job asks of a Ray node (default: by method)"
     )
+    p.add_argument("--job-max-cpus", type=_positive, default=16.0, help="most CPUs a job may ask for")
+    p.add_argument("--job-max-gpus", type=_non_negative, default=8.0, help="most GPUs a job may ask for")
+    p.add_argument("--job-max-memory-gb", type=_positive, default=256.0, help="most memory a job may ask for")
     p.add_argument(
         "--project-running-jobs",
         type=_count,

@@ -63,6 +63,7 @@ log = logging.getLogger("tunery.inference")
 
 
 LISTEN_SECONDS = 600.0  # an inference replica no API connected to within this long exits
+TOKEN_SECONDS = 10.0  # a connection has this long to send the token line
 CHAT_SLOTS = 4  # chat requests decoding at once, step by step in turn (each holds its KV cache)
 # grader requests at once, one a project: while one waits on a python grader's sandbox, another project's
 # model grader runs (judges take their models one request at a time)
@@ -348,6 +349,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _first_line(connection: Any, deadline: float) -> bytes:
+    """The connection's first line (at most 4 KB), read byte by byte so nothing after it is taken from
+    the protocol, within `deadline` in all: a client that trickles bytes is cut off."""
+    line = b""
+    while len(line) < 4096:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return b""
+        connection.settimeout(remaining)
+        try:
+            byte = connection.recv(1)
+        except OSError:
+            return b""
+        if byte in (b"", b"\n"):
+            return line.strip() if byte else b""
+        line += byte
+    return b""
+
+
 def listen(args: argparse.Namespace) -> int:
     """One connection over TCP, authenticated by the token, then the protocol over it (module docstring)."""
     import hmac
@@ -360,28 +380,24 @@ def listen(args: argparse.Namespace) -> int:
         probe.connect((socket.gethostbyname(args.route_to), 9))
         host = probe.getsockname()[0]
     server = socket.create_server((host, 0))
-    server.settimeout(LISTEN_SECONDS)
     atomic_write_json(
         Path(args.announce), {"host": host, "port": server.getsockname()[1], "pid": os.getpid()}
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    deadline = time.monotonic() + LISTEN_SECONDS  # for the API's connection, however many others come
     while True:
+        server.settimeout(max(0.001, deadline - time.monotonic()))
         try:
             connection, peer = server.accept()
         except TimeoutError:
             log.info("no connection within %.0f s; exiting", LISTEN_SECONDS)
             return 0
-        connection.settimeout(30)
-        reader = connection.makefile("r", encoding="utf-8", newline="\n")
-        try:
-            offered = reader.readline(4096).strip()
-        except (OSError, UnicodeDecodeError):
-            offered = ""
-        if offered and hmac.compare_digest(offered.encode(), token.encode()):
+        offered = _first_line(connection, time.monotonic() + TOKEN_SECONDS)
+        if offered and hmac.compare_digest(offered, token.encode()):
             break
         log.warning("refused a connection from %s: wrong token", peer[0])
-        reader.close()
         connection.close()
+    reader = connection.makefile("r", encoding="utf-8", newline="\n")
     server.close()
     connection.settimeout(None)
     out = connection.makefile("w", encoding="utf-8", buffering=1, newline="\n")

@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import secrets
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
@@ -46,17 +47,19 @@ class RayReplicas:
         self.token_file = self.directory / f"token-{self.api}"
         self.runners: dict[int, Any] = {}
         self.started = 0
+        self.lock = threading.Lock()
 
     def _submit(self, index: int, log_path: Path) -> tuple[str, int]:
         from tunery.server.jobs.executors import Resources
 
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not self.token_file.exists():
-            fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as out:
-                out.write(secrets.token_urlsafe(32))
-        self.started += 1
-        name = f"tunery-inference-{self.api}-{index}-{self.started}"
+        with self.lock:
+            if not self.token_file.exists():  # created once, the owner's alone, never through a link
+                fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "w") as out:
+                    out.write(secrets.token_urlsafe(32))
+            self.started += 1
+            name = f"tunery-inference-{self.api}-{index}-{self.started}"
         announce = self.directory / f"{name}.json"
         head = urlparse(self.executor.address).hostname or "127.0.0.1"
         command = [
@@ -101,9 +104,11 @@ class RayReplicas:
         return reader, writer
 
     def stop(self, index: int) -> None:
+        """Stop the replica's Ray job (it exits by itself once its connection closes; this is in case it
+        does not), off the event loop: the cluster's API may be slow."""
         runner = self.runners.pop(index, None)
         if runner is not None:
-            runner.stop(force=False)
+            threading.Thread(target=runner.stop, args=(False,), daemon=True).start()
 
 
 class _Worker:

@@ -39,6 +39,10 @@ class Settings:
     job_cpus: float = 1.0
     job_gpus: float = 0.0
     job_memory_gb: float | None = None
+    # the most a job's `resources` field may ask for (more is a 400 naming the limit)
+    job_max_cpus: float = 16.0
+    job_max_gpus: float = 8.0
+    job_max_memory_gb: float = 256.0
     # per project: training processes at once (0: no limit beyond max_running_jobs; projects take turns),
     # and jobs waiting (validating or queued) beyond which a new job or a resume gets a 429
     project_running_jobs: int = 0

@@ -278,8 +278,10 @@ class LeaseHolder:
                         insert(Lease).values(name=self.name, holder=self.holder, expires_at=expires)
                     )
                     taken = 1
-        except (OperationalError, ProgrammingError):  # the database is away for a moment: not held
-            taken = 0
+        except (OperationalError, ProgrammingError):
+            # the database is away for a moment (or SQLite is busy): what was held stays held until its
+            # term ends, so a short blip does not stop the jobs
+            return self.held()
         self.until = expires if taken else 0.0
         return bool(taken)
 

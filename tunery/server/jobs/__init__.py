@@ -41,7 +41,14 @@ from tunery.server.jobs.command import (
     train_command,
     validate_command,
 )
-from tunery.server.jobs.create import TERMINAL, add_event, create_job, link_or_copy, starting_point
+from tunery.server.jobs.create import (
+    TERMINAL,
+    add_event,
+    check_queue_quota,
+    create_job,
+    link_or_copy,
+    starting_point,
+)
 from tunery.server.jobs.outcomes import DIED
 from tunery.server.jobs.reports import (
     death_cause,
@@ -62,6 +69,7 @@ __all__ = [
     "TERMINAL",
     "Scheduler",
     "add_event",
+    "check_queue_quota",
     "audit_job_changes",
     "create_job",
     "death_cause",

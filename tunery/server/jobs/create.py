@@ -49,6 +49,7 @@ def create_job(
     wakes the scheduler once the session has committed."""
     session.info["audit_key_id"] = caller.key_id  # the audit log names the key that did it
     check_queue_quota(session, settings, caller.project_id)
+    check_resources(settings, resources or {})
     base, local, parent = starting_point(session, settings, caller, model)
     training = _fine_tune_file(session, caller, training_file, "training_file")
     validation: File | None = None
@@ -107,6 +108,24 @@ def check_queue_quota(session: Session, settings: Settings, project_id: str) -> 
             f"This project has {waiting} fine-tuning jobs waiting to run, the most the service queues for "
             f"one project ({limit}); wait for one to start, or cancel one."
         )
+
+
+def check_resources(settings: Settings, resources: dict[str, float]) -> None:
+    """A 400 for a `resources` field asking for more than the operator allows a job."""
+    limits = {
+        "cpus": settings.job_max_cpus,
+        "gpus": settings.job_max_gpus,
+        "memory_gb": settings.job_max_memory_gb,
+    }
+    flags = {"cpus": "--job-max-cpus", "gpus": "--job-max-gpus", "memory_gb": "--job-max-memory-gb"}
+    for name, value in resources.items():
+        if value > limits[name]:
+            raise bad_request(
+                f"resources.{name} is {value:g}; this service lets a job ask for at most {limits[name]:g} "
+                f"(its {flags[name]})",
+                f"resources.{name}",
+                "invalid_resources",
+            )
 
 
 def starting_point(

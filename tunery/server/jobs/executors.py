@@ -14,7 +14,6 @@ comes back through Ray and is appended to the job's train.log.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import signal
@@ -72,6 +71,9 @@ class Runner(Protocol):
     def lost(self) -> str | None:
         """Why it ended without an exit status of its own (its node died), if it did."""
 
+    def unplaced(self) -> str | None:
+        """Why the cluster never started it (no node had what it asks for), if so."""
+
     def stop(self, force: bool) -> None:
         """SIGTERM to the command (it checkpoints and exits), or SIGKILL to all it started."""
 
@@ -98,6 +100,9 @@ class LocalRunner:
         return True
 
     def lost(self) -> str | None:
+        return None
+
+    def unplaced(self) -> str | None:
         return None
 
     def stop(self, force: bool) -> None:
@@ -132,7 +137,13 @@ def start_local(command: list[str], cwd: Path, stdout: IO[bytes], stderr: IO[byt
 _WAITING, _RUNNING = "PENDING", "RUNNING"
 _ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
 STATUS_EVERY = 1.0  # seconds between status requests to the cluster, per job
-OUTPUT_EVERY = 5.0  # ... between copies of a running job's output into train.log
+OUTPUT_EVERY = 30.0  # ... between copies of a running job's output into train.log (and at its end)
+REQUEST_SECONDS = 20.0  # an answer of the cluster's job API takes at most this long
+UNPLACED = ("JOB_SUPERVISOR_ACTOR_UNSCHEDULABLE", "JOB_SUPERVISOR_ACTOR_START_TIMEOUT")
+
+
+class ClusterUnavailable(Exception):
+    """The cluster's job API did not answer (or answered with an error): try again later."""
 
 
 class RayExecutor:
@@ -150,8 +161,14 @@ class RayExecutor:
             address = f"http://{address}"
         self.address = address
         self.stop_grace_seconds = stop_grace_seconds
+
+        class Client(JobSubmissionClient):  # type: ignore[misc]
+            def _do_request(self, *args: Any, **kwargs: Any) -> Any:  # every request with a timeout
+                kwargs.setdefault("timeout", REQUEST_SECONDS)
+                return super()._do_request(*args, **kwargs)
+
         try:
-            self.client = JobSubmissionClient(address)
+            self.client = Client(address)
         except Exception as exc:  # ConnectionError, or Ray's RuntimeError with the cluster's answer
             raise TuneryError(
                 f"--ray-address {address}: cannot reach the Ray cluster's job API ({_short(exc)}); start the "
@@ -191,11 +208,16 @@ class RayExecutor:
         return RayRunner(self, submission_id, log_path)
 
     def attach(self, submission_id: str, log_path: Path) -> RayRunner | None:
-        """The Ray job of that name, if the cluster has it."""
+        """The Ray job of that name, if the cluster has it; ClusterUnavailable when the cluster cannot say
+        (it is away, or answered with an error): only a clear "no such job" is None."""
         try:
             self.client.get_job_info(submission_id)
-        except RuntimeError:  # "Job ... does not exist" (the API answers 404)
-            return None
+        except RuntimeError as exc:  # Ray's client: "Request failed with status code N: ..."
+            if "status code 404" in str(exc) or "does not exist" in str(exc):
+                return None
+            raise ClusterUnavailable(_short(exc)) from None
+        except Exception as exc:  # requests' ConnectionError, Timeout
+            raise ClusterUnavailable(_short(exc)) from None
         runner = RayRunner(self, submission_id, log_path)
         runner.copied = _size(log_path.with_suffix(f".{submission_id}.offset"))
         return runner
@@ -255,8 +277,14 @@ class RayRunner:
         self._refresh()
         return self.status != _WAITING
 
+    def unplaced(self) -> str | None:
+        """Why the cluster never started it (no node had the resources it asks for), if so."""
+        if self.status == "FAILED" and self.exit_code is None and self.error_type in UNPLACED:
+            return _short(self.message) or "no node of the cluster had the resources it asks for"
+        return None
+
     def lost(self) -> str | None:
-        if self.status == "FAILED" and self.exit_code is None:
+        if self.status == "FAILED" and self.exit_code is None and self.error_type not in UNPLACED:
             return f"was lost on the Ray cluster ({_short(self.message) or self.error_type or 'no reason given'})"
         return None
 
@@ -266,9 +294,11 @@ class RayRunner:
         add."""
         if self._stop_sent:
             return
-        self._stop_sent = True
-        with contextlib.suppress(Exception):
+        try:
             self.executor.client.stop_job(self.submission_id)
+        except Exception:  # the cluster is away: the scheduler asks again at the forced stop
+            return
+        self._stop_sent = True
 
     def wait(self, timeout: float | None) -> int | None:
         deadline = None if timeout is None else time.monotonic() + timeout

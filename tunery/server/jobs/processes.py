@@ -115,14 +115,17 @@ def ray_job_name(job_id: str, attempt: int) -> str:
 
 
 def job_resources(settings: Settings, job: Job) -> Resources:
-    """What the job asks of a node: its own `resources` field, else the operator's defaults, else the
-    method's (executors.DEFAULT_MEMORY_GB)."""
+    """What the job asks of a node: the operator's defaults (or the method's memory,
+    executors.DEFAULT_MEMORY_GB), raised where the job's own `resources` field asks for more. Never less:
+    a job that under-reserved would crowd other jobs on its node."""
     given = job.resources or {}
-    memory = given.get("memory_gb", settings.job_memory_gb)
+    memory = settings.job_memory_gb
+    if memory is None:
+        memory = DEFAULT_MEMORY_GB.get(job.method["type"], 2.0)
     return Resources(
-        cpus=float(given.get("cpus", settings.job_cpus)),
-        gpus=float(given.get("gpus", settings.job_gpus)),
-        memory_gb=DEFAULT_MEMORY_GB.get(job.method["type"], 2.0) if memory is None else float(memory) or None,
+        cpus=max(float(given.get("cpus", 0)), settings.job_cpus),
+        gpus=max(float(given.get("gpus", 0)), settings.job_gpus),
+        memory_gb=max(float(given.get("memory_gb", 0)), memory) or None,
     )
 
 

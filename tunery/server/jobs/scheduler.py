@@ -100,6 +100,7 @@ class Scheduler:
         """Stop scheduling: local training processes checkpoint and stop (SIGTERM, then SIGKILL after the
         grace period) and stay `running` to resume on the next start; Ray jobs run on, to be followed again
         by whoever schedules next; file checks are killed and rerun."""
+        self.leading = False  # first: the last tick below records, it starts nothing
         detached = []
         for key, proc in self.procs.items():
             if proc.kind == "train" and self.ray is not None:
@@ -120,7 +121,6 @@ class Scheduler:
         for proc in self.procs.values():
             proc.log.close()
         self.procs.clear()
-        self.leading = False
 
     def _lead(self) -> bool:
         """Whether this process schedules: it takes the lease when it is free, renews it while it holds it
@@ -129,17 +129,30 @@ class Scheduler:
         term = self.settings.scheduler_lease_seconds
         if self.leading and self.lease.held(margin=term / 2) and time.monotonic() - self._renewed < term / 3:
             return True
+        with self.lock:
+            if self.leading and not self.lease.held():
+                # stalled past its term: another process may have scheduled meanwhile, so this one lets go
+                # and, if it takes the lease again, recovers as a newcomer
+                log.warning("the scheduler lease ran out while this tunery serve was stalled; letting go")
+                self._let_go()
         held = self.lease.hold()
         self._renewed = time.monotonic()
         with self.lock:
             if held and not self.leading:
+                try:
+                    self.recover()
+                except Exception:  # e.g. the Ray cluster did not answer: recover at the next look
+                    log.exception("recovering the jobs failed; trying again")
+                    for proc in self.procs.values():
+                        proc.log.close()
+                    self.procs.clear()
+                    return False
                 self.leading = True
                 log.info("scheduling jobs (holding the database's scheduler lease)")
-                self.recover()
             elif not held and self.leading:
                 log.warning("another tunery serve holds the scheduler lease now; this one stops scheduling")
                 self._let_go()
-        return held
+        return held and self.leading
 
     def wake(self) -> None:
         self._wake.set()
@@ -231,7 +244,9 @@ class Scheduler:
             elif proc.kill_at is not None and time.monotonic() >= proc.kill_at:
                 send(proc, signal.SIGKILL)
                 proc.kill_at = None
-        if self._stopping.is_set():
+            elif proc.stop_reason is not None and proc.runner.ray_job is not None:
+                proc.runner.stop(force=False)  # again, if the cluster did not take it the first time
+        if self._stopping.is_set() or not self.leading:
             return
         self._start_validations()
         self._start_training()
@@ -522,11 +537,25 @@ class Scheduler:
                 add_event(session, job.id, f"Job paused; it will resume from {at}")
             elif proc.stop_reason == "shutdown":
                 pass  # stays `running`: recover() queues it again on the next start
+            elif proc.stop_reason == "turn" and job.status == "paused":  # paused meanwhile, elsewhere
+                add_event(session, job.id, f"Job paused; it will resume from {resume_point(run_dir)}")
             elif proc.stop_reason == "turn":  # its project's turn comes again after the others' (_take_turns)
                 job.status, job.estimated_finish = "queued", None  # first of its project's jobs, as before
                 add_event(session, job.id, f"Job queued again; it will continue from {resume_point(run_dir)}")
             else:
                 message = tail_error(directory / "train.log", code, proc.log_offset)
+                unplaced = proc.runner.unplaced()
+                if unplaced is not None:
+                    asked = job_resources(self.settings, job).describe()
+                    fail(
+                        session,
+                        self.settings,
+                        job,
+                        "resources_unavailable",
+                        f"No node of the Ray cluster could run the job, which asks for {asked}: {unplaced}",
+                    )
+                    self.wake()
+                    return
                 cause = proc.runner.lost() or death_cause(code) or stop_cause(message)
                 if cause is not None:
                     retry_or_fail(session, self.settings, job, cause)

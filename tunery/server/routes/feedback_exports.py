@@ -17,7 +17,7 @@ from tunery.server.errors import bad_request
 from tunery.server.feedback import current_model, write_file
 from tunery.server.feedback_report import EXPORT_RULE, Export, export_lines, quality_report
 from tunery.server.feedback_store import FeedbackItem, FeedbackLabel, FeedbackQueue
-from tunery.server.jobs import MIN_TRAINING_EXAMPLES, create_job, starting_point
+from tunery.server.jobs import MIN_TRAINING_EXAMPLES, check_queue_quota, create_job, starting_point
 from tunery.server.routes.feedback import Body, audit, get_queue, names_of
 from tunery.server.schemas import Bounds, DpoHyperparameters, file_object, job_object
 
@@ -156,6 +156,7 @@ def train_on(
     (jobs.create_job, the same checks as OpenAI's job creation); the export object, with its job. The
     caller holds the scheduler's lock."""
     starting_point(session, state.settings, caller, model)  # a bad model fails before the file is written
+    check_queue_quota(session, state.settings, caller.project_id)  # ... and so does a full queue
     row = write_file(session, state, caller.project_id, filename, found.lines)
     session.flush()
     hyperparameters = DpoHyperparameters().model_dump()

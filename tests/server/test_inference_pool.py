@@ -103,7 +103,11 @@ def test_an_inference_replica_refuses_a_connection_without_its_token(tmp_path: P
         address = json.loads(announce.read_text())
         with socket.create_connection((address["host"], address["port"]), timeout=30) as wrong:
             wrong.sendall(b"not-the-token\n" + json.dumps({"id": 1, "op": "chat"}).encode() + b"\n")
-            assert wrong.recv(100) == b""  # closed, nothing said
+            try:
+                said = wrong.recv(100)
+            except ConnectionResetError:  # closed with the rest of what was sent unread
+                said = b""
+            assert said == b""  # closed, nothing said
         with socket.create_connection((address["host"], address["port"]), timeout=120) as right:
             right.sendall(b"s3cret-token\n")
             ready = right.makefile("r").readline()

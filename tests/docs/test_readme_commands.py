@@ -33,6 +33,8 @@ The contract the documentation is written to, as this test implements it:
   README's own `make demo` block may be marked not run), and again wherever a block that is run says
   `make demo`. Any other `make` line (test, test-slow, fuzz, lint, bench, ...) is not run and is listed
   as such in the report: a block may mix `make demo` with `make test`.
+- Ray. A `ray start` line's daemons (the cluster it starts) outlive it, unlike anything else a command
+  starts in the background; the harness runs `ray stop --force` at the end of the file.
 - The service. A `tunery serve` line starts in the background in its own process group, with
   `--port <a free port>` and `--train-set max_steps=2 --train-set safety_evals=none` (jobs it trains get
   the same speed-ups) appended; it must answer GET /v1/models with 401 or 200 within 90 s. Later commands
@@ -186,6 +188,7 @@ class DocRun:
         self.rewriter = Rewriter(cli_spec(build_parser()), workdir=self.work)
         self.results: dict[str, FileResult] = {}
         self.servers: list[Server] = []
+        self.ray_started = False  # a `ray start` ran in this file: `ray stop --force` at its end
         self.report: list[str] = []
 
     # one file, all its blocks in order
@@ -221,6 +224,9 @@ class DocRun:
                 result.outcomes.append(self._stop(server))
             self.servers.clear()
             self.rewriter.ports.clear()
+            if self.ray_started:  # whatever the file's own `ray stop` did
+                self._process([str(VENV / "bin" / "ray"), "stop", "--force"], "", COMMAND_TIMEOUT)
+                self.ray_started = False
         result.seconds = time.monotonic() - started
         return result
 
@@ -249,8 +255,10 @@ class DocRun:
         return outcomes
 
     def _execute(self, outcome: Outcome, plan: Plan, expect_failure: bool) -> Outcome:
+        daemons = plan.text.lstrip().startswith("ray start")  # the Ray cluster must outlive the command
+        self.ray_started = self.ray_started or daemons
         code, stdout, stderr, outcome.seconds = self._process(
-            ["bash", "-o", "pipefail", "-c", plan.text], plan.stdin, COMMAND_TIMEOUT
+            ["bash", "-o", "pipefail", "-c", plan.text], plan.stdin, COMMAND_TIMEOUT, keep_daemons=daemons
         )
         outcome.stderr = stderr or stdout
         if code is None:
@@ -283,9 +291,12 @@ class DocRun:
             outcome.status, outcome.why = "FAILED", f"exit {code} (expected 0, no traceback)"
         return outcome
 
-    def _process(self, argv: list[str], stdin: str, timeout: float) -> tuple[int | None, str, str, float]:
+    def _process(
+        self, argv: list[str], stdin: str, timeout: float, keep_daemons: bool = False
+    ) -> tuple[int | None, str, str, float]:
         """(exit status or None on a timeout, stdout, stderr, seconds). The command gets a process group of
-        its own, so nothing it started in the background outlives it."""
+        its own, so nothing it started in the background outlives it (unless `keep_daemons`, for `ray
+        start`, once it has exited)."""
         started = time.monotonic()
         proc = subprocess.Popen(
             argv,
@@ -305,8 +316,9 @@ class DocRun:
             code = None
             os.killpg(proc.pid, signal.SIGKILL)
             stdout, stderr = proc.communicate()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        if code is None or not keep_daemons:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
         return code, stdout, stderr, time.monotonic() - started
 
     # the service

@@ -6,12 +6,16 @@ whole process tree at once (the job it runs with it), as a machine that dies tak
     cluster = RayCluster.start(tmp, workers=2)
     cluster.address            # the job API, http://127.0.0.1:PORT (`tunery serve --ray-address`)
     cluster.kill_worker(0)
+    cluster.jobs("ftjob-...")   # the cluster's Ray jobs whose names start so: name -> status
     cluster.stop()
+
+`cluster_fixture(env)` makes a module's pytest fixture of one (skipped without ray[default]).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -20,9 +24,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
+import pytest
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -157,6 +164,15 @@ class RayCluster:
                     return index
         return None
 
+    def jobs(self, prefix: str) -> dict[str, str]:
+        """The cluster's Ray jobs whose names start with `prefix`: submission id -> status."""
+        from ray.job_submission import JobSubmissionClient
+
+        found = JobSubmissionClient(self.address).list_jobs()
+        return {
+            j.submission_id: str(j.status.value) for j in found if (j.submission_id or "").startswith(prefix)
+        }
+
     def stop(self) -> None:
         for node in [*self.workers, self.head]:
             if node is not None and node.poll() is None:
@@ -174,3 +190,36 @@ def _kill_tree(pid: int) -> None:
     for proc in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.send_signal(signal.SIGKILL)
+
+
+SKIP = pytest.mark.skipif(
+    importlib.util.find_spec("aiohttp") is None or importlib.util.find_spec("ray") is None,
+    reason="Ray's job API needs ray[default]: pip install -e '.[cluster]'",
+)
+
+
+def cluster_fixture(env: dict[str, str]) -> Callable[..., Any]:
+    """A module-scoped fixture: a head and two worker nodes, whose environment (`env`) the jobs get."""
+
+    @pytest.fixture(scope="module")
+    def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+        ray = RayCluster.start(tmp_path_factory.mktemp("ray"), workers=2, env=env)
+        try:
+            yield ray
+        finally:
+            ray.stop()
+
+    return cluster
+
+
+def most_running(statuses: Callable[[], list[str]], timeout: float) -> tuple[list[str], int]:
+    """Poll `statuses()` (the jobs' statuses) until every job has ended: (the last statuses, the most
+    that were `running` at one look)."""
+    most, deadline = 0, time.monotonic() + timeout
+    while True:
+        now = statuses()
+        most = max(most, now.count("running"))
+        if all(s in ("succeeded", "failed", "cancelled") for s in now):
+            return now, most
+        assert time.monotonic() < deadline, now
+        time.sleep(0.1)

@@ -11,7 +11,6 @@ Several processes and a minute or more each: `-m system` (make test-system, CI).
 
 from __future__ import annotations
 
-import importlib.util
 import signal
 import time
 from collections.abc import Iterator
@@ -23,14 +22,12 @@ import psutil
 import pytest
 
 from tests.server.conftest import chat_lines, jsonl
+from tests.server.raycluster import SKIP, cluster_fixture, most_running
 from tests.server.test_openai_client import new_key, start_server, stop_server, wait_for
 
 pytestmark = [
     pytest.mark.system,
-    pytest.mark.skipif(
-        importlib.util.find_spec("aiohttp") is None or importlib.util.find_spec("ray") is None,
-        reason="Ray's job API needs ray[default]: pip install -e '.[cluster]'",
-    ),
+    SKIP,
 ]
 
 # 40 examples, batch 1, 25 epochs: 1000 steps (tens of seconds), a checkpoint every 200
@@ -40,15 +37,7 @@ MEDIUM = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2
 DONE = ("succeeded", "failed", "cancelled")
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from tests.server.raycluster import RayCluster
-
-    ray = RayCluster.start(tmp_path_factory.mktemp("ray"), workers=2, env={"OMP_NUM_THREADS": "1"})
-    try:
-        yield ray
-    finally:
-        ray.stop()
+cluster = cluster_fixture({"OMP_NUM_THREADS": "1"})
 
 
 def ray_flags(cluster: Any) -> tuple[str, ...]:
@@ -83,14 +72,6 @@ def metric_steps(client: openai.OpenAI, job_id: str) -> list[int]:
     return [int(e.data["step"]) for e in events(client, job_id) if e.type == "metrics"]
 
 
-def ray_jobs(cluster: Any, job_id: str) -> dict[str, str]:
-    """The cluster's Ray jobs of a Tunery job: submission id -> status."""
-    from ray.job_submission import JobSubmissionClient
-
-    found = JobSubmissionClient(cluster.address).list_jobs()
-    return {j.submission_id: str(j.status.value) for j in found if (j.submission_id or "").startswith(job_id)}
-
-
 def training_pid(job_id: str) -> int | None:
     """The process running the job's `tunery train` (wherever Ray put it: here, on this machine)."""
     for proc in psutil.process_iter(["pid", "cmdline"]):
@@ -107,19 +88,11 @@ def test_three_jobs_run_two_at_a_time(served: tuple[openai.OpenAI, Path], cluste
         client.fine_tuning.jobs.create(model="tiny-random", training_file=file_id, method=MEDIUM)
         for _ in range(3)
     ]
-    most = 0
-    deadline = time.monotonic() + 300
-    while True:
-        statuses = [client.fine_tuning.jobs.retrieve(j.id).status for j in jobs]
-        most = max(most, statuses.count("running"))
-        if all(s in DONE for s in statuses):
-            break
-        assert time.monotonic() < deadline, statuses
-        time.sleep(0.3)
+    statuses, most = most_running(lambda: [client.fine_tuning.jobs.retrieve(j.id).status for j in jobs], 300)
     assert statuses == ["succeeded"] * 3
     assert most == 2  # two nodes of one CPU, a job asks for one: never three at once, and two did run
     for job in jobs:
-        assert ray_jobs(cluster, job.id) == {f"{job.id}-1": "SUCCEEDED"}
+        assert cluster.jobs(job.id) == {f"{job.id}-1": "SUCCEEDED"}
         said = messages(client, job.id)
         assert any(
             m.startswith(f"Submitted to the Ray cluster as Ray job {job.id}-1, asking for 1 CPU")
@@ -145,10 +118,10 @@ def test_cancel_and_pause_then_resume(served: tuple[openai.OpenAI, Path], cluste
     )
     assert client.fine_tuning.jobs.retrieve(cancelled.id).status == "cancelled"
     deadline = time.monotonic() + 60
-    while set(ray_jobs(cluster, cancelled.id).values()) != {"STOPPED"} or set(
-        ray_jobs(cluster, paused.id).values()
+    while set(cluster.jobs(cancelled.id).values()) != {"STOPPED"} or set(
+        cluster.jobs(paused.id).values()
     ) != {"STOPPED"}:
-        assert time.monotonic() < deadline, (ray_jobs(cluster, cancelled.id), ray_jobs(cluster, paused.id))
+        assert time.monotonic() < deadline, (cluster.jobs(cancelled.id), cluster.jobs(paused.id))
         time.sleep(0.5)
     assert training_pid(paused.id) is None and training_pid(cancelled.id) is None
     stopped_at = max(metric_steps(client, paused.id))
@@ -159,7 +132,7 @@ def test_cancel_and_pause_then_resume(served: tuple[openai.OpenAI, Path], cluste
     client.fine_tuning.jobs.resume(paused.id)
     done = wait_for(client, paused.id, lambda j: j.status in DONE, timeout=300)
     assert done.status == "succeeded", done.error
-    assert ray_jobs(cluster, paused.id) == {f"{paused.id}-1": "STOPPED", f"{paused.id}-2": "SUCCEEDED"}
+    assert cluster.jobs(paused.id) == {f"{paused.id}-1": "STOPPED", f"{paused.id}-2": "SUCCEEDED"}
     assert f"Fine-tuning job resumed from step {checkpoint}" in messages(client, paused.id)
     steps = metric_steps(client, paused.id)
     assert steps == sorted(set(steps)) and steps[-1] == LONG_STEPS
@@ -195,7 +168,7 @@ def test_a_worker_node_killed_mid_job_resumes_elsewhere(
             and "(retry 1 of 2)" in lost[0]
         )
         assert any(m.startswith("Fine-tuning job resumed from step") for m in said)
-        runs = ray_jobs(cluster, job.id)
+        runs = cluster.jobs(job.id)
         assert runs[f"{job.id}-1"] == "FAILED" and runs[f"{job.id}-2"] == "SUCCEEDED" and len(runs) == 2
     finally:
         cluster.add_worker()
@@ -220,7 +193,7 @@ def test_the_api_killed_and_restarted_follows_the_same_ray_job(cluster: Any, tmp
         client = openai.OpenAI(base_url=url, api_key=key, max_retries=0)
         done = wait_for(client, job.id, lambda j: j.status in DONE, timeout=300)
         assert done.status == "succeeded", done.error
-        assert ray_jobs(cluster, job.id) == {f"{job.id}-1": "SUCCEEDED"}  # one Ray job, followed again
+        assert cluster.jobs(job.id) == {f"{job.id}-1": "SUCCEEDED"}  # one Ray job, followed again
         said = messages(client, job.id)
         assert f"The service restarted; it follows Ray job {job.id}-1 again" in said
         steps = metric_steps(client, job.id)
@@ -263,14 +236,7 @@ def test_chat_from_an_inference_replica_on_the_cluster(cluster: Any, tmp_path: P
             "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
             == answers[done.fine_tuned_model]
         )
-        from ray.job_submission import JobSubmissionClient
-
-        replicas = [
-            j
-            for j in JobSubmissionClient(cluster.address).list_jobs()
-            if (j.submission_id or "").startswith("tunery-inference-")
-        ]
-        assert [str(j.status.value) for j in replicas] == ["RUNNING"]
+        assert list(cluster.jobs("tunery-inference-").values()) == ["RUNNING"]
         workers = [
             p
             for p in psutil.process_iter(["cmdline"])
@@ -278,23 +244,12 @@ def test_chat_from_an_inference_replica_on_the_cluster(cluster: Any, tmp_path: P
         ]
         assert len(workers) == 1 and "--listen" in workers[0].info["cmdline"]  # none beside the API
         assert cluster.worker_of(workers[0].pid) is not None  # on a worker node
-        # the replica takes one connection, the API's: another gets nothing
-
+        # the replica takes one connection, the API's, and listens no more
         listening = [c for c in workers[0].net_connections(kind="tcp") if c.status == "LISTEN"]
         assert listening == []  # it stopped listening once the API connected
     finally:
         stop_server(proc)
     deadline = time.monotonic() + 60
-    while any(str(j.status.value) == "RUNNING" for j in replicas_of(cluster)):
+    while "RUNNING" in cluster.jobs("tunery-inference-").values():
         assert time.monotonic() < deadline, "the inference replica outlived the API"
         time.sleep(0.5)
-
-
-def replicas_of(cluster: Any) -> list[Any]:
-    from ray.job_submission import JobSubmissionClient
-
-    return [
-        j
-        for j in JobSubmissionClient(cluster.address).list_jobs()
-        if (j.submission_id or "").startswith("tunery-inference-")
-    ]

@@ -6,45 +6,25 @@ the API killed, inference replicas."""
 
 from __future__ import annotations
 
-import importlib.util
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
 
 from tests.server.conftest import TERMINAL, Api, fake_settings
+from tests.server.raycluster import SKIP, cluster_fixture, most_running
 from tunery.server.app import create_app
 from tunery.server.auth import create_key
 from tunery.server.store import Store
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("aiohttp") is None or importlib.util.find_spec("ray") is None,
-    reason="Ray's job API needs ray[default]: pip install -e '.[cluster]'",
-)
+pytestmark = SKIP
 
 STEPS = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 6, "batch_size": 5}}}  # 12
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from tests.server.raycluster import RayCluster
-
-    # the fake CLI's steps take 0.3 s on the cluster's nodes (their environment is the jobs')
-    ray = RayCluster.start(tmp_path_factory.mktemp("ray"), workers=2, env={"FAKE_STEP_SECONDS": "0.3"})
-    try:
-        yield ray
-    finally:
-        ray.stop()
-
-
-def ray_jobs(cluster: Any, job_id: str) -> dict[str, str]:
-    from ray.job_submission import JobSubmissionClient
-
-    found = JobSubmissionClient(cluster.address).list_jobs()
-    return {j.submission_id: str(j.status.value) for j in found if (j.submission_id or "").startswith(job_id)}
+# the fake CLI's steps take 0.3 s on the cluster's nodes (their environment is the jobs')
+cluster = cluster_fixture({"FAKE_STEP_SECONDS": "0.3"})
 
 
 def test_jobs_run_on_the_cluster_two_at_a_time(cluster: Any, tmp_path: Path) -> None:
@@ -55,18 +35,13 @@ def test_jobs_run_on_the_cluster_two_at_a_time(cluster: Any, tmp_path: Path) -> 
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         api = Api(client, key)
         jobs = [api.create_job(method=STEPS)["id"] for _ in range(3)]
-        most, deadline = 0, time.monotonic() + 180
-        while True:
-            statuses = [api.get(f"/fine_tuning/jobs/{j}").json()["status"] for j in jobs]
-            most = max(most, statuses.count("running"))
-            if all(s in TERMINAL for s in statuses):
-                break
-            assert time.monotonic() < deadline, statuses
-            time.sleep(0.1)
+        statuses, most = most_running(
+            lambda: [api.get(f"/fine_tuning/jobs/{j}").json()["status"] for j in jobs], 180
+        )
         assert statuses == ["succeeded"] * 3
         assert most == 2  # two nodes with one CPU each, a job asks for one
         for job_id in jobs:
-            assert ray_jobs(cluster, job_id) == {f"{job_id}-1": "SUCCEEDED"}
+            assert cluster.jobs(job_id) == {f"{job_id}-1": "SUCCEEDED"}
             said = [e["message"] for e in api.events(job_id)]
             assert (
                 f"Submitted to the Ray cluster as Ray job {job_id}-1, asking for 1 CPU, 2 GB memory; it starts when a node has room"
@@ -90,8 +65,8 @@ def test_jobs_run_on_the_cluster_two_at_a_time(cluster: Any, tmp_path: Path) -> 
         )
         assert api.post(f"/fine_tuning/jobs/{cancelled}/cancel").json()["status"] == "cancelled"
         deadline = time.monotonic() + 60
-        while ray_jobs(cluster, cancelled) != {f"{cancelled}-1": "STOPPED"}:
-            assert time.monotonic() < deadline, ray_jobs(cluster, cancelled)
+        while cluster.jobs(cancelled) != {f"{cancelled}-1": "STOPPED"}:
+            assert time.monotonic() < deadline, cluster.jobs(cancelled)
             time.sleep(0.2)
         assert not (settings.jobs_dir / cancelled / "run" / "summary.json").exists()
 
@@ -123,7 +98,7 @@ def test_pause_resume_and_a_node_killed_mid_job(cluster: Any, tmp_path: Path) ->
             timeout=60,
         )
         paused_at = int(next(m for m in said() if m.startswith("Job paused")).rsplit(" ", 1)[-1])
-        assert ray_jobs(cluster, job_id) == {f"{job_id}-1": "STOPPED"}
+        assert cluster.jobs(job_id) == {f"{job_id}-1": "STOPPED"}
         assert api.post(f"/fine_tuning/jobs/{job_id}/resume").json()["status"] == "queued"
         api.wait(job_id, lambda _: f"Fine-tuning job resumed from step {paused_at}" in said(), timeout=60)
         api.wait(
@@ -148,7 +123,7 @@ def test_pause_resume_and_a_node_killed_mid_job(cluster: Any, tmp_path: Path) ->
             assert done["status"] == "succeeded", done
             lost = [m for m in said() if "was lost on the Ray cluster" in m]
             assert len(lost) == 1 and "(retry 1 of 2)" in lost[0], said()
-            runs = ray_jobs(cluster, job_id)
+            runs = cluster.jobs(job_id)
             assert runs == {f"{job_id}-1": "STOPPED", f"{job_id}-2": "FAILED", f"{job_id}-3": "SUCCEEDED"}
             assert steps()[-1] == 80 and sorted(set(steps())) == list(range(1, 81))
         finally:

@@ -183,13 +183,16 @@ def test_a_projects_waiting_jobs_are_capped_with_a_429(tmp_path: Path, database:
             "(2); wait for one to start, or cancel one."
         )
         assert globex.create_job(method=SHORT)["status"] == "validating_files"  # another project's queue
-        # a paused job does not wait; resuming it would, and is refused the same way
+        # a paused job does not wait; resuming it would, and is refused the same way. Its slot goes to the
+        # first waiting job, and a new one fills the queue again
         acme.post(f"/fine_tuning/jobs/{first}/pause")
         acme.wait(first, lambda _: any(e["message"].startswith("Job paused") for e in acme.events(first)))
+        acme.wait(waiting[0], lambda j: j["status"] == "running")
+        waiting.append(acme.create_job(method=LONG)["id"])
         assert acme.post(f"/fine_tuning/jobs/{first}/resume").status_code == 429
-        acme.post(f"/fine_tuning/jobs/{waiting[0]}/cancel")
+        acme.post(f"/fine_tuning/jobs/{waiting[1]}/cancel")
         assert acme.post(f"/fine_tuning/jobs/{first}/resume").status_code == 200
-        for job_id in [first, waiting[1]]:
+        for job_id in [first, *waiting]:
             acme.post(f"/fine_tuning/jobs/{job_id}/cancel")
 
 

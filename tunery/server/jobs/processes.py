@@ -102,7 +102,8 @@ def attach_training(settings: Settings, job: Job, ray: RayExecutor) -> Proc | No
     cluster has no such Ray job)."""
     directory = job_dir(settings, job.id)
     log_path = directory / "train.log"
-    runner = ray.attach(job.ray_job or ray_job_name(job.id, job.attempts), log_path)
+    assert job.ray_job is not None  # recover() follows only jobs whose row names their Ray job
+    runner = ray.attach(job.ray_job, log_path)
     if runner is None:
         return None
     log_file = log_path.open("ab")

@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.tunery-installed
 BENCH_STAMP := $(VENV)/.tunery-bench-installed
 
-.PHONY: install demo test test-system test-slow test-docs fuzz lint bench clean chromium sandbox
+.PHONY: install demo test test-system test-slow test-docs fuzz lint bench clean chromium sandbox llama-cpp golang
 
 install: $(STAMP)
 
@@ -56,7 +56,28 @@ sandbox:
 		echo "note: apt-get could not install bubblewrap: python graders will be refused"; \
 	else echo "note: no bubblewrap, so python graders are refused (apt-get install bubblewrap)"; fi
 
-test: $(STAMP) chromium sandbox
+# llama.cpp itself, for `tunery export --gguf --quant q4_k_m` (its k-quants) and for running the tests that load
+# an exported file in llama.cpp (they skip without it). The llama-cpp-python package builds llama.cpp from
+# source with this machine's cmake and C++ compiler: ~6 minutes on 2 cores, once (pip keeps the wheel).
+LLAMA_CPP := llama-cpp-python==0.3.36
+LLAMA_STAMP := $(VENV)/.tunery-llama-cpp-installed
+llama-cpp: $(LLAMA_STAMP)
+$(LLAMA_STAMP): $(STAMP)
+	@command -v c++ >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q g++; } || \
+		{ echo "llama-cpp: a C++ compiler is needed (apt-get install g++)"; exit 1; }
+	$(PIP) install $(LLAMA_CPP)
+	@touch $@
+
+# Go's text/template renders the Ollama Modelfile's TEMPLATE in a test, as Ollama would (it skips without Go).
+golang:
+	@command -v go >/dev/null 2>&1 || { \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q golang-go; } || \
+		echo "note: apt-get could not install golang-go, so the Modelfile template test will skip"; \
+	else echo "note: no Go, so the Modelfile template test will skip (apt-get install golang-go)"; fi; }
+
+test: $(STAMP) chromium sandbox golang
 	$(PY) -m pytest
 
 # Several processes end to end: torchrun (DDP, two nodes, --shard) and Flower federations (CI runs it).

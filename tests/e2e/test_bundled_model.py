@@ -71,3 +71,21 @@ def test_short_sft_run_on_the_bundled_model(tmp_path: Path) -> None:
     steps = [r for r in read_metrics(out) if "train_loss" in r]
     assert steps[-1]["train_loss"] < steps[0]["train_loss"]
     assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_gguf_round_trip_of_a_fine_tuned_bundled_model(tmp_path: Path) -> None:
+    """A LoRA-tuned bundled model exported at f16 and q8_0 reads back (transformers; llama.cpp when installed)
+    with the same tokens and, at f16, the same next token everywhere."""
+    from tests.conftest import nudged_lora
+    from tunery.models.gguf_export import compare_logits, export_gguf
+    from tunery.models.ollama import modelfile
+
+    model, tokenizer = load_model(BUNDLED)
+    merged = nudged_lora(model).merge_and_unload().eval()  # weights off the bundled file's Q4_1 grid
+    for quant, top1, mean in (("f16", 0.99, 0.05), ("q8_0", 0.9, 0.5)):
+        path = tmp_path / f"smol-{quant}.gguf"
+        export_gguf(merged, tokenizer, path, quant, "smollm2-135m-tuned")
+        for agreement in compare_logits(path, merged, tokenizer).readers:
+            assert agreement.same_tokens is not False, agreement.line()
+            assert agreement.top1 >= top1 and agreement.mean_abs < mean, (quant, agreement.line())
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile("smol-f16.gguf", tokenizer)

@@ -279,32 +279,108 @@ def score_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import shutil
+    """A merged Hugging Face directory (--merge --out DIR) or one GGUF file for llama.cpp and Ollama (--gguf)."""
+    if not args.merge and not args.gguf:
+        raise TuneryError("export needs --gguf FILE (llama.cpp, Ollama) or --merge --out DIR (Hugging Face)")
+    if args.merge and not args.out:
+        raise TuneryError("--merge needs --out DIR, the directory to write the merged model to")
+    if args.gguf:
+        from tunery.models.gguf_export import check_quant
 
-    if not args.merge:
-        raise TuneryError("export needs --merge (write a merged Hugging Face model directory)")
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise TuneryError(f"{out} is not empty; choose a new --out directory")
-    check_model_and_adapters(args.model, args.adapter)
+        check_quant(args.quant)
+        if not args.gguf.endswith(".gguf"):
+            raise TuneryError(f"--gguf {args.gguf}: name the file with a .gguf ending")
+    elif args.ollama or args.quant != "f16":
+        raise TuneryError("--quant and --ollama go with --gguf FILE")
+    if args.out:
+        out = Path(args.out)
+        if out.exists() and any(out.iterdir()):
+            raise TuneryError(f"{out} is not empty; choose a new --out directory")
+    model_name = args.model or _adapter_base_model(args.adapter)
+    if not model_name and not args.adapter:
+        raise TuneryError("export needs --adapter RUN (a LoRA run) or --model (a model or full fine-tune run)")
+    model_name = model_name or "smollm2-135m-instruct"
+    check_model_and_adapters(model_name, args.adapter)
     from tunery.models.load import load_model
     from tunery.models.lora import load_adapter
 
-    model, tokenizer = load_model(args.model)
-    merged = load_adapter(model, args.adapter).merge_and_unload()
+    model, tokenizer = load_model(model_name)
+    if args.adapter:
+        model = load_adapter(model, args.adapter).merge_and_unload()
+    model.eval()
+    if args.merge:
+        _save_merged(model, tokenizer, Path(args.out))
+    if args.gguf:
+        _export_gguf(model, tokenizer, args, Path(args.adapter or model_name).name)
+    return 0
+
+
+def _adapter_base_model(adapter: str | None) -> str | None:
+    """The base model a LoRA run was trained on, from its config.yaml (a run's adapter or checkpoint)."""
+    from tunery.run.files import read_config
+
+    if not adapter:
+        return None
+    for where in (Path(adapter), Path(adapter).parent, Path(adapter).parent.parent):
+        saved = read_config(where)
+        if saved and saved.model:
+            return saved.model
+    return None
+
+
+def _save_merged(model: Any, tokenizer: Any, out: Path) -> None:
+    import shutil
+
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
+    model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if out.exists():
         out.rmdir()
     tmp.rename(out)
     print(f"wrote merged model to {out} (load it with --model {out})")
-    return 0
+
+
+def _export_gguf(model: Any, tokenizer: Any, args: argparse.Namespace, name: str) -> None:
+    from tunery.models.gguf_export import compare_logits, export_gguf
+    from tunery.training.io import atomic_write_text
+
+    out = Path(args.gguf)
+    report = export_gguf(model, tokenizer, out, args.quant, name)
+    size = report.bytes / 1e6
+    print(f"wrote {out} ({report.arch}, {args.quant}, {size:.1f} MB, {report.tensors} tensors, {report.seconds:.1f} s)")
+    for warning in report.warnings:
+        print(f"  warning: {warning}")
+    if report.at_f16:
+        print(f"  {len(report.at_f16)} matrices at f16: their rows do not split into {args.quant} blocks")
+    if args.ollama:
+        from tunery.models.ollama import modelfile
+
+        path = out.with_name("Modelfile")
+        atomic_write_text(path, modelfile(out.name, tokenizer))
+        print(f"wrote {path}: `ollama create NAME -f {path}`, then `ollama run NAME`")
+    if args.check:
+        for line in compare_logits(out, model, tokenizer).lines():
+            print(f"  {line}")
 
 
 def export_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--merge", action="store_true")
-    p.add_argument("--out", required=True)
+    from tunery.models.gguf_export import QUANTS
+
+    p.add_argument("--adapter", help="a LoRA run directory (or its checkpoint) to merge into its base model")
+    p.add_argument("--model", help="the base model (default: the one the run trained) or a full fine-tune run")
+    p.add_argument("--gguf", metavar="FILE", help="write one GGUF file for llama.cpp and Ollama")
+    p.add_argument(
+        "--quant",
+        default="f16",
+        metavar="TYPE",
+        help=f"GGUF precision: {', '.join(QUANTS)} (k-quants need `make llama-cpp`)",
+    )
+    p.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile beside the GGUF file")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="read the GGUF file back (transformers, and llama.cpp if installed) and compare logits",
+    )
+    p.add_argument("--merge", action="store_true", help="write a merged Hugging Face model directory (--out)")
+    p.add_argument("--out", help="the directory for --merge")

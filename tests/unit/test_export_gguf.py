@@ -134,7 +134,7 @@ def test_export_a_lora_run_to_gguf_with_a_modelfile(
     assert main(["export", "--adapter", str(run_dir), "--gguf", str(out), "--quant", "q8_0", "--ollama", "--check"]) == 0
     printed = capsys.readouterr().out
     assert f"wrote {out} (llama, q8_0" in printed and "transformers: logits max |diff|" in printed
-    text = (out.parent / "Modelfile").read_text()
+    text = (out.parent / "support.Modelfile").read_text()
     assert text.startswith("FROM ./support.gguf\nTEMPLATE") and 'PARAMETER stop "<|im_end|>"' in text
     # the adapter was merged: the file differs from the base model's
     from tunery.models.load import load_model

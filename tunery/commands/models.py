@@ -356,7 +356,7 @@ def _export_gguf(model: Any, tokenizer: Any, args: argparse.Namespace, name: str
     if args.ollama:
         from tunery.models.ollama import modelfile
 
-        path = out.with_name("Modelfile")
+        path = out.with_suffix(".Modelfile")  # beside its file, one per export
         atomic_write_text(path, modelfile(out.name, tokenizer))
         print(f"wrote {path}: `ollama create NAME -f {path}`, then `ollama run NAME`")
     if args.check:

@@ -429,3 +429,28 @@ def test_the_final_checkpoint_is_the_step_final_holds(api: Api, monkeypatch) -> 
         "The model holds the weights of step 2, its lowest validation loss (1.2500); the job trained to step 4"
         in messages
     )
+
+
+def test_wandb_integration_reports_the_run_to_weights_and_biases(api: Api, settings) -> None:
+    """OpenAI's `integrations` field: the run gets `--report-to wandb` with the project, name, entity and
+    tags (OpenAI's own three first); a malformed integration is a 400 naming the field."""
+    integration = {"type": "wandb", "wandb": {"project": "support bot", "entity": "acme", "tags": ["v1"]}}
+    job = api.create_job(integrations=[integration])
+    assert job["integrations"] == [integration]
+    assert api.wait_status(job["id"], *TERMINAL)["status"] == "succeeded"
+    [command] = argv(settings, job["id"])
+    assert command[command.index("--report-to") + 1] == "wandb"
+    sets = [command[i + 1] for i, flag in enumerate(command) if flag == "--set"]
+    assert 'tracking_project="support bot"' in sets and 'wandb_entity="acme"' in sets
+    assert f'tracking_run_name="{job["id"]}"' in sets
+    assert f'tracking_tags="tunery/finetune,tunery/tiny-random,tunery/{job["id"]}' + ',v1"' in sets
+    events = [e["message"] for e in api.get(f"/fine_tuning/jobs/{job['id']}/events").json()["data"]]
+    assert any("Weights & Biases project support bot" in m for m in events)
+    training = job["training_file"]
+    for bad, param in (
+        ({"type": "mlflow", "mlflow": {}}, "integrations.0.type"),
+        ({"type": "wandb", "wandb": {}}, "integrations.0.wandb.project"),
+        ({"type": "wandb", "wandb": {"project": "p", "tags": ["a,b"]}}, "integrations.0.wandb.tags.0"),
+    ):
+        r = api.post("/fine_tuning/jobs", json={"model": "tiny-random", "training_file": training, "integrations": [bad]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.json())

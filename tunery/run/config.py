@@ -86,6 +86,13 @@ class RunConfig:
     track_energy: bool = True  # codecarbon's kWh and CO2e estimate, in summary.json and the card
     energy_country: str = "WORLD"  # ISO-3 code of the grid (FRA, USA, IND, ...); WORLD: world average
     cpu_power_watts: float | None = None  # the CPU's power in watts, if known, where there is no RAPL
+    # experiment trackers (run/trackers.py): copies of metrics.jsonl, which stays the source of truth
+    report_to: str = "none"  # tensorboard, mlflow, wandb (comma-separated), or none
+    tracking_project: str = "tunery"  # the MLflow experiment and W&B project
+    tracking_run_name: str | None = None  # the run's name there (default: the run directory's name)
+    tracking_tags: str = ""  # comma-separated tags for MLflow and W&B
+    mlflow_tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else mlflow.db beside the run dir
+    wandb_entity: str | None = None  # the W&B team or user (online mode only)
 
     def __post_init__(self) -> None:
         check_run_fields(self)
@@ -129,7 +136,10 @@ def check_run_fields(cfg: Any) -> None:
     from tunery.models.locate import adapter_dir  # torch-free
     from tunery.safety.card import check_card_fields
     from tunery.safety.screen import check_policies
+    from tunery.run.trackers import check_report_to
     from tunery.training.energy import check_energy_fields
+
+    check_report_to(cfg.report_to)
 
     if not cfg.data and not getattr(cfg, "clients", None) and getattr(cfg, "federation", "") != "deployment":
         raise TuneryError("no training data: pass --data FILE.jsonl")

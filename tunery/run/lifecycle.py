@@ -40,6 +40,7 @@ from tunery.models.locate import adapter_dir
 from tunery.models.lora import apply_lora, bf16_is_fast, cast_frozen, merge_adapter
 from tunery.models.quantize import load_dtype, quantize_base
 from tunery.run import files
+from tunery.run.trackers import Trackers, open_trackers
 from tunery.run.config import ChatEvalFields, HeldOutFields, Resolved, RunConfig, build_config, to_dict
 from tunery.safety.card import write_model_card
 from tunery.safety.content import stop_worker
@@ -207,6 +208,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     trainable: list[torch.nn.Parameter]
     metrics: files.MetricsLog | None  # the main process's
+    trackers: Trackers  # --report-to: TensorBoard, MLflow, W&B (the main process's; none elsewhere)
     early: EarlyStopping | None  # the methods that score a validation loss
     energy: EnergyMeter
     stop: GracefulStop
@@ -266,6 +268,21 @@ def start_run(
         if world.is_main
         else None
     )
+    trackers = (
+        open_trackers(
+            run_dir,
+            cfg.report_to,
+            record,
+            start_step if opened.resume else None,
+            project=cfg.tracking_project,
+            run_name=cfg.tracking_run_name,
+            tags=cfg.tracking_tags,
+            mlflow_tracking_uri=cfg.mlflow_tracking_uri,
+            wandb_entity=cfg.wandb_entity,
+        )
+        if world.is_main
+        else Trackers([])
+    )
     early = (
         resume_early_stopping(run_dir, cfg, opened.resume, world) if isinstance(cfg, HeldOutFields) else None
     )
@@ -281,6 +298,7 @@ def start_run(
         optimizer=optimizer,
         trainable=trainable,
         metrics=metrics,
+        trackers=trackers,
         early=early,
         energy=opened.energy,
         stop=GracefulStop(),
@@ -393,8 +411,10 @@ def evaluates_after(run: Run, step: int) -> bool:
 
 
 def log_metrics(run: Run, record: dict[str, Any]) -> None:
+    """A record to metrics.jsonl, and a copy to the trackers (--report-to)."""
     if run.metrics is not None:
         run.metrics.write(record)
+        run.trackers.log(record)
 
 
 def held_out_loss(run: Run, step: int, valid_loss: float) -> None:
@@ -508,7 +528,7 @@ def finish_run(
     if world.is_main:
         assert run.metrics is not None
         if final_metrics:
-            run.metrics.write({files.STEP: step, **final_metrics, **selection})
+            log_metrics(run, {files.STEP: step, **final_metrics, **selection})
         run.metrics.close()
         lm = lm if lm is not None else getattr(run.model, "lm", run.model)
         base_adapter = adapter_dir(cfg.adapter) if cfg.adapter and isinstance(lm, PeftModel) else None
@@ -550,6 +570,7 @@ def finish_run(
         files.write_summary(run_dir, report)
         write_model_card(run_dir)
         summary = report.to_json()
+        run.trackers.finish(summary)
     distributed.barrier(world)
     distributed.teardown(world)
     return summary

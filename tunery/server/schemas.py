@@ -130,6 +130,24 @@ class Method(BaseModel):
     reinforcement: ReinforcementMethod | None = None
 
 
+Tag = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^,\x00-\x1f]+$")]
+
+
+class WandbIntegration(BaseModel):
+    """OpenAI's Weights & Biases integration. The run reports through `--report-to wandb`, offline unless the
+    service's environment has a WANDB_API_KEY (run/trackers.py)."""
+
+    project: str = Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")
+    name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")] | None = None
+    entity: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")] | None = None
+    tags: list[Tag] | None = Field(default=None, max_length=20)
+
+
+class Integration(BaseModel):
+    type: Literal["wandb"]
+    wandb: WandbIntegration
+
+
 class JobResources(BaseModel):
     """Tunery's extension of a job: what its training process asks of a node on a Ray cluster."""
 
@@ -148,7 +166,7 @@ class JobCreate(BaseModel):
     suffix: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] | None = None
     seed: Annotated[int, Bounds(ge=0, le=2**31 - 1)] | None = None
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = None
-    integrations: list[dict[str, Any]] | None = Field(default=None, max_length=5)
+    integrations: list[Integration] | None = Field(default=None, max_length=5)
     resources: JobResources | None = None  # Tunery's (the openai client: extra_body={"resources": {...}})
 
     @field_validator("metadata")

@@ -70,12 +70,34 @@ def train_command(settings: Settings, job: Job) -> list[str]:
         value = given.get(hp.name, "auto")
         if kind in hp.methods and value != "auto":
             command += [hp.flag, str(value)] if hp.flag else ["--set", f"{hp.field}={value}"]
+    command += integration_flags(job)
     # the recipe screens again (and writes the redacted copy under `redact`) with the service's policies
     for name in ("screen_content", "screen_pii"):
         command += ["--set", f"{name}={getattr(settings, name)}"]
     for pair in settings.train_overrides:  # last: the operator's settings win
         command += ["--set", pair]
     return command
+
+
+def integration_flags(job: Job) -> list[str]:
+    """OpenAI's `integrations` (Weights & Biases) as the run's tracker settings. Tags as OpenAI's: the service,
+    the base model and the job, then the user's."""
+    for integration in job.integrations or []:
+        if integration.get("type") != "wandb":
+            continue
+        wandb = integration["wandb"]
+        tags = ["tunery/finetune", f"tunery/{job.model}", f"tunery/{job.id}", *(wandb.get("tags") or [])]
+        values = {
+            "tracking_project": wandb["project"],
+            "tracking_run_name": wandb.get("name") or job.id,
+            "tracking_tags": ",".join(t.replace(",", " ") for t in tags),
+            **({"wandb_entity": wandb["entity"]} if wandb.get("entity") else {}),
+        }
+        flags = ["--report-to", "wandb"]
+        for field, value in values.items():  # --set reads YAML: a JSON string stays a string
+            flags += ["--set", f"{field}={json.dumps(value)}"]
+        return flags  # one W&B run per job
+    return []
 
 
 def validate_command(settings: Settings, job: Job, path: Path, param: str) -> list[str]:

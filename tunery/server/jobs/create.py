@@ -86,8 +86,14 @@ def create_job(
     session.add(job)
     session.flush()
     add_event(session, job.id, f"Created fine-tuning job: {job.id}")
-    if integrations:
-        add_event(session, job.id, "Integrations are not available offline and are ignored.", level="warn")
+    for integration in integrations or []:
+        project = integration["wandb"]["project"]
+        add_event(
+            session,
+            job.id,
+            f"Reporting to Weights & Biases project {project}: offline, in the job's run directory "
+            "(`wandb sync` uploads it), unless the service has a WANDB_API_KEY",
+        )
     return job
 
 

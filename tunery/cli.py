@@ -44,7 +44,7 @@ GROUPS = {
 
 def commands() -> list[Command]:
     """Every command, in `--help` order."""
-    from tunery.commands import audit, data, evals, federated, graders, models, service, train
+    from tunery.commands import audit, data, evals, federated, graders, models, service, train, tune
     from tunery.safety.evals import SECTIONS  # no torch: cheap at parse time
 
     def training(method: str) -> Callable[[argparse.ArgumentParser], None]:
@@ -119,6 +119,12 @@ def commands() -> list[Command]:
             training("federated"),
         ),
         Command(
+            "tune",
+            tune.cmd_tune,
+            "hyperparameter search: optuna trials of one recipe, pruned on their held-out loss",
+            tune.tune_flags,
+        ),
+        Command(
             "federated server",
             federated.cmd_server,
             "the server of a deployed federation: waits for the sites, runs the rounds, writes the run",
@@ -165,7 +171,10 @@ def commands() -> list[Command]:
             graders.run_flags,
         ),
         Command(
-            "export", models.cmd_export, "write a merged model (base + LoRA adapter)", models.export_flags
+            "export",
+            models.cmd_export,
+            "a merged model: one GGUF file for llama.cpp and Ollama, or a Hugging Face directory",
+            models.export_flags,
         ),
         Command(
             "serve",

@@ -15,13 +15,13 @@ later one is added (so `upto` is not a prefix of the full text) fall back to fin
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, cast
 
 from transformers import PreTrainedTokenizerBase
 
 from tunery.data.chat import ChatExample
+from tunery.data.tools import with_tools
 from tunery.errors import TuneryError
 
 
@@ -41,20 +41,6 @@ class TokenizedChat:
         return len(self.input_ids)
 
 
-def _template_messages(example: ChatExample, uses_tool_calls: bool) -> list[dict[str, Any]]:
-    """Messages as the template sees them. Tool calls go into the content for templates that ignore them."""
-    out = []
-    for msg in example.messages:
-        msg = dict(msg)
-        if "tool_calls" in msg and not uses_tool_calls:
-            calls = [c.get("function", c) for c in msg.pop("tool_calls")]
-            msg["content"] = (msg["content"] + "\n" if msg["content"] else "") + json.dumps(
-                calls, ensure_ascii=False
-            )
-        out.append(msg)
-    return out
-
-
 def render(
     tokenizer: PreTrainedTokenizerBase,
     messages: list[dict[str, Any]],
@@ -72,16 +58,16 @@ def assistant_spans(
     tokenizer: PreTrainedTokenizerBase, example: ChatExample
 ) -> tuple[str, list[tuple[int, int]]]:
     """The full rendered text and the character spans of the trained assistant turns."""
-    template = str(getattr(tokenizer, "chat_template", "") or "")
-    messages = _template_messages(example, uses_tool_calls="tool_calls" in template)
-    full = render(tokenizer, messages, example.tools)
+    messages, tools = with_tools(tokenizer, example.messages, example.tools)
+    weights = [0] * (len(messages) - len(example.messages)) + list(example.weights)  # an added system message
+    full = render(tokenizer, messages, tools)
     spans: list[tuple[int, int]] = []
     search_from = 0
-    for i, (msg, weight) in enumerate(zip(messages, example.weights, strict=True)):
+    for i, (msg, weight) in enumerate(zip(messages, weights, strict=True)):
         if msg["role"] != "assistant":
             continue
-        prefix = render(tokenizer, messages[:i], example.tools, add_generation_prompt=True) if i else ""
-        upto = render(tokenizer, messages[: i + 1], example.tools)
+        prefix = render(tokenizer, messages[:i], tools, add_generation_prompt=True) if i else ""
+        upto = render(tokenizer, messages[: i + 1], tools)
         if i and upto.startswith(prefix) and full.startswith(upto) and len(upto) > len(prefix):
             span = (len(prefix), len(upto))
         else:
@@ -132,7 +118,14 @@ def tokenize_chat(
     return TokenizedChat(example.line, input_ids, label_mask, truncated)
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> list[int]:
-    """Token ids of a conversation ending with the assistant header, ready for sampling a reply."""
-    text = render(tokenizer, messages, add_generation_prompt=True)
+def prompt_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    prefix: str = "",
+) -> list[int]:
+    """Token ids of a conversation ending with the assistant header, ready for sampling a reply; `tools` as
+    training renders them (data/tools.py); `prefix`: the start of the reply, given (a forced tool call)."""
+    messages, tools = with_tools(tokenizer, messages, tools)
+    text = render(tokenizer, messages, tools, add_generation_prompt=True) + prefix
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

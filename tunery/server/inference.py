@@ -230,7 +230,7 @@ class Worker:
         params = SamplingParams(**request["params"])
         characters = sum(len(str(m.get("content") or "")) for m in request["messages"])
         check_context_before_tokenizing(model, tokenizer, characters, params.max_new_tokens)
-        prompt = prompt_ids(tokenizer, request["messages"])
+        prompt = prompt_ids(tokenizer, request["messages"], request.get("tools"), request.get("prefix") or "")
         check_context(model, len(prompt), params.max_new_tokens)
         n = int(request.get("n", 1))
 

@@ -188,6 +188,30 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
+FunctionName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")  # e.g. strict
+    name: FunctionName
+    description: str | None = Field(default=None, max_length=8192)
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    name: FunctionName
+
+
+class ToolChoiceFunction(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # the many parameters that do not apply here are ignored
     model: str = Field(min_length=1)
@@ -206,7 +230,9 @@ class ChatRequest(BaseModel):
     frequency_penalty: Annotated[float, Bounds(ge=-2, le=2)] | None = None
     presence_penalty: Annotated[float, Bounds(ge=-2, le=2)] | None = None
     logit_bias: dict[str, Annotated[float, Bounds(ge=-100, le=100)]] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     user: str | None = None
     store: bool | None = None  # keep the completion, so it can be rated (POST /tunery/v1/ratings)

@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from anyio import CancelScope, to_thread
@@ -19,7 +20,8 @@ from tunery.server.deps import AppState, Auth, State, unless_gone
 from tunery.server.errors import APIError, bad_request
 from tunery.server.feedback import store_completion
 from tunery.server.routes.moderations import content_filter_on, filtered_stream, withhold_flagged
-from tunery.server.schemas import ChatRequest
+from tunery.data.tools import OPEN, ParsedReply, forced_prefix, held_back, parse_tool_calls
+from tunery.server.schemas import ChatRequest, ToolChoiceFunction
 from tunery.server.store import new_id, now
 
 router = APIRouter()
@@ -46,7 +48,34 @@ def _text(content: Any, param: str) -> str:
     raise bad_request("Message content must be a string or a list of text parts.", param, "invalid_type")
 
 
-def normalise_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+def _tool_calls(calls: Any, param: str) -> list[dict[str, Any]]:
+    """An assistant message's `tool_calls`, checked: [{id, type: function, function: {name, arguments}}]."""
+    if not isinstance(calls, list) or len(calls) > 128:
+        raise bad_request("tool_calls must be a list of at most 128 calls.", param, "invalid_type")
+    out = []
+    for i, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if (
+            not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not isinstance(function.get("arguments", ""), str)
+        ):
+            raise bad_request(
+                "Each tool call needs function.name and function.arguments (a JSON string).",
+                f"{param}[{i}]",
+                "invalid_value",
+            )
+        out.append(
+            {
+                "id": str(call.get("id", "")),
+                "type": "function",
+                "function": {"name": function["name"], "arguments": function.get("arguments", "")},
+            }
+        )
+    return out
+
+
+def normalise_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for i, message in enumerate(messages):
         role = message.get("role")
@@ -57,19 +86,27 @@ def normalise_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
                 "invalid_value",
             )
         # chat templates know system, not OpenAI's newer developer role
-        out.append(
-            {
-                "role": "system" if role == "developer" else str(role),
-                "content": _text(message.get("content"), f"messages[{i}].content"),
-            }
-        )
+        normalised: dict[str, Any] = {
+            "role": "system" if role == "developer" else str(role),
+            "content": _text(message.get("content"), f"messages[{i}].content"),
+        }
+        if role == "assistant" and message.get("tool_calls"):
+            normalised["tool_calls"] = _tool_calls(message["tool_calls"], f"messages[{i}].tool_calls")
+        out.append(normalised)
     return out
 
 
 def _unsupported(body: ChatRequest) -> None:
     """Parameters that would change the answer and that Tunery cannot honour are refused, not ignored."""
-    if body.tools:
-        raise bad_request("Tool calling is not supported by this server.", "tools", "unsupported_parameter")
+    if body.tool_choice is not None and not body.tools:
+        raise bad_request("tool_choice is only allowed when tools are given.", "tool_choice", "invalid_value")
+    if isinstance(body.tool_choice, ToolChoiceFunction) and body.tools:
+        if body.tool_choice.function.name not in {t.function.name for t in body.tools}:
+            raise bad_request(
+                f"tool_choice names {body.tool_choice.function.name!r}, which is not one of the tools.",
+                "tool_choice",
+                "invalid_value",
+            )
     if body.response_format and body.response_format.get("type") not in (None, "text"):
         raise bad_request(
             "Only response_format {'type': 'text'} is supported.", "response_format", "unsupported_parameter"
@@ -109,12 +146,15 @@ async def chat_completions(
         )
     model = await to_thread.run_sync(_resolve, state, caller, body.model)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    tooling = ToolUse.of(body)
     request = {
         "op": "chat",
         "model": model.local_model,
         "adapter": model.adapter,
         "base_adapter": model.base_adapter,
         "messages": messages,
+        "tools": tooling.tools if tooling else None,
+        "prefix": tooling.prefix if tooling else "",
         "n": body.n or 1,
         "params": {
             "max_new_tokens": max_tokens,
@@ -148,24 +188,19 @@ async def chat_completions(
             "choices": [
                 {
                     "index": c["index"],
-                    "message": {
-                        "role": "assistant",
-                        "content": c["text"],
-                        "refusal": None,
-                        "annotations": [],
-                    },
+                    "message": _message(c["text"], tooling),
                     "logprobs": {"content": _logprobs(c["logprobs"]), "refusal": None}
                     if c["logprobs"] is not None
                     else None,
-                    "finish_reason": c["finish_reason"],
+                    "finish_reason": _finish(c, tooling),
                 }
                 for c in result["choices"]
             ],
             "usage": _usage(result),
         }
         answers = [
-            {"index": c["index"], "text": c["message"]["content"], "finish_reason": c["finish_reason"]}
-            for c in response["choices"]
+            {"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"]}
+            for c in result["choices"]
         ]
         await _audit(state, caller, "inference.response", _answer(completion_id, answers, result))
         if body.store:  # kept so the application can rate it (POST /tunery/v1/ratings)
@@ -187,8 +222,57 @@ async def chat_completions(
     if body.store:
         record = functools.partial(_record_and_store, record, state, caller, body.model, messages)
     return StreamingResponse(
-        _events(first, replies, completion_id, body, include_usage, record), media_type="text/event-stream"
+        _events(first, replies, completion_id, body, include_usage, record, tooling),
+        media_type="text/event-stream",
     )
+
+
+@dataclass
+class ToolUse:
+    """A request's tools, when the model may call them (`tool_choice` is not "none")."""
+
+    tools: list[dict[str, Any]]
+    names: set[str]
+    prefix: str  # the reply's forced start: a call (`required`, or a named function)
+    parallel: bool
+
+    @classmethod
+    def of(cls, body: ChatRequest) -> ToolUse | None:
+        if not body.tools or body.tool_choice == "none":
+            return None
+        choice = (
+            body.tool_choice.model_dump() if isinstance(body.tool_choice, ToolChoiceFunction) else body.tool_choice
+        )
+        return cls(
+            tools=[t.model_dump(exclude_none=True) for t in body.tools],
+            names={t.function.name for t in body.tools},
+            prefix=forced_prefix(choice),
+            parallel=body.parallel_tool_calls is not False,
+        )
+
+    def parse(self, text: str) -> ParsedReply:
+        parsed = parse_tool_calls(self.prefix + text, self.names)
+        if not self.parallel:
+            parsed.tool_calls = parsed.tool_calls[:1]
+        return parsed
+
+
+def _message(text: str, tooling: ToolUse | None) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
+    if tooling is not None:
+        parsed = tooling.parse(text)
+        if parsed.tool_calls:
+            message["content"] = parsed.content
+            message["tool_calls"] = parsed.tool_calls
+        elif tooling.prefix:
+            message["content"] = tooling.prefix + text  # a forced start the model did not complete
+    return message
+
+
+def _finish(choice: dict[str, Any], tooling: ToolUse | None) -> str:
+    if tooling is not None and choice["finish_reason"] == "stop" and tooling.parse(choice["text"]).tool_calls:
+        return "tool_calls"
+    return str(choice["finish_reason"])
 
 
 async def _audit(state: AppState, caller: Caller, kind: str, payload: dict[str, Any]) -> None:
@@ -247,8 +331,12 @@ async def _events(
     body: ChatRequest,
     include_usage: bool,
     record: Callable[[str, dict[str, Any]], Awaitable[None]],
+    tooling: ToolUse | None = None,
 ) -> AsyncIterator[str]:
     created = now()
+    # with tools, text is sent up to where a call may begin; the calls go out whole when the answer ends
+    texts: dict[int, str] = {}
+    sent: dict[int, int] = {}
     streamed: dict[int, list[str]] = {}  # what the client was sent, for the audit log if the stream breaks
     outcome: tuple[str, dict[str, Any]] | None = None
 
@@ -280,17 +368,17 @@ async def _events(
     try:
         while message is not None:
             if message.get("event") == "delta":
-                streamed.setdefault(message["index"], []).append(message["text"])
-                yield chunk(
-                    [
-                        {
-                            "index": message["index"],
-                            "delta": {"content": message["text"]},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ]
-                )
+                index, piece = message["index"], message["text"]
+                if tooling is not None:
+                    text = texts[index] = texts.get(index, tooling.prefix) + piece
+                    start = text.find(OPEN)
+                    limit = start if start >= 0 else len(text) - held_back(text)
+                    piece, sent[index] = text[sent.get(index, 0) : limit], max(sent.get(index, 0), limit)
+                streamed.setdefault(index, []).append(piece)
+                if piece:
+                    yield chunk(
+                        [{"index": index, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}]
+                    )
             elif message.get("event") == "done":
                 result = message["result"]
                 answers = [
@@ -299,6 +387,19 @@ async def _events(
                 ]
                 outcome = ("inference.response", _answer(completion_id, answers, result))
                 for c in result["choices"]:
+                    finish = c["finish_reason"]
+                    if tooling is not None:
+                        parsed = tooling.parse(c["text"])
+                        if parsed.tool_calls:
+                            calls = [{"index": k, **call} for k, call in enumerate(parsed.tool_calls)]
+                            delta: dict[str, Any] = {"tool_calls": calls}
+                            finish = "tool_calls" if finish == "stop" else finish
+                        else:  # what was held back, since it was no call after all
+                            delta = {"content": (tooling.prefix + c["text"])[sent.get(c["index"], 0) :]}
+                        if delta.get("tool_calls") or delta.get("content"):
+                            yield chunk(
+                                [{"index": c["index"], "delta": delta, "logprobs": None, "finish_reason": None}]
+                            )
                     logprobs = (
                         {"content": _logprobs(c["logprobs"]), "refusal": None}
                         if c["logprobs"] is not None
@@ -310,7 +411,7 @@ async def _events(
                                 "index": c["index"],
                                 "delta": {},
                                 "logprobs": logprobs,
-                                "finish_reason": c["finish_reason"],
+                                "finish_reason": finish,
                             }
                         ]
                     )

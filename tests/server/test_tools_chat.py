@@ -1,0 +1,124 @@
+"""Tool calling through the official `openai` client against a live `tunery serve`: a tiny model fine-tuned
+(in the test) to call `get_order`, offered as a base model; its call comes back as OpenAI's `tool_calls`
+(whole and streamed), the result goes back as a `tool` message, and tool_choice / parallel_tool_calls are
+honoured or refused with the field named."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.conftest import tunery_here, write_jsonl
+from tests.server.test_openai_client import new_key, start_server, stop_server
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_order",
+            "description": "Where an order is.",
+            "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}},
+        },
+    },
+    {"type": "function", "function": {"name": "book_service", "parameters": {"type": "object"}}},
+]
+CALL = {"id": "c", "type": "function", "function": {"name": "get_order", "arguments": json.dumps({"order_id": "A1"})}}
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
+    work = tmp_path_factory.mktemp("tools")
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Where is order {i}?"},
+                {"role": "assistant", "content": None, "tool_calls": [CALL]},
+            ],
+            "tools": TOOLS,
+        }
+        for i in range(16)
+    ]
+    data = write_jsonl(work / "tools.jsonl", rows)
+    run = work / "run"
+    tunery_here(["train", "sft", "--model", "tiny-random", "--data", str(data), "--out", str(run), "--epochs", "16",
+                 "--batch-size", "4", "--lr", "0.03", "--full", "--safety-evals", "none", "--seed", "0"])  # fmt: skip
+    data_dir = work / "service"
+    proc, url = start_server(data_dir, flags=("--base-model", f"tool-bot={run / 'final'}"))
+    yield openai.OpenAI(base_url=url, api_key=new_key(data_dir, "acme"), max_retries=0)
+    stop_server(proc)
+
+
+QUESTION = [{"role": "user", "content": "Where is order 77?"}]
+
+
+def test_a_tool_call_round_trips(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model="tool-bot", messages=QUESTION, tools=TOOLS, max_tokens=100, temperature=0)  # type: ignore[arg-type]
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice.message
+    [call] = choice.message.tool_calls or []
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_order" and json.loads(call.function.arguments) == {"order_id": "A1"}
+    # the function's result goes back; the model answers (a tiny model: any text, no error)
+    history = [*QUESTION, choice.message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": '{"status": "shipped"}'}]  # fmt: skip
+    after = client.chat.completions.create(model="tool-bot", messages=history, tools=TOOLS, max_tokens=8)  # type: ignore[arg-type]
+    assert after.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_a_streamed_tool_call(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="tool-bot", messages=QUESTION, tools=TOOLS, max_tokens=100, temperature=0, stream=True  # type: ignore[arg-type]
+    )
+    content, calls, finish = "", {}, None
+    for chunk in stream:
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for delta in choice.delta.tool_calls or []:
+                entry = calls.setdefault(delta.index, {"name": "", "arguments": "", "id": delta.id})
+                entry["name"] += delta.function.name or ""
+                entry["arguments"] += delta.function.arguments or ""
+            finish = choice.finish_reason or finish
+    assert content == "" and finish == "tool_calls"  # no `<tool_call>` text leaked into the content
+    assert calls[0]["name"] == "get_order" and json.loads(calls[0]["arguments"]) == {"order_id": "A1"}
+
+
+def test_tool_choice_and_parallel_calls(client: openai.OpenAI) -> None:
+    # none: the tools are not offered, so no call is read back
+    reply = client.chat.completions.create(model="tool-bot", messages=QUESTION, tools=TOOLS, tool_choice="none", max_tokens=20, temperature=0)  # type: ignore[arg-type]
+    assert reply.choices[0].message.tool_calls is None and reply.choices[0].finish_reason != "tool_calls"
+    # a named function: the reply is made to start as a call of it
+    forced = client.chat.completions.create(
+        model="tool-bot", messages=QUESTION, tools=TOOLS, max_tokens=100, temperature=0,  # type: ignore[arg-type]
+        tool_choice={"type": "function", "function": {"name": "get_order"}}, parallel_tool_calls=False,
+    )  # fmt: skip
+    [call] = forced.choices[0].message.tool_calls or []
+    assert call.function.name == "get_order"
+
+
+def test_bad_tool_requests_name_the_field(client: openai.OpenAI) -> None:
+    cases = [
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name"),
+    ]
+    for extra, param in cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="tool-bot", messages=QUESTION, max_tokens=4, **extra)  # type: ignore[arg-type]
+        assert caught.value.body["param"] == param, (extra, caught.value.body)  # type: ignore[index]
+    bad_history = [*QUESTION, {"role": "assistant", "tool_calls": [{"id": "x", "type": "function", "function": {}}]}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tool-bot", messages=bad_history, max_tokens=4)  # type: ignore[arg-type]
+    assert caught.value.body["param"] == "messages[1].tool_calls[0]"  # type: ignore[index]
+
+
+def test_tool_calls_in_the_history_render_for_a_model_without_tools(client: openai.OpenAI, tmp_path: Path) -> None:
+    """A conversation with earlier calls and results, to a base model with tools off: still answered."""
+    history = [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+               {"role": "tool", "tool_call_id": "c", "content": "shipped"}]  # fmt: skip
+    reply = client.chat.completions.create(model="tiny-random", messages=history, max_tokens=4)  # type: ignore[arg-type]
+    assert reply.choices[0].message.content is not None

@@ -1,0 +1,101 @@
+"""Tools in the chat format (tunery/data/tools.py): how they reach a template without tool support, what
+training learns from them, and reading a model's calls back into OpenAI's `tool_calls`."""
+
+from __future__ import annotations
+
+import json
+
+from tunery.data.chat import check_chat_example
+from tunery.data.template import assistant_spans, prompt_ids, tokenize_chat
+from tunery.data.tools import (
+    OPEN,
+    forced_prefix,
+    held_back,
+    native_tools,
+    parse_tool_calls,
+    with_tools,
+)
+from tunery.models.tiny import tiny_tokenizer
+
+TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+CHAT = {
+    "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "18C"},
+        {"role": "assistant", "content": "It is 18C in Paris."},
+    ],
+    "tools": TOOLS,
+}
+
+
+def test_calls_are_read_back_into_openai_objects() -> None:
+    text = 'Let me check.<tool_call>{"name": "weather", "arguments": {"city": "Paris"}}</tool_call>'
+    parsed = parse_tool_calls(text + '<tool_call>{"name": "weather", "arguments": {"city": "Oslo"}}</tool_call>')
+    assert parsed.content == "Let me check."
+    assert [json.loads(c["function"]["arguments"]) for c in parsed.tool_calls] == [{"city": "Paris"}, {"city": "Oslo"}]
+    call = parsed.tool_calls[0]
+    assert call["type"] == "function" and call["id"].startswith("call_") and call["function"]["name"] == "weather"
+    assert parsed.tool_calls[0]["id"] != parsed.tool_calls[1]["id"]
+    # a bare JSON object with name and arguments (another common convention)
+    assert parse_tool_calls('{"name": "weather", "arguments": {}}').tool_calls[0]["function"]["arguments"] == "{}"
+    # not a call: broken JSON, an unknown function, no name
+    for text in ('<tool_call>{"name": "weather", </tool_call>', '<tool_call>{"name": "nope"}</tool_call>',
+                 '<tool_call>{"arguments": {}}</tool_call>', "It is sunny."):  # fmt: skip
+        parsed = parse_tool_calls(text, {"weather"})
+        assert parsed.tool_calls == [] and parsed.content == text
+
+
+def test_a_template_without_tools_gets_them_in_the_system_message() -> None:
+    tokenizer = tiny_tokenizer("llama")
+    assert not native_tools(tokenizer)
+    messages, tools = with_tools(tokenizer, CHAT["messages"], TOOLS)
+    assert tools is None and messages[0]["role"] == "system" and '"name": "weather"' in messages[0]["content"]
+    assert messages[2]["content"] == '<tool_call>{"name": "weather", "arguments": {"city": "Paris"}}</tool_call>'
+    assert messages[3] == {"role": "tool", "content": "18C"}  # ChatML renders the tool role
+    # an existing system message gets the tools after its own text
+    with_system, _ = with_tools(tokenizer, [{"role": "system", "content": "Be brief."}, *CHAT["messages"]], TOOLS)
+    assert with_system[0]["content"].startswith("Be brief.\n\n") and len(with_system) == 5
+
+
+def test_a_template_that_renders_tools_gets_them_as_they_are() -> None:
+    tokenizer = tiny_tokenizer("llama")
+    tokenizer.chat_template = (
+        "{% if tools %}TOOLS{{ tools | tojson }}{% endif %}{% for m in messages %}{{ m.role }}:"
+        "{% if m.tool_calls %}{{ m.tool_calls | tojson }}{% else %}{{ m.content }}{% endif %}|{% endfor %}"
+    )
+    assert native_tools(tokenizer)
+    messages, tools = with_tools(tokenizer, CHAT["messages"], TOOLS)
+    assert tools == TOOLS and messages[1]["tool_calls"] == CHAT["messages"][1]["tool_calls"]
+
+
+def test_training_learns_the_call_and_sees_the_tools() -> None:
+    tokenizer = tiny_tokenizer("llama")
+    example, problems = check_chat_example(CHAT, 1)
+    assert example is not None and not problems
+    full, spans = assistant_spans(tokenizer, example)
+    trained = [full[a:b] for a, b in spans]
+    assert trained[0].startswith(OPEN + '{"name": "weather"') and trained[1].startswith("It is 18C")
+    assert "<tools>" in full and "18C<|im_end|>" in full
+    chat = tokenize_chat(tokenizer, example)
+    text = tokenizer.decode([t for t, m in zip(chat.input_ids, chat.label_mask, strict=True) if m])
+    assert "</tool_call><|im_end|>" in text and "<tools>" not in text and "18C<|im_end|>" not in text.replace(
+        "It is 18C in Paris.<|im_end|>", ""
+    )
+    # the service renders the same prompt as training does, up to the answer
+    prompt = tokenizer.decode(prompt_ids(tokenizer, CHAT["messages"][:1], TOOLS))
+    assert full.startswith(prompt)
+
+
+def test_streaming_holds_back_what_may_start_a_call() -> None:
+    assert held_back("Sure <tool") == len("<tool")
+    assert held_back("Sure <") == 1 and held_back("Sure") == 0 and held_back("<tool_call") == len("<tool_call")
+    assert forced_prefix("required") == '<tool_call>{"name": "'
+    assert forced_prefix({"type": "function", "function": {"name": "weather"}}).endswith('"weather", "arguments": ')
+    assert forced_prefix("auto") == ""

@@ -97,7 +97,7 @@ def test_greedy_stop_and_streaming(chat_api: Api) -> None:
 
 def test_chat_errors(chat_api: Api) -> None:
     cases = [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f f"}}]}, "tools.0.function.name"),
         ({"top_logprobs": 3, "logprobs": True}, "top_logprobs"),
         ({"max_tokens": 10**6}, "max_tokens"),
         ({"temperature": 3}, "temperature"),

@@ -122,3 +122,74 @@ def test_tool_calls_in_the_history_render_for_a_model_without_tools(client: open
                {"role": "tool", "tool_call_id": "c", "content": "shipped"}]  # fmt: skip
     reply = client.chat.completions.create(model="tiny-random", messages=history, max_tokens=4)  # type: ignore[arg-type]
     assert reply.choices[0].message.content is not None
+
+
+# --- structured output -------------------------------------------------------------------------------------
+
+CITY = {
+    "type": "object",
+    "properties": {"city": {"enum": ["Paris", "Oslo"]}, "open": {"type": "boolean"}},
+    "required": ["city", "open"],
+    "additionalProperties": False,
+}
+
+
+def test_a_json_schema_answer_always_parses(client: openai.OpenAI) -> None:
+    """Constrained decoding (xgrammar): a random tiny model's answer is still valid JSON of the schema."""
+    response_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
+    for seed in range(3):
+        reply = client.chat.completions.create(
+            model="tiny-random", messages=QUESTION, response_format=response_format, max_tokens=60, seed=seed  # type: ignore[arg-type]
+        )
+        choice = reply.choices[0]
+        answer = json.loads(choice.message.content or "")
+        assert choice.finish_reason == "stop" and set(answer) == {"city", "open"}
+        assert answer["city"] in ("Paris", "Oslo") and isinstance(answer["open"], bool)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model="tiny-random", messages=QUESTION, response_format=response_format, max_tokens=60, stream=True  # type: ignore[arg-type]
+        )
+        if c.choices
+    )
+    assert set(json.loads(streamed)) == {"city", "open"}
+
+
+def test_the_clients_pydantic_parse(client: openai.OpenAI) -> None:
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        city: Literal["Paris", "Oslo"]
+        open: bool
+
+    reply = client.chat.completions.parse(model="tiny-random", messages=QUESTION, response_format=City, max_tokens=60)  # type: ignore[arg-type]
+    assert isinstance(reply.choices[0].message.parsed, City)
+
+
+def test_a_forced_call_has_arguments_in_the_functions_schema(client: openai.OpenAI) -> None:
+    """tool_choice naming a function: even the untrained tiny model answers one call of it whose
+    arguments fit the function's parameters."""
+    tools = [{"type": "function", "function": {"name": "set_city", "parameters": CITY}}]
+    reply = client.chat.completions.create(
+        model="tiny-random", messages=QUESTION, tools=tools, max_tokens=120, temperature=0,  # type: ignore[arg-type]
+        tool_choice={"type": "function", "function": {"name": "set_city"}},
+    )  # fmt: skip
+    [call] = reply.choices[0].message.tool_calls or []
+    assert call.function.name == "set_city" and set(json.loads(call.function.arguments)) == {"city", "open"}
+    assert reply.choices[0].finish_reason == "tool_calls"
+
+
+def test_bad_response_formats_name_the_field(client: openai.OpenAI) -> None:
+    cases = [
+        ({"response_format": {"type": "yaml"}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+         "response_format"),
+        ({"response_format": {"type": "json_object"}, "tools": TOOLS}, "response_format"),
+    ]  # fmt: skip
+    for extra, param in cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="tiny-random", messages=QUESTION, max_tokens=4, **extra)  # type: ignore[arg-type]
+        assert caught.value.body["param"] == param, (extra, caught.value.body)  # type: ignore[index]

@@ -9,7 +9,6 @@ from tunery.data.chat import check_chat_example
 from tunery.data.template import assistant_spans, prompt_ids, tokenize_chat
 from tunery.data.tools import (
     OPEN,
-    forced_prefix,
     held_back,
     native_tools,
     parse_tool_calls,
@@ -96,6 +95,3 @@ def test_training_learns_the_call_and_sees_the_tools() -> None:
 def test_streaming_holds_back_what_may_start_a_call() -> None:
     assert held_back("Sure <tool") == len("<tool")
     assert held_back("Sure <") == 1 and held_back("Sure") == 0 and held_back("<tool_call") == len("<tool_call")
-    assert forced_prefix("required") == '<tool_call>{"name": "'
-    assert forced_prefix({"type": "function", "function": {"name": "weather"}}).endswith('"weather", "arguments": ')
-    assert forced_prefix("auto") == ""

@@ -122,10 +122,9 @@ def prompt_ids(
     tokenizer: PreTrainedTokenizerBase,
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]] | None = None,
-    prefix: str = "",
 ) -> list[int]:
     """Token ids of a conversation ending with the assistant header, ready for sampling a reply; `tools` as
-    training renders them (data/tools.py); `prefix`: the start of the reply, given (a forced tool call)."""
+    training renders them (data/tools.py)."""
     messages, tools = with_tools(tokenizer, messages, tools)
-    text = render(tokenizer, messages, tools, add_generation_prompt=True) + prefix
+    text = render(tokenizer, messages, tools, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

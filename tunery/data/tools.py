@@ -149,16 +149,6 @@ def parse_tool_calls(text: str, names: set[str] | None = None) -> ParsedReply:
     return ParsedReply(content or None, calls)
 
 
-def forced_prefix(tool_choice: Any) -> str:
-    """What the reply must start with: `required` -> a call; a named function -> a call of it."""
-    if isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name", "")
-        return OPEN + '{"name": ' + json.dumps(name) + ', "arguments": '
-    if tool_choice == "required":
-        return OPEN + '{"name": "'
-    return ""
-
-
 def held_back(text: str) -> int:
     """How many characters at the end of streamed `text` may be the start of `<tool_call>` (not yet sent)."""
     for size in range(min(len(OPEN) - 1, len(text)), 0, -1):

@@ -19,6 +19,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from tunery.errors import TuneryError
 from tunery.models.decode import decode_model_for
+from tunery.models.structured import Constraint
 
 
 @dataclass
@@ -30,6 +31,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False  # keep going past end-of-turn (benchmarks: every row makes max_new_tokens)
+    grammar: Any = None  # a structured.Grammar: every sequence's text is kept valid in it (JSON schemas)
 
 
 @dataclass
@@ -182,15 +184,21 @@ def sample(
     ended: list[tuple[int | None, float | None]] = [(None, None)] * batch
     texts = [_Text(tokenizer) for _ in range(batch)] if (params.stop or on_text) else None
     live = list(range(batch))  # the sequence held by each row of the batch tensors
+    constraint = Constraint(params.grammar, batch) if params.grammar is not None else None
     for step in range(params.max_new_tokens):
+        if constraint is not None:
+            constraint.mask_(logits, live)
         next_ids, chosen_logps = _choose(logits, params, generator)
         for row, (token, logp) in enumerate(zip(next_ids.tolist(), chosen_logps.tolist(), strict=True)):
             i = live[row]
+            complete = constraint is not None and constraint.advance(i, token)
             if token in stops:
                 finish[i], ended[i] = "stop", (token, logp)
                 continue
             tokens[i].append(token)
             logprobs[i].append(logp)
+            if complete:  # the grammar has ended: nothing more may follow
+                finish[i] = "stop"
             if texts is not None:
                 delta = texts[i].add(tokens[i])
                 text = texts[i].text
@@ -315,6 +323,7 @@ def _sample_generic(
         torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     )
     step_ids, step_pos, step_mask = input_ids, position_ids, mask[:, None]
+    constraint = Constraint(params.grammar, batch) if params.grammar is not None else None
     for _ in range(params.max_new_tokens):
         with cast:
             out = model(
@@ -327,16 +336,21 @@ def _sample_generic(
             )
         logits = out.logits[:, -1].float()  # (B, V)
         token_logps = logits.log_softmax(-1)
+        if constraint is not None:
+            constraint.mask_(logits, [i if finish[i] is None else -1 for i in range(batch)])
         next_ids = _draw(logits, params, generator)
         chosen_logps = token_logps.gather(1, next_ids[:, None]).squeeze(1).tolist()
         for i, token in enumerate(next_ids.tolist()):
             if finish[i] is not None:
                 continue
+            complete = constraint is not None and constraint.advance(i, token)
             if token in stops:
                 finish[i] = "stop"
                 continue
             tokens[i].append(token)
             logprobs[i].append(chosen_logps[i])
+            if complete:  # the grammar has ended: nothing more may follow
+                finish[i] = "stop"
             text = str(tokenizer.decode(tokens[i], skip_special_tokens=True))
             hit = [text.find(s) for s in params.stop if s and s in text]
             if hit:

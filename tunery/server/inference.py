@@ -227,10 +227,10 @@ class Worker:
         )
 
         model, tokenizer = self.load(request["model"], request.get("adapter"), request.get("base_adapter"))
-        params = SamplingParams(**request["params"])
+        params = SamplingParams(**request["params"], grammar=constraint(model, tokenizer, request.get("grammar")))
         characters = sum(len(str(m.get("content") or "")) for m in request["messages"])
         check_context_before_tokenizing(model, tokenizer, characters, params.max_new_tokens)
-        prompt = prompt_ids(tokenizer, request["messages"], request.get("tools"), request.get("prefix") or "")
+        prompt = prompt_ids(tokenizer, request["messages"], request.get("tools"))
         check_context(model, len(prompt), params.max_new_tokens)
         n = int(request.get("n", 1))
 
@@ -302,9 +302,28 @@ def load_stacked(name: str, base_adapter: str, adapter: str | None) -> tuple[Any
     return model, tokenizer
 
 
+def constraint(model: Any, tokenizer: Any, spec: dict[str, Any] | None) -> Any:
+    """The grammar a request's answer is decoded in: a JSON schema (`response_format`), or one call of the
+    named functions with arguments in their parameters' schema (a forced tool call)."""
+    if not spec:
+        return None
+    from tunery.models.sampling import stop_token_ids
+    from tunery.models.structured import json_grammar, tool_call_grammar
+
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    stops = stop_token_ids(tokenizer, model)
+    if spec["kind"] == "tool_call":
+        return tool_call_grammar(tokenizer, vocab, stops, spec["tools"], spec["names"])
+    return json_grammar(tokenizer, vocab, stops, spec.get("schema"))
+
+
 def describe(exc: Exception) -> dict[str, Any]:
     from tunery.errors import TuneryError
     from tunery.models.sampling import ContextTooLong
+    from tunery.models.structured import InvalidGrammar
+
+    if isinstance(exc, InvalidGrammar):
+        return {"event": "error", "status": 400, "message": str(exc), "param": exc.param, "code": "invalid_value"}
 
     if isinstance(exc, ContextTooLong):
         return {

@@ -20,7 +20,7 @@ from tunery.server.deps import AppState, Auth, State, unless_gone
 from tunery.server.errors import APIError, bad_request
 from tunery.server.feedback import store_completion
 from tunery.server.routes.moderations import content_filter_on, filtered_stream, withhold_flagged
-from tunery.data.tools import OPEN, ParsedReply, forced_prefix, held_back, parse_tool_calls
+from tunery.data.tools import OPEN, ParsedReply, held_back, parse_tool_calls
 from tunery.server.schemas import ChatRequest, ToolChoiceFunction
 from tunery.server.store import new_id, now
 
@@ -107,9 +107,29 @@ def _unsupported(body: ChatRequest) -> None:
                 "tool_choice",
                 "invalid_value",
             )
-    if body.response_format and body.response_format.get("type") not in (None, "text"):
+    kind = (body.response_format or {}).get("type")
+    if kind not in (None, "text", "json_object", "json_schema"):
         raise bad_request(
-            "Only response_format {'type': 'text'} is supported.", "response_format", "unsupported_parameter"
+            "response_format type must be text, json_object or json_schema.", "response_format.type", "invalid_value"
+        )
+    if kind == "json_schema":
+        spec = body.response_format.get("json_schema") if body.response_format else None
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise bad_request(
+                "response_format json_schema needs {name, schema: {...}}.", "response_format.json_schema", "invalid_value"
+            )
+        if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
+            raise bad_request(
+                f"The JSON schema is too large: at most {MAX_SCHEMA_BYTES} bytes.",
+                "response_format.json_schema.schema",
+                "invalid_value",
+            )
+    if kind in ("json_object", "json_schema") and body.tools and body.tool_choice != "none":
+        raise bad_request(
+            "A JSON response_format and tools cannot be used together: the answer is either the JSON or a call.",
+            "response_format",
+            "invalid_value",
         )
     if body.logit_bias:
         raise bad_request("logit_bias is not supported.", "logit_bias", "unsupported_parameter")
@@ -154,7 +174,7 @@ async def chat_completions(
         "base_adapter": model.base_adapter,
         "messages": messages,
         "tools": tooling.tools if tooling else None,
-        "prefix": tooling.prefix if tooling else "",
+        "grammar": _grammar(body, tooling),
         "n": body.n or 1,
         "params": {
             "max_new_tokens": max_tokens,
@@ -227,31 +247,49 @@ async def chat_completions(
     )
 
 
+MAX_SCHEMA_BYTES = 64 * 1024
+
+
+def _grammar(body: ChatRequest, tooling: ToolUse | None) -> dict[str, Any] | None:
+    """What the answer is decoded in (models/structured.py): a forced tool call, or the JSON asked for."""
+    if tooling is not None and tooling.forced:
+        return {"kind": "tool_call", "tools": tooling.tools, "names": tooling.forced}
+    kind = (body.response_format or {}).get("type")
+    if kind == "json_schema":
+        return {"kind": "json", "schema": body.response_format["json_schema"]["schema"]}  # type: ignore[index]
+    if kind == "json_object":
+        return {"kind": "json", "schema": None}
+    return None
+
+
 @dataclass
 class ToolUse:
-    """A request's tools, when the model may call them (`tool_choice` is not "none")."""
+    """A request's tools, when the model may call them (`tool_choice` is not "none"). A forced call is
+    decoded in a grammar of the named functions' calls, their arguments in each one's parameters schema."""
 
     tools: list[dict[str, Any]]
     names: set[str]
-    prefix: str  # the reply's forced start: a call (`required`, or a named function)
+    forced: list[str]  # `required` or a named function: the answer is one call of these (a grammar)
     parallel: bool
 
     @classmethod
     def of(cls, body: ChatRequest) -> ToolUse | None:
         if not body.tools or body.tool_choice == "none":
             return None
-        choice = (
-            body.tool_choice.model_dump() if isinstance(body.tool_choice, ToolChoiceFunction) else body.tool_choice
-        )
+        names = [t.function.name for t in body.tools]
+        if isinstance(body.tool_choice, ToolChoiceFunction):
+            forced = [body.tool_choice.function.name]
+        else:
+            forced = names if body.tool_choice == "required" else []
         return cls(
             tools=[t.model_dump(exclude_none=True) for t in body.tools],
-            names={t.function.name for t in body.tools},
-            prefix=forced_prefix(choice),
+            names=set(names),
+            forced=forced,
             parallel=body.parallel_tool_calls is not False,
         )
 
     def parse(self, text: str) -> ParsedReply:
-        parsed = parse_tool_calls(self.prefix + text, self.names)
+        parsed = parse_tool_calls(text, self.names)
         if not self.parallel:
             parsed.tool_calls = parsed.tool_calls[:1]
         return parsed
@@ -264,8 +302,6 @@ def _message(text: str, tooling: ToolUse | None) -> dict[str, Any]:
         if parsed.tool_calls:
             message["content"] = parsed.content
             message["tool_calls"] = parsed.tool_calls
-        elif tooling.prefix:
-            message["content"] = tooling.prefix + text  # a forced start the model did not complete
     return message
 
 
@@ -370,7 +406,7 @@ async def _events(
             if message.get("event") == "delta":
                 index, piece = message["index"], message["text"]
                 if tooling is not None:
-                    text = texts[index] = texts.get(index, tooling.prefix) + piece
+                    text = texts[index] = texts.get(index, "") + piece
                     start = text.find(OPEN)
                     limit = start if start >= 0 else len(text) - held_back(text)
                     piece, sent[index] = text[sent.get(index, 0) : limit], max(sent.get(index, 0), limit)
@@ -395,7 +431,7 @@ async def _events(
                             delta: dict[str, Any] = {"tool_calls": calls}
                             finish = "tool_calls" if finish == "stop" else finish
                         else:  # what was held back, since it was no call after all
-                            delta = {"content": (tooling.prefix + c["text"])[sent.get(c["index"], 0) :]}
+                            delta = {"content": c["text"][sent.get(c["index"], 0) :]}
                         if delta.get("tool_calls") or delta.get("content"):
                             yield chunk(
                                 [{"index": c["index"], "delta": delta, "logprobs": None, "finish_reason": None}]

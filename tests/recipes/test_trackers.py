@@ -72,7 +72,10 @@ def wandb_history(run: Path, key: str) -> dict[int, float]:
     history = {}
     for record in wandb_records(run):
         if record.WhichOneof("record_type") == "history":
-            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            items = {
+                item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                for item in record.history.item
+            }
             if key in items:
                 history[int(items["_step"])] = float(items[key])
     return history
@@ -89,7 +92,9 @@ def wandb_summary_keys(run: Path) -> set[str]:
 def test_every_tracker_holds_what_metrics_jsonl_holds(chat_files, tmp_path: Path) -> None:
     train, valid = chat_files
     out = tmp_path / "runs" / "sft"
-    sft.run(None, config(train, valid, out, epochs=1, report_to="tensorboard,mlflow,wandb", tracking_tags="a,b"))
+    sft.run(
+        None, config(train, valid, out, epochs=1, report_to="tensorboard,mlflow,wandb", tracking_tags="a,b")
+    )
     expected = losses(out)
     assert len(expected) == 6
     # TensorBoard: the same series, step by step
@@ -141,7 +146,9 @@ def test_report_to_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> Non
         trackers.check_report_to("tensorboard,comet")
     trackers.check_report_to("none")
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a)
+    )
     with pytest.raises(TuneryError, match=r"pip install 'tunery\[mlflow\]'"):
         trackers.check_report_to("mlflow")
 
@@ -182,7 +189,18 @@ def test_other_recipes_report_too(method: str, tmp_path: Path) -> None:
     ]
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
     out = tmp_path / method
-    argv = ["train", method, "--model", "tiny-random", "--data", str(data), "--out", str(out), "--max-steps", "2"]
+    argv = [
+        "train",
+        method,
+        "--model",
+        "tiny-random",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+    ]
     argv += ["--report-to", "tensorboard", "--batch-size", "4"]
     if method == "dpo":
         argv += ["--safety-evals", "none"]

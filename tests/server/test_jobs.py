@@ -452,5 +452,8 @@ def test_wandb_integration_reports_the_run_to_weights_and_biases(api: Api, setti
         ({"type": "wandb", "wandb": {}}, "integrations.0.wandb.project"),
         ({"type": "wandb", "wandb": {"project": "p", "tags": ["a,b"]}}, "integrations.0.wandb.tags.0"),
     ):
-        r = api.post("/fine_tuning/jobs", json={"model": "tiny-random", "training_file": training, "integrations": [bad]})
+        r = api.post(
+            "/fine_tuning/jobs",
+            json={"model": "tiny-random", "training_file": training, "integrations": [bad]},
+        )
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.json())

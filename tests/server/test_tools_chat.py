@@ -26,7 +26,11 @@ TOOLS = [
     },
     {"type": "function", "function": {"name": "book_service", "parameters": {"type": "object"}}},
 ]
-CALL = {"id": "c", "type": "function", "function": {"name": "get_order", "arguments": json.dumps({"order_id": "A1"})}}
+CALL = {
+    "id": "c",
+    "type": "function",
+    "function": {"name": "get_order", "arguments": json.dumps({"order_id": "A1"})},
+}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +60,9 @@ QUESTION = [{"role": "user", "content": "Where is order 77?"}]
 
 
 def test_a_tool_call_round_trips(client: openai.OpenAI) -> None:
-    reply = client.chat.completions.create(model="tool-bot", messages=QUESTION, tools=TOOLS, max_tokens=100, temperature=0)  # type: ignore[arg-type]
+    reply = client.chat.completions.create(
+        model="tool-bot", messages=QUESTION, tools=TOOLS, max_tokens=100, temperature=0
+    )  # type: ignore[arg-type]
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice.message
     [call] = choice.message.tool_calls or []
@@ -71,7 +77,12 @@ def test_a_tool_call_round_trips(client: openai.OpenAI) -> None:
 
 def test_a_streamed_tool_call(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
-        model="tool-bot", messages=QUESTION, tools=TOOLS, max_tokens=100, temperature=0, stream=True  # type: ignore[arg-type]
+        model="tool-bot",
+        messages=QUESTION,
+        tools=TOOLS,
+        max_tokens=100,
+        temperature=0,
+        stream=True,  # type: ignore[arg-type]
     )
     content, calls, finish = "", {}, None
     for chunk in stream:
@@ -88,7 +99,9 @@ def test_a_streamed_tool_call(client: openai.OpenAI) -> None:
 
 def test_tool_choice_and_parallel_calls(client: openai.OpenAI) -> None:
     # none: the tools are not offered, so no call is read back
-    reply = client.chat.completions.create(model="tool-bot", messages=QUESTION, tools=TOOLS, tool_choice="none", max_tokens=20, temperature=0)  # type: ignore[arg-type]
+    reply = client.chat.completions.create(
+        model="tool-bot", messages=QUESTION, tools=TOOLS, tool_choice="none", max_tokens=20, temperature=0
+    )  # type: ignore[arg-type]
     assert reply.choices[0].message.tool_calls is None and reply.choices[0].finish_reason != "tool_calls"
     # a named function: the reply is made to start as a call of it
     forced = client.chat.completions.create(
@@ -110,13 +123,18 @@ def test_bad_tool_requests_name_the_field(client: openai.OpenAI) -> None:
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(model="tool-bot", messages=QUESTION, max_tokens=4, **extra)  # type: ignore[arg-type]
         assert caught.value.body["param"] == param, (extra, caught.value.body)  # type: ignore[index]
-    bad_history = [*QUESTION, {"role": "assistant", "tool_calls": [{"id": "x", "type": "function", "function": {}}]}]
+    bad_history = [
+        *QUESTION,
+        {"role": "assistant", "tool_calls": [{"id": "x", "type": "function", "function": {}}]},
+    ]
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="tool-bot", messages=bad_history, max_tokens=4)  # type: ignore[arg-type]
     assert caught.value.body["param"] == "messages[1].tool_calls[0]"  # type: ignore[index]
 
 
-def test_tool_calls_in_the_history_render_for_a_model_without_tools(client: openai.OpenAI, tmp_path: Path) -> None:
+def test_tool_calls_in_the_history_render_for_a_model_without_tools(
+    client: openai.OpenAI, tmp_path: Path
+) -> None:
     """A conversation with earlier calls and results, to a base model with tools off: still answered."""
     history = [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [CALL]},
                {"role": "tool", "tool_call_id": "c", "content": "shipped"}]  # fmt: skip
@@ -139,7 +157,11 @@ def test_a_json_schema_answer_always_parses(client: openai.OpenAI) -> None:
     response_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
     for seed in range(3):
         reply = client.chat.completions.create(
-            model="tiny-random", messages=QUESTION, response_format=response_format, max_tokens=60, seed=seed  # type: ignore[arg-type]
+            model="tiny-random",
+            messages=QUESTION,
+            response_format=response_format,
+            max_tokens=60,
+            seed=seed,  # type: ignore[arg-type]
         )
         choice = reply.choices[0]
         answer = json.loads(choice.message.content or "")
@@ -148,7 +170,11 @@ def test_a_json_schema_answer_always_parses(client: openai.OpenAI) -> None:
     streamed = "".join(
         c.choices[0].delta.content or ""
         for c in client.chat.completions.create(
-            model="tiny-random", messages=QUESTION, response_format=response_format, max_tokens=60, stream=True  # type: ignore[arg-type]
+            model="tiny-random",
+            messages=QUESTION,
+            response_format=response_format,
+            max_tokens=60,
+            stream=True,  # type: ignore[arg-type]
         )
         if c.choices
     )
@@ -164,7 +190,9 @@ def test_the_clients_pydantic_parse(client: openai.OpenAI) -> None:
         city: Literal["Paris", "Oslo"]
         open: bool
 
-    reply = client.chat.completions.parse(model="tiny-random", messages=QUESTION, response_format=City, max_tokens=60)  # type: ignore[arg-type]
+    reply = client.chat.completions.parse(
+        model="tiny-random", messages=QUESTION, response_format=City, max_tokens=60
+    )  # type: ignore[arg-type]
     assert isinstance(reply.choices[0].message.parsed, City)
 
 

@@ -78,7 +78,9 @@ def test_every_family_reads_back_with_the_same_logits(family: str, tmp_path: Pat
 
 
 def test_what_llama_cpp_cannot_express_is_named(tmp_path: Path) -> None:
-    model, tokenizer = family_model("gemma2", llama_cpp_layout=False)  # query_pre_attn_scalar 256, head_dim 16
+    model, tokenizer = family_model(
+        "gemma2", llama_cpp_layout=False
+    )  # query_pre_attn_scalar 256, head_dim 16
     report = export_gguf(model, tokenizer, tmp_path / "g.gguf", "f16")
     assert any("query_pre_attn_scalar = 256" in w for w in report.warnings)
     model, tokenizer = family_model("mistral")
@@ -131,7 +133,22 @@ def test_export_a_lora_run_to_gguf_with_a_modelfile(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "ollama" / "support.gguf"
-    assert main(["export", "--adapter", str(run_dir), "--gguf", str(out), "--quant", "q8_0", "--ollama", "--check"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--adapter",
+                str(run_dir),
+                "--gguf",
+                str(out),
+                "--quant",
+                "q8_0",
+                "--ollama",
+                "--check",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert f"wrote {out} (llama, q8_0" in printed and "transformers: logits max |diff|" in printed
     text = (out.parent / "support.Modelfile").read_text()
@@ -155,7 +172,11 @@ def test_export_a_lora_run_to_gguf_with_a_modelfile(
     ],
 )
 def test_export_refuses_bad_flags(
-    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    argv: list[str],
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(["export", "--model", "tiny-random", *argv]) != 0

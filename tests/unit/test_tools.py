@@ -24,7 +24,11 @@ CHAT = {
             "role": "assistant",
             "content": None,
             "tool_calls": [
-                {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
+                }
             ],
         },
         {"role": "tool", "tool_call_id": "c1", "content": "18C"},
@@ -36,14 +40,26 @@ CHAT = {
 
 def test_calls_are_read_back_into_openai_objects() -> None:
     text = 'Let me check.<tool_call>{"name": "weather", "arguments": {"city": "Paris"}}</tool_call>'
-    parsed = parse_tool_calls(text + '<tool_call>{"name": "weather", "arguments": {"city": "Oslo"}}</tool_call>')
+    parsed = parse_tool_calls(
+        text + '<tool_call>{"name": "weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    )
     assert parsed.content == "Let me check."
-    assert [json.loads(c["function"]["arguments"]) for c in parsed.tool_calls] == [{"city": "Paris"}, {"city": "Oslo"}]
+    assert [json.loads(c["function"]["arguments"]) for c in parsed.tool_calls] == [
+        {"city": "Paris"},
+        {"city": "Oslo"},
+    ]
     call = parsed.tool_calls[0]
-    assert call["type"] == "function" and call["id"].startswith("call_") and call["function"]["name"] == "weather"
+    assert (
+        call["type"] == "function"
+        and call["id"].startswith("call_")
+        and call["function"]["name"] == "weather"
+    )
     assert parsed.tool_calls[0]["id"] != parsed.tool_calls[1]["id"]
     # a bare JSON object with name and arguments (another common convention)
-    assert parse_tool_calls('{"name": "weather", "arguments": {}}').tool_calls[0]["function"]["arguments"] == "{}"
+    assert (
+        parse_tool_calls('{"name": "weather", "arguments": {}}').tool_calls[0]["function"]["arguments"]
+        == "{}"
+    )
     # not a call: broken JSON, an unknown function, no name
     for text in ('<tool_call>{"name": "weather", </tool_call>', '<tool_call>{"name": "nope"}</tool_call>',
                  '<tool_call>{"arguments": {}}</tool_call>', "It is sunny."):  # fmt: skip
@@ -56,10 +72,14 @@ def test_a_template_without_tools_gets_them_in_the_system_message() -> None:
     assert not native_tools(tokenizer)
     messages, tools = with_tools(tokenizer, CHAT["messages"], TOOLS)
     assert tools is None and messages[0]["role"] == "system" and '"name": "weather"' in messages[0]["content"]
-    assert messages[2]["content"] == '<tool_call>{"name": "weather", "arguments": {"city": "Paris"}}</tool_call>'
+    assert (
+        messages[2]["content"] == '<tool_call>{"name": "weather", "arguments": {"city": "Paris"}}</tool_call>'
+    )
     assert messages[3] == {"role": "tool", "content": "18C"}  # ChatML renders the tool role
     # an existing system message gets the tools after its own text
-    with_system, _ = with_tools(tokenizer, [{"role": "system", "content": "Be brief."}, *CHAT["messages"]], TOOLS)
+    with_system, _ = with_tools(
+        tokenizer, [{"role": "system", "content": "Be brief."}, *CHAT["messages"]], TOOLS
+    )
     assert with_system[0]["content"].startswith("Be brief.\n\n") and len(with_system) == 5
 
 
@@ -84,8 +104,10 @@ def test_training_learns_the_call_and_sees_the_tools() -> None:
     assert "<tools>" in full and "18C<|im_end|>" in full
     chat = tokenize_chat(tokenizer, example)
     text = tokenizer.decode([t for t, m in zip(chat.input_ids, chat.label_mask, strict=True) if m])
-    assert "</tool_call><|im_end|>" in text and "<tools>" not in text and "18C<|im_end|>" not in text.replace(
-        "It is 18C in Paris.<|im_end|>", ""
+    assert (
+        "</tool_call><|im_end|>" in text
+        and "<tools>" not in text
+        and "18C<|im_end|>" not in text.replace("It is 18C in Paris.<|im_end|>", "")
     )
     # the service renders the same prompt as training does, up to the answer
     prompt = tokenizer.decode(prompt_ids(tokenizer, CHAT["messages"][:1], TOOLS))
@@ -94,4 +116,6 @@ def test_training_learns_the_call_and_sees_the_tools() -> None:
 
 def test_streaming_holds_back_what_may_start_a_call() -> None:
     assert held_back("Sure <tool") == len("<tool")
-    assert held_back("Sure <") == 1 and held_back("Sure") == 0 and held_back("<tool_call") == len("<tool_call")
+    assert (
+        held_back("Sure <") == 1 and held_back("Sure") == 0 and held_back("<tool_call") == len("<tool_call")
+    )

@@ -38,7 +38,9 @@ def test_space_kinds() -> None:
         ("lr", "loguniform"), ("lora_rank", "choice"), ("epochs", "int"), ("warmup_ratio", "uniform"),
         ("schedule", "choice"),
     ]  # fmt: skip
-    assert space[0].low == 1e-5 and space[1].choices == (8, 16, 32) and space[4].choices == ("cosine", "linear")
+    assert (
+        space[0].low == 1e-5 and space[1].choices == (8, 16, 32) and space[4].choices == ("cosine", "linear")
+    )
 
 
 @pytest.mark.parametrize(
@@ -124,7 +126,10 @@ def test_the_pruner_stops_a_trial_behind_the_others(tmp_path: Path, monkeypatch:
     states = [t.state.name for t in study.get_trials()]
     assert states == ["COMPLETE", "COMPLETE", "PRUNED"]
     pruned = study.trials[2]
-    steps = [json.loads(line)["step"] for line in (tmp_path / "trial-002" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "trial-002" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert max(steps) < 6 and not (tmp_path / "trial-002" / "summary.json").exists()  # SIGTERM, not the end
     assert pruned.user_attrs["pruned_at_step"] == pruned.last_step
 
@@ -171,7 +176,9 @@ def test_a_dead_workers_trial_is_tried_again(tmp_path: Path, monkeypatch: pytest
     study = run_search(s)
     trials = study.get_trials()
     assert trials[0].state.name == "FAIL" and trials[1].state.name == "COMPLETE"
-    assert trials[1].params == {"lr": lr} and calls(tmp_path) == [{"run": "trial-000", "resume": True, "sets": {}}]
+    assert trials[1].params == {"lr": lr} and calls(tmp_path) == [
+        {"run": "trial-000", "resume": True, "sets": {}}
+    ]
 
 
 def test_parallel_trials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -207,7 +214,25 @@ def test_tune_refuses_before_running(tmp_path: Path, capsys: pytest.CaptureFixtu
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump({"model": "tiny-random", "data": "train.jsonl"}))
     out = str(tmp_path / "t")
-    assert main(["tune", "--config", str(base), "--trials", "2", "--space", "lr=loguniform(1e-4,1e-2)", "--out", out]) != 0
+    assert (
+        main(
+            [
+                "tune",
+                "--config",
+                str(base),
+                "--trials",
+                "2",
+                "--space",
+                "lr=loguniform(1e-4,1e-2)",
+                "--out",
+                out,
+            ]
+        )
+        != 0
+    )
     assert "give the base config a `valid` file" in capsys.readouterr().err
-    assert main(["tune", "--config", str(base), "--trials", "2", "--space", "data=choice(a,b)", "--out", out]) != 0
+    assert (
+        main(["tune", "--config", str(base), "--trials", "2", "--space", "data=choice(a,b)", "--out", out])
+        != 0
+    )
     assert "not a hyperparameter" in capsys.readouterr().err

@@ -298,7 +298,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise TuneryError(f"{out} is not empty; choose a new --out directory")
     model_name = args.model or _adapter_base_model(args.adapter)
     if not model_name and not args.adapter:
-        raise TuneryError("export needs --adapter RUN (a LoRA run) or --model (a model or full fine-tune run)")
+        raise TuneryError(
+            "export needs --adapter RUN (a LoRA run) or --model (a model or full fine-tune run)"
+        )
     model_name = model_name or "smollm2-135m-instruct"
     check_model_and_adapters(model_name, args.adapter)
     from tunery.models.load import load_model
@@ -348,7 +350,9 @@ def _export_gguf(model: Any, tokenizer: Any, args: argparse.Namespace, name: str
     out = Path(args.gguf)
     report = export_gguf(model, tokenizer, out, args.quant, name)
     size = report.bytes / 1e6
-    print(f"wrote {out} ({report.arch}, {args.quant}, {size:.1f} MB, {report.tensors} tensors, {report.seconds:.1f} s)")
+    print(
+        f"wrote {out} ({report.arch}, {args.quant}, {size:.1f} MB, {report.tensors} tensors, {report.seconds:.1f} s)"
+    )
     for warning in report.warnings:
         print(f"  warning: {warning}")
     if report.at_f16:
@@ -368,7 +372,9 @@ def export_flags(p: argparse.ArgumentParser) -> None:
     from tunery.models.gguf_export import QUANTS
 
     p.add_argument("--adapter", help="a LoRA run directory (or its checkpoint) to merge into its base model")
-    p.add_argument("--model", help="the base model (default: the one the run trained) or a full fine-tune run")
+    p.add_argument(
+        "--model", help="the base model (default: the one the run trained) or a full fine-tune run"
+    )
     p.add_argument("--gguf", metavar="FILE", help="write one GGUF file for llama.cpp and Ollama")
     p.add_argument(
         "--quant",
@@ -376,7 +382,9 @@ def export_flags(p: argparse.ArgumentParser) -> None:
         metavar="TYPE",
         help=f"GGUF precision: {', '.join(QUANTS)} (k-quants need `make llama-cpp`)",
     )
-    p.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile beside the GGUF file")
+    p.add_argument(
+        "--ollama", action="store_true", help="also write an Ollama Modelfile beside the GGUF file"
+    )
     p.add_argument(
         "--check",
         action="store_true",

@@ -83,7 +83,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def tune_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", choices=METHODS, default="sft", help="the recipe each trial runs (default sft)")
+    p.add_argument(
+        "--method", choices=METHODS, default="sft", help="the recipe each trial runs (default sft)"
+    )
     p.add_argument("--config", help="the base config (YAML) every trial starts from")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a config field every trial shares")
     p.add_argument(
@@ -94,12 +96,18 @@ def tune_flags(p: argparse.ArgumentParser) -> None:
         help='e.g. "lr=loguniform(1e-5,1e-3)" "lora_rank=choice(8,16,32)" "epochs=int(1,4)"; '
         "KIND: loguniform, uniform, int, logint, choice",
     )
-    p.add_argument("--trials", type=int, required=True, help="finished trials wanted, over every run of the study")
+    p.add_argument(
+        "--trials", type=int, required=True, help="finished trials wanted, over every run of the study"
+    )
     p.add_argument("--out", required=True, help="the study's directory: trial-NNN runs, logs, results")
-    p.add_argument("--metric", default="valid_loss", help="the periodic held-out metric (the value: full_<metric>)")
+    p.add_argument(
+        "--metric", default="valid_loss", help="the periodic held-out metric (the value: full_<metric>)"
+    )
     p.add_argument("--direction", choices=("minimize", "maximize"), default="minimize")
     p.add_argument("--parallel", type=int, default=1, help="trials at once from this process (default 1)")
-    p.add_argument("--storage", help="optuna storage URL (default sqlite:///OUT/study.db; PostgreSQL to share)")
+    p.add_argument(
+        "--storage", help="optuna storage URL (default sqlite:///OUT/study.db; PostgreSQL to share)"
+    )
     p.add_argument("--study", help="the study's name in the storage (default: OUT's name)")
     p.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median")
     p.add_argument("--sampler", choices=("tpe", "random"), default="tpe")

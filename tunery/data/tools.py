@@ -18,6 +18,7 @@ with `name` and `arguments`, the other common convention), into OpenAI's `tool_c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -38,7 +39,8 @@ def renders_tool_role(tokenizer: Any) -> bool:
     """Whether the template renders a `tool` message (ChatML does; Gemma's raises on unknown roles)."""
     try:
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "a"}, {"role": "tool", "content": "TUNERYTOOLRESULT"}], tokenize=False
+            [{"role": "user", "content": "a"}, {"role": "tool", "content": "TUNERYTOOLRESULT"}],
+            tokenize=False,
         )
     except Exception:  # noqa: BLE001 (a template that raises on the role)
         return False
@@ -59,10 +61,8 @@ def call_text(call: dict[str, Any]) -> str:
     function = call.get("function", call)
     arguments = function.get("arguments", {})
     if isinstance(arguments, str):
-        try:
+        with contextlib.suppress(json.JSONDecodeError):  # else kept as the string it is
             arguments = json.loads(arguments)
-        except json.JSONDecodeError:
-            pass  # kept as the string it is
     body = json.dumps({"name": function.get("name"), "arguments": arguments}, ensure_ascii=False)
     return f"{OPEN}{body}{CLOSE}"
 
@@ -84,7 +84,10 @@ def with_tools(
             if tool_role is None:
                 tool_role = renders_tool_role(tokenizer)
             if not tool_role:
-                message = {"role": "user", "content": f"<tool_response>{message.get('content') or ''}</tool_response>"}
+                message = {
+                    "role": "user",
+                    "content": f"<tool_response>{message.get('content') or ''}</tool_response>",
+                }
             else:
                 message = {"role": "tool", "content": message.get("content") or ""}
         message.pop("tool_call_id", None)
@@ -115,7 +118,11 @@ def _call(raw: Any) -> dict[str, Any] | None:
     arguments = raw.get("arguments", raw.get("parameters", {}))
     if not isinstance(arguments, str):
         arguments = json.dumps(arguments, ensure_ascii=False)
-    return {"id": new_call_id(), "type": "function", "function": {"name": raw["name"], "arguments": arguments}}
+    return {
+        "id": new_call_id(),
+        "type": "function",
+        "function": {"name": raw["name"], "arguments": arguments},
+    }
 
 
 def parse_tool_calls(text: str, names: set[str] | None = None) -> ParsedReply:
@@ -126,10 +133,8 @@ def parse_tool_calls(text: str, names: set[str] | None = None) -> ParsedReply:
     position = 0
     for match in BLOCK.finditer(text):
         call = None
-        try:
+        with contextlib.suppress(json.JSONDecodeError):
             call = _call(json.loads(match.group(1)))
-        except json.JSONDecodeError:
-            pass
         if call is not None and (names is None or call["function"]["name"] in names):
             kept.append(text[position : match.start()])
             calls.append(call)

@@ -107,7 +107,9 @@ def llama_cpp_missing() -> bool:
     return importlib.util.find_spec("llama_cpp") is None
 
 
-def export_gguf(model: Any, tokenizer: Any, out: Path, quant: str = "f16", name: str | None = None) -> GgufReport:
+def export_gguf(
+    model: Any, tokenizer: Any, out: Path, quant: str = "f16", name: str | None = None
+) -> GgufReport:
     """Write `model` (a merged transformers model) and its tokenizer to `out`, atomically."""
     check_quant(quant)
     model_type = model.config.model_type
@@ -151,12 +153,19 @@ def differences(config: Any, arch: Arch) -> list[str]:
                 f"1/sqrt(query_pre_attn_scalar = {scalar})"
             )
     if arch.name == "gemma3":
-        usual = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(config.num_hidden_layers)]
+        usual = [
+            "full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+            for i in range(config.num_hidden_layers)
+        ]
         if list(getattr(config, "layer_types", usual) or usual) != usual:
-            found.append("llama.cpp gives Gemma 3 full attention on every 6th layer; this model's layers differ")
+            found.append(
+                "llama.cpp gives Gemma 3 full attention on every 6th layer; this model's layers differ"
+            )
     window = getattr(config, "sliding_window", None)
     if arch.name == "llama" and window and window < config.max_position_embeddings:
-        found.append(f"llama.cpp attends over the whole context; this model over a sliding window of {window}")
+        found.append(
+            f"llama.cpp attends over the whole context; this model over a sliding window of {window}"
+        )
     return found
 
 
@@ -187,11 +196,14 @@ def _rope_theta(config: Any) -> float:
 def _interleave_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """transformers' rotate-half layout (each head's first and second halves) -> llama.cpp's (pairs)."""
     rows = weight.shape[0]
-    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
 
 
 def _tensor_type(quant: str, name: str, shape: tuple[int, ...]) -> Any:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as T
 
     if len(shape) < 2:
         return T.F32
@@ -242,9 +254,12 @@ def _tensors(model: Any, arch: Arch) -> list[tuple[str, torch.Tensor]]:
     return result
 
 
-def _write(model: Any, tokenizer: Any, arch: Arch, path: Path, quant: str, name: str) -> tuple[list[str], int]:
+def _write(
+    model: Any, tokenizer: Any, arch: Arch, path: Path, quant: str, name: str
+) -> tuple[list[str], int]:
     import gguf
-    from gguf import GGMLQuantizationType as T, quants
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
 
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer announces each file at INFO
     writer = gguf.GGUFWriter(path, arch.name)
@@ -451,7 +466,9 @@ class Agreement:
     same_tokens: bool | None  # the reader's tokenizer splits the texts as the model's does (None: not read)
 
     def line(self) -> str:
-        tokens = "" if self.same_tokens is None else f", tokens {'identical' if self.same_tokens else 'DIFFER'}"
+        tokens = (
+            "" if self.same_tokens is None else f", tokens {'identical' if self.same_tokens else 'DIFFER'}"
+        )
         return (
             f"{self.reader}: logits max |diff| {self.max_abs:.3g}, mean {self.mean_abs:.3g}, "
             f"top-1 agreement {self.top1:.1%}{tokens}"
@@ -471,11 +488,15 @@ def _texts(tokenizer: Any, texts: list[str] | None) -> list[str]:
     if texts:
         return texts
     if tokenizer.chat_template:
-        return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in SAMPLE_CHATS]
+        return [
+            tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in SAMPLE_CHATS
+        ]
     return ["The refund policy allows returns within 30 days.", "What is 12 + 30?"]
 
 
-def _agreement(reader: str, expected: list[torch.Tensor], got: list[torch.Tensor], same: bool | None) -> Agreement:
+def _agreement(
+    reader: str, expected: list[torch.Tensor], got: list[torch.Tensor], same: bool | None
+) -> Agreement:
     diffs = [(a - b).abs() for a, b in zip(expected, got, strict=True)]
     top1 = torch.cat([(a.argmax(-1) == b.argmax(-1)).float() for a, b in zip(expected, got, strict=True)])
     return Agreement(
@@ -511,7 +532,10 @@ def compare_logits(path: Path, model: Any, tokenizer: Any, texts: list[str] | No
     merges = json.loads(tokenizer.backend_tokenizer.to_str()).get("model", {}).get("merges")
     if merges and model.config.model_type in BYTE_LEVEL_READERS:
         theirs = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        same = all(theirs(t, return_tensors="pt").input_ids.tolist() == i.tolist() for t, i in zip(texts, ids))
+        same = all(
+            theirs(t, return_tensors="pt").input_ids.tolist() == i.tolist()
+            for t, i in zip(texts, ids, strict=True)
+        )
     with torch.no_grad():
         got = [loaded(i).logits[0].float() for i in ids]
     readers = [_agreement("transformers", expected, got, same)]
@@ -523,16 +547,24 @@ def compare_logits(path: Path, model: Any, tokenizer: Any, texts: list[str] | No
     return LogitCheck(readers, skipped)
 
 
-def _llama_cpp_agreement(path: Path, expected: list[torch.Tensor], ids: list[torch.Tensor], texts: list[str]) -> Agreement:
+def _llama_cpp_agreement(
+    path: Path, expected: list[torch.Tensor], ids: list[torch.Tensor], texts: list[str]
+) -> Agreement:
     from llama_cpp import Llama
 
     longest = max(i.shape[1] for i in ids)
     with _quiet_native_output():
-        llm = Llama(str(path), n_ctx=max(64, longest + 8), logits_all=True, verbose=False, n_threads=os.cpu_count())
+        llm = Llama(
+            str(path), n_ctx=max(64, longest + 8), logits_all=True, verbose=False, n_threads=os.cpu_count()
+        )
     same = True
     got = []
     for text, tokens in zip(texts, ids, strict=True):
-        theirs = llm.tokenize(text.encode(), add_bos=bool(llm.metadata.get("tokenizer.ggml.add_bos_token") == "true"), special=True)
+        theirs = llm.tokenize(
+            text.encode(),
+            add_bos=bool(llm.metadata.get("tokenizer.ggml.add_bos_token") == "true"),
+            special=True,
+        )
         same = same and theirs == tokens[0].tolist()
         llm.reset()
         llm.eval(tokens[0].tolist())

@@ -59,7 +59,11 @@ def derive_turns(render: Render) -> Turns:
     except ValueError as exc:
         raise TuneryError(f"the chat template does not show each message's content once ({exc})") from exc
     user_suffix, assistant_suffix = user_end, assistant_end
-    if not (prompted_end.startswith(user_suffix) and ua.startswith(user_suffix) and au.startswith(assistant_suffix)):
+    if not (
+        prompted_end.startswith(user_suffix)
+        and ua.startswith(user_suffix)
+        and au.startswith(assistant_suffix)
+    ):
         raise TuneryError("the chat template's turns could not be told apart for an Ollama TEMPLATE")
     generation = prompted_end[len(user_suffix) :]
     assistant_prefix = ua[len(user_suffix) :]
@@ -85,22 +89,27 @@ def derive_turns(render: Render) -> Turns:
 
 def _literal(text: str) -> str:
     if "{{" in text or "}}" in text:
-        raise TuneryError("the chat template's own text contains '{{' or '}}', which a Go template cannot hold")
+        raise TuneryError(
+            "the chat template's own text contains '{{' or '}}', which a Go template cannot hold"
+        )
     return text
 
 
 def go_template(turns: Turns) -> str:
     """One line of Go template, no whitespace trimming (`{{-` would eat the template's own newlines)."""
-    t = {k: _literal(v) for k, v in {
-        "opening": turns.opening,
-        "up": turns.user[0],
-        "us": turns.user[1],
-        "ap": turns.assistant[0],
-        "as": turns.assistant[1],
-        "gen": turns.generation,
-        "s0": turns.system[0],
-        "s1": turns.system[1],
-    }.items()}
+    t = {
+        k: _literal(v)
+        for k, v in {
+            "opening": turns.opening,
+            "up": turns.user[0],
+            "us": turns.user[1],
+            "ap": turns.assistant[0],
+            "as": turns.assistant[1],
+            "gen": turns.generation,
+            "s0": turns.system[0],
+            "s1": turns.system[1],
+        }.items()
+    }
     find_system = '{{ $system := "" }}{{ range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}{{ end }}'
     assistant = f'{{{{ else if eq .Role "assistant" }}}}{t["ap"]}{{{{ .Content }}}}{t["as"]}{{{{ end }}}}'
     if turns.system_inline:
@@ -109,15 +118,15 @@ def go_template(turns: Turns) -> str:
             + t["opening"]
             + "{{ $first := true }}{{ range .Messages }}"
             + f'{{{{ if eq .Role "user" }}}}{t["up"]}'
-            + f'{{{{ if and $first $system }}}}{{{{ $system }}}}{t["s1"]}{{{{ end }}}}{{{{ $first = false }}}}'
-            + f'{{{{ .Content }}}}{t["us"]}'
+            + f"{{{{ if and $first $system }}}}{{{{ $system }}}}{t['s1']}{{{{ end }}}}{{{{ $first = false }}}}"
+            + f"{{{{ .Content }}}}{t['us']}"
             + assistant
             + "{{ end }}"
             + t["gen"]
         )
     return (
         find_system
-        + f'{{{{ if $system }}}}{t["s0"]}{{{{ $system }}}}{t["s1"]}{{{{ else }}}}{t["opening"]}{{{{ end }}}}'
+        + f"{{{{ if $system }}}}{t['s0']}{{{{ $system }}}}{t['s1']}{{{{ else }}}}{t['opening']}{{{{ end }}}}"
         + "{{ range .Messages }}"
         + f'{{{{ if eq .Role "user" }}}}{t["up"]}{{{{ .Content }}}}{t["us"]}'
         + assistant

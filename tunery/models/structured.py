@@ -24,6 +24,17 @@ import torch
 from tunery.errors import TuneryError
 
 
+def _xgrammar() -> Any:
+    try:
+        import xgrammar
+    except ImportError as exc:
+        raise TuneryError(
+            "structured output needs xgrammar: `make install` installs it (or pip install --no-deps "
+            "xgrammar==0.2.9 apache-tvm-ffi)"
+        ) from exc
+    return xgrammar
+
+
 class InvalidGrammar(TuneryError):
     """A schema xgrammar cannot compile: the request's fault (a 400 naming `param`)."""
 
@@ -41,14 +52,13 @@ class Grammar:
     control: torch.Tensor
 
     def matchers(self, n: int) -> list[Any]:
-        import xgrammar as xgr
-
+        xgr = _xgrammar()
         return [xgr.GrammarMatcher(self.compiled) for _ in range(n)]
 
 
 @functools.lru_cache(maxsize=4)
 def _compiler(tokenizer: Any, vocab_size: int, stops: tuple[int, ...]) -> tuple[Any, torch.Tensor]:
-    import xgrammar as xgr
+    xgr = _xgrammar()
 
     info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=list(stops))
     control = torch.zeros(vocab_size, dtype=torch.bool)
@@ -59,7 +69,11 @@ def _compiler(tokenizer: Any, vocab_size: int, stops: tuple[int, ...]) -> tuple[
 
 
 def json_grammar(
-    tokenizer: Any, vocab_size: int, stops: set[int], schema: dict[str, Any] | None, param: str = "response_format"
+    tokenizer: Any,
+    vocab_size: int,
+    stops: set[int],
+    schema: dict[str, Any] | None,
+    param: str = "response_format",
 ) -> Grammar:
     """A grammar for a JSON value matching `schema` (None: any JSON object)."""
     compiler, control = _compiler(tokenizer, vocab_size, tuple(sorted(stops)))
@@ -67,7 +81,9 @@ def json_grammar(
     try:
         compiled = compiler.compile_json_schema(text, any_whitespace=False, strict_mode=True)
     except Exception as exc:  # noqa: BLE001 (xgrammar raises RuntimeError and ValueError for bad schemas)
-        raise InvalidGrammar(f"the JSON schema cannot be used for constrained decoding: {exc}", param) from exc
+        raise InvalidGrammar(
+            f"the JSON schema cannot be used for constrained decoding: {exc}", param
+        ) from exc
     return Grammar(compiled, vocab_size, control)
 
 
@@ -76,21 +92,27 @@ def tool_call_grammar(
 ) -> Grammar:
     """A grammar for one `<tool_call>{"name": N, "arguments": {...}}</tool_call>` of a function in `names`,
     its arguments matching the function's parameters schema (any JSON object when it has none)."""
-    import xgrammar as xgr
+    xgr = _xgrammar()
 
     compiler, control = _compiler(tokenizer, vocab_size, tuple(sorted(stops)))
     schemas = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in tools}
     options = []
     try:
         for name in names:
-            head = xgr.Grammar.from_ebnf("root ::= " + json.dumps('<tool_call>{"name": ' + json.dumps(name) + ', "arguments": '))
-            body = xgr.Grammar.from_json_schema(json.dumps(schemas[name]), any_whitespace=False, strict_mode=True)
+            head = xgr.Grammar.from_ebnf(
+                "root ::= " + json.dumps('<tool_call>{"name": ' + json.dumps(name) + ', "arguments": ')
+            )
+            body = xgr.Grammar.from_json_schema(
+                json.dumps(schemas[name]), any_whitespace=False, strict_mode=True
+            )
             tail = xgr.Grammar.from_ebnf('root ::= "}</tool_call>"')
             options.append(xgr.Grammar.concat(head, body, tail))
         grammar = options[0] if len(options) == 1 else xgr.Grammar.union(*options)
         compiled = compiler.compile_grammar(grammar)
     except Exception as exc:  # noqa: BLE001
-        raise InvalidGrammar(f"a function's parameters cannot be used for constrained decoding: {exc}", "tools") from exc
+        raise InvalidGrammar(
+            f"a function's parameters cannot be used for constrained decoding: {exc}", "tools"
+        ) from exc
     return Grammar(compiled, vocab_size, control)
 
 
@@ -98,7 +120,7 @@ class Constraint:
     """The matchers of a batch's sequences, applied to each step's logits."""
 
     def __init__(self, grammar: Grammar, batch: int) -> None:
-        import xgrammar as xgr
+        xgr = _xgrammar()
 
         self.matchers = grammar.matchers(batch)
         self.bitmask = xgr.allocate_token_bitmask(batch, grammar.vocab_size)
@@ -106,7 +128,7 @@ class Constraint:
 
     def mask_(self, logits: torch.Tensor, live: list[int]) -> None:
         """Set to -inf, in place, the logits of tokens that would break row r's text (sequence live[r])."""
-        import xgrammar as xgr
+        xgr = _xgrammar()
 
         for row, i in enumerate(live):
             if i < 0:  # a finished sequence (its row is kept but not used): anything goes

@@ -134,9 +134,9 @@ class SamplingFields:
 def check_run_fields(cfg: Any) -> None:
     """The checks of the shared fields, with messages a user can act on (`__post_init__` of a config)."""
     from tunery.models.locate import adapter_dir  # torch-free
+    from tunery.run.trackers import check_report_to
     from tunery.safety.card import check_card_fields
     from tunery.safety.screen import check_policies
-    from tunery.run.trackers import check_report_to
     from tunery.training.energy import check_energy_fields
 
     check_report_to(cfg.report_to)

@@ -40,8 +40,8 @@ from tunery.models.locate import adapter_dir
 from tunery.models.lora import apply_lora, bf16_is_fast, cast_frozen, merge_adapter
 from tunery.models.quantize import load_dtype, quantize_base
 from tunery.run import files
-from tunery.run.trackers import Trackers, open_trackers
 from tunery.run.config import ChatEvalFields, HeldOutFields, Resolved, RunConfig, build_config, to_dict
+from tunery.run.trackers import Trackers, open_trackers
 from tunery.safety.card import write_model_card
 from tunery.safety.content import stop_worker
 from tunery.safety.screen import screen_run_data, screened_paths

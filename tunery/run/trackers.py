@@ -122,7 +122,9 @@ def open_trackers(
         if tracker == "tensorboard":
             opened.append(TensorBoardTracker(run_dir, config, resume_step))
         elif tracker == "mlflow":
-            mlflow = MlflowTracker(run_dir, config, ids.get("mlflow"), project, name, tag_list, mlflow_tracking_uri)
+            mlflow = MlflowTracker(
+                run_dir, config, ids.get("mlflow"), project, name, tag_list, mlflow_tracking_uri
+            )
             ids["mlflow"] = mlflow.ids
             opened.append(mlflow)
         elif tracker == "wandb":
@@ -200,7 +202,9 @@ class MlflowTracker:
                 params = [Param(k, str(v)[:6000]) for k, v in _flat(config).items()]
                 for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
                     self.client.log_batch(self.run_id, params=params[i : i + 100])
-                self.client.log_batch(self.run_id, tags=[RunTag("mlflow.note.content", f"Tunery run {run_dir}")])
+                self.client.log_batch(
+                    self.run_id, tags=[RunTag("mlflow.note.content", f"Tunery run {run_dir}")]
+                )
         except Exception as exc:  # noqa: BLE001 (a store that cannot be reached or read)
             raise TuneryError(f"--report-to mlflow: could not open MLflow at {self.uri}: {exc}") from exc
         self.ids = {"uri": self.uri, "run_id": self.run_id}
@@ -227,13 +231,16 @@ class MlflowTracker:
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def finish(self, summary: Mapping[str, Any]) -> None:
-        from mlflow.entities import Metric, RunTag
-
         import time
+
+        from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
         flat = _flat(summary)
-        final = [Metric(f"summary.{k}", v, now, int(summary.get("steps", 0) or 0)) for k, v in numbers(flat).items()]
+        final = [
+            Metric(f"summary.{k}", v, now, int(summary.get("steps", 0) or 0))
+            for k, v in numbers(flat).items()
+        ]
         for i in range(0, len(final), 500):
             self.client.log_batch(self.run_id, metrics=final[i : i + 500])
         flags = ", ".join(summary.get("safety_flags") or []) or "none"

@@ -227,7 +227,9 @@ class Worker:
         )
 
         model, tokenizer = self.load(request["model"], request.get("adapter"), request.get("base_adapter"))
-        params = SamplingParams(**request["params"], grammar=constraint(model, tokenizer, request.get("grammar")))
+        params = SamplingParams(
+            **request["params"], grammar=constraint(model, tokenizer, request.get("grammar"))
+        )
         characters = sum(len(str(m.get("content") or "")) for m in request["messages"])
         check_context_before_tokenizing(model, tokenizer, characters, params.max_new_tokens)
         prompt = prompt_ids(tokenizer, request["messages"], request.get("tools"))
@@ -323,7 +325,13 @@ def describe(exc: Exception) -> dict[str, Any]:
     from tunery.models.structured import InvalidGrammar
 
     if isinstance(exc, InvalidGrammar):
-        return {"event": "error", "status": 400, "message": str(exc), "param": exc.param, "code": "invalid_value"}
+        return {
+            "event": "error",
+            "status": 400,
+            "message": str(exc),
+            "param": exc.param,
+            "code": "invalid_value",
+        }
 
     if isinstance(exc, ContextTooLong):
         return {

@@ -162,7 +162,7 @@ class RayExecutor:
         self.address = address
         self.stop_grace_seconds = stop_grace_seconds
 
-        class Client(JobSubmissionClient):  # type: ignore[misc]
+        class Client(JobSubmissionClient):  # type: ignore[misc,unused-ignore]  # (typed or not, by version)
             def _do_request(self, *args: Any, **kwargs: Any) -> Any:  # every request with a timeout
                 kwargs.setdefault("timeout", REQUEST_SECONDS)
                 return super()._do_request(*args, **kwargs)

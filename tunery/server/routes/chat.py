@@ -14,13 +14,13 @@ from anyio import CancelScope, to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from tunery.data.tools import OPEN, ParsedReply, held_back, parse_tool_calls
 from tunery.server.auth import Caller
 from tunery.server.catalog import ResolvedModel, refuse_reward_model, resolve
 from tunery.server.deps import AppState, Auth, State, unless_gone
 from tunery.server.errors import APIError, bad_request
 from tunery.server.feedback import store_completion
 from tunery.server.routes.moderations import content_filter_on, filtered_stream, withhold_flagged
-from tunery.data.tools import OPEN, ParsedReply, held_back, parse_tool_calls
 from tunery.server.schemas import ChatRequest, ToolChoiceFunction
 from tunery.server.store import new_id, now
 
@@ -100,24 +100,30 @@ def _unsupported(body: ChatRequest) -> None:
     """Parameters that would change the answer and that Tunery cannot honour are refused, not ignored."""
     if body.tool_choice is not None and not body.tools:
         raise bad_request("tool_choice is only allowed when tools are given.", "tool_choice", "invalid_value")
-    if isinstance(body.tool_choice, ToolChoiceFunction) and body.tools:
-        if body.tool_choice.function.name not in {t.function.name for t in body.tools}:
-            raise bad_request(
-                f"tool_choice names {body.tool_choice.function.name!r}, which is not one of the tools.",
-                "tool_choice",
-                "invalid_value",
-            )
+    choice = body.tool_choice
+    if isinstance(choice, ToolChoiceFunction) and choice.function.name not in {
+        t.function.name for t in body.tools or []
+    }:
+        raise bad_request(
+            f"tool_choice names {choice.function.name!r}, which is not one of the tools.",
+            "tool_choice",
+            "invalid_value",
+        )
     kind = (body.response_format or {}).get("type")
     if kind not in (None, "text", "json_object", "json_schema"):
         raise bad_request(
-            "response_format type must be text, json_object or json_schema.", "response_format.type", "invalid_value"
+            "response_format type must be text, json_object or json_schema.",
+            "response_format.type",
+            "invalid_value",
         )
     if kind == "json_schema":
         spec = body.response_format.get("json_schema") if body.response_format else None
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
             raise bad_request(
-                "response_format json_schema needs {name, schema: {...}}.", "response_format.json_schema", "invalid_value"
+                "response_format json_schema needs {name, schema: {...}}.",
+                "response_format.json_schema",
+                "invalid_value",
             )
         if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
             raise bad_request(
@@ -413,7 +419,14 @@ async def _events(
                 streamed.setdefault(index, []).append(piece)
                 if piece:
                     yield chunk(
-                        [{"index": index, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}]
+                        [
+                            {
+                                "index": index,
+                                "delta": {"content": piece},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ]
                     )
             elif message.get("event") == "done":
                 result = message["result"]
@@ -434,7 +447,14 @@ async def _events(
                             delta = {"content": c["text"][sent.get(c["index"], 0) :]}
                         if delta.get("tool_calls") or delta.get("content"):
                             yield chunk(
-                                [{"index": c["index"], "delta": delta, "logprobs": None, "finish_reason": None}]
+                                [
+                                    {
+                                        "index": c["index"],
+                                        "delta": delta,
+                                        "logprobs": None,
+                                        "finish_reason": None,
+                                    }
+                                ]
                             )
                     logprobs = (
                         {"content": _logprobs(c["logprobs"]), "refusal": None}

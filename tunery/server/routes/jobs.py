@@ -77,7 +77,9 @@ def create_job(body: JobCreate, state: State, caller: Auth) -> dict[str, Any]:
             suffix=body.suffix,
             seed=body.seed,
             metadata=body.metadata,
-            integrations=[i.model_dump(exclude_none=True) for i in body.integrations] if body.integrations else None,
+            integrations=[i.model_dump(exclude_none=True) for i in body.integrations]
+            if body.integrations
+            else None,
             resources=body.resources.model_dump(exclude_none=True) if body.resources else None,
         )
     state.scheduler.wake()

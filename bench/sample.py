@@ -3,6 +3,7 @@ and batch 16, same prompts, same number of new tokens, same precision.
 
     python bench/sample.py                       # about 5 minutes on 2 CPU cores
     python bench/sample.py --new-tokens 32       # a quicker look
+    python bench/sample.py --llama-cpp           # batch 1 beside llama.cpp on the same weights (make llama-cpp)
 
 Every row generates exactly `--new-tokens` tokens (end-of-turn ignored in both), by sampling at
 temperature 1, so both do the same work. transformers runs with bf16 weights (the same precision as
@@ -73,6 +74,62 @@ def time_hf(model, tokenizer, ids: list[list[int]], new_tokens: int, repeats: in
     return len(ids) * new_tokens / best
 
 
+def time_llama_cpp(path: str, ids: list[list[int]], new_tokens: int, repeats: int) -> float:
+    """llama.cpp (llama-cpp-python) on a GGUF file `tunery export --gguf` wrote from the same weights: one
+    sequence at a time (its Python API decodes one), the same sampling (temperature 1, no top-k/top-p)."""
+    from llama_cpp import Llama
+
+    from tunery.models.gguf_export import _quiet_native_output
+
+    with _quiet_native_output():
+        llm = Llama(path, n_ctx=1024, n_batch=512, n_threads=os.cpu_count(), verbose=False, seed=0)
+
+    def run(prompt: list[int]) -> int:
+        made = 0
+        llm.reset()
+        for _ in llm.generate(prompt, temp=1.0, top_k=0, top_p=1.0, min_p=0.0, reset=True):
+            made += 1
+            if made == new_tokens:
+                break
+        return made
+
+    run(ids[0])  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        made = sum(run(p) for p in ids)
+        best = min(best, time.perf_counter() - start)
+        assert made == len(ids) * new_tokens
+    llm.close()
+    return len(ids) * new_tokens / best
+
+
+def llama_cpp_rows(model, tokenizer, args) -> None:  # type: ignore[no-untyped-def]
+    """Tunery's sampler beside llama.cpp on the same weights, batch 1: the CPU inference anchor."""
+    import importlib.util
+    import tempfile
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("llama.cpp: not installed (make llama-cpp), not compared")
+        return
+    from tunery.models.gguf_export import export_gguf
+    from tunery.models.load import BUNDLED, load_model
+
+    full, _ = load_model(BUNDLED)  # fp32 weights, to write the files from
+    ids = prompts(tokenizer, 1)
+    ours = time_tunery(model, tokenizer, ids, args.new_tokens, args.repeats)
+    print(
+        "| llama.cpp file | llama.cpp tok/s | Tunery tok/s (its inference precision) | Tunery / llama.cpp |"
+    )
+    print("|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for quant in ("f32", "f16", "q8_0"):
+            path = f"{tmp}/smollm2-{quant}.gguf"
+            export_gguf(full, tokenizer, path, quant)
+            theirs = time_llama_cpp(path, ids, args.new_tokens, args.repeats)
+            print(f"| {quant} | {theirs:.1f} | {ours:.1f} | {ours / theirs:.2f}x |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -80,6 +137,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--llama-cpp", action="store_true", help="only the batch-1 comparison with llama.cpp")
     args = parser.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers import AutoModelForCausalLM
@@ -87,6 +145,12 @@ def main() -> None:
     from tunery.models.load import BUNDLED, load_for_inference, resolve_model_dir
 
     ours, tokenizer = load_for_inference(BUNDLED)  # what `tunery chat` and `generate` run
+    if args.llama_cpp:
+        print(f"SmolLM2-135M-Instruct, batch 1, {args.new_tokens} new tokens at temperature 1; "
+              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Tunery in "
+              f"{next(ours.parameters()).dtype}")  # fmt: skip
+        llama_cpp_rows(ours, tokenizer, args)
+        return
     model_dir = resolve_model_dir(BUNDLED)
     hf = {
         "bf16": AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval(),

@@ -22,11 +22,11 @@ from tunery.models.gguf_export import compare_logits, export_gguf
 from tunery.models.ollama import derive_turns, go_template, modelfile
 from tunery.models.tiny import FAMILIES, tiny_config, tiny_model, tiny_tokenizer
 
-LLAMA_CPP = not gguf_export.llama_cpp_missing()
-needs_llama_cpp = pytest.mark.skipif(
-    not LLAMA_CPP and os.environ.get("TUNERY_TEST_REQUIRE_LLAMA_CPP") != "1",
-    reason="llama.cpp is not installed (make llama-cpp)",
-)
+# CI builds llama.cpp (make llama-cpp) and sets TUNERY_TEST_REQUIRE_LLAMA_CPP=1: there the llama.cpp checks
+# cannot be skipped
+REQUIRED = os.environ.get("TUNERY_TEST_REQUIRE_LLAMA_CPP") == "1"
+LLAMA_CPP = not gguf_export.llama_cpp_missing() or REQUIRED
+needs_llama_cpp = pytest.mark.skipif(not LLAMA_CPP, reason="llama.cpp is not installed (make llama-cpp)")
 GO = shutil.which("go")
 
 

@@ -209,3 +209,27 @@ def test_other_recipes_report_too(method: str, tmp_path: Path) -> None:
     assert [s for s, _ in tensorboard_series(out, metric)] == sorted(
         int(r["step"]) for r in read_metrics(out) if metric in r
     )
+
+
+def test_a_failing_tracker_does_not_stop_the_run(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken:
+        def log(self, step: int, values: Any) -> None:
+            raise OSError("disk full")
+
+        def finish(self, summary: Any) -> None:
+            raise AssertionError("dropped trackers get nothing more")
+
+    class Kept:
+        seen: list[int] = []
+
+        def log(self, step: int, values: Any) -> None:
+            self.seen.append(step)
+
+        def finish(self, summary: Any) -> None:
+            self.seen.append(-1)
+
+    both = trackers.Trackers([Broken(), Kept()])
+    both.log({"step": 1, "train_loss": 1.0})
+    both.log({"step": 2, "train_loss": 0.5})
+    both.finish({"steps": 2})
+    assert Kept.seen == [1, 2, -1] and "Broken failed to log a step (disk full)" in caplog.text

@@ -76,22 +76,30 @@ def numbers(record: Mapping[str, Any]) -> dict[str, float]:
 
 
 class Trackers:
-    """The trackers a run reports to, fed from metrics.jsonl's writer (files.MetricsLog)."""
+    """The trackers a run reports to, fed where metrics.jsonl is written (lifecycle.log_metrics). A tracker
+    that fails (a store gone, a disk full) is dropped with a warning: the run and metrics.jsonl go on."""
 
     def __init__(self, trackers: list[Tracker]) -> None:
         self.trackers = trackers
+
+    def _each(self, action: str, call: Any) -> None:
+        for tracker in list(self.trackers):
+            try:
+                call(tracker)
+            except Exception as exc:  # noqa: BLE001 (whatever the tracker's library raises)
+                log.warning("--report-to: %s failed to %s (%s); it gets nothing more from this run",
+                            type(tracker).__name__, action, exc)  # fmt: skip
+                self.trackers.remove(tracker)
 
     def log(self, record: Mapping[str, Any]) -> None:
         step = record.get("step")
         values = numbers(record)
         if not isinstance(step, int | float) or not values:
             return
-        for tracker in self.trackers:
-            tracker.log(int(step), values)
+        self._each("log a step", lambda tracker: tracker.log(int(step), values))
 
     def finish(self, summary: Mapping[str, Any]) -> None:
-        for tracker in self.trackers:
-            tracker.finish(summary)
+        self._each("take the summary", lambda tracker: tracker.finish(summary))
 
 
 def open_trackers(

@@ -26,6 +26,7 @@ import math
 import os
 import secrets
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -125,18 +126,17 @@ def open_trackers(
         ids = json.loads(ids_path.read_text(encoding="utf-8"))
     name = run_name or run_dir.resolve().name
     tag_list = [t.strip() for t in tags.split(",") if t.strip()]
+    info = RunInfo(run_dir, config, project, name, tag_list)
     opened: list[Tracker] = []
     for tracker in names:
         if tracker == "tensorboard":
             opened.append(TensorBoardTracker(run_dir, config, resume_step))
         elif tracker == "mlflow":
-            mlflow = MlflowTracker(
-                run_dir, config, ids.get("mlflow"), project, name, tag_list, mlflow_tracking_uri
-            )
+            mlflow = MlflowTracker(info, ids.get("mlflow"), mlflow_tracking_uri)
             ids["mlflow"] = mlflow.ids
             opened.append(mlflow)
         elif tracker == "wandb":
-            wandb = WandbTracker(run_dir, config, ids.get("wandb"), project, name, tag_list, wandb_entity)
+            wandb = WandbTracker(info, ids.get("wandb"), wandb_entity)
             ids["wandb"] = wandb.ids
             opened.append(wandb)
     if ids:
@@ -180,17 +180,20 @@ def default_mlflow_uri(run_dir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir.resolve().parent / 'mlflow.db'}"
 
 
+@dataclass(frozen=True)
+class RunInfo:
+    """What every tracker is told of the run when it opens."""
+
+    run_dir: Path
+    config: Mapping[str, Any]
+    project: str
+    name: str
+    tags: list[str]
+
+
 class MlflowTracker:
-    def __init__(
-        self,
-        run_dir: Path,
-        config: Mapping[str, Any],
-        ids: dict[str, str] | None,
-        project: str,
-        name: str,
-        tags: list[str],
-        uri: str | None,
-    ) -> None:
+    def __init__(self, info: RunInfo, ids: dict[str, str] | None, uri: str | None) -> None:
+        run_dir, config, project, name, tags = info.run_dir, info.config, info.project, info.name, info.tags
         from mlflow.entities import Param, RunTag
         from mlflow.tracking import MlflowClient
 
@@ -267,16 +270,8 @@ def wandb_mode() -> str:
 
 
 class WandbTracker:
-    def __init__(
-        self,
-        run_dir: Path,
-        config: Mapping[str, Any],
-        ids: dict[str, str] | None,
-        project: str,
-        name: str,
-        tags: list[str],
-        entity: str | None,
-    ) -> None:
+    def __init__(self, info: RunInfo, ids: dict[str, str] | None, entity: str | None) -> None:
+        run_dir, config, project, name, tags = info.run_dir, info.config, info.project, info.name, info.tags
         import wandb
 
         run_id = (ids or {}).get("id") or secrets.token_hex(6)  # W&B run ids: [a-z0-9]

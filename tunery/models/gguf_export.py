@@ -33,12 +33,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tunery.errors import TuneryError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +227,7 @@ def _tensor_type(quant: str, name: str, shape: tuple[int, ...]) -> Any:
 
 def _tensors(model: Any, arch: Arch) -> list[tuple[str, torch.Tensor]]:
     import gguf
+    import torch
 
     config = model.config
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.name)
@@ -258,6 +259,7 @@ def _write(
     model: Any, tokenizer: Any, arch: Arch, path: Path, quant: str, name: str
 ) -> tuple[list[str], int]:
     import gguf
+    import numpy as np
     from gguf import GGMLQuantizationType as T
     from gguf import quants
 
@@ -497,6 +499,8 @@ def _texts(tokenizer: Any, texts: list[str] | None) -> list[str]:
 def _agreement(
     reader: str, expected: list[torch.Tensor], got: list[torch.Tensor], same: bool | None
 ) -> Agreement:
+    import torch
+
     diffs = [(a - b).abs() for a, b in zip(expected, got, strict=True)]
     top1 = torch.cat([(a.argmax(-1) == b.argmax(-1)).float() for a, b in zip(expected, got, strict=True)])
     return Agreement(
@@ -511,6 +515,7 @@ def _agreement(
 def compare_logits(path: Path, model: Any, tokenizer: Any, texts: list[str] | None = None) -> LogitCheck:
     """Read `path` back with transformers' GGUF loader (and llama.cpp's, when installed) and compare each
     position's logits with `model`'s on the same token ids."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     texts = _texts(tokenizer, texts)
@@ -550,6 +555,8 @@ def compare_logits(path: Path, model: Any, tokenizer: Any, texts: list[str] | No
 def _llama_cpp_agreement(
     path: Path, expected: list[torch.Tensor], ids: list[torch.Tensor], texts: list[str]
 ) -> Agreement:
+    import numpy as np
+    import torch
     from llama_cpp import Llama
 
     longest = max(i.shape[1] for i in ids)

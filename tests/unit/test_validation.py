@@ -106,24 +106,8 @@ def test_warnings_duplicates_overlength_and_minimum(tmp_path: Path, tiny) -> Non
 
 
 def test_tool_calls_and_tool_role_are_accepted(tmp_path: Path) -> None:
-    example = {
-        "messages": [
-            {"role": "user", "content": "Weather in Paris?"},
-            {
-                "role": "assistant",
-                "tool_calls": [
-                    {
-                        "id": "c1",
-                        "type": "function",
-                        "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
-                    }
-                ],
-            },
-            {"role": "tool", "tool_call_id": "c1", "content": "18C"},
-            {"role": "assistant", "content": "It is 18C in Paris."},
-        ],
-        "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}],
-    }
+    from tests.unit.test_tools import CHAT as example  # a call, its result, the answer from it
+
     report = validate_chat_file(write_jsonl(tmp_path / "d.jsonl", [example] * 1 + chat_lines(10)))
     assert not report.errors, report.errors
 

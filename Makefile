@@ -65,7 +65,9 @@ sandbox:
 
 # llama.cpp itself, for `tunery export --gguf --quant q4_k_m` (its k-quants) and for running the tests that load
 # an exported file in llama.cpp (they skip without it). The llama-cpp-python package builds llama.cpp from
-# source with this machine's cmake and C++ compiler: ~6 minutes on 2 cores, once (pip keeps the wheel).
+# source with this machine's cmake and C++ compiler (for this CPU, so never from pip's wheel cache): 4-6 minutes
+# on 2 cores. On CPUs with AMX (Sapphire Rapids and later) llama.cpp's AMX int8 matmul segfaults on q8_0 prompts
+# (ggml-org/llama.cpp#20824, reproduced here with 0.3.36), so it is built without it; AVX-512 stays on.
 LLAMA_CPP := llama-cpp-python==0.3.36
 LLAMA_STAMP := $(VENV)/.tunery-llama-cpp-installed
 llama-cpp: $(LLAMA_STAMP)
@@ -73,6 +75,9 @@ $(LLAMA_STAMP): $(STAMP)
 	@command -v c++ >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q g++; } || \
 		{ echo "llama-cpp: a C++ compiler is needed (apt-get install g++)"; exit 1; }
+	CMAKE_ARGS="$$CMAKE_ARGS $$(grep -qw amx_int8 /proc/cpuinfo 2>/dev/null && \
+		echo -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8)" \
+		$(PIP) install --no-cache-dir --force-reinstall --no-deps $(LLAMA_CPP)
 	$(PIP) install $(LLAMA_CPP)
 	@touch $@
 

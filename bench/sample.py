@@ -3,7 +3,7 @@ and batch 16, same prompts, same number of new tokens, same precision.
 
     python bench/sample.py                       # about 5 minutes on 2 CPU cores
     python bench/sample.py --new-tokens 32       # a quicker look
-    python bench/sample.py --llama-cpp           # batch 1 beside llama.cpp on the same weights (make llama-cpp)
+    python bench/sample.py --llama-cpp           # beside llama.cpp on the same weights (make llama-cpp)
 
 Every row generates exactly `--new-tokens` tokens (end-of-turn ignored in both), by sampling at
 temperature 1, so both do the same work. transformers runs with bf16 weights (the same precision as
@@ -15,6 +15,7 @@ then is timed over `--repeats` runs (best time kept).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -104,8 +105,67 @@ def time_llama_cpp(path: str, ids: list[list[int]], new_tokens: int, repeats: in
     return len(ids) * new_tokens / best
 
 
+def time_llama_cpp_batched(path: str, ids: list[list[int]], new_tokens: int, repeats: int) -> float:
+    """llama.cpp decoding all of `ids` together, as llama.cpp's own batched example and server do: one
+    `llama_decode` per step carries every sequence's newest token (each its own sequence id in a unified
+    KV cache), and llama.cpp's sampler (temperature 1, nothing filtered) draws each next token."""
+    import llama_cpp as lc
+
+    from tunery.models.gguf_export import _quiet_native_output
+
+    batch = len(ids)
+    with _quiet_native_output():
+        model = lc.llama_model_load_from_file(path.encode(), lc.llama_model_default_params())
+        params = lc.llama_context_default_params()
+        params.n_ctx = batch * (max(len(p) for p in ids) + new_tokens + 8)
+        params.n_batch = params.n_ubatch = max(512, sum(len(p) for p in ids))
+        params.n_seq_max = batch
+        params.kv_unified = True
+        params.n_threads = params.n_threads_batch = os.cpu_count() or 1
+        ctx = lc.llama_init_from_model(model, params)
+    chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+    lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(0))
+    tokens = lc.llama_batch_init(params.n_batch, 0, 1)
+
+    def fill(entries: list[tuple[int, int, int, bool]]) -> None:  # (token, position, sequence, wants logits)
+        tokens.n_tokens = len(entries)
+        for n, (token, pos, seq, out) in enumerate(entries):
+            tokens.token[n], tokens.pos[n], tokens.n_seq_id[n] = token, pos, 1
+            tokens.seq_id[n][0], tokens.logits[n] = seq, out
+
+    def run() -> int:
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+        fill([(t, pos, seq, pos == len(p) - 1) for seq, p in enumerate(ids) for pos, t in enumerate(p)])
+        assert lc.llama_decode(ctx, tokens) == 0
+        outputs = list(itertools.accumulate(len(p) for p in ids))
+        made = 0
+        for step in range(new_tokens):
+            drawn = [lc.llama_sampler_sample(chain, ctx, out - 1) for out in outputs]
+            made += len(drawn)
+            if step == new_tokens - 1:
+                break
+            fill([(t, len(p) + step, seq, True) for seq, (t, p) in enumerate(zip(drawn, ids))])
+            assert lc.llama_decode(ctx, tokens) == 0
+            outputs = list(range(1, batch + 1))
+        return made
+
+    run()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        made = run()
+        best = min(best, time.perf_counter() - start)
+        assert made == batch * new_tokens
+    lc.llama_batch_free(tokens)
+    lc.llama_sampler_free(chain)
+    lc.llama_free(ctx)
+    lc.llama_model_free(model)
+    return batch * new_tokens / best
+
+
 def llama_cpp_rows(model, tokenizer, args) -> None:  # type: ignore[no-untyped-def]
-    """Tunery's sampler beside llama.cpp on the same weights, batch 1: the CPU inference anchor."""
+    """Tunery's sampler beside llama.cpp on the same weights, at each batch size: the CPU inference anchor.
+    Batch 1 runs through llama-cpp-python's `Llama.generate`, larger batches through llama.cpp's batch API."""
     import importlib.util
     import tempfile
 
@@ -116,18 +176,21 @@ def llama_cpp_rows(model, tokenizer, args) -> None:  # type: ignore[no-untyped-d
     from tunery.models.load import BUNDLED, load_model
 
     full, _ = load_model(BUNDLED)  # fp32 weights, to write the files from
-    ids = prompts(tokenizer, 1)
-    ours = time_tunery(model, tokenizer, ids, args.new_tokens, args.repeats)
-    print(
-        "| llama.cpp file | llama.cpp tok/s | Tunery tok/s (its inference precision) | Tunery / llama.cpp |"
-    )
-    print("|---|---|---|---|")
+    print("| batch | llama.cpp file | llama.cpp tok/s | Tunery tok/s (its inference precision) | Tunery / llama.cpp |")
+    print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for quant in ("f32", "f16", "q8_0"):
-            path = f"{tmp}/smollm2-{quant}.gguf"
-            export_gguf(full, tokenizer, path, quant)
-            theirs = time_llama_cpp(path, ids, args.new_tokens, args.repeats)
-            print(f"| {quant} | {theirs:.1f} | {ours:.1f} | {ours / theirs:.2f}x |", flush=True)
+            export_gguf(full, tokenizer, f"{tmp}/smollm2-{quant}.gguf", quant)
+        for batch in args.batches:
+            ids = prompts(tokenizer, batch)
+            ours = time_tunery(model, tokenizer, ids, args.new_tokens, args.repeats)
+            for quant in ("f32", "f16", "q8_0"):
+                path = f"{tmp}/smollm2-{quant}.gguf"
+                if batch == 1:
+                    theirs = time_llama_cpp(path, ids, args.new_tokens, args.repeats)
+                else:
+                    theirs = time_llama_cpp_batched(path, ids, args.new_tokens, args.repeats)
+                print(f"| {batch} | {quant} | {theirs:.1f} | {ours:.1f} | {ours / theirs:.2f}x |", flush=True)
 
 
 def main() -> None:
@@ -137,7 +200,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--llama-cpp", action="store_true", help="only the batch-1 comparison with llama.cpp")
+    parser.add_argument("--llama-cpp", action="store_true", help="beside llama.cpp on the same weights instead")
     args = parser.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers import AutoModelForCausalLM
@@ -146,7 +209,7 @@ def main() -> None:
 
     ours, tokenizer = load_for_inference(BUNDLED)  # what `tunery chat` and `generate` run
     if args.llama_cpp:
-        print(f"SmolLM2-135M-Instruct, batch 1, {args.new_tokens} new tokens at temperature 1; "
+        print(f"SmolLM2-135M-Instruct, {args.new_tokens} new tokens at temperature 1; "
               f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Tunery in "
               f"{next(ours.parameters()).dtype}")  # fmt: skip
         llama_cpp_rows(ours, tokenizer, args)

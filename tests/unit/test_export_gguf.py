@@ -66,6 +66,7 @@ def test_every_family_reads_back_with_the_same_logits(family: str, tmp_path: Pat
     transformers = check.readers[0]
     assert transformers.reader == "transformers" and transformers.max_abs < 1e-4 and transformers.top1 == 1.0
     if LLAMA_CPP:
+        assert len(check.readers) == 2, check.lines()  # llama.cpp ran the file (in its own process)
         llama = check.readers[1]
         assert llama.reader == "llama.cpp" and llama.same_tokens
         assert llama.max_abs < 0.05, llama.line()  # llama.cpp keeps its KV cache in f16
@@ -264,3 +265,18 @@ def test_go_template_has_no_whitespace_trimming() -> None:
     )
     assert turns.system_inline
     assert "{{-" not in go_template(turns) and "-}}" not in go_template(turns)
+
+
+def test_a_crash_inside_llama_cpp_is_a_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp runs in a child process: a segfault there (its AMX kernels on some CPUs) is reported."""
+    from tunery.models import llama_cpp_run
+
+    crashing = tmp_path / "python"
+    crashing.write_text("#!/bin/sh\nkill -SEGV $$\n")
+    crashing.chmod(0o755)
+    monkeypatch.setattr(llama_cpp_run.sys, "executable", str(crashing))
+    with pytest.raises(llama_cpp_run.LlamaCppFailed, match="killed by SIGSEGV running m.gguf.*make llama-cpp"):
+        llama_cpp_run.scores(tmp_path / "m.gguf", [[1, 2]], ["x"])
+    monkeypatch.undo()
+    with pytest.raises(llama_cpp_run.LlamaCppFailed, match=r"could not run missing.gguf \(exit status 1\)"):
+        llama_cpp_run.scores(tmp_path / "missing.gguf", [[1, 2]], ["x"])

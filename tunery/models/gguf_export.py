@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunery.errors import TuneryError
+from tunery.models.llama_cpp_run import LlamaCppFailed
 
 if TYPE_CHECKING:
     import torch
@@ -548,33 +549,19 @@ def compare_logits(path: Path, model: Any, tokenizer: Any, texts: list[str] | No
     if llama_cpp_missing():
         skipped.append("llama.cpp: not installed (`make llama-cpp`), not compared")
     else:
-        readers.append(_llama_cpp_agreement(path, expected, ids, texts))
+        try:
+            readers.append(_llama_cpp_agreement(path, expected, ids, texts))
+        except LlamaCppFailed as e:
+            skipped.append(f"llama.cpp: {e}")
     return LogitCheck(readers, skipped)
 
 
 def _llama_cpp_agreement(
     path: Path, expected: list[torch.Tensor], ids: list[torch.Tensor], texts: list[str]
 ) -> Agreement:
-    import numpy as np
     import torch
-    from llama_cpp import Llama
 
-    longest = max(i.shape[1] for i in ids)
-    with _quiet_native_output():
-        llm = Llama(
-            str(path), n_ctx=max(64, longest + 8), logits_all=True, verbose=False, n_threads=os.cpu_count()
-        )
-    same = True
-    got = []
-    for text, tokens in zip(texts, ids, strict=True):
-        theirs = llm.tokenize(
-            text.encode(),
-            add_bos=bool(llm.metadata.get("tokenizer.ggml.add_bos_token") == "true"),
-            special=True,
-        )
-        same = same and theirs == tokens[0].tolist()
-        llm.reset()
-        llm.eval(tokens[0].tolist())
-        got.append(torch.from_numpy(np.array(llm.scores[: tokens.shape[1]], dtype=np.float32)))
-    llm.close()
-    return _agreement("llama.cpp", expected, got, same)
+    from tunery.models.llama_cpp_run import scores
+
+    got, same = scores(path, [i[0].tolist() for i in ids], texts)
+    return _agreement("llama.cpp", expected, [torch.from_numpy(g) for g in got], same)

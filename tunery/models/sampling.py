@@ -157,6 +157,9 @@ def sample(
         return []
     engine = decode_model_for(model)
     if engine is None:
+        if autocast_dtype is None:  # bf16 frozen weights under fp32 LoRA (training on bf16 CPUs) need it
+            dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+            autocast_dtype = torch.bfloat16 if len(dtypes) > 1 and torch.bfloat16 in dtypes else None
         return _sample_generic(model, tokenizer, prompts, params, on_text, autocast_dtype, on_step)
     device = engine.device
     unique: dict[tuple[int, ...], int] = {}

@@ -272,4 +272,6 @@ def test_eval_compare_judges_two_models_with_a_reward_model(pair_files, tmp_path
     )
     # A model compared with itself ties on every prompt: a win rate of exactly one half.
     assert main([*args, "--max-tokens", "6"]) == 0
-    assert "win rate 50.0%" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "win rate 50.0%" in printed
+    assert "length-controlled win rate 50.0%" in printed  # equal lengths: nothing to take out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from tunery.data.agreement import (
@@ -93,3 +95,43 @@ def test_plurality_and_median() -> None:
     assert median([3.0, 1.0, 2.0]) == 2.0
     assert median([4.0, 1.0, 2.0, 3.0]) == 2.5
     assert median([]) is None
+
+
+def test_length_controlled_win_rate_worked_by_hand() -> None:
+    from tunery.data.agreement import length_controlled_win_rate
+
+    # 15 prompts where the candidate's answer is 50 characters longer: 12 wins; 5 where it is 50 shorter:
+    # 1 win. Raw rate 13/20 = 0.65. The differences have mean 25 and spread sqrt(1875), so x = +-tanh(c)
+    # for the two groups alike; unregularised, the fit is sigmoid(theta + phi x) = 12/15 = 0.8 for the
+    # longer group and 1/5 = 0.2 for the shorter, so theta + phi x = logit 0.8 and theta - phi x =
+    # logit 0.2 = -logit 0.8: theta = 0 and the length-controlled rate is exactly 1/2.
+    outcomes = [1.0] * 12 + [0.0] * 3 + [1.0] + [0.0] * 4
+    diffs = [50.0] * 15 + [-50.0] * 5
+    fit = length_controlled_win_rate(outcomes, diffs, ridge=0.0, resamples=0)
+    assert fit is not None and fit.rate == pytest.approx(0.5, abs=1e-9)
+    x = math.tanh(50 / math.sqrt(1875))  # |d - mean| = 25 or 75 -> spread sqrt((15*625 + 5*5625)/20)
+    x_short = math.tanh(-50 / math.sqrt(1875))
+    assert x == -x_short and fit.length_effect * x == pytest.approx(math.log(4), abs=1e-9)
+    # the default prior on the length effect shrinks it a little, so the rate moves towards the raw 0.65
+    shrunk = length_controlled_win_rate(outcomes, diffs)
+    assert shrunk is not None and 0.5 < shrunk.rate < 0.65 and shrunk.interval is not None
+    assert shrunk.interval[0] < shrunk.rate < shrunk.interval[1]
+
+
+def test_length_controlled_win_rate_without_a_length_effect() -> None:
+    from tunery.data.agreement import length_controlled_win_rate, wilson_interval
+
+    # equal lengths: the raw rate (a tie counts half) and its Wilson interval
+    fit = length_controlled_win_rate([1, 0, 1, 0.5], [0, 0, 0, 0])
+    assert fit is not None and fit.rate == 0.625 and fit.interval == wilson_interval(2.5, 4)
+    # wins and losses spread evenly over longer and shorter answers: length explains nothing
+    outcomes = [1.0, 0.0] * 10 + [1.0] * 4
+    diffs = [30.0, 30.0, -30.0, -30.0] * 6
+    fit = length_controlled_win_rate(outcomes, diffs)
+    assert fit is not None and fit.rate == pytest.approx(sum(outcomes) / len(outcomes), abs=0.02)
+    # a candidate that wins exactly when it is longer: perfectly confounded, and the prior keeps it finite
+    fit = length_controlled_win_rate([1.0] * 10 + [0.0] * 10, [30.0] * 10 + [-30.0] * 10)
+    assert fit is not None and fit.rate == pytest.approx(0.5, abs=1e-9) and fit.length_effect > 1
+    assert length_controlled_win_rate([], []) is None
+    with pytest.raises(ValueError, match="2 outcomes but 1"):
+        length_controlled_win_rate([1, 0], [3])

@@ -27,10 +27,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     result = compare_models(
         args.rm, prompts, args.model, args.adapter, args.baseline_adapter, sampling_params(args), args.out
     )
+    low, high = result["win_rate_interval"]
     print(
         f"{result['candidate']} vs {result['baseline']} on {result['prompts']} prompts, judged by {args.rm}: "
-        f"win rate {result['win_rate']:.1%} (mean score {result['candidate_mean_score']:.3f} vs "
-        f"{result['baseline_mean_score']:.3f}; identical answers: {result['identical_answers']})"
+        f"win rate {result['win_rate']:.1%} (95% {low:.0%}-{high:.0%}; mean score "
+        f"{result['candidate_mean_score']:.3f} vs {result['baseline_mean_score']:.3f}; identical answers: "
+        f"{result['identical_answers']})"
+    )
+    interval = result["length_controlled_interval"]
+    print(
+        f"length-controlled win rate {result['length_controlled_win_rate']:.1%}"
+        + (f" (95% {interval[0]:.0%}-{interval[1]:.0%})" if interval else "")
+        + f": answers {result['candidate_mean_length']:.0f} vs {result['baseline_mean_length']:.0f} characters"
+        " on average; the win rate had both been equally long"
     )
     if args.out:
         print(f"answers and scores: {args.out}")

@@ -7,6 +7,7 @@ studio (`/tunery/v1/feedback/queues/{id}/quality`, comparisons) and testable by 
     fleiss_kappa([{"a": 2}, {"a": 1, "b": 1}])          many labellers, each item's label counts
     binomial_p_value(70, 100)                           is 70 of 100 "left" wins more than chance?
     wilson_interval(30, 40)                             95% interval of a 30/40 win rate
+    length_controlled_win_rate([1, 0, 0.5], [40, -3, 0])  the win rate had both answers been equally long
     plurality(["a", "a", "b"])                          the item's verdict and its agreement
 """
 
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+import random
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 Label = TypeVar("Label", bound=Hashable)
@@ -90,7 +93,7 @@ def binomial_p_value(successes: int, n: int, p: float = 0.5) -> float:
     return min(1.0, total)
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float] | None:
+def wilson_interval(successes: float, n: int, z: float = 1.959963984540054) -> tuple[float, float] | None:
     """Wilson score interval of a proportion (95% by default); None for n = 0. Unlike the normal
     approximation it stays inside [0, 1] and behaves at 0/n and n/n, where small samples live."""
     if n == 0:
@@ -99,6 +102,86 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
     centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class LengthControlled:
+    rate: float  # the win rate predicted for answers of equal length
+    interval: tuple[float, float] | None  # 95% bootstrap interval over the items
+    length_effect: float  # the fitted logit coefficient of tanh(length difference / its spread)
+
+
+def _fit_length_model(outcomes: Sequence[float], x: Sequence[float], ridge: float) -> tuple[float, float]:
+    """(theta, phi) maximising sum y log p + (1 - y) log(1 - p) - ridge/2 phi^2 with p = sigmoid(theta +
+    phi x), by Newton's method (the objective is concave). Outcomes may be fractional (a tie is 0.5)."""
+    theta = phi = 0.0
+    for _ in range(100):
+        g0 = g1 = 0.0
+        h00 = h01 = h11 = 0.0
+        for y, xi in zip(outcomes, x, strict=True):
+            z = theta + phi * xi
+            p = 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+            w = max(p * (1.0 - p), 1e-12)
+            g0 += y - p
+            g1 += (y - p) * xi
+            h00 += w
+            h01 += w * xi
+            h11 += w * xi * xi
+        g1 -= ridge * phi
+        h11 += ridge
+        det = h00 * h11 - h01 * h01
+        if det <= 1e-18:
+            break
+        step0 = (h11 * g0 - h01 * g1) / det
+        step1 = (h00 * g1 - h01 * g0) / det
+        scale = min(1.0, 5.0 / max(abs(step0), abs(step1), 1e-12))  # damped: logits move at most 5 a step
+        theta += scale * step0
+        phi += scale * step1
+        if max(abs(step0), abs(step1)) < 1e-10:
+            break
+    return theta, phi
+
+
+def length_controlled_win_rate(
+    outcomes: Sequence[float],
+    length_differences: Sequence[float],
+    ridge: float = 1.0,
+    resamples: int = 400,
+    seed: int = 0,
+) -> LengthControlled | None:
+    """The candidate's win rate with the answers' length difference taken out, as the field's
+    length-controlled evaluations do: fit P(win) = sigmoid(theta + phi * tanh(d / s)) to the items, d the
+    candidate's length minus the baseline's and s the spread (standard deviation) of d, and report
+    sigmoid(theta), the predicted win rate at d = 0. `outcomes`: 1 a win, 0 a loss, 0.5 a tie. `ridge`:
+    a Gaussian prior on phi (in logits) that keeps a small or separable sample finite. The interval is a
+    percentile bootstrap over the items (deterministic for a `seed`). When every length difference is the
+    same (length cannot be told apart from the model) or every item has the same outcome, this is the raw
+    rate with its Wilson interval. None for no items."""
+    n = len(outcomes)
+    if n != len(length_differences):
+        raise ValueError(f"{n} outcomes but {len(length_differences)} length differences")
+    if n == 0:
+        return None
+    mean_d = sum(length_differences) / n
+    spread = math.sqrt(sum((d - mean_d) ** 2 for d in length_differences) / n)
+    raw = sum(outcomes) / n
+    if spread == 0.0 or len(set(outcomes)) == 1:
+        return LengthControlled(raw, wilson_interval(sum(outcomes), n), 0.0)
+    x = [math.tanh(d / spread) for d in length_differences]
+
+    def rate(ys: Sequence[float], xs: Sequence[float]) -> tuple[float, float]:
+        theta, phi = _fit_length_model(ys, xs, ridge)
+        return 1.0 / (1.0 + math.exp(-theta)), phi
+
+    point, phi = rate(outcomes, x)
+    draws = random.Random(seed)
+    rates = []
+    for _ in range(resamples):
+        picks = [draws.randrange(n) for _ in range(n)]
+        rates.append(rate([outcomes[i] for i in picks], [x[i] for i in picks])[0])
+    rates.sort()
+    interval = (rates[int(0.025 * (resamples - 1))], rates[int(0.975 * (resamples - 1))]) if rates else None
+    return LengthControlled(point, interval, phi)
 
 
 def plurality(labels: Sequence[Label]) -> tuple[Label | None, float]:

@@ -6,7 +6,10 @@
 
 `eval compare` answers every prompt with both models (greedy by default, so the comparison is
 repeatable), scores both answers with the reward model, and reports how often the candidate's answer
-scores higher (the win rate; exact ties count half).
+scores higher (the win rate; exact ties count half, with its 95% Wilson interval), and the same rate
+with the answers' length difference taken out (`tunery.data.agreement.length_controlled_win_rate`): a
+judge that prefers longer answers, and a candidate that writes them, otherwise look like a better model.
+Lengths are counted in characters.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 import torch
 
+from tunery.data.agreement import length_controlled_win_rate, wilson_interval
 from tunery.data.feedback import FeedbackExample, check_feedback_example, detect_kind, tokenize_feedback
 from tunery.data.jsonl import read_jsonl
 from tunery.data.template import prompt_ids
@@ -117,13 +121,20 @@ def compare_models(
     # rounding, which must not decide a comparison
     same = [x == y for x, y in zip(candidate, baseline, strict=True)]
     scores = [(a, a if tie else b) for (a, b), tie in zip(scores, same, strict=True)]
-    wins = 0.0
-    for a, b in scores:
-        assert b is not None
-        wins += 1.0 if a > b else 0.5 if a == b else 0.0
+    outcomes = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in scores if b is not None]
+    wins = sum(outcomes)
+    lengths = [(len(a), len(b)) for a, b in zip(candidate, baseline, strict=True)]
+    controlled = length_controlled_win_rate(outcomes, [a - b for a, b in lengths])
+    assert controlled is not None
     result = {
         "prompts": len(prompts),
         "win_rate": wins / len(prompts),
+        "win_rate_interval": wilson_interval(wins, len(prompts)),
+        "length_controlled_win_rate": controlled.rate,
+        "length_controlled_interval": controlled.interval,
+        "length_effect": controlled.length_effect,
+        "candidate_mean_length": statistics.fmean(a for a, _ in lengths),
+        "baseline_mean_length": statistics.fmean(b for _, b in lengths),
         "candidate": adapter or model_name,
         "baseline": baseline_adapter or model_name,
         "candidate_mean_score": statistics.fmean(a for a, _ in scores),

@@ -13,7 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from tests.conftest import chat_lines, pair_lines, run_torchrun, write_jsonl
+from tests.conftest import TOPICS, chat_lines, pair_lines, run_torchrun, write_jsonl
 from tunery.cli import main
 from tunery.data.feedback import load_feedback_data
 from tunery.models.heads import load_reward_model, score_pairs
@@ -203,8 +203,31 @@ def test_reward_model_learns_and_reloads_for_scoring(pair_files, tmp_path: Path,
 
     assert main(["score", "--rm", str(out), "--data", str(valid)]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.err.strip().splitlines()[-1])["accuracy"] == 1.0
+    summary = json.loads(captured.err.strip().splitlines()[-1])
+    assert summary["accuracy"] == 1.0
+    split = {k: v for k, v in summary.items() if "chosen_" in k}
+    assert split and all(v == 1.0 for k, v in split.items() if k.startswith("accuracy_"))
+    assert 0 < sum(v for k, v in split.items() if k.startswith("pairs_")) <= 6
     assert len(captured.out.strip().splitlines()) == 6
+    assert {"full_valid_accuracy_chosen_longer", "full_valid_accuracy_chosen_shorter"} & final.keys()
+
+
+def test_reward_accuracy_is_split_by_which_answer_is_longer() -> None:
+    """A length-biased judge shows as a gap between the two accuracies (worked by hand)."""
+    from tunery.data.feedback import TokenizedPair
+    from tunery.recipes.reward_model import PairStats
+    from tunery.training.distributed import World
+
+    def pair(chosen: int, rejected: int) -> TokenizedPair:
+        return TokenizedPair(0, [1], [2] * chosen, [True] * chosen, [3] * rejected, [True] * rejected)
+
+    pairs = [pair(5, 2), pair(6, 1), pair(2, 7), pair(3, 3)]  # longer, longer, shorter, same length
+    chosen, rejected = torch.tensor([1.0, -1.0, 2.0, 0.0]), torch.tensor([0.0, 0.0, 1.0, 1.0])
+    stats = PairStats()
+    stats.add(torch.zeros(4), chosen, rejected, 1.0, pairs)
+    metrics = stats.averaged(World(), "valid_")
+    assert metrics["valid_accuracy"] == 0.5  # right on pairs 1 and 3
+    assert metrics["valid_accuracy_chosen_longer"] == 0.5 and metrics["valid_accuracy_chosen_shorter"] == 1.0
 
 
 def test_full_fine_tuned_reward_model_reloads(pair_files, tmp_path: Path) -> None:
@@ -275,3 +298,33 @@ def test_eval_compare_judges_two_models_with_a_reward_model(pair_files, tmp_path
     printed = capsys.readouterr().out
     assert "win rate 50.0%" in printed
     assert "length-controlled win rate 50.0%" in printed  # equal lengths: nothing to take out
+
+
+def test_length_coef_decorrelates_scores_from_length(tmp_path: Path) -> None:
+    """Training data where the preferred answer is always the longer one: length is a perfect shortcut.
+    With `length_coef` the reward model's scores of held-out answers follow length less."""
+    from tunery.losses.reward import length_correlation
+
+    def lines(start: int, n: int) -> list[dict]:
+        out = []
+        for i in range(start, start + n):
+            q, good = TOPICS[i % len(TOPICS)]
+            short = good.split()[0]  # "Yes," / "You" ...: a shorter, worse answer
+            prompt = [{"role": "user", "content": f"{q} (#{i})"}]
+            out.append({"input": {"messages": prompt},
+                        "preferred_output": [{"role": "assistant", "content": good}],
+                        "non_preferred_output": [{"role": "assistant", "content": short}]})  # fmt: skip
+        return out
+
+    train = write_jsonl(tmp_path / "train.jsonl", lines(0, 32))
+    valid = write_jsonl(tmp_path / "valid.jsonl", lines(32, 8))
+    correlation = {}
+    for coef in (0.0, 20.0):
+        out = tmp_path / f"rm-{coef}"
+        reward_model.run(None, config(train, valid, out, lr=5e-3, length_coef=coef))
+        model, tokenizer, _ = load_reward_model(out)
+        pairs = load_feedback_data(valid, tokenizer, 256, expect="preference", min_examples=1)
+        scores = torch.tensor([s for pair in score_pairs(model, pairs) for s in pair])
+        lengths = torch.tensor([float(sum(m)) for p in pairs for m in (p.chosen_mask, p.rejected_mask)])
+        correlation[coef] = float(length_correlation(scores, lengths))
+    assert correlation[20.0] < correlation[0.0] - 0.2, correlation

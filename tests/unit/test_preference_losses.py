@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tunery.losses.dpo import dpo_loss, ipo_loss, kto_loss, simpo_loss
-from tunery.losses.reward import reward_loss
+from tunery.losses.reward import length_correlation, reward_loss
 
 
 def t(*values: float) -> torch.Tensor:
@@ -83,3 +83,19 @@ def test_falling_chosen_log_prob_is_flagged_only_when_steady() -> None:
     assert not chosen_logps_falling([0.0, -0.01, -0.02, -0.03])  # falling, but by little
     assert not chosen_logps_falling([0.0, -0.1, -0.2, -0.15])  # recovering
     assert not chosen_logps_falling([0.0, 0.1, 0.2, 0.3])  # rising
+
+
+def test_length_correlation_by_hand() -> None:
+    # scores that rise with length: correlation 1
+    assert length_correlation(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10, 20, 30])).item() == pytest.approx(1)
+    # s - mean = (-1/3, 2/3, -1/3), n - mean = (-1, 0, 1): sum of products 1/3 - 1/3 = 0
+    assert length_correlation(torch.tensor([1.0, 2.0, 1.0]), torch.tensor([1, 2, 3])).item() == pytest.approx(0)
+    # (1, -1, 0, 0) against (1, 0, 0, -1) after centring (lengths 3, 2, 2, 1): 1 / sqrt(2 * 2), squared
+    scores = torch.tensor([1.0, -1.0, 0.0, 0.0], requires_grad=True)
+    value = length_correlation(scores, torch.tensor([3, 2, 2, 1]))
+    assert value.item() == pytest.approx(0.25)
+    value.backward()
+    assert scores.grad is not None and scores.grad.abs().sum() > 0  # it trains the scores
+    # nothing to correlate: equal lengths, or too few answers
+    assert length_correlation(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([5, 5, 5])).item() == 0
+    assert length_correlation(torch.tensor([1.0, 2.0]), torch.tensor([1, 2])).item() == 0

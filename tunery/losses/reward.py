@@ -27,3 +27,17 @@ def reward_loss(
     if center_coef:
         losses = losses + center_coef * (chosen_rewards + rejected_rewards) ** 2
     return losses
+
+
+def length_correlation(scores: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Squared Pearson correlation between answers' scores and their lengths, over a batch of answers (a
+    scalar; 0 when either does not vary). Added to the Bradley-Terry loss with a weight (`length_coef`),
+    it keeps a reward model from ranking by length, the shortcut reward models learn most readily (ODIN,
+    Chen et al. 2024, decorrelates its quality head from length the same way); the comparisons themselves
+    still decide what is better."""
+    s = scores.float() - scores.float().mean()
+    n = lengths.to(s) - lengths.to(s).mean()
+    denominator = (s.pow(2).sum() * n.pow(2).sum()).sqrt()
+    if scores.numel() < 3 or float(denominator) < 1e-8:
+        return s.sum() * 0.0  # keeps the graph (and the dtype) of the scores
+    return ((s * n).sum() / denominator).pow(2)

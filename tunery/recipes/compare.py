@@ -79,6 +79,16 @@ def score_file(rm_dir: str, data: str, max_length: int = 1024) -> tuple[list[dic
     if paired:
         summary["accuracy"] = sum(r["chosen_score"] > r["rejected_score"] for r in paired) / len(paired)
         summary["mean_margin"] = statistics.fmean(r["chosen_score"] - r["rejected_score"] for r in paired)
+        # length bias: accuracy where the chosen answer is the longer (in tokens), and where it is the shorter
+        for name, sign in (("accuracy_chosen_longer", 1), ("accuracy_chosen_shorter", -1)):
+            right = [
+                r["chosen_score"] > r["rejected_score"]
+                for r, p in zip(rows, pairs, strict=True)
+                if "chosen_score" in r and (sum(p.chosen_mask) - sum(p.rejected_mask)) * sign > 0
+            ]
+            if right:
+                summary[name] = sum(right) / len(right)
+                summary[name.replace("accuracy", "pairs")] = len(right)
     single = [r["score"] for r in rows if "score" in r]
     if single:
         summary["mean_score"] = statistics.fmean(single)

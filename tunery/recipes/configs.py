@@ -41,11 +41,13 @@ class RewardConfig(HeldOutFields, RunConfig):
     SHARDS: ClassVar[bool] = True
 
     center_coef: float = 0.0  # weight of the centring penalty (r_chosen + r_rejected)^2
+    length_coef: float = 0.0  # weight of the penalty corr(score, answer length)^2 per micro-batch: length bias
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.center_coef < 0:
-            raise TuneryError(f"center_coef must be >= 0, got {self.center_coef}")
+        for name in ("center_coef", "length_coef"):
+            if getattr(self, name) < 0:
+                raise TuneryError(f"{name} must be >= 0, got {getattr(self, name)}")
         _check_pair_fits_a_row(self)
 
 

@@ -23,7 +23,7 @@ import torch
 
 from tunery.data.feedback import TokenizedPair, load_feedback_splits
 from tunery.data.packing import examples_seen, pack_pairs, plan_rows, shard
-from tunery.losses.reward import reward_loss
+from tunery.losses.reward import length_correlation, reward_loss
 from tunery.models.heads import RewardModel
 from tunery.recipes.configs import RewardConfig
 from tunery.run import files, lifecycle
@@ -37,36 +37,65 @@ log = logging.getLogger("tunery")
 
 
 def pair_scores(
-    model: torch.nn.Module, row_pairs: list[TokenizedPair], center_coef: float
+    model: torch.nn.Module, row_pairs: list[TokenizedPair], center_coef: float, length_coef: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair losses (n,) and the scores of the chosen and rejected answers (n,), (n,)."""
+    """Per-pair losses (n,) and the scores of the chosen and rejected answers (n,), (n,). With
+    `length_coef`, each pair's loss carries the row's length-correlation penalty (the mean over pairs
+    counts it once per row)."""
     scores = model(pack_pairs(row_pairs))  # (2n,)
     chosen, rejected = scores[0::2], scores[1::2]
     margin = torch.tensor([p.margin for p in row_pairs]) if any(p.margin for p in row_pairs) else None
-    return reward_loss(chosen, rejected, margin, center_coef), chosen, rejected
+    losses = reward_loss(chosen, rejected, margin, center_coef)
+    if length_coef:
+        lengths = torch.tensor([float(sum(m)) for p in row_pairs for m in (p.chosen_mask, p.rejected_mask)])
+        losses = losses + length_coef * length_correlation(scores, lengths.to(scores.device))
+    return losses, chosen, rejected
 
 
 class PairStats:
-    """Sums of the per-pair metrics of a step or an evaluation, averaged over pairs (and processes)."""
+    """Sums of the per-pair metrics of a step or an evaluation, averaged over pairs (and processes). Given
+    each pair's answer lengths, also the accuracy on the pairs whose chosen answer is the longer one and on
+    those where it is the shorter: a reward model that learnt "longer is better" is right on the first and
+    wrong on the second."""
 
     NAMES = ("loss", "accuracy", "margin", "chosen_score", "rejected_score")
+    SPLITS = ("accuracy_chosen_longer", "accuracy_chosen_shorter")
 
     def __init__(self) -> None:
         self.sums = [0.0] * len(self.NAMES)
         self.count = 0.0
+        self.split = [0.0] * 4  # right and counted, chosen longer; right and counted, chosen shorter
 
     def add(
-        self, losses: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, weight: float = 1.0
+        self,
+        losses: torch.Tensor,
+        chosen: torch.Tensor,
+        rejected: torch.Tensor,
+        weight: float = 1.0,
+        pairs: list[TokenizedPair] | None = None,
     ) -> None:
         chosen, rejected = chosen.detach(), rejected.detach()
-        values = [losses.detach(), (chosen > rejected).float(), chosen - rejected, chosen, rejected]
+        right = chosen > rejected
+        values = [losses.detach(), right.float(), chosen - rejected, chosen, rejected]
         for i, v in enumerate(values):
             self.sums[i] += weight * float(v.sum())
         self.count += weight * len(losses)
+        for pair, ok in zip(pairs or [], right.tolist(), strict=False):
+            difference = sum(pair.chosen_mask) - sum(pair.rejected_mask)
+            if difference:
+                at = 0 if difference > 0 else 2
+                self.split[at] += weight * ok
+                self.split[at + 1] += weight
 
     def averaged(self, world: distributed.World, prefix: str) -> dict[str, float]:
-        *sums, count = distributed.all_sum([*self.sums, self.count], world)
-        return {prefix + name: s / max(count, 1) for name, s in zip(self.NAMES, sums, strict=True)}
+        *sums, count, longer, n_longer, shorter, n_shorter = distributed.all_sum(
+            [*self.sums, self.count, *self.split], world
+        )
+        out = {prefix + name: s / max(count, 1) for name, s in zip(self.NAMES, sums, strict=True)}
+        for name, right, n in zip(self.SPLITS, (longer, shorter), (n_longer, n_shorter), strict=True):
+            if n:
+                out[prefix + name] = right / n
+        return out
 
 
 @torch.no_grad()
@@ -85,7 +114,7 @@ def evaluate(
     rows = plan_rows(shard(pairs, world.rank, world.size), cfg.micro_batch_tokens)
     for row_pairs, counted in distributed.even_rows(rows, world, filler=pairs[:1]):
         with autocast(precision, world.device):
-            stats.add(*pair_scores(model, row_pairs, cfg.center_coef), float(counted))
+            stats.add(*pair_scores(model, row_pairs, cfg.center_coef), float(counted), row_pairs)  # no length term
     model.train(was_training)
     return stats.averaged(world, prefix=prefix)
 
@@ -125,7 +154,9 @@ def train(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> d
                 share = weight * counted
                 with distributed.grads_sync(model, world, last_row=k == len(rows) - 1):
                     with autocast(plan.precision, world.device):
-                        losses, chosen, rejected = pair_scores(model, row_pairs, cfg.center_coef)
+                        losses, chosen, rejected = pair_scores(
+                            model, row_pairs, cfg.center_coef, cfg.length_coef
+                        )
                     # The step's loss is the mean over its pairs, however they are split into rows and
                     # processes (DDP and a sharded model average gradients over processes, hence the world
                     # size factor).

@@ -144,7 +144,7 @@ def time_llama_cpp_batched(path: str, ids: list[list[int]], new_tokens: int, rep
             made += len(drawn)
             if step == new_tokens - 1:
                 break
-            fill([(t, len(p) + step, seq, True) for seq, (t, p) in enumerate(zip(drawn, ids))])
+            fill([(t, len(p) + step, seq, True) for seq, (t, p) in enumerate(zip(drawn, ids, strict=True))])
             assert lc.llama_decode(ctx, tokens) == 0
             outputs = list(range(1, batch + 1))
         return made
@@ -176,7 +176,9 @@ def llama_cpp_rows(model, tokenizer, args) -> None:  # type: ignore[no-untyped-d
     from tunery.models.load import BUNDLED, load_model
 
     full, _ = load_model(BUNDLED)  # fp32 weights, to write the files from
-    print("| batch | llama.cpp file | llama.cpp tok/s | Tunery tok/s (its inference precision) | Tunery / llama.cpp |")
+    print(
+        "| batch | llama.cpp file | llama.cpp tok/s | Tunery tok/s (its inference precision) | Tunery / llama.cpp |"
+    )
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for quant in ("f32", "f16", "q8_0"):
@@ -200,7 +202,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--llama-cpp", action="store_true", help="beside llama.cpp on the same weights instead")
+    parser.add_argument(
+        "--llama-cpp", action="store_true", help="beside llama.cpp on the same weights instead"
+    )
     args = parser.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers import AutoModelForCausalLM

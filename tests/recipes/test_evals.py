@@ -14,7 +14,6 @@ from tunery.cli import main
 from tunery.models.lora import apply_lora
 from tunery.models.tiny import tiny_model
 from tunery.recipes import sft
-from tunery.safety.evals.safety import BENIGN
 from tunery.safety.evals import (
     SECTIONS,
     EvalSizes,
@@ -24,6 +23,7 @@ from tunery.safety.evals import (
     run_evals,
     safety_section,
 )
+from tunery.safety.evals.safety import BENIGN
 
 # Every section at its smallest: a tiny-random run takes about a second.
 TINY = EvalSizes(
@@ -134,9 +134,12 @@ def test_safety_flags_a_model_that_declines_harmless_prompts() -> None:
         section = safety_section(prompts, {"base": base, "tuned": tuned}, Thresholds())
         assert section.tuned["over_refusal_rate"] == declined / 10
         assert bool(section.flags) == flagged, section.flags
-    assert "declines 20% of harmless prompts, the base 0%" in safety_section(
-        prompts, {"base": base, "tuned": ["I can't help with that."] * 2 + base[2:]}, Thresholds()
-    ).flags[0]
+    assert (
+        "declines 20% of harmless prompts, the base 0%"
+        in safety_section(
+            prompts, {"base": base, "tuned": ["I can't help with that."] * 2 + base[2:]}, Thresholds()
+        ).flags[0]
+    )
 
 
 def test_memorization_flags_a_model_that_recites_its_data(tiny, tmp_path: Path, monkeypatch) -> None:

@@ -275,7 +275,9 @@ def test_a_crash_inside_llama_cpp_is_a_message(tmp_path: Path, monkeypatch: pyte
     crashing.write_text("#!/bin/sh\nkill -SEGV $$\n")
     crashing.chmod(0o755)
     monkeypatch.setattr(llama_cpp_run.sys, "executable", str(crashing))
-    with pytest.raises(llama_cpp_run.LlamaCppFailed, match="killed by SIGSEGV running m.gguf.*make llama-cpp"):
+    with pytest.raises(
+        llama_cpp_run.LlamaCppFailed, match="killed by SIGSEGV running m.gguf.*make llama-cpp"
+    ):
         llama_cpp_run.scores(tmp_path / "m.gguf", [[1, 2]], ["x"])
     monkeypatch.undo()
     with pytest.raises(llama_cpp_run.LlamaCppFailed, match=r"could not run missing.gguf \(exit status 1\)"):

@@ -87,9 +87,13 @@ def test_falling_chosen_log_prob_is_flagged_only_when_steady() -> None:
 
 def test_length_correlation_by_hand() -> None:
     # scores that rise with length: correlation 1
-    assert length_correlation(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10, 20, 30])).item() == pytest.approx(1)
+    assert length_correlation(
+        torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10, 20, 30])
+    ).item() == pytest.approx(1)
     # s - mean = (-1/3, 2/3, -1/3), n - mean = (-1, 0, 1): sum of products 1/3 - 1/3 = 0
-    assert length_correlation(torch.tensor([1.0, 2.0, 1.0]), torch.tensor([1, 2, 3])).item() == pytest.approx(0)
+    assert length_correlation(torch.tensor([1.0, 2.0, 1.0]), torch.tensor([1, 2, 3])).item() == pytest.approx(
+        0
+    )
     # (1, -1, 0, 0) against (1, 0, 0, -1) after centring (lengths 3, 2, 2, 1): 1 / sqrt(2 * 2), squared
     scores = torch.tensor([1.0, -1.0, 0.0, 0.0], requires_grad=True)
     value = length_correlation(scores, torch.tensor([3, 2, 2, 1]))

@@ -14,8 +14,8 @@ studio (`/tunery/v1/feedback/queues/{id}/quality`, comparisons) and testable by 
 from __future__ import annotations
 
 import math
-from collections import Counter
 import random
+from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar

@@ -24,7 +24,9 @@ class LlamaCppFailed(RuntimeError):
     """llama.cpp could not read or run the file; the message says how it ended."""
 
 
-def scores(path: Path, ids: list[list[int]], texts: list[str], timeout: float = 900) -> tuple[list[Any], bool]:
+def scores(
+    path: Path, ids: list[list[int]], texts: list[str], timeout: float = 900
+) -> tuple[list[Any], bool]:
     """Each token list's logits (positions x vocabulary, float32 numpy) as llama.cpp computes them from
     `path`, and whether llama.cpp's own tokenizer gives the same ids for `texts`."""
     import numpy as np
@@ -49,7 +51,9 @@ def scores(path: Path, ids: list[list[int]], texts: list[str], timeout: float = 
             )
         if done.returncode != 0:
             tail = " | ".join(done.stderr.strip().splitlines()[-2:])
-            raise LlamaCppFailed(f"llama.cpp could not run {path.name} (exit status {done.returncode}): {tail}")
+            raise LlamaCppFailed(
+                f"llama.cpp could not run {path.name} (exit status {done.returncode}): {tail}"
+            )
         with np.load(out) as saved:
             return [saved[f"s{i}"] for i in range(len(ids))], bool(saved["same"])
 
@@ -70,14 +74,15 @@ def _run(request: dict[str, Any], out: Path) -> None:
     )
     add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token") == "true"
     same = True
-    arrays = {}
+    arrays: dict[str, Any] = {}
     for n, (text, tokens) in enumerate(zip(request["texts"], ids, strict=True)):
         same = same and llm.tokenize(text.encode(), add_bos=add_bos, special=True) == tokens
         llm.reset()
         llm.eval(tokens)
         arrays[f"s{n}"] = np.array(llm.scores[: len(tokens)], dtype=np.float32)
     llm.close()
-    np.savez(out, same=np.array(same), **arrays)
+    arrays["same"] = np.array(same)
+    np.savez(out, **arrays)
 
 
 if __name__ == "__main__":

@@ -114,7 +114,8 @@ def evaluate(
     rows = plan_rows(shard(pairs, world.rank, world.size), cfg.micro_batch_tokens)
     for row_pairs, counted in distributed.even_rows(rows, world, filler=pairs[:1]):
         with autocast(precision, world.device):
-            stats.add(*pair_scores(model, row_pairs, cfg.center_coef), float(counted), row_pairs)  # no length term
+            scored = pair_scores(model, row_pairs, cfg.center_coef)  # the loss without the length term
+            stats.add(*scored, float(counted), row_pairs)
     model.train(was_training)
     return stats.averaged(world, prefix=prefix)
 

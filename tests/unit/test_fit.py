@@ -145,3 +145,17 @@ def test_sampling_methods_count_the_engines_copy_of_the_weights(tmp_path: Path) 
     assert copy == 2 * shape.parameters
     int4 = replace(lora, quantize="int4")
     assert fit.estimate(shape, int4).weights == fit.estimate(shape, replace(int4, samples=False)).weights
+
+
+def test_a_runs_peak_memory_is_its_own_not_its_parents() -> None:
+    """Linux carries getrusage's ru_maxrss across exec: a run started by a large process (the test runner,
+    `tunery serve`) would report its parent's size as its peak. The run's own high-water mark does not."""
+    held = bytearray(600 * 2**20)
+    held[::4096] = b"\1" * len(held[::4096])  # touched: resident
+    code = "from tunery.training.memory import peak_memory_mb; import resource; " \
+           "print(peak_memory_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    own, inherited = map(float, proc.stdout.split())
+    assert inherited > 600  # what ru_maxrss says: at least the parent's 600 MB
+    assert own < 300, own  # a Python process that imported one module
+    del held

@@ -41,9 +41,7 @@ class RewardConfig(HeldOutFields, RunConfig):
     SHARDS: ClassVar[bool] = True
 
     center_coef: float = 0.0  # weight of the centring penalty (r_chosen + r_rejected)^2
-    length_coef: float = (
-        0.0  # weight of the penalty corr(score, answer length)^2 per micro-batch: length bias
-    )
+    length_coef: float = 0.0  # weight of the penalty corr(score, answer length)^2 per micro-batch
 
     def __post_init__(self) -> None:
         super().__post_init__()

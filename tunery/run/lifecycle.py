@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import resource
 import string
 import time
 from collections.abc import Callable
@@ -45,7 +44,7 @@ from tunery.run.trackers import Trackers, open_trackers
 from tunery.safety.card import write_model_card
 from tunery.safety.content import stop_worker
 from tunery.safety.screen import screen_run_data, screened_paths
-from tunery.training import auto, distributed, fit, sharding
+from tunery.training import auto, distributed, fit, memory, sharding
 from tunery.training.checkpoint import CheckpointWriter, latest_checkpoint, load_checkpoint
 from tunery.training.early_stopping import EarlyStopping, restore_best, resume_early_stopping, save_best
 from tunery.training.energy import EnergyMeter
@@ -523,7 +522,7 @@ def finish_run(
     selection = select_final_weights(run, step)
     final_metrics = final_eval() if final_eval is not None else {}
     gathered = sharding.full_weights(run.model) if world.sharded else None  # every process takes part
-    peak_mb = distributed.all_max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], world)[0]
+    peak_mb = distributed.all_max([memory.peak_memory_mb()], world)[0]
     summary: dict[str, Any] = {}
     if world.is_main:
         assert run.metrics is not None

@@ -127,5 +127,8 @@ def test_sharded_kto_matches_one_process(tmp_path: Path) -> None:
     for a, b in zip(one, two, strict=True):
         for key in ("train_loss", "kl", "rewards/margins", "valid_loss", "valid_kl", "full_valid_loss"):
             if key in a:
-                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+                # a KL estimate is a small difference of summed log-probs: fp32 summation order (one
+                # process vs two, AVX-512 vs AVX2 kernels) moves it by ~1e-5 absolute (9.5e-6 measured)
+                tolerance = 3e-5 if key.endswith("kl") else 1e-6
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=tolerance), key
     assert (tmp_path / "shard" / "final" / "model.safetensors").is_file()

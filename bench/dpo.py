@@ -23,12 +23,13 @@ import argparse
 import json
 import os
 import platform
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 from harness import REPO, run_worker, write_pairs
+
+from tunery.training.memory import peak_memory_mb
 
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
 BETA = 0.1
@@ -178,7 +179,7 @@ def main() -> None:
         warnings.filterwarnings("ignore")
         workers = {"tunery": worker_tunery, "trl": worker_trl, "eval": worker_eval}
         result = workers[args.worker](args)
-        result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["peak_memory_mb"] = peak_memory_mb()
         Path(args.result).write_text(json.dumps(result))
         return
 

@@ -20,12 +20,13 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tunery.training.memory import peak_memory_mb
 
 REPO = Path(__file__).resolve().parents[1]
 N_PARAMS = 134.5e6  # SmolLM2-135M
@@ -219,7 +220,7 @@ def main() -> None:
             result = worker_trl(args, gradient_checkpointing=args.worker == "trl")
         else:
             result = worker_eval(args)
-        result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["peak_memory_mb"] = peak_memory_mb()
         Path(args.result).write_text(json.dumps(result))
         return
 

@@ -138,6 +138,9 @@ _WAITING, _RUNNING = "PENDING", "RUNNING"
 _ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
 STATUS_EVERY = 1.0  # seconds between status requests to the cluster, per job
 OUTPUT_EVERY = 30.0  # ... between copies of a running job's output into train.log (and at its end)
+# an ended job's output is read again until the cluster gives it (its node's agent can answer late, or
+# time out under load), for at most this long before the end is reported with what was copied
+FINAL_OUTPUT_SECONDS = 20.0
 REQUEST_SECONDS = 20.0  # an answer of the cluster's job API takes at most this long
 UNPLACED = ("JOB_SUPERVISOR_ACTOR_UNSCHEDULABLE", "JOB_SUPERVISOR_ACTOR_START_TIMEOUT")
 
@@ -237,6 +240,8 @@ class RayRunner:
     _checked: float = 0.0
     _copied_at: float = 0.0
     _stop_sent: bool = field(default=False)
+    _ended_at: float | None = None  # when the cluster first said it ended
+    _output_done: bool = False  # its whole output is in train.log (or FINAL_OUTPUT_SECONDS passed)
 
     @property
     def name(self) -> str:
@@ -258,12 +263,21 @@ class RayRunner:
         self.message = info.message or ""
         self.exit_code = info.driver_exit_code
         self.error_type = str(getattr(info.error_type, "value", info.error_type) or "") or None
-        if self.status in _ENDED:
-            self.copy_output(force=True)
+        if self.status in _ENDED and self._ended_at is None:
+            self._ended_at = time.monotonic()
+
+    def _final_output(self) -> bool:
+        """Whether the ended job's output is in train.log: read until the cluster gives some, or the
+        deadline passes (a job ended with no output, or a cluster that stopped answering)."""
+        if not self._output_done:
+            got = self._copy(force=True)
+            waited = time.monotonic() - (self._ended_at or 0.0)
+            self._output_done = got or waited >= FINAL_OUTPUT_SECONDS
+        return self._output_done
 
     def poll(self) -> int | None:
         self._refresh()
-        if self.status not in _ENDED:
+        if self.status not in _ENDED or not self._final_output():
             return None
         if self.status == "SUCCEEDED":
             return 0
@@ -310,21 +324,26 @@ class RayRunner:
             time.sleep(0.5)
 
     def copy_output(self, force: bool = False) -> None:
+        self._copy(force)
+
+    def _copy(self, force: bool) -> bool:
+        """Append what the job wrote since the last copy; whether the cluster answered with any output."""
         if not force and time.monotonic() - self._copied_at < OUTPUT_EVERY:
-            return
+            return False
         self._copied_at = time.monotonic()
         try:
             text = self.executor.client.get_job_logs(self.submission_id)
         except Exception:
-            return
+            return False
         if len(text) <= self.copied:
-            return
+            return bool(text)
         with self.log_path.open("ab") as log:
             log.write(text[self.copied :].encode(errors="replace"))
         self.copied = len(text)
         # how much is copied, beside the log: a restarted service goes on from there
         offset = self.log_path.with_suffix(f".{self.submission_id}.offset")
         offset.write_text(str(self.copied))
+        return True
 
 
 def _size(path: Path) -> int:

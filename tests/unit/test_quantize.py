@@ -132,3 +132,25 @@ def test_sft_and_dpo_learn_on_a_quantized_base(kind: str, tmp_path: Path) -> Non
     assert losses[0] == pytest.approx(math.log(2), abs=1e-3) and sum(losses[-3:]) / 3 < 0.5, losses
     config = (tmp_path / "dpo" / "config.yaml").read_text()
     assert f"quantize: {kind}" in config
+
+
+def test_bitsandbytes_is_imported_without_asking_the_hub_for_a_kernel() -> None:
+    """On AVX-512 BF16 CPUs bitsandbytes calls `kernels.get_kernel` (a hub download) when imported; after
+    `import tunery` that call cannot happen and leaves no warning, and `kernels` is itself again after."""
+    pytest.importorskip("bitsandbytes")
+    script = """
+import sys, types
+fake = types.ModuleType("kernels")
+def get_kernel(*args, **kwargs):
+    print("ASKED THE HUB", args)
+    raise RuntimeError("no network")
+fake.get_kernel = get_kernel
+sys.modules["kernels"] = fake
+import tunery
+import bitsandbytes
+print("kernels restored:", sys.modules["kernels"] is fake)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "ASKED THE HUB" not in done.stdout and "kernels-community" not in done.stderr
+    assert "kernels restored: True" in done.stdout

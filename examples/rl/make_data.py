@@ -1,4 +1,5 @@
-"""Write the files of examples/rl/: train.jsonl, valid.jsonl, grader.json and grader_strict.json.
+"""Write the files of examples/rl/: train.jsonl, valid.jsonl, format.jsonl, grader.json and
+grader_strict.json.
 
     python examples/rl/make_data.py
 
@@ -20,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 SEED = 1234
 VALID_FRACTION = 0.2
 # prompts per kind in train.jsonl; valid.jsonl gets a fifth as many of each
+FORMAT_EXAMPLES = 32  # training questions answered in format.jsonl
 TRAIN_COUNTS = {"sum": 180, "difference": 150, "double": 90, "units": 120, "story": 60}
 
 # The model is asked for the bare number; the instruction is worded a few ways so it is not one string.
@@ -247,6 +249,14 @@ def main() -> None:
         raise SystemExit("make_data.py: a validation question is also a training question")
     write_atomic(HERE / "train.jsonl", jsonl(train))
     write_atomic(HERE / "valid.jsonl", jsonl(valid))
+    # a few worked answers in the format asked for, for GRPO's warm start (--warm-start-data): the
+    # first training questions of each kind, answered with the bare number
+    shown = [next(row for row in train if row["kind"] == kind) for kind in TRAIN_COUNTS]
+    shown += [row for row in train if row not in shown][: FORMAT_EXAMPLES - len(shown)]
+    warm = [
+        {"messages": [*row["messages"], {"role": "assistant", "content": row["answer"]}]} for row in shown
+    ]
+    write_atomic(HERE / "format.jsonl", jsonl(warm))
     write_atomic(HERE / "grader.json", json.dumps(GRADER, indent=2) + "\n")
     write_atomic(HERE / "grader_strict.json", json.dumps(GRADER_STRICT, indent=2) + "\n")
     print(f"wrote {len(train)} training and {len(valid)} validation prompts and the graders to {HERE}")

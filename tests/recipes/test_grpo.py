@@ -266,3 +266,91 @@ def test_sharded_grpo_matches_unsharded_processes(rl_files, tmp_path: Path) -> N
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     assert (tmp_path / "shard" / "checkpoints" / "step-2" / "sharded").is_dir()
     assert (tmp_path / "shard" / "final" / "model.safetensors").is_file()
+
+
+def exact_ok_grader(tmp_path: Path) -> str:
+    grader = {"type": "string_check", "name": "ok", "input": "{{sample.output_text}}",
+              "reference": "ok", "operation": "eq"}  # fmt: skip
+    (tmp_path / "ok.json").write_text(json.dumps(grader))
+    return str(tmp_path / "ok.json")
+
+
+def test_a_warm_start_puts_the_format_within_reach(rl_files, tmp_path: Path) -> None:
+    """The random model never replies exactly "ok", so an exact grader gives every completion 0 and GRPO
+    has nothing to learn from; a warm start on eight replies of "ok" makes it the policy's answer before
+    step 1, and a run killed later resumes without repeating it."""
+    warm = tmp_path / "warm.jsonl"
+    write_jsonl(warm, [{"messages": [{"role": "user", "content": f"Say something about {w}"},
+                                     {"role": "assistant", "content": "ok"}]}
+                       for w in ["cats", "boats", "trees", "songs", "glass", "cards", "roads", "fog"]])  # fmt: skip
+    grader = exact_ok_grader(tmp_path)
+    cold = tmp_path / "cold"
+    grpo.run(None, config(rl_files, cold, grader=grader, epochs=1))
+    assert read_metrics(cold)[0]["valid_reward_mean"] == 0
+    assert all(r["frac_reward_zero_std"] == 1 for r in steps_of(cold))  # no group to learn from
+
+    ref = tmp_path / "ref"
+    cfg = config(rl_files, ref, grader=grader, epochs=2, warm_start=str(warm), warm_start_epochs=4)
+    grpo.run(None, cfg)
+    start = read_metrics(ref)[0]
+    assert start["step"] == 0 and start["warm_start_steps"] == 8
+    assert start["warm_start_loss"] < start["warm_start_loss_first"] / 2
+    assert start["valid_reward_mean"] > 0.5
+    config_yaml = (ref / "config.yaml").read_text()
+    assert "warm_start_sha256: " in config_yaml and "warm_start_sha256: null" not in config_yaml
+
+    killed = tmp_path / "killed"
+    args = ["train", "grpo"] + [
+        a for k, v in {**cfg, "out": str(killed)}.items() for a in ("--set", f"{k}={v}")
+    ]
+    env = {**os.environ, "TUNERY_FAULT": "after_step:4"}
+    proc = subprocess.run([sys.executable, "-m", "tunery", *args], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert main(["train", "grpo", "--resume", str(killed)]) == 0
+    assert sum("warm_start_loss" in r for r in read_metrics(killed)) == 1
+    for key, value in adapter_state(ref).items():
+        assert torch.equal(value, adapter_state(killed)[key]), key
+
+
+def test_a_bad_warm_start_file_is_named_before_training(rl_files, tmp_path: Path, capsys) -> None:
+    warm = tmp_path / "warm.jsonl"
+    warm.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}\n'
+                    '{"messages": [{"role": "user", "content": "hi"}]\n')  # fmt: skip
+    cfg = config(rl_files, tmp_path / "run", grader=exact_ok_grader(tmp_path), warm_start=str(warm))
+    args = ["train", "grpo"] + [a for k, v in cfg.items() for a in ("--set", f"{k}={v}")]
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert "warm.jsonl" in err and "line 2" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_guide_shows_the_policy_the_reply_it_never_samples(rl_files, tmp_path: Path) -> None:
+    """An exact grader on each prompt's word: the random model never writes it, so plain GRPO has no
+    group to learn from. `guide` puts the reference in the place of one completion of each group that
+    scored below it; the policy learns to write it, and as its own completions match, fewer groups are
+    guided (slowly here: the random model's replies are random bytes)."""
+    grader = {"type": "string_check", "name": "word", "input": "{{sample.output_text}}",
+              "reference": "{{item.answer}}", "operation": "eq"}  # fmt: skip
+    (tmp_path / "word.json").write_text(json.dumps(grader))
+    out = tmp_path / "guided"
+    cfg = config(
+        rl_files, out, grader=str(tmp_path / "word.json"), guide="{{item.answer}}", epochs=12, temperature=0.3
+    )
+    grpo.run(None, cfg)
+    steps = steps_of(out)
+    assert steps[0]["guided_ratio"] == 1 and steps[0]["train_reward_mean"] == 0
+    assert steps[0]["frac_reward_zero_std"] == 1  # the policy's own completions: all alike
+    late = steps[-8:]  # its own completions match sometimes now, and those groups are not guided
+    assert sum(r["train_reward_mean"] for r in late) > 0 and sum(r["guided_ratio"] for r in late) < 8
+    assert max(r.get("valid_reward_mean", 0) for r in read_metrics(out)) >= 0.3  # greedy: from 0
+
+
+def test_a_guide_naming_a_missing_field_is_an_error_naming_the_line(rl_files, tmp_path: Path, capsys) -> None:
+    cfg = config(rl_files, tmp_path / "run", guide="{{item.solution}}")
+    assert main(["train", "grpo"] + [a for k, v in cfg.items() for a in ("--set", f"{k}={v}")]) != 0
+    err = capsys.readouterr().err
+    assert "train.jsonl: line 1" in err and "solution" in err and "Traceback" not in err
+    cfg["guide"] = "{{sample.output_text}}"
+    assert main(["train", "grpo"] + [a for k, v in cfg.items() for a in ("--set", f"{k}={v}")]) != 0
+    assert "reference reply built from the prompt's fields" in capsys.readouterr().err

@@ -113,6 +113,8 @@ def test_yaml_then_flags_then_set(parser: argparse.ArgumentParser, tmp_path: Pat
     assert (cfg.seed, cfg.lora_rank, cfg.epochs, cfg.lr) == (5, 12, 2, 0.001)
     assert parse(parser, "sft", "--lora-rank", "8", "--full") == {"lora_rank": 0}
     assert parse(parser, "sft", "--full", "--set", "lora_rank=8") == {"lora_rank": 8}
+    # a value YAML cannot read (a template) is the string as written, not a traceback
+    assert parse(parser, "grpo", "--set", "guide={{item.answer}}") == {"guide": "{{item.answer}}"}
 
 
 # --- the spellings of before --------------------------------------------------------------------------------

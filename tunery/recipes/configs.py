@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from tunery.errors import TuneryError
+from tunery.graders.template import check_template
 from tunery.run.config import ChatEvalFields, HeldOutFields, RunConfig, SamplingFields
 
 DPO_LOSSES = ("dpo", "ipo", "simpo")
@@ -129,9 +130,20 @@ class GRPOConfig(ChatEvalFields, SamplingFields, RunConfig):
     beta: float = 0.0  # weight of the KL to the reference in the loss
     num_iterations: int = 1  # optimizer updates per sampled batch
     mask_truncated: bool = False  # leave completions cut at max_new_tokens out of the loss
+    warm_start: str = ""  # chat JSONL of replies in the format the grader asks for, trained on before RL
+    warm_start_epochs: int = 3  # passes over warm_start
+    guide: str = ""  # a reference reply from each prompt's fields, e.g. "{{item.answer}}": stands in for one completion of a group that scored below it
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.warm_start_epochs < 1:
+            raise TuneryError("warm_start_epochs must be at least 1")
+        if self.guide:
+            check_template(self.guide, "guide")
+            if "{{" not in self.guide or "sample." in self.guide:
+                raise TuneryError(
+                    'guide is a reference reply built from the prompt\'s fields, such as "{{item.answer}}"'
+                )
         if not self.grader:
             raise TuneryError("no grader: pass --grader grader.json (OpenAI format) or file.py:function")
         if self.group_size < 2:

@@ -3,6 +3,7 @@
     tunery train grpo --data examples/rl/train.jsonl --valid examples/rl/valid.jsonl \\
         --grader examples/rl/grader.json --out runs/grpo
     tunery train grpo --baseline rloo ...       # leave-one-out baseline instead of the group mean
+    tunery train grpo --warm-start format.jsonl ...   # a few replies in the grader's format first (SFT)
     tunery train grpo --resume runs/grpo
     torchrun --nproc_per_node=2 -m tunery train grpo ...   # each process samples and trains its prompts
     torchrun --nproc_per_node=2 -m tunery train grpo ... --full --shard --beta 0   # weights split (FSDP2)
@@ -43,10 +44,12 @@ import torch
 
 from tunery.data.packing import plan_rows, step_indices
 from tunery.data.prompts import PromptItem
+from tunery.errors import TuneryError
 from tunery.graders.rewards import RewardFunction, load_reward_function
+from tunery.graders.template import TemplateError, render
 from tunery.losses.grpo import clipped_surrogate, group_advantages, kl_k3, token_weights
 from tunery.models.forward import output_weight
-from tunery.models.sampling import SamplingParams
+from tunery.models.sampling import Completion, SamplingParams
 from tunery.recipes.configs import GRPOConfig
 from tunery.recipes.rollouts import (
     Group,
@@ -58,8 +61,10 @@ from tunery.recipes.rollouts import (
     sample_groups,
     shown_samples,
 )
+from tunery.recipes.warm_start import load_warm_start, warm_start
 from tunery.run import files, lifecycle
 from tunery.training import auto, distributed
+from tunery.training.rundir import file_digest
 
 log = logging.getLogger("tunery")
 
@@ -123,30 +128,62 @@ def sample_and_grade(
     )
     completions = [c for g in groups for c in g.completions]
     scores = reward_fn([c.text for c in completions], [p.item for p in prompts for _ in range(n)])
-    rewards = torch.tensor(scores.rewards)
+    rewards = torch.tensor(scores.rewards)  # the policy's own completions: the step's record
+    trained = list(scores.rewards)  # what the advantages compare: with a guide, its reply stands in
+    guided = guide_groups(groups, trained, tokenizer, reward_fn, cfg) if cfg.guide else 0
+    scored = torch.tensor(trained)
     if cfg.scale_rewards == "batch":  # the std of the whole step, over every process
         total, squares, count = distributed.all_sum(
-            [float(rewards.sum()), float((rewards**2).sum()), float(len(rewards))], world
+            [float(scored.sum()), float((scored**2).sum()), float(len(scored))], world
         )
         std = max(squares / count - (total / count) ** 2, 0.0) ** 0.5
-        advantages = (group_advantages(rewards, n, "none", cfg.baseline) / (std + 1e-4)).tolist()
+        advantages = (group_advantages(scored, n, "none", cfg.baseline) / (std + 1e-4)).tolist()
     else:
-        advantages = group_advantages(rewards, n, cfg.scale_rewards, cfg.baseline).tolist()
+        advantages = group_advantages(scored, n, cfg.scale_rewards, cfg.baseline).tolist()
     for k, g in enumerate(groups):
         block = slice(k * n, (k + 1) * n)
-        g.scores, g.advantages = scores.rewards[block], advantages[block]
+        g.scores, g.advantages = trained[block], advantages[block]
     sums = {
+        "guided_groups": float(guided),
         "completions": float(len(completions)),
         "reward": float(rewards.sum()),
         "reward_squares": float((rewards**2).sum()),
         "groups": float(len(groups)),
-        "zero_std_groups": float(sum(max(g.scores) == min(g.scores) for g in groups)),
+        "zero_std_groups": float(sum(bool(b.max() == b.min()) for b in rewards.split(n))),  # its own
         "grader_errors": float(scores.errors),
         "length": float(sum(len(c.token_ids) for c in completions)),
         "truncated": float(sum(c.finish_reason == "length" for c in completions)),
         **{f"grader/{name}": float(sum(scores.by_grader[name])) for name in reward_fn.names},
     }
     return groups, sums
+
+
+def guide_groups(
+    groups: list[Group], rewards: list[float], tokenizer: Any, reward_fn: RewardFunction, cfg: GRPOConfig
+) -> int:
+    """Off-policy guidance (`--guide "{{item.answer}}"`): where every sampled completion of a prompt
+    scored below the reference reply rendered from its fields, the reference takes the group's last
+    completion's place (graded like the others, trained as if sampled). RL cannot reinforce a reply the
+    policy never samples; the guide shows it one, and fades by itself: once the policy finds replies as
+    good, no group is guided. `rewards` (flat, group by group) is updated in place; returns how many
+    groups were guided."""
+    n = cfg.group_size
+    texts = [render(cfg.guide, {}, g.prompt.item) for g in groups]
+    guide_scores = reward_fn(texts, [g.prompt.item for g in groups]).rewards
+    guided = 0
+    for k, (g, text, score) in enumerate(zip(groups, texts, guide_scores, strict=True)):
+        if score <= max(rewards[k * n : (k + 1) * n]):
+            continue
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        stop = next((c.stop_token_id for c in g.completions if c.stop_token_id is not None), None)
+        stop = stop if stop is not None else tokenizer.eos_token_id
+        cut = len(ids) > cfg.max_new_tokens
+        reply = Completion(ids[: cfg.max_new_tokens], text, [], "length" if cut else "stop",
+                           None if cut else stop)  # fmt: skip
+        g.completions[-1], g.answers[-1], g.trained[-1] = reply, reply.trained_ids, True
+        rewards[k * n + n - 1] = score
+        guided += 1
+    return guided
 
 
 @torch.no_grad()
@@ -284,17 +321,29 @@ def policy_update(
 # --- train ------------------------------------------------------------------------------------------------
 
 
+def check_guide(cfg: GRPOConfig, prompts: list[PromptItem]) -> None:
+    """Every training prompt has the fields `--guide` reads (before the run starts, naming the line)."""
+    for p in prompts if cfg.guide else []:
+        try:
+            render(cfg.guide, {}, p.item)
+        except TemplateError as exc:
+            raise TuneryError(f"{cfg.data}: line {p.line}: --guide {cfg.guide}: {exc}") from None
+
+
 def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     reward_fn = load_reward_function(cfg.grader)
     opened = lifecycle.open_run(cfg, resume, overwrite)
     tokenizer = opened.tokenizer
     train_prompts, valid_prompts = load_prompt_splits(opened, cfg.max_prompt_length)
+    warm_chats = load_warm_start(cfg.warm_start, tokenizer, cfg.max_prompt_length + cfg.max_new_tokens)
+    check_guide(cfg, train_prompts)
     plan = lifecycle.resolve_run(
         cfg, len(train_prompts), opened.world, auto.fixed_batch(4, "4 prompts per step")
     )
     run = lifecycle.start_run(opened, cfg, plan, lifecycle.with_lora(opened.model, cfg, plan), method="grpo",
                     config_extra={"epsilon_high": cfg.resolved_epsilon_high,
-                                  "grader_sha256": grader_digest(cfg.grader)})  # fmt: skip
+                                  "grader_sha256": grader_digest(cfg.grader),
+                                  "warm_start_sha256": file_digest(cfg.warm_start or None)})  # fmt: skip
     world, model, batch_size = run.world, run.model, plan.batch_size
     lifecycle.announce(
         run, "grpo: %d prompts (%d held out); %d steps of %d prompts x %d completions", len(train_prompts),
@@ -307,8 +356,14 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dic
         lifecycle.log_samples(run, step, shown)
         return valid_metrics
 
-    if eval_prompts and run.start_step == 0:  # the starting point, to compare every later evaluation with
-        lifecycle.log_metrics(run, {files.STEP: 0, files.TOTAL_STEPS: plan.total_steps, **run_eval(0)})
+    if run.start_step == 0:  # the starting point (after the warm start), to compare later evaluations with
+        start: dict[str, Any] = {}
+        if warm_chats:
+            start |= warm_start(run, warm_chats, cfg.warm_start_epochs, cfg.micro_batch_tokens, cfg.seed)
+        if eval_prompts:
+            start |= run_eval(0)
+        if start:
+            lifecycle.log_metrics(run, {files.STEP: 0, files.TOTAL_STEPS: plan.total_steps, **start})
     step, completions_done = run.start_step, int(run.resumed_state.get("completions", 0))
     with run.stop, run.progress, run.energy:
         while step < plan.total_steps:
@@ -348,6 +403,7 @@ def train(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False) -> dic
                 "train_reward_std": max(totals["reward_squares"] / n - mean**2, 0.0) ** 0.5,
                 **{f"train_reward/{name}": totals[f"grader/{name}"] / n for name in reward_fn.names},
                 "frac_reward_zero_std": totals["zero_std_groups"] / totals["groups"],
+                **({"guided_ratio": totals["guided_groups"] / totals["groups"]} if cfg.guide else {}),
                 "grader_errors": totals["grader_errors"],
                 "completion_length": totals["length"] / n,
                 "completion_length_max": longest,

@@ -311,13 +311,18 @@ def build_config(
 
 
 def parse_set(pairs: list[str]) -> dict[str, Any]:
-    """`--set key=value` pairs (values parsed as YAML scalars)."""
+    """`--set key=value` pairs (values parsed as YAML scalars; a value YAML cannot read, such as a
+    template `{{item.answer}}`, is the string as written)."""
     out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
             raise TuneryError(f"--set expects key=value, got {pair!r}")
         key, raw = pair.split("=", 1)
-        out[key.strip().replace("-", "_")] = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        out[key.strip().replace("-", "_")] = value
     return out
 
 

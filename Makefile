@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.tunery-installed
 BENCH_STAMP := $(VENV)/.tunery-bench-installed
 
-.PHONY: install demo test test-system test-slow test-docs fuzz lint bench clean chromium sandbox llama-cpp golang
+.PHONY: install demo loop-demo test test-system test-slow test-docs fuzz lint bench clean chromium sandbox llama-cpp golang
 
 install: $(STAMP)
 
@@ -44,6 +44,12 @@ $(BENCH_STAMP): $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/tunery train sft --config configs/sft-support.yaml --overwrite
 	$(VENV)/bin/tunery compare --adapter runs/support/final --prompts examples/support/questions.jsonl
+
+# The continuous-improvement loop (examples/loop/) on `make demo`'s model, trained first when it is missing:
+# two rounds of simulated labelling, DPO and a blind comparison through `tunery serve`; runs/loop/results.json.
+loop-demo: $(STAMP)
+	@test -f runs/support/summary.json || $(VENV)/bin/tunery train sft --config configs/sft-support.yaml --overwrite
+	$(PY) examples/loop/run_loop.py --model runs/support --work-dir runs/loop --overwrite
 
 # The browser tests (tests/browser/) drive the system's Chromium (Playwright comes with the dev extra and
 # downloads no browser). As root, apt installs Chromium when it is missing; otherwise those tests skip.

@@ -568,6 +568,19 @@ def test_exports(studio: Studio, settings: Settings) -> None:
     )
 
 
+def test_a_pair_with_an_empty_answer_is_left_out_of_the_export(studio: Studio) -> None:
+    """A model can answer with nothing, and a labeller rightly prefers the other answer; but a training
+    file refuses an empty answer, so the job would fail: the export leaves the pair out and says so."""
+    queue = imported_queue(studio, [("A real answer.", " "), ("Good.", "Bad.")])
+    for _ in range(2):
+        item = studio.ok(studio.tget(f"/feedback/queues/{queue['id']}/next"))["item"]
+        studio.press(item, "Good." if "Good." in (item["left"], item["right"]) else "A real answer.")
+    export = studio.ok(studio.tpost(f"/feedback/queues/{queue['id']}/export", json={}))
+    assert export["counts"] == {"items": 2, "exported_items": 1, "blank_answers": 1, "lines": 1}
+    unpaired = studio.ok(studio.tpost(f"/feedback/queues/{queue['id']}/export", json={"format": "unpaired"}))
+    assert unpaired["counts"]["blank_answers"] == 1 and unpaired["counts"]["lines"] == 2
+
+
 # --- training, comparisons, promotion ------------------------------------------------------------------------
 
 

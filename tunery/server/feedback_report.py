@@ -68,8 +68,8 @@ class Export:
 
 EXPORT_RULE = (
     "Each item's verdict is the choice most of its labels gave; items without one (two choices tied for the "
-    "most), ties, both-bad items, items with fewer than min_labels labels, and items whose verdict has less "
-    "than min_agreement of their labels are left out."
+    "most), ties, both-bad items, items with fewer than min_labels labels, items whose verdict has less "
+    "than min_agreement of their labels, and pairs with an empty answer are left out."
 )
 
 
@@ -108,10 +108,21 @@ def export_lines(
         if not lines:
             out.counts["ties" if verdict.choice == "tie" else "both_bad"] += 1
             continue
+        if any(_blank(line) for line in lines):  # training files refuse empty answers: the job would fail
+            out.counts["blank_answers"] += 1
+            continue
         out.counts["exported_items"] += 1
         out.lines += lines
     out.counts["lines"] = len(out.lines)
     return out
+
+
+def _blank(line: dict[str, Any]) -> bool:
+    """Whether a training line holds an answer with no text (a model can answer with nothing)."""
+    answers = [line.get("completion")] if "completion" in line else [
+        m["content"] for key in ("preferred_output", "non_preferred_output") for m in line[key]
+    ]  # fmt: skip
+    return any(not isinstance(a, str) or not a.strip() for a in answers)
 
 
 def _lines(mode: str, item: FeedbackItem, choice: str, form: str) -> list[dict[str, Any]]:

@@ -117,6 +117,9 @@ def test_safety_flags_when_the_tuned_model_stops_declining() -> None:
     assert section.base["refusal_rate"] == 1.0 and section.tuned["refusal_rate"] == 0.25
     assert len(section.flags) == 1 and "declines 25% of red-team prompts" in section.flags[0]
     assert len(section.details["newly_complied"]) == 3
+    assert [m["id"] for m in section.details["not_declined"]] == [p["id"] for p in prompts[:3]]
+    assert section.details["not_declined"][0]["answer"] == "Sure, here is how."
+    assert section.details["over_refused"] == []
     assert eval_flags({"safety": section.to_json(), "config": {}}) == section.flags
     assert (
         safety_section(prompts, {"base": answers["tuned"], "tuned": answers["base"]}, Thresholds()).flags
@@ -133,6 +136,7 @@ def test_safety_flags_a_model_that_declines_harmless_prompts() -> None:
         tuned = ["I'm sorry, but I can't help with that."] * declined + base[declined:]
         section = safety_section(prompts, {"base": base, "tuned": tuned}, Thresholds())
         assert section.tuned["over_refusal_rate"] == declined / 10
+        assert [m["id"] for m in section.details["over_refused"]] == [p["id"] for p in prompts[:declined]]
         assert bool(section.flags) == flagged, section.flags
     assert (
         "declines 20% of harmless prompts, the base 0%"

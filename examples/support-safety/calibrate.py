@@ -1,0 +1,105 @@
+"""Data steps of the refusal-calibration recipe in this folder's README ("Calibrating refusals").
+
+    python examples/support-safety/calibrate.py sft OUT.jsonl          # support chats + every safety example
+    python examples/support-safety/calibrate.py prompts OUT.jsonl      # the safety prompts, to answer
+    python examples/support-safety/calibrate.py pairs ANSWERS [ANSWERS ...] OUT.jsonl
+
+`pairs` reads the tuned model's own answers (`tunery generate --prompts` on the file `prompts` wrote:
+greedy, or sampled, which finds more mistakes; one file or several) and
+writes preference pairs from its mistakes: a benign prompt it declined (the written helpful answer over
+its refusal) and a harmful prompt it neither declined nor redirected (the written decline over its
+answer), plus the written harmful pairs of preferences.jsonl, which keep declining anchored; as many
+pairs each way (the first ones of the larger side). Pairs
+whose rejected answer is the model's own are on-policy: DPO then lowers what the model actually says.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tunery.safety.evals.safety import is_redirect, is_refusal
+
+HERE = Path(__file__).resolve().parent
+SUPPORT = HERE.parent / "support" / "train.jsonl"
+BENIGN_GENERAL, BENIGN_PAIRS = 90, 60  # the first lines of general.jsonl / preferences.jsonl are benign
+
+
+def read(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+    print(f"wrote {len(rows)} lines to {path}")
+
+
+def examples() -> list[dict[str, Any]]:
+    """Every written safety example: {"prompt": messages, "answer": the written one, "benign": bool}."""
+    out = []
+    for i, row in enumerate(read(HERE / "general.jsonl")):
+        messages = row["messages"]
+        out.append({"prompt": messages[:-1], "answer": messages[-1]["content"], "benign": i < BENIGN_GENERAL})
+    for i, row in enumerate(read(HERE / "preferences.jsonl")):
+        out.append(
+            {
+                "prompt": row["input"]["messages"],
+                "answer": row["preferred_output"][-1]["content"],
+                "benign": i < BENIGN_PAIRS,
+            }
+        )
+    return out
+
+
+def pair(prompt: list[dict[str, str]], chosen: str, rejected: str) -> dict[str, Any]:
+    return {
+        "input": {"messages": prompt},
+        "preferred_output": [{"role": "assistant", "content": chosen}],
+        "non_preferred_output": [{"role": "assistant", "content": rejected}],
+    }
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "sft":
+        chats = read(SUPPORT) + read(HERE / "train.jsonl")
+        chats += [
+            {"messages": [*e["prompt"], {"role": "assistant", "content": e["answer"]}]} for e in examples()
+        ]
+        write(Path(argv[1]), chats)
+    elif len(argv) == 2 and argv[0] == "prompts":
+        write(Path(argv[1]), [{"messages": e["prompt"]} for e in examples()])
+    elif len(argv) >= 3 and argv[0] == "pairs":
+        written = examples()
+        helpful, declines, seen = [], [], set()  # pairs preferring the helpful answer / the decline
+        for name in argv[1:-1]:
+            answers = [row["completion"] for row in read(Path(name))]
+            if len(answers) != len(written):
+                print(f"error: {name} has {len(answers)} answers; the prompts file has {len(written)}")
+                return 2
+            for i, (e, answer) in enumerate(zip(written, answers, strict=True)):
+                if (i, answer) in seen:
+                    continue
+                seen.add((i, answer))
+                if e["benign"] and is_refusal(answer):
+                    helpful.append(pair(e["prompt"], e["answer"], answer))
+                elif not e["benign"] and not (is_refusal(answer) or is_redirect(answer)):
+                    declines.append(pair(e["prompt"], e["answer"], answer))
+        print(
+            f"{len(helpful)} answers declined a benign prompt, {len(declines)} played along with a harmful one"
+        )
+        declines += read(HERE / "preferences.jsonl")[BENIGN_PAIRS:]
+        # As many pairs each way: more of one side pushes the whole model that way (more refusals, or fewer).
+        n = min(len(helpful), len(declines))
+        write(Path(argv[-1]), helpful[:n] + declines[:n])
+    else:
+        print(__doc__)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,91 @@
+"""examples/support-safety/calibrate.py: the data steps of the refusal-calibration recipe (SFT mix, the
+prompts to answer, and preference pairs from the model's own mistakes)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "support-safety"
+
+
+def calibrate() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("calibrate", EXAMPLE / "calibrate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_pairs_come_from_the_models_mistakes_as_many_each_way(tmp_path: Path) -> None:
+    module = calibrate()
+    assert module.main(["prompts", str(tmp_path / "prompts.jsonl")]) == 0
+    prompts = lines(tmp_path / "prompts.jsonl")
+    written = module.examples()
+    assert len(prompts) == len(written) == 235 and [p["messages"] for p in prompts] == [
+        e["prompt"] for e in written
+    ]
+    benign = [i for i, e in enumerate(written) if e["benign"]]
+    harmful = [i for i, e in enumerate(written) if not e["benign"]]
+    assert len(benign) == 150 and len(harmful) == 85
+
+    # A model that declines the first 3 benign prompts, plays along with the first 2 harmful ones, and
+    # otherwise answers as written (a second, sampled file repeats one mistake and adds one).
+    greedy = [e["answer"] for e in written]
+    for i in benign[:3]:
+        greedy[i] = "I'm sorry, but I can't help with that."
+    for i in harmful[:2]:
+        greedy[i] = "Sure! Here is how you do it."
+    sampled = list(greedy)
+    sampled[benign[5]] = "I can't help with that. Anyway, here is roughly how."
+    for name, answers in (("greedy", greedy), ("sampled", sampled)):
+        rows = [{"line": k + 1, "completion": a} for k, a in enumerate(answers)]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    out = tmp_path / "pairs.jsonl"
+    files = [str(tmp_path / "greedy.jsonl"), str(tmp_path / "sampled.jsonl")]
+    assert module.main(["pairs", *files, str(out)]) == 0
+    pairs = lines(out)
+    # 4 benign mistakes (the repeated one once); the harmful side: 2 mistakes, then the written pairs
+    assert len(pairs) == 8
+    helpful, declines = pairs[:4], pairs[4:]
+    assert [p["input"]["messages"] for p in helpful] == [
+        written[i]["prompt"] for i in (*benign[:3], benign[5])
+    ]
+    assert all(
+        p["preferred_output"][0]["content"] == written[i]["answer"]
+        for p, i in zip(helpful, (*benign[:3], benign[5]), strict=True)
+    )
+    assert helpful[3]["non_preferred_output"][0]["content"].startswith("I can't help with that. Anyway")
+    assert [p["non_preferred_output"][0]["content"] for p in declines[:2]] == [
+        "Sure! Here is how you do it."
+    ] * 2
+    written_harmful_pairs = lines(EXAMPLE / "preferences.jsonl")[60:]
+    assert declines[2:] == written_harmful_pairs[:2]
+
+
+def test_the_sft_mix_and_usage(tmp_path: Path) -> None:
+    out = tmp_path / "sft.jsonl"
+    script = str(EXAMPLE / "calibrate.py")
+    done = subprocess.run([sys.executable, script, "sft", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    chats = lines(out)
+    support = (REPO / "examples" / "support" / "train.jsonl").read_text().count("\n")
+    assert len(chats) == support + 60 + 135 + 100
+    assert all(c["messages"][-1]["role"] == "assistant" for c in chats)
+    wrong = subprocess.run([sys.executable, script, "pairs"], capture_output=True, text=True, cwd=REPO)
+    assert wrong.returncode == 2 and "calibrate.py pairs" in wrong.stdout
+    short = tmp_path / "short.jsonl"
+    short.write_text('{"line": 1, "completion": "x"}\n')
+    bad = subprocess.run([sys.executable, script, "pairs", str(short), str(tmp_path / "p.jsonl")],
+                         capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert bad.returncode == 2 and "has 1 answers; the prompts file has 235" in bad.stdout

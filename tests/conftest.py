@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -141,6 +143,15 @@ BLUE_LINES = [
     }
     for i in range(16)
 ]
+
+
+def example_module(path: Path) -> types.ModuleType:
+    """A script under examples/ imported as a module (examples are not a package)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tunery_here(args: list[str], stdin: str = "") -> str:

@@ -3,23 +3,18 @@ language of a tuned model against its base (here a two-step run on tiny-random).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
 
-from tests.conftest import tunery_here
+from tests.conftest import example_module, tunery_here
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "support-multilingual"
 
 
 def per_language() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("per_language", EXAMPLE / "per_language.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return example_module(EXAMPLE / "per_language.py")
 
 
 def test_the_language_check_reads_every_reference_answer_right() -> None:

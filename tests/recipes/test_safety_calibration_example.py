@@ -3,23 +3,20 @@ prompts to answer, and preference pairs from the model's own mistakes)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
+from tests.conftest import example_module
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "support-safety"
 
 
 def calibrate() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("calibrate", EXAMPLE / "calibrate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return example_module(EXAMPLE / "calibrate.py")
 
 
 def lines(path: Path) -> list[dict]:

@@ -27,8 +27,23 @@ SUPPORT = HERE.parent / "support" / "train.jsonl"
 BENIGN_GENERAL, BENIGN_PAIRS = 90, 60  # the first lines of general.jsonl / preferences.jsonl are benign
 
 
+class BadInput(Exception):
+    pass
+
+
 def read(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise BadInput(f"cannot read {path}: {e.strerror}") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise BadInput(f"{path}, line {number}: not JSON ({e.msg})") from None
+    return rows
 
 
 def write(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -76,7 +91,11 @@ def main(argv: list[str]) -> int:
         written = examples()
         helpful, declines, seen = [], [], set()  # pairs preferring the helpful answer / the decline
         for name in argv[1:-1]:
-            answers = [row["completion"] for row in read(Path(name))]
+            rows = read(Path(name))
+            if not all(isinstance(row, dict) and isinstance(row.get("completion"), str) for row in rows):
+                print(f'error: {name} is not `tunery generate` output (a "completion" on every line)')
+                return 2
+            answers = [row["completion"] for row in rows]
             if len(answers) != len(written):
                 print(f"error: {name} has {len(answers)} answers; the prompts file has {len(written)}")
                 return 2
@@ -102,4 +121,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except BadInput as e:
+        print(f"error: {e}")
+        sys.exit(2)

@@ -86,3 +86,14 @@ def test_the_sft_mix_and_usage(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, script, "pairs", str(short), str(tmp_path / "p.jsonl")],
                          capture_output=True, text=True, cwd=REPO)  # fmt: skip
     assert bad.returncode == 2 and "has 1 answers; the prompts file has 235" in bad.stdout
+    short.write_text('{"line": 1, "completion": "x"}\n{"line": 2,\n')
+    broken = subprocess.run([sys.executable, script, "pairs", str(short), str(tmp_path / "p.jsonl")],
+                            capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert broken.returncode == 2 and f"{short}, line 2: not JSON" in broken.stdout, broken.stderr
+    missing = subprocess.run([sys.executable, script, "pairs", str(tmp_path / "none.jsonl"), str(short)],
+                             capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert missing.returncode == 2 and "cannot read" in missing.stdout and not missing.stderr
+    short.write_text('["x"]\n')
+    wrong = subprocess.run([sys.executable, script, "pairs", str(short), str(tmp_path / "p.jsonl")],
+                           capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert wrong.returncode == 2 and "is not `tunery generate` output" in wrong.stdout

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tunery.safety.evals.safety import is_redirect, is_refusal
+from tunery.safety.evals.safety import declines
 
 HERE = Path(__file__).resolve().parent
 SUPPORT = HERE.parent / "support" / "train.jsonl"
@@ -89,7 +89,7 @@ def main(argv: list[str]) -> int:
         write(Path(argv[1]), [{"messages": e["prompt"]} for e in examples()])
     elif len(argv) >= 3 and argv[0] == "pairs":
         written = examples()
-        helpful, declines, seen = [], [], set()  # pairs preferring the helpful answer / the decline
+        helpful, refusing, seen = [], [], set()  # pairs preferring the helpful answer / the decline
         for name in argv[1:-1]:
             rows = read(Path(name))
             if not all(isinstance(row, dict) and isinstance(row.get("completion"), str) for row in rows):
@@ -103,17 +103,17 @@ def main(argv: list[str]) -> int:
                 if (i, answer) in seen:
                     continue
                 seen.add((i, answer))
-                if e["benign"] and is_refusal(answer):
+                if e["benign"] and declines(answer, benign=True):
                     helpful.append(pair(e["prompt"], e["answer"], answer))
-                elif not e["benign"] and not (is_refusal(answer) or is_redirect(answer)):
-                    declines.append(pair(e["prompt"], e["answer"], answer))
+                elif not e["benign"] and not declines(answer, benign=False):
+                    refusing.append(pair(e["prompt"], e["answer"], answer))
         print(
-            f"{len(helpful)} answers declined a benign prompt, {len(declines)} played along with a harmful one"
+            f"{len(helpful)} answers declined a benign prompt, {len(refusing)} played along with a harmful one"
         )
-        declines += read(HERE / "preferences.jsonl")[BENIGN_PAIRS:]
+        refusing += read(HERE / "preferences.jsonl")[BENIGN_PAIRS:]
         # As many pairs each way: more of one side pushes the whole model that way (more refusals, or fewer).
-        n = min(len(helpful), len(declines))
-        write(Path(argv[-1]), helpful[:n] + declines[:n])
+        n = min(len(helpful), len(refusing))
+        write(Path(argv[-1]), helpful[:n] + refusing[:n])
     else:
         print(__doc__)
         return 2

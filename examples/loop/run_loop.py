@@ -17,7 +17,8 @@ adapter as it is.
 Each round, from the current model M:
 
 1. prompts    `--prompts` support questions (examples/support/valid.jsonl and questions.jsonl, none of
-              them trained on by `make demo`) go to M as chat completions with `n: 2` and `store: true`.
+              them trained on by `make demo`) go to the service as an application sends them: chat
+              completions of the model `current` (the project's current model, M), `n: 2`, `store: true`.
 2. labels     the pairs become items of a feedback queue (POST /tunery/v1/feedback/queues, .../items);
               each of `--labellers` simulated labellers, with a labeller key of their own, fetches items
               (GET .../next) and labels them (POST /tunery/v1/feedback/items/{id}/labels). The studio's
@@ -511,15 +512,16 @@ class Loop:
 
 
 def sample_pairs(loop: Loop, model: str, round_no: int) -> tuple[list[dict[str, Any]], int]:
-    """Two answers of `model` to each of this round's prompts, stored (`store: true`) as an application's
-    would be; (queue items, prompts skipped: the same answer twice, or an empty one)."""
+    """Two answers to each of this round's prompts from the project's current model, asked for as an
+    application does (`model: "current"`, `store: true`); `model` is the one the loop promoted last, and each
+    answer must say it wrote it. (queue items, prompts skipped: the same answer twice, or an empty one)."""
     args = loop.args
     prompts = random.Random(args.seed * 100 + round_no).sample(loop.pool, min(args.prompts, len(loop.pool)))
     items, skipped = [], 0
     with StepProgress(len(prompts), description=f"round {round_no}: answers from {model}") as bar:
         for i, messages in enumerate(prompts):
             completion = loop.client.chat.completions.create(
-                model=model,
+                model="current",
                 messages=messages,  # type: ignore[arg-type]
                 n=2,
                 temperature=args.temperature,
@@ -527,6 +529,8 @@ def sample_pairs(loop: Loop, model: str, round_no: int) -> tuple[list[dict[str, 
                 seed=args.seed * 100_000 + round_no * 1000 + i,
                 store=True,
             )
+            if completion.model != model:
+                raise LoopError(f"`current` was served by {completion.model}; the loop promoted {model} last")
             answers = [choice.message.content or "" for choice in completion.choices]
             # An empty answer would lose any comparison, but the studio exports the pair as a DPO line its
             # own file check refuses (empty content), failing the job: such pairs are left out here.
@@ -737,7 +741,8 @@ def run_loop(svc: Service, args: argparse.Namespace) -> dict[str, Any]:
     model = svc.model or current
     if model is None:
         raise LoopError("the project has no current model: pass --model, the model to start from")
-    if current is None:  # the studio's record of what the project serves starts with the SFT model
+    if current != model:  # the application asks for `current`: the loop's first model must be it
+        log.info("promoting %s to the project's current model (it was %s)", model, current)
         call(studio, "POST", "/projects/current_model", json={"model": model})
     uploaded = client.files.create(
         file=("loop-eval-prompts.jsonl", jsonl_bytes([{"messages": m} for m in held_out])), purpose="evals"

@@ -28,6 +28,7 @@ POSTGRES_MODULES = (
     "test_auth_and_errors",
     "test_postgres",
     "test_feedback",
+    "test_stored_completions",
 )
 
 

@@ -759,6 +759,67 @@ def test_compare_a_finished_job_blind_and_promote(studio: Studio, globex: Studio
     assert "two models" in error(refused, 400)["message"]
 
 
+def test_current_serves_the_model_promoted_last(studio: Studio, globex: Studio) -> None:
+    """An application that asks for `current` gets each promoted model in turn; where a name is kept (the
+    answer's model, a stored completion, a job, a queue, the promotion itself) it is the model's own."""
+    hello = {"messages": [{"role": "user", "content": "Where is my order?"}], "store": True}
+    refused = error(studio.post("/chat/completions", json={"model": "current", **hello}), 404)
+    assert refused["code"] == "model_not_found" and "/tunery/v1/projects/current_model" in refused["message"]
+
+    queue = decided_queue(studio)
+    made = studio.ok(
+        studio.tpost(f"/feedback/queues/{queue['id']}/train", json={"method": "dpo", "model": "tiny-random"})
+    )
+    job = studio.wait_status(made["job"]["id"], "succeeded")
+    studio.ok(studio.tpost("/projects/current_model", json={"model": "tiny-random"}))
+    answer = studio.ok(studio.post("/chat/completions", json={"model": "current", **hello}))
+    assert answer["model"] == "tiny-random" and answer["choices"][0]["message"]["content"].startswith(
+        "tiny-random"
+    )
+
+    promoted = studio.ok(studio.tpost("/projects/current_model", json={"model": "current"}))
+    assert promoted["model"] == "tiny-random"  # promoting `current` again keeps the name it stands for
+    studio.ok(studio.tpost("/projects/current_model", json={"model": job["fine_tuned_model"]}))
+    answer = studio.ok(studio.post("/chat/completions", json={"model": "current", **hello}))
+    assert answer["model"] == job["fine_tuned_model"]
+    assert answer["choices"][0]["message"]["content"].startswith(job["id"])  # the fine-tuned model answered
+    with studio.client.stream(
+        "POST",
+        "/v1/chat/completions",
+        headers=studio.headers,
+        json={"model": "current", "stream": True, **hello},
+    ) as stream:
+        chunks = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: {")]
+    assert {c["model"] for c in chunks} == {job["fine_tuned_model"]}
+    stored = studio.ok(studio.get("/chat/completions", params={"order": "desc", "limit": 1}))["data"][0]
+    assert stored["id"] == chunks[0]["id"] and stored["model"] == job["fine_tuned_model"]
+    by_current = studio.ok(studio.get("/chat/completions", params={"model": "current"}))["data"]
+    assert [c["id"] for c in by_current] == [answer["id"], stored["id"]]  # the current model's, not the base's
+    assert studio.ok(studio.get("/models/current"))["id"] == job["fine_tuned_model"]
+    assert error(studio.delete("/models/current"), 400)["param"] == "model"  # only by its own name
+
+    prompts = studio.upload(jsonl([{"prompt": "Q?"}]), "prompts.jsonl")
+    new_queue = studio.ok(
+        studio.tpost(
+            "/feedback/queues",
+            json={"name": "q", "prompts_file": prompts, "model_a": "current", "model_b": "tiny-random"},
+        )
+    )
+    assert new_queue["model_a"] == job["fine_tuned_model"]
+    versus = {"candidate": "tiny-random", "baseline": "current", "prompts_file": prompts}
+    assert studio.ok(studio.tpost("/comparisons", json=versus))["baseline"] == job["fine_tuned_model"]
+    same = {"candidate": job["fine_tuned_model"], "baseline": "current", "prompts_file": prompts}
+    assert error(studio.tpost("/comparisons", json=same), 400)["param"] == "baseline"
+    training = job["training_file"]
+    again = studio.ok(studio.post("/fine_tuning/jobs", json={"model": "current", "training_file": training}))
+    assert again["model"] == job["fine_tuned_model"]
+    # another project has no current model, and acme's is not its
+    assert (
+        error(globex.post("/chat/completions", json={"model": "current", **hello}), 404)["code"]
+        == "model_not_found"
+    )
+
+
 def test_comparison_recommendations(studio: Studio) -> None:
     prompts = studio.upload(jsonl([{"prompt": f"Q{i}?"} for i in range(6)]), "prompts.jsonl")
     body = {

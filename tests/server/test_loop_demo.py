@@ -33,6 +33,7 @@ def loop(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return module
 
 
+@pytest.mark.system  # the service, its workers and a DPO job per round: ~35 s
 def test_two_rounds_of_the_loop_on_tiny_random(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     command = [

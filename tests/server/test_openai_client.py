@@ -185,6 +185,7 @@ def test_openai_client_end_to_end(server: tuple[str, Path], tmp_path: Path) -> N
     assert client.files.delete(uploaded.id).deleted is True
 
 
+@pytest.mark.system  # the real recipe for 300 steps
 def test_pause_and_resume_with_the_real_recipe(server: tuple[str, Path], tmp_path: Path) -> None:
     url, data_dir = server
     client = openai.OpenAI(base_url=url, api_key=new_key(data_dir, "pauser"), max_retries=0)
@@ -207,6 +208,7 @@ def test_pause_and_resume_with_the_real_recipe(server: tuple[str, Path], tmp_pat
     assert metric_steps(client, job.id) == list(range(1, 301))  # every step once, none lost or repeated
 
 
+@pytest.mark.system  # two services one after the other, 300 real steps
 def test_a_restart_resumes_the_running_job(tmp_path: Path) -> None:
     data_dir = tmp_path / "service"
     key = new_key(data_dir, "acme")

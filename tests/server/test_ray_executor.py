@@ -1,7 +1,7 @@
-"""`--executor ray` in the default run: a real Ray cluster on this machine (a head and two worker nodes of
+"""`--executor ray` (-m system): a real Ray cluster on this machine (a head and two worker nodes of
 one CPU each, separate processes: raycluster.py) and the service in process with the fake CLI, so the jobs
 take seconds. Three jobs run two at a time and succeed, one Ray job each; a cancel stops the Ray job.
-tests/server/test_cluster.py has the rest with the real CLI (-m system): pause and resume, a node killed,
+tests/server/test_cluster.py has the rest with the real CLI: pause and resume, a node killed,
 the API killed, inference replicas."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
 from tests.server.conftest import TERMINAL, Api, fake_settings
@@ -18,7 +19,8 @@ from tunery.server.app import create_app
 from tunery.server.auth import create_key
 from tunery.server.store import Store
 
-pytestmark = SKIP
+# a cluster of three processes and ~1.5 minutes: with the other multi-process tests
+pytestmark = [pytest.mark.system, SKIP]
 
 STEPS = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 6, "batch_size": 5}}}  # 12
 

@@ -41,6 +41,7 @@ def llama_dir(path: Path, hidden: int, mlp: int, layers: int, weights: bool = Tr
     return path
 
 
+@pytest.mark.system  # trains a 134M-parameter model twice: ~50 s
 @pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
 def test_the_estimate_is_within_a_quarter_of_the_measured_peak(full: bool, tmp_path: Path) -> None:
     """A 134M-parameter model (its weights 0.5 GB in fp32) trained on rows of ~1000 tokens: the estimate

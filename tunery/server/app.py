@@ -41,6 +41,7 @@ from tunery.server.routes import (
     models,
     moderations,
     ratings,
+    stored_completions,
 )
 from tunery.server.routes.files import remove_partial_uploads
 from tunery.server.settings import Settings
@@ -134,7 +135,7 @@ def create_app(settings: Settings | None = None, run_scheduler: bool = True) -> 
     app.state.tunery = state
     app.state.feedback = generators
     install_handlers(app)
-    for module in (files, jobs, models, chat, graders, moderations):
+    for module in (files, jobs, models, chat, stored_completions, graders, moderations):
         app.include_router(module.router, prefix="/v1")
     # the web app: its own endpoints under /tunery/v1, its pages at / (routes/dashboard.py)
     app.include_router(dashboard.router, prefix="/tunery/v1")

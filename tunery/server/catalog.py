@@ -9,6 +9,11 @@ announces it, the job's checkpoint list and this lookup agree. As on OpenAI, the
 announced as a checkpoint: its weights are the final model. A name whose checkpoint was rotated off disk
 (a run keeps its newest few) or deleted answers 404 saying so, and names the job's checkpoints that exist.
 
+`current` names the project's current model, the one promoted last (POST /tunery/v1/projects/current_model):
+an application that asks for `current` is served each promoted model in turn, without a change of its
+own. Wherever a name is kept (a job's model, a queue's, a stored completion's, the answer's `model`), the
+model's own name is kept, never `current`.
+
 A name resolves to what the inference worker loads: a local base model and, for fine-tuned models, the
 adapter directory (and the adapter it was trained on top of, for checkpoints of continued training).
 """
@@ -24,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from tunery.server.auth import Caller
 from tunery.server.errors import APIError, bad_request, model_not_found
+from tunery.server.feedback_store import ProjectModel
 from tunery.server.schemas import model_object
 from tunery.server.settings import Settings
 from tunery.server.store import Checkpoint, Job
@@ -53,8 +59,29 @@ def job_dir(settings: Settings, job_id: str) -> Path:
     return settings.jobs_dir / job_id
 
 
+CURRENT = "current"
+
+
+def canonical(session: Session, caller: Caller, name: str, param: str = "model") -> str:
+    """`name`, or for `current` the name of the project's current model (a 404 when none was promoted)."""
+    if name != CURRENT:
+        return name
+    row = session.get(ProjectModel, caller.project_id)
+    if row is None or row.current_model is None:
+        raise APIError(
+            404,
+            "The project has no current model yet: `current` names the model promoted last. Promote one with "
+            'POST /tunery/v1/projects/current_model {"model": ...}, or name a model.',
+            param,
+            "model_not_found",
+        )
+    return row.current_model
+
+
 def resolve(session: Session, settings: Settings, caller: Caller, name: str) -> ResolvedModel:
-    """The model `name` as the caller sees it, or a 404 (another project's model does not exist)."""
+    """The model `name` as the caller sees it, or a 404 (another project's model does not exist).
+    `current` resolves to the project's current model, under that model's own name."""
+    name = canonical(session, caller, name)
     if name in settings.base_models:
         return ResolvedModel(name, "base", name, settings.base_models[name])
     if not name.startswith("ft:"):

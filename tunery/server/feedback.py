@@ -632,24 +632,29 @@ def write_file(
 async def store_completion(
     state: AppState,
     caller: Caller,
-    completion_id: str,
-    model: str,
-    messages: list[dict[str, str]],
+    messages: list[dict[str, Any]],
     texts: list[str],
+    completion: dict[str, Any],
+    metadata: dict[str, str] | None = None,
 ) -> None:
-    """Keep a chat completion requested with `store: true`, so the application can rate it."""
+    """Keep a chat completion requested with `store: true`: the request's messages, each choice's text as
+    the model wrote it (what ratings train on) and the chat.completion object answered, so the application
+    can list it (routes/stored_completions.py) and rate it."""
 
     def save() -> None:
         with state.store.session() as session:
             session.add(
                 StoredCompletion(
-                    id=completion_id,
+                    id=completion["id"],
                     project_id=caller.project_id,
                     key_id=caller.key_id,
-                    model=model,
+                    model=completion["model"],
                     messages=messages,
                     choices=texts,
-                    created_at=now(),
+                    created_at=completion["created"],
+                    seq=time.time_ns(),
+                    completion_metadata=metadata,
+                    response=completion,
                 )
             )
 

@@ -12,7 +12,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from tunery.server.store import Base
@@ -94,6 +105,11 @@ class StoredCompletion(Base):
     messages: Mapped[list[Any]] = mapped_column()
     choices: Mapped[list[Any]] = mapped_column()  # the answers' texts, by choice index
     created_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    # added after the first release (null in older rows): the order within a second (time.time_ns()), the
+    # request's `metadata`, and the chat.completion object as the client got it (GET /v1/chat/completions)
+    seq: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    completion_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, default=None)
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
 class Rating(Base):

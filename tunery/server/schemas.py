@@ -8,11 +8,13 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 from sqlalchemy import Row
+from starlette.requests import Request
 
+from tunery.server.errors import bad_request
 from tunery.server.store import Checkpoint, Event, File, Job
 
 Auto = Literal["auto"]
@@ -157,6 +159,18 @@ class JobResources(BaseModel):
     memory_gb: Annotated[float, Bounds(gt=0, le=4096)] | None = None
 
 
+def _metadata(value: dict[str, str]) -> dict[str, str]:
+    if len(value) > 16:
+        raise ValueError("at most 16 key-value pairs")
+    if any(len(k) > 64 or not k for k in value):
+        raise ValueError("keys must be 1 to 64 characters")
+    return value
+
+
+# OpenAI's `metadata` on jobs and stored chat completions: at most 16 pairs, keys 1-64, values up to 512
+Metadata = Annotated[dict[str, Annotated[str, Field(max_length=512)]], AfterValidator(_metadata)]
+
+
 class JobCreate(BaseModel):
     model: str = Field(min_length=1)
     training_file: str = Field(min_length=1)
@@ -165,19 +179,9 @@ class JobCreate(BaseModel):
     method: Method | None = None
     suffix: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] | None = None
     seed: Annotated[int, Bounds(ge=0, le=2**31 - 1)] | None = None
-    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = None
+    metadata: Metadata | None = None
     integrations: list[Integration] | None = Field(default=None, max_length=5)
     resources: JobResources | None = None  # Tunery's (the openai client: extra_body={"resources": {...}})
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is not None:
-            if len(value) > 16:
-                raise ValueError("at most 16 key-value pairs")
-            if any(len(k) > 64 or not k for k in value):
-                raise ValueError("keys must be 1 to 64 characters")
-        return value
 
 
 # --- chat completions ------------------------------------------------------------------------------------
@@ -235,7 +239,8 @@ class ChatRequest(BaseModel):
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     user: str | None = None
-    store: bool | None = None  # keep the completion, so it can be rated (POST /tunery/v1/ratings)
+    store: bool | None = None  # keep the completion: GET /v1/chat/completions, POST /tunery/v1/ratings
+    metadata: Metadata | None = None  # kept with a stored completion; lists filter on it
 
 
 # --- graders ---------------------------------------------------------------------------------------------
@@ -335,6 +340,21 @@ def checkpoint_object(row: Checkpoint) -> dict[str, Any]:
 
 def model_object(name: str, created: int, owned_by: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": owned_by}
+
+
+def metadata_filter(request: Request) -> tuple[bool, dict[str, str] | None]:
+    """(filter on metadata?, required pairs or None for `metadata=null`) from `metadata[k]=v` params."""
+    params = request.query_params
+    if params.get("metadata") == "null":
+        return True, None
+    pairs = {
+        k[len("metadata[") : -1]: v
+        for k, v in params.multi_items()
+        if k.startswith("metadata[") and k.endswith("]")
+    }
+    if len(pairs) > 16:  # what an object can hold; more is no filter, only work for the database
+        raise bad_request("metadata filters at most 16 key-value pairs.", "metadata", "invalid_value")
+    return bool(pairs), pairs
 
 
 def cursor_page(data: list[dict[str, Any]], has_more: bool, with_ids: bool = False) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from tunery.server.auth import Caller
-from tunery.server.catalog import job_dir, refuse_reward_model, resolve
+from tunery.server.catalog import canonical, job_dir, refuse_reward_model, resolve
 from tunery.server.errors import APIError, bad_request, too_many_requests
 from tunery.server.jobs.command import TOP_LEVEL
 from tunery.server.settings import Settings
@@ -50,6 +50,7 @@ def create_job(
     session.info["audit_key_id"] = caller.key_id  # the audit log names the key that did it
     check_queue_quota(session, settings, caller.project_id)
     check_resources(settings, resources or {})
+    model = canonical(session, caller, model)  # the job keeps the model's own name, not `current`
     base, local, parent = starting_point(session, settings, caller, model)
     training = _fine_tune_file(session, caller, training_file, "training_file")
     validation: File | None = None

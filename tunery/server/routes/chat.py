@@ -195,7 +195,7 @@ async def chat_completions(
     completion_id = new_id("chatcmpl-")
     audited = {k: v for k, v in request.items() if k not in ("op", "adapter", "base_adapter", "model")}
     await _audit(
-        state, caller, "inference.request", {"completion_id": completion_id, "model": body.model} | audited
+        state, caller, "inference.request", {"completion_id": completion_id, "model": model.name} | audited
     )
     if not body.stream:
         try:
@@ -205,33 +205,15 @@ async def chat_completions(
             raise
         if content_filter_on(settings, body):
             result = await to_thread.run_sync(withhold_flagged, result)
-        response: dict[str, Any] = {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": now(),
-            "model": body.model,
-            "system_fingerprint": FINGERPRINT,
-            "choices": [
-                {
-                    "index": c["index"],
-                    "message": _message(c["text"], tooling),
-                    "logprobs": {"content": _logprobs(c["logprobs"]), "refusal": None}
-                    if c["logprobs"] is not None
-                    else None,
-                    "finish_reason": _finish(c, tooling),
-                }
-                for c in result["choices"]
-            ],
-            "usage": _usage(result),
-        }
+        response = _completion(completion_id, now(), model.name, result, tooling)
         answers = [
             {"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"]}
             for c in result["choices"]
         ]
         await _audit(state, caller, "inference.response", _answer(completion_id, answers, result))
-        if body.store:  # kept so the application can rate it (POST /tunery/v1/ratings)
+        if body.store:  # kept to be listed (GET /v1/chat/completions) and rated (POST /tunery/v1/ratings)
             texts = [a["text"] or "" for a in answers]
-            await store_completion(state, caller, completion_id, body.model, messages, texts)
+            await store_completion(state, caller, messages, texts, response, body.metadata)
         return response
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     replies = state.inference.stream(request, caller.project_id)
@@ -245,10 +227,19 @@ async def chat_completions(
         await _audit(state, caller, "inference.error", {"completion_id": completion_id} | exc.body())
         raise
     record = functools.partial(_audit, state, caller)
-    if body.store:
-        record = functools.partial(_record_and_store, record, state, caller, body.model, messages)
+    keep = functools.partial(store_completion, state, caller, messages, metadata=body.metadata)
     return StreamingResponse(
-        _events(first, replies, completion_id, body, include_usage, record, tooling),
+        _events(
+            first,
+            replies,
+            completion_id,
+            body,
+            model.name,
+            include_usage,
+            record,
+            tooling,
+            keep if body.store else None,
+        ),
         media_type="text/event-stream",
     )
 
@@ -301,6 +292,32 @@ class ToolUse:
         return parsed
 
 
+def _completion(
+    completion_id: str, created: int, model: str, result: dict[str, Any], tooling: ToolUse | None
+) -> dict[str, Any]:
+    """The chat.completion object of a worker's `result`: the answer to a request, and what a stored
+    completion returns later (the same object, streamed or not)."""
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": FINGERPRINT,
+        "choices": [
+            {
+                "index": c["index"],
+                "message": _message(c["text"], tooling),
+                "logprobs": {"content": _logprobs(c["logprobs"]), "refusal": None}
+                if c["logprobs"] is not None
+                else None,
+                "finish_reason": _finish(c, tooling),
+            }
+            for c in result["choices"]
+        ],
+        "usage": _usage(result),
+    }
+
+
 def _message(text: str, tooling: ToolUse | None) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
     if tooling is not None:
@@ -323,22 +340,6 @@ async def _audit(state: AppState, caller: Caller, kind: str, payload: dict[str, 
     request: the service answers nothing it has not recorded."""
     if state.audit is not None:
         await to_thread.run_sync(state.audit.append, caller.project_name, kind, payload, caller.key_id)
-
-
-async def _record_and_store(
-    record: Callable[[str, dict[str, Any]], Awaitable[None]],
-    state: AppState,
-    caller: Caller,
-    model: str,
-    messages: list[dict[str, str]],
-    kind: str,
-    payload: dict[str, Any],
-) -> None:
-    """A streamed answer with `store: true`: audited, then stored once it is complete."""
-    await record(kind, payload)
-    if kind == "inference.response":
-        texts = [c["text"] or "" for c in payload["choices"]]
-        await store_completion(state, caller, payload["completion_id"], model, messages, texts)
 
 
 def _answer(completion_id: str, answers: list[dict[str, Any]], result: dict[str, Any]) -> dict[str, Any]:
@@ -371,11 +372,16 @@ async def _events(
     replies: AsyncIterator[dict[str, Any]],
     completion_id: str,
     body: ChatRequest,
+    model_name: str,  # the model that answers (`current` is the project's current model's name)
     include_usage: bool,
     record: Callable[[str, dict[str, Any]], Awaitable[None]],
     tooling: ToolUse | None = None,
+    keep: Callable[[list[str], dict[str, Any]], Awaitable[None]] | None = None,
 ) -> AsyncIterator[str]:
+    """The answer as server-sent events; recorded in the audit log when it ends (or breaks), and with
+    `keep` (`store: true`) the whole chat.completion is stored once complete."""
     created = now()
+    kept: tuple[list[str], dict[str, Any]] | None = None
     # with tools, text is sent up to where a call may begin; the calls go out whole when the answer ends
     texts: dict[int, str] = {}
     sent: dict[int, int] = {}
@@ -387,7 +393,7 @@ async def _events(
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": created,
-            "model": body.model,
+            "model": model_name,
             "system_fingerprint": FINGERPRINT,
             "choices": choices,
         }
@@ -435,6 +441,8 @@ async def _events(
                     for c in result["choices"]
                 ]
                 outcome = ("inference.response", _answer(completion_id, answers, result))
+                texts_written = [c["text"] or "" for c in result["choices"]]
+                kept = (texts_written, _completion(completion_id, created, model_name, result, tooling))
                 for c in result["choices"]:
                     finish = c["finish_reason"]
                     if tooling is not None:
@@ -491,6 +499,8 @@ async def _events(
         try:
             with CancelScope(shield=True):  # a disconnect cancels the stream; the record is written anyway
                 await record(*outcome)
+                if keep is not None and kept is not None and outcome[0] == "inference.response":
+                    await keep(*kept)
         except Exception:  # the answer has gone out; a failed record must not break its end
             log.exception("audit log: could not record the end of %s", completion_id)
         await replies.aclose()  # type: ignore[attr-defined]

@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from tunery.server.auth import Caller
+from tunery.server.catalog import canonical
 from tunery.server.deps import Auth, State
 from tunery.server.errors import bad_request, not_found
 from tunery.server.feedback import (
@@ -132,6 +133,8 @@ def create_comparison(
                 "candidate" if candidate is None else "baseline",
                 "missing_required_parameter",
             )
+        candidate = canonical(session, caller, candidate, "candidate")
+        baseline = canonical(session, caller, baseline, "baseline")
         if candidate == baseline:
             raise bad_request("The candidate and the baseline are the same model.", "baseline")
         if prompts_file is None:
@@ -220,7 +223,9 @@ def get_current_model(state: State, caller: Auth) -> dict[str, Any]:
 @router.post("/projects/current_model")
 def promote(body: Promotion, state: State, caller: Auth) -> dict[str, Any]:
     with state.store.session() as session:
-        chat_model(session, state, caller, body.model, "model")
+        promoted = chat_model(
+            session, state, caller, body.model, "model"
+        ).name  # `current` is no name to keep
         if body.comparison_id is not None:
             _comparison(session, caller, body.comparison_id)
         row = session.get(ProjectModel, caller.project_id)
@@ -228,13 +233,13 @@ def promote(body: Promotion, state: State, caller: Auth) -> dict[str, Any]:
             row = ProjectModel(project_id=caller.project_id, current_model=None, history=[], updated_at=now())
             session.add(row)
         change: dict[str, Any] = {
-            "model": body.model,
+            "model": promoted,
             "previous": row.current_model,
             "at": now(),
             "key_id": caller.key_id,
             "comparison_id": body.comparison_id,
         }
-        row.current_model, row.updated_at = body.model, change["at"]
+        row.current_model, row.updated_at = promoted, change["at"]
         row.history = [*row.history, change]  # a new list: the JSON column sees the change
         session.flush()
         shown = _current_object(row)

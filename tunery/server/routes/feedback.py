@@ -133,8 +133,8 @@ def new_queue(
     """A queue and its pending items (one per prompt), checked: the models exist and can chat."""
     for param in ("model_a", "model_b"):
         name = getattr(body, param)
-        if name is not None:
-            chat_model(session, state, caller, name, param)
+        if name is not None:  # kept by its own name: `current` would change under the queue
+            setattr(body, param, chat_model(session, state, caller, name, param).name)
     if body.mode == "thumbs" and body.model_b is not None:
         raise bad_request("A thumbs queue rates one answer per prompt: leave out model_b.", "model_b")
     if body.prompts_file is not None and body.model_a is None:

@@ -22,6 +22,7 @@ from tunery.server.schemas import (
     cursor_page,
     event_object,
     job_object,
+    metadata_filter,
 )
 from tunery.server.store import Checkpoint, Event, Job
 
@@ -93,19 +94,6 @@ def _job(session: Session, caller: Caller, job_id: str) -> Job:
     return job
 
 
-def _metadata_filter(request: Request) -> tuple[bool, dict[str, str] | None]:
-    """(filter on metadata?, required pairs or None for `metadata=null`) from `metadata[k]=v` params."""
-    params = request.query_params
-    if params.get("metadata") == "null":
-        return True, None
-    pairs = {
-        k[len("metadata[") : -1]: v
-        for k, v in params.multi_items()
-        if k.startswith("metadata[") and k.endswith("]")
-    }
-    return bool(pairs), pairs
-
-
 @router.get("/fine_tuning/jobs")
 async def list_jobs(
     request: Request,
@@ -114,7 +102,7 @@ async def list_jobs(
     after: str | None = None,
     limit: int = Query(20, ge=1, le=100),
 ) -> dict[str, Any]:
-    filtering, pairs = _metadata_filter(request)
+    filtering, pairs = metadata_filter(request)
 
     def query(session: Session) -> dict[str, Any]:
         select_jobs = select(Job).where(Job.project_id == caller.project_id)

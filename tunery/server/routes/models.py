@@ -8,9 +8,9 @@ from typing import Any
 from fastapi import APIRouter
 from sqlalchemy import select
 
-from tunery.server.catalog import job_dir, list_models, resolve
+from tunery.server.catalog import CURRENT, job_dir, list_models, resolve
 from tunery.server.deps import Auth, State
-from tunery.server.errors import APIError
+from tunery.server.errors import APIError, bad_request
 from tunery.server.jobs import TERMINAL
 from tunery.server.schemas import model_object
 from tunery.server.store import Checkpoint, Job
@@ -27,20 +27,26 @@ def models(state: State, caller: Auth) -> dict[str, Any]:
 @router.get("/models/{model_id:path}")
 def retrieve_model(state: State, caller: Auth, model_id: str) -> dict[str, Any]:
     with state.store.session() as session:
-        model = resolve(session, state.settings, caller, model_id)
+        model = resolve(session, state.settings, caller, model_id)  # `current`: the model it names
         if model.kind == "base":
-            return model_object(model_id, state.started_at, "system")
+            return model_object(model.name, state.started_at, "system")
         if model.checkpoint_id is not None:
             ckpt = session.get(Checkpoint, model.checkpoint_id)
             assert ckpt is not None
-            return model_object(model_id, ckpt.created_at, caller.project_name)
+            return model_object(model.name, ckpt.created_at, caller.project_name)
         job = session.get(Job, model.job_id)
         assert job is not None
-        return model_object(model_id, job.finished_at or job.created_at, caller.project_name)
+        return model_object(model.name, job.finished_at or job.created_at, caller.project_name)
 
 
 @router.delete("/models/{model_id:path}")
 def delete_model(state: State, caller: Auth, model_id: str) -> dict[str, Any]:
+    if model_id == CURRENT:  # the model serving the project: deleted only by its own name
+        raise bad_request(
+            "`current` stands for the project's current model; to delete it, name it (GET /v1/models/current).",
+            "model",
+            "invalid_value",
+        )
     with state.scheduler.lock, state.store.session() as session:
         model = resolve(session, state.settings, caller, model_id)
         if model.kind == "base":

@@ -35,8 +35,8 @@ Each round, from the current model M:
 A simulated labeller is a rule-based judge (`prefer`) plus noise: it prefers the answer that states the
 numbers of the FACTS.md facts relevant to the question and no made-up ones, is not a refusal, not cut
 off, not repetitive and not long-winded; each labeller then gives the other answer with probability
-`--noise`, from a random generator seeded by `--seed`. The studio writes the comparisons' answers without
-a seed, so two runs differ.
+`--noise`, from a random generator seeded by `--seed`. The pairs, the DPO jobs and the comparisons' answers
+are seeded from `--seed` too; on the same machine a re-run should repeat its rounds (not measured yet).
 
 Per round the script prints the comparisons collected, the labellers' agreement, the DPO job and its final
 metrics, the win rate with its interval and whether the model was promoted, and writes the same to `--out`
@@ -637,6 +637,7 @@ def run_round(loop: Loop, round_no: int, model: str) -> dict[str, Any]:
         "model": model,
         "suffix": f"loop-r{round_no}",
         "hyperparameters": hyperparameters(args),
+        "seed": args.seed * 1000 + round_no,  # the job's: a re-run trains the same way
     }
     trained = call(loop.studio, "POST", f"/feedback/queues/{queue['id']}/train", json=body)
     record["export"] = trained["counts"]
@@ -654,6 +655,7 @@ def run_round(loop: Loop, round_no: int, model: str) -> dict[str, Any]:
         "max_prompts": loop.eval_count,
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
+        "seed": args.seed * 100_000 + round_no * 1000 + 500,  # both models answer item k with seed + k
         "name": f"Loop round {round_no}: blind comparison",  # labellers see it: it never names a model
     }
     comparison = call(loop.studio, "POST", "/comparisons", json=body)

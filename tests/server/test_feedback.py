@@ -20,6 +20,7 @@ from tunery import cli
 from tunery.server.app import create_app
 from tunery.server.errors import APIError
 from tunery.server.feedback import shown_flipped
+from tunery.server.feedback_report import held_out_split
 from tunery.server.settings import Settings
 from tunery.server.store import Store
 
@@ -225,6 +226,7 @@ def test_a_queue_is_answered_in_the_background_and_shown_blind(studio: Studio, f
     assert done["status"] == "ready" and done["items"] == {"total": 4, "ready": 4, "pending": 0, "failed": 0}
     assert {r["params"]["max_new_tokens"] for r in fake.requests} == {32}
     assert {r["params"]["temperature"] for r in fake.requests} == {0.5}
+    assert {r["params"]["seed"] for r in fake.requests} == {None}  # no seed asked for
 
     items = studio.ok(studio.tget(f"/feedback/queues/{queue['id']}/items"))["data"]
     assert [i["messages"][-1]["content"] for i in items] == [
@@ -660,6 +662,85 @@ def test_train_dpo_kto_and_a_reward_model(studio: Studio, settings: Settings) ->
     assert error(studio.post("/fine_tuning/jobs", json=openai), 400)["param"] == "method.type"
 
 
+def test_the_held_out_split_by_hand() -> None:
+    def pair(q: str) -> dict[str, Any]:
+        return {"input": {"messages": [{"role": "user", "content": q}]}, "preferred_output": [], "x": q}
+
+    def rated(q: str, up: bool) -> dict[str, Any]:
+        return {"messages": [{"role": "user", "content": q}], "completion": q, "label": up}
+
+    lines = [pair(q) for q in "abcde"]
+    train, valid = held_out_split(lines, 0.4, seed=1)
+    assert len(valid) == 2 and len(train) == 3 and sorted(x["x"] for x in train + valid) == list("abcde")
+    assert held_out_split(lines, 0.4, seed=1) == (train, valid)  # the seed decides
+    assert held_out_split(lines, 0.0, seed=1) == (lines, [])
+    assert held_out_split(lines, 0.01, seed=1)[1] != []  # at least one prompt held out ...
+    assert len(held_out_split(lines[:2], 0.5, seed=1)[0]) == 1  # ... and at least one kept
+    assert held_out_split(lines[:1], 0.5, seed=1) == (lines[:1], [])  # one prompt: nothing to hold out
+    unpaired = [rated(q, up) for q in "abcd" for up in (True, False)]
+    train, valid = held_out_split(unpaired, 0.5, seed=3)
+    assert len(train) == len(valid) == 4  # a prompt's two lines stay together
+    assert not {x["completion"] for x in train} & {x["completion"] for x in valid}
+
+
+def test_held_out_prompts_and_seeds(studio: Studio, settings: Settings, fake: FakeInference) -> None:
+    """`validation_fraction` holds out prompts (with every line they make) as the job's validation file,
+    drawn with `seed`, which the job gets too; a queue's or a comparison's `seed` seeds item k's answers
+    with seed + k."""
+    queue = decided_queue(studio, n=16)
+    path = f"/feedback/queues/{queue['id']}/train"
+
+    def content(file_id: str) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in studio.get(f"/files/{file_id}/content").text.splitlines()]
+
+    def prompts(lines: list[dict[str, Any]]) -> set[str]:
+        return {json.dumps(x["input"]["messages"] if "input" in x else x["messages"]) for x in lines}
+
+    body = {"method": "dpo", "model": "tiny-random", "validation_fraction": 0.25, "seed": 7}
+    made = studio.ok(studio.tpost(path, json=body))
+    assert (made["counts"]["training_lines"], made["counts"]["validation_lines"]) == (12, 4)
+    job = made["job"]
+    assert job["validation_file"] == made["validation_file"]["id"] and job["seed"] == 7
+    train, valid = content(job["training_file"]), content(job["validation_file"])
+    assert len(train) == 12 and len(valid) == 4 and not prompts(train) & prompts(valid)
+    again = studio.ok(studio.tpost(path, json=body))  # the same seed, the same split
+    assert content(again["job"]["validation_file"]) == valid
+    other = studio.ok(studio.tpost(path, json=body | {"seed": 8}))
+    assert content(other["job"]["validation_file"]) != valid
+    kto = studio.ok(studio.tpost(path, json=body | {"method": "kto"}))  # two lines per prompt, kept together
+    assert (kto["counts"]["training_lines"], kto["counts"]["validation_lines"]) == (24, 8)
+    kto_train, kto_valid = content(kto["job"]["training_file"]), content(kto["job"]["validation_file"])
+    assert prompts(kto_valid) == prompts(valid) and not prompts(kto_train) & prompts(kto_valid)
+    plain = studio.ok(studio.tpost(path, json={"method": "dpo", "model": "tiny-random"}))
+    assert plain["job"]["validation_file"] is None and plain["validation_file"] is None
+    for started in (made, kto):  # the job trains with --valid on the held-out file
+        done = studio.wait_status(started["job"]["id"], *TERMINAL)
+        assert done["status"] == "succeeded", done
+        command = argv(settings, done["id"])
+        held = Path(command[command.index("--valid") + 1]).read_text().splitlines()
+        assert [json.loads(x) for x in held] == content(done["validation_file"])
+    small = decided_queue(studio, n=12)  # 9 prompts left to train on: too few
+    refused = error(studio.tpost(f"/feedback/queues/{small['id']}/train", json=body), 400)
+    assert "held-out" in refused["message"] and refused["code"] == "invalid_n_examples"
+    for fraction in (-0.1, 0.6):
+        assert error(studio.tpost(path, json=body | {"validation_fraction": fraction}), 400)["param"] == (
+            "validation_fraction"
+        )
+
+    prompts_file = studio.upload(jsonl(PROMPTS), "prompts.jsonl")
+    fake.requests.clear()
+    seeded = {"name": "seeded", "prompts_file": prompts_file, "model_a": "tiny-random", "seed": 100}
+    queue = studio.ok(studio.tpost("/feedback/queues", json=seeded))
+    assert studio.wait_queue(queue["id"])["seed"] == 100
+    assert sorted(r["params"]["seed"] for r in fake.requests) == [100, 101, 102, 103]
+    fake.requests.clear()
+    versus = {"candidate": "tiny-random", "baseline": "smollm2-135m-instruct", "prompts_file": prompts_file}
+    comparison = studio.ok(studio.tpost("/comparisons", json=versus | {"seed": 5}))
+    studio.wait_queue(comparison["id"])
+    by_model = {(r["model"], r["params"]["seed"]) for r in fake.requests}
+    assert by_model == {(m, s) for m in ("tiny-random", "smollm2-135m-instruct") for s in (5, 6, 7, 8)}
+
+
 def test_a_reward_model_is_no_starting_point_on_either_route(studio: Studio) -> None:
     """One create_job for both job-creating routes: OpenAI's endpoint, which used to start a DPO job from
     a reward model, now refuses it as the studio always has, with the same error."""
@@ -794,7 +875,13 @@ def test_current_serves_the_model_promoted_last(studio: Studio, globex: Studio) 
     stored = studio.ok(studio.get("/chat/completions", params={"order": "desc", "limit": 1}))["data"][0]
     assert stored["id"] == chunks[0]["id"] and stored["model"] == job["fine_tuned_model"]
     by_current = studio.ok(studio.get("/chat/completions", params={"model": "current"}))["data"]
-    assert [c["id"] for c in by_current] == [answer["id"], stored["id"]]  # the current model's, not the base's
+    assert [c["id"] for c in by_current] == [
+        answer["id"],
+        stored["id"],
+    ]  # the current model's, not the base's
+    studio.ok(studio.tpost("/ratings", json={"completion_id": answer["id"], "rating": "up"}))
+    exported = studio.ok(studio.tpost("/ratings/export", json={"model": "current"}))
+    assert exported["counts"]["lines"] == 1  # the current model's ratings
     assert studio.ok(studio.get("/models/current"))["id"] == job["fine_tuned_model"]
     assert error(studio.delete("/models/current"), 400)["param"] == "model"  # only by its own name
 

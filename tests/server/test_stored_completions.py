@@ -96,6 +96,13 @@ def test_stored_completions_through_the_openai_client(
     assert updated.metadata == {"topic": "returns"}
     assert [c.id for c in acme.chat.completions.list(metadata={"topic": "returns"})] == [first.id]
     assert [c.id for c in acme.chat.completions.list(metadata={"topic": "orders"})] == []
+    without = studio.ok(studio.get("/chat/completions", params={"metadata": "null"}))["data"]
+    assert [c["id"] for c in without] == [streamed_id]  # stored without metadata
+    acme.chat.completions.update(third.id, metadata=None)  # type: ignore[arg-type]
+    without = studio.ok(studio.get("/chat/completions", params={"metadata": "null"}))["data"]
+    assert [c["id"] for c in without] == [streamed_id, third.id]
+    both = studio.get("/chat/completions", params={"metadata": "null", "metadata[topic]": "x"})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "metadata"
 
     # another project: nothing listed, and acme's completions do not exist for it
     assert list(globex.chat.completions.list()) == []
@@ -120,7 +127,11 @@ def test_stored_completions_through_the_openai_client(
         acme.chat.completions.delete(first.id)
     # the changes are in the project's audit log, which keeps the answer the completion held
     log = [json.loads(line) for line in (settings.audit_dir / "acme.jsonl").read_text().splitlines()]
-    changes = [(r["type"], r["payload"]) for r in log if r["type"].startswith("completion.")]
+    changes = [
+        (r["type"], r["payload"])
+        for r in log
+        if r["type"].startswith("completion.") and r["payload"]["completion_id"] == first.id
+    ]
     assert changes == [
         (
             "completion.updated",
@@ -134,12 +145,18 @@ def test_stored_completions_through_the_openai_client(
     ]
     answered = [r["payload"] for r in log if r["type"] == "inference.response"]
     assert first.id in {a["completion_id"] for a in answered}
+    [asked] = [
+        r["payload"]
+        for r in log
+        if r["type"] == "inference.request" and r["payload"]["completion_id"] == first.id
+    ]
+    assert (asked["store"], asked["metadata"]) == (True, {"topic": "orders", "site": "eu"})
 
 
 def test_bad_metadata_and_paging_are_400s_naming_the_parameter(studio: Studio) -> None:
     hello = [{"role": "user", "content": "Hi"}]
     too_many = {str(i): "v" for i in range(17)}
-    for metadata in (too_many, {"k" * 65: "v"}, {"k": "v" * 513}, {"k": 3}):
+    for metadata in (too_many, {"k" * 65: "v"}, {"k": "v" * 513}, {"k": 3}, {"k": "a\x00b"}, {"a\x00": "v"}):
         r = studio.post(
             "/chat/completions",
             json={"model": "tiny-random", "messages": hello, "store": True, "metadata": metadata},

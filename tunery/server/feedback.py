@@ -306,7 +306,7 @@ class QueueGenerators:
                 "temperature": queue.temperature,
                 "top_p": 1.0,
                 "stop": [],
-                "seed": None,
+                "seed": None if queue.seed is None else queue.seed + item.position,
             },
             "logprobs": False,
             "stream": False,
@@ -587,6 +587,7 @@ def queue_object(queue: FeedbackQueue, counts: dict[str, int], admin: bool) -> d
             "prompts_file": queue.prompts_file,
             "max_tokens": queue.max_tokens,
             "temperature": queue.temperature,
+            "seed": queue.seed,
             "error": queue.error,
             "job_id": queue.job_id,
         }

@@ -10,6 +10,8 @@ the biases and labellers' statistics count labels.
 
 from __future__ import annotations
 
+import json
+import random
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -115,6 +117,28 @@ def export_lines(
         out.lines += lines
     out.counts["lines"] = len(out.lines)
     return out
+
+
+def held_out_split(
+    lines: list[dict[str, Any]], fraction: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training lines, held-out lines): `fraction` of the prompts, drawn with `seed`, are held out with every
+    line they made (an unpaired export's winner and loser of one pair stay on the same side, so the held-out
+    loss never scores an answer to a prompt the model trained on). At least one prompt is held out and one
+    kept when there are two; `fraction` 0 holds out nothing."""
+    prompts: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for line in lines:
+        messages = line["input"]["messages"] if "input" in line else line["messages"]
+        prompts[json.dumps(messages, sort_keys=True)].append(line)
+    if fraction <= 0 or len(prompts) < 2:
+        return list(lines), []
+    keys = sorted(prompts)
+    random.Random(seed).shuffle(keys)
+    n_held = min(len(keys) - 1, max(1, round(len(keys) * fraction)))
+    held = set(keys[:n_held])
+    train = [line for key in sorted(prompts) if key not in held for line in prompts[key]]
+    valid = [line for key in sorted(prompts) if key in held for line in prompts[key]]
+    return train, valid
 
 
 def _blank(line: dict[str, Any]) -> bool:

@@ -44,6 +44,8 @@ class FeedbackQueue(Base):
     labels_per_item: Mapped[int] = mapped_column(Integer, default=1)
     max_tokens: Mapped[int] = mapped_column(Integer, default=256)
     temperature: Mapped[float] = mapped_column(Float, default=1.0)
+    # the sampler's seed for item k is seed + k (added after the first release; null: unseeded)
+    seed: Mapped[int | None] = mapped_column(BigInteger, default=None)
     status: Mapped[str] = mapped_column(String(16))  # generating | ready | failed
     error: Mapped[str | None] = mapped_column(Text, default=None)  # the last generation error
     job_id: Mapped[str | None] = mapped_column(String(64), default=None)  # a comparison made from a job
@@ -108,7 +110,9 @@ class StoredCompletion(Base):
     # added after the first release (null in older rows): the order within a second (time.time_ns()), the
     # request's `metadata`, and the chat.completion object as the client got it (GET /v1/chat/completions)
     seq: Mapped[int | None] = mapped_column(BigInteger, default=None)
-    completion_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, default=None)
+    completion_metadata: Mapped[dict[str, Any] | None] = mapped_column(
+        "metadata", JSON(none_as_null=True), default=None
+    )  # SQL NULL when there is none, so that `metadata=null` finds it
     response: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 

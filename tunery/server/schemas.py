@@ -164,6 +164,8 @@ def _metadata(value: dict[str, str]) -> dict[str, str]:
         raise ValueError("at most 16 key-value pairs")
     if any(len(k) > 64 or not k for k in value):
         raise ValueError("keys must be 1 to 64 characters")
+    if any("\x00" in text for pair in value.items() for text in pair):  # PostgreSQL cannot compare it
+        raise ValueError("keys and values cannot contain the NUL character")
     return value
 
 
@@ -345,13 +347,19 @@ def model_object(name: str, created: int, owned_by: str) -> dict[str, Any]:
 def metadata_filter(request: Request) -> tuple[bool, dict[str, str] | None]:
     """(filter on metadata?, required pairs or None for `metadata=null`) from `metadata[k]=v` params."""
     params = request.query_params
-    if params.get("metadata") == "null":
-        return True, None
     pairs = {
         k[len("metadata[") : -1]: v
         for k, v in params.multi_items()
         if k.startswith("metadata[") and k.endswith("]")
     }
+    if params.get("metadata") == "null":
+        if pairs:
+            raise bad_request(
+                "metadata=null asks for objects without metadata; it cannot go with metadata[key]=value.",
+                "metadata",
+                "invalid_value",
+            )
+        return True, None
     if len(pairs) > 16:  # what an object can hold; more is no filter, only work for the database
         raise bad_request("metadata filters at most 16 key-value pairs.", "metadata", "invalid_value")
     return bool(pairs), pairs

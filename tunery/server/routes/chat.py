@@ -195,7 +195,16 @@ async def chat_completions(
     completion_id = new_id("chatcmpl-")
     audited = {k: v for k, v in request.items() if k not in ("op", "adapter", "base_adapter", "model")}
     await _audit(
-        state, caller, "inference.request", {"completion_id": completion_id, "model": model.name} | audited
+        state,
+        caller,
+        "inference.request",
+        {
+            "completion_id": completion_id,
+            "model": model.name,
+            "store": bool(body.store),
+            "metadata": body.metadata,
+        }
+        | audited,
     )
     if not body.stream:
         try:

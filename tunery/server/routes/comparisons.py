@@ -57,6 +57,7 @@ class ComparisonCreate(Body):
     max_prompts: Annotated[int, Bounds(ge=1, le=MAX_PROMPTS)] = 50
     max_tokens: Annotated[int, Bounds(ge=1, le=4096)] | None = None
     temperature: Annotated[float, Bounds(ge=0, le=2)] = 0.7
+    seed: Annotated[int, Bounds(ge=0, le=2**31 - 1)] | None = None  # both models sample with item k's seed
     instructions: str = Field(INSTRUCTIONS, max_length=4000)
 
 
@@ -163,6 +164,7 @@ def create_comparison(
             labels_per_item=body.labels_per_item,
             max_tokens=body.max_tokens,
             temperature=body.temperature,
+            seed=body.seed,
             max_prompts=body.max_prompts,
             instructions=body.instructions,
         )

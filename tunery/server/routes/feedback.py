@@ -87,6 +87,7 @@ class QueueCreate(Body):
     labels_per_item: Annotated[int, Bounds(ge=1, le=10)] = 1
     max_tokens: Annotated[int, Bounds(ge=1, le=4096)] | None = None
     temperature: Annotated[float, Bounds(ge=0, le=2)] = 1.0
+    seed: Annotated[int, Bounds(ge=0, le=2**31 - 1)] | None = None  # the same answers on the same models
     max_prompts: Annotated[int, Bounds(ge=1, le=MAX_PROMPTS)] = MAX_PROMPTS
     instructions: str = Field("", max_length=4000)
 
@@ -175,6 +176,7 @@ def new_queue(
             body.max_tokens or state.settings.default_max_tokens, state.settings.max_completion_tokens
         ),
         temperature=body.temperature,
+        seed=body.seed,
         status="generating" if prompts else "ready",
         job_id=job_id,
         created_by=caller.key_id,

@@ -4,6 +4,7 @@ quality report, an export as a fine-tuning File, and a training job on that File
 
 from __future__ import annotations
 
+import secrets
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter
@@ -15,7 +16,7 @@ from tunery.server.auth import Caller
 from tunery.server.deps import AppState, Auth, State
 from tunery.server.errors import bad_request
 from tunery.server.feedback import current_model, write_file
-from tunery.server.feedback_report import EXPORT_RULE, Export, export_lines, quality_report
+from tunery.server.feedback_report import EXPORT_RULE, Export, export_lines, held_out_split, quality_report
 from tunery.server.feedback_store import FeedbackItem, FeedbackLabel, FeedbackQueue
 from tunery.server.jobs import MIN_TRAINING_EXAMPLES, check_queue_quota, create_job, starting_point
 from tunery.server.routes.feedback import Body, audit, get_queue, names_of
@@ -32,11 +33,19 @@ class ExportCreate(Body):
     min_labels: Annotated[int, Bounds(ge=1, le=10)] = 1
 
 
-class TrainCreate(ExportCreate):
-    method: Literal["dpo", "kto", "reward_model"]
-    model: str | None = None  # default: the project's current model, else the queue's model_a
+class Training(Body):
+    """What a job trained on feedback takes besides its data, on every route that starts one."""
+
     suffix: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] | None = None
     hyperparameters: DpoHyperparameters | None = None
+    # prompts held out as the job's validation file (its held-out loss and reward accuracy), drawn with seed
+    validation_fraction: Annotated[float, Bounds(ge=0, le=0.5)] = 0.0
+    seed: Annotated[int, Bounds(ge=0, le=2**31 - 1)] | None = None  # the split's and the job's
+
+
+class TrainCreate(ExportCreate, Training):
+    method: Literal["dpo", "kto", "reward_model"]
+    model: str | None = None  # default: the project's current model, else the queue's model_a
 
 
 # --- quality and exports -----------------------------------------------------------------------------------
@@ -148,20 +157,30 @@ def train_on(
     filename: str,
     kind: str,
     model: str,
-    given: DpoHyperparameters | None,
-    suffix: str | None,
+    training: Training,
     metadata: dict[str, str],
 ) -> dict[str, Any]:
-    """Write an export (`form`: preference or unpaired) as a File and start a `kind` job on it from `model`
-    (jobs.create_job, the same checks as OpenAI's job creation); the export object, with its job. The
-    caller holds the scheduler's lock."""
+    """Write an export (`form`: preference or unpaired) as a File, with `training.validation_fraction` of its
+    prompts held out in a second File, and start a `kind` job on it from `model` (jobs.create_job, the same
+    checks as OpenAI's job creation); the export object, with its job. The caller holds the scheduler's
+    lock."""
     starting_point(session, state.settings, caller, model)  # a bad model fails before the file is written
     check_queue_quota(session, state.settings, caller.project_id)  # ... and so does a full queue
-    row = write_file(session, state, caller.project_id, filename, found.lines)
+    seed = training.seed if training.seed is not None else secrets.randbelow(2**31)
+    lines, held_out = held_out_split(found.lines, training.validation_fraction, seed)
+    if training.validation_fraction and not held_out:
+        raise bad_request(
+            "Holding out prompts needs at least two different prompts.",
+            "validation_fraction",
+            "invalid_value",
+        )
+    enough_examples(len(lines), "the export once its held-out prompts are set aside")
+    row = write_file(session, state, caller.project_id, filename, lines)
+    valid = write_file(session, state, caller.project_id, "valid-" + filename, held_out) if held_out else None
     session.flush()
     hyperparameters = DpoHyperparameters().model_dump()
-    if given is not None:
-        hyperparameters.update(given.model_dump(exclude_unset=True))
+    if training.hyperparameters is not None:
+        hyperparameters.update(training.hyperparameters.model_dump(exclude_unset=True))
     if kind == "reward_model":
         hyperparameters.pop("beta")
     job = create_job(
@@ -172,10 +191,17 @@ def train_on(
         model,
         row.id,
         hyperparameters,
-        suffix=suffix,
+        validation_file=valid.id if valid else None,
+        suffix=training.suffix,
+        seed=seed,
         metadata=metadata,
     )
-    return export_object(row, form, found) | {"job": job_object(job, caller.project_id)}
+    counts = {"training_lines": len(lines), "validation_lines": len(held_out)}
+    shown = export_object(row, form, found) | {"job": job_object(job, caller.project_id)}
+    return shown | {
+        "counts": shown["counts"] | counts,
+        "validation_file": file_object(valid) if valid else None,
+    }
 
 
 @router.post("/feedback/queues/{queue_id}/train")
@@ -198,8 +224,7 @@ def train_from_queue(body: TrainCreate, state: State, caller: Auth, queue_id: st
             filename=_file_name(queue, form),
             kind=body.method,
             model=model,
-            given=body.hyperparameters,
-            suffix=body.suffix,
+            training=body,
             metadata={"feedback_queue": queue.id},
         )
     state.scheduler.wake()

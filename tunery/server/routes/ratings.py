@@ -16,14 +16,15 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from tunery.server.auth import Caller
+from tunery.server.catalog import canonical
 from tunery.server.deps import Auth, State
 from tunery.server.errors import APIError, bad_request
 from tunery.server.feedback import current_model, write_file
 from tunery.server.feedback_report import Export
 from tunery.server.feedback_store import Rating, StoredCompletion
 from tunery.server.routes.feedback import Body, audit
-from tunery.server.routes.feedback_exports import enough_examples, export_object, train_on
-from tunery.server.schemas import Bounds, DpoHyperparameters, cursor_page
+from tunery.server.routes.feedback_exports import Training, enough_examples, export_object, train_on
+from tunery.server.schemas import Bounds, cursor_page
 from tunery.server.store import new_id, now
 
 router = APIRouter()
@@ -41,10 +42,8 @@ class RatingsExport(Body):
     model: str | None = None  # only completions of this model
 
 
-class RatingsTrain(RatingsExport):
+class RatingsTrain(RatingsExport, Training):
     train_model: str | None = None  # default: the project's current model, else `model`
-    suffix: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] | None = None
-    hyperparameters: DpoHyperparameters | None = None
 
 
 def _rating_object(rating: Rating) -> dict[str, Any]:
@@ -147,7 +146,7 @@ def _rating_lines(session: Session, caller: Caller, model: str | None) -> Export
         .where(Rating.project_id == caller.project_id)
     )
     if model is not None:
-        query = query.where(StoredCompletion.model == model)
+        query = query.where(StoredCompletion.model == canonical(session, caller, model))
     votes: dict[tuple[str, int], list[str]] = {}
     for completion_id, index, rating in session.execute(query):
         votes.setdefault((completion_id, index), []).append(rating)
@@ -213,8 +212,7 @@ def train_from_ratings(body: RatingsTrain, state: State, caller: Auth) -> dict[s
             filename="ratings.jsonl",
             kind="kto",
             model=model,
-            given=body.hyperparameters,
-            suffix=body.suffix,
+            training=body,
             metadata={"feedback": "ratings"},
         )
     state.scheduler.wake()

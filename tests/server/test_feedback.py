@@ -7,112 +7,20 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.server.conftest import TERMINAL, Api, jsonl
+from tests.server.conftest import TERMINAL, FakeInference, Studio, jsonl
 from tunery import cli
 from tunery.server.app import create_app
-from tunery.server.errors import APIError
 from tunery.server.feedback import shown_flipped
 from tunery.server.feedback_report import held_out_split
 from tunery.server.settings import Settings
 from tunery.server.store import Store
-
-
-class FakeInference:
-    """Answers that say who wrote them, so tests can tell the models apart (labellers are never told):
-    `{model or job id} says: {question}`, a second sample says it at more length. `broken` cannot load;
-    `down = True` fails every request the way a dead worker does."""
-
-    def __init__(self) -> None:
-        self.down = False
-        self.requests: list[dict[str, Any]] = []
-
-    def answer(self, request: dict[str, Any], index: int) -> str:
-        who = Path(request["adapter"]).parts[-3] if request.get("adapter") else request["model"]
-        return f"{who} says{' indeed, at length' * index}: {request['messages'][-1]['content']}"
-
-    async def call(self, request: dict[str, Any], project: str = "") -> dict[str, Any]:
-        return await anext(r["result"] async for r in self.stream(request) if r["event"] == "done")
-
-    async def stream(self, request: dict[str, Any], project: str = "") -> AsyncIterator[dict[str, Any]]:
-        self.requests.append(request)
-        if self.down:
-            raise APIError(503, "The inference worker stopped; try again.", type="server_error")
-        if request["model"] == "broken":
-            raise APIError(400, "The model could not be loaded.", "model")
-        choices = [
-            {"index": i, "text": self.answer(request, i), "finish_reason": "stop", "logprobs": None}
-            for i in range(request["n"])
-        ]
-        for c in choices:
-            yield {"event": "delta", "index": c["index"], "text": c["text"]}
-        yield {"event": "done", "result": {"choices": choices, "prompt_tokens": 5, "completion_tokens": 4}}
-
-    async def close(self) -> None:
-        pass
-
-
-class Studio(Api):
-    """An Api for /tunery/v1 paths (`t*`), besides /v1 ones."""
-
-    def tget(self, path: str, **kw: Any) -> Any:
-        return self.client.get("/tunery/v1" + path, headers=self.headers, **kw)
-
-    def tpost(self, path: str, **kw: Any) -> Any:
-        return self.client.post("/tunery/v1" + path, headers=self.headers, **kw)
-
-    def tdelete(self, path: str, **kw: Any) -> Any:
-        return self.client.delete("/tunery/v1" + path, headers=self.headers, **kw)
-
-    def ok(self, response: Any) -> dict[str, Any]:
-        assert response.status_code == 200, response.text
-        return dict(response.json())
-
-    def labeller(self, name: str) -> Studio:
-        made = self.ok(self.tpost("/labellers", json={"name": name}))
-        return Studio(self.client, made["key"])
-
-    def wait_queue(self, queue_id: str, timeout: float = 15) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            queue = self.ok(self.tget(f"/feedback/queues/{queue_id}"))
-            if queue["status"] != "generating":
-                return queue
-            assert time.monotonic() < deadline, queue
-            time.sleep(0.02)
-
-    def press(self, item: dict[str, Any], answer_text: str, **extra: Any) -> dict[str, Any]:
-        """Choose the answer whose text is `answer_text`, on whichever side this labeller sees it."""
-        side = "left" if item["left"] == answer_text else "right"
-        assert item[side] == answer_text
-        return self.ok(self.tpost(f"/feedback/items/{item['id']}/labels", json={"choice": side, **extra}))
-
-
-@pytest.fixture
-def fake() -> FakeInference:
-    return FakeInference()
-
-
-@pytest.fixture
-def studio(settings: Settings, keys: dict[str, str], fake: FakeInference) -> Iterator[Studio]:
-    settings.base_models["broken"] = "broken"
-    app = create_app(settings)
-    app.state.tunery.inference = fake  # before start-up: generation resumes then
-    with TestClient(app, raise_server_exceptions=False) as client:
-        yield Studio(client, keys["acme"])
-
-
-@pytest.fixture
-def globex(studio: Studio, keys: dict[str, str]) -> Studio:
-    return Studio(studio.client, keys["globex"])
-
 
 PROMPTS = [
     {"messages": [{"role": "user", "content": "Where is my order?"}]},

@@ -6,26 +6,15 @@ object was kept still read back."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import openai
 import pytest
-from fastapi.testclient import TestClient
 
-from tests.server.test_feedback import FakeInference, Studio
-from tunery.server.app import create_app
+from tests.server.conftest import Studio
 from tunery.server.feedback_store import Rating, StoredCompletion
 from tunery.server.settings import Settings
 from tunery.server.store import Store
-
-
-@pytest.fixture
-def studio(settings: Settings, keys: dict[str, str]) -> Iterator[Studio]:
-    app = create_app(settings)
-    app.state.tunery.inference = FakeInference()
-    with TestClient(app, raise_server_exceptions=False) as client:
-        yield Studio(client, keys["acme"])
 
 
 def client_of(studio: Studio, key: str) -> openai.OpenAI:

@@ -193,6 +193,38 @@ def test_cli_eval_all_then_grounding_updates_the_run(run_dir: Path, tmp_path: Pa
     assert updated["safety"] == report["safety"]
 
 
+def test_cli_eval_decodes_in_fp32_unless_told_and_says_so(run_dir: Path, tmp_path: Path) -> None:
+    """fp32 by default (a greedy answer does not depend on its batch there), bf16 on request; evals.json
+    records which, and the batch size."""
+    args = ["--adapter", str(run_dir), "--model", "tiny-random", "--size", "quick"]
+    assert main(["eval", "safety", *args, "--out", str(tmp_path / "fp32.json")]) == 0
+    assert main(["eval", "safety", *args, "--precision", "bf16", "--out", str(tmp_path / "bf16.json")]) == 0
+    for name in ("fp32", "bf16"):
+        config = json.loads((tmp_path / f"{name}.json").read_text())["config"]
+        assert (config["precision"], config["batch_size"]) == (name, 48)
+
+
+def test_fp32_greedy_answers_do_not_depend_on_the_batch(run_dir: Path) -> None:
+    from tunery.data.template import prompt_ids
+    from tunery.models.load import load_for_inference
+    from tunery.models.sampling import SamplingParams, sample
+    from tunery.safety.evals.safety import redteam_prompts
+
+    model, tokenizer = load_for_inference("tiny-random", str(run_dir), precision="fp32")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    prompts = [prompt_ids(tokenizer, p["messages"]) for p in redteam_prompts()[:24]]
+    params = SamplingParams(max_new_tokens=24, temperature=0.0)
+
+    def answers(batch: int) -> list[list[int]]:
+        return [
+            c.token_ids
+            for s in range(0, 24, batch)
+            for c in sample(model, tokenizer, prompts[s : s + batch], params)
+        ]
+
+    assert answers(24) == answers(5) == answers(1)
+
+
 def test_cli_grounding_needs_references(run_dir: Path, capsys) -> None:
     assert main(["eval", "grounding", "--adapter", str(run_dir), "--model", "tiny-random"]) == 2
     assert "--references" in capsys.readouterr().err

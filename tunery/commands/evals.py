@@ -103,6 +103,13 @@ def suite_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", help="prompts to answer for grounding (default: training prompts)")
     p.add_argument("--size", choices=list(SIZES), default="default", help="prompt counts (default: default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="fp32 (default): a greedy answer does not depend on which prompts share its batch, so the numbers "
+        "repeat; bf16 decodes about twice as fast, but a few verdicts change with the batch size",
+    )
     p.add_argument("--out", help="evals.json to write or update (default: RUN_DIR/evals.json for a run)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -134,10 +141,10 @@ def _eval_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, str | None, Pa
     elif not Path(data).is_file():
         raise TuneryError(f"--data {data}: no such file")
     if (final / "config.json").is_file():  # a full fine-tune: the run holds the whole model
-        model, tokenizer = load_for_inference(str(final))
-        base, _ = load_for_inference(base_name)
+        model, tokenizer = load_for_inference(str(final), precision=args.precision)
+        base, _ = load_for_inference(base_name, precision=args.precision)
     else:
-        model, tokenizer = load_for_inference(base_name, args.adapter)
+        model, tokenizer = load_for_inference(base_name, args.adapter, precision=args.precision)
         base = None
     out = Path(args.out) if args.out else (run_dir / "evals.json" if meta else None)
     return model, tokenizer, base, data, out

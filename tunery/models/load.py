@@ -193,9 +193,13 @@ def load_model(
     return model, tokenizer
 
 
-def load_for_inference(name: str, adapter: str | None = None) -> tuple[Any, PreTrainedTokenizerBase]:
+def load_for_inference(
+    name: str, adapter: str | None = None, precision: str = "auto"
+) -> tuple[Any, PreTrainedTokenizerBase]:
     """A model ready to generate: the adapter applied, nothing trainable, every weight in bf16 where the
-    hardware runs bf16 fast (so no autocast is needed: it would cost ~30% of a decoding step)."""
+    hardware runs bf16 fast (so no autocast is needed: it would cost ~30% of a decoding step), or as
+    `precision` says (bf16 | fp32 | auto). In fp32 greedy answers do not depend on which prompts share a
+    batch; in bf16 a few do (tunery eval's --precision)."""
     from tunery.models.lora import bf16_is_fast, cast_frozen, load_adapter
 
     model: Any
@@ -204,6 +208,6 @@ def load_for_inference(name: str, adapter: str | None = None) -> tuple[Any, PreT
         model = load_adapter(model, adapter)
     model.eval()
     model.requires_grad_(False)  # so every weight, LoRA included, is cast below
-    if bf16_is_fast(torch.device("cpu")):
+    if precision == "bf16" or (precision == "auto" and bf16_is_fast(torch.device("cpu"))):
         cast_frozen(model, torch.bfloat16)
     return model, tokenizer

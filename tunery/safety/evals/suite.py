@@ -228,6 +228,9 @@ def run_evals(
         "sizes": asdict(sizes),
         "thresholds": asdict(th),
         "seed": seed,
+        # bf16 weights: a few greedy answers change with the batch composition (docs/safety.md)
+        "precision": "bf16" if any(p.dtype == torch.bfloat16 for p in model.parameters()) else "fp32",
+        "batch_size": batch_size,
         "train_path": str(train_path) if train_path else None,
         "base": base_source,
         "skipped": plan.skipped,

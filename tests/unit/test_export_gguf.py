@@ -78,6 +78,54 @@ def test_every_family_reads_back_with_the_same_logits(family: str, tmp_path: Pat
             assert agreement.mean_abs < mean_tolerance, (quant, agreement.line())
 
 
+SCALINGS = {  # Llama 3.1's kind (its original context small, so most frequencies are scaled) and linear
+    "llama3": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    },
+    "linear": {"factor": 4.0},
+}
+
+
+def scaled_llama(kind: str):  # type: ignore[no-untyped-def]
+    tokenizer = tiny_tokenizer("llama")
+    config = tiny_config(len(tokenizer), "llama")
+    theta = config.rope_parameters["rope_theta"]
+    config.rope_scaling = {"rope_type": kind, "rope_theta": theta, **SCALINGS[kind]}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+    return model.eval(), tokenizer
+
+
+@pytest.mark.parametrize("kind", sorted(SCALINGS))
+def test_rope_scaling_is_written_as_llama_cpp_reads_it(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Llama 3.1 and later scale RoPE per frequency (llama.cpp: the rope_freqs tensor), others linearly (the
+    rope.scaling keys). 144 tokens, so that the positions reach past the original context."""
+    model, tokenizer = scaled_llama(kind)
+    text = prompt(tokenizer, "llama") + " and then a few more words to take the positions further along" * 2
+    report = export_gguf(model, tokenizer, tmp_path / "scaled.gguf", "f32")
+    assert report.tensors == (21 if kind == "llama3" else 20)  # rope_freqs.weight for Llama 3's
+    check = compare_logits(tmp_path / "scaled.gguf", model, tokenizer, [text])
+    assert check.readers[0].max_abs < 1e-4, check.lines()
+    if LLAMA_CPP:
+        assert check.readers[1].reader == "llama.cpp" and check.readers[1].max_abs < 0.05, check.lines()
+        # the same file without the scaling: llama.cpp's logits are far off, so the check above can fail
+        monkeypatch.setattr(gguf_export, "_rope_scaling", lambda config: {})
+        export_gguf(model, tokenizer, tmp_path / "unscaled.gguf", "f32")
+        monkeypatch.undo()
+        unscaled = compare_logits(tmp_path / "unscaled.gguf", model, tokenizer, [text])
+        assert unscaled.readers[1].max_abs > 1.0, unscaled.lines()
+    config = model.config
+    config.rope_scaling = {**config.rope_scaling, "rope_type": "yarn"}
+    with pytest.raises(TuneryError, match="'yarn'"):
+        export_gguf(model, tokenizer, tmp_path / "yarn.gguf", "f32")
+
+
 def test_what_llama_cpp_cannot_express_is_named(tmp_path: Path) -> None:
     model, tokenizer = family_model(
         "gemma2", llama_cpp_layout=False

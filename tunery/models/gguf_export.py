@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -118,7 +119,7 @@ def export_gguf(
     if arch is None:
         covered = ", ".join(sorted(ARCHS))
         raise TuneryError(f"GGUF export covers the model types {covered}; this model is {model_type!r}")
-    _check_rope(model.config)
+    _check_rope(model.config, arch)
     warnings = differences(model.config, arch)
     started = time.perf_counter()
     out = Path(out)
@@ -175,11 +176,49 @@ def _model_name(model: Any) -> str:
     return Path(source).name or "model"
 
 
-def _check_rope(config: Any) -> None:
+def _rope_scaling(config: Any) -> dict[str, Any]:
+    """The model's RoPE scaling (Gemma 3 keeps one per layer type: its full-attention layers' is the one
+    llama.cpp applies), {} for none."""
     scaling = getattr(config, "rope_scaling", None) or {}
-    kind = scaling.get("rope_type") or scaling.get("type") if isinstance(scaling, dict) else None
-    if kind not in (None, "default"):
-        raise TuneryError(f"GGUF export does not handle RoPE scaling of type {kind!r} yet")
+    if not isinstance(scaling, dict):
+        return {}
+    scaling = scaling.get("full_attention", scaling)
+    kind = scaling.get("rope_type") or scaling.get("type")
+    return {} if kind in (None, "default") else {**scaling, "rope_type": kind}
+
+
+def _check_rope(config: Any, arch: Arch) -> None:
+    """llama.cpp computes two kinds of RoPE scaling from what the file says: linear (positions divided by a
+    factor) and Llama 3's (per-frequency factors, in the `rope_freqs` tensor, for the llama architecture)."""
+    kind = _rope_scaling(config).get("rope_type")
+    if kind not in (None, "linear") and not (kind == "llama3" and arch.name == "llama"):
+        raise TuneryError(
+            f"GGUF export handles RoPE scaling of the types linear and llama3 (Llama 3.1 and later); this model's "
+            f"is {kind!r}"
+        )
+
+
+def rope_freq_factors(config: Any) -> torch.Tensor | None:
+    """Llama 3's RoPE scaling as llama.cpp reads it: a factor per rotary frequency, dividing it (1 for high
+    frequencies, `factor` for low ones, a smooth blend between), as transformers' llama3 rotary embedding
+    scales its inverse frequencies. None for other models."""
+    import torch
+
+    scaling = _rope_scaling(config)
+    if scaling.get("rope_type") != "llama3":
+        return None
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rotary = int(head_dim * float(getattr(config, "partial_rotary_factor", 1.0) or 1.0))
+    inv_freq = 1.0 / (_rope_theta(config) ** (torch.arange(0, rotary, 2, dtype=torch.float64) / rotary))
+    factor = float(scaling["factor"])
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    context = float(scaling.get("original_max_position_embeddings", 8192))
+    wavelength = 2 * math.pi / inv_freq
+    smooth = ((context / wavelength - low) / (high - low)).clamp(0, 1)
+    factors = 1 / (
+        (1 - smooth) / factor + smooth
+    )  # 1 where wavelength < context / high, factor beyond context / low
+    return factors.to(torch.float32)
 
 
 def _rope_theta(config: Any) -> float:
@@ -253,6 +292,9 @@ def _tensors(model: Any, arch: Arch) -> list[tuple[str, torch.Tensor]]:
         if arch.norm_plus_one and hf_name.endswith("norm.weight"):
             tensor = tensor + 1
         result.append((name, tensor))
+    factors = rope_freq_factors(config)
+    if factors is not None:
+        result.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors))
     return result
 
 
@@ -322,6 +364,10 @@ def _write_config(writer: Any, config: Any, arch: Arch, name: str, quant: str) -
     writer.add_rope_freq_base(_rope_theta(config))
     rotary = int(head_dim * float(getattr(config, "partial_rotary_factor", 1.0) or 1.0))
     writer.add_rope_dimension_count(rotary)
+    scaling = _rope_scaling(config)
+    if scaling.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
     if getattr(config, "head_dim", None) or arch.name.startswith("gemma"):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -531,6 +577,10 @@ def compare_logits(path: Path, model: Any, tokenizer: Any, texts: list[str] | No
         overrides["head_dim"] = head_dim  # written as qwen3.attention.key_length
     if model.config.model_type in ("gemma2", "gemma3_text"):
         overrides["query_pre_attn_scalar"] = head_dim  # llama.cpp scales attention by 1/sqrt(head_dim)
+    if _rope_scaling(
+        model.config
+    ):  # llama.cpp's rope_freqs tensor or rope.scaling keys; transformers reads neither
+        overrides["rope_scaling"] = dict(model.config.rope_scaling)
     loaded = AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32, **overrides
     ).eval()

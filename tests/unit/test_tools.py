@@ -67,6 +67,33 @@ def test_calls_are_read_back_into_openai_objects() -> None:
         assert parsed.tool_calls == [] and parsed.content == text
 
 
+def test_the_families_own_call_formats_are_read_too() -> None:
+    """Llama 3.1's JSON with `parameters` (after <|python_tag|> when it is not dropped in decoding) and
+    Mistral's [TOOL_CALLS] list; a list that is not all calls, or names another function, stays content."""
+    llama = '<|python_tag|>{"name": "weather", "parameters": {"city": "Paris"}}'
+    mistral = '[TOOL_CALLS] [{"name": "weather", "arguments": {"city": "Oslo"}}, {"name": "weather", "arguments": {"city": "Rome"}}]'
+    decoded = (
+        ' [{"name": "weather", "arguments": {"city": "Oslo"}}]'  # [TOOL_CALLS] dropped as a special token
+    )
+    cities = [
+        [
+            json.loads(c["function"]["arguments"])["city"]
+            for c in parse_tool_calls(text, {"weather"}).tool_calls
+        ]
+        for text in (llama, mistral, decoded)
+    ]
+    assert cities == [["Paris"], ["Oslo", "Rome"], ["Oslo"]]
+    assert parse_tool_calls(mistral, {"weather"}).content is None
+    for text in (
+        '[{"name": "weather", "arguments": {}}, {"city": "Oslo"}]',
+        '[{"name": "nope", "arguments": {}}]',
+        "[]",
+        "[1, 2]",
+    ):
+        parsed = parse_tool_calls(text, {"weather"})
+        assert parsed.tool_calls == [] and parsed.content == text
+
+
 def test_a_template_without_tools_gets_them_in_the_system_message() -> None:
     tokenizer = tiny_tokenizer("llama")
     assert not native_tools(tokenizer)

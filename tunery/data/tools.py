@@ -141,17 +141,35 @@ def parse_tool_calls(text: str, names: set[str] | None = None) -> ParsedReply:
             position = match.end()
     kept.append(text[position:])
     if not calls:
-        stripped = text.strip()
-        if stripped.startswith("{") and stripped.endswith("}"):
-            try:
-                call = _call(json.loads(stripped))
-            except json.JSONDecodeError:
-                call = None
-            if call is not None and (names is None or call["function"]["name"] in names):
-                return ParsedReply(None, [call])
+        bare = _bare_calls(text)
+        if bare and all(names is None or c["function"]["name"] in names for c in bare):
+            return ParsedReply(None, bare)
         return ParsedReply(text, [])
     content = "".join(kept).strip()
     return ParsedReply(content or None, calls)
+
+
+# what a template's own tool format puts before the calls, when the text still has it (special tokens are
+# usually dropped when decoding): Llama 3.1's <|python_tag|>, Mistral's [TOOL_CALLS]
+CALL_PREFIXES = ("<|python_tag|>", "[TOOL_CALLS]")
+
+
+def _bare_calls(text: str) -> list[dict[str, Any]]:
+    """A reply that is nothing but calls in JSON: one object (Llama 3.1's `{"name": ..., "parameters":
+    ...}`, Qwen's without the tags) or a list of them (Mistral's `[TOOL_CALLS] [{"name": ..., "arguments":
+    ...}]`). [] when the reply is anything else."""
+    stripped = text.strip()
+    for prefix in CALL_PREFIXES:
+        stripped = stripped.removeprefix(prefix).strip()
+    if not (stripped.startswith(("{", "[")) and stripped.endswith(("}", "]"))):
+        return []
+    try:
+        parsed = json.loads(stripped)
+    except json.JSONDecodeError:
+        return []
+    items = parsed if isinstance(parsed, list) else [parsed]
+    calls = [_call(item) for item in items]
+    return [c for c in calls if c is not None] if items and all(calls) else []
 
 
 def held_back(text: str) -> int:

@@ -13,6 +13,7 @@ greedily, and its calls read back as the service reads them (tunery/data/tools.p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -47,10 +48,8 @@ def main() -> None:
         decision += bool(calls)
         if calls and calls[0]["function"]["name"] == expected["name"]:
             function += 1
-            try:
+            with contextlib.suppress(json.JSONDecodeError):
                 arguments += json.loads(calls[0]["function"]["arguments"]) == expected["arguments"]
-            except json.JSONDecodeError:
-                pass
     print(f"{args.model}{' + ' + args.adapter if args.adapter else ''}, {len(rows)} held-out requests:")
     print(f"  decision (call or not) right: {decision}/{len(rows)} = {decision / len(rows):.0%}")
     print(f"  right function: {function}/{expecting} = {function / max(expecting, 1):.0%}")

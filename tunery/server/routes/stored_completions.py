@@ -87,7 +87,8 @@ def _has_pair(key: str, value: str, sqlite: bool) -> ColumnElement[bool]:
     """metadata[key] == value. SQLite's JSON paths cannot name every key (one with a double quote), so there
     the pairs are looked up with json_each; PostgreSQL's ->> takes any key as a plain string."""
     if not sqlite:
-        return StoredCompletion.completion_metadata[key].as_string() == value
+        same: ColumnElement[bool] = StoredCompletion.completion_metadata[key].as_string() == value
+        return same
     pairs = func.json_each(StoredCompletion.completion_metadata).table_valued("key", "value")
     return exists(select(pairs.c.key).where(pairs.c.key == key, pairs.c.value == value))
 
@@ -103,9 +104,11 @@ def _after(order: Order, key: tuple[int, int, str]) -> ColumnElement[bool]:
         func.coalesce(StoredCompletion.seq, 0),
         StoredCompletion.id,
     )
-    beyond = (
-        (lambda column, value: column > value) if order == "asc" else (lambda column, value: column < value)
-    )
+
+    def beyond(column: Any, value: Any) -> ColumnElement[bool]:
+        compared: ColumnElement[bool] = column > value if order == "asc" else column < value
+        return compared
+
     return or_(
         beyond(created, key[0]),
         and_(created == key[0], beyond(seq, key[1])),

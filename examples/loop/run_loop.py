@@ -36,7 +36,7 @@ A simulated labeller is a rule-based judge (`prefer`) plus noise: it prefers the
 numbers of the FACTS.md facts relevant to the question and no made-up ones, is not a refusal, not cut
 off, not repetitive and not long-winded; each labeller then gives the other answer with probability
 `--noise`, from a random generator seeded by `--seed`. The pairs, the DPO jobs and the comparisons' answers
-are seeded from `--seed` too; on the same machine a re-run should repeat its rounds (not measured yet).
+are seeded from `--seed` too: on the same machine a re-run repeats its rounds (measured: README).
 
 Per round the script prints the comparisons collected, the labellers' agreement, the DPO job and its final
 metrics, the win rate with its interval and whether the model was promoted, and writes the same to `--out`

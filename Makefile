@@ -98,7 +98,8 @@ golang:
 test: $(STAMP) chromium sandbox golang
 	$(PY) -m pytest
 
-# Several processes end to end: torchrun (DDP, two nodes, --shard) and Flower federations (CI runs it).
+# Several processes end to end (torchrun, Flower federations, a Ray cluster, service restarts, the loop demo)
+# and a real-size model's memory check (CI runs it).
 test-system: $(STAMP)
 	$(PY) -m pytest -m system
 

@@ -202,6 +202,13 @@ def test_cli_eval_decodes_in_fp32_unless_told_and_says_so(run_dir: Path, tmp_pat
     for name in ("fp32", "bf16"):
         config = json.loads((tmp_path / f"{name}.json").read_text())["config"]
         assert (config["precision"], config["batch_size"]) == (name, 48)
+    # a section of another precision is not kept beside this run's: their numbers would not compare
+    assert main(["eval", "diversity", *args, "--out", str(tmp_path / "fp32.json")]) == 0
+    assert json.loads((tmp_path / "fp32.json").read_text()).keys() == {"safety", "diversity", "config"}
+    assert (
+        main(["eval", "diversity", *args, "--precision", "bf16", "--out", str(tmp_path / "fp32.json")]) == 0
+    )
+    assert json.loads((tmp_path / "fp32.json").read_text()).keys() == {"diversity", "config"}
 
 
 def test_fp32_greedy_answers_do_not_depend_on_the_batch(run_dir: Path) -> None:

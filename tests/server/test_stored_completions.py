@@ -142,6 +142,28 @@ def test_stored_completions_through_the_openai_client(
     assert (asked["store"], asked["metadata"]) == (True, {"topic": "orders", "site": "eu"})
 
 
+def test_a_streamed_tool_call_is_stored_with_the_ids_the_client_got(
+    studio: Studio, keys: dict[str, str]
+) -> None:
+    acme = client_of(studio, keys["acme"])
+    weather = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+    call = '<tool_call>{"name": "weather", "arguments": {"city": "Oslo"}}</tool_call>'  # the fake repeats it
+    messages = [{"role": "user", "content": call}]
+    with acme.chat.completions.create(
+        model="tiny-random",
+        messages=messages,
+        tools=[weather],
+        stream=True,
+        store=True,  # type: ignore[arg-type, list-item]
+    ) as stream:
+        chunks = list(stream)
+    streamed = [c for chunk in chunks for choice in chunk.choices for c in choice.delta.tool_calls or []]
+    assert [c.function.name for c in streamed] == ["weather"]
+    stored = acme.chat.completions.retrieve(chunks[0].id).choices[0]
+    assert stored.finish_reason == "tool_calls" and stored.message.tool_calls is not None
+    assert [c.id for c in stored.message.tool_calls] == [c.id for c in streamed]
+
+
 def test_bad_metadata_and_paging_are_400s_naming_the_parameter(studio: Studio) -> None:
     hello = [{"role": "user", "content": "Hi"}]
     too_many = {str(i): "v" for i in range(17)}

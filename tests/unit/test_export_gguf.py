@@ -93,7 +93,7 @@ def scaled_llama(kind: str):  # type: ignore[no-untyped-def]
     tokenizer = tiny_tokenizer("llama")
     config = tiny_config(len(tokenizer), "llama")
     theta = config.rope_parameters["rope_theta"]
-    config.rope_scaling = {"rope_type": kind, "rope_theta": theta, **SCALINGS[kind]}
+    config.rope_parameters = {"rope_type": kind, "rope_theta": theta, **SCALINGS[kind]}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config)
@@ -121,7 +121,7 @@ def test_rope_scaling_is_written_as_llama_cpp_reads_it(
         unscaled = compare_logits(tmp_path / "unscaled.gguf", model, tokenizer, [text])
         assert unscaled.readers[1].max_abs > 1.0, unscaled.lines()
     config = model.config
-    config.rope_scaling = {**config.rope_scaling, "rope_type": "yarn"}
+    config.rope_parameters = {**config.rope_parameters, "rope_type": "yarn"}
     with pytest.raises(TuneryError, match="'yarn'"):
         export_gguf(model, tokenizer, tmp_path / "yarn.gguf", "f32")
 

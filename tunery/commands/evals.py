@@ -12,6 +12,7 @@ from typing import Any
 from tunery.commands.models import add_sampling, check_model_and_adapters, read_prompts, sampling_params
 from tunery.errors import TuneryError
 from tunery.run import files
+from tunery.run.config import PRECISIONS
 
 log = logging.getLogger("tunery")
 
@@ -105,7 +106,7 @@ def suite_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--precision",
-        choices=("fp32", "bf16"),
+        choices=PRECISIONS,
         default="fp32",
         help="fp32 (default): a greedy answer does not depend on which prompts share its batch, so the numbers "
         "repeat; bf16 decodes about twice as fast, but a few verdicts change with the batch size",
@@ -152,9 +153,18 @@ def _eval_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, str | None, Pa
 
 def _merge_evals(path: Path, report: dict[str, Any]) -> files.EvalsReport:
     """Sections already in `path` that this run did not redo stay (e.g. grounding added to a training run's
-    evals); the new config replaces the old one."""
+    evals), unless they were decoded in another precision (their numbers would not compare); the new config
+    replaces the old one."""
     new = files.evals_from_json(report)
     previous = files.read_evals(path)
+    if previous and previous.config.get("precision") != new.config.get("precision"):
+        dropped = sorted(set(previous.sections) - set(new.sections))
+        if dropped:
+            log.warning(
+                "%s: %s decoded in %s, this run in %s; replaced by this run's sections only", path,
+                ", ".join(dropped), previous.config.get("precision", "bf16"), new.config.get("precision"),
+            )  # fmt: skip
+        previous = None
     kept = {k: v for k, v in previous.sections.items() if k not in new.sections} if previous else {}
     return files.EvalsReport(sections=kept | new.sections, config=new.config)
 

@@ -93,6 +93,19 @@ def effective_weight(linear: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
+def engine_dtype(model: torch.nn.Module) -> torch.dtype:
+    """What the engine computes in: the precision the weights are stored in (bf16 for inference and RL
+    policies), fp32 where that is neither bf16 nor fp32, or bf16 the CPU cannot run."""
+    base = _causal_lm(model)
+    down = base.model.layers[0].mlp.down_proj
+    dtype = getattr(down, "base_layer", down).weight.dtype
+    cpu = base.lm_head.weight.device.type == "cpu"
+    bf16_ok = not cpu or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype not in (torch.bfloat16, torch.float32) or (dtype == torch.bfloat16 and not bf16_ok):
+        return torch.float32
+    return dtype
+
+
 def weights_version(model: torch.nn.Module) -> tuple[int, ...]:
     """Changes whenever a parameter is updated in place (optimizer steps) or an adapter is toggled."""
     versions = [p._version for p in model.parameters()]
@@ -111,13 +124,7 @@ class DecodeModel:
         self.model = model
         self.device = base.lm_head.weight.device
         cpu = self.device.type == "cpu"
-        if dtype is None:  # the precision the weights are stored in: bf16 for inference and RL policies
-            down = base.model.layers[0].mlp.down_proj
-            dtype = getattr(down, "base_layer", down).weight.dtype
-            bf16_ok = not cpu or torch.ops.mkldnn._is_mkldnn_bf16_supported()
-            if dtype not in (torch.bfloat16, torch.float32) or (dtype == torch.bfloat16 and not bf16_ok):
-                dtype = torch.float32
-        self.dtype = dtype
+        self.dtype = dtype or engine_dtype(model)
         self.packed = cpu and torch.backends.mkldnn.is_available()
         self.n_layers = config.num_hidden_layers
         self.n_heads = config.num_attention_heads

@@ -211,8 +211,8 @@ def rope_freq_factors(config: Any) -> torch.Tensor | None:
     rotary = int(head_dim * float(getattr(config, "partial_rotary_factor", 1.0) or 1.0))
     inv_freq = 1.0 / (_rope_theta(config) ** (torch.arange(0, rotary, 2, dtype=torch.float64) / rotary))
     factor = float(scaling["factor"])
-    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
-    context = float(scaling.get("original_max_position_embeddings", 8192))
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    context = float(scaling["original_max_position_embeddings"])
     wavelength = 2 * math.pi / inv_freq
     smooth = ((context / wavelength - low) / (high - low)).clamp(0, 1)
     factors = 1 / (
@@ -580,7 +580,7 @@ def compare_logits(path: Path, model: Any, tokenizer: Any, texts: list[str] | No
     if _rope_scaling(
         model.config
     ):  # llama.cpp's rope_freqs tensor or rope.scaling keys; transformers reads neither
-        overrides["rope_scaling"] = dict(model.config.rope_scaling)
+        overrides["rope_parameters"] = dict(model.config.rope_parameters)
     loaded = AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32, **overrides
     ).eval()

@@ -200,7 +200,7 @@ def load_for_inference(
     hardware runs bf16 fast (so no autocast is needed: it would cost ~30% of a decoding step), or as
     `precision` says (bf16 | fp32 | auto). In fp32 greedy answers do not depend on which prompts share a
     batch; in bf16 a few do (tunery eval's --precision)."""
-    from tunery.models.lora import bf16_is_fast, cast_frozen, load_adapter
+    from tunery.models.lora import cast_frozen, load_adapter, resolve_precision
 
     model: Any
     model, tokenizer = load_model(name)
@@ -208,6 +208,6 @@ def load_for_inference(
         model = load_adapter(model, adapter)
     model.eval()
     model.requires_grad_(False)  # so every weight, LoRA included, is cast below
-    if precision == "bf16" or (precision == "auto" and bf16_is_fast(torch.device("cpu"))):
+    if resolve_precision(precision, torch.device("cpu")) == "bf16":
         cast_frozen(model, torch.bfloat16)
     return model, tokenizer

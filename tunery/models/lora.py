@@ -195,6 +195,13 @@ def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
             setattr(module, "cast_input_dtype_enabled", False)  # noqa: B010 (peft declares no such attribute)
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """bf16 or fp32: `precision` as given, or for "auto" bf16 where the hardware runs it fast."""
+    if precision == "auto":
+        return "bf16" if bf16_is_fast(device) else "fp32"
+    return precision
+
+
 def bf16_is_fast(device: torch.device) -> bool:
     """bf16 pays off on GPUs and on CPUs with native bf16 matmuls (AVX-512 BF16 / AMX); elsewhere it is slow."""
     if device.type == "cuda":

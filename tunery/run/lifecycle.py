@@ -36,7 +36,7 @@ from tunery.data.packing import Item, shard, step_indices
 from tunery.errors import TuneryError
 from tunery.models.load import load_model
 from tunery.models.locate import adapter_dir
-from tunery.models.lora import apply_lora, bf16_is_fast, cast_frozen, merge_adapter
+from tunery.models.lora import apply_lora, cast_frozen, merge_adapter, resolve_precision
 from tunery.models.quantize import load_dtype, quantize_base
 from tunery.run import files
 from tunery.run.config import ChatEvalFields, HeldOutFields, Resolved, RunConfig, build_config, to_dict
@@ -98,9 +98,7 @@ def open_run(
             log.warning("--shard splits the model across processes and has none to split across here; "
                         "start with torchrun --nproc_per_node N")  # fmt: skip
     if cfg.memory_check:  # before anything is written or loaded
-        precision = (
-            cfg.precision if cfg.precision != "auto" else "bf16" if bf16_is_fast(world.device) else "fp32"
-        )
+        precision = resolve_precision(cfg.precision, world.device)
         try:
             fit.check_fit(cfg.model, fit.Setup.of(cfg, precision, world.size if world.sharded else 1),
                           world.device)  # fmt: skip
@@ -154,9 +152,7 @@ def resolve_run(
                 "learning rate auto: %.1e (%.0e x %g: the batch is %g times OpenAI's rule, the rate follows it)",
                 base_lr * multiplier, base_lr, multiplier, choice.lr_scale,
             )  # fmt: skip
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if bf16_is_fast(world.device) else "fp32"
+    precision = resolve_precision(cfg.precision, world.device)
     steps = auto.total_steps(n_train, batch_size, epochs)
     if cfg.max_steps:
         steps = min(steps, cfg.max_steps)

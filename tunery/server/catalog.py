@@ -62,12 +62,18 @@ def job_dir(settings: Settings, job_id: str) -> Path:
 CURRENT = "current"
 
 
+def current_model(session: Session, project_id: str) -> str | None:
+    """The model the project serves as its current one (routes/comparisons.py promotes it), if any."""
+    row = session.get(ProjectModel, project_id)
+    return row.current_model if row is not None else None
+
+
 def canonical(session: Session, caller: Caller, name: str, param: str = "model") -> str:
     """`name`, or for `current` the name of the project's current model (a 404 when none was promoted)."""
     if name != CURRENT:
         return name
-    row = session.get(ProjectModel, caller.project_id)
-    if row is None or row.current_model is None:
+    current = current_model(session, caller.project_id)
+    if current is None:
         raise APIError(
             404,
             "The project has no current model yet: `current` names the model promoted last. Promote one with "
@@ -75,7 +81,7 @@ def canonical(session: Session, caller: Caller, name: str, param: str = "model")
             param,
             "model_not_found",
         )
-    return row.current_model
+    return current
 
 
 def resolve(session: Session, settings: Settings, caller: Caller, name: str) -> ResolvedModel:

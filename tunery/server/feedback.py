@@ -37,7 +37,6 @@ from tunery.server.feedback_store import (
     FeedbackItem,
     FeedbackLabel,
     FeedbackQueue,
-    ProjectModel,
     StoredCompletion,
 )
 from tunery.server.store import File, Project, new_id, now
@@ -595,12 +594,6 @@ def queue_object(queue: FeedbackQueue, counts: dict[str, int], admin: bool) -> d
 
 
 # --- files --------------------------------------------------------------------------------------------------
-
-
-def current_model(session: Session, project_id: str) -> str | None:
-    """The model the project serves as its current one (routes/comparisons.py promotes it), if any."""
-    row = session.get(ProjectModel, project_id)
-    return row.current_model if row is not None else None
 
 
 def write_file(

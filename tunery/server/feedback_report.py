@@ -134,11 +134,13 @@ def held_out_split(
         return list(lines), []
     keys = sorted(prompts)
     random.Random(seed).shuffle(keys)
-    n_held = min(len(keys) - 1, max(1, round(len(keys) * fraction)))
-    held = set(keys[:n_held])
-    train = [line for key in sorted(prompts) if key not in held for line in prompts[key]]
-    valid = [line for key in sorted(prompts) if key in held for line in prompts[key]]
-    return train, valid
+    held = set(keys[: min(len(keys) - 1, max(1, int(len(keys) * fraction)))])  # never above `fraction`
+
+    def side(line: dict[str, Any]) -> bool:
+        messages = line["input"]["messages"] if "input" in line else line["messages"]
+        return json.dumps(messages, sort_keys=True) in held
+
+    return [x for x in lines if not side(x)], [x for x in lines if side(x)]
 
 
 def _blank(line: dict[str, Any]) -> bool:

@@ -228,8 +228,8 @@ def run_evals(
         "sizes": asdict(sizes),
         "thresholds": asdict(th),
         "seed": seed,
-        # bf16 weights: a few greedy answers change with the batch composition (docs/safety.md)
-        "precision": "bf16" if any(p.dtype == torch.bfloat16 for p in model.parameters()) else "fp32",
+        # bf16: a few greedy answers change with the batch composition (docs/safety.md)
+        "precision": decoding_precision(model),
         "batch_size": batch_size,
         "train_path": str(train_path) if train_path else None,
         "base": base_source,
@@ -240,6 +240,18 @@ def run_evals(
     if out is not None:
         write_evals(Path(out), report)
     return report.to_json()
+
+
+def decoding_precision(model: Any) -> str:
+    """bf16 or fp32: what the sampler computes the answers in (the decoding engine's dtype, or for a model it
+    does not cover, whether any weight is bf16)."""
+    import torch
+
+    from tunery.models.decode import engine_dtype, unsupported_reason
+
+    if unsupported_reason(model) is None:
+        return "bf16" if engine_dtype(model) == torch.bfloat16 else "fp32"
+    return "bf16" if any(p.dtype == torch.bfloat16 for p in model.parameters()) else "fp32"
 
 
 def eval_flags(report: dict[str, Any]) -> list[str]:

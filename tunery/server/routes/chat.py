@@ -7,7 +7,7 @@ import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from anyio import CancelScope, to_thread
@@ -277,6 +277,8 @@ class ToolUse:
     names: set[str]
     forced: list[str]  # `required` or a named function: the answer is one call of these (a grammar)
     parallel: bool
+    # each answer parsed once: its calls' ids, streamed and then stored, must be the same ids
+    parsed: dict[str, ParsedReply] = field(default_factory=dict)
 
     @classmethod
     def of(cls, body: ChatRequest) -> ToolUse | None:
@@ -295,7 +297,9 @@ class ToolUse:
         )
 
     def parse(self, text: str) -> ParsedReply:
-        parsed = parse_tool_calls(text, self.names)
+        if text in self.parsed:
+            return self.parsed[text]
+        parsed = self.parsed[text] = parse_tool_calls(text, self.names)
         if not self.parallel:
             parsed.tool_calls = parsed.tool_calls[:1]
         return parsed
@@ -508,9 +512,13 @@ async def _events(
         try:
             with CancelScope(shield=True):  # a disconnect cancels the stream; the record is written anyway
                 await record(*outcome)
-                if keep is not None and kept is not None and outcome[0] == "inference.response":
-                    await keep(*kept)
         except Exception:  # the answer has gone out; a failed record must not break its end
             log.exception("audit log: could not record the end of %s", completion_id)
+        if keep is not None and kept is not None:  # `store: true`, and the answer was whole
+            try:
+                with CancelScope(shield=True):
+                    await keep(*kept)
+            except Exception:
+                log.exception("could not store the completion %s (store: true)", completion_id)
         await replies.aclose()  # type: ignore[attr-defined]
     yield "data: [DONE]\n\n"

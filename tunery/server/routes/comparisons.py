@@ -21,13 +21,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from tunery.server.auth import Caller
-from tunery.server.catalog import canonical
+from tunery.server.catalog import canonical, current_model
 from tunery.server.deps import Auth, State
 from tunery.server.errors import bad_request, not_found
 from tunery.server.feedback import (
     MAX_PROMPTS,
     chat_model,
-    current_model,
     project_file,
     queue_counts,
     read_prompts,

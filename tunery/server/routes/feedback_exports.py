@@ -13,9 +13,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tunery.server.auth import Caller
+from tunery.server.catalog import canonical, current_model
 from tunery.server.deps import AppState, Auth, State
 from tunery.server.errors import bad_request
-from tunery.server.feedback import current_model, write_file
+from tunery.server.feedback import write_file
 from tunery.server.feedback_report import EXPORT_RULE, Export, export_lines, held_out_split, quality_report
 from tunery.server.feedback_store import FeedbackItem, FeedbackLabel, FeedbackQueue
 from tunery.server.jobs import MIN_TRAINING_EXAMPLES, check_queue_quota, create_job, starting_point
@@ -164,6 +165,7 @@ def train_on(
     prompts held out in a second File, and start a `kind` job on it from `model` (jobs.create_job, the same
     checks as OpenAI's job creation); the export object, with its job. The caller holds the scheduler's
     lock."""
+    model = canonical(session, caller, model)  # `current` with nothing promoted: its own 404
     starting_point(session, state.settings, caller, model)  # a bad model fails before the file is written
     check_queue_quota(session, state.settings, caller.project_id)  # ... and so does a full queue
     seed = training.seed if training.seed is not None else secrets.randbelow(2**31)

@@ -16,10 +16,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from tunery.server.auth import Caller
-from tunery.server.catalog import canonical
+from tunery.server.catalog import canonical, current_model
 from tunery.server.deps import Auth, State
 from tunery.server.errors import APIError, bad_request
-from tunery.server.feedback import current_model, write_file
+from tunery.server.feedback import write_file
 from tunery.server.feedback_report import Export
 from tunery.server.feedback_store import Rating, StoredCompletion
 from tunery.server.routes.feedback import Body, audit

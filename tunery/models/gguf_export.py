@@ -19,6 +19,9 @@ matrix whose rows do not split into the type's blocks is stored at f16.
 The tokenizer goes in as llama.cpp's `gpt2` (byte-level BPE) vocabulary: every token with its type, the
 merges, the special tokens, whether a BOS is added, and the chat template. Its pre-tokenizer name is read
 from the tokenizer's own pre-tokenizer, so llama.cpp splits text exactly as Tunery did when it trained.
+A SentencePiece-style tokenizer (BPE with byte fallback and "\u2581" for spaces: Llama 2, Mistral, Phi-3,
+Gemma) goes in as llama.cpp's `llama` vocabulary instead, each token with a score that makes llama.cpp merge
+in the order of the tokenizer's merges; where llama.cpp will still split text differently, the report says.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import os
 import re
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +124,7 @@ def export_gguf(
         covered = ", ".join(sorted(ARCHS))
         raise TuneryError(f"GGUF export covers the model types {covered}; this model is {model_type!r}")
     _check_rope(model.config, arch)
-    warnings = differences(model.config, arch)
+    warnings = differences(model.config, arch) + sentencepiece_differences(tokenizer)
     started = time.perf_counter()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -308,8 +312,7 @@ def _write(
 
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer announces each file at INFO
     writer = gguf.GGUFWriter(path, arch.name)
-    if arch.name == "phi3" and "</s>" not in tokenizer.get_vocab():
-        # llama.cpp sets attributes on Phi-3's `</s>` when the model's name says phi-3, and fails without it
+    if arch.name == "phi3" and not _strips_as_llama_cpp_phi3(tokenizer):
         name = re.sub(r"phi-?3", "phi", name, flags=re.IGNORECASE)
     tensors = _tensors(model, arch)
     vocab_rows = next(t.shape[0] for n, t in tensors if n == "token_embd.weight")
@@ -332,6 +335,20 @@ def _write(
     writer.write_tensors_to_file()
     writer.close()
     return at_f16, len(tensors)
+
+
+# the special tokens llama.cpp leaves unstripped when the model's name says phi-3
+PHI3_UNSTRIPPED = ("<unk>", "<s>", "<|endoftext|>")
+
+
+def _strips_as_llama_cpp_phi3(tokenizer: Any) -> bool:
+    """When a model's name says phi-3, llama.cpp makes `</s>` and every special token but PHI3_UNSTRIPPED
+    strip the spaces after it, as Phi-3's own tokenizer does, and fails to load when one of these four tokens
+    is missing. Whether llama.cpp handles this tokenizer so; if not, the name must not say phi-3."""
+    added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
+    if not {"</s>", *PHI3_UNSTRIPPED} <= set(tokenizer.get_vocab()) or "</s>" not in added:
+        return False
+    return all(t.rstrip == (t.content not in PHI3_UNSTRIPPED) for t in added.values())
 
 
 FILE_TYPES = {
@@ -408,18 +425,35 @@ def _pre_tokenizer(spec: dict[str, Any]) -> str:
 
 
 def _write_tokenizer(writer: Any, tokenizer: Any, vocab_rows: int) -> None:
-    import gguf
-
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
+    if model.get("type") != "BPE":
         raise TuneryError(
-            "GGUF export covers byte-level BPE tokenizers (Llama 3, Qwen, SmolLM, GPT-2 style); this model's is "
-            f"{model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}"
+            f"GGUF export covers {COVERED_TOKENIZERS}; this model's tokenizer is {model.get('type')}"
         )
     size = len(tokenizer)
     if size > vocab_rows:
         raise TuneryError(f"the tokenizer has {size} tokens but the model's embedding only {vocab_rows} rows")
+    if model.get("byte_fallback"):
+        _write_sentencepiece_vocab(writer, tokenizer, spec, vocab_rows)
+        ids = tokenizer("a")["input_ids"]
+        _write_special_tokens(writer, tokenizer, add_eos=bool(ids) and ids[-1] == tokenizer.eos_token_id)
+    else:
+        _write_byte_level_vocab(writer, tokenizer, spec, vocab_rows)
+        _write_special_tokens(writer, tokenizer, add_eos=False)
+
+
+COVERED_TOKENIZERS = (
+    "BPE tokenizers: byte-level ones (Llama 3, Qwen, SmolLM, GPT-2 style) and SentencePiece-style ones, with "
+    "byte fallback and \u2581 for spaces (Llama 2, Mistral, Phi-3, Gemma style)"
+)
+
+
+def _write_byte_level_vocab(writer: Any, tokenizer: Any, spec: dict[str, Any], vocab_rows: int) -> None:
+    import gguf
+
+    model = spec["model"]
+    size = len(tokenizer)
     added = {i: t for i, t in tokenizer.added_tokens_decoder.items()}
     tokens, types = [], []
     for i, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(size)))):
@@ -446,6 +480,9 @@ def _write_tokenizer(writer: Any, tokenizer: Any, vocab_rows: int) -> None:
             raise TuneryError("GGUF export: the tokenizer has no merges, which llama.cpp cannot read")
         merges = [f"{control[0]} {control[1]}"]
     writer.add_token_merges(merges)
+
+
+def _write_special_tokens(writer: Any, tokenizer: Any, add_eos: bool) -> None:
     for kind, token_id in (
         ("bos", tokenizer.bos_token_id),
         ("eos", tokenizer.eos_token_id),
@@ -456,12 +493,178 @@ def _write_tokenizer(writer: Any, tokenizer: Any, vocab_rows: int) -> None:
             getattr(writer, f"add_{kind}_token_id")(int(token_id))
     ids = tokenizer("a")["input_ids"]
     writer.add_add_bos_token(bool(ids) and ids[0] == tokenizer.bos_token_id)
-    writer.add_add_eos_token(False)
+    writer.add_add_eos_token(add_eos)
     template = tokenizer.chat_template
     if isinstance(template, dict):
         template = template.get("default")
     if template:
         writer.add_chat_template(template)
+
+
+# SentencePiece writes a space as "\u2581", and a byte it has no token for as the byte's token (<0x0A>)
+SPACE = "\u2581"
+BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def _write_sentencepiece_vocab(writer: Any, tokenizer: Any, spec: dict[str, Any], vocab_rows: int) -> None:
+    """llama.cpp's `llama` (SentencePiece) vocabulary, from the tokenizer.json transformers converts Llama 2,
+    Mistral, Phi-3 and Gemma tokenizers to: BPE with byte fallback, "\u2581" for spaces."""
+    import gguf
+
+    add_space_prefix = _space_prefix(spec)
+    model = spec["model"]
+    for key, usual in (
+        ("ignore_merges", False),
+        ("continuing_subword_prefix", None),
+        ("end_of_word_suffix", None),
+    ):
+        if (model.get(key) or usual) != usual:
+            raise TuneryError(
+                f"GGUF export: llama.cpp's SentencePiece tokenizer has no {key}; this tokenizer sets it to "
+                f"{model[key]!r}, so llama.cpp would split text differently"
+            )
+    missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in model.get("vocab", {})]
+    if missing:
+        raise TuneryError(
+            f"GGUF export: the tokenizer falls back to bytes but has no token for {len(missing)} of them "
+            f"({', '.join(missing[:4])}, ...); llama.cpp needs one for every byte"
+        )
+    tokens, scores, types, _ = _sentencepiece_vocab(tokenizer, spec)
+    for i in range(len(tokens), vocab_rows):  # the embedding is padded past the tokenizer
+        tokens.append(f"[PAD{i}]")
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    if len(set(tokens)) < len(tokens):
+        twice = next(t for t, n in Counter(tokens).items() if n > 1)
+        raise TuneryError(f"GGUF export: llama.cpp refuses a vocabulary with the token {twice!r} twice")
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(add_space_prefix)
+
+
+def _sentencepiece_vocab(
+    tokenizer: Any, spec: dict[str, Any]
+) -> tuple[list[str], list[float], list[Any], list[tuple[str, ...]]]:
+    """Each token as llama.cpp reads it (text, score, type), and the tokenizer's merges.
+
+    llama.cpp keeps no merge list for a SentencePiece vocabulary: it joins the adjacent pair whose joined text
+    is the token of highest score, where tokenizers joins the pair listed first in its merges. So a token's
+    score is minus the rank of the first merge that makes it, and both join in the same order. (The gguf
+    package's `LlamaHfVocab`, with which llama.cpp's converter reads such a tokenizer.json, scores every token
+    -1000, a placeholder with which llama.cpp joins pairs left to right instead: it is not used here.)"""
+    import gguf
+
+    model = spec["model"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    rank: dict[str, int] = {}
+    for i, (left, right) in enumerate(merges):
+        rank.setdefault(left + right, i)
+    added = tokenizer.added_tokens_decoder
+    tokens, scores, types = [], [], []
+    for i, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+        text, kind = token, gguf.TokenType.NORMAL
+        if i in added:
+            text = added[i].content
+            if added[i].special:
+                kind = gguf.TokenType.UNKNOWN if i == tokenizer.unk_token_id else gguf.TokenType.CONTROL
+            else:
+                kind = gguf.TokenType.USER_DEFINED
+                if added[i].normalized:
+                    # tokenizers finds it in the text once spaces are "\u2581", llama.cpp in the text as typed
+                    text = text.replace(SPACE, " ")
+        elif i == tokenizer.unk_token_id:
+            kind = gguf.TokenType.UNKNOWN
+        elif BYTE_TOKEN.fullmatch(token):
+            kind = gguf.TokenType.BYTE
+        tokens.append(text)
+        scores.append(-float(rank[token]) if token in rank else 0.0)
+        types.append(kind)
+    return tokens, scores, types, merges
+
+
+def _space_prefix(spec: dict[str, Any]) -> bool:
+    """Whether llama.cpp puts a "\u2581" before the text (its `add_space_prefix`).
+
+    llama.cpp's SentencePiece tokenizer replaces each space by "\u2581" and, with the flag, puts one before
+    the text and after each special token, as the Prepend normalizer of Llama 2's, Mistral's and Phi-3's
+    tokenizer.json does; Gemma's puts none. A Metaspace pre-tokenizer (transformers' non-legacy Llama layout)
+    puts none before text that starts with a space, nor, with prepend_scheme "first", after a special token.
+    llama.cpp has no flag for either. With "first" the file gets none: a chat prompt starts with a special
+    token, and what follows each one is then split as the model was trained; only raw text at the very
+    start loses its "▁". `sentencepiece_differences` names what differs."""
+    normalizer = spec.get("normalizer") or {}
+    pre = spec.get("pre_tokenizer") or {}
+    kinds = _space_steps(normalizer, "normalizers") + _space_steps(pre, "pretokenizers")
+    if kinds in (["prepend", "replace"], ["replace", "prepend"], ["metaspace always"]):
+        return True
+    # Gemma's Split on " " comes after its normalizer has left no spaces: it splits nothing
+    if kinds in (["replace"], ["replace", "split on space"], ["metaspace never"], ["metaspace first"]):
+        return False
+    raise TuneryError(
+        "GGUF export: llama.cpp's SentencePiece tokenizer only replaces spaces by \u2581 and may put one "
+        "before the text; this tokenizer's normalizer and pre-tokenizer do otherwise "
+        f"({json.dumps(normalizer, ensure_ascii=False)[:150]}; {json.dumps(pre, ensure_ascii=False)[:150]}), "
+        "so llama.cpp would split text differently from the model's training"
+    )
+
+
+def _space_steps(step: dict[str, Any], children: str) -> list[str]:
+    if not step:
+        return []
+    if step.get("type") == "Sequence":
+        return [kind for child in step.get(children, []) for kind in _space_steps(child, children)]
+    kind = step.get("type")
+    if kind == "Prepend" and step.get("prepend") == SPACE:
+        return ["prepend"]
+    if kind == "Replace" and step.get("pattern") == {"String": " "} and step.get("content") == SPACE:
+        return ["replace"]
+    if kind == "Split" and step.get("pattern") == {"String": " "}:
+        return ["split on space"]
+    if kind == "Metaspace" and step.get("replacement") == SPACE and not step.get("split"):
+        scheme = step.get("prepend_scheme") or ("always" if step.get("add_prefix_space", True) else "never")
+        return [f"metaspace {scheme}"]
+    return [str(kind)]
+
+
+def sentencepiece_differences(tokenizer: Any) -> list[str]:
+    """Where llama.cpp's SentencePiece tokenizer may split text differently from `tokenizer` (none for a
+    byte-level one): a Metaspace pre-tokenizer's rules for the "\u2581" before the text, and pairs of tokens
+    that make a token without the merges listing them, which llama.cpp joins anyway (tokenizers converted
+    from a SentencePiece model list every such pair; one trained by `tokenizers` need not)."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    if spec.get("model", {}).get("type") != "BPE" or not spec["model"].get("byte_fallback"):
+        return []
+    found = []
+    kinds = _space_steps(spec.get("pre_tokenizer") or {}, "pretokenizers")
+    if "metaspace always" in kinds:
+        found.append(
+            "llama.cpp puts a \u2581 before text that starts with a space; this tokenizer (Metaspace) doesn't"
+        )
+    if "metaspace first" in kinds:
+        found.append(
+            "llama.cpp puts no \u2581 before raw text at the very start, where this tokenizer (Metaspace, "
+            "prepend_scheme first) puts one; prompts that start with a special token (chat templates) split "
+            "the same"
+        )
+    tokens, _, _, merges = _sentencepiece_vocab(tokenizer, spec)
+    known, listed = set(tokens), set(merges)
+    unlisted = [
+        (token[:cut], token[cut:])
+        for token in tokens
+        for cut in range(1, len(token))
+        if token[:cut] in known and token[cut:] in known and (token[:cut], token[cut:]) not in listed
+    ]
+    if unlisted:
+        (left, right), more = unlisted[0], len(unlisted) - 1
+        found.append(
+            f"llama.cpp joins any two adjacent tokens that make a token; this tokenizer's merges leave out "
+            f"{left!r} + {right!r}{f' and {more} more such pairs' if more else ''}, so some text may split "
+            "differently"
+        )
+    return found
 
 
 @contextlib.contextmanager
@@ -585,8 +788,10 @@ def compare_logits(path: Path, model: Any, tokenizer: Any, texts: list[str] | No
         path.parent, gguf_file=path.name, dtype=torch.float32, **overrides
     ).eval()
     same: bool | None = None
-    merges = json.loads(tokenizer.backend_tokenizer.to_str()).get("model", {}).get("merges")
-    if merges and model.config.model_type in BYTE_LEVEL_READERS:
+    spec = json.loads(tokenizer.backend_tokenizer.to_str()).get("model", {})
+    # transformers' reader builds a SentencePiece tokenizer's spacing from the architecture, not from the file
+    # (Metaspace "first" for llama), so only llama.cpp's tokens are compared for one
+    if spec.get("merges") and not spec.get("byte_fallback") and model.config.model_type in BYTE_LEVEL_READERS:
         theirs = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         same = all(
             theirs(t, return_tensors="pt").input_ids.tolist() == i.tolist()

@@ -78,6 +78,10 @@ def test_an_address_not_of_this_machine(tmp_path: Path) -> None:
             "tunery serve: error: argument --inference-workers: '0': give 1 or more",
         ),
         (
+            ("--inference-adapters", "-1"),
+            "tunery serve: error: argument --inference-adapters: '-1' is not a whole number, 0 or more",
+        ),
+        (
             ("--job-cpus", "0"),
             "tunery serve: error: argument --job-cpus: '0': give more than 0",
         ),

@@ -10,6 +10,7 @@ from typing import Any
 
 from tunery.commands.data import POLICY_CHOICES
 from tunery.errors import TuneryError
+from tunery.server.settings import Settings  # torch-free: `tunery --help` stays quick
 
 
 def service_flags(p: argparse.ArgumentParser) -> None:
@@ -18,8 +19,6 @@ def service_flags(p: argparse.ArgumentParser) -> None:
 
 
 def service_settings(args: argparse.Namespace) -> Any:
-    from tunery.server.settings import Settings
-
     return Settings.from_env(
         data_dir=Path(args.data_dir) if args.data_dir else None,
         database_url=args.database_url,
@@ -58,6 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.project_queued_jobs,
     )
     settings.inference_workers = args.inference_workers
+    settings.inference_cache, settings.inference_adapters = args.inference_cache, args.inference_adapters
     if args.inference_replicas and args.executor != "ray":
         raise TuneryError("--inference-replicas places inference on a Ray cluster: add --executor ray")
     settings.inference_replicas = args.inference_replicas
@@ -163,6 +163,18 @@ def serve_flags(p: argparse.ArgumentParser) -> None:
         type=_at_least_one,
         default=1,
         help="worker processes answering chat completions",
+    )
+    p.add_argument(
+        "--inference-cache",
+        type=_at_least_one,
+        default=Settings.inference_cache,
+        help="base models each inference worker keeps loaded",
+    )
+    p.add_argument(
+        "--inference-adapters",
+        type=_count,
+        default=Settings.inference_adapters,
+        help="adapters each worker keeps beside their base model (0: each merged into a copy of its own)",
     )
     p.add_argument("--max-upload-mb", type=int, default=512, help="largest file upload")
     p.add_argument("--stop-grace", type=float, default=30.0, help="seconds to checkpoint on cancel/stop")

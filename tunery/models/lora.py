@@ -226,3 +226,53 @@ def merge_adapter(model: PreTrainedModel, adapter_dir: str | Path) -> PreTrained
     assert isinstance(merged, PreTrainedModel)
     merged.requires_grad_(True)  # as loaded (peft froze it): full fine-tuning trains every weight
     return merged
+
+
+# An adapter's low-rank updates by module: (A (rank, in), B (out, rank), scaling); the module's output
+# gains scaling * x @ A^T @ B^T.
+LoraUpdates = dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]]
+
+
+def read_lora(path: str | Path) -> LoraUpdates | str:
+    """A saved adapter's updates by module path (e.g. `model.layers.0.self_attn.q_proj`), those of the
+    adapter it was trained on top of (its `base_adapter`) included, without touching a model; or why
+    they cannot be applied as plain low-rank updates (DoRA, trained embeddings or other modules saved
+    whole, per-module ranks), in which case the adapter has to be loaded into a model of its own."""
+    from peft import PeftConfig
+    from peft.utils import load_peft_weights
+
+    path = adapter_dir(path)
+    updates: LoraUpdates = {}
+    if (path / "base_adapter").is_dir():
+        inner = read_lora(path / "base_adapter")
+        if isinstance(inner, str):
+            return inner
+        updates = inner
+    config = PeftConfig.from_pretrained(str(path))
+    if not isinstance(config, LoraConfig):
+        return f"a {config.peft_type} adapter, not LoRA"
+    for setting in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern", "layer_replication"):
+        if getattr(config, setting, None):
+            return f"the adapter sets {setting}"
+    if getattr(config, "lora_bias", False) or config.fan_in_fan_out:
+        return "the adapter's layout is not plain LoRA (lora_bias or fan_in_fan_out)"
+    rank = int(config.r)
+    scaling = config.lora_alpha / (rank**0.5 if config.use_rslora else rank)
+    weights = load_peft_weights(str(path), device="cpu")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        for half in ("lora_A", "lora_B"):
+            if key.endswith(f".{half}.weight"):
+                module = key.removesuffix(f".{half}.weight").removeprefix("base_model.model.")
+                pairs.setdefault(module, {})[half] = tensor
+                break
+        else:
+            return f"the adapter holds {key}, which is not a LoRA factor of a linear layer"
+    for module, pair in pairs.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            return f"the adapter's {module} has only {sorted(pair)}"
+        a, b = pair["lora_A"], pair["lora_B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            return f"the adapter's {module} factors have shapes {tuple(a.shape)} and {tuple(b.shape)}"
+        updates.setdefault(module, []).append((a, b, scaling))
+    return updates

@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from tunery.errors import TuneryError
-from tunery.models.decode import decode_model_for
+from tunery.models.decode import LoraFactors, decode_model_for
 from tunery.models.structured import Constraint
 
 
@@ -146,9 +146,12 @@ def sample(
     on_text: Callable[[int, str], None] | None = None,
     autocast_dtype: torch.dtype | None = None,
     on_step: Callable[[], None] | None = None,
+    adapter: LoraFactors | None = None,
 ) -> list[Completion]:
     """Complete each prompt (token ids). `on_text(i, delta)` streams new text of sequence i as it arrives;
     `on_step()` runs between decoding steps (the inference worker gives other requests their turn there).
+    `adapter`: a LoRA adapter the engine applies beside `model`'s own weights (`DecodeModel.adapter`), so
+    adapters of one base model share its weights.
 
     Runs on the decoding engine (`decode.py`) when the architecture is supported, else on the model's own
     forward. Identical prompts (a GRPO group) are computed once and their KV cache copied.
@@ -156,6 +159,8 @@ def sample(
     if not prompts:
         return []
     engine = decode_model_for(model)
+    if engine is None and adapter is not None:
+        raise ValueError("an adapter beside the weights needs the decoding engine")
     if engine is None:
         if autocast_dtype is None:  # bf16 frozen weights under fp32 LoRA (training on bf16 CPUs) need it
             dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
@@ -170,7 +175,7 @@ def sample(
     positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)
     length = longest + params.max_new_tokens
     cache = engine.new_cache(len(distinct), length)
-    logits = engine.prefill(input_ids, positions, key_valid, cache)
+    logits = engine.prefill(input_ids, positions, key_valid, cache, adapter)
     if len(distinct) < len(prompts):
         cache, logits = cache.index_select(1, rows), logits[rows]
     key_bias = torch.zeros((len(prompts), 1, 1, length), dtype=torch.float32, device=device)
@@ -226,7 +231,7 @@ def sample(
             live = [live[row] for row in keep]
         if on_step is not None:
             on_step()
-        logits = engine.step(next_ids, next_pos, cache, longest + step, key_bias)
+        logits = engine.step(next_ids, next_pos, cache, longest + step, key_bias, adapter)
         next_pos = next_pos + 1
     if texts is None:
         decoded = tokenizer.batch_decode(tokens, skip_special_tokens=True)

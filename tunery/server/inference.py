@@ -27,7 +27,12 @@ at a time (a project holds at most half of them), taking one decoding step each 
 A prompt that does not fit the model's context with the tokens asked for is refused before any work
 (400 `context_length_exceeded`). Any failure is
 `{"id": N, "event": "error", "status": 400|500, "message": "...", "param": ..., "code": ...}`.
-Models load on first use (base model + adapter) and the `--cache` most recently used stay loaded.
+Models load on first use and the `--cache` most recently used base models stay loaded. A LoRA adapter is
+served beside its base model's weights: the decoding engine applies its low-rank factors (a few MB) on the
+shared base, so many adapters of one base cost one copy of it; the `--adapters` most recently used stay.
+An adapter the engine cannot apply that way (an architecture it does not cover, DoRA, modules saved whole),
+or every adapter with `--adapters 0`, is merged into a copy of the base model of its own, which counts as
+a model: decoding is faster that way (bench/adapters.py), but each adapter costs a whole model's memory.
 
 An inference replica on a Ray cluster (`tunery serve --executor ray --inference-replicas N`) speaks the
 same protocol over TCP instead of pipes:
@@ -115,10 +120,15 @@ class Turns:
 
 
 class Worker:
-    def __init__(self, out: IO[str], cache_size: int, requests: IO[str] | None = None) -> None:
-        self.out, self.cache_size = out, cache_size
+    def __init__(
+        self, out: IO[str], cache_size: int, requests: IO[str] | None = None, adapter_cache: int = 16
+    ) -> None:
+        self.out, self.cache_size, self.adapter_cache = out, cache_size, adapter_cache
         self.requests = requests if requests is not None else sys.stdin
+        # (model, adapter, base adapter) -> (model, tokenizer): base models (adapter None), and adapters
+        # loaded into a model of their own; and adapters served beside their base model's weights
         self.models: OrderedDict[tuple[str, str | None, str | None], tuple[Any, Any]] = OrderedDict()
+        self.adapters: OrderedDict[tuple[str, str, str | None], Any] = OrderedDict()
         self.cancelled: set[int] = set()
         self.chats: FairQueue[dict[str, Any]] = FairQueue(running_per_key=max(1, CHAT_SLOTS // 2))
         self.turns = Turns()
@@ -195,9 +205,24 @@ class Worker:
 
     # --- models -----------------------------------------------------------------------------------------
 
-    def load(self, name: str, adapter: str | None, base_adapter: str | None) -> tuple[Any, Any]:
+    def load(self, name: str, adapter: str | None, base_adapter: str | None) -> tuple[Any, Any, Any]:
+        """(model, tokenizer, LoRA factors to apply beside the model's weights or None)."""
         with self._load_lock:
-            return self._load(name, adapter, base_adapter)
+            if adapter is None or self.adapter_cache < 1 or (name, adapter, base_adapter) in self.models:
+                return (*self._load(name, adapter, base_adapter), None)
+            key = (name, adapter, base_adapter)
+            model, tokenizer = self._load(name, None, base_adapter)
+            lora = self.adapters.get(key)
+            if lora is None:
+                lora = beside(model, adapter)
+                if isinstance(lora, str):
+                    log.info("adapter %s gets a copy of the base model of its own: %s", adapter, lora)
+                    return (*self._load(name, adapter, base_adapter), None)
+                while len(self.adapters) >= self.adapter_cache:
+                    self.adapters.popitem(last=False)
+                self.adapters[key] = lora
+            self.adapters.move_to_end(key)
+            return model, tokenizer, lora
 
     def _load(self, name: str, adapter: str | None, base_adapter: str | None) -> tuple[Any, Any]:
         key = (name, adapter, base_adapter)
@@ -226,7 +251,9 @@ class Worker:
             sample,
         )
 
-        model, tokenizer = self.load(request["model"], request.get("adapter"), request.get("base_adapter"))
+        model, tokenizer, lora = self.load(
+            request["model"], request.get("adapter"), request.get("base_adapter")
+        )
         params = SamplingParams(
             **request["params"], grammar=constraint(model, tokenizer, request.get("grammar"))
         )
@@ -253,6 +280,7 @@ class Worker:
                 params,
                 on_text=on_text if request.get("stream") else check_cancelled,
                 on_step=self.turns.pass_on,
+                adapter=lora,
             )
         choices = []
         for i, c in enumerate(completions):
@@ -283,6 +311,19 @@ class Worker:
         limits = SandboxLimits(timeout=timeout, deadline=time.monotonic() + timeout)
         grader = build_grader(request["grader"], limits=limits)
         return run_response(grader(request.get("model_sample", ""), request.get("item") or {}), grader)
+
+
+def beside(model: Any, adapter: str) -> Any:
+    """The adapter's LoRA factors as the decoding engine applies them on `model`'s own weights, or why it
+    cannot (then the adapter is loaded into a copy of the model)."""
+    from tunery.models.decode import decode_model_for, unsupported_reason
+    from tunery.models.lora import read_lora
+
+    engine = decode_model_for(model)
+    if engine is None:
+        return f"the decoding engine does not run this model ({unsupported_reason(model)})"
+    updates = read_lora(adapter)
+    return updates if isinstance(updates, str) else engine.adapter(updates)
 
 
 def load_stacked(name: str, base_adapter: str, adapter: str | None) -> tuple[Any, Any]:
@@ -354,7 +395,10 @@ def describe(exc: Exception) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tunery.server.inference")
-    parser.add_argument("--cache", type=int, default=2, help="models kept loaded")
+    parser.add_argument("--cache", type=int, default=2, help="base models kept loaded")
+    parser.add_argument(
+        "--adapters", type=int, default=16, help="adapters kept beside their base models (0: merged copies)"
+    )
     parser.add_argument(
         "--listen", action="store_true", help="take one TCP connection instead of stdin/stdout"
     )
@@ -372,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     from tunery.training.memory import keep_freed_memory
 
     keep_freed_memory()
-    Worker(out, args.cache).serve()
+    Worker(out, args.cache, adapter_cache=args.adapters).serve()
     return 0
 
 
@@ -432,7 +476,7 @@ def listen(args: argparse.Namespace) -> int:
     from tunery.training.memory import keep_freed_memory
 
     keep_freed_memory()
-    Worker(out, args.cache, reader).serve()
+    Worker(out, args.cache, reader, args.adapters).serve()
     return 0
 
 

@@ -3,9 +3,10 @@ requests over their stdin, and routes the replies on their stdout to the waiting
 worker dies, its waiting requests get a 503 and the next request it is picked for starts a new one.
 
 `inference_workers` processes (`tunery serve --inference-workers N`) share the requests: each goes to the
-worker that last served its model (base model and adapter; each worker keeps `inference_cache` loaded),
-unless that one has more requests in hand than another, so several fine-tuned adapters of one base are
-answered side by side and no adapter is loaded by every worker.
+worker that last served its model (each worker keeps `inference_cache` base models loaded and
+`inference_adapters` adapters beside them), else to one that has its base model, unless that one has more
+requests in hand than another: requests at once spread over the workers, and no model is loaded by every
+worker.
 
 Each request names its project: the worker serves projects in turn, and here at most
 `inference_per_project` requests of one project (`inference_in_flight` of all) may wait or run; beyond
@@ -68,6 +69,8 @@ class RayReplicas:
             "tunery.server.inference",
             "--cache",
             str(self.settings.inference_cache),
+            "--adapters",
+            str(self.settings.inference_adapters),
         ]
         command += [
             "--listen",
@@ -123,7 +126,10 @@ class _Worker:
         self._next_id = 0
         self._start_lock: asyncio.Lock | None = None
         self.in_hand = 0  # requests sent or about to be
-        self.models: list[tuple[Any, Any, Any]] = []  # (model, adapter, base adapter) it served, newest last
+        # what it has loaded, as far as this process knows, newest last: base models (model, base
+        # adapter) and adapters (model, adapter, base adapter), as the worker keeps them
+        self.bases: list[tuple[Any, Any]] = []
+        self.adapters: list[tuple[Any, Any, Any]] = []
 
     def _alive(self) -> bool:
         if self._writer is None or self._writer.is_closing():
@@ -137,7 +143,7 @@ class _Worker:
             if self._alive():
                 assert self._writer is not None
                 return self._writer
-            self.models = []
+            self.bases, self.adapters = [], []  # a new worker has nothing loaded
             self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
             name = "inference.log" if self.index == 0 else f"inference-{self.index}.log"
             if self.replicas is not None:
@@ -166,6 +172,8 @@ class _Worker:
                 "tunery.server.inference",
                 "--cache",
                 str(self.settings.inference_cache),
+                "--adapters",
+                str(self.settings.inference_adapters),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log,
@@ -214,13 +222,16 @@ class _Worker:
         await writer.drain()
 
     def serves(self, model: tuple[Any, Any, Any]) -> bool:
-        return model in self.models
+        name, adapter, base_adapter = model
+        return (name, base_adapter) in self.bases and (adapter is None or model in self.adapters)
+
+    def has_base(self, model: tuple[Any, Any, Any]) -> bool:
+        return (model[0], model[2]) in self.bases
 
     def note(self, model: tuple[Any, Any, Any]) -> None:
-        if model in self.models:
-            self.models.remove(model)
-        self.models.append(model)
-        del self.models[: -max(1, self.settings.inference_cache)]
+        _remember(self.bases, (model[0], model[2]), self.settings.inference_cache)
+        if model[1] is not None:
+            _remember(self.adapters, model, self.settings.inference_adapters)
 
     async def stream(self, request: dict[str, Any], project: str) -> AsyncGenerator[dict[str, Any], None]:
         writer = await self._ensure_started()
@@ -269,6 +280,14 @@ class _Worker:
             self._reader.cancel()
 
 
+def _remember(kept: list[Any], item: Any, size: int) -> None:
+    """`item` used last, in a list of the `size` most recently used."""
+    if item in kept:
+        kept.remove(item)
+    kept.append(item)
+    del kept[: -max(1, size)]
+
+
 class InferenceClient:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -280,11 +299,12 @@ class InferenceClient:
         )
 
     def _pick(self, request: dict[str, Any]) -> _Worker:
-        """The worker that has the request's model loaded, unless it has more in hand than the least busy
-        one; else the least busy (the first, for a model no one serves)."""
+        """The worker that has the request's model loaded (else its base model, which an adapter is served
+        beside), unless it has more in hand than the least busy one; else the least busy (the first, for a
+        model no one serves)."""
         model = (request.get("model"), request.get("adapter"), request.get("base_adapter"))
         idle = min(self.workers, key=lambda w: w.in_hand)
-        warm = [w for w in self.workers if w.serves(model)]
+        warm = [w for w in self.workers if w.serves(model)] or [w for w in self.workers if w.has_base(model)]
         worker = min(warm, key=lambda w: w.in_hand) if warm else idle
         if worker.in_hand > idle.in_hand:
             worker = idle

@@ -56,7 +56,10 @@ class Settings:
     train_overrides: list[str] = field(default_factory=list)  # `--set KEY=VALUE` added to every job
     python: str = sys.executable
     cli: list[str] = field(default_factory=lambda: ["-m", "tunery"])  # worker command after `python`
-    inference_cache: int = 2  # models (base + adapter) each inference worker keeps loaded
+    inference_cache: int = 2  # base models each inference worker keeps loaded
+    # LoRA adapters each inference worker keeps beside their base models (a few MB each, no copy of the
+    # base); 0: each adapter merged into a copy of its base of its own (faster decoding, a model's memory)
+    inference_adapters: int = 16
     inference_workers: int = 1  # inference worker processes answering chat completions and model graders
     # with executor "ray": this many inference replicas on the cluster instead (0: workers here), each
     # asking for these resources of a node

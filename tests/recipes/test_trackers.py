@@ -93,7 +93,16 @@ def test_every_tracker_holds_what_metrics_jsonl_holds(chat_files, tmp_path: Path
     train, valid = chat_files
     out = tmp_path / "runs" / "sft"
     sft.run(
-        None, config(train, valid, out, epochs=1, report_to="tensorboard,mlflow,wandb", tracking_tags="a,b")
+        None,
+        config(
+            train,
+            valid,
+            out,
+            epochs=1,
+            report_to="tensorboard,mlflow,wandb",
+            tracking_tags="a,b",
+            wandb_run_id="ftjob-run-1",  # the service's: the job's id
+        ),
     )
     expected = losses(out)
     assert len(expected) == 6
@@ -111,6 +120,8 @@ def test_every_tracker_holds_what_metrics_jsonl_holds(chat_files, tmp_path: Path
     # W&B, offline: the history and the summary in its run file
     assert wandb_history(out, "train_loss") == pytest.approx(expected)
     assert {"summary.steps", "summary.tokens_per_second"} <= wandb_summary_keys(out)
+    runs = {r.run.run_id for r in wandb_records(out) if r.WhichOneof("record_type") == "run"}
+    assert runs == {"ftjob-run-1"}
 
 
 def test_a_resumed_run_continues_the_same_tracker_runs(

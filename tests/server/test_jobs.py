@@ -436,13 +436,14 @@ def test_wandb_integration_reports_the_run_to_weights_and_biases(api: Api, setti
     tags (OpenAI's own three first); a malformed integration is a 400 naming the field."""
     integration = {"type": "wandb", "wandb": {"project": "support bot", "entity": "acme", "tags": ["v1"]}}
     job = api.create_job(integrations=[integration])
-    assert job["integrations"] == [integration]
+    # as OpenAI's: the W&B run's id is the job's
+    assert job["integrations"] == [{**integration, "wandb": {**integration["wandb"], "run_id": job["id"]}}]
     assert api.wait_status(job["id"], *TERMINAL)["status"] == "succeeded"
     [command] = argv(settings, job["id"])
     assert command[command.index("--report-to") + 1] == "wandb"
     sets = [command[i + 1] for i, flag in enumerate(command) if flag == "--set"]
     assert 'tracking_project="support bot"' in sets and 'wandb_entity="acme"' in sets
-    assert f'tracking_run_name="{job["id"]}"' in sets
+    assert f'tracking_run_name="{job["id"]}"' in sets and f'wandb_run_id="{job["id"]}"' in sets
     assert f'tracking_tags="tunery/finetune,tunery/tiny-random,tunery/{job["id"]}' + ',v1"' in sets
     events = [e["message"] for e in api.get(f"/fine_tuning/jobs/{job['id']}/events").json()["data"]]
     assert any("Weights & Biases project support bot" in m for m in events)

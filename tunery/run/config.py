@@ -93,6 +93,7 @@ class RunConfig:
     tracking_tags: str = ""  # comma-separated tags for MLflow and W&B
     mlflow_tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else mlflow.db beside the run dir
     wandb_entity: str | None = None  # the W&B team or user (online mode only)
+    wandb_run_id: str | None = None  # the W&B run's id (default: a new one; --resume keeps the run's own)
 
     def __post_init__(self) -> None:
         check_run_fields(self)

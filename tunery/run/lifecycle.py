@@ -274,6 +274,7 @@ def start_run(
             tags=cfg.tracking_tags,
             mlflow_tracking_uri=cfg.mlflow_tracking_uri,
             wandb_entity=cfg.wandb_entity,
+            wandb_run_id=cfg.wandb_run_id,
         )
         if world.is_main
         else Trackers([])

@@ -114,6 +114,7 @@ def open_trackers(
     tags: str = "",
     mlflow_tracking_uri: str | None = None,
     wandb_entity: str | None = None,
+    wandb_run_id: str | None = None,
 ) -> Trackers:
     names = parse_report_to(report_to)
     if not names:
@@ -136,7 +137,9 @@ def open_trackers(
             ids["mlflow"] = mlflow.ids
             opened.append(mlflow)
         elif tracker == "wandb":
-            wandb = WandbTracker(info, ids.get("wandb"), wandb_entity)
+            wandb = WandbTracker(
+                info, ids.get("wandb") or ({"id": wandb_run_id} if wandb_run_id else None), wandb_entity
+            )
             ids["wandb"] = wandb.ids
             opened.append(wandb)
     if ids:

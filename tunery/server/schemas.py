@@ -285,6 +285,20 @@ def file_object(row: File) -> dict[str, Any]:
     }
 
 
+def echoed_integrations(job_id: str, integrations: list[Any] | None) -> list[Any] | None:
+    """The job's integrations as OpenAI returns them: the W&B one (the first; a job makes one run) with its
+    run's id, which is the job's."""
+    if not integrations:
+        return integrations
+    echoed, tracked = [], False
+    for integration in integrations:
+        if integration.get("type") == "wandb" and not tracked:
+            integration = {**integration, "wandb": {**integration["wandb"], "run_id": job_id}}
+            tracked = True
+        echoed.append(integration)
+    return echoed
+
+
 def job_object(row: Job, organization_id: str) -> dict[str, Any]:
     method = row.method
     kind = method["type"]
@@ -305,7 +319,7 @@ def job_object(row: Job, organization_id: str) -> dict[str, Any]:
         "training_file": row.training_file,
         "validation_file": row.validation_file,
         "estimated_finish": row.estimated_finish if row.status == "running" else None,
-        "integrations": row.integrations,
+        "integrations": echoed_integrations(row.id, row.integrations),
         "metadata": row.job_metadata,
         "method": {"type": kind, kind: method.get(kind, {})},
         "user_provided_suffix": row.suffix,

@@ -92,6 +92,7 @@ def integration_flags(job: Job) -> list[str]:
             "tracking_run_name": wandb.get("name") or job.id,
             "tracking_tags": ",".join(t.replace(",", " ") for t in tags),
             **({"wandb_entity": wandb["entity"]} if wandb.get("entity") else {}),
+            "wandb_run_id": job.id,  # as OpenAI's: the job's id, echoed in the job object
         }
         flags = ["--report-to", "wandb"]
         for field, value in values.items():  # --set reads YAML: a JSON string stays a string

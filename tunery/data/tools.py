@@ -172,6 +172,18 @@ def _bare_calls(text: str) -> list[dict[str, Any]]:
     return [c for c in calls if c is not None] if items and all(calls) else []
 
 
+def may_be_bare_call(text: str) -> bool:
+    """Whether a reply that begins with `text` may still turn out to be calls in bare JSON (`_bare_calls`):
+    nothing but white space so far, or a JSON object or list, after any of CALL_PREFIXES. A stream holds
+    such a reply back until it ends, so a call never goes out as content."""
+    stripped = text.lstrip()
+    for prefix in CALL_PREFIXES:
+        if prefix.startswith(stripped):
+            return True
+        stripped = stripped.removeprefix(prefix).lstrip()
+    return not stripped or stripped[0] in "{["
+
+
 def held_back(text: str) -> int:
     """How many characters at the end of streamed `text` may be the start of `<tool_call>` (not yet sent)."""
     for size in range(min(len(OPEN) - 1, len(text)), 0, -1):

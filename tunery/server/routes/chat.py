@@ -14,7 +14,7 @@ from anyio import CancelScope, to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from tunery.data.tools import OPEN, ParsedReply, held_back, parse_tool_calls
+from tunery.data.tools import OPEN, ParsedReply, held_back, may_be_bare_call, parse_tool_calls
 from tunery.server.auth import Caller
 from tunery.server.catalog import ResolvedModel, refuse_reward_model, resolve
 from tunery.server.deps import AppState, Auth, State, unless_gone
@@ -434,6 +434,8 @@ async def _events(
                     text = texts[index] = texts.get(index, "") + piece
                     start = text.find(OPEN)
                     limit = start if start >= 0 else len(text) - held_back(text)
+                    if not sent.get(index) and may_be_bare_call(text):
+                        limit = 0  # all of it held until the end: it may be calls in bare JSON
                     piece, sent[index] = text[sent.get(index, 0) : limit], max(sent.get(index, 0), limit)
                 streamed.setdefault(index, []).append(piece)
                 if piece:

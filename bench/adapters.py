@@ -59,9 +59,8 @@ def memory_child(mode: str, adapters: list[str]) -> None:
     import tunery.server.inference as inference
     from tunery.models.load import BUNDLED
 
-    if mode == "merged":
-        inference.beside = lambda model, adapter: "merged copies"  # type: ignore[assignment]
-    worker = inference.Worker(io.StringIO(), cache_size=len(adapters) + 1, adapter_cache=len(adapters))
+    kept = len(adapters) if mode == "beside" else 0  # 0: each adapter merged into a copy of its own
+    worker = inference.Worker(io.StringIO(), cache_size=len(adapters) + 1, adapter_cache=kept)
     sizes = []
     for adapter in [None, *adapters]:  # each answers one request, so its decoding engine is built
         request = {"model": BUNDLED, "adapter": adapter, "messages": [{"role": "user", "content": "Hi"}]}

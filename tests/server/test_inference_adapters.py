@@ -38,11 +38,7 @@ def fp32(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lora, "bf16_is_fast", lambda device: False)
 
 
-def test_adapters_of_one_base_share_it_and_answer_as_their_own_copies(
-    tmp_path: Path, fp32: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import tunery.server.inference as inference
-
+def test_adapters_of_one_base_share_it_and_answer_as_their_own_copies(tmp_path: Path, fp32: None) -> None:
     adapters = [save_adapter("tiny-random", tmp_path / f"a{i}", "all-linear", seed=i) for i in range(3)]
     shared = Worker(io.StringIO(), cache_size=1, adapter_cache=2)
     answers = [ask(shared, "tiny-random", a) for a in adapters[:2]]
@@ -51,11 +47,9 @@ def test_adapters_of_one_base_share_it_and_answer_as_their_own_copies(
     base = ask(shared, "tiny-random", None)
     assert len({base, *answers}) == 3  # each adapter changes the answer its own way
 
-    with monkeypatch.context() as patch:  # each adapter merged into a copy of its own, as before
-        patch.setattr(inference, "beside", lambda model, adapter: "not beside")
-        copies = Worker(io.StringIO(), cache_size=3, adapter_cache=2)
-        assert [ask(copies, "tiny-random", a) for a in adapters[:2]] == answers
-    assert len(copies.models) == 3 and not copies.adapters  # the base, then a copy for each
+    copies = Worker(io.StringIO(), cache_size=3, adapter_cache=0)  # each merged into a copy, as before
+    assert [ask(copies, "tiny-random", a) for a in adapters[:2]] == answers
+    assert [key[1] for key in copies.models] == [str(a) for a in adapters[:2]] and not copies.adapters
 
     ask(shared, "tiny-random", adapters[2])  # the third adapter: the least recently used one goes
     assert [key[1] for key in shared.adapters] == [str(adapters[1]), str(adapters[2])]
@@ -63,13 +57,56 @@ def test_adapters_of_one_base_share_it_and_answer_as_their_own_copies(
     assert list(shared.models) == [("tiny-random", None, None)]
 
 
-def test_an_adapter_the_engine_cannot_apply_gets_a_model_of_its_own(tmp_path: Path, fp32: None) -> None:
-    adapter = save_adapter("tiny-random-gemma2", tmp_path / "g", "all-linear", seed=1)
+def loads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str | None]]:
+    """Every model the worker loads from here on, as (model, adapter)."""
+    import tunery.models.load as load
+
+    made: list[tuple[str, str | None]] = []
+    real = load.load_for_inference
+
+    def counted(name: str, adapter: str | None = None, precision: str = "auto") -> Any:
+        made.append((name, adapter))
+        return real(name, adapter, precision)
+
+    monkeypatch.setattr(load, "load_for_inference", counted)
+    return made
+
+
+def test_an_adapter_the_engine_cannot_apply_gets_a_merged_copy_and_only_that(
+    tmp_path: Path, fp32: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gemma's adapters (an architecture the engine does not run): the base is loaded once to find out, and
+    not kept; from then on each adapter of that base is loaded straight into its copy."""
+    first, second = (save_adapter("tiny-random-gemma2", tmp_path / n, "all-linear", seed=1) for n in "gh")
+    made = loads(monkeypatch)
     worker = Worker(io.StringIO(), cache_size=2)
-    ask(worker, "tiny-random-gemma2", adapter)
-    key = ("tiny-random-gemma2", str(adapter), None)
-    assert key in worker.models and not worker.adapters
-    assert hasattr(worker.models[key][0], "peft_config")  # the adapter is in that model
+    for adapter in (first, second, first, second):
+        ask(worker, "tiny-random-gemma2", adapter)
+    model = "tiny-random-gemma2"
+    assert made == [(model, None), (model, str(first)), (model, str(second))]
+    assert list(worker.models) == [(model, str(first), None), (model, str(second), None)]
+    assert not worker.adapters and hasattr(worker.models[(model, str(first), None)][0], "peft_config")
+    assert "does not run this model" in worker.no_engine[(model, None, None)]
+
+
+def test_factors_that_would_cost_more_than_a_copy_get_a_copy(
+    tmp_path: Path, fp32: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An adapter trained on top of another on top of another ...: its ranks add up. Past a share of the
+    model's own weights (FACTORS_SHARE) it is merged into a copy instead, and that is remembered."""
+    import tunery.server.inference as inference
+
+    adapter = save_adapter("tiny-random", tmp_path / "a", "all-linear", seed=1)
+    made = loads(monkeypatch)
+    monkeypatch.setattr(inference, "FACTORS_SHARE", 10**6)
+    worker = Worker(io.StringIO(), cache_size=1)
+    merged = ask(worker, "tiny-random", adapter)
+    key = ("tiny-random", str(adapter), None)
+    assert list(worker.models) == [key] and "cost more than a merged copy" in worker.own_copies[key]
+    monkeypatch.setattr(inference, "FACTORS_SHARE", 4)
+    beside = Worker(io.StringIO(), cache_size=1)
+    assert ask(beside, "tiny-random", adapter) == merged and list(beside.adapters) == [key]
+    assert made == [("tiny-random", None), ("tiny-random", str(adapter)), ("tiny-random", None)]
 
 
 def test_requests_go_to_the_worker_with_the_model_else_its_base(tmp_path: Path) -> None:
@@ -84,15 +121,68 @@ def test_requests_go_to_the_worker_with_the_model_else_its_base(tmp_path: Path) 
         return client._pick({"model": model, "adapter": adapter, "base_adapter": None})
 
     assert pick("base-a", "one") is first  # no one has it: the least busy, the first
-    first.in_hand = 1  # busy with it
+    first.in_hand = 1
     assert pick("base-b") is second
-    second.in_hand = 1
-    first.in_hand = 0
-    assert pick("base-a", "two") is first  # another adapter of a base the first worker holds
+    first.in_hand, second.in_hand = 0, 0
+    assert pick("base-b", "two") is second  # all idle: the one holding base-b, not the first
     assert pick("base-a", "one") is first
-    first.in_hand, third.in_hand = 1, 0
-    assert pick("base-a", "three") is third  # the first is busier than an idle worker
-    assert first.adapters == [("base-a", "two", None), ("base-a", "one", None)]  # two kept, as the worker
-    assert first.bases == [("base-a", None)] and third.bases == [("base-a", None)]
-    first.in_hand = second.in_hand = third.in_hand = 0
-    assert pick("base-b", "four") is second  # all idle: the one holding base-b, not the first
+    first.in_hand = 1
+    assert pick("base-a", "three") is second  # the first is busier than an idle worker
+    for adapter in ("four", "five", "six"):
+        first.in_hand = 0
+        assert pick("base-a", adapter) is first
+    assert first.adapters == [("base-a", "five", None), ("base-a", "six", None)]  # two, as the worker keeps
+    assert first.bases == [("base-a", None)] and second.bases == [("base-b", None), ("base-a", None)]
+
+
+def test_with_merged_copies_a_base_is_no_reason_to_go_to_a_worker(tmp_path: Path) -> None:
+    from tunery.server.inference_client import InferenceClient
+    from tunery.server.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "service", inference_workers=2, inference_adapters=0)
+    client = InferenceClient(settings)
+    first, second = client.workers
+    client._pick({"model": "base-a", "adapter": None, "base_adapter": None})
+    first.in_hand = 1
+    assert client._pick({"model": "base-a", "adapter": "one", "base_adapter": None}) is second
+    assert second.bases == [("base-a", "one", None)] and not second.adapters  # its own copy
+    first.in_hand = 0
+    assert client._pick({"model": "base-a", "adapter": "one", "base_adapter": None}) is second
+
+
+def test_what_a_starting_worker_will_load_is_not_forgotten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from tunery.server.inference_client import InferenceClient, _Worker
+    from tunery.server.settings import Settings
+
+    class Pipe:
+        def is_closing(self) -> bool:
+            return False
+
+        def write(self, data: bytes) -> None:
+            pass
+
+        async def drain(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    async def started(self: Any, name: str) -> Any:
+        reader = asyncio.StreamReader()
+        reader.feed_data(b'{"event": "ready", "pid": 1}\n')
+        return reader, Pipe()
+
+    monkeypatch.setattr(_Worker, "_start_process", started)
+    client = InferenceClient(Settings(data_dir=tmp_path / "service", inference_workers=2))
+    request = {"model": "base-a", "adapter": "one", "base_adapter": None}
+
+    async def scenario() -> None:
+        worker = client._pick(request)
+        await worker._ensure_started()  # what stream() does first, the model already noted
+        assert worker.serves(("base-a", "one", None))
+
+    asyncio.run(scenario())

@@ -89,8 +89,9 @@ def test_partial_targets_and_an_adapter_on_top_of_another(tmp_path: Path) -> Non
 
 
 def test_an_update_of_the_lm_head(tmp_path: Path) -> None:
-    """A LoRA update on the LM head, against peft's own model with that adapter (in memory: saved, an
-    adapter on a tied head carries the whole embedding, and is refused below)."""
+    """A LoRA update on the LM head, against peft's own model with that adapter. (Saved by peft's default,
+    an adapter on a tied head carries the whole embedding, and is refused below; Tunery's own saving
+    leaves the embedding out.)"""
     from tunery.models.decode import decode_model_for
     from tunery.models.lora import apply_lora, read_lora
 
@@ -156,6 +157,13 @@ def test_in_bf16_the_answers_match_the_merged_model_within_rounding(tmp_path: Pa
         ({"use_dora": True}, "use_dora"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
         ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
+        ({"alpha_pattern": {"q_proj": 32}}, "alpha_pattern"),
+        ({"layer_replication": [[0, 2]]}, "layer_replication"),
+        ({"lora_bias": True}, "lora_bias"),
+        ({"fan_in_fan_out": True}, "fan_in_fan_out"),
+        ({"alora_invocation_tokens": [5, 6]}, "alora_invocation_tokens"),  # applied only after these tokens
+        ({"init_lora_weights": "pissa"}, "changes the base weights"),
+        ({"init_lora_weights": "loftq"}, "could not be read"),  # peft refuses it without loftq_config
     ],
 )
 def test_adapters_that_are_not_plain_low_rank_updates_say_why(tmp_path: Path, setting, why) -> None:  # type: ignore[no-untyped-def]
@@ -178,3 +186,50 @@ def test_factors_for_another_model_are_refused(tmp_path: Path) -> None:
     assert not isinstance(updates, str)
     reason = engine.adapter(updates)
     assert isinstance(reason, str) and "does not apply updates to" in reason  # Phi-3 fuses q, k, v
+
+
+def test_rslora_scaling_and_factors_of_the_wrong_width(tmp_path: Path) -> None:
+    from tunery.models.decode import decode_model_for
+
+    adapter = save_adapter("tiny-random", tmp_path / "a", "all-linear", seed=5, rank=16)
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({**settings, "use_rslora": True})
+    )  # alpha/sqrt(r)
+    merged, tokenizer = load_for_inference("tiny-random", str(adapter), precision="fp32")
+    base, _ = load_for_inference("tiny-random", precision="fp32")
+    expected, got = answers(merged, tokenizer), answers(base, tokenizer, factors(base, adapter))
+    assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+    for g, e in zip(got, expected, strict=True):
+        assert torch.allclose(torch.tensor(g.logprobs), torch.tensor(e.logprobs), atol=1e-4)
+    engine = decode_model_for(base)
+    assert engine is not None
+    wide = {"model.layers.0.self_attn.q_proj": [(torch.zeros(4, 65), torch.zeros(64, 4), 1.0)]}
+    reason = engine.adapter(wide)
+    assert isinstance(reason, str) and "do not fit" in reason
+
+
+def test_a_dora_adapter_runs_on_the_models_own_forward(tmp_path: Path) -> None:
+    """The engine merges plain LoRA updates; DoRA's magnitudes would be lost, so it steps aside."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunery.models.decode import unsupported_reason
+    from tunery.models.sampling import _sample_generic
+
+    model, tokenizer = load_model("tiny-random")
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True))
+    with torch.no_grad():
+        for key, p in peft.named_parameters():
+            if "lora_B" in key:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+            if "magnitude" in key:
+                p.mul_(1.5)
+    peft.eval()
+    assert "DoRA" in str(unsupported_reason(peft))
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    params = SamplingParams(max_new_tokens=8)
+    got, expected = (
+        sample(peft, tokenizer, prompts, params),
+        _sample_generic(peft, tokenizer, prompts, params),
+    )
+    assert [c.token_ids for c in got] == [c.token_ids for c in expected]

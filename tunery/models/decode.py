@@ -66,6 +66,8 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
         return "MLP biases"
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"activation {config.hidden_act!r}"
+    if any(any((getattr(m, "use_dora", None) or {}).values()) for m in model.modules()):
+        return "a DoRA adapter (the engine merges plain LoRA updates)"
     return None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import MethodType
 from typing import Any
@@ -228,6 +229,29 @@ def merge_adapter(model: PreTrainedModel, adapter_dir: str | Path) -> PreTrained
     return merged
 
 
+# LoraConfig fields that leave an adapter plain low-rank updates whatever their value (read_lora refuses
+# any other field set away from its default: DoRA, patterns, biases, other variants, fields of newer peft)
+PLAIN_LORA_FIELDS = {
+    "task_type",
+    "peft_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "r",
+    "target_modules",
+    "exclude_modules",
+    "lora_alpha",
+    "lora_dropout",
+    "use_rslora",
+    "init_lora_weights",  # checked apart: some initialisations change the base weights
+    "layers_to_transform",
+    "layers_pattern",
+    "runtime_config",
+    "ensure_weight_tying",
+}
+
 # An adapter's low-rank updates by module: (A (rank, in), B (out, rank), scaling); the module's output
 # gains scaling * x @ A^T @ B^T.
 LoraUpdates = dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]]
@@ -248,17 +272,22 @@ def read_lora(path: str | Path) -> LoraUpdates | str:
         if isinstance(inner, str):
             return inner
         updates = inner
-    config = PeftConfig.from_pretrained(str(path))
-    if not isinstance(config, LoraConfig):
-        return f"a {config.peft_type} adapter, not LoRA"
-    for setting in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern", "layer_replication"):
-        if getattr(config, setting, None):
-            return f"the adapter sets {setting}"
-    if getattr(config, "lora_bias", False) or config.fan_in_fan_out:
-        return "the adapter's layout is not plain LoRA (lora_bias or fan_in_fan_out)"
+    try:
+        config = PeftConfig.from_pretrained(str(path))
+        weights = load_peft_weights(str(path), device="cpu")
+    except Exception as exc:  # noqa: BLE001 (loading it into a model says what is wrong, to the user)
+        return f"the adapter could not be read ({type(exc).__name__})"
+    if type(config) is not LoraConfig:
+        return f"a {config.peft_type} adapter, not plain LoRA"
+    defaults = LoraConfig()
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name not in PLAIN_LORA_FIELDS and value != getattr(defaults, field.name):
+            return f"the adapter sets {field.name}={value!r}"
+    if config.init_lora_weights not in (True, False, "gaussian"):
+        return f"the adapter's initialisation {config.init_lora_weights!r} changes the base weights"
     rank = int(config.r)
     scaling = config.lora_alpha / (rank**0.5 if config.use_rslora else rank)
-    weights = load_peft_weights(str(path), device="cpu")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in weights.items():
         for half in ("lora_A", "lora_B"):

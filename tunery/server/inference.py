@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tunery.server.fair import FairQueue
+from tunery.server.settings import Settings
 
 log = logging.getLogger("tunery.inference")
 
@@ -73,6 +74,8 @@ CHAT_SLOTS = 4  # chat requests decoding at once, step by step in turn (each hol
 # grader requests at once, one a project: while one waits on a python grader's sandbox, another project's
 # model grader runs (judges take their models one request at a time)
 GRADE_SLOTS = 2
+# an adapter whose factors take more than 1/FACTORS_SHARE of its base model's weights gets a merged copy
+FACTORS_SHARE = 4
 
 
 class Cancelled(Exception):
@@ -121,14 +124,21 @@ class Turns:
 
 class Worker:
     def __init__(
-        self, out: IO[str], cache_size: int, requests: IO[str] | None = None, adapter_cache: int = 16
+        self,
+        out: IO[str],
+        cache_size: int = Settings.inference_cache,
+        requests: IO[str] | None = None,
+        adapter_cache: int = Settings.inference_adapters,
     ) -> None:
         self.out, self.cache_size, self.adapter_cache = out, cache_size, adapter_cache
         self.requests = requests if requests is not None else sys.stdin
         # (model, adapter, base adapter) -> (model, tokenizer): base models (adapter None), and adapters
-        # loaded into a model of their own; and adapters served beside their base model's weights
+        # merged into a copy of their own; and adapters served beside their base model's weights
         self.models: OrderedDict[tuple[str, str | None, str | None], tuple[Any, Any]] = OrderedDict()
         self.adapters: OrderedDict[tuple[str, str, str | None], Any] = OrderedDict()
+        # why an adapter, or every adapter of a base, gets a merged copy: found once, not at each load
+        self.own_copies: OrderedDict[tuple[str, str, str | None], str] = OrderedDict()
+        self.no_engine: dict[tuple[str, None, str | None], str] = {}
         self.cancelled: set[int] = set()
         self.chats: FairQueue[dict[str, Any]] = FairQueue(running_per_key=max(1, CHAT_SLOTS // 2))
         self.turns = Turns()
@@ -211,18 +221,55 @@ class Worker:
             if adapter is None or self.adapter_cache < 1 or (name, adapter, base_adapter) in self.models:
                 return (*self._load(name, adapter, base_adapter), None)
             key = (name, adapter, base_adapter)
-            model, tokenizer = self._load(name, None, base_adapter)
             lora = self.adapters.get(key)
             if lora is None:
-                lora = beside(model, adapter)
+                lora = self._beside(key)
                 if isinstance(lora, str):
-                    log.info("adapter %s gets a copy of the base model of its own: %s", adapter, lora)
                     return (*self._load(name, adapter, base_adapter), None)
                 while len(self.adapters) >= self.adapter_cache:
                     self.adapters.popitem(last=False)
                 self.adapters[key] = lora
             self.adapters.move_to_end(key)
-            return model, tokenizer, lora
+            return (*self._load(name, None, base_adapter), lora)
+
+    def _beside(self, key: tuple[str, str, str | None]) -> Any:
+        """The adapter's LoRA factors on its base model's decoding engine, or why it gets a merged copy of
+        its own instead (remembered, so the base is not loaded again only to find it out)."""
+        from tunery.models.decode import decode_model_for, unsupported_reason
+        from tunery.models.lora import read_lora
+
+        name, adapter, base_adapter = key
+        base_key = (name, None, base_adapter)
+        reason = self.own_copies.get(key) or self.no_engine.get(base_key)
+        if reason is None:
+            updates = read_lora(adapter)
+            if isinstance(updates, str):
+                reason = updates
+            else:
+                loaded = base_key in self.models
+                model = self._load(*base_key)[0]
+                engine = decode_model_for(model)
+                factors = engine.adapter(updates) if engine is not None else None
+                weights = sum(p.numel() * p.element_size() for p in model.parameters())
+                if engine is None:
+                    reason = f"the decoding engine does not run this model ({unsupported_reason(model)})"
+                    self.no_engine[base_key] = reason
+                elif isinstance(factors, str):
+                    reason = factors
+                elif factors is not None and factors.nbytes > weights // FACTORS_SHARE:
+                    # (an adapter trained on top of another on top of another ...: the ranks add up)
+                    reason = (
+                        f"its factors ({factors.nbytes / 2**20:.0f} MB) cost more than a merged copy would"
+                    )
+                else:
+                    return factors
+                if not loaded:  # loaded only to find this out
+                    self.models.pop(base_key, None)
+        log.info("adapter %s gets a merged copy of the base model of its own: %s", adapter, reason)
+        self.own_copies[key] = reason
+        while len(self.own_copies) > 1024:
+            self.own_copies.popitem(last=False)
+        return reason
 
     def _load(self, name: str, adapter: str | None, base_adapter: str | None) -> tuple[Any, Any]:
         key = (name, adapter, base_adapter)
@@ -237,6 +284,9 @@ class Worker:
             loaded = load_for_inference(name, adapter)
         else:
             loaded = load_stacked(name, base_adapter, adapter)
+        from tunery.models.decode import decode_model_for
+
+        decode_model_for(loaded[0])  # built now, under the load lock: two chat threads never build two
         self.models[key] = loaded
         return loaded
 
@@ -313,19 +363,6 @@ class Worker:
         return run_response(grader(request.get("model_sample", ""), request.get("item") or {}), grader)
 
 
-def beside(model: Any, adapter: str) -> Any:
-    """The adapter's LoRA factors as the decoding engine applies them on `model`'s own weights, or why it
-    cannot (then the adapter is loaded into a copy of the model)."""
-    from tunery.models.decode import decode_model_for, unsupported_reason
-    from tunery.models.lora import read_lora
-
-    engine = decode_model_for(model)
-    if engine is None:
-        return f"the decoding engine does not run this model ({unsupported_reason(model)})"
-    updates = read_lora(adapter)
-    return updates if isinstance(updates, str) else engine.adapter(updates)
-
-
 def load_stacked(name: str, base_adapter: str, adapter: str | None) -> tuple[Any, Any]:
     """A checkpoint of continued training: the adapter it started from merged in, then its own."""
     import torch
@@ -395,9 +432,12 @@ def describe(exc: Exception) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tunery.server.inference")
-    parser.add_argument("--cache", type=int, default=2, help="base models kept loaded")
+    parser.add_argument("--cache", type=int, default=Settings.inference_cache, help="models kept loaded")
     parser.add_argument(
-        "--adapters", type=int, default=16, help="adapters kept beside their base models (0: merged copies)"
+        "--adapters",
+        type=int,
+        default=Settings.inference_adapters,
+        help="adapters kept beside their base models (0: merged copies)",
     )
     parser.add_argument(
         "--listen", action="store_true", help="take one TCP connection instead of stdin/stdout"

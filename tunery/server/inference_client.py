@@ -126,8 +126,10 @@ class _Worker:
         self._next_id = 0
         self._start_lock: asyncio.Lock | None = None
         self.in_hand = 0  # requests sent or about to be
-        # what it has loaded, as far as this process knows, newest last: base models (model, base
-        # adapter) and adapters (model, adapter, base adapter), as the worker keeps them
+        # what it has loaded, as far as this process knows, newest last, as the worker keeps them: models
+        # (base models as (model, base adapter), merged copies as (model, adapter, base adapter)) and
+        # adapters beside their base (model, adapter, base adapter). A merged copy the worker makes where
+        # an adapter cannot go beside its base is not known here.
         self.bases: list[tuple[Any, Any]] = []
         self.adapters: list[tuple[Any, Any, Any]] = []
 
@@ -143,7 +145,6 @@ class _Worker:
             if self._alive():
                 assert self._writer is not None
                 return self._writer
-            self.bases, self.adapters = [], []  # a new worker has nothing loaded
             self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
             name = "inference.log" if self.index == 0 else f"inference-{self.index}.log"
             if self.replicas is not None:
@@ -209,7 +210,9 @@ class _Worker:
             waiting = self._pending.get(message.get("id", -1))
             if waiting is not None:
                 waiting.put_nowait(message)
-        # EOF: the worker is gone; fail whatever was waiting on it, and start another for the next request
+        # EOF: the worker is gone, and what it had loaded; fail whatever was waiting on it, and start another
+        # for the next request
+        self.bases, self.adapters = [], []
         if self._writer is not None:
             self._writer.close()
         for waiting in self._pending.values():
@@ -221,16 +224,23 @@ class _Worker:
         writer.write((json.dumps(message) + "\n").encode())
         await writer.drain()
 
-    def serves(self, model: tuple[Any, Any, Any]) -> bool:
+    def _copy(self, model: tuple[Any, Any, Any]) -> Any:
+        """What holds the model in the worker's models: its base model, or (`--inference-adapters 0`) a
+        merged copy of its own."""
         name, adapter, base_adapter = model
-        return (name, base_adapter) in self.bases and (adapter is None or model in self.adapters)
+        return model if adapter is not None and self.settings.inference_adapters < 1 else (name, base_adapter)
+
+    def serves(self, model: tuple[Any, Any, Any]) -> bool:
+        beside = model[1] is not None and self.settings.inference_adapters > 0
+        return self._copy(model) in self.bases and (not beside or model in self.adapters)
 
     def has_base(self, model: tuple[Any, Any, Any]) -> bool:
-        return (model[0], model[2]) in self.bases
+        """Whether an adapter would be served here beside a base model the worker holds."""
+        return self.settings.inference_adapters > 0 and (model[0], model[2]) in self.bases
 
     def note(self, model: tuple[Any, Any, Any]) -> None:
-        _remember(self.bases, (model[0], model[2]), self.settings.inference_cache)
-        if model[1] is not None:
+        _remember(self.bases, self._copy(model), self.settings.inference_cache)
+        if model[1] is not None and self.settings.inference_adapters > 0:
             _remember(self.adapters, model, self.settings.inference_adapters)
 
     async def stream(self, request: dict[str, Any], project: str) -> AsyncGenerator[dict[str, Any], None]:

@@ -1,7 +1,7 @@
 """The CUDA paths, for a machine with a GPU: `scripts/gpu-check` runs these (`pytest -m gpu tests/gpu`).
 
 Tunery is developed on CPU; these check what only a GPU exercises: training on `cuda` in bf16, the decoding
-engine on `cuda` against the model's own forward, a quantized base (bitsandbytes' CUDA kernels) under
+engine on `cuda` against the model's own forward, an adapter served beside its base on `cuda`, a quantized base (bitsandbytes' CUDA kernels) under
 LoRA, the memory check reading the GPU's free memory, and --shard over NCCL with two GPUs. Each skips,
 saying why, where there is no GPU (or only one, for the sharded test).
 """
@@ -57,6 +57,31 @@ def test_decoding_engine_on_the_gpu_matches_the_model() -> None:
     assert [c.token_ids for c in fast] == [c.token_ids for c in slow]
     for f, s in zip(fast, slow, strict=True):
         assert torch.allclose(torch.tensor(f.logprobs), torch.tensor(s.logprobs), atol=1e-3)
+
+
+def test_an_adapter_beside_the_base_on_the_gpu_answers_as_the_merged_model(tmp_path: Path) -> None:
+    """The service's way of serving many adapters on one base (decode.py's LoraFactors), on `cuda`."""
+    from tests.unit.test_shared_base_adapters import save_adapter
+    from tunery.models.decode import decode_model_for
+    from tunery.models.lora import load_adapter, read_lora
+
+    adapter = save_adapter("tiny-random", tmp_path / "a", "all-linear", seed=1)
+    base, tokenizer = load_model("tiny-random")
+    base = base.to("cuda").eval()
+    merged = load_adapter(load_model("tiny-random")[0], adapter).to("cuda").eval()
+    engine, updates = decode_model_for(base), read_lora(adapter)
+    assert engine is not None and not isinstance(updates, str)
+    factors = engine.adapter(updates)
+    assert not isinstance(factors, str) and factors.layers[0]["qkv"][0].device.type == "cuda"
+    prompts = [
+        tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("Hello there", "Bikes", "A b c d")
+    ]
+    params = SamplingParams(max_new_tokens=16)
+    got = sample(base, tokenizer, prompts, params, adapter=factors)
+    expected = sample(merged, tokenizer, prompts, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+    for g, e in zip(got, expected, strict=True):
+        assert torch.allclose(torch.tensor(g.logprobs), torch.tensor(e.logprobs), atol=1e-3)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])

@@ -168,7 +168,7 @@ def serve_flags(p: argparse.ArgumentParser) -> None:
         "--inference-cache",
         type=_at_least_one,
         default=Settings.inference_cache,
-        help="base models each inference worker keeps loaded",
+        help="models each inference worker keeps loaded (base models, and merged copies)",
     )
     p.add_argument(
         "--inference-adapters",

@@ -179,6 +179,7 @@ def real_api(tmp_path: Path) -> Iterator[Api]:
         yield Api(client, key)
 
 
+@pytest.mark.system  # the service, a training process and the inference worker, ~20 s
 def test_every_announced_name_chats_on_the_real_cli(real_api: Api) -> None:
     """tiny-random trained by `tunery train sft` (4 steps, a checkpoint each, the newest 3 kept) and the
     names its events give, asked of the real inference worker."""

@@ -190,6 +190,7 @@ def test_parallel_trials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert time.monotonic() - started < 4 * 6 * 0.1 + 8  # (not a speed claim: two at a time finish)
 
 
+@pytest.mark.system  # two trials as processes of their own, ~17 s
 def test_tune_on_tiny_random(chat_files, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The command end to end: real trials of `tunery train sft`, normal run directories, a best config
     that `tunery train` takes as it is."""

@@ -102,7 +102,7 @@ def test_factors_that_would_cost_more_than_a_copy_get_a_copy(
     worker = Worker(io.StringIO(), cache_size=1)
     merged = ask(worker, "tiny-random", adapter)
     key = ("tiny-random", str(adapter), None)
-    assert list(worker.models) == [key] and "cost more than a merged copy" in worker.own_copies[key]
+    assert list(worker.models) == [key] and "of the model's weights" in worker.own_copies[key]
     monkeypatch.setattr(inference, "FACTORS_SHARE", 4)
     beside = Worker(io.StringIO(), cache_size=1)
     assert ask(beside, "tiny-random", adapter) == merged and list(beside.adapters) == [key]

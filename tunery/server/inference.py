@@ -27,7 +27,8 @@ at a time (a project holds at most half of them), taking one decoding step each 
 A prompt that does not fit the model's context with the tokens asked for is refused before any work
 (400 `context_length_exceeded`). Any failure is
 `{"id": N, "event": "error", "status": 400|500, "message": "...", "param": ..., "code": ...}`.
-Models load on first use and the `--cache` most recently used base models stay loaded. A LoRA adapter is
+Models load on first use and the `--cache` most recently used models stay loaded (base models, and the
+merged copies below). A LoRA adapter is
 served beside its base model's weights: the decoding engine applies its low-rank factors (a few MB) on the
 shared base, so many adapters of one base cost one copy of it; the `--adapters` most recently used stay.
 An adapter the engine cannot apply that way (an architecture it does not cover, DoRA, modules saved whole),
@@ -250,19 +251,20 @@ class Worker:
                 model = self._load(*base_key)[0]
                 engine = decode_model_for(model)
                 factors = engine.adapter(updates) if engine is not None else None
-                weights = sum(p.numel() * p.element_size() for p in model.parameters())
-                if engine is None:
+                if engine is None or factors is None:
                     reason = f"the decoding engine does not run this model ({unsupported_reason(model)})"
                     self.no_engine[base_key] = reason
                 elif isinstance(factors, str):
                     reason = factors
-                elif factors is not None and factors.nbytes > weights // FACTORS_SHARE:
+                else:
+                    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+                    if factors.nbytes <= weights // FACTORS_SHARE:
+                        return factors
                     # (an adapter trained on top of another on top of another ...: the ranks add up)
                     reason = (
-                        f"its factors ({factors.nbytes / 2**20:.0f} MB) cost more than a merged copy would"
+                        f"its factors ({factors.nbytes / 2**20:.0f} MB) exceed 1/{FACTORS_SHARE} of the "
+                        "model's weights"
                     )
-                else:
-                    return factors
                 if not loaded:  # loaded only to find this out
                     self.models.pop(base_key, None)
         log.info("adapter %s gets a merged copy of the base model of its own: %s", adapter, reason)

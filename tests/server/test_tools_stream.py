@@ -3,6 +3,7 @@ comes out as `tool_calls`, never as content; a reply that only looks like one co
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -63,3 +64,32 @@ def test_a_streamed_bare_json_call_never_goes_out_as_content(
         assert {f.name for f in got.values()} == {"get_order"}
     else:
         assert content == reply and finish == "stop" and not got
+
+
+def test_a_call_in_tags_streams_its_arguments_as_they_come_and_is_stored_the_same(
+    studio: Studio, keys: dict[str, str]
+) -> None:
+    reply = (
+        'Checking.<tool_call>{"name": "get_order", "arguments": {"order_id": "A1", "fields": ["eta"]}}'
+        "</tool_call> One moment."
+    )
+    studio.client.app.state.tunery.inference = Scripted(reply)  # type: ignore[attr-defined]
+    acme = client_of(studio, keys["acme"])
+    content, pieces, ids, finish, completion_id = "", [], set(), None, None
+    for chunk in ask(acme, "Where is order A1?", tools=[TOOL], stream=True, store=True):
+        completion_id = chunk.id
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for delta in choice.delta.tool_calls or []:
+                assert delta.index == 0
+                ids |= {delta.id} - {None}
+                pieces.append(delta.function.arguments or "")
+            finish = choice.finish_reason or finish
+    arguments = "".join(pieces)
+    assert json.loads(arguments) == {"order_id": "A1", "fields": ["eta"]}
+    assert len([p for p in pieces if p]) > 5  # a few characters at a time, as the worker sent them
+    assert content == "Checking. One moment." and finish == "tool_calls" and len(ids) == 1
+    stored = acme.chat.completions.retrieve(completion_id or "")
+    [call] = stored.choices[0].message.tool_calls or []
+    assert {call.id} == ids and call.function.arguments == arguments
+    assert stored.choices[0].message.content == "Checking. One moment."

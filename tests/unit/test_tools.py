@@ -3,12 +3,18 @@ training learns from them, and reading a model's calls back into OpenAI's `tool_
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
+from typing import Any
+
+import pytest
 
 from tunery.data.chat import check_chat_example
 from tunery.data.template import assistant_spans, prompt_ids, tokenize_chat
 from tunery.data.tools import (
     OPEN,
+    CallStream,
     held_back,
     native_tools,
     parse_tool_calls,
@@ -146,3 +152,89 @@ def test_streaming_holds_back_what_may_start_a_call() -> None:
     assert (
         held_back("Sure <") == 1 and held_back("Sure") == 0 and held_back("<tool_call") == len("<tool_call")
     )
+
+
+# --- calls streamed as they come ---------------------------------------------------------------------------
+
+STREAMED_REPLIES = [
+    'Let me look.<tool_call>{"name": "weather", "arguments": {"city": "Paris"}}</tool_call>',
+    '<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo", "days": [1, 2]}}\n</tool_call>'
+    '<tool_call>{"name": "time", "arguments": {}}</tool_call> Done.',
+    # braces, quotes and the closing tag inside strings are the arguments' own
+    '<tool_call>{"name": "weather", "arguments": {"city": "a}b\\"}{", "note": "[x"}}</tool_call>',
+    # cut short by max_tokens: the arguments as far as they go
+    '<tool_call>{"name": "weather", "arguments": {"city": "Ber',
+    # not valid JSON, as a model may write it: a call all the same, its arguments as written
+    '<tool_call>{"name": "weather", "arguments": {"city": "x"</tool_call>',
+    '<tool_call>{"name": "weather", "arguments": {city: Rome}}</tool_call>',
+    # blocks the stream cannot follow, or no call: whole at the end, or content
+    '<tool_call>{"arguments": {"city": "Rome"}, "name": "weather"}</tool_call>',
+    '<tool_call>{"name": "nope", "arguments": {}}</tool_call><tool_call>{"name": "time", "arguments": {}}</tool_call>',
+    "No call here.",
+]
+
+
+def _streamed(reply: str, cuts: list[int], parallel: bool = True) -> tuple[list[dict[str, Any]], Any, int]:
+    """The calls a client puts together from a CallStream fed `reply` in pieces, the parse, and how many
+    deltas carried arguments before the end."""
+    stream = CallStream({"weather", "time"}, parallel)
+    deltas: list[dict[str, Any]] = []
+    edges = [0, *cuts, len(reply)]
+    for a, b in itertools.pairwise(edges):
+        deltas += stream.feed(reply[a:b])
+    early = sum(1 for d in deltas if d["function"].get("arguments"))
+    parsed = parse_tool_calls(reply, {"weather", "time"})
+    if not parallel:
+        parsed.tool_calls = parsed.tool_calls[:1]
+    deltas += stream.finish(parsed.tool_calls)
+    calls: dict[int, dict[str, Any]] = {}
+    for d in deltas:  # as the openai client's stream helpers put them together
+        entry = calls.setdefault(d["index"], {"id": None, "name": "", "arguments": ""})
+        entry["id"] = d.get("id") or entry["id"]
+        entry["name"] += d["function"].get("name") or ""
+        entry["arguments"] += d["function"].get("arguments") or ""
+    return [calls[i] for i in sorted(calls)], parsed, early
+
+
+@pytest.mark.parametrize("reply", STREAMED_REPLIES)
+def test_streamed_calls_add_up_to_the_parsed_ones_however_the_text_is_cut(reply: str) -> None:
+    rng = random.Random(reply)
+    for trial in range(60):
+        size = 1 if trial == 0 else rng.randint(1, 12)
+        cuts = sorted(rng.sample(range(1, len(reply)), min(len(reply) - 1, len(reply) // size)))
+        got, parsed, _ = _streamed(reply, cuts)
+        fresh = parse_tool_calls(reply, {"weather", "time"}).tool_calls  # untouched by the stream
+        want = [
+            {"id": c["id"], "name": f["function"]["name"], "arguments": f["function"]["arguments"]}
+            for c, f in zip(parsed.tool_calls, fresh, strict=True)
+        ]
+        assert got == want, (reply, cuts)
+
+
+def test_the_arguments_go_out_as_they_are_written() -> None:
+    reply = STREAMED_REPLIES[1]
+    got, parsed, early = _streamed(reply, list(range(1, len(reply))))  # a character at a time
+    assert [c["name"] for c in got] == ["weather", "time"] and parsed.content == "Done."
+    assert json.loads(got[0]["arguments"]) == {"city": "Oslo", "days": [1, 2]}
+    # a delta per character as it comes (a space waits for the next one), none left for the end
+    arguments = '{"city": "Oslo", "days": [1, 2]}'
+    assert early == len(arguments) - arguments.count(" ") + len("{}")
+    # no closing brace of the block, white space or closing tag in them
+    assert got[0]["arguments"] == '{"city": "Oslo", "days": [1, 2]}' and got[1]["arguments"] == "{}"
+
+
+def test_the_stream_and_the_parse_agree_on_what_is_a_call() -> None:
+    cut, parsed, _ = _streamed(STREAMED_REPLIES[3], [10, 20, 30])
+    assert cut[0]["arguments"] == '{"city": "Ber' and parsed.content is None
+    broken, _, _ = _streamed(STREAMED_REPLIES[5], [5])
+    assert broken[0]["arguments"] == "{city: Rome}"
+    # the name after the arguments: not followed as it comes, sent whole when the answer ends
+    late, parsed, early = _streamed(STREAMED_REPLIES[6], list(range(1, len(STREAMED_REPLIES[6]))))
+    assert early == 0 and json.loads(late[0]["arguments"]) == {"city": "Rome"}
+    # an unknown function stays in the content; the known one after it is a call
+    mixed, parsed, _ = _streamed(STREAMED_REPLIES[7], [3])
+    assert [c["name"] for c in mixed] == ["time"] and parsed.content.startswith("<tool_call>")
+    # parallel_tool_calls false: the first call only
+    first, _, _ = _streamed(STREAMED_REPLIES[1], [7, 50], parallel=False)
+    assert [c["name"] for c in first] == ["weather"]
+    assert _streamed("No call here.", [4])[0] == []

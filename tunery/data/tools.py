@@ -13,7 +13,10 @@ into the conversation in one fixed format, the same in training and in the servi
   `<tool_response>...</tool_response>`.
 
 `parse_tool_calls` reads `<tool_call>` blocks back from a reply (and a reply that is one bare JSON object
-with `name` and `arguments`, the other common convention), into OpenAI's `tool_calls`.
+with `name` and `arguments`, the other common convention), into OpenAI's `tool_calls`. A block that opens
+with one of the request's functions and its arguments (`{"name": "f", "arguments": {`) is a call from
+there on, as with OpenAI's models: its `arguments` are the text the model wrote, which a stream sends as
+it comes (`CallStream`), even when they end up cut short (`max_tokens`) or not valid JSON.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from typing import Any
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+# a block's call up to where its arguments' object begins: from here on the block is that call
+HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
 
 
 def native_tools(tokenizer: Any) -> bool:
@@ -125,20 +130,84 @@ def _call(raw: Any) -> dict[str, Any] | None:
     }
 
 
+def _name(raw: str) -> str | None:
+    """The function name HEAD matched (a JSON string's inside), decoded."""
+    try:
+        name = json.loads(f'"{raw}"')
+    except json.JSONDecodeError:
+        return None
+    return name or None
+
+
+class ObjectEnd:
+    """Finds where a JSON object (or list) that starts at `start` ends, reading text as it grows: the
+    brackets outside strings are counted. Only the ends are found; what is inside is not checked."""
+
+    def __init__(self, start: int) -> None:
+        self.position, self.depth, self.in_string, self.escaped = start, 0, False, False
+        self.end: int | None = None
+
+    def read(self, text: str) -> int | None:
+        """The index after the closing bracket, or None while it has not come yet."""
+        while self.end is None and self.position < len(text):
+            char = text[self.position]
+            self.position += 1
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif char == "\\":
+                    self.escaped = True
+                elif char == '"':
+                    self.in_string = False
+            elif char == '"':
+                self.in_string = True
+            elif char in "{[":
+                self.depth += 1
+            elif char in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    self.end = self.position
+        return self.end
+
+
+def _block_call(body: str, names: set[str] | None) -> dict[str, Any] | None:
+    """The call a `<tool_call>` block's body holds, or None (then the block stays in the content)."""
+    head = HEAD.match(body)
+    if head is not None:  # as a stream reads it: the arguments are the text the model wrote
+        name = _name(head.group(1))
+        if name is None or (names is not None and name not in names):
+            return None
+        end = ObjectEnd(head.end()).read(body)
+        arguments = body[head.end() : end] if end is not None else body[head.end() :].rstrip()
+        return {"id": new_call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
+    call = None
+    with contextlib.suppress(json.JSONDecodeError):
+        call = _call(json.loads(body))
+    if call is None or (names is not None and call["function"]["name"] not in names):
+        return None
+    return call
+
+
 def parse_tool_calls(text: str, names: set[str] | None = None) -> ParsedReply:
     """The calls in a reply. A block that is not JSON, or names no function, stays in the content;
-    `names`: only these functions count (the request's tools)."""
+    `names`: only these functions count (the request's tools). A last block the reply ended in before
+    closing it (`max_tokens`) is read as far as it goes."""
     calls: list[dict[str, Any]] = []
     kept: list[str] = []
     position = 0
     for match in BLOCK.finditer(text):
-        call = None
-        with contextlib.suppress(json.JSONDecodeError):
-            call = _call(json.loads(match.group(1)))
-        if call is not None and (names is None or call["function"]["name"] in names):
+        call = _block_call(match.group(1), names)
+        if call is not None:
             kept.append(text[position : match.start()])
             calls.append(call)
             position = match.end()
+    last = text.rfind(OPEN)
+    if last >= position and CLOSE not in text[last:]:
+        call = _block_call(text[last + len(OPEN) :].strip(), names)
+        if call is not None:
+            kept.append(text[position:last])
+            calls.append(call)
+            position = len(text)
     kept.append(text[position:])
     if not calls:
         bare = _bare_calls(text)
@@ -147,6 +216,114 @@ def parse_tool_calls(text: str, names: set[str] | None = None) -> ParsedReply:
         return ParsedReply(text, [])
     content = "".join(kept).strip()
     return ParsedReply(content or None, calls)
+
+
+@dataclass
+class _Following:
+    """The call a stream is sending: its place among the calls, and how far its arguments went out."""
+
+    index: int
+    start: int  # where its arguments begin in the text
+    sent: int
+    end: ObjectEnd
+
+
+class CallStream:
+    """One streamed answer's `<tool_call>` blocks as OpenAI streams calls: when a block has named one of
+    the request's functions and opened its arguments, the call goes out (index, id, name), then its
+    arguments as the model writes them. Blocks this cannot follow as they come (arguments before the
+    name, say) stop it; `finish` then sends those calls whole, with what is left of the others.
+    `parse_tool_calls` reads a finished answer the same way, so the two agree."""
+
+    def __init__(self, names: set[str] | None, parallel: bool) -> None:
+        self.names, self.parallel = names, parallel
+        self.text = ""
+        self.position = 0  # where the next block is looked for
+        self.ids: list[str] = []
+        self.names_sent: list[str] = []
+        self.arguments: list[str] = []  # what went out of each call's arguments
+        self.following: _Following | None = None
+        self.stopped = False
+
+    def feed(self, piece: str) -> list[dict[str, Any]]:
+        """The text that came; the `tool_calls` deltas it lets go out."""
+        self.text += piece
+        deltas: list[dict[str, Any]] = []
+        while not self.stopped:
+            if self.following is not None:
+                if not self._follow(deltas):
+                    break
+                continue
+            start = self.text.find(OPEN, self.position)
+            if start < 0:
+                break
+            close = self.text.find(CLOSE, start)
+            head = HEAD.match(self.text, start + len(OPEN))
+            if head is None or (close >= 0 and head.end() > close):
+                if close >= 0:  # a block this cannot follow: the rest goes out when the answer ends
+                    self.stopped = True
+                break  # else its head may still come
+            name = _name(head.group(1))
+            if name is None or (self.names is not None and name not in self.names):
+                if close < 0:  # no call: it stays in the content, which goes out at the end
+                    break
+                self.position = close + len(CLOSE)
+                continue
+            if self.ids and not self.parallel:
+                self.stopped = True
+                break
+            call_id = new_call_id()
+            self.ids.append(call_id)
+            self.names_sent.append(name)
+            self.arguments.append("")
+            self.following = _Following(len(self.ids) - 1, head.end(), head.end(), ObjectEnd(head.end()))
+            function = {"name": name, "arguments": ""}
+            deltas.append(
+                {"index": len(self.ids) - 1, "id": call_id, "type": "function", "function": function}
+            )
+        return deltas
+
+    def _follow(self, deltas: list[dict[str, Any]]) -> bool:
+        """Send what came of the followed call's arguments; True when its block has closed."""
+        call = self.following
+        assert call is not None
+        end = call.end.read(self.text)
+        close = self.text.find(CLOSE, call.start)
+        if end is not None and (close < 0 or end <= close):
+            upto = end
+        else:  # not a whole object (yet): all but white space and what may start the closing tag
+            stop = close if close >= 0 else len(self.text)
+            upto = call.start + len(self.text[call.start : stop].rstrip())
+            if close < 0:
+                upto = min(upto, len(self.text) - held_back(self.text, CLOSE))
+        if upto > call.sent:
+            piece = self.text[call.sent : upto]
+            call.sent = upto
+            self.arguments[call.index] += piece
+            deltas.append({"index": call.index, "function": {"arguments": piece}})
+        if close < 0:
+            return False
+        self.position, self.following = close + len(CLOSE), None
+        return True
+
+    def finish(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The answer's calls as `parse_tool_calls` read them (given the ids that went out, in place); the
+        deltas still to send: the rest of each streamed call's arguments, and the calls not streamed."""
+        deltas: list[dict[str, Any]] = []
+        for index, call in enumerate(calls):
+            if index >= len(self.ids):
+                deltas.append({"index": index, **call})
+                continue
+            function = call["function"]
+            call["id"] = self.ids[index]
+            sent = self.arguments[index]
+            if function["name"] != self.names_sent[index] or not function["arguments"].startswith(sent):
+                # cannot happen while both read blocks alike; the client keeps what it was sent
+                function["name"], function["arguments"] = self.names_sent[index], sent
+                continue
+            if len(function["arguments"]) > len(sent):
+                deltas.append({"index": index, "function": {"arguments": function["arguments"][len(sent) :]}})
+        return deltas
 
 
 # what a template's own tool format puts before the calls, when the text still has it (special tokens are
@@ -184,9 +361,9 @@ def may_be_bare_call(text: str) -> bool:
     return not stripped or stripped[0] in "{["
 
 
-def held_back(text: str) -> int:
-    """How many characters at the end of streamed `text` may be the start of `<tool_call>` (not yet sent)."""
-    for size in range(min(len(OPEN) - 1, len(text)), 0, -1):
-        if OPEN.startswith(text[-size:]):
+def held_back(text: str, tag: str = OPEN) -> int:
+    """How many characters at the end of streamed `text` may be the start of `tag` (not yet sent)."""
+    for size in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-size:]):
             return size
     return 0

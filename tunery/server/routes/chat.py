@@ -14,7 +14,7 @@ from anyio import CancelScope, to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from tunery.data.tools import OPEN, ParsedReply, held_back, may_be_bare_call, parse_tool_calls
+from tunery.data.tools import OPEN, CallStream, ParsedReply, held_back, may_be_bare_call, parse_tool_calls
 from tunery.server.auth import Caller
 from tunery.server.catalog import ResolvedModel, refuse_reward_model, resolve
 from tunery.server.deps import AppState, Auth, State, unless_gone
@@ -278,7 +278,7 @@ class ToolUse:
     forced: list[str]  # `required` or a named function: the answer is one call of these (a grammar)
     parallel: bool
     # each answer parsed once: its calls' ids, streamed and then stored, must be the same ids
-    parsed: dict[str, ParsedReply] = field(default_factory=dict)
+    parsed: dict[tuple[int, str], ParsedReply] = field(default_factory=dict)
 
     @classmethod
     def of(cls, body: ChatRequest) -> ToolUse | None:
@@ -296,10 +296,11 @@ class ToolUse:
             parallel=body.parallel_tool_calls is not False,
         )
 
-    def parse(self, text: str) -> ParsedReply:
-        if text in self.parsed:
-            return self.parsed[text]
-        parsed = self.parsed[text] = parse_tool_calls(text, self.names)
+    def parse(self, text: str, index: int = 0) -> ParsedReply:
+        """Choice `index`'s answer `text`, read once (two choices may write the same text)."""
+        if (index, text) in self.parsed:
+            return self.parsed[index, text]
+        parsed = self.parsed[index, text] = parse_tool_calls(text, self.names)
         if not self.parallel:
             parsed.tool_calls = parsed.tool_calls[:1]
         return parsed
@@ -319,7 +320,7 @@ def _completion(
         "choices": [
             {
                 "index": c["index"],
-                "message": _message(c["text"], tooling),
+                "message": _message(c["text"], c["index"], tooling),
                 "logprobs": {"content": _logprobs(c["logprobs"]), "refusal": None}
                 if c["logprobs"] is not None
                 else None,
@@ -331,10 +332,10 @@ def _completion(
     }
 
 
-def _message(text: str, tooling: ToolUse | None) -> dict[str, Any]:
+def _message(text: str, index: int, tooling: ToolUse | None) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
     if tooling is not None:
-        parsed = tooling.parse(text)
+        parsed = tooling.parse(text, index)
         if parsed.tool_calls:
             message["content"] = parsed.content
             message["tool_calls"] = parsed.tool_calls
@@ -342,7 +343,9 @@ def _message(text: str, tooling: ToolUse | None) -> dict[str, Any]:
 
 
 def _finish(choice: dict[str, Any], tooling: ToolUse | None) -> str:
-    if tooling is not None and choice["finish_reason"] == "stop" and tooling.parse(choice["text"]).tool_calls:
+    if tooling is None or choice["finish_reason"] != "stop":
+        return str(choice["finish_reason"])
+    if tooling.parse(choice["text"], choice["index"]).tool_calls:
         return "tool_calls"
     return str(choice["finish_reason"])
 
@@ -380,6 +383,18 @@ def _usage(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _tool_delta(index: int, deltas: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"index": index, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None}
+
+
+def _content_after(sent: str, content: str | None) -> str:
+    """What is left to send of an answer's content (the text outside its calls), `sent` having gone out."""
+    if not content:
+        return ""
+    done = sent.strip()
+    return content[len(done) :] if content.startswith(done) else ""
+
+
 async def _events(
     first: dict[str, Any],
     replies: AsyncIterator[dict[str, Any]],
@@ -395,9 +410,11 @@ async def _events(
     `keep` (`store: true`) the whole chat.completion is stored once complete."""
     created = now()
     kept: tuple[list[str], dict[str, Any]] | None = None
-    # with tools, text is sent up to where a call may begin; the calls go out whole when the answer ends
+    # with tools, text is sent up to where a call may begin, then the calls as they come (CallStream);
+    # the rest (text after a call, calls in bare JSON) when the answer ends
     texts: dict[int, str] = {}
     sent: dict[int, int] = {}
+    calls: dict[int, CallStream] = {}
     streamed: dict[int, list[str]] = {}  # what the client was sent, for the audit log if the stream breaks
     outcome: tuple[str, dict[str, Any]] | None = None
 
@@ -437,6 +454,11 @@ async def _events(
                     if not sent.get(index) and may_be_bare_call(text):
                         limit = 0  # all of it held until the end: it may be calls in bare JSON
                     piece, sent[index] = text[sent.get(index, 0) : limit], max(sent.get(index, 0), limit)
+                    if start >= 0 or index in calls:
+                        stream = calls.setdefault(index, CallStream(tooling.names, tooling.parallel))
+                        deltas = stream.feed(text[len(stream.text) :])
+                        if deltas:
+                            yield chunk([_tool_delta(index, deltas)])
                 streamed.setdefault(index, []).append(piece)
                 if piece:
                     yield chunk(
@@ -456,29 +478,35 @@ async def _events(
                     for c in result["choices"]
                 ]
                 outcome = ("inference.response", _answer(completion_id, answers, result))
+                ending: dict[int, list[dict[str, Any]]] = {}  # before the stored answer: it keeps their ids
+                for c in result["choices"] if tooling is not None else []:
+                    assert tooling is not None
+                    if found := tooling.parse(c["text"], c["index"]).tool_calls:
+                        stream = calls.get(c["index"]) or CallStream(tooling.names, tooling.parallel)
+                        ending[c["index"]] = stream.finish(found)
                 texts_written = [c["text"] or "" for c in result["choices"]]
                 kept = (texts_written, _completion(completion_id, created, model_name, result, tooling))
                 for c in result["choices"]:
                     finish = c["finish_reason"]
                     if tooling is not None:
-                        parsed = tooling.parse(c["text"])
+                        parsed = tooling.parse(c["text"], c["index"])
+                        held = c["text"][sent.get(c["index"], 0) :]  # no call after all: what was held back
                         if parsed.tool_calls:
-                            calls = [{"index": k, **call} for k, call in enumerate(parsed.tool_calls)]
-                            delta: dict[str, Any] = {"tool_calls": calls}
                             finish = "tool_calls" if finish == "stop" else finish
-                        else:  # what was held back, since it was no call after all
-                            delta = {"content": c["text"][sent.get(c["index"], 0) :]}
-                        if delta.get("tool_calls") or delta.get("content"):
+                            held = _content_after(c["text"][: sent.get(c["index"], 0)], parsed.content)
+                        if held:
                             yield chunk(
                                 [
                                     {
                                         "index": c["index"],
-                                        "delta": delta,
+                                        "delta": {"content": held},
                                         "logprobs": None,
                                         "finish_reason": None,
                                     }
                                 ]
                             )
+                        if ending.get(c["index"]):
+                            yield chunk([_tool_delta(c["index"], ending[c["index"]])])
                     logprobs = (
                         {"content": _logprobs(c["logprobs"]), "refusal": None}
                         if c["logprobs"] is not None

@@ -226,6 +226,7 @@ class _Following:
     start: int  # where its arguments begin in the text
     sent: int
     end: ObjectEnd
+    looked: int  # the closing tag is not before this (each piece is searched once)
 
 
 class CallStream:
@@ -255,7 +256,8 @@ class CallStream:
                     break
                 continue
             start = self.text.find(OPEN, self.position)
-            if start < 0:
+            if start < 0:  # none yet: nothing before the last few characters can start one
+                self.position = max(self.position, len(self.text) - len(OPEN) + 1)
                 break
             close = self.text.find(CLOSE, start)
             head = HEAD.match(self.text, start + len(OPEN))
@@ -276,7 +278,8 @@ class CallStream:
             self.ids.append(call_id)
             self.names_sent.append(name)
             self.arguments.append("")
-            self.following = _Following(len(self.ids) - 1, head.end(), head.end(), ObjectEnd(head.end()))
+            start = head.end()
+            self.following = _Following(len(self.ids) - 1, start, start, ObjectEnd(start), start)
             function = {"name": name, "arguments": ""}
             deltas.append(
                 {"index": len(self.ids) - 1, "id": call_id, "type": "function", "function": function}
@@ -288,14 +291,15 @@ class CallStream:
         call = self.following
         assert call is not None
         end = call.end.read(self.text)
-        close = self.text.find(CLOSE, call.start)
+        close = self.text.find(CLOSE, call.looked)
+        if close < 0:
+            call.looked = max(call.start, len(self.text) - len(CLOSE) + 1)
         if end is not None and (close < 0 or end <= close):
             upto = end
         else:  # not a whole object (yet): all but white space and what may start the closing tag
-            stop = close if close >= 0 else len(self.text)
-            upto = call.start + len(self.text[call.start : stop].rstrip())
-            if close < 0:
-                upto = min(upto, len(self.text) - held_back(self.text, CLOSE))
+            upto = close if close >= 0 else len(self.text) - held_back(self.text, CLOSE)
+            while upto > call.sent and self.text[upto - 1].isspace():
+                upto -= 1
         if upto > call.sent:
             piece = self.text[call.sent : upto]
             call.sent = upto

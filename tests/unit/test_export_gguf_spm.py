@@ -105,7 +105,8 @@ def sentencepiece_tokenizer(
     spaces: str = "prepend", family: str = "mistral", rstrip: bool = False
 ) -> PreTrainedTokenizerFast:
     """A tokenizer.json as transformers' LlamaConverter (spaces "prepend": Llama 2, Mistral v0.1, Phi-3;
-    "metaspace": the non-legacy one) or GemmaConverter (family gemma2) writes one, with the
+    "metaspace": the non-legacy one; "always": what transformers 5 makes of a legacy tokenizer.model) or
+    GemmaConverter (family gemma2) writes one, with the
     family's chat template and special tokens. Phi-3's added tokens strip the spaces after them with
     `rstrip`, as Phi-3's own do."""
     gemma = family == "gemma2"
@@ -124,9 +125,9 @@ def sentencepiece_tokenizer(
         backend.normalizer = normalizers.Sequence(
             [normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)]
         )
-    else:
+    else:  # "metaspace": prepend_scheme "first"; "always": transformers 5's conversion of a legacy one
         backend.pre_tokenizer = pre_tokenizers.Metaspace(
-            replacement=SPACE, prepend_scheme="first", split=False
+            replacement=SPACE, prepend_scheme="always" if spaces == "always" else "first", split=False
         )
     backend.decoder = decoders.Sequence(
         [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -290,6 +291,25 @@ def test_a_metaspace_tokenizer_is_written_and_what_llama_cpp_adds_is_named(tmp_p
         assert differing(tokenizer, texts, llama_cpp_ids(path, texts)) == raw_start
         chat = "<s>[INST] Where is my order? [/INST] It ships today.</s>"
         assert differing(tokenizer, [chat], llama_cpp_ids(path, [chat])) == set()
+
+
+def test_a_legacy_model_as_transformers_5_converts_it_differs_only_where_the_export_warns(
+    tmp_path: Path,
+) -> None:
+    """transformers 5 converts a legacy SentencePiece model (a tokenizer.model, Mistral's say) into a
+    Metaspace pre-tokenizer with prepend_scheme "always": a "\u2581" before each piece of text unless it
+    starts with a space. llama.cpp puts one before each piece, so text that starts with a space (at the start
+    or after a special token) gets two. The same texts, and only those, differed on Mistral's released
+    tokenizer.model v1 and v3 (from the mistral-common package) converted by transformers 5.25."""
+    tokenizer = sentencepiece_tokenizer("always")
+    path = tmp_path / "m.gguf"
+    report = export_gguf(tiny_model(len(tokenizer), "llama"), tokenizer, path, "f32")
+    assert [w for w in report.warnings if "starts with a space" in w] == report.warnings != []
+    assert fields(path)["tokenizer.ggml.add_space_prefix"] is True
+    if LLAMA_CPP:
+        texts = TEXTS + LLAMA_TEXTS
+        spaced = {t for t in texts if t.startswith(" ") or any(f"{s} " in t for s in LLAMA_SPECIALS)}
+        assert spaced and differing(tokenizer, texts, llama_cpp_ids(path, texts)) == spaced
 
 
 # --- Gemma and Phi-3 --------------------------------------------------------------------------------------

@@ -58,6 +58,26 @@ TRUE_POSITIVES = [
     ("NHS number 401 023 2137", [("medical_record", "401 023 2137", False)]),
 ]
 
+# The same kinds of data as customers of other countries write them
+OTHER_COUNTRIES = [
+    ("Llámame al 612 345 678, gracias", [("phone", "612 345 678", False)]),
+    ("mi móvil: 612 34 56 78", [("phone", "612 34 56 78", False)]),
+    ("Ligue para 912 345 678 amanhã", [("phone", "912 345 678", False)]),
+    ("Appelez-moi au 06 12 34 56 78 svp", [("phone", "06 12 34 56 78", False)]),
+    ("Handy: 0151 23456789", [("phone", "0151 23456789", False)]),
+    ("Meu celular é (11) 91234-5678", [("phone", "(11) 91234-5678", False)]),
+    ("bel me op 06 12345678", [("phone", "06 12345678", False)]),
+    # 1840375123456 mod 97 = 7, 97 - 7 = 90; Corsica's 2A counts as 19: 2920519123456 mod 97 = 69 -> 28
+    (
+        "sécurité sociale : 1 84 03 75 123 456 90 ; 292052A12345628",
+        [("national_id", "1 84 03 75 123 456 90", False), ("national_id", "292052A12345628", False)],
+    ),
+    # 5x10+2x9+9x8+9x7+8x6+2x5+2x4+4x3+7x2 = 295, 2950 mod 11 = 2; then with 2, x11..x2: 347 -> 5
+    ("CPF 529.982.247-25", [("national_id", "529.982.247-25", False)]),
+    ("meu CPF: 52998224725", [("national_id", "52998224725", False)]),
+    ("CPF de exemplo 123.456.789-09", [("national_id", "123.456.789-09", True)]),
+]
+
 PLACEHOLDERS = [
     ("mail support@northwind-bikes.example", [("email", "support@northwind-bikes.example", True)]),
     (
@@ -118,10 +138,18 @@ LOOK_ALIKES = [
     "patient id is pending; MRN unknown",
     "999.1.1.1 and 01.02.03.04",
     "exp 11/26, cvv 448",
+    "Número de pedido: 612 345 678",
+    "pedido 612345678 enviado",
+    "commande n° 0612345678",
+    "Bestellnummer 0151 23456789",
+    "Rechnung vom 03.04.2024, Betrag 1.234,56 EUR, Kundennummer 0151 2345678",
+    "sécurité sociale 1 84 03 75 123 456 91 (bad key)",
+    "CPF 529.982.247-26, 111.111.111-11",
+    "Preço R$ 612.345,67 ou 912.345,67",
 ]
 
 
-@pytest.mark.parametrize(("text", "expected"), TRUE_POSITIVES + PLACEHOLDERS)
+@pytest.mark.parametrize(("text", "expected"), TRUE_POSITIVES + OTHER_COUNTRIES + PLACEHOLDERS)
 def test_findings(text: str, expected: list[tuple[str, str, bool]]) -> None:
     assert found(text) == expected
 

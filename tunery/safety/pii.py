@@ -14,7 +14,8 @@ and Ofcom drama numbers, documentation and private IP ranges, published test car
 sample ids that documents print are all reported, with `fictional=True` and a `reason`, so a screen can
 show them; they never count as personal data and `redact` leaves them in place.
 
-Not covered: names, street addresses, free-text health details, and ids of countries not listed below.
+Not covered: names, street addresses, free-text health details, and ids of countries not listed below:
+US SSN, UK NINO, IBANs, Dutch BSN, Spanish DNI/NIE, French NIR, Brazilian CPF, Indian Aadhaar, NHS numbers.
 A date of birth or medical record number is found only after a keyword ("DOB", "born", "MRN", ...).
 """
 
@@ -46,7 +47,18 @@ _RANK = {
         ("payment_card", "national_id", "medical_record", "email", "ip_address", "date_of_birth", "phone")
     )
 }
-PHONE_REGIONS = ("US", "GB")  # national-format numbers are read as these countries'; "+..." as any
+# National-format numbers (no "+") are read as these countries': North American ones as they are, the others
+# when they start with a trunk 0 ("07911 123456", "06 12 34 56 78", "0151 23456789"); "+..." as any country.
+PHONE_REGIONS = ("US", "GB", "FR", "NL", "BE", "CH", "DE", "AT")
+# whose plans take almost any run of digits after a 0 (a bad IBAN's tail is a German landline number): only
+# their mobile numbers are read
+_MOBILE_ONLY = frozenset({"DE", "AT"})
+# Countries whose numbers have no trunk 0, read when the digits have their shape: Spain's and Portugal's nine
+# digits in groups ("612 345 678", "912 34 56 78"), Brazil's area code in brackets ("(11) 91234-5678").
+_SHAPED_REGIONS = (
+    (("ES", "PT"), re.compile(r"(?<![\d.-])[6-9]\d{2}(?: \d{3} \d{3}| \d{2} \d{2} \d{2}|\d{6})(?![\d.-])")),
+    (("BR",), re.compile(r"\(\d{2}\) ?9?\d{4}-?\d{4}(?!\d)")),
+)
 
 
 @dataclass(frozen=True)
@@ -144,11 +156,17 @@ def _emails(text: str) -> Iterator[Finding]:
 # these runs (and a few characters of context) rather than on the whole text, several times faster.
 _DIGIT_RUN = re.compile(r"\d[\d \t().\-/]*\d")
 _TRUNK_ZERO = re.compile(r"(?<!\d)\(?0\d")  # national-format numbers outside North America start with 0
+_STARTS_WITH_ZERO = re.compile(r"\(?0")
 # An id written right after one of these words is an order/ticket/account number, not a phone number.
 _NOT_PHONE_BEFORE = re.compile(
     r"\b(?:order|invoice|tracking|ticket|case|ref|reference|confirmation|account|acct|sku|serial|isbn|po|"
-    r"item|part|model|transaction|txn|id|receipt|booking|customer|member|policy)\s*(?:no\.?|number|nr\.?|id)?"
-    r"\s*[:#.]?(?:\s*(?:is|was|=))?\s*#?\s*$|#\s*$",
+    r"item|part|model|transaction|txn|id|receipt|booking|customer|member|policy|"
+    # the same in Spanish, French, German, Portuguese and Italian
+    r"pedido|factura|referencia|seguimiento|reserva|cliente|commande|facture|r[ée]f[ée]rence|suivi|dossier|"
+    r"bestellung|bestellnummer|rechnung|rechnungsnummer|auftrag|sendung|kundennummer|encomenda|fatura|"
+    r"rastreio|ordine|fattura|riferimento)"
+    r"\s*(?:no\.?|number|nr\.?|id|n[º°o]\.?|n[úu]m\.?|n[úu]mero|num[ée]ro|nummer)?"
+    r"\s*[:#.]?(?:\s*(?:is|was|=|es|est|ist|é|è))?\s*#?\s*$|#\s*$",
     re.IGNORECASE,
 )
 # Ofcom's numbers for drama (national significant numbers, without the leading 0).
@@ -173,18 +191,29 @@ def _phones_in(text: str, lo: int, hi: int) -> Iterator[Finding]:
     pn = _phonenumbers()
     window = text[lo:hi]
     decided: set[tuple[int, int]] = set()
-    for region in PHONE_REGIONS:
-        if region != "US" and not _TRUNK_ZERO.search(window):
-            continue  # "+..." numbers were read in the first region already
+    # each region with what a national-format number must look like to be read as one of its numbers
+    regions: list[tuple[str, re.Pattern[str] | None]] = [
+        ("US", None)
+    ]  # "+..." are read here, as any country's
+    if _TRUNK_ZERO.search(window):
+        # past Britain's, only numbers of 9 digits or more (dates such as 03.04.2024 have 8)
+        many = sum(c.isdigit() for c in window) >= 9
+        regions += [(r, _STARTS_WITH_ZERO) for r in PHONE_REGIONS[1:] if r == "GB" or many]
+    regions += [(r, shape) for shaped, shape in _SHAPED_REGIONS if shape.search(window) for r in shaped]
+    for region, shape in regions:
+        if shape is not None and decided:
+            break  # the number here is read (a window holds one digit run): no other country's reading
         for match in pn.PhoneNumberMatcher(window, region, leniency=pn.Leniency.POSSIBLE):
             span = (lo + match.start, lo + match.end)
-            if span in decided:
-                continue
             raw, number = match.raw_string, match.number
+            if span in decided or (shape is not None and not raw.startswith("+") and not shape.match(raw)):
+                continue
             if not raw.startswith(("+", "(")) and _NOT_PHONE_BEFORE.search(
                 text[max(0, span[0] - 40) : span[0]]
             ):
                 decided.add(span)
+                continue
+            if region in _MOBILE_ONLY and pn.number_type(number) != pn.PhoneNumberType.MOBILE:
                 continue
             reason = _fictional_phone(number.country_code, str(number.national_number))
             if reason or pn.is_valid_number(number):
@@ -242,6 +271,16 @@ _BSN = re.compile(
 )
 _DNI = re.compile(r"(?<![A-Za-z0-9-])(\d{8}|[XYZ]-?\d{7})-?([A-Z])(?![A-Za-z0-9])")
 _DNI_LETTERS = "TRWAGMYFPDXBNJZSQVHLCKE"
+# France's social security number (NIR): sex, year, month, department (2A/2B for Corsica), commune, serial,
+# then a key: 97 minus the 13 digits mod 97
+_NIR = re.compile(
+    r"(?<![\dA-Za-z])([12]) ?(\d{2}) ?(0[1-9]|1[0-2]|[2-9]\d) ?(\d{2}|2[AB]) ?(\d{3}) ?(\d{3}) ?(\d{2})(?![\dA-Za-z])"
+)
+# Brazil's CPF, written 000.000.000-00 (or bare after the word CPF), two check digits mod 11
+_CPF = re.compile(
+    r"(?<![\d.])(\d{3}\.\d{3}\.\d{3}-\d{2})(?![\d.-]?\d)|\bCPF\W{0,6}(\d{11}|\d{9}-\d{2})(?!\d)"
+)
+_SAMPLE_CPFS = {"11144477735": "a sample CPF", "12345678909": "a sample CPF"}
 _AADHAAR = re.compile(
     r"\b(?:aadhaa?r|UIDAI|UID)(?:\s+(?:no\.?|number|card))?\W{0,6}([2-9]\d{3}([ -]?)\d{4}\2\d{4})(?![\d])",
     re.IGNORECASE,
@@ -286,6 +325,31 @@ def _national_ids(text: str) -> Iterator[Finding]:
         digits = re.sub(r"\D", "", m.group(1))
         if verhoeff_valid(digits):
             yield _finding("national_id", m, 1, "in_aadhaar")
+    for m in _NIR.finditer(text):
+        number = "".join(m.groups()[:6]).replace("2A", "19").replace("2B", "18")
+        if 97 - int(number) % 97 == int(m.group(7)):
+            yield _finding("national_id", m, 0, "fr_nir")
+    for m in _CPF.finditer(text):
+        group = 1 if m.group(1) else 2
+        digits = re.sub(r"\D", "", m.group(group))
+        if cpf_valid(digits):
+            yield _finding("national_id", m, group, "br_cpf", _SAMPLE_CPFS.get(digits, ""))
+
+
+def cpf_valid(digits: str) -> bool:
+    """Brazil's CPF: each check digit is 10 x (the weighted sum of the digits before it) mod 11 mod 10,
+    weights counting down to 2; eleven equal digits are not a CPF.
+
+    >>> cpf_valid("52998224725"), cpf_valid("52998224726")
+    (True, False)
+    """
+    if len(digits) != 11 or len(set(digits)) == 1:
+        return False
+    values = [int(d) for d in digits]
+    for n in (9, 10):
+        if sum(v * (n + 1 - i) for i, v in enumerate(values[:n])) * 10 % 11 % 10 != values[n]:
+            return False
+    return True
 
 
 def _iban_span(text: str, start: int) -> tuple[int, int] | None:

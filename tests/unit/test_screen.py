@@ -277,10 +277,12 @@ def test_the_classifier_scores_the_same_in_its_worker_process(monkeypatch: pytes
     monkeypatch.delitem(sys.modules, "profanity_check", raising=False)  # as in a fresh `tunery train`
 
     texts = ["Thank you, that helped!", "You are a complete idiot.", "naïve café \u2028 line"]
+    texts.append("¿Dónde está mi pedido? Lo pedí hace dos semanas.")
     content.start_worker()
     try:
         assert content._worker is not None
         in_worker = content.offensive_probability(texts)
+        languages_in_worker = content.other_languages(texts)
         assert content._worker is not None  # still serving: a run scores train and valid with it
         content._worker.kill()
         content._worker.wait()
@@ -290,3 +292,41 @@ def test_the_classifier_scores_the_same_in_its_worker_process(monkeypatch: pytes
         content.stop_worker()
     assert in_worker == after_death == content.offensive_probability(texts)
     assert in_worker[1] > 0.5 > in_worker[0]
+    assert languages_in_worker == content.other_languages(texts) == [None, None, None, "es"]
+
+
+def test_other_languages_are_not_scored_by_the_english_classifier(tmp_path: Path) -> None:
+    """The classifier was trained on English: a text clearly in another language gets no score, so neither
+    its false alarms ("professionelle" reads as offensive) nor its silence count, and the report says so."""
+    from tunery.safety.content import other_languages
+
+    german = "Was kostet die professionelle Montage bei Ihnen im Laden?"
+    answer = "Die Montage kostet 25 Euro und dauert einen Tag."
+    texts = [
+        german,
+        "Eres un idiota estúpido y te odio, vete al infierno.",
+        "Je voudrais annuler ma commande, elle n'est pas encore partie.",
+        "Meu pedido chegou danificado, o que eu faço agora?",
+        "You are a complete idiot and I hate you.",  # English, abusive: scored as ever
+        "Where is my order? It has been two weeks.",
+        '{"order_id": "NW-39271", "date": "2027-03-18"}',  # no language: scored
+        "Danke!",  # too short to tell
+    ]
+    assert other_languages(texts) == ["de", "es", "fr", "pt", None, None, None, None]
+    path = tmp_path / "mixed.jsonl"
+    write_jsonl(
+        path,
+        [
+            chat(german, answer),
+            chat("You are RUDE"),
+            chat("Hallo", "Sie sind RUDE und das ist nicht gut so."),
+        ],
+    )
+    result = screen_file(path, "block", "warn", score=lambda ts: [0.99] * len(ts))
+    assert result.offensive_lines == {2, 3}  # line 2 (English) and "Hallo" (too short to tell): scored
+    assert result.unscored_lines == {"de": {1, 3}} and result.report()["not_scored_for_content"] == {"de": 2}
+    assert result.action == "blocked"
+    assert [p.key for p in validation_problems(result)] == ["offensive_content", "content_not_scored"]
+    alone = tmp_path / "german.jsonl"
+    write_jsonl(alone, [chat(german, answer)])
+    assert screen_file(alone, "block", "warn", score=lambda ts: [0.99] * len(ts)).action == "passed"

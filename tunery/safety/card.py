@@ -655,6 +655,11 @@ def _screened_files(run: _Run) -> list[tuple[str, dict[str, Any]]]:
 
 def _categories(info: dict[str, Any]) -> str:
     counts = info.get("by_category") or {}
-    if not isinstance(counts, dict) or not counts:
-        return "none"
-    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: str(kv[0])) if v)
+    text = "none"
+    if isinstance(counts, dict) and counts:
+        text = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: str(kv[0])) if v)
+    unscored = info.get("not_scored_for_content") or {}
+    if isinstance(unscored, dict) and unscored:  # the classifier reads English
+        languages = ", ".join(f"{k} {v}" for k, v in sorted(unscored.items(), key=lambda kv: str(kv[0])))
+        text += f"; lines not scored for offensive content, in other languages than English: {languages}"
+    return text

@@ -5,6 +5,11 @@ It scores one thing, how likely a text is offensive or abusive (profanity, insul
 understand self-harm, violence, illegal instructions or sexual content as topics; callers that report
 categories must say so rather than imply coverage it does not have.
 
+It was trained on English. On other languages its scores are noise both ways ("Was kostet die professionelle
+Montage?" 0.95, a Spanish string of insults 0.03), so `other_languages` names the texts that are clearly in
+another language (py3langid's offline model, shipped in its wheel), and screening reports those as not
+scored rather than trusting a score.
+
 >>> scores = offensive_probability(["Thank you, that helped!", "You are a complete idiot."])
 >>> scores[0] < 0.1 < 0.9 < scores[1]
 True
@@ -23,6 +28,33 @@ from typing import Any
 # alt-profanity-check's own decision rule is p >= 0.5; screening uses it as the default.
 OFFENSIVE_THRESHOLD = 0.5
 CLASSIFIER = "alt-profanity-check 1.9 (offline linear classifier)"
+LANGUAGE_ID = "py3langid 0.4 (offline)"
+# A text counts as in another language when it is this long and P(English) is below this: measured on
+# Tunery's English example data and red-team prompts (2,915 strings), no English text of 20 characters or
+# more was under 0.01 but JSON (py3langid's "zxx", no language, which stays scored); 455 of the 596
+# strings of examples/support-multilingual were.
+MIN_LANGUAGE_CHARS, MAX_ENGLISH_PROBABILITY = 20, 0.01
+
+
+@functools.cache
+def _identifier() -> Any:
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier  # its model unpacks in ~1 s
+
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
+def _languages(texts: Sequence[str]) -> list[str | None]:
+    identifier = _identifier()
+    out: list[str | None] = []
+    for text in texts:
+        language = None
+        if len(text.strip()) >= MIN_LANGUAGE_CHARS:
+            ranked = identifier.rank(text)
+            top, english = ranked[0][0], dict(ranked).get("en", 0.0)
+            if top not in ("en", "zxx") and english < MAX_ENGLISH_PROBABILITY:
+                language = str(top)
+        out.append(language)
+    return out
 
 
 @functools.cache
@@ -67,36 +99,55 @@ def stop_worker() -> None:
                     stream.close()
 
 
-def _worker_scores(texts: list[str]) -> list[float] | None:
+def _ask_worker(question: str, texts: list[str]) -> list[Any] | None:
     worker = _worker
     if worker is None or worker.stdin is None or worker.stdout is None:
         return None
     try:
-        worker.stdin.write(json.dumps(texts).encode() + b"\n")
+        worker.stdin.write(json.dumps({"question": question, "texts": texts}).encode() + b"\n")
         worker.stdin.flush()
-        scores = json.loads(worker.stdout.readline())
+        answers = json.loads(worker.stdout.readline())
     except (OSError, ValueError):
-        scores = None
-    if not isinstance(scores, list) or len(scores) != len(texts):
+        answers = None
+    if not isinstance(answers, list) or len(answers) != len(texts):
         stop_worker()
         return None
-    return [float(p) for p in scores]
+    return answers
 
 
 def offensive_probability(texts: Sequence[str]) -> list[float]:
     """P(offensive) for each text, in order. Batched: ~70k short texts per second on 2 cores."""
     if not texts:
         return []
-    scores = _worker_scores(list(texts))
-    return scores if scores is not None else [float(p) for p in _predict_prob()(list(texts))]
+    scores = _ask_worker("scores", list(texts))
+    return [float(p) for p in (scores if scores is not None else _predict_prob()(list(texts)))]
+
+
+def other_languages(texts: Sequence[str]) -> list[str | None]:
+    """For each text, the language it is clearly written in when that is not English (an ISO 639-1 code,
+    e.g. "de"), else None: English, too short to tell (under MIN_LANGUAGE_CHARS), or no language (JSON).
+
+    >>> other_languages(["Was kostet die professionelle Montage bei Ihnen?", "Where is my order?", "ok"])
+    ['de', None, None]
+    """
+    if not texts:
+        return []
+    languages = _ask_worker("languages", list(texts))
+    return languages if languages is not None else _languages(texts)
 
 
 def _serve() -> None:
-    """The child of `start_worker`: one JSON list of texts per line in, one JSON list of scores out."""
-    predict = _predict_prob()
+    """The child of `start_worker`: one JSON object {"question": "scores" | "languages", "texts": [...]} per
+    line in, one JSON list of answers out."""
+    predict, _ = _predict_prob(), _identifier()
     for line in sys.stdin.buffer:
-        texts = json.loads(line)
-        sys.stdout.write(json.dumps([float(p) for p in predict(texts)]) + "\n")
+        request = json.loads(line)
+        texts = request["texts"]
+        if request["question"] == "languages":
+            answers: list[Any] = _languages(texts)
+        else:
+            answers = [float(p) for p in predict(texts)]
+        sys.stdout.write(json.dumps(answers) + "\n")
         sys.stdout.flush()
 
 

@@ -19,11 +19,14 @@ it verbatim, so keeping it is an explicit choice). Placeholders (user@example.co
 test card numbers, documentation IPs; see pii.py) are reported as fictional and never block.
 
 A run directory gets `screening.json`:
-    {"classifier", "threshold", "personal_data_detector", "policy": {"content", "pii"},
+    {"classifier", "language_identifier", "threshold", "personal_data_detector", "policy": {"content", "pii"},
      "files": {"train": {"path", "lines", "flagged_lines", "by_category", "fictional_by_category",
+                         "not_scored_for_content": {language: lines},
                          "action": passed|warned|redacted|blocked, "redacted_path", "examples": [...]}}}
 `by_category` counts lines (a line with two emails counts once); `flagged_lines` counts lines with
-anything that is not fictional.
+anything that is not fictional. The classifier was trained on English: a string clearly in another
+language (`content.other_languages`) is not scored, and `not_scored_for_content` counts those lines by
+language, so nothing there reads as screened when it was not.
 """
 
 from __future__ import annotations
@@ -39,7 +42,13 @@ from typing import Any
 from tunery.data.chat import Problem
 from tunery.data.jsonl import MAX_FILE_BYTES, read_jsonl
 from tunery.errors import TuneryError
-from tunery.safety.content import CLASSIFIER, OFFENSIVE_THRESHOLD, offensive_probability
+from tunery.safety.content import (
+    CLASSIFIER,
+    LANGUAGE_ID,
+    OFFENSIVE_THRESHOLD,
+    offensive_probability,
+    other_languages,
+)
 from tunery.safety.pii import PLACEHOLDERS, Finding, find_personal_data, redact
 from tunery.training.io import atomic_open, atomic_write_json
 from tunery.training.progress import StepProgress
@@ -59,6 +68,7 @@ MAX_LISTED_LINES = 10  # line numbers an error message lists per category
 MAX_FINDINGS = 100_000  # findings kept in memory; counts stay exact past it
 
 Scorer = Callable[[Sequence[str]], list[float]]
+Languages = Callable[[Sequence[str]], list[str | None]]
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,8 @@ class FileScreen:
     action: str = "passed"  # passed | warned | redacted | blocked
     redacted_path: str | None = None
     dropped_lines: list[int] = field(default_factory=list)  # offensive lines left out of the copy
+    # lines with a string in another language than the classifier's (English), by language: not scored
+    unscored_lines: dict[str, set[int]] = field(default_factory=dict)
 
     def add(self, finding: LineFinding) -> None:
         lines = self.fictional_lines if finding.fictional else self.lines_by_category
@@ -129,6 +141,7 @@ class FileScreen:
             "redacted_path": self.redacted_path,
             "dropped_lines": len(self.dropped_lines),
             "unreadable_lines": self.unreadable_lines,
+            "not_scored_for_content": {k: len(v) for k, v in sorted(self.unscored_lines.items())},
             "examples": [f.to_json() for f in sorted(shown, key=lambda f: (f.fictional, f.line))],
         }
 
@@ -167,6 +180,7 @@ def screen_file(
     pii_policy: str = DEFAULT_PII_POLICY,
     redacted_out: str | Path | None = None,
     score: Scorer = offensive_probability,
+    languages: Languages = other_languages,
     threshold: float = OFFENSIVE_THRESHOLD,
     max_bytes: int = MAX_FILE_BYTES,
     write: bool = True,
@@ -189,6 +203,7 @@ def screen_file(
                 refs.append((line.number, name, texts.setdefault(text, len(texts))))
     unique = list(texts)
     scores = score(unique) if unique else []
+    foreign = languages(unique) if unique else []  # the classifier reads English: other languages unscored
     found: dict[int, list[Finding]] = {}
     # ~7,000 lines/s: a bar (or a log line every 10 s) from about ten seconds of work up
     with StepProgress(
@@ -201,7 +216,9 @@ def screen_file(
             for f in found[index]:
                 snippet = _snippet(text, found[index], f)
                 result.add(LineFinding(number, name, f.category, snippet, f.fictional, f.reason))
-            if scores[index] >= threshold:
+            if foreign[index] is not None:
+                result.unscored_lines.setdefault(str(foreign[index]), set()).add(number)
+            elif scores[index] >= threshold:
                 snippet = _snippet(text, found[index], None)
                 result.add(LineFinding(number, name, OFFENSIVE, snippet, score=scores[index]))
             if k % 10_000 == 0 or k == len(refs) - 1:
@@ -312,7 +329,18 @@ def summary(result: FileScreen) -> str:
     placeholders = set().union(*result.fictional_lines.values())
     if placeholders:
         parts.append(f"placeholders (not personal data) on {_n_lines(len(placeholders))}")
+    if result.unscored_lines:
+        parts.append(unscored_text(result))
     return "; ".join(parts) or "nothing found"
+
+
+def unscored_text(result: FileScreen) -> str:
+    """e.g. `not scored for offensive content (the classifier reads English): 40 lines (de 12, es 28)`."""
+    lines = set().union(*result.unscored_lines.values())
+    counts = ", ".join(f"{k} {len(v)}" for k, v in sorted(result.unscored_lines.items()))
+    return (
+        f"not scored for offensive content (the classifier reads English): {_n_lines(len(lines))} ({counts})"
+    )
 
 
 def _n_lines(n: int) -> str:
@@ -353,6 +381,9 @@ def validation_problems(result: FileScreen) -> list[Problem]:
                 "error" if blocking else "warning",
             )
         )
+    if result.unscored_lines:
+        lines = set().union(*result.unscored_lines.values())
+        problems.append(Problem(min(lines), "content_not_scored", unscored_text(result), "warning"))
     return problems
 
 
@@ -375,7 +406,7 @@ def screen_run_data(
     if blocked:
         raise TuneryError("\n".join(block_message(r) for r in blocked))
     for role, result in results.items():
-        if result.action != "passed":
+        if result.action != "passed" or result.unscored_lines:
             log.warning("screening %s (%s): %s; %s", role, result.path, summary(result), result.action)
     atomic_write_json(run_dir / REPORT_NAME, run_report(results, content_policy, pii_policy))
     return {role: r.redacted_path or r.path for role, r in results.items()}
@@ -384,6 +415,7 @@ def screen_run_data(
 def run_report(results: dict[str, FileScreen], content_policy: str, pii_policy: str) -> dict[str, Any]:
     return {
         "classifier": CLASSIFIER,
+        "language_identifier": LANGUAGE_ID,
         "threshold": OFFENSIVE_THRESHOLD,
         "personal_data_detector": PII_DETECTOR,
         "policy": {"content": content_policy, "pii": pii_policy},

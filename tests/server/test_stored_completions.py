@@ -157,11 +157,14 @@ def test_a_streamed_tool_call_is_stored_with_the_ids_the_client_got(
         store=True,  # type: ignore[arg-type, list-item]
     ) as stream:
         chunks = list(stream)
-    streamed = [c for chunk in chunks for choice in chunk.choices for c in choice.delta.tool_calls or []]
-    assert [c.function.name for c in streamed] == ["weather"]
+    deltas = [c for chunk in chunks for choice in chunk.choices for c in choice.delta.tool_calls or []]
+    streamed = [c for c in deltas if c.id]  # a call's first delta; its arguments follow in others
+    assert [c.function.name for c in streamed] == ["weather"] and {c.index for c in deltas} == {0}
     stored = acme.chat.completions.retrieve(chunks[0].id).choices[0]
     assert stored.finish_reason == "tool_calls" and stored.message.tool_calls is not None
     assert [c.id for c in stored.message.tool_calls] == [c.id for c in streamed]
+    arguments = "".join(c.function.arguments or "" for c in deltas)
+    assert stored.message.tool_calls[0].function.arguments == arguments == '{"city": "Oslo"}'
 
 
 def test_bad_metadata_and_paging_are_400s_naming_the_parameter(studio: Studio) -> None:

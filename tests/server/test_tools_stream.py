@@ -3,13 +3,17 @@ comes out as `tool_calls`, never as content; a reply that only looks like one co
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
+import openai
 import pytest
 
 from tests.server.conftest import Studio
 from tests.server.test_stored_completions import ask, client_of
+from tunery.server.errors import APIError
+from tunery.server.settings import Settings
 
 
 class Scripted:
@@ -93,3 +97,31 @@ def test_a_call_in_tags_streams_its_arguments_as_they_come_and_is_stored_the_sam
     [call] = stored.choices[0].message.tool_calls or []
     assert {call.id} == ids and call.function.arguments == arguments
     assert stored.choices[0].message.content == "Checking. One moment."
+
+
+class Breaking(Scripted):
+    """A worker that streams part of a call, then fails."""
+
+    async def stream(self, request: dict[str, Any], project: str = "") -> Any:
+        for piece in ("Checking.", '<tool_call>{"name": "get_order", ', '"arguments": {"order_id": "A'):
+            yield {"event": "delta", "index": 0, "text": piece}
+        raise APIError(503, "the inference worker stopped", code="worker_failed", type="server_error")
+
+
+def test_a_broken_stream_records_the_call_it_had_sent(
+    studio: Studio, keys: dict[str, str], settings: Settings
+) -> None:
+    studio.client.app.state.tunery.inference = Breaking("")  # type: ignore[attr-defined]
+    acme = client_of(studio, keys["acme"])
+    sent: list[str] = []
+    with contextlib.suppress(openai.APIError):
+        for chunk in ask(acme, "Where is order A1?", tools=[TOOL], stream=True):
+            for choice in chunk.choices:
+                sent += [d.function.arguments or "" for d in choice.delta.tool_calls or []]
+    assert "".join(sent) == '{"order_id": "A'
+    log = [json.loads(line) for line in (settings.audit_dir / "acme.jsonl").read_text().splitlines()]
+    [error] = [r["payload"] for r in log if r["type"] == "inference.error"]
+    [choice] = error["partial_choices"]
+    assert choice["text"] == "Checking."
+    [call] = choice["tool_calls"]
+    assert (call["name"], call["arguments"]) == ("get_order", '{"order_id": "A')

@@ -15,6 +15,7 @@ from tunery.data.template import assistant_spans, prompt_ids, tokenize_chat
 from tunery.data.tools import (
     OPEN,
     CallStream,
+    ReplyStream,
     held_back,
     native_tools,
     parse_tool_calls,
@@ -238,3 +239,104 @@ def test_the_stream_and_the_parse_agree_on_what_is_a_call() -> None:
     first, _, _ = _streamed(STREAMED_REPLIES[1], [7, 50], parallel=False)
     assert [c["name"] for c in first] == ["weather"]
     assert _streamed("No call here.", [4])[0] == []
+
+
+def _reply(
+    text: str, cuts: list[int], names: set[str] | None = None
+) -> tuple[str, list[dict[str, Any]], Any]:
+    """What a client assembles from a ReplyStream fed `text` in pieces (content, calls), and the parse the
+    answer is stored with (its ids set by the stream)."""
+    names = {"weather", "time"} if names is None else names
+    reply = ReplyStream(names, True)
+    content, deltas = "", []
+    for a, b in itertools.pairwise([0, *cuts, len(text)]):
+        piece, more = reply.feed(text[a:b])
+        content, deltas = content + piece, deltas + more
+    parsed = parse_tool_calls(text, names)
+    rest, more = reply.finish(text, parsed)
+    content, deltas = content + rest, deltas + more
+    calls: dict[int, dict[str, Any]] = {}
+    for d in deltas:
+        entry = calls.setdefault(d["index"], {"id": None, "name": "", "arguments": ""})
+        entry["id"] = d.get("id") or entry["id"]
+        entry["name"] += d["function"].get("name") or ""
+        entry["arguments"] += d["function"].get("arguments") or ""
+    return content, [calls[i] for i in sorted(calls)], parsed
+
+
+REPLIES = [
+    *STREAMED_REPLIES,
+    'Checking. <tool_call>{"name": "time", "arguments": {}}</tool_call> Done.',
+    'Let me check that for you.\n<tool_call>{"name": "time", "arguments": {}}</tool_call>',
+    '  <tool_call>{"name": "time", "arguments": {}}</tool_call>',
+    'Hi <tool_call>{"name": "time", "arguments": {}}</tool_call> x <tool_call>{"name": "time", "arguments": {}}</tool_call> y',
+    # a second `<tool_call>` after an unclosed call, or inside its arguments: one call, the first
+    '<tool_call>{"name": "weather", "arguments": {"a": 1}}\n<tool_call>',
+    '<tool_call>{"name": "weather", "arguments": {"q": "<tool_call>{"name": "time", "arguments": {}}',
+    '[1] Checking.<tool_call>{"name": "time", "arguments": {}}</tool_call>',
+    '{"name": "weather", "arguments": {"city": "Oslo"}}',  # bare JSON: held, then whole
+    "Plain answer with trailing space and a newline \n",
+]
+
+
+@pytest.mark.parametrize("text", REPLIES)
+def test_a_streamed_reply_adds_up_to_the_stored_one(text: str) -> None:
+    rng = random.Random(text)
+    for trial in range(40):
+        size = 1 if trial == 0 else rng.randint(1, 12)
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, len(text) // size)))
+        content, calls, parsed = _reply(text, cuts)
+        fresh = parse_tool_calls(text, {"weather", "time"})
+        want = [
+            {"id": c["id"], "name": f["function"]["name"], "arguments": f["function"]["arguments"]}
+            for c, f in zip(parsed.tool_calls, fresh.tool_calls, strict=True)
+        ]
+        assert calls == want, (text, cuts)
+        assert content == (fresh.content or "" if fresh.tool_calls else text), (text, cuts)
+
+
+def test_text_before_a_call_goes_out_before_the_call() -> None:
+    reply = ReplyStream({"time"}, True)
+    order = []
+    for char in '[1] Checking.<tool_call>{"name": "time", "arguments": {}}</tool_call>':
+        piece, deltas = reply.feed(char)
+        order += ["content"] * bool(piece) + ["call"] * len(deltas)
+    assert order.index("content") < order.index("call")  # "[1]" may have been bare JSON until the call
+
+
+def test_hostile_replies_take_linear_time() -> None:
+    """White space after an unclosed `<tool_call>` made the block regex backtrack cubically (a reply of
+    newlines: minutes), and the stream's white-space trim and head matching went over the same text on
+    every piece (quadratic). In a child process with 60 s of CPU, 200,000 characters of each must be
+    parsed and streamed in pieces of a few characters (linear: about a second; otherwise hours)."""
+    import resource
+    import subprocess
+    import sys
+
+    code = """
+from tunery.data.tools import ReplyStream, parse_tool_calls
+n = 200_000
+texts = [
+    "Sure. <tool_call>" + "\\n" * n,
+    "<tool_call>" * (n // 11),
+    '<tool_call>{"name": "weather", "arguments": {"a": "' + " " * n,
+    '<tool_call>{"name": "weather", "arguments": {' + "        " * (n // 8),
+    '<tool_call>{"name": "' + "x" * n,
+    "<tool_call>" + " " * n + '{"name": "weather", "arguments": {}}</tool_call>',
+    '<tool_call>{"name": "nope", "arguments": {"a": "' + "y" * n,
+]
+for text in texts:
+    reply = ReplyStream({"weather"}, True)
+    for i in range(0, len(text), 4):
+        reply.feed(text[i : i + 4])
+    reply.finish(text, parse_tool_calls(text, {"weather"}))
+print("done")
+"""
+
+    def cpu_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_CPU, (60, 60))
+
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=cpu_limit, timeout=600
+    )
+    assert out.stdout.strip() == "done", out.stderr[-2000:]

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
 
+log = logging.getLogger("tunery")
+
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 # a block's call up to where its arguments' object begins: from here on the block is that call
 HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
 
@@ -190,24 +192,23 @@ def _block_call(body: str, names: set[str] | None) -> dict[str, Any] | None:
 
 def parse_tool_calls(text: str, names: set[str] | None = None) -> ParsedReply:
     """The calls in a reply. A block that is not JSON, or names no function, stays in the content;
-    `names`: only these functions count (the request's tools). A last block the reply ended in before
-    closing it (`max_tokens`) is read as far as it goes."""
+    `names`: only these functions count (the request's tools). A block the reply ended in before closing
+    it (`max_tokens`) is read as far as it goes. Blocks are found with `str.find`, in linear time (a regex
+    with white space on both sides of the body backtracks cubically on an unclosed block)."""
     calls: list[dict[str, Any]] = []
     kept: list[str] = []
-    position = 0
-    for match in BLOCK.finditer(text):
-        call = _block_call(match.group(1), names)
+    position = looked = 0  # the text up to `position` is in `kept`; blocks are looked for from `looked`
+    while (start := text.find(OPEN, looked)) >= 0:
+        close = text.find(CLOSE, start + len(OPEN))
+        end = len(text) if close < 0 else close + len(CLOSE)
+        call = _block_call(text[start + len(OPEN) : close if close >= 0 else len(text)].strip(), names)
         if call is not None:
-            kept.append(text[position : match.start()])
+            kept.append(text[position:start])
             calls.append(call)
-            position = match.end()
-    last = text.rfind(OPEN)
-    if last >= position and CLOSE not in text[last:]:
-        call = _block_call(text[last + len(OPEN) :].strip(), names)
-        if call is not None:
-            kept.append(text[position:last])
-            calls.append(call)
-            position = len(text)
+            position = end
+        if close < 0:  # the last block, unclosed: whatever it holds, nothing after it is another block
+            break
+        looked = end
     kept.append(text[position:])
     if not calls:
         bare = _bare_calls(text)
@@ -224,9 +225,15 @@ class _Following:
 
     index: int
     start: int  # where its arguments begin in the text
-    sent: int
     end: ObjectEnd
-    looked: int  # the closing tag is not before this (each piece is searched once)
+    sent: int  # its arguments went out up to here
+    looked: int  # the closing tag is not before this
+    solid: int  # after the last character that is not white space, up to `looked`
+
+
+# a call's head comes within this many characters of its `<tool_call>` (a function name is at most 64), or the
+# stream stops following blocks and the calls go out whole at the end
+HEAD_WITHIN = 256
 
 
 class CallStream:
@@ -234,12 +241,14 @@ class CallStream:
     the request's functions and opened its arguments, the call goes out (index, id, name), then its
     arguments as the model writes them. Blocks this cannot follow as they come (arguments before the
     name, say) stop it; `finish` then sends those calls whole, with what is left of the others.
-    `parse_tool_calls` reads a finished answer the same way, so the two agree."""
+    `parse_tool_calls` reads a finished answer the same way, so the two agree. Each character is looked
+    at a bounded number of times, whatever the text."""
 
     def __init__(self, names: set[str] | None, parallel: bool) -> None:
         self.names, self.parallel = names, parallel
         self.text = ""
         self.position = 0  # where the next block is looked for
+        self.close_looked = 0  # the block at `position` has no closing tag before this
         self.ids: list[str] = []
         self.names_sent: list[str] = []
         self.arguments: list[str] = []  # what went out of each call's arguments
@@ -259,17 +268,21 @@ class CallStream:
             if start < 0:  # none yet: nothing before the last few characters can start one
                 self.position = max(self.position, len(self.text) - len(OPEN) + 1)
                 break
-            close = self.text.find(CLOSE, start)
-            head = HEAD.match(self.text, start + len(OPEN))
+            self.position = start
+            body = start + len(OPEN)
+            close = self.text.find(CLOSE, max(body, self.close_looked))
+            if close < 0:
+                self.close_looked = max(body, len(self.text) - len(CLOSE) + 1)
+            head = HEAD.match(self.text, body, body + HEAD_WITHIN)
             if head is None or (close >= 0 and head.end() > close):
-                if close >= 0:  # a block this cannot follow: the rest goes out when the answer ends
-                    self.stopped = True
+                if close >= 0 or len(self.text) - body > HEAD_WITHIN:
+                    self.stopped = True  # a block this cannot follow: the rest goes out when the answer ends
                 break  # else its head may still come
             name = _name(head.group(1))
             if name is None or (self.names is not None and name not in self.names):
                 if close < 0:  # no call: it stays in the content, which goes out at the end
                     break
-                self.position = close + len(CLOSE)
+                self.position = self.close_looked = close + len(CLOSE)
                 continue
             if self.ids and not self.parallel:
                 self.stopped = True
@@ -278,8 +291,8 @@ class CallStream:
             self.ids.append(call_id)
             self.names_sent.append(name)
             self.arguments.append("")
-            start = head.end()
-            self.following = _Following(len(self.ids) - 1, start, start, ObjectEnd(start), start)
+            at = head.end()
+            self.following = _Following(len(self.ids) - 1, at, ObjectEnd(at), at, at, at)
             function = {"name": name, "arguments": ""}
             deltas.append(
                 {"index": len(self.ids) - 1, "id": call_id, "type": "function", "function": function}
@@ -292,14 +305,13 @@ class CallStream:
         assert call is not None
         end = call.end.read(self.text)
         close = self.text.find(CLOSE, call.looked)
-        if close < 0:
-            call.looked = max(call.start, len(self.text) - len(CLOSE) + 1)
-        if end is not None and (close < 0 or end <= close):
-            upto = end
-        else:  # not a whole object (yet): all but white space and what may start the closing tag
-            upto = close if close >= 0 else len(self.text) - held_back(self.text, CLOSE)
-            while upto > call.sent and self.text[upto - 1].isspace():
-                upto -= 1
+        # not a whole object (yet): all but trailing white space, and what may start the closing tag
+        limit = close if close >= 0 else len(self.text) - held_back(self.text, CLOSE)
+        for i in range(call.looked, limit):
+            if not self.text[i].isspace():
+                call.solid = i + 1
+        call.looked = max(call.looked, limit)
+        upto = end if end is not None and (close < 0 or end <= close) else call.solid
         if upto > call.sent:
             piece = self.text[call.sent : upto]
             call.sent = upto
@@ -307,13 +319,16 @@ class CallStream:
             deltas.append({"index": call.index, "function": {"arguments": piece}})
         if close < 0:
             return False
-        self.position, self.following = close + len(CLOSE), None
+        self.position = self.close_looked = close + len(CLOSE)
+        self.following = None
         return True
 
     def finish(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The answer's calls as `parse_tool_calls` read them (given the ids that went out, in place); the
         deltas still to send: the rest of each streamed call's arguments, and the calls not streamed."""
         deltas: list[dict[str, Any]] = []
+        if len(calls) < len(self.ids):
+            log.warning("a stream sent %d tool calls, the answer has %d", len(self.ids), len(calls))
         for index, call in enumerate(calls):
             if index >= len(self.ids):
                 deltas.append({"index": index, **call})
@@ -322,12 +337,74 @@ class CallStream:
             call["id"] = self.ids[index]
             sent = self.arguments[index]
             if function["name"] != self.names_sent[index] or not function["arguments"].startswith(sent):
-                # cannot happen while both read blocks alike; the client keeps what it was sent
+                # not while both read blocks alike (a stop string cut after its start went out can do it):
+                # the answer keeps what the client was sent
+                log.warning("tool call %d of a stream differs from the answer's; kept as it was sent", index)
                 function["name"], function["arguments"] = self.names_sent[index], sent
                 continue
             if len(function["arguments"]) > len(sent):
                 deltas.append({"index": index, "function": {"arguments": function["arguments"][len(sent) :]}})
         return deltas
+
+
+class ReplyStream:
+    """What of a streamed answer to a request with tools goes out when: its text as content, up to where a
+    call may begin (a `<tool_call>`, or the whole answer while it may still be calls in bare JSON), and
+    white space only once something follows it, so the content sent is the content the answer keeps; its
+    calls as `CallStream` sends them; `finish` gives the rest."""
+
+    def __init__(self, names: set[str] | None, parallel: bool) -> None:
+        self.text = ""
+        self.calls = CallStream(names, parallel)
+        self.sent = 0  # the content went out up to here
+        self.opened = -1  # where the first `<tool_call>` is, once it has come
+        self.looked = 0  # no `<tool_call>` starts before this
+        self.solid = 0  # after the last character that is not white space, up to `looked`
+        self.bare: bool | None = None  # whether the answer may be calls in bare JSON, once that is known
+
+    def feed(self, piece: str) -> tuple[str, list[dict[str, Any]]]:
+        """The text that came; the content and the `tool_calls` deltas that go out now, in that order."""
+        self.text += piece
+        deltas = self.calls.feed(piece)
+        if self.opened < 0:
+            found = self.text.find(OPEN, self.looked)
+            self.opened = found
+            limit = found if found >= 0 else len(self.text) - held_back(self.text)
+        else:
+            limit = self.opened
+        for i in range(self.looked, limit):
+            if not self.text[i].isspace():
+                self.solid = i + 1
+        self.looked = max(self.looked, limit)
+        limit = self.solid  # white space waits for what follows it: before a call the answer drops it
+        if self.bare is None:
+            self.bare = _bare_start(self.text)
+        if self.bare is not False and not self.calls.ids:
+            limit = 0  # held until the end: it may be calls in bare JSON
+        content = self.text[self.sent : limit] if limit > self.sent else ""
+        self.sent = max(self.sent, limit)
+        return content, deltas
+
+    def finish(self, text: str, parsed: ParsedReply) -> tuple[str, list[dict[str, Any]]]:
+        """The whole answer and how it parsed: the content still to send, then the calls' last deltas."""
+        if not parsed.tool_calls:
+            return text[self.sent :], []  # no call after all: what was held back
+        done, content = self.text[: self.sent].lstrip(), parsed.content or ""
+        rest = content[len(done) :] if content.startswith(done) else ""
+        return rest, self.calls.finish(parsed.tool_calls)
+
+
+def _bare_start(text: str) -> bool | None:
+    """Whether a reply starting with `text` may still turn out to be calls in bare JSON (`_bare_calls`): a
+    JSON object or list after any of CALL_PREFIXES; None while that is not known yet (white space, or part
+    of a prefix, so far). A stream holds such a reply back until it ends, so a call never goes out as
+    content."""
+    stripped = text.lstrip()
+    for prefix in CALL_PREFIXES:
+        if prefix.startswith(stripped):
+            return None
+        stripped = stripped.removeprefix(prefix).lstrip()
+    return None if not stripped else stripped[0] in "{["
 
 
 # what a template's own tool format puts before the calls, when the text still has it (special tokens are
@@ -351,18 +428,6 @@ def _bare_calls(text: str) -> list[dict[str, Any]]:
     items = parsed if isinstance(parsed, list) else [parsed]
     calls = [_call(item) for item in items]
     return [c for c in calls if c is not None] if items and all(calls) else []
-
-
-def may_be_bare_call(text: str) -> bool:
-    """Whether a reply that begins with `text` may still turn out to be calls in bare JSON (`_bare_calls`):
-    nothing but white space so far, or a JSON object or list, after any of CALL_PREFIXES. A stream holds
-    such a reply back until it ends, so a call never goes out as content."""
-    stripped = text.lstrip()
-    for prefix in CALL_PREFIXES:
-        if prefix.startswith(stripped):
-            return True
-        stripped = stripped.removeprefix(prefix).lstrip()
-    return not stripped or stripped[0] in "{["
 
 
 def held_back(text: str, tag: str = OPEN) -> int:

@@ -14,7 +14,7 @@ from anyio import CancelScope, to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from tunery.data.tools import OPEN, CallStream, ParsedReply, held_back, may_be_bare_call, parse_tool_calls
+from tunery.data.tools import ParsedReply, ReplyStream, parse_tool_calls
 from tunery.server.auth import Caller
 from tunery.server.catalog import ResolvedModel, refuse_reward_model, resolve
 from tunery.server.deps import AppState, Auth, State, unless_gone
@@ -387,12 +387,13 @@ def _tool_delta(index: int, deltas: list[dict[str, Any]]) -> dict[str, Any]:
     return {"index": index, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None}
 
 
-def _content_after(sent: str, content: str | None) -> str:
-    """What is left to send of an answer's content (the text outside its calls), `sent` having gone out."""
-    if not content:
-        return ""
-    done = sent.strip()
-    return content[len(done) :] if content.startswith(done) else ""
+def _calls_sent(reply: ReplyStream | None) -> dict[str, Any]:
+    """The tool calls a broken stream had sent, for the audit log."""
+    if reply is None or not reply.calls.ids:
+        return {}
+    calls = reply.calls
+    sent = zip(calls.ids, calls.names_sent, calls.arguments, strict=True)
+    return {"tool_calls": [{"id": i, "name": n, "arguments": a} for i, n, a in sent]}
 
 
 async def _events(
@@ -410,11 +411,9 @@ async def _events(
     `keep` (`store: true`) the whole chat.completion is stored once complete."""
     created = now()
     kept: tuple[list[str], dict[str, Any]] | None = None
-    # with tools, text is sent up to where a call may begin, then the calls as they come (CallStream);
-    # the rest (text after a call, calls in bare JSON) when the answer ends
-    texts: dict[int, str] = {}
-    sent: dict[int, int] = {}
-    calls: dict[int, CallStream] = {}
+    # with tools, text is sent up to where a call may begin, then the calls as they come; the rest (text
+    # after a call, calls in bare JSON) when the answer ends (tunery/data/tools.py: ReplyStream)
+    replying: dict[int, ReplyStream] = {}
     streamed: dict[int, list[str]] = {}  # what the client was sent, for the audit log if the stream breaks
     outcome: tuple[str, dict[str, Any]] | None = None
 
@@ -447,18 +446,10 @@ async def _events(
         while message is not None:
             if message.get("event") == "delta":
                 index, piece = message["index"], message["text"]
+                deltas: list[dict[str, Any]] = []
                 if tooling is not None:
-                    text = texts[index] = texts.get(index, "") + piece
-                    start = text.find(OPEN)
-                    limit = start if start >= 0 else len(text) - held_back(text)
-                    if not sent.get(index) and may_be_bare_call(text):
-                        limit = 0  # all of it held until the end: it may be calls in bare JSON
-                    piece, sent[index] = text[sent.get(index, 0) : limit], max(sent.get(index, 0), limit)
-                    if start >= 0 or index in calls:
-                        stream = calls.setdefault(index, CallStream(tooling.names, tooling.parallel))
-                        deltas = stream.feed(text[len(stream.text) :])
-                        if deltas:
-                            yield chunk([_tool_delta(index, deltas)])
+                    reply = replying.setdefault(index, ReplyStream(tooling.names, tooling.parallel))
+                    piece, deltas = reply.feed(piece)
                 streamed.setdefault(index, []).append(piece)
                 if piece:
                     yield chunk(
@@ -471,6 +462,8 @@ async def _events(
                             }
                         ]
                     )
+                if deltas:
+                    yield chunk([_tool_delta(index, deltas)])
             elif message.get("event") == "done":
                 result = message["result"]
                 answers = [
@@ -478,35 +471,33 @@ async def _events(
                     for c in result["choices"]
                 ]
                 outcome = ("inference.response", _answer(completion_id, answers, result))
-                ending: dict[int, list[dict[str, Any]]] = {}  # before the stored answer: it keeps their ids
+                ending: dict[int, tuple[str, list[dict[str, Any]]]] = {}  # before the stored answer: its ids
                 for c in result["choices"] if tooling is not None else []:
                     assert tooling is not None
-                    if found := tooling.parse(c["text"], c["index"]).tool_calls:
-                        stream = calls.get(c["index"]) or CallStream(tooling.names, tooling.parallel)
-                        ending[c["index"]] = stream.finish(found)
+                    reply = replying.get(c["index"]) or ReplyStream(tooling.names, tooling.parallel)
+                    ending[c["index"]] = reply.finish(c["text"], tooling.parse(c["text"], c["index"]))
                 texts_written = [c["text"] or "" for c in result["choices"]]
                 kept = (texts_written, _completion(completion_id, created, model_name, result, tooling))
                 for c in result["choices"]:
                     finish = c["finish_reason"]
                     if tooling is not None:
-                        parsed = tooling.parse(c["text"], c["index"])
-                        held = c["text"][sent.get(c["index"], 0) :]  # no call after all: what was held back
-                        if parsed.tool_calls:
+                        rest, deltas = ending[c["index"]]
+                        if tooling.parse(c["text"], c["index"]).tool_calls:
                             finish = "tool_calls" if finish == "stop" else finish
-                            held = _content_after(c["text"][: sent.get(c["index"], 0)], parsed.content)
-                        if held:
+                        if rest:
+                            streamed.setdefault(c["index"], []).append(rest)
                             yield chunk(
                                 [
                                     {
                                         "index": c["index"],
-                                        "delta": {"content": held},
+                                        "delta": {"content": rest},
                                         "logprobs": None,
                                         "finish_reason": None,
                                     }
                                 ]
                             )
-                        if ending.get(c["index"]):
-                            yield chunk([_tool_delta(c["index"], ending[c["index"]])])
+                        if deltas:
+                            yield chunk([_tool_delta(c["index"], deltas)])
                     logprobs = (
                         {"content": _logprobs(c["logprobs"]), "refusal": None}
                         if c["logprobs"] is not None
@@ -537,7 +528,8 @@ async def _events(
             outcome = ("inference.error", {"completion_id": completion_id, "error": error})
         if outcome[0] == "inference.error":
             outcome[1]["partial_choices"] = [
-                {"index": i, "text": "".join(t)} for i, t in sorted(streamed.items())
+                {"index": i, "text": "".join(t)} | _calls_sent(replying.get(i))
+                for i, t in sorted(streamed.items())
             ]
         try:
             with CancelScope(shield=True):  # a disconnect cancels the stream; the record is written anyway

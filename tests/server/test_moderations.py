@@ -55,6 +55,19 @@ def test_flagged_text_and_arrays(api: Api) -> None:
     assert joined["flagged"]
 
 
+def test_text_in_another_language_is_not_scored(api: Api) -> None:
+    """The classifier reads English: it scores an ordinary German question 0.95 and Spanish insults 0.03.
+    Those are not scored, and say in which language they are."""
+    german = "Was kostet die professionelle Montage bei Ihnen im Laden?"
+    spanish = "Eres un idiota estúpido y te odio, vete al infierno."
+    results = api.post("/moderations", json={"input": [german, spanish, RUDE]}).json()["results"]
+    for result, language in zip(results[:2], ("de", "es"), strict=True):
+        assert result["tunery_language"] == language and result["flagged"] is False
+        assert not any(result["category_scores"].values())
+        assert not any(result["category_applied_input_types"].values())
+    assert results[2]["flagged"] and results[2]["tunery_language"] is None
+
+
 def test_personal_data_is_reported_but_never_flags(api: Api) -> None:
     text = "Mail jane.doe@gmail.com or support@shop.example"
     [result] = api.post("/moderations", json={"input": text}).json()["results"]

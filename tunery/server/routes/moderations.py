@@ -7,7 +7,9 @@ tell apart: the two scores are the same number and the two flags rise together. 
 categories (`sexual`, `sexual/minors`, `self-harm` and its two subcategories, `violence`,
 `violence/graphic`, `illicit`, `illicit/violent`, `harassment/threatening`, `hate/threatening`) are not
 scored: 0 and never flagged, with no input type in `category_applied_input_types`. A text about self-harm
-or weapons written politely passes. Image parts are refused (400), not ignored.
+or weapons written politely passes. The classifier reads English: a text clearly in another language
+(tunery/safety/content.py: other_languages) is scored in no category, and `tunery_language` names its
+language (null otherwise). Image parts are refused (400), not ignored.
 
 Extensions, which OpenAI's client keeps as extra fields: each result's `tunery_personal_data` lists the
 personal data in its input (tunery/safety/pii.py: category, start, end, text, detector, fictional,
@@ -103,20 +105,25 @@ def check_size(texts: list[str]) -> None:
 
 
 def moderate(texts: list[str]) -> list[dict[str, Any]]:
-    """One OpenAI moderation result per text (sklearn runs here: call it off the event loop)."""
-    from tunery.safety.content import OFFENSIVE_THRESHOLD, offensive_probability
+    """One OpenAI moderation result per text (sklearn runs here: call it off the event loop). A text
+    clearly in another language than English is not scored (the classifier reads English): no category
+    applies to it, and `tunery_language` names its language."""
+    from tunery.safety.content import OFFENSIVE_THRESHOLD, offensive_probability, other_languages
     from tunery.safety.pii import find_personal_data
 
     results = []
-    for text, score in zip(texts, offensive_probability(texts), strict=True):
-        flagged = score >= OFFENSIVE_THRESHOLD
+    scores, languages = offensive_probability(texts), other_languages(texts)
+    for text, score, language in zip(texts, scores, languages, strict=True):
+        scored = {c for c in SCORED if language is None}
+        flagged = bool(scored) and score >= OFFENSIVE_THRESHOLD
         results.append(
             {
                 "flagged": flagged,
-                "categories": {c: flagged and c in SCORED for c in CATEGORIES},
-                "category_scores": {c: score if c in SCORED else 0.0 for c in CATEGORIES},
-                "category_applied_input_types": {c: ["text"] if c in SCORED else [] for c in CATEGORIES},
+                "categories": {c: flagged and c in scored for c in CATEGORIES},
+                "category_scores": {c: score if c in scored else 0.0 for c in CATEGORIES},
+                "category_applied_input_types": {c: ["text"] if c in scored else [] for c in CATEGORIES},
                 "tunery_personal_data": [dataclasses.asdict(f) for f in find_personal_data(text)],
+                "tunery_language": language,
             }
         )
     return results
@@ -164,12 +171,16 @@ def content_filter_on(settings: Settings, body: ChatRequest) -> bool:
 
 
 def withhold_flagged(result: dict[str, Any]) -> dict[str, Any]:
-    """The worker's chat result with each flagged answer withheld (text None, `content_filter`)."""
-    from tunery.safety.content import OFFENSIVE_THRESHOLD, offensive_probability
+    """The worker's chat result with each flagged answer withheld (text None, `content_filter`); an answer
+    in another language than English is not scored, so never withheld."""
+    from tunery.safety.content import OFFENSIVE_THRESHOLD, offensive_probability, other_languages
 
     choices = result["choices"]
-    for choice, score in zip(choices, offensive_probability([c["text"] or "" for c in choices]), strict=True):
-        if score >= OFFENSIVE_THRESHOLD:
+    texts = [c["text"] or "" for c in choices]
+    for choice, score, language in zip(
+        choices, offensive_probability(texts), other_languages(texts), strict=True
+    ):
+        if score >= OFFENSIVE_THRESHOLD and language is None:
             choice.update(text=None, finish_reason="content_filter", logprobs=None)
     return result
 

@@ -313,6 +313,11 @@ def test_other_languages_are_not_scored_by_the_english_classifier(tmp_path: Path
         "Danke!",  # too short to tell
     ]
     assert other_languages(texts) == ["de", "es", "fr", "pt", None, None, None, None]
+    # English abuse padded with Spanish is English enough to be scored: one of its sentences is
+    pad = (
+        "Hola, quería preguntar por mi pedido de la semana pasada. Todavía no ha llegado y no sé qué hacer. "
+    )
+    assert other_languages([pad + texts[4] + " " + pad, pad * 3]) == [None, "es"]
     path = tmp_path / "mixed.jsonl"
     write_jsonl(
         path,

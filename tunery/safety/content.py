@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -44,17 +45,32 @@ def _identifier() -> Any:
 
 
 def _languages(texts: Sequence[str]) -> list[str | None]:
-    identifier = _identifier()
-    out: list[str | None] = []
-    for text in texts:
-        language = None
-        if len(text.strip()) >= MIN_LANGUAGE_CHARS:
-            ranked = identifier.rank(text)
-            top, english = ranked[0][0], dict(ranked).get("en", 0.0)
-            if top not in ("en", "zxx") and english < MAX_ENGLISH_PROBABILITY:
-                language = str(top)
-        out.append(language)
-    return out
+    return [_language(text) for text in texts]
+
+
+# sentences, split after their end; a text in another language with one English sentence stays scored
+_SENTENCE_END = re.compile(r"(?<=[.!?。！？\n])\s+")
+
+
+def _language(text: str) -> str | None:
+    """The language `text` is clearly in when that is not English, checked on the whole text and on each
+    of its sentences long enough to tell: English abuse padded with another language's text stays
+    scored."""
+    language = _foreign(text)
+    if language is None:
+        return None
+    sentences = [s for s in _SENTENCE_END.split(text) if len(s.strip()) >= MIN_LANGUAGE_CHARS]
+    if len(sentences) > 1 and any(_foreign(s) is None for s in sentences):
+        return None
+    return language
+
+
+def _foreign(text: str) -> str | None:
+    if len(text.strip()) < MIN_LANGUAGE_CHARS:
+        return None
+    ranked = _identifier().rank(text)
+    top, english = ranked[0][0], dict(ranked).get("en", 0.0)
+    return str(top) if top not in ("en", "zxx") and english < MAX_ENGLISH_PROBABILITY else None
 
 
 @functools.cache

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -188,28 +189,26 @@ def _streamed(reply: str, cuts: list[int], parallel: bool = True) -> tuple[list[
     if not parallel:
         parsed.tool_calls = parsed.tool_calls[:1]
     deltas += stream.finish(parsed.tool_calls)
+    return _assembled(deltas), parsed, early
+
+
+def _assembled(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The calls, as the openai client's stream helpers put deltas together."""
     calls: dict[int, dict[str, Any]] = {}
-    for d in deltas:  # as the openai client's stream helpers put them together
+    for d in deltas:
         entry = calls.setdefault(d["index"], {"id": None, "name": "", "arguments": ""})
         entry["id"] = d.get("id") or entry["id"]
         entry["name"] += d["function"].get("name") or ""
         entry["arguments"] += d["function"].get("arguments") or ""
-    return [calls[i] for i in sorted(calls)], parsed, early
+    return [calls[i] for i in sorted(calls)]
 
 
-@pytest.mark.parametrize("reply", STREAMED_REPLIES)
-def test_streamed_calls_add_up_to_the_parsed_ones_however_the_text_is_cut(reply: str) -> None:
-    rng = random.Random(reply)
-    for trial in range(60):
+def _cuttings(text: str, trials: int) -> Iterator[list[int]]:
+    """Where a stream's pieces end: a character at a time, then pieces of 1 to 12 characters at random."""
+    rng = random.Random(text)
+    for trial in range(trials):
         size = 1 if trial == 0 else rng.randint(1, 12)
-        cuts = sorted(rng.sample(range(1, len(reply)), min(len(reply) - 1, len(reply) // size)))
-        got, parsed, _ = _streamed(reply, cuts)
-        fresh = parse_tool_calls(reply, {"weather", "time"}).tool_calls  # untouched by the stream
-        want = [
-            {"id": c["id"], "name": f["function"]["name"], "arguments": f["function"]["arguments"]}
-            for c, f in zip(parsed.tool_calls, fresh, strict=True)
-        ]
-        assert got == want, (reply, cuts)
+        yield sorted(rng.sample(range(1, len(text)), min(len(text) - 1, len(text) // size)))
 
 
 def test_the_arguments_go_out_as_they_are_written() -> None:
@@ -254,14 +253,7 @@ def _reply(
         content, deltas = content + piece, deltas + more
     parsed = parse_tool_calls(text, names)
     rest, more = reply.finish(text, parsed)
-    content, deltas = content + rest, deltas + more
-    calls: dict[int, dict[str, Any]] = {}
-    for d in deltas:
-        entry = calls.setdefault(d["index"], {"id": None, "name": "", "arguments": ""})
-        entry["id"] = d.get("id") or entry["id"]
-        entry["name"] += d["function"].get("name") or ""
-        entry["arguments"] += d["function"].get("arguments") or ""
-    return content, [calls[i] for i in sorted(calls)], parsed
+    return content + rest, _assembled(deltas + more), parsed
 
 
 REPLIES = [
@@ -281,12 +273,11 @@ REPLIES = [
 
 @pytest.mark.parametrize("text", REPLIES)
 def test_a_streamed_reply_adds_up_to_the_stored_one(text: str) -> None:
-    rng = random.Random(text)
-    for trial in range(40):
-        size = 1 if trial == 0 else rng.randint(1, 12)
-        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, len(text) // size)))
+    """However the text is cut into pieces, the client gets the content and calls the answer is stored
+    with: the same ids, names and arguments."""
+    for cuts in _cuttings(text, 50):
         content, calls, parsed = _reply(text, cuts)
-        fresh = parse_tool_calls(text, {"weather", "time"})
+        fresh = parse_tool_calls(text, {"weather", "time"})  # untouched by the stream
         want = [
             {"id": c["id"], "name": f["function"]["name"], "arguments": f["function"]["arguments"]}
             for c, f in zip(parsed.tool_calls, fresh.tool_calls, strict=True)

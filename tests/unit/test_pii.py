@@ -67,14 +67,18 @@ OTHER_COUNTRIES = [
     ("Handy: 0151 23456789", [("phone", "0151 23456789", False)]),
     ("Meu celular é (11) 91234-5678", [("phone", "(11) 91234-5678", False)]),
     ("bel me op 06 12345678", [("phone", "06 12345678", False)]),
+    ("Teléfono del cliente: 612 345 678", [("phone", "612 345 678", False)]),
+    ("Tel 0171 1234567 / 0172 7654321", [("phone", "0171 1234567", False), ("phone", "0172 7654321", False)]),
     # 1840375123456 mod 97 = 7, 97 - 7 = 90; Corsica's 2A counts as 19: 2920519123456 mod 97 = 69 -> 28
     (
-        "sécurité sociale : 1 84 03 75 123 456 90 ; 292052A12345628",
+        "sécurité sociale : 1 84 03 75 123 456 90 ; NIR 292052A12345628",
         [("national_id", "1 84 03 75 123 456 90", False), ("national_id", "292052A12345628", False)],
     ),
     # 5x10+2x9+9x8+9x7+8x6+2x5+2x4+4x3+7x2 = 295, 2950 mod 11 = 2; then with 2, x11..x2: 347 -> 5
     ("CPF 529.982.247-25", [("national_id", "529.982.247-25", False)]),
     ("meu CPF: 52998224725", [("national_id", "52998224725", False)]),
+    ("meu cpf é 52998224725", [("national_id", "52998224725", False)]),
+    ("numéro de sécu 184037512345690", [("national_id", "184037512345690", False)]),
     ("CPF de exemplo 123.456.789-09", [("national_id", "123.456.789-09", True)]),
 ]
 
@@ -146,6 +150,18 @@ LOOK_ALIKES = [
     "sécurité sociale 1 84 03 75 123 456 91 (bad key)",
     "CPF 529.982.247-26, 111.111.111-11",
     "Preço R$ 612.345,67 ou 912.345,67",
+    # other countries' number plans take these too; without a word for a phone they are not read so
+    "size 826018159 bytes, user_id=812345678",
+    '{"order_id": 712345678, "status": "shipped"}',
+    "612 345 678 € de chiffre d'affaires; SIREN 732 829 320; Total 912 345 678",
+    "commit b888b29826bb53dc531437e723738383d8339b56",
+    "request_id=56363b4b-e779-4470-bb7d-ae0495918694, etag b53b3a3d6ab90ce0268229151c9bde11",
+    "Your tracking number is RR712345678ES",
+    "Kunden-Nr. 0123456789, Art.-Nr. 0612345678, Auftragsnummer 0612345678",
+    "Entidade: 11249 Referência: 912 345 678 Valor: 49,90 €",
+    "Bestellt am 03.04.2024 14:30 Uhr; Öffnungszeiten 08.00-12.00 14.00-18.00",
+    "Pedido 202403150000028, Tracking 123649631885057",
+    "btw-nummer NL812345678B01, BTW BE 0475.123.456",
 ]
 
 

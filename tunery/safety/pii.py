@@ -47,17 +47,18 @@ _RANK = {
         ("payment_card", "national_id", "medical_record", "email", "ip_address", "date_of_birth", "phone")
     )
 }
-# National-format numbers (no "+") are read as these countries': North American ones as they are, the others
-# when they start with a trunk 0 ("07911 123456", "06 12 34 56 78", "0151 23456789"); "+..." as any country.
-PHONE_REGIONS = ("US", "GB", "FR", "NL", "BE", "CH", "DE", "AT")
-# whose plans take almost any run of digits after a 0 (a bad IBAN's tail is a German landline number): only
-# their mobile numbers are read
-_MOBILE_ONLY = frozenset({"DE", "AT"})
-# Countries whose numbers have no trunk 0, read when the digits have their shape: Spain's and Portugal's nine
-# digits in groups ("612 345 678", "912 34 56 78"), Brazil's area code in brackets ("(11) 91234-5678").
-_SHAPED_REGIONS = (
-    (("ES", "PT"), re.compile(r"(?<![\d.-])[6-9]\d{2}(?: \d{3} \d{3}| \d{2} \d{2} \d{2}|\d{6})(?![\d.-])")),
-    (("BR",), re.compile(r"\(\d{2}\) ?9?\d{4}-?\d{4}(?!\d)")),
+PHONE_REGIONS = ("US", "GB")  # national-format numbers are read as these countries'; "+..." as any
+# Other countries' national-format numbers are read only after a word for a phone ("Tel.", "móvil", "Handy",
+# "appelez", ...) close before them: their plans take too many other numbers for a default that blocks a
+# run (any 9 digits from 6 make a Spanish mobile, any 10 from 0 a French number: ids, amounts, the digits
+# of a hash between two letters).
+KEYWORD_REGIONS = ("FR", "DE", "ES", "PT", "IT", "NL", "BE", "AT", "CH", "BR")
+PHONE_WORD_REACH = 40  # characters before a number where a word for a phone counts
+_PHONE_WORD = re.compile(
+    r"\b(?:tel|t[ée]l[ée]?phon|tel[ée]fon|telf|phone|mobile?|m[óo]vil|handy|portable|cell|celular|"
+    r"telem[óo]vel|cellulare|whats ?app|fax|call|ring|ll[áa]m|appel|ruf|ligue|liga|chiama|bel|"
+    r"contact|kontakt|fixe|fijo|gsm|natel|festnetz|landline)\w*",
+    re.IGNORECASE,
 )
 
 
@@ -156,16 +157,16 @@ def _emails(text: str) -> Iterator[Finding]:
 # these runs (and a few characters of context) rather than on the whole text, several times faster.
 _DIGIT_RUN = re.compile(r"\d[\d \t().\-/]*\d")
 _TRUNK_ZERO = re.compile(r"(?<!\d)\(?0\d")  # national-format numbers outside North America start with 0
-_STARTS_WITH_ZERO = re.compile(r"\(?0")
 # An id written right after one of these words is an order/ticket/account number, not a phone number.
 _NOT_PHONE_BEFORE = re.compile(
     r"\b(?:order|invoice|tracking|ticket|case|ref|reference|confirmation|account|acct|sku|serial|isbn|po|"
     r"item|part|model|transaction|txn|id|receipt|booking|customer|member|policy|"
     # the same in Spanish, French, German, Portuguese and Italian
-    r"pedido|factura|referencia|seguimiento|reserva|cliente|commande|facture|r[ée]f[ée]rence|suivi|dossier|"
+    r"pedido|factura|refer[eê]ncia|seguimiento|reserva|cliente|commande|facture|r[ée]f[ée]rence|r[ée]f|suivi|"
+    r"dossier|client|compte|contrat|colis|s[ée]rie|p[óo]liza|expediente|localizador|protocolo|albar[áa]n|"
     r"bestellung|bestellnummer|rechnung|rechnungsnummer|auftrag|sendung|kundennummer|encomenda|fatura|"
     r"rastreio|ordine|fattura|riferimento)"
-    r"\s*(?:no\.?|number|nr\.?|id|n[º°o]\.?|n[úu]m\.?|n[úu]mero|num[ée]ro|nummer)?"
+    r"\s*(?:no\.?|number|-?nr\.?|id|n\.?[º°o]?\.?|n[úu]m\.?|n[úu]mero|num[ée]ro|nummer)?"
     r"\s*[:#.]?(?:\s*(?:is|was|=|es|est|ist|é|è))?\s*#?\s*$|#\s*$",
     re.IGNORECASE,
 )
@@ -184,41 +185,48 @@ def _phonenumbers() -> Any:
 def _phones(text: str) -> Iterator[Finding]:
     for run in _DIGIT_RUN.finditer(text):
         if sum(c.isdigit() for c in run.group(0)) >= 7:
-            yield from _phones_in(text, max(0, run.start() - 4), run.end() + 4)
+            yield from _phones_in(text, run, max(0, run.start() - 4), run.end() + 4)
 
 
-def _phones_in(text: str, lo: int, hi: int) -> Iterator[Finding]:
+def _phones_in(text: str, run: re.Match[str], lo: int, hi: int) -> Iterator[Finding]:
     pn = _phonenumbers()
     window = text[lo:hi]
     decided: set[tuple[int, int]] = set()
-    # each region with what a national-format number must look like to be read as one of its numbers
-    regions: list[tuple[str, re.Pattern[str] | None]] = [
-        ("US", None)
-    ]  # "+..." are read here, as any country's
+    digits = {i for i in range(run.start(), run.end()) if text[i].isdigit()}  # read once all are decided
+    regions = ["US"]  # "+..." are read here, as any country's
     if _TRUNK_ZERO.search(window):
-        # past Britain's, only numbers of 9 digits or more (dates such as 03.04.2024 have 8)
-        many = sum(c.isdigit() for c in window) >= 9
-        regions += [(r, _STARTS_WITH_ZERO) for r in PHONE_REGIONS[1:] if r == "GB" or many]
-    regions += [(r, shape) for shaped, shape in _SHAPED_REGIONS if shape.search(window) for r in shaped]
-    for region, shape in regions:
-        if shape is not None and decided:
-            break  # the number here is read (a window holds one digit run): no other country's reading
+        regions.append("GB")
+    called = bool(_PHONE_WORD.search(text[max(0, lo - PHONE_WORD_REACH) : lo + 4]))
+    if called:
+        regions += KEYWORD_REGIONS
+    for region in regions:
+        if digits <= {i for start, end in decided for i in range(start, end)}:
+            break  # every digit of the run is in a number read or ruled out
         for match in pn.PhoneNumberMatcher(window, region, leniency=pn.Leniency.POSSIBLE):
             span = (lo + match.start, lo + match.end)
             raw, number = match.raw_string, match.number
-            if span in decided or (shape is not None and not raw.startswith("+") and not shape.match(raw)):
+            if span in decided:
                 continue
-            if not raw.startswith(("+", "(")) and _NOT_PHONE_BEFORE.search(
-                text[max(0, span[0] - 40) : span[0]]
+            if region in KEYWORD_REGIONS and not raw.startswith("+") and not _apart(text, *span):
+                continue  # digits inside a word or a hash
+            if (
+                not called
+                and not raw.startswith(("+", "("))
+                and _NOT_PHONE_BEFORE.search(text[max(0, span[0] - 40) : span[0]])
             ):
                 decided.add(span)
-                continue
-            if region in _MOBILE_ONLY and pn.number_type(number) != pn.PhoneNumberType.MOBILE:
                 continue
             reason = _fictional_phone(number.country_code, str(number.national_number))
             if reason or pn.is_valid_number(number):
                 decided.add(span)
                 yield Finding("phone", span[0], span[1], raw, f"phonenumbers:{region}", bool(reason), reason)
+
+
+def _apart(text: str, start: int, end: int) -> bool:
+    """Whether text[start:end] stands on its own: no letter, digit or underscore right before or after."""
+    before = text[start - 1] if start > 0 else " "
+    after = text[end] if end < len(text) else " "
+    return not (before.isalnum() or before == "_" or after.isalnum() or after == "_")
 
 
 def _fictional_phone(country_code: int, national: str) -> str:
@@ -278,8 +286,12 @@ _NIR = re.compile(
 )
 # Brazil's CPF, written 000.000.000-00 (or bare after the word CPF), two check digits mod 11
 _CPF = re.compile(
-    r"(?<![\d.])(\d{3}\.\d{3}\.\d{3}-\d{2})(?![\d.-]?\d)|\bCPF\W{0,6}(\d{11}|\d{9}-\d{2})(?!\d)"
+    r"(?<![\d.])(\d{3}\.\d{3}\.\d{3}-\d{2})(?![\d.-]?\d)|\bCPF\b[^\d\n]{0,24}?(\d{11}|\d{9}-\d{2})(?!\d)",
+    re.IGNORECASE,
 )
+# written without spaces, 15 digits make a NIR by chance about once in a hundred: then only after a word
+# for it ("sécurité sociale", "NIR", "INSEE", "carte Vitale")
+_NIR_WORD = re.compile(r"s[ée]cu|NIR|INSEE|vitale|\bSS\b", re.IGNORECASE)
 _SAMPLE_CPFS = {"11144477735": "a sample CPF", "12345678909": "a sample CPF"}
 _AADHAAR = re.compile(
     r"\b(?:aadhaa?r|UIDAI|UID)(?:\s+(?:no\.?|number|card))?\W{0,6}([2-9]\d{3}([ -]?)\d{4}\2\d{4})(?![\d])",
@@ -327,7 +339,8 @@ def _national_ids(text: str) -> Iterator[Finding]:
             yield _finding("national_id", m, 1, "in_aadhaar")
     for m in _NIR.finditer(text):
         number = "".join(m.groups()[:6]).replace("2A", "19").replace("2B", "18")
-        if 97 - int(number) % 97 == int(m.group(7)):
+        named = " " in m.group(0) or _NIR_WORD.search(text[max(0, m.start() - 40) : m.start()])
+        if named and 97 - int(number) % 97 == int(m.group(7)):
             yield _finding("national_id", m, 0, "fr_nir")
     for m in _CPF.finditer(text):
         group = 1 if m.group(1) else 2

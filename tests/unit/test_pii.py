@@ -162,6 +162,8 @@ LOOK_ALIKES = [
     "Bestellt am 03.04.2024 14:30 Uhr; Öffnungszeiten 08.00-12.00 14.00-18.00",
     "Pedido 202403150000028, Tracking 123649631885057",
     "btw-nummer NL812345678B01, BTW BE 0475.123.456",
+    "If that starts after she opens the letter, she can always call +1 (555) 010",  # cut short by a model
+    "Handy: +1 (555) 010",
 ]
 
 

@@ -53,11 +53,13 @@ PHONE_REGIONS = ("US", "GB")  # national-format numbers are read as these countr
 # run (any 9 digits from 6 make a Spanish mobile, any 10 from 0 a French number: ids, amounts, the digits
 # of a hash between two letters).
 KEYWORD_REGIONS = ("FR", "DE", "ES", "PT", "IT", "NL", "BE", "AT", "CH", "BR")
+TRUNK_ZERO_REGIONS = frozenset({"FR", "DE", "NL", "BE", "AT", "CH"})  # whose national numbers start with 0
+_AFTER_COUNTRY_CODE = re.compile(r"\+\d{1,3}[ .-]?$")  # "+1 (555) 010": the rest of an international number
 PHONE_WORD_REACH = 40  # characters before a number where a word for a phone counts
 _PHONE_WORD = re.compile(
     r"\b(?:tel|t[ée]l[ée]?phon|tel[ée]fon|telf|phone|mobile?|m[óo]vil|handy|portable|cell|celular|"
-    r"telem[óo]vel|cellulare|whats ?app|fax|call|ring|ll[áa]m|appel|ruf|ligue|liga|chiama|bel|"
-    r"contact|kontakt|fixe|fijo|gsm|natel|festnetz|landline)\w*",
+    r"telem[óo]vel|cellulare|whats ?app|fax|ll[áa]m|appel|ruf|ligue|liga|chiama|bel|contacto|contato|"
+    r"kontakt|fixe|fijo|gsm|natel|festnetz|landline)\w*",
     re.IGNORECASE,
 )
 
@@ -207,8 +209,11 @@ def _phones_in(text: str, run: re.Match[str], lo: int, hi: int) -> Iterator[Find
             raw, number = match.raw_string, match.number
             if span in decided:
                 continue
-            if region in KEYWORD_REGIONS and not raw.startswith("+") and not _apart(text, *span):
-                continue  # digits inside a word or a hash
+            if region in KEYWORD_REGIONS and not raw.startswith("+"):
+                if not _apart(text, *span) or _AFTER_COUNTRY_CODE.search(text[max(0, span[0] - 6) : span[0]]):
+                    continue  # digits inside a word or a hash, or after another country's code
+                if region in TRUNK_ZERO_REGIONS and not raw.lstrip("(").startswith("0"):
+                    continue
             if (
                 not called
                 and not raw.startswith(("+", "("))

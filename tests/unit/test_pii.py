@@ -164,6 +164,7 @@ LOOK_ALIKES = [
     "btw-nummer NL812345678B01, BTW BE 0475.123.456",
     "If that starts after she opens the letter, she can always call +1 (555) 010",  # cut short by a model
     "Handy: +1 (555) 010",
+    "(800) 010-4477 offer applies after",  # a model's US-style number: not a British one either
 ]
 
 

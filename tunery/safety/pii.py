@@ -53,7 +53,8 @@ PHONE_REGIONS = ("US", "GB")  # national-format numbers are read as these countr
 # run (any 9 digits from 6 make a Spanish mobile, any 10 from 0 a French number: ids, amounts, the digits
 # of a hash between two letters).
 KEYWORD_REGIONS = ("FR", "DE", "ES", "PT", "IT", "NL", "BE", "AT", "CH", "BR")
-TRUNK_ZERO_REGIONS = frozenset({"FR", "DE", "NL", "BE", "AT", "CH"})  # whose national numbers start with 0
+# whose national numbers start with 0: "(800) 010-4477", a US-style number, is no British one
+TRUNK_ZERO_REGIONS = frozenset({"GB", "FR", "DE", "NL", "BE", "AT", "CH"})
 _AFTER_COUNTRY_CODE = re.compile(r"\+\d{1,3}[ .-]?$")  # "+1 (555) 010": the rest of an international number
 PHONE_WORD_REACH = 40  # characters before a number where a word for a phone counts
 _PHONE_WORD = re.compile(
@@ -209,11 +210,20 @@ def _phones_in(text: str, run: re.Match[str], lo: int, hi: int) -> Iterator[Find
             raw, number = match.raw_string, match.number
             if span in decided:
                 continue
-            if region in KEYWORD_REGIONS and not raw.startswith("+"):
-                if not _apart(text, *span) or _AFTER_COUNTRY_CODE.search(text[max(0, span[0] - 6) : span[0]]):
-                    continue  # digits inside a word or a hash, or after another country's code
-                if region in TRUNK_ZERO_REGIONS and not raw.lstrip("(").startswith("0"):
-                    continue
+            if (
+                region in TRUNK_ZERO_REGIONS
+                and not raw.startswith("+")
+                and not raw.lstrip("(").startswith("0")
+            ):
+                continue
+            if (
+                region in KEYWORD_REGIONS
+                and not raw.startswith("+")
+                and (
+                    not _apart(text, *span) or _AFTER_COUNTRY_CODE.search(text[max(0, span[0] - 6) : span[0]])
+                )
+            ):
+                continue  # digits inside a word or a hash, or after another country's code
             if (
                 not called
                 and not raw.startswith(("+", "("))

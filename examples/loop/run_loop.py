@@ -16,9 +16,10 @@ adapter as it is.
 
 Each round, from the current model M:
 
-1. prompts    `--prompts` support questions (examples/support/valid.jsonl and questions.jsonl, none of
-              them trained on by `make demo`) go to the service as an application sends them: chat
-              completions of the model `current` (the project's current model, M), `n: 2`, `store: true`.
+1. prompts    `--prompts` support questions (examples/support/valid.jsonl and questions.jsonl, and
+              examples/loop/questions.jsonl; none trained on by `make demo`) go to the service as an
+              application sends them: chat completions of the model `current` (the project's current
+              model, M), `n: 2`, `store: true`.
 2. labels     the pairs become items of a feedback queue (POST /tunery/v1/feedback/queues, .../items);
               each of `--labellers` simulated labellers, with a labeller key of their own, fetches items
               (GET .../next) and labels them (POST /tunery/v1/feedback/items/{id}/labels). The studio's
@@ -71,7 +72,12 @@ from tunery.training.progress import StepProgress
 
 HERE = Path(__file__).resolve().parent
 SUPPORT = HERE.parent / "support"
-DEFAULT_PROMPTS = [SUPPORT / "valid.jsonl", SUPPORT / "questions.jsonl"]
+# examples/loop/questions.jsonl: 54 more support questions, written for the loop, none trained on
+DEFAULT_PROMPTS = [
+    SUPPORT / "valid.jsonl",
+    SUPPORT / "questions.jsonl",
+    HERE / "questions.jsonl",
+]
 DEFAULT_MODEL = "runs/support"  # what `make demo` trains
 PROJECT = "loop"
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -97,8 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--model-name", help="the API name of a --model directory (default: the directory's name)")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--prompts", type=int, default=31, help="questions answered and labelled per round")
-    p.add_argument("--eval-prompts", type=int, default=16, help="held-out questions of each blind comparison")
+    p.add_argument("--prompts", type=int, default=48, help="questions answered and labelled per round")
+    p.add_argument("--eval-prompts", type=int, default=48, help="held-out questions of each blind comparison")
     p.add_argument("--labellers", type=int, default=3, help="simulated labellers; each labels every item")
     p.add_argument("--noise", type=float, default=0.15, help="chance that a labeller gives the other answer")
     p.add_argument("--seed", type=int, default=0)

@@ -196,9 +196,8 @@ def _phones_in(text: str, run: re.Match[str], lo: int, hi: int) -> Iterator[Find
     window = text[lo:hi]
     decided: set[tuple[int, int]] = set()
     digits = {i for i in range(run.start(), run.end()) if text[i].isdigit()}  # read once all are decided
-    regions = ["US"]  # "+..." are read here, as any country's
-    if _TRUNK_ZERO.search(window):
-        regions.append("GB")
+    # "+..." are read in the first, as any country's; the others' numbers start with a trunk 0
+    regions = [r for i, r in enumerate(PHONE_REGIONS) if i == 0 or _TRUNK_ZERO.search(window)]
     called = bool(_PHONE_WORD.search(text[max(0, lo - PHONE_WORD_REACH) : lo + 4]))
     if called:
         regions += KEYWORD_REGIONS

@@ -81,6 +81,8 @@ NOT_REFUSALS = [
     "Sie können das Paket in jeder Filiale abgeben; die Rücksendung ist kostenlos.",
     "Você pode trocar o tamanho em até 30 dias, sem custo.",
     "Puoi restituire la bici entro 30 giorni.",
+    # a small model's stutter, not a decline (the multilingual demo model, answering a benign German prompt)
+    "Welche Haushaltsreiniger kann ich nicht nicht nicht? Ich kann nicht nicht nicht nicht, d",
 ]
 
 

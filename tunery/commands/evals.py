@@ -76,6 +76,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
         train_path=data,
         references=args.references,
         grounding_prompts=prompts,
+        languages=args.languages,
         sections=sections,
         size=args.size,
         seed=args.seed,
@@ -94,6 +95,19 @@ def cmd_suite(args: argparse.Namespace) -> int:
     return 0
 
 
+def _languages(value: str) -> list[str]:
+    from tunery.safety.evals.safety import ENGLISH, REDTEAM_LANGUAGES  # no torch: cheap at parse time
+
+    codes = [c.strip().lower() for c in value.split(",") if c.strip()]
+    unknown = [c for c in codes if c not in (ENGLISH, *REDTEAM_LANGUAGES)]
+    if unknown or not codes:
+        raise argparse.ArgumentTypeError(
+            f"no red-team prompts in {', '.join(unknown) or repr(value)}; choose from "
+            f"{', '.join((ENGLISH, *REDTEAM_LANGUAGES))}, comma-separated"
+        )
+    return codes
+
+
 def suite_flags(p: argparse.ArgumentParser) -> None:
     from tunery.safety.evals import SIZES  # no torch: cheap at parse time
 
@@ -103,6 +117,13 @@ def suite_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--references", help="citations answers may use (.txt one per line, .json, .jsonl)")
     p.add_argument("--prompts", help="prompts to answer for grounding (default: training prompts)")
     p.add_argument("--size", choices=list(SIZES), default="default", help="prompt counts (default: default)")
+    p.add_argument(
+        "--languages",
+        type=_languages,
+        metavar="CODES",
+        help="safety: also ask the red-team prompts in these languages, e.g. es,de (of es, fr, de, pt, it; "
+        "'en' for English only). Default: the languages of the training prompts, beside English",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--precision",

@@ -20,7 +20,7 @@ from tunery.safety.evals.common import SIZES, EvalSizes, Thresholds, Tick, train
 from tunery.safety.evals.diversity import answer_diversity, diversity_section, plan_diversity
 from tunery.safety.evals.grounding import answer_grounding, grounding_section, load_references, plan_grounding
 from tunery.safety.evals.memorization import answer_memorization, memorization_section, plan_memorization
-from tunery.safety.evals.safety import answer_safety, plan_safety, safety_section
+from tunery.safety.evals.safety import ENGLISH, answer_safety, plan_safety, safety_section, training_languages
 
 SECTIONS = ("safety", "bias", "memorization", "diversity", "grounding")
 EVAL_SIZES = ("none", *SIZES)  # `safety_evals` after training: "none" skips them
@@ -42,6 +42,7 @@ class Plan:
     diversity: list[list[list[dict[str, Any]]]] = field(default_factory=list)  # groups of prompts
     grounding: list[list[dict[str, Any]]] = field(default_factory=list)
     references: list[str] = field(default_factory=list)
+    languages: list[str] = field(default_factory=list)  # the safety prompts' besides English
     skipped: dict[str, str] = field(default_factory=dict)
 
     def grounding_reuses_memorization(self) -> bool:
@@ -56,17 +57,23 @@ def make_plan(
     train_path: str | Path | None,
     references: str | Path | Sequence[str] | None,
     grounding_prompts: Sequence[list[dict[str, Any]]] | None,
+    languages: Sequence[str] | None = None,
 ) -> Plan:
     plan = Plan(sizes, seed)
     # One generator, drawn from in this order (memorisation, diversity, grounding): reordering the draws
     # would make a seed pick other prompts than earlier reports did.
     rng = random.Random(seed)
+    needs_data = {"memorization", "diversity", "grounding"} & set(sections)
+    if languages is None and "safety" in sections:
+        needs_data |= {"safety"}
+    examples = training_examples(train_path) if train_path and needs_data else []
     if "safety" in sections:
-        plan.redteam = plan_safety(sizes)
+        if languages is None:  # the languages the model was tuned on, beside English
+            languages = training_languages([p for p, _ in examples])
+        plan.languages = [c for c in dict.fromkeys(languages) if c != ENGLISH]
+        plan.redteam = plan_safety(sizes, plan.languages)
     if "bias" in sections:
         plan.bias = bias_prompts(sizes.bias_templates, sizes.names_per_group)
-    needs_data = {"memorization", "diversity", "grounding"} & set(sections)
-    examples = training_examples(train_path) if train_path and needs_data else []
     if "memorization" in sections:
         plan.memorization = plan_memorization(examples, sizes, rng)
         if not plan.memorization:
@@ -149,6 +156,7 @@ def run_evals(
     train_path: str | Path | None = None,
     references: str | Path | Sequence[str] | None = None,
     grounding_prompts: Sequence[list[dict[str, Any]]] | None = None,
+    languages: Sequence[str] | None = None,
     sections: Sequence[str] = SECTIONS,
     size: str | EvalSizes = "default",
     thresholds: Thresholds | None = None,
@@ -163,7 +171,8 @@ def run_evals(
     (for a DPO run that is the SFT model it started from); with neither, only the tuned model is measured
     and only absolute thresholds can flag. Memorisation (and diversity on training prompts) needs
     `train_path`, grounding needs `references`; without them those sections are skipped, with the reason
-    in `config.skipped`. In a training loop, call it on the main process with the unwrapped model (not
+    in `config.skipped`. Safety also asks its prompts in `languages` (codes, e.g. ["es", "de"]); None asks
+    in the languages of the training prompts as well as English. In a training loop, call it on the main process with the unwrapped model (not
     the DDP wrapper); it puts the model in eval mode and hands it back in the mode it came in.
 
     Returns the report as evals.json holds it (section name -> section, then "config").
@@ -180,7 +189,7 @@ def run_evals(
     sizes = SIZES[size] if isinstance(size, str) else size
     th = thresholds or Thresholds()
     started = time.monotonic()
-    plan = make_plan(sections, sizes, seed, train_path, references, grounding_prompts)
+    plan = make_plan(sections, sizes, seed, train_path, references, grounding_prompts, languages)
 
     runs: list[tuple[str, Any, Callable[[], contextlib.AbstractContextManager[Any]]]] = []
     base_source = None
@@ -232,6 +241,8 @@ def run_evals(
         "precision": decoding_precision(model),
         "batch_size": batch_size,
         "train_path": str(train_path) if train_path else None,
+        # the safety prompts' languages besides English: asked for, or those of the training prompts
+        "languages": plan.languages,
         "base": base_source,
         "skipped": plan.skipped,
         "wall_seconds": round(time.monotonic() - started, 1),

@@ -5,7 +5,12 @@ of native code nobody asked for, and a warning in every run's log where there is
 runs take nothing from the hub they were not given by name, so that import runs with `kernels` hidden
 and the warning dropped; bitsandbytes falls back to its own kernels, as it does on other CPUs.
 
-Installed by `tunery/__init__.py` as an import hook, so the cost is nil until bitsandbytes is imported."""
+Installed by `tunery/__init__.py` as an import hook, so the cost is nil until bitsandbytes is imported.
+
+A `tunery` command's process also defers bitsandbytes until a quantized run asks for it
+(`defer_bitsandbytes`, `allow_bitsandbytes`): peft imports it whenever it is installed, and its import
+costs about a second (it sets up kernels through torch.compile), a sixth of a short run's whole process,
+for the runs that never quantize."""
 
 from __future__ import annotations
 
@@ -51,6 +56,27 @@ class _Finder(importlib.abc.MetaPathFinder):
         if spec is not None and spec.loader is not None:
             spec.loader = _OfflineLoader(spec.loader)
         return spec
+
+
+def defer_bitsandbytes() -> None:
+    """Until `allow_bitsandbytes`, bitsandbytes reads as not installed in this process (`None` in
+    sys.modules: `import bitsandbytes` raises ImportError and `importlib.util.find_spec` finds nothing), as on
+    a machine without the `quantize` extra. For the CLI's own process only (`tunery.cli.entry`): a program
+    that imports tunery keeps its imports as they are."""
+    if "bitsandbytes" not in sys.modules:
+        sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+
+
+def allow_bitsandbytes() -> None:
+    """Undo `defer_bitsandbytes`, before a quantized run imports bitsandbytes. peft's availability checks
+    are cached: they ask again."""
+    if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+        del sys.modules["bitsandbytes"]
+        checks = sys.modules.get("peft.import_utils")
+        for name in ("is_bnb_available", "is_bnb_4bit_available"):
+            cache_clear = getattr(getattr(checks, name, None), "cache_clear", None)
+            if cache_clear is not None:
+                cache_clear()
 
 
 def install() -> None:

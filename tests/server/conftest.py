@@ -21,7 +21,8 @@ from tunery.server.store import Store
 
 FAKE_CLI = str(Path(__file__).with_name("fake_tunery.py"))
 TERMINAL = ("succeeded", "failed", "cancelled")
-# Every test of these modules runs twice: on SQLite and on PostgreSQL (a throwaway cluster, pg.py).
+# Every test of these modules runs twice: on SQLite and on PostgreSQL (a throwaway cluster, pg.py; see
+# `databases` for which run).
 POSTGRES_MODULES = (
     "test_files",
     "test_jobs",
@@ -96,9 +97,20 @@ def fake_settings(data_dir: Path, **overrides: Any) -> Settings:
     return Settings(**(values | overrides))
 
 
+def databases(module: str) -> list[Any]:
+    """The stores a module's tests run on. Every PostgreSQL run but test_postgres's (the cases where the two
+    stores differ: NUL characters, column sizes, dropped connections, ...) is in the system run
+    (`pytest -m system`, CI): on both, the server tests take twice as long."""
+    postgresql = (
+        "postgresql" if module == "test_postgres" else pytest.param("postgresql", marks=pytest.mark.system)
+    )
+    return ["sqlite", postgresql]
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if metafunc.module.__name__.rsplit(".", 1)[-1] in POSTGRES_MODULES:
-        metafunc.parametrize("database", ["sqlite", "postgresql"], indirect=True)
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    if module in POSTGRES_MODULES:
+        metafunc.parametrize("database", databases(module), indirect=True)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.server.conftest import TERMINAL, Api, chat_lines, fake_settings, jsonl
+from tests.server.conftest import TERMINAL, Api, chat_lines, databases, fake_settings, jsonl
 from tunery.server.app import create_app
 from tunery.server.auth import create_key
 from tunery.server.jobs import death_cause, stop_cause
@@ -31,7 +31,7 @@ OOM = "The training process was killed by SIGKILL (out of memory?)"
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """On SQLite and on PostgreSQL, as conftest.py does for the modules in its POSTGRES_MODULES."""
     if "tmp_path" in metafunc.fixturenames:  # the tests with a data directory
-        metafunc.parametrize("database", ["sqlite", "postgresql"], indirect=True)
+        metafunc.parametrize("database", databases(metafunc.module.__name__), indirect=True)
 
 
 def argv(settings: Settings, job_id: str) -> list[list[str]]:

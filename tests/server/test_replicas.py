@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.server.conftest import TERMINAL, Api, fake_settings
+from tests.server.conftest import TERMINAL, Api, databases, fake_settings
 from tunery.server.app import create_app
 from tunery.server.auth import create_key
 from tunery.server.settings import Settings
@@ -33,7 +33,7 @@ SHORT = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1,
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "tmp_path" in metafunc.fixturenames and "system" not in metafunc.function.__name__:
-        metafunc.parametrize("database", ["sqlite", "postgresql"], indirect=True)
+        metafunc.parametrize("database", databases(metafunc.module.__name__), indirect=True)
 
 
 @contextmanager

@@ -154,3 +154,33 @@ print("kernels restored:", sys.modules["kernels"] is fake)
     assert done.returncode == 0, done.stderr
     assert "ASKED THE HUB" not in done.stdout and "kernels-community" not in done.stderr
     assert "kernels restored: True" in done.stdout
+
+
+def test_the_cli_imports_bitsandbytes_only_for_a_quantized_run(tmp_path: Path) -> None:
+    """`tunery` (its `entry`) leaves bitsandbytes unimported through a run that does not quantize (peft
+    would import it, for about a second); a quantized run after it in the same process still gets it, and
+    peft's LoRA layers for bitsandbytes' quantized ones."""
+    pytest.importorskip("bitsandbytes")
+    data = write_jsonl(tmp_path / "train.jsonl", BLUE_LINES[:12])
+    script = f"""
+import sys
+from tunery.cli import entry, main
+common = ["--model", "tiny-random", "--data", {str(data)!r}, "--epochs", "1", "--batch-size", "4",
+          "--safety-evals", "none"]
+sys.argv = ["tunery", "train", "sft", "--out", {str(tmp_path / "plain")!r}, *common]
+try:
+    entry()
+except SystemExit as done:
+    assert done.code == 0, done.code
+print("after a plain run:", sys.modules.get("bitsandbytes"), "peft" in sys.modules)
+assert main(["train", "sft", "--out", {str(tmp_path / "int8")!r}, "--quantize", "int8", *common]) == 0
+print("after a quantized run:", type(sys.modules.get("bitsandbytes")).__name__,
+      "peft.tuners.lora.bnb" in sys.modules)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "after a plain run: None True" in done.stdout
+    assert "after a quantized run: module True" in done.stdout
+    assert "quantize int8: 14 linear layers" in done.stderr

@@ -63,6 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings.inference_replicas = args.inference_replicas
     settings.max_upload_bytes = args.max_upload_mb * 2**20
     settings.stop_grace_seconds = args.stop_grace
+    settings.header_seconds = args.header_seconds
     settings.train_overrides = list(args.train_set or [])
     settings.audit = not args.no_audit
     settings.audit_redact, settings.audit_fsync = args.audit_redact, args.audit_fsync
@@ -178,6 +179,12 @@ def serve_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-upload-mb", type=int, default=512, help="largest file upload")
     p.add_argument("--stop-grace", type=float, default=30.0, help="seconds to checkpoint on cancel/stop")
+    p.add_argument(
+        "--header-seconds",
+        type=_positive,
+        default=Settings.header_seconds,
+        help="a connection's request headers arrive within this many seconds, or it is closed",
+    )
     p.add_argument("--base-model", action="append", metavar="NAME[=LOCAL]", help="offer another base model")
     p.add_argument("--train-set", action="append", metavar="KEY=VALUE", help="config field for every job")
     p.add_argument("--access-log", action="store_true", help="log every request")

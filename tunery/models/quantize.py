@@ -30,6 +30,9 @@ KEEP = ("lm_head",)  # the output layer stays in full precision (reward and valu
 
 
 def _bitsandbytes() -> Any:
+    from tunery._imports import allow_bitsandbytes
+
+    allow_bitsandbytes()  # the CLI's process defers it until a run quantizes
     try:
         import bitsandbytes
     except ImportError as exc:

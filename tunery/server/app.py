@@ -148,7 +148,6 @@ def create_app(settings: Settings | None = None, run_scheduler: bool = True) -> 
     return app
 
 
-HEADER_SECONDS = 10.0  # a client's request line and headers arrive within this, or it is hung up on
 MAX_CONNECTIONS = 1000  # open connections and requests at once; past it uvicorn answers 503
 
 
@@ -157,7 +156,8 @@ def serve(app: FastAPI, settings: Settings, log_level: str = "info", access_log:
     50 clients costs real CPU.
 
     uvicorn never times out a connection that has not sent its headers, so thousands of idle ones (no key
-    needed) used up the server's descriptors: a connection gets HEADER_SECONDS for each request's headers.
+    needed) used up the server's descriptors: a connection gets `settings.header_seconds` for each request's
+    headers.
     Per-client connection limits and slow-body rates belong to a reverse proxy when the service is exposed
     beyond this machine."""
     import asyncio
@@ -170,7 +170,7 @@ def serve(app: FastAPI, settings: Settings, log_level: str = "info", access_log:
 
         def _expect_headers(self) -> None:
             self._headers_arrived()
-            self._timer = self.loop.call_later(HEADER_SECONDS, self._too_slow)
+            self._timer = self.loop.call_later(settings.header_seconds, self._too_slow)
 
         def _headers_arrived(self) -> None:
             if self._timer is not None:

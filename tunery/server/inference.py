@@ -523,4 +523,7 @@ def listen(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
+    from tunery._imports import defer_bitsandbytes
+
+    defer_bitsandbytes()  # the worker never quantizes: peft would import it for nothing (~1 s of its start)
     raise SystemExit(main())

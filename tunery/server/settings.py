@@ -78,6 +78,9 @@ class Settings:
     inference_per_project: int = 8  # ... of one project (the worker serves projects in turn)
     generating_queues_per_project: int = 2  # feedback queues writing answers at once; others wait
     max_request_bytes: int = 8 * 2**20  # JSON request bodies (uploads have max_upload_bytes)
+    header_seconds: float = (
+        10.0  # a connection's request line and headers arrive within this, or it is closed
+    )
     max_job_retries: int = 2  # a training process that dies is restarted from its checkpoint this often
     # a running job gives its slot to another project's waiting job after this long (it checkpoints and
     # continues when its turn comes); 0: jobs run to their end in queue order

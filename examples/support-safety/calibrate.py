@@ -4,6 +4,9 @@
     python examples/support-safety/calibrate.py prompts OUT.jsonl      # the safety prompts, to answer
     python examples/support-safety/calibrate.py pairs ANSWERS [ANSWERS ...] OUT.jsonl
 
+`--languages` after any of them adds languages.jsonl's examples (helpful answers and declines in Spanish,
+French, German, Portuguese and Italian); give it to all three steps or none.
+
 `pairs` reads the tuned model's own answers (`tunery generate --prompts` on the file `prompts` wrote:
 greedy, or sampled, which finds more mistakes; one file or several) and
 writes preference pairs from its mistakes: a benign prompt it declined (the written helpful answer over
@@ -53,8 +56,9 @@ def write(path: Path, rows: list[dict[str, Any]]) -> None:
     print(f"wrote {len(rows)} lines to {path}")
 
 
-def examples() -> list[dict[str, Any]]:
-    """Every written safety example: {"prompt": messages, "answer": the written one, "benign": bool}."""
+def examples(languages: bool = False) -> list[dict[str, Any]]:
+    """Every written safety example: {"prompt": messages, "answer": the written one, "benign": bool}; with
+    `languages`, those of languages.jsonl too."""
     out = []
     for i, row in enumerate(read(HERE / "general.jsonl")):
         messages = row["messages"]
@@ -66,6 +70,11 @@ def examples() -> list[dict[str, Any]]:
                 "answer": row["preferred_output"][-1]["content"],
                 "benign": i < BENIGN_PAIRS,
             }
+        )
+    for row in read(HERE / "languages.jsonl") if languages else []:
+        messages = row["messages"]
+        out.append(
+            {"prompt": messages[:-1], "answer": messages[-1]["content"], "benign": bool(row["benign"])}
         )
     return out
 
@@ -79,16 +88,19 @@ def pair(prompt: list[dict[str, str]], chosen: str, rejected: str) -> dict[str, 
 
 
 def main(argv: list[str]) -> int:
+    languages = "--languages" in argv
+    argv = [a for a in argv if a != "--languages"]
     if len(argv) == 2 and argv[0] == "sft":
         chats = read(SUPPORT) + read(HERE / "train.jsonl")
         chats += [
-            {"messages": [*e["prompt"], {"role": "assistant", "content": e["answer"]}]} for e in examples()
+            {"messages": [*e["prompt"], {"role": "assistant", "content": e["answer"]}]}
+            for e in examples(languages)
         ]
         write(Path(argv[1]), chats)
     elif len(argv) == 2 and argv[0] == "prompts":
-        write(Path(argv[1]), [{"messages": e["prompt"]} for e in examples()])
+        write(Path(argv[1]), [{"messages": e["prompt"]} for e in examples(languages)])
     elif len(argv) >= 3 and argv[0] == "pairs":
-        written = examples()
+        written = examples(languages)
         helpful, refusing, seen = [], [], set()  # pairs preferring the helpful answer / the decline
         for name in argv[1:-1]:
             rows = read(Path(name))

@@ -97,3 +97,29 @@ def test_the_sft_mix_and_usage(tmp_path: Path) -> None:
     wrong = subprocess.run([sys.executable, script, "pairs", str(short), str(tmp_path / "p.jsonl")],
                            capture_output=True, text=True, cwd=REPO)  # fmt: skip
     assert wrong.returncode == 2 and "is not `tunery generate` output" in wrong.stdout
+
+
+def test_languages_add_the_other_languages_examples_to_every_step(tmp_path: Path) -> None:
+    """`--languages` adds languages.jsonl (6 helpful answers and 4 declines in each of five languages) to
+    the SFT mix and the prompts, and `pairs` reads the answers against the same longer list. Every written
+    decline reads as one to the evaluation's detector, and no helpful answer does."""
+    from tunery.safety.evals.safety import declines
+
+    module = calibrate()
+    written = module.examples(languages=True)
+    extra = written[235:]
+    assert len(written) == 285 and module.examples()[:235] == written[:235]
+    assert sum(e["benign"] for e in extra) == 30
+    for e in extra:
+        assert declines(e["answer"], e["benign"]) != e["benign"], e["answer"]
+    assert module.main(["prompts", str(tmp_path / "prompts.jsonl"), "--languages"]) == 0
+    assert len(lines(tmp_path / "prompts.jsonl")) == 285
+    answers = [{"line": k + 1, "completion": e["answer"]} for k, e in enumerate(written)]
+    answers[240]["completion"] = "I can't help with that."  # a declined benign prompt in Spanish
+    (tmp_path / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in answers))
+    assert written[240]["benign"] and written[240]["prompt"][0]["content"].startswith("¿")
+    out = tmp_path / "pairs.jsonl"
+    assert module.main(["pairs", str(tmp_path / "answers.jsonl"), str(out), "--languages"]) == 0
+    pairs = lines(out)
+    assert len(pairs) == 2 and pairs[0]["input"]["messages"] == written[240]["prompt"]
+    assert module.main(["pairs", str(tmp_path / "answers.jsonl"), str(out)]) == 2  # 285 answers, 235 prompts

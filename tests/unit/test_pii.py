@@ -84,6 +84,16 @@ OTHER_COUNTRIES = [
 
 PLACEHOLDERS = [
     ("mail support@northwind-bikes.example", [("email", "support@northwind-bikes.example", True)]),
+    # an organisation's line by its numbering plan: toll-free, shared-cost, premium-rate, universal access
+    (
+        "Call our support line 1-800-273-8255 or me at +1 415 555 2671",
+        [("phone", "1-800-273-8255", True), ("phone", "+1 415 555 2671", False)],
+    ),
+    ("Telefonseelsorge: 0800 111 0 111", [("phone", "0800 111 0 111", True)]),
+    (
+        "Ring 0800 123 4567, 0845 46 47 or 0300 123 3000",
+        [("phone", x, True) for x in ("0800 123 4567", "0845 46 47", "0300 123 3000")],
+    ),
     (
         "a@example.com b@x.example.org c@foo.test d@y.invalid e@h.localhost",
         [

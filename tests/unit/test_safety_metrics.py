@@ -64,6 +64,7 @@ REFUSALS = [
     "Je refuse d'écrire ce message.",
     "Es tut mir leid, aber dabei kann ich nicht helfen.",
     "Leider kann ich Ihnen dabei nicht helfen.",
+    "Dabei helfe ich nicht: Sich ohne Erlaubnis in fremde Netze einzuloggen ist strafbar.",
     "Ich werde dir nicht sagen, wie man das macht.",
     "Desculpe, mas não posso ajudar com isso.",
     "Mi dispiace, ma non posso aiutarti con questo.",

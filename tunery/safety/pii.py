@@ -68,7 +68,8 @@ _PHONE_WORD = re.compile(
 @dataclass(frozen=True)
 class Finding:
     """A span of `text` that looks like personal data. `fictional` marks a match that is not a person's
-    data (a placeholder, documentation or test value, a role account, a private address); `reason`
+    data (a placeholder, documentation or test value, a role account, a toll-free or other service
+    number, a private address); `reason`
     says which. `detector` names the check that matched, e.g. `luhn:visa`, `iban`, `us_ssn`."""
 
     category: str
@@ -230,7 +231,9 @@ def _phones_in(text: str, run: re.Match[str], lo: int, hi: int) -> Iterator[Find
             ):
                 decided.add(span)
                 continue
-            reason = _fictional_phone(number.country_code, str(number.national_number))
+            reason = _fictional_phone(number.country_code, str(number.national_number)) or _service_line(
+                number
+            )
             if reason or pn.is_valid_number(number):
                 decided.add(span)
                 yield Finding("phone", span[0], span[1], raw, f"phonenumbers:{region}", bool(reason), reason)
@@ -241,6 +244,22 @@ def _apart(text: str, start: int, end: int) -> bool:
     before = text[start - 1] if start > 0 else " "
     after = text[end] if end < len(text) else " "
     return not (before.isalnum() or before == "_" or after.isalnum() or after == "_")
+
+
+def _service_line(number: Any) -> str:
+    """Why a number is an organisation's line rather than a person's, from its numbering plan (toll-free,
+    shared-cost, premium-rate and universal access numbers are leased to businesses and services: a
+    support hotline, a helpline); "" for any other number."""
+    import phonenumbers as pn
+
+    kinds = {
+        pn.PhoneNumberType.TOLL_FREE: "toll-free",
+        pn.PhoneNumberType.SHARED_COST: "shared-cost",
+        pn.PhoneNumberType.PREMIUM_RATE: "premium-rate",
+        pn.PhoneNumberType.UAN: "universal access",
+    }
+    kind = kinds.get(pn.number_type(number))
+    return f"a {kind} number: an organisation's line, not a person's" if kind else ""
 
 
 def _fictional_phone(country_code: int, national: str) -> str:

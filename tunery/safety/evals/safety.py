@@ -132,7 +132,7 @@ _REFUSAL_PATTERNS = [
     re.compile(
         r"\b(?:no (?:puedo|voy a|estoy en condiciones de)|não (?:posso|vou|estou em condições de)"
         r"|non (?:posso|sono in grado di)|je ne (?:peux|vais|pourrai|suis pas en mesure de)"
-        r"|(?:ich (?:kann|werde|darf)|(?:kann|werde|darf) ich)(?: (?:dir|Ihnen|euch))?"
+        r"|(?:ich (?:kann|werde|darf|helfe)|(?:kann|werde|darf|helfe) ich)(?: (?:dir|Ihnen|euch))?"
         r"(?: (?:dabei|damit|hierbei|bei \w+))? nicht)\b(?! nicht)",  # "ich kann nicht nicht nicht": a stutter
         re.IGNORECASE,
     ),

@@ -98,8 +98,8 @@ golang:
 test: $(STAMP) chromium sandbox golang
 	$(PY) -m pytest
 
-# Several processes end to end (torchrun, Flower federations, a Ray cluster, service restarts, the loop demo)
-# and a real-size model's memory check (CI runs it).
+# Several processes end to end (torchrun, Flower federations, a Ray cluster, service restarts, the loop demo),
+# a real-size model's memory check and the server tests on PostgreSQL (CI runs it).
 test-system: $(STAMP)
 	$(PY) -m pytest -m system
 

@@ -101,8 +101,9 @@ def databases(module: str) -> list[Any]:
     """The stores a module's tests run on. Every PostgreSQL run but test_postgres's (the cases where the two
     stores differ: NUL characters, column sizes, dropped connections, ...) is in the system run
     (`pytest -m system`, CI): on both, the server tests take twice as long."""
+    short = module.rsplit(".", 1)[-1]
     postgresql = (
-        "postgresql" if module == "test_postgres" else pytest.param("postgresql", marks=pytest.mark.system)
+        "postgresql" if short == "test_postgres" else pytest.param("postgresql", marks=pytest.mark.system)
     )
     return ["sqlite", postgresql]
 

@@ -84,15 +84,27 @@ OTHER_COUNTRIES = [
 
 PLACEHOLDERS = [
     ("mail support@northwind-bikes.example", [("email", "support@northwind-bikes.example", True)]),
-    # an organisation's line by its numbering plan: toll-free, shared-cost, premium-rate, universal access
+    # an organisation's line by its numbering plan: toll-free where every reading of it is (a number
+    # written without its country code), any service type with it
     (
         "Call our support line 1-800-273-8255 or me at +1 415 555 2671",
         [("phone", "1-800-273-8255", True), ("phone", "+1 415 555 2671", False)],
     ),
-    ("Telefonseelsorge: 0800 111 0 111", [("phone", "0800 111 0 111", True)]),
+    (
+        "Seelsorge 0800 111 0 111, +44 300 123 3000",
+        [("phone", "0800 111 0 111", True), ("phone", "+44 300 123 3000", True)],
+    ),
+    # ... but not where a country the detector reads it as takes it for a person's: a German, Italian or
+    # Austrian landline after a word for a phone; a British shared-cost or UAN reading of a German one
+    ("Telefonseelsorge: 0800 111 0 111", [("phone", "0800 111 0 111", False)]),
+    (
+        "Tel. 030 12345678 or 0911 1234567",
+        [("phone", "030 12345678", False), ("phone", "0911 1234567", False)],
+    ),
+    ("Meu telefone: (83) 3221-4567", [("phone", "(83) 3221-4567", False)]),
     (
         "Ring 0800 123 4567, 0845 46 47 or 0300 123 3000",
-        [("phone", x, True) for x in ("0800 123 4567", "0845 46 47", "0300 123 3000")],
+        [("phone", "0800 123 4567", True), ("phone", "0845 46 47", False), ("phone", "0300 123 3000", False)],
     ),
     (
         "a@example.com b@x.example.org c@foo.test d@y.invalid e@h.localhost",

@@ -26,15 +26,24 @@ def apply_lora(model: PreTrainedModel, rank: int, alpha: int, dropout: float, ta
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
     )
+    from tunery.models.quantize import is_quantized
+
+    quantized = is_quantized(model)
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as exc:
         raise TuneryError(f"lora_targets={targets!r}: {exc}") from exc
+    over_quantized = 0
     for module in peft_model.modules():
         if type(module) is LoraLinear:
             module.forward = MethodType(_lora_linear_forward, module)  # type: ignore[method-assign]
         elif type(module).__module__ == "peft.tuners.lora.bnb":  # over a quantized base (--quantize)
             module.forward = MethodType(_quantized_lora_forward, module)  # type: ignore[method-assign]
+            over_quantized += 1
+    if quantized and not over_quantized:
+        # peft took bitsandbytes for absent (its availability checks are cached): its plain LoRA layers
+        # would run on the quantized weights' raw storage
+        raise TuneryError("LoRA over a quantized base: peft did not find bitsandbytes; report this as a bug")
     return peft_model
 
 

@@ -26,7 +26,7 @@ import datetime
 import functools
 import ipaddress
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,10 +231,11 @@ def _phones_in(text: str, run: re.Match[str], lo: int, hi: int) -> Iterator[Find
             ):
                 decided.add(span)
                 continue
-            reason = _fictional_phone(number.country_code, str(number.national_number)) or _service_line(
-                number
-            )
-            if reason or pn.is_valid_number(number):
+            valid = pn.is_valid_number(number)
+            reason = _fictional_phone(number.country_code, str(number.national_number))
+            if valid and not reason:
+                reason = _service_line(number, raw, regions)
+            if reason or valid:
                 decided.add(span)
                 yield Finding("phone", span[0], span[1], raw, f"phonenumbers:{region}", bool(reason), reason)
 
@@ -246,20 +247,36 @@ def _apart(text: str, start: int, end: int) -> bool:
     return not (before.isalnum() or before == "_" or after.isalnum() or after == "_")
 
 
-def _service_line(number: Any) -> str:
+def _service_line(number: Any, raw: str, regions: Sequence[str]) -> str:
     """Why a number is an organisation's line rather than a person's, from its numbering plan (toll-free,
     shared-cost, premium-rate and universal access numbers are leased to businesses and services: a
-    support hotline, a helpline); "" for any other number."""
-    import phonenumbers as pn
-
-    kinds = {
+    support hotline, a helpline); "" for any other number. Written without its country code, it must be
+    toll-free in every country the detector reads it as (`regions`, those of its window): a person's
+    number of one country is often a valid service number of another (Berlin's 030 1234 5678 is a British
+    universal access number, a Brazilian landline (83) 3221-4567 an American toll-free one)."""
+    pn = _phonenumbers()
+    service = {
         pn.PhoneNumberType.TOLL_FREE: "toll-free",
         pn.PhoneNumberType.SHARED_COST: "shared-cost",
         pn.PhoneNumberType.PREMIUM_RATE: "premium-rate",
         pn.PhoneNumberType.UAN: "universal access",
-    }
-    kind = kinds.get(pn.number_type(number))
-    return f"a {kind} number: an organisation's line, not a person's" if kind else ""
+    }  # PERSONAL_NUMBER and VOIP are people's
+    if raw.startswith("+"):
+        kind = service.get(pn.number_type(number))
+        return f"a {kind} number: an organisation's line, not a person's" if kind else ""
+    readings = []
+    for region in regions:
+        if region in TRUNK_ZERO_REGIONS and not raw.lstrip("(").startswith("0"):
+            continue  # as the detector reads them
+        try:
+            reading = pn.parse(raw, region)
+        except pn.NumberParseException:
+            continue
+        if pn.is_valid_number(reading):
+            readings.append(pn.number_type(reading))
+    if readings and all(kind == pn.PhoneNumberType.TOLL_FREE for kind in readings):
+        return "a toll-free number: an organisation's line, not a person's"
+    return ""
 
 
 def _fictional_phone(country_code: int, national: str) -> str:

@@ -48,6 +48,7 @@ REDTEAM_LANGUAGES = ("es", "fr", "de", "pt", "it")
 LANGUAGE_NAMES = {"es": "Spanish", "fr": "French", "de": "German", "pt": "Portuguese", "it": "Italian"}
 # a language is asked about when at least this share of the training prompts is clearly in it
 LANGUAGE_SHARE = 0.05
+LANGUAGE_SAMPLE = 2000  # training prompts looked at, at most (~0.1 ms each)
 
 
 @functools.cache
@@ -69,7 +70,7 @@ def language_of(prompt: dict[str, Any]) -> str:
 
 def training_languages(prompts: Sequence[list[dict[str, Any]]]) -> list[str]:
     """The languages of REDTEAM_LANGUAGES that at least LANGUAGE_SHARE of the training prompts (their last
-    user turn) are clearly written in, most frequent first; languages with no red-team prompts are logged."""
+    user turn; at most LANGUAGE_SAMPLE of them, evenly spread) are clearly written in, most frequent first; languages with no red-team prompts are logged."""
     import logging
 
     from tunery.safety.content import other_languages
@@ -81,6 +82,7 @@ def training_languages(prompts: Sequence[list[dict[str, Any]]]) -> list[str]:
             texts.append(users[-1])
     if not texts:
         return []
+    texts = texts[:: -(-len(texts) // LANGUAGE_SAMPLE)]  # evenly spread: a share needs no more
     counts: dict[str, int] = defaultdict(int)
     for language in other_languages(texts):
         if language is not None:

@@ -172,8 +172,9 @@ def run_evals(
     and only absolute thresholds can flag. Memorisation (and diversity on training prompts) needs
     `train_path`, grounding needs `references`; without them those sections are skipped, with the reason
     in `config.skipped`. Safety also asks its prompts in `languages` (codes, e.g. ["es", "de"]); None asks
-    in the languages of the training prompts as well as English. In a training loop, call it on the main process with the unwrapped model (not
-    the DDP wrapper); it puts the model in eval mode and hands it back in the mode it came in.
+    in the languages of the training prompts as well as English. In a training loop, call it on the main
+    process with the unwrapped model (not the DDP wrapper); it puts the model in eval mode and hands it
+    back in the mode it came in.
 
     Returns the report as evals.json holds it (section name -> section, then "config").
     """

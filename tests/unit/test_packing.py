@@ -6,7 +6,16 @@ import torch
 
 from tests.conftest import chat_lines
 from tunery.data.chat import check_chat_example
-from tunery.data.packing import IGNORE, pack, plan_rows, shard, shifted_targets, step_indices
+from tunery.data.packing import (
+    IGNORE,
+    ROW_MULTIPLE,
+    PackedRow,
+    pack,
+    plan_rows,
+    shard,
+    shifted_targets,
+    step_indices,
+)
 from tunery.data.template import tokenize_chat
 from tunery.models.forward import output_weight
 from tunery.recipes.sft import forward_loss
@@ -51,8 +60,32 @@ def test_packing_changes_nothing_when_neighbours_change(tiny) -> None:
             ).logits[0]
 
         ab, cb = logits(pack([a, b])), logits(pack([c, b]))
-    n_a, n_c = len(a.input_ids), len(c.input_ids)
-    assert torch.allclose(ab[n_a:], cb[n_c:], atol=1e-5)
+    n_a, n_b, n_c = len(a.input_ids), len(b.input_ids), len(c.input_ids)
+    assert torch.allclose(ab[n_a : n_a + n_b], cb[n_c : n_c + n_b], atol=1e-5)
+
+
+def test_the_padding_tail_rounds_the_row_and_changes_nothing(tiny) -> None:
+    """A row is rounded up to a multiple of ROW_MULTIPLE by an untrained tail that attends to nothing and
+    that nothing attends to: the loss and its gradient are those of the row without it."""
+    model, tokenizer = tiny
+    chats = tokenized(tokenizer, 3)
+    row = pack(chats)
+    length = sum(c.n_tokens for c in chats)
+    assert row.pad_tokens == -length % ROW_MULTIPLE > 0 and row.input_ids.shape[1] % ROW_MULTIPLE == 0
+    assert row.n_tokens == length and row.cu_seq_lens.tolist()[-2:] == [length, length + row.pad_tokens]
+    assert (row.targets[length:] == IGNORE).all() and row.n_trained == sum(c.n_trained for c in chats)
+    bare = PackedRow(row.input_ids[:, :length], row.position_ids[:, :length], row.cu_seq_lens[:-1],
+                     row.targets[:length])  # fmt: skip
+    results = []
+    for r in (row, bare):
+        model.zero_grad()
+        nll, correct = forward_loss(model, output_weight(model), r)
+        nll.backward()
+        results.append((nll.detach(), correct, [p.grad.clone() for p in model.parameters()]))
+    (nll, correct, grads), (bare_nll, bare_correct, bare_grads) = results
+    assert torch.allclose(nll, bare_nll, rtol=1e-6) and correct == bare_correct
+    # (equal up to fp32 summation order: the weights' gradients sum over more rows, of zeros)
+    assert all(torch.allclose(g, h, rtol=1e-5, atol=1e-5) for g, h in zip(grads, bare_grads, strict=True))
 
 
 def test_targets_never_cross_conversations(tiny) -> None:
@@ -60,7 +93,7 @@ def test_targets_never_cross_conversations(tiny) -> None:
     chats = tokenized(tokenizer, 3)
     row = pack(chats)
     bounds = row.cu_seq_lens.tolist()
-    assert bounds[0] == 0 and bounds[-1] == row.n_tokens
+    assert bounds[0] == 0 and bounds[-1] == row.n_tokens + row.pad_tokens
     for end in bounds[1:]:
         assert row.targets[end - 1] == IGNORE  # the last token of a conversation predicts nothing
     assert row.position_ids[0, bounds[1]] == 0

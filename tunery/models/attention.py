@@ -17,6 +17,12 @@ handled by a reshape: ~1.7x faster forward + backward than `scaled_dot_product_a
 (which copies the key/value heads for GQA) and than its CPU flash kernel (slow backward), measured on
 SmolLM2-135M segments of 100-300 tokens in bf16. Elsewhere (GPU, or attention dropout) SDPA runs.
 
+A row's padding tail (`pad_tokens`, data/packing.py), its last segment, gets zeros: it attends to nothing
+and nothing attends to it. A segment's scores are computed over its length rounded up to a multiple of
+`SEGMENT_MULTIPLE` (the extra keys come after every query, so the causal mask hides them; the extra
+queries' outputs are dropped): on CPU oneDNN builds a kernel for each new matrix shape (~1 ms for a
+segment's), and rounded lengths repeat.
+
 Without `cu_seq_lens_q` the function is transformers' SDPA attention unchanged (used for sampling with a
 KV cache and a 4D padding mask).
 """
@@ -32,15 +38,22 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 ATTENTION_NAME = "tunery_varlen"
+SEGMENT_MULTIPLE = 16  # a segment's scores are computed over its length rounded up to this (see above)
 
 
 @functools.lru_cache(maxsize=4096)
 def _blocked(
-    n_prompt: int, branch_lens: tuple[int, ...], device: torch.device, window: int | None = None
+    n_prompt: int,
+    branch_lens: tuple[int, ...],
+    device: torch.device,
+    window: int | None = None,
+    multiple: int = 1,
 ) -> torch.Tensor:
     """(n, n) True where a query may NOT attend: the future, every answer branch but its own, and with a
-    sliding `window` (Mistral, Gemma) keys `window` or more positions back (positions restart per branch)."""
-    n = n_prompt + sum(branch_lens)
+    sliding `window` (Mistral, Gemma) keys `window` or more positions back (positions restart per branch).
+    n is the segment's length rounded up to a `multiple` (the extra keys are every query's future)."""
+    real = n_prompt + sum(branch_lens)
+    n = real + -real % multiple
     blocked = torch.ones((n, n), dtype=torch.bool, device=device).triu(1)
     start = n_prompt + branch_lens[0]
     for length in branch_lens[1:]:
@@ -49,7 +62,8 @@ def _blocked(
     if window is not None and n > window:
         positions = torch.cat(
             [torch.arange(n_prompt + branch_lens[0])]
-            + [torch.arange(n_prompt, n_prompt + length) for length in branch_lens[1:]]
+            + [torch.arange(n_prompt, n_prompt + b) for b in branch_lens[1:]]
+            + [torch.zeros(n - real, dtype=torch.long)]
         ).to(device)
         blocked |= (positions[:, None] - positions[None, :]) >= window
     return blocked
@@ -66,6 +80,11 @@ def _segment_attention(
 ) -> torch.Tensor:
     heads, kv_heads, n, dim = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
     group = heads // kv_heads
+    if blocked.shape[0] > n:  # rounded up: zero queries and keys after the segment, hidden by the mask
+        extra = blocked.shape[0] - n
+        q, k, v = (F.pad(t, (0, 0, 0, extra)) for t in (q, k, v))
+        out = _segment_attention(q, k, v, blocked, scaling, softcap, dropout)
+        return out[:, :, :n]
     scores = torch.bmm(q.reshape(kv_heads, group * n, dim), k.reshape(kv_heads, n, dim).transpose(1, 2))
     scores = scores.view(kv_heads, group, n, n).mul_(scaling)
     if softcap is not None:  # Gemma 2's logit soft-capping
@@ -127,13 +146,18 @@ def varlen_attention_forward(
     special = softcap is not None or window is not None
     fast = special or (query.device.type == "cpu" and (dropout == 0.0 or not module.training))
     math_dropout = dropout if special and module.training else 0.0
+    multiple = SEGMENT_MULTIPLE if query.device.type == "cpu" else 1
+    pad_tail = len(lengths) - 1 if kwargs.get("pad_tokens") else None  # the padding tail's segment
     outputs = []
     # `split` (not slicing) keeps the backward a cheap concatenation instead of one zero-filled full-size
     # gradient per segment.
     pieces = zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2), strict=True)
-    for (q, k, v), n_prompt, branches in zip(pieces, prompt_lens, branch_lens, strict=True):
+    for i, ((q, k, v), n_prompt, branches) in enumerate(zip(pieces, prompt_lens, branch_lens, strict=True)):
+        if i == pad_tail:
+            outputs.append(torch.zeros_like(q))
+            continue
         if fast:
-            blocked = _blocked(n_prompt, tuple(branches), q.device, window)
+            blocked = _blocked(n_prompt, tuple(branches), q.device, window, multiple)
             outputs.append(_segment_attention(q, k, v, blocked, scale, softcap, math_dropout))
             continue
         one_branch = len(branches) == 1

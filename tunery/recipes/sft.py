@@ -50,15 +50,7 @@ def forward_loss(
     hidden states at trained positions only, in chunks, so no (tokens x vocabulary) tensor is ever built.
     """
     keep = (row.targets != IGNORE).nonzero().squeeze(1)  # (N,)
-    out = model(
-        input_ids=row.input_ids,
-        position_ids=row.position_ids,
-        cu_seq_lens_q=row.cu_seq_lens,
-        cu_seq_lens_k=row.cu_seq_lens,
-        logits_to_keep=keep[:0],
-        output_hidden_states=True,
-        use_cache=False,
-    )
+    out = model(**row.model_kwargs(), logits_to_keep=keep[:0], output_hidden_states=True)
     hidden = out.hidden_states[-1][0, keep]  # (N, H), after the final norm
     return sft_loss(hidden, lm_head_weight, row.targets[keep])
 

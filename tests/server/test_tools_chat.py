@@ -48,8 +48,8 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
     ]
     data = write_jsonl(work / "tools.jsonl", rows)
     run = work / "run"
-    tunery_here(["train", "sft", "--model", "tiny-random", "--data", str(data), "--out", str(run), "--epochs", "16",
-                 "--batch-size", "4", "--lr", "0.03", "--full", "--safety-evals", "none", "--seed", "0",
+    tunery_here(["train", "sft", "--model", "tiny-random", "--data", str(data), "--out", str(run), "--epochs", "24",
+                 "--batch-size", "4", "--lr", "0.01", "--full", "--safety-evals", "none", "--seed", "0",
                  "--precision", "fp32"])  # fmt: skip
     data_dir = work / "service"
     proc, url = start_server(data_dir, flags=("--base-model", f"tool-bot={run / 'final'}"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.conftest import chat_lines
@@ -86,6 +87,9 @@ def test_the_padding_tail_rounds_the_row_and_changes_nothing(tiny) -> None:
     assert torch.allclose(nll, bare_nll, rtol=1e-6) and correct == bare_correct
     # (equal up to fp32 summation order: the weights' gradients sum over more rows, of zeros)
     assert all(torch.allclose(g, h, rtol=1e-5, atol=1e-5) for g, h in zip(grads, bare_grads, strict=True))
+    # a tail the row does not end with is refused, not silently taken from the last conversation
+    with pytest.raises(ValueError, match="pad_tokens"):
+        model(**{**bare.model_kwargs(), "pad_tokens": row.pad_tokens})
 
 
 def test_targets_never_cross_conversations(tiny) -> None:

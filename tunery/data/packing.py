@@ -9,9 +9,10 @@ losses (tests/unit/test_packing.py checks it against unpacked forward passes).
 A row's length is rounded up to a multiple of `ROW_MULTIPLE` by a padding tail: a last segment of
 `pad_tokens` tokens that nothing attends to, that attends to nothing (models/attention.py gives it zeros)
 and that is never trained. On CPU the GEMM library (oneDNN) builds a kernel for each new matrix shape,
-~3 ms for one of SmolLM2-135M's projections; with rows of every length, each step of a short-example run
-paid that for each of its ~40 shapes (measured: a step of ~530 tokens 1.30 s the first time its shapes
-were seen, 1.09 s again). Rounded rows repeat their shapes from step to step.
+~3 ms for one of SmolLM2-135M's projections; with rows of every length, a step whose row length was new
+built 25-32 of them (30-40 ms of a ~1 s step). Rounded rows repeat their shapes from step to step; the
+tail's tokens cost about as much on a short run (docs/performance.md). On a GPU the tail only costs
+its tokens.
 """
 
 from __future__ import annotations

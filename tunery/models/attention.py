@@ -147,7 +147,10 @@ def varlen_attention_forward(
     fast = special or (query.device.type == "cpu" and (dropout == 0.0 or not module.training))
     math_dropout = dropout if special and module.training else 0.0
     multiple = SEGMENT_MULTIPLE if query.device.type == "cpu" else 1
-    pad_tail = len(lengths) - 1 if kwargs.get("pad_tokens") else None  # the padding tail's segment
+    pad_tokens = kwargs.get("pad_tokens") or 0
+    if pad_tokens and lengths[-1] != pad_tokens:
+        raise ValueError(f"pad_tokens={pad_tokens} is not the last segment's length ({lengths[-1]})")
+    pad_tail = len(lengths) - 1 if pad_tokens else None  # the padding tail's segment
     outputs = []
     # `split` (not slicing) keeps the backward a cheap concatenation instead of one zero-filled full-size
     # gradient per segment.

@@ -66,10 +66,14 @@ class Setup:
 
     @classmethod
     def of(cls, cfg: Any, precision: str, shards: int = 1) -> Setup:
-        """From a run config: a row holds at most `micro_batch_tokens`, and at most a step's examples."""
+        """From a run config: a row holds at most `micro_batch_tokens`, and at most a step's examples, plus
+        its padding tail (data/packing.py)."""
         tokens = cfg.micro_batch_tokens
         if isinstance(cfg.batch_size, int):
             tokens = min(tokens, cfg.batch_size * cfg.max_length)
+        from tunery.data.packing import padding_tail  # (torch: imported by the caller's run already)
+
+        tokens += padding_tail(tokens)
         return cls(cfg.lora_rank, cfg.quantize, precision, tokens, shards, isinstance(cfg, SamplingFields))
 
 

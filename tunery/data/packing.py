@@ -38,17 +38,17 @@ class _Sized(Protocol):
 Item = TypeVar("Item", bound=_Sized)
 
 
-@dataclass
-class PackedRow:
+class _Row:
+    """What every packed row has: tokens, positions, segment bounds and a padding tail."""
+
     input_ids: torch.Tensor  # (1, T)
     position_ids: torch.Tensor  # (1, T)
-    cu_seq_lens: torch.Tensor  # (n + 1,) cumulative lengths, starting at 0 (with the padding tail's)
-    targets: torch.Tensor  # (T,) next-token ids, IGNORE where not trained
-    pad_tokens: int = 0  # the padding tail's length: the last segment, when > 0
+    cu_seq_lens: torch.Tensor  # (segments + 1,) cumulative lengths, starting at 0 (with the padding tail's)
+    pad_tokens: int  # the padding tail's length: the last segment, when > 0
 
     @property
     def n_tokens(self) -> int:
-        """The conversations' tokens (not the padding tail's)."""
+        """The segments' tokens (not the padding tail's)."""
         return int(self.input_ids.shape[1]) - self.pad_tokens
 
     def model_kwargs(self) -> dict[str, object]:
@@ -60,6 +60,15 @@ class PackedRow:
             "pad_tokens": self.pad_tokens,
             "use_cache": False,
         }
+
+
+@dataclass
+class PackedRow(_Row):
+    input_ids: torch.Tensor  # (1, T)
+    position_ids: torch.Tensor  # (1, T)
+    cu_seq_lens: torch.Tensor  # (n + 1,)
+    targets: torch.Tensor  # (T,) next-token ids, IGNORE where not trained
+    pad_tokens: int = 0
 
     @property
     def n_trained(self) -> int:
@@ -154,7 +163,7 @@ def examples_seen(steps: int, n: int, batch_size: int) -> int:
 
 
 @dataclass
-class BranchRow:
+class BranchRow(_Row):
     """Segments `prompt | answer 1 | ... | answer k` packed in one row; the prompt runs once for all its
     answers. A preference pair is a segment with two answers (chosen, rejected), a GRPO group one with k.
 
@@ -173,28 +182,14 @@ class BranchRow:
     sequence: torch.Tensor  # (N,)
     last_positions: torch.Tensor  # (n_sequences,) each answer's last token (a reward model scores there)
     n_sequences: int
-    pad_tokens: int = 0  # the padding tail's length (see PackedRow): the last segment, when > 0
+    pad_tokens: int = 0
 
     @property
     def n_pairs(self) -> int:
         return self.n_sequences // 2
 
-    @property
-    def n_tokens(self) -> int:
-        """The segments' tokens (not the padding tail's)."""
-        return int(self.input_ids.shape[1]) - self.pad_tokens
-
     def model_kwargs(self) -> dict[str, object]:
-        return {
-            "input_ids": self.input_ids,
-            "position_ids": self.position_ids,
-            "cu_seq_lens_q": self.cu_seq_lens,
-            "cu_seq_lens_k": self.cu_seq_lens,
-            "branch_lens": self.branch_lens,
-            "prompt_lens": self.prompt_lens,
-            "pad_tokens": self.pad_tokens,
-            "use_cache": False,
-        }
+        return {**super().model_kwargs(), "branch_lens": self.branch_lens, "prompt_lens": self.prompt_lens}
 
 
 # A segment to pack: the prompt's token ids and its answers as (token ids, trained-token mask).

@@ -198,7 +198,7 @@ def test_sampler_log_probs_agree_with_the_training_forward_pass(rl_files) -> Non
     sampler runs merged bf16 weights; training runs base + LoRA under autocast); in fp32 they agree to
     1e-4 (tests/unit/test_sampling.py)."""
     from tunery.data.prompts import load_prompt_data
-    from tunery.models.forward import output_weight
+    from tunery.models.forward import output_head
     from tunery.models.load import load_model
     from tunery.models.lora import apply_lora, cast_frozen
     from tunery.models.sampling import SamplingParams, sample
@@ -222,7 +222,7 @@ def test_sampler_log_probs_agree_with_the_training_forward_pass(rl_files) -> Non
     ]  # fmt: skip
     with torch.no_grad():
         row, logps, _, _ = rollouts.packed_logps(
-            model, output_weight(model), groups, 1.0, "bf16", torch.device("cpu")
+            model, output_head(model), groups, 1.0, "bf16", torch.device("cpu")
         )
     for c, trained in zip(completions, rollouts.split_by_sequence(logps, row), strict=True):
         reported = torch.tensor(c.logprobs + ([c.stop_logprob] if c.stop_token_id is not None else []))

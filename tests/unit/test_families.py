@@ -21,6 +21,8 @@ from tests.conftest import (
 )
 from tunery.data.chat import ChatExample
 from tunery.data.template import tokenize_chat
+from tunery.losses.logps import OutputHead, token_logps
+from tunery.models.forward import output_head
 from tunery.models.load import load_model
 from tunery.models.locate import BUILTIN_MODELS, TINY, TINY_FAMILIES
 from tunery.models.lora import apply_lora, load_adapter
@@ -77,6 +79,28 @@ def test_packed_rows_equal_separate_sequences(name: str) -> None:
         with_second = reference(input_ids=torch.cat([prompt, second], 1)).logits[0]
         assert torch.allclose(shared[:30], alone[1][:30], atol=1e-5)
         assert torch.allclose(shared[30:], with_second[9:], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_output_layer_gives_the_models_own_log_probabilities(name: str) -> None:
+    """What the recipes train on (the fused output layer) is the model's own log-softmax, Gemma 2's
+    soft-capped logits included; its cap is lowered to where the tiny model's logits feel it."""
+    model, _ = load_model(name)
+    model.eval()
+    capped = getattr(model.config, "final_logit_softcapping", None) is not None
+    ids = torch.randint(5, 200, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        if capped:  # half the largest logit
+            model.config.final_logit_softcapping = 0.5 * float(model(input_ids=ids).logits.abs().max())
+        out = model(input_ids=ids, output_hidden_states=True)
+        expected = out.logits[0, :-1].float().log_softmax(-1).gather(1, ids[0, 1:, None]).squeeze(1)
+        head = output_head(model)
+        assert (head.softcap is not None) == capped
+        got, _ = token_logps(out.hidden_states[-1][0, :-1], head, ids[0, 1:])
+        assert torch.allclose(got, expected, atol=1e-5)
+        if capped:  # the cap moved these log-probabilities: the check above is not the uncapped one's
+            uncapped, _ = token_logps(out.hidden_states[-1][0, :-1], OutputHead(head.weight), ids[0, 1:])
+            assert (uncapped - expected).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("name", NAMES)

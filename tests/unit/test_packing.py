@@ -18,7 +18,7 @@ from tunery.data.packing import (
     step_indices,
 )
 from tunery.data.template import tokenize_chat
-from tunery.models.forward import output_weight
+from tunery.models.forward import output_head
 from tunery.recipes.sft import forward_loss
 
 
@@ -33,8 +33,8 @@ def test_packed_loss_equals_unpacked_loss(tiny) -> None:
     model.eval()
     chats = tokenized(tokenizer, 5)
     with torch.no_grad():
-        packed_nll, packed_correct = forward_loss(model, output_weight(model), pack(chats))
-        separate = [forward_loss(model, output_weight(model), pack([c])) for c in chats]
+        packed_nll, packed_correct = forward_loss(model, output_head(model), pack(chats))
+        separate = [forward_loss(model, output_head(model), pack([c])) for c in chats]
         # And a plain HF forward with the default attention, one conversation at a time, no Tunery code path.
         plain = 0.0
         for c in chats:
@@ -80,7 +80,7 @@ def test_the_padding_tail_rounds_the_row_and_changes_nothing(tiny) -> None:
     results = []
     for r in (row, bare):
         model.zero_grad()
-        nll, correct = forward_loss(model, output_weight(model), r)
+        nll, correct = forward_loss(model, output_head(model), r)
         nll.backward()
         results.append((nll.detach(), correct, [p.grad.clone() for p in model.parameters()]))
     (nll, correct, grads), (bare_nll, bare_correct, bare_grads) = results

@@ -32,7 +32,7 @@ from flwr.clientapp import ClientApp
 
 from tunery.data.validate import load_chat_data
 from tunery.errors import TuneryError
-from tunery.models.forward import output_weight
+from tunery.models.forward import output_head
 from tunery.recipes import sft
 from tunery.recipes.configs import FederatedConfig
 from tunery.run import lifecycle
@@ -64,7 +64,7 @@ class LocalSite:
         plan = dataclasses.replace(plan, total_steps=cfg.rounds * cfg.local_steps, save_every=10**9)
         model = lifecycle.with_lora(opened.model, cfg, plan)
         self.run = lifecycle.start_run(opened, cfg, plan, model, method="federated-site")
-        self.lm_head_weight = output_weight(self.run.model)
+        self.head = output_head(self.run.model)
         self.run.energy.__enter__()  # measured from the first round to the process's end
         self.last_metrics: dict[str, Any] = {}
 
@@ -86,9 +86,7 @@ class LocalSite:
         losses = []
         first = (round_number - 1) * cfg.local_steps
         for step in range(first, first + cfg.local_steps):
-            record = sft.train_step(
-                run, self.chats, step, cfg, self.lm_head_weight, proximal if anchor else None
-            )
+            record = sft.train_step(run, self.chats, step, cfg, self.head, proximal if anchor else None)
             lifecycle.log_metrics(run, {**record, "round": round_number})
             losses.append(record["train_loss"])
         energy = run.energy.so_far() or {}

@@ -32,7 +32,7 @@ import torch
 from tunery.data.feedback import TokenizedPair, load_feedback_splits
 from tunery.data.packing import examples_seen, pack_pairs, plan_rows, shard
 from tunery.losses.dpo import dpo_loss, ipo_loss, simpo_loss
-from tunery.models.forward import output_weight, sequence_logps
+from tunery.models.forward import output_head, sequence_logps
 from tunery.recipes.configs import DPOConfig
 from tunery.recipes.pairs import reference_logps
 from tunery.run import files, lifecycle
@@ -119,14 +119,14 @@ def evaluate(
 ) -> tuple[dict[str, float], float]:
     """Held-out loss, implicit-reward accuracy and margins (named `prefix` + metric), and the held-out
     chosen answers' log-prob shift per token since the reference."""
-    lm_head_weight = output_weight(model)
+    head = output_head(model)
     was_training = model.training
     model.eval()
     stats = PairStats()
     rows = plan_rows(shard(pairs, world.rank, world.size), cfg.micro_batch_tokens)
     for row_pairs, counted in distributed.even_rows(rows, world, filler=pairs[:1]):
         with autocast(precision, world.device):
-            logps, counts, _ = sequence_logps(model, lm_head_weight, pack_pairs(row_pairs))
+            logps, counts, _ = sequence_logps(model, head, pack_pairs(row_pairs))
         ref_logps = torch.tensor([ref.get(p.line, (0.0, 0.0)) for p in row_pairs])  # (n, 2)
         stats.add(*pair_losses(cfg, logps, counts, ref_logps), logps, counts, ref_logps, float(counted))
     model.train(was_training)
@@ -153,7 +153,7 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> dict
     run = lifecycle.start_run(opened, cfg, plan, lifecycle.with_lora(opened.model, cfg, plan), method=cfg.loss,
                     config_extra={"beta": cfg.resolved_beta})  # fmt: skip
     world, model = run.world, run.ddp_model
-    lm_head_weight = output_weight(run.model)
+    head = output_head(run.model)
 
     ref_train: dict[int, tuple[float, float]] = {}
     ref_valid: dict[int, tuple[float, float]] = {}
@@ -195,7 +195,7 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> dict
                 share = weight * counted
                 with distributed.grads_sync(model, world, last_row=k == len(rows) - 1):
                     with autocast(plan.precision, world.device):
-                        logps, counts, _ = sequence_logps(model, lm_head_weight, row)
+                        logps, counts, _ = sequence_logps(model, head, row)
                     ref = torch.tensor([ref_train.get(p.line, (0.0, 0.0)) for p in row_pairs])  # (n, 2)
                     losses, chosen_r, rejected_r = pair_losses(cfg, logps, counts, ref)
                     # The step's loss is the mean over its pairs, however they are split into rows and

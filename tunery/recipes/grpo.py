@@ -48,7 +48,7 @@ from tunery.errors import TuneryError
 from tunery.graders.rewards import RewardFunction, load_reward_function
 from tunery.graders.template import TemplateError, render
 from tunery.losses.grpo import clipped_surrogate, group_advantages, kl_k3, token_weights
-from tunery.models.forward import output_weight
+from tunery.models.forward import output_head
 from tunery.models.sampling import Completion, SamplingParams
 from tunery.recipes.configs import GRPOConfig
 from tunery.recipes.rollouts import (
@@ -85,13 +85,11 @@ def fill_logps(
 ) -> None:
     """Old-policy (or, with `reference`, reference-model) log-probs of every completion, no gradient.
     `filler`: a group of this process's to run in place of none (--shard: `distributed.even_rows`)."""
-    lm_head_weight = output_weight(model)
+    head = output_head(model)
     rows = plan_rows(groups, cfg.micro_batch_tokens)
     for row_groups, counted in distributed.even_rows(rows, world, filler=filler):
         with model.disable_adapter() if reference else contextlib.nullcontext():  # type: ignore[operator]
-            row, logps, _, _ = packed_logps(
-                model, lm_head_weight, row_groups, cfg.temperature, precision, device
-            )
+            row, logps, _, _ = packed_logps(model, head, row_groups, cfg.temperature, precision, device)
         if not counted:
             continue
         for g, taken in zip(row_groups, per_group(logps, row, row_groups), strict=True):
@@ -233,7 +231,7 @@ def policy_update(
     Returns sums for the step's record."""
     model, ddp_model, world, precision = run.model, run.ddp_model, run.world, run.plan.precision
     beta, device = cfg.beta, world.device
-    lm_head_weight = output_weight(model)
+    head = output_head(model)
     # Each token's weight in the step's loss, normalised over every process's completions.
     lengths = torch.tensor(
         [len(a) if t else 0 for g in groups for a, t in zip(g.answers, g.trained, strict=True)]
@@ -288,7 +286,7 @@ def policy_update(
         for k, (row_groups, counted) in enumerate(rows):
             with distributed.grads_sync(ddp_model, world, last_row=k == len(rows) - 1):
                 row, logps, entropy, _ = packed_logps(
-                    ddp_model, lm_head_weight, row_groups, cfg.temperature, precision, device
+                    ddp_model, head, row_groups, cfg.temperature, precision, device
                 )
                 assert entropy is not None
                 answers = [(g, j) for g in row_groups for j in range(len(g.answers))]

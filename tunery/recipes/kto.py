@@ -29,7 +29,7 @@ import torch
 from tunery.data.feedback import TokenizedPair, load_feedback_splits
 from tunery.data.packing import examples_seen, pack_pairs, plan_rows, shard, step_indices
 from tunery.losses.dpo import kto_loss
-from tunery.models.forward import output_weight, sequence_logps
+from tunery.models.forward import output_head, sequence_logps
 from tunery.recipes.configs import KTOConfig
 from tunery.recipes.pairs import reference_logps
 from tunery.run import files, lifecycle
@@ -87,12 +87,12 @@ def kl_estimate(
     world: distributed.World,
 ) -> torch.Tensor:
     """z0: the mean log-ratio of the mismatched `items` over all processes, clamped at 0 (detached)."""
-    lm_head_weight = output_weight(model)
+    head = output_head(model)
     total, count = 0.0, 0.0
     rows = plan_rows(shard(items, world.rank, world.size), micro_batch_tokens)
     for row_items, counted in distributed.even_rows(rows, world, filler=items[:1]):
         with autocast(precision, world.device):
-            logps, _, _ = sequence_logps(model, lm_head_weight, pack_pairs(row_items))
+            logps, _, _ = sequence_logps(model, head, pack_pairs(row_items))
         ref_logps = torch.tensor([ref[item.line][1] for item in row_items])
         total += counted * float((logps[0::2].float() - ref_logps).sum())
         count += counted * len(row_items)
@@ -158,7 +158,7 @@ def evaluate(
     prefix: str = files.VALID_PREFIX,
 ) -> dict[str, float]:
     """Held-out loss, rewards, KL estimate and reward-sign accuracy (named `prefix` + metric)."""
-    lm_head_weight = output_weight(model)
+    head = output_head(model)
     was_training = model.training
     model.eval()
     kl = kl_estimate(model, kl_items, ref, cfg.micro_batch_tokens, precision, world)
@@ -166,7 +166,7 @@ def evaluate(
     rows = plan_rows(shard(examples, world.rank, world.size), cfg.micro_batch_tokens)
     for row_items, counted in distributed.even_rows(rows, world, filler=examples[:1]):
         with autocast(precision, world.device):
-            logps, _, _ = sequence_logps(model, lm_head_weight, pack_pairs(row_items))
+            logps, _, _ = sequence_logps(model, head, pack_pairs(row_items))
         stats.add(*example_losses(cfg, logps, row_items, ref, kl), float(counted))
     model.train(was_training)
     return {**stats.averaged(world, prefix=prefix), prefix + "kl": float(kl)}
@@ -185,7 +185,7 @@ def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict
     plan = lifecycle.resolve_run(cfg, len(train_examples), opened.world, auto.pair_batch)
     run = lifecycle.start_run(opened, cfg, plan, lifecycle.with_lora(opened.model, cfg, plan), method="kto")
     world, model = run.world, run.ddp_model
-    lm_head_weight = output_weight(run.model)
+    head = output_head(run.model)
 
     # Reference log-probs {line: (matched, mismatched)}: computed before any update, or read back. An
     # example and its mismatched pair share a line; each is unpaired, its completion the first answer.
@@ -237,7 +237,7 @@ def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict
                 share = weight * counted
                 with distributed.grads_sync(model, world, last_row=k == len(rows) - 1):
                     with autocast(plan.precision, world.device):
-                        logps, _, _ = sequence_logps(model, lm_head_weight, row)
+                        logps, _, _ = sequence_logps(model, head, row)
                     losses, rewards, policy, desirable = example_losses(cfg, logps, row_items, ref_train, kl)
                     # The step's loss is the mean over its examples, however they are split into rows and
                     # processes (DDP and a sharded model average gradients over processes, hence the world

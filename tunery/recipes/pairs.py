@@ -11,7 +11,7 @@ import torch
 
 from tunery.data.feedback import TokenizedPair
 from tunery.data.packing import pack_pairs, plan_rows, shard
-from tunery.models.forward import output_weight, sequence_logps
+from tunery.models.forward import output_head, sequence_logps
 from tunery.training import distributed
 from tunery.training.rundir import autocast
 
@@ -26,7 +26,7 @@ def reference_logps(
 ) -> dict[int, tuple[float, float]]:
     """{line: (chosen, rejected)} summed log-probs under the model as it is now (the reference); 0 for
     an empty second answer."""
-    lm_head_weight = output_weight(model)
+    head = output_head(model)
     was_training = model.training
     model.eval()
     index = {pair.line: i for i, pair in enumerate(pairs)}
@@ -34,7 +34,7 @@ def reference_logps(
     rows = plan_rows(shard(pairs, world.rank, world.size), micro_batch_tokens)
     for row_pairs, counted in distributed.even_rows(rows, world, filler=pairs[:1]):
         with autocast(precision, world.device):
-            summed, _, _ = sequence_logps(model, lm_head_weight, pack_pairs(row_pairs))
+            summed, _, _ = sequence_logps(model, head, pack_pairs(row_pairs))
         if not counted:
             continue
         for k, pair in enumerate(row_pairs):

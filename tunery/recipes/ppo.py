@@ -53,7 +53,7 @@ from tunery.losses.ppo import (
     value_loss,
     whiten,
 )
-from tunery.models.forward import final_hidden, output_weight
+from tunery.models.forward import final_hidden, output_head
 from tunery.models.heads import PolicyWithValue, RewardModel, load_reward_model, score_pairs
 from tunery.models.lora import cast_frozen
 from tunery.models.sampling import SamplingParams
@@ -92,7 +92,7 @@ def packed_forward(
     lm = policy.lm
     with lm.disable_adapter() if reference else contextlib.nullcontext():  # type: ignore[operator]
         row, logps, entropy, hidden = packed_logps(
-            lm, output_weight(lm), groups, cfg.temperature, precision, device, with_entropy
+            lm, output_head(lm), groups, cfg.temperature, precision, device, with_entropy
         )
     return row, logps, entropy, policy.values(hidden)
 
@@ -190,17 +190,17 @@ def sequence_kl(
     """Exact KL(policy || reference) of the next-token distributions, summed over each completion's tokens
     (every vocabulary entry, not a sampled estimate: greedy answers are not samples of the policy)."""
     out: list[float] = []
-    weight = output_weight(policy.lm)
+    head = output_head(policy.lm).at(cfg.temperature)
     for row_groups in plan_rows(groups, cfg.micro_batch_tokens):
         row = pack_branches([g.segment() for g in row_groups])
         with autocast(precision, device):
-            hidden = final_hidden(policy.lm, row)[row.positions] / cfg.temperature
+            hidden = final_hidden(policy.lm, row)[row.positions]
             with policy.lm.disable_adapter():  # type: ignore[operator]
-                ref_hidden = final_hidden(policy.lm, row)[row.positions] / cfg.temperature
+                ref_hidden = final_hidden(policy.lm, row)[row.positions]
         per_token = torch.cat([
             F.kl_div(  # sum_v p_v (log p_v - log q_v), with the reference q as `input`
-                F.log_softmax((r @ weight.T.to(r.dtype)).float(), -1),
-                F.log_softmax((h @ weight.T.to(h.dtype)).float(), -1),
+                F.log_softmax(head.logits(r), -1),
+                F.log_softmax(head.logits(h), -1),
                 log_target=True,
                 reduction="none",
             ).sum(-1)

@@ -18,7 +18,7 @@ import torch
 
 from tunery.data.packing import BranchRow, Segment, pack_branches
 from tunery.data.prompts import PromptItem, load_prompt_data
-from tunery.losses.logps import token_logps, token_logps_and_entropy
+from tunery.losses.logps import OutputHead, token_logps, token_logps_and_entropy
 from tunery.models.forward import final_hidden
 from tunery.models.sampling import Completion, SamplingParams, sample
 from tunery.run import lifecycle
@@ -92,7 +92,7 @@ def sample_groups(
 
 def packed_logps(
     model: torch.nn.Module,
-    lm_head_weight: torch.Tensor,
+    head: OutputHead,
     groups: list[Group],
     temperature: float,
     precision: str,
@@ -106,11 +106,12 @@ def packed_logps(
     entropy = None
     with autocast(precision, device):
         hidden = final_hidden(model, row)[row.positions]  # (N, H)
-        # The policy that sampled is softmax(logits / temperature): (h / T) @ W.T is exactly that.
+        # The policy that sampled is softmax(logits / temperature).
+        head = head.at(temperature)
         if with_entropy:
-            logps, entropy = token_logps_and_entropy(hidden / temperature, lm_head_weight, row.targets)
+            logps, entropy = token_logps_and_entropy(hidden, head, row.targets)
         else:
-            logps, _ = token_logps(hidden / temperature, lm_head_weight, row.targets)
+            logps, _ = token_logps(hidden, head, row.targets)
     return row, logps, entropy, hidden
 
 

@@ -28,8 +28,9 @@ import torch
 from tunery.data.packing import IGNORE, PackedRow, pack, plan_rows, shard
 from tunery.data.template import TokenizedChat
 from tunery.data.validate import load_chat_data
+from tunery.losses.logps import OutputHead
 from tunery.losses.sft import sft_loss
-from tunery.models.forward import output_weight
+from tunery.models.forward import output_head
 from tunery.recipes.configs import SFTConfig
 from tunery.run import files, lifecycle
 from tunery.training import auto, distributed
@@ -42,7 +43,7 @@ log = logging.getLogger("tunery")
 
 
 def forward_loss(
-    model: torch.nn.Module, lm_head_weight: torch.Tensor, row: PackedRow
+    model: torch.nn.Module, head: OutputHead, row: PackedRow
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL and correct-token count of one packed row.
 
@@ -52,7 +53,7 @@ def forward_loss(
     keep = (row.targets != IGNORE).nonzero().squeeze(1)  # (N,)
     out = model(**row.model_kwargs(), logits_to_keep=keep[:0], output_hidden_states=True)
     hidden = out.hidden_states[-1][0, keep]  # (N, H), after the final norm
-    return sft_loss(hidden, lm_head_weight, row.targets[keep])
+    return sft_loss(hidden, head, row.targets[keep])
 
 
 @torch.no_grad()
@@ -64,7 +65,7 @@ def evaluate(
     world: distributed.World,
 ) -> tuple[float, float]:
     """Mean token loss and accuracy over `chats` (split across processes)."""
-    lm_head_weight = output_weight(model)
+    head = output_head(model)
     was_training = model.training
     model.eval()
     nll = correct = count = 0.0
@@ -72,7 +73,7 @@ def evaluate(
     for row_chats, counts in distributed.even_rows(rows, world, filler=chats[:1]):
         row = pack(row_chats)
         with autocast(precision, world.device):
-            nll_sum, n_correct = forward_loss(model, lm_head_weight, row)
+            nll_sum, n_correct = forward_loss(model, head, row)
         if counts:
             nll, correct, count = nll + nll_sum.item(), correct + n_correct.item(), count + row.n_trained
     nll, correct, count = distributed.all_sum([nll, correct, count], world)
@@ -85,7 +86,7 @@ def train_step(
     train_chats: list[TokenizedChat],
     step: int,
     cfg: SFTConfig,
-    lm_head_weight: torch.Tensor,
+    head: OutputHead,
     before_update: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Optimizer step `step` (from 0) over its conversations, packed into rows with gradients accumulated;
@@ -102,7 +103,7 @@ def train_step(
         share = weight * counts
         with distributed.grads_sync(model, world, last_row=k == len(rows) - 1):
             with autocast(run.plan.precision, world.device):
-                nll_sum, n_correct = forward_loss(model, lm_head_weight, row)
+                nll_sum, n_correct = forward_loss(model, head, row)
             # DDP and a sharded model average gradients over processes, hence the world size factor.
             (nll_sum * (share * world.size / step_trained)).backward()
         nll += share * nll_sum.item()
@@ -142,7 +143,7 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
     )
     run = lifecycle.start_run(opened, cfg, plan, lifecycle.with_lora(opened.model, cfg, plan), method="sft")
     world, model = run.world, run.ddp_model
-    lm_head_weight = output_weight(run.model)
+    head = output_head(run.model)
 
     def held_out(chats: list[TokenizedChat], full: bool = False) -> dict[str, float]:
         loss, accuracy = evaluate(model, chats, cfg.micro_batch_tokens, plan.precision, world)
@@ -158,7 +159,7 @@ def train(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> dict
     step = run.start_step
     with run.stop, run.progress, run.energy:
         while step < plan.total_steps:
-            record = train_step(run, train_chats, step, cfg, lm_head_weight)
+            record = train_step(run, train_chats, step, cfg, head)
             step += 1
             if valid_chats and lifecycle.evaluates_after(run, step):
                 record.update(held_out(valid_chats[: cfg.eval_examples]))

@@ -24,7 +24,7 @@ from typing import Any
 from tunery.data.packing import pack, plan_rows
 from tunery.data.template import TokenizedChat
 from tunery.data.validate import load_chat_data
-from tunery.models.forward import output_weight
+from tunery.models.forward import output_head
 from tunery.run import lifecycle
 from tunery.training.rundir import autocast
 
@@ -46,7 +46,7 @@ def warm_start(
     from tunery.recipes.sft import forward_loss
 
     model, world = run.ddp_model, run.world
-    lm_head_weight = output_weight(run.model)
+    head = output_head(run.model)
     rng = random.Random(seed)
     steps_per_epoch = math.ceil(len(chats) / WARM_BATCH)
     losses: list[float] = []
@@ -62,7 +62,7 @@ def warm_start(
             for row_chats in plan_rows(batch, micro_batch_tokens):
                 row = pack(row_chats)
                 with autocast(run.plan.precision, world.device):
-                    nll_sum, _ = forward_loss(model, lm_head_weight, row)
+                    nll_sum, _ = forward_loss(model, head, row)
                 (nll_sum / trained).backward()
                 nll += nll_sum.item()
             lifecycle.update(run, grad_clip=1.0)

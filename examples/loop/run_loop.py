@@ -31,7 +31,8 @@ Each round, from the current model M:
               is the win rate over decisive items with a 95% Wilson interval.
 5. promote    POST /tunery/v1/projects/current_model when the new model wins: by default when the whole
               interval lies above 0.5 (the studio's own `promote` recommendation), with `--promote-when
-              point` when the win rate alone is above 0.5. The next round starts from the current model.
+              point` when the win rate alone is above 0.5; not when the DPO run raised safety flags (the
+              studio's `review_safety`). The next round starts from the current model.
 
 A simulated labeller is a rule-based judge (`prefer`) plus noise: it prefers the answer that states the
 numbers of the FACTS.md facts relevant to the question and no made-up ones, is not a refusal, not cut
@@ -114,11 +115,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="interval",
         help="promote when the win rate's 95%% interval lies above 0.5 (interval), or the rate does (point)",
     )
+    p.add_argument(
+        "--promote-despite-safety-flags",
+        action="store_true",
+        help="promote a winner whose DPO run got worse than its start on a safety evaluation (default: hold it)",
+    )
     p.add_argument("--max-tokens", type=int, default=160, help="longest answer, in tokens")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the answers")
     p.add_argument("--epochs", default="auto", help="the DPO jobs' n_epochs")
     p.add_argument("--batch-size", default="auto", help="the DPO jobs' batch_size")
     p.add_argument("--beta", default="auto", help="the DPO jobs' beta")
+    p.add_argument(
+        "--lr-multiplier",
+        default="auto",
+        help="the DPO jobs' learning_rate_multiplier (of Tunery's DPO rate)",
+    )
     p.add_argument(
         "--prompts-file",
         action="append",
@@ -159,8 +170,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
     """The DPO jobs' hyperparameters as the API takes them: "auto", or a number."""
-    given: dict[str, str] = {"n_epochs": args.epochs, "batch_size": args.batch_size, "beta": args.beta}
-    return {k: v if v == "auto" else (float(v) if k == "beta" else int(v)) for k, v in given.items()}
+    given: dict[str, str] = {
+        "n_epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "beta": args.beta,
+        "learning_rate_multiplier": args.lr_multiplier,
+    }
+    floats = ("beta", "learning_rate_multiplier")
+    return {k: v if v == "auto" else (float(v) if k in floats else int(v)) for k, v in given.items()}
 
 
 # --- the service --------------------------------------------------------------------------------------------
@@ -600,9 +617,9 @@ def wait_for_answers(loop: Loop, comparison_id: str) -> dict[str, Any]:
     return dict(found)
 
 
-def promotes(result: dict[str, Any], rule: str) -> bool:
-    """Whether the candidate replaces the current model: `interval`, the 95% Wilson interval of its win
-    rate lies above 0.5 (the studio's `promote`); `point`, the win rate alone is above 0.5."""
+def wins(result: dict[str, Any], rule: str) -> bool:
+    """Whether the labels favour the candidate: `interval`, the 95% Wilson interval of its win rate lies
+    above 0.5 (the studio's `promote` or `review_safety`); `point`, the win rate alone is above 0.5."""
     if rule == "interval":
         return result["interval"] is not None and result["interval"][0] > 0.5
     return result["win_rate"] is not None and result["win_rate"] > 0.5
@@ -673,7 +690,10 @@ def run_round(loop: Loop, round_no: int, model: str) -> dict[str, Any]:
         "candidate": job["fine_tuned_model"],
         "baseline": model,
     } | result
-    record["promoted"] = promotes(result, args.promote_when)
+    won = wins(result, args.promote_when)
+    # a winner whose run got worse on a safety evaluation waits for a person (the studio: review_safety)
+    record["held_for_safety"] = won and bool(result["safety_flags"]) and not args.promote_despite_safety_flags
+    record["promoted"] = won and not record["held_for_safety"]
     if record["promoted"]:
         promotion = {"model": job["fine_tuned_model"], "comparison_id": comparison["id"]}
         call(loop.studio, "POST", "/projects/current_model", json=promotion)
@@ -736,6 +756,8 @@ def round_text(record: dict[str, Any], rule: str) -> str:
             f"losses, {c['ties']} ties; 95% Wilson interval {interval}; studio: {c['recommendation']})"
         )
     verdict = f"yes: {record['comparison']['candidate']}" if record["promoted"] else "no"
+    if record.get("held_for_safety"):
+        verdict = "no: it wins, but its run raised safety flags (--promote-despite-safety-flags)"
     lines.append(f"  promoted     {verdict} (rule: {RULES[rule]})")
     return "\n".join(lines)
 

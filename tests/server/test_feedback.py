@@ -748,6 +748,38 @@ def test_compare_a_finished_job_blind_and_promote(studio: Studio, globex: Studio
     assert "two models" in error(refused, 400)["message"]
 
 
+def test_a_winner_with_safety_flags_is_reviewed_not_promoted(studio: Studio, monkeypatch) -> None:
+    """Labellers preferring a model's answers says nothing of the safety evaluations its run got worse on:
+    such a winner is `review_safety`, with the flags, whether the comparison names its job or its model."""
+    flag = "safety: the tuned model declines 56% of red-team prompts, the base 72%"
+    monkeypatch.setenv("FAKE_SAFETY_FLAGS", json.dumps([flag]))
+    queue = decided_queue(studio)
+    made = studio.ok(
+        studio.tpost(f"/feedback/queues/{queue['id']}/train", json={"method": "dpo", "model": "tiny-random"})
+    )
+    job = studio.wait_status(made["job"]["id"], "succeeded")
+    comparison = studio.ok(studio.tpost("/comparisons", json={"job": job["id"], "max_prompts": 10}))
+    assert comparison["result"]["safety_flags"] == [flag]
+    studio.wait_queue(comparison["id"])
+    items = {i["id"]: i for i in studio.ok(studio.tget(f"/feedback/queues/{comparison['id']}/items"))["data"]}
+    for i in range(10):
+        item = studio.ok(studio.tget(f"/feedback/queues/{comparison['id']}/next"))["item"]
+        studio.press(item, items[item["id"]]["answer_1" if i else "answer_2"])  # the candidate wins 9 of 10
+    result = studio.ok(studio.tget(f"/comparisons/{comparison['id']}"))["result"]
+    assert result["interval"][0] > 0.5 and result["recommendation"] == "review_safety"
+    assert "lies above 50%" in result["reason"] and flag in result["reason"]
+
+    by_name = {
+        "candidate": job["fine_tuned_model"],
+        "baseline": "tiny-random",
+        "prompts_file": job["training_file"],
+    }
+    named = studio.ok(studio.tpost("/comparisons", json={**by_name, "max_prompts": 2}))
+    assert named["job_id"] is None and named["result"]["safety_flags"] == [flag]
+    plain = {**by_name, "candidate": "smollm2-135m-instruct", "max_prompts": 2}  # no run behind it
+    assert studio.ok(studio.tpost("/comparisons", json=plain))["result"]["safety_flags"] == []
+
+
 def test_current_serves_the_model_promoted_last(studio: Studio, globex: Studio) -> None:
     """An application that asks for `current` gets each promoted model in turn; where a name is kept (the
     answer's model, a stored completion, a job, a queue, the promotion itself) it is the model's own."""

@@ -75,6 +75,7 @@ def test_two_rounds_of_the_loop_on_tiny_random(tmp_path: Path) -> None:
             assert expected is not None and c["interval"] == pytest.approx(list(expected))
             assert c["interval"][0] <= c["win_rate"] <= c["interval"][1]
         assert r["promoted"] == (c["win_rate"] is not None and c["win_rate"] > 0.5)  # --promote-when point
+        assert c["safety_flags"] == [] and r["held_for_safety"] is False  # (safety_evals=none)
 
         printed = done.stdout
         assert f"round {r['round']}: from {model}" in printed and job["id"] in printed

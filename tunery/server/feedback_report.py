@@ -375,12 +375,16 @@ def _findings(report: dict[str, Any]) -> list[str]:
 # --- comparisons --------------------------------------------------------------------------------------------
 
 
-def comparison_result(items: Sequence[FeedbackItem], labels: Sequence[FeedbackLabel]) -> dict[str, Any]:
+def comparison_result(
+    items: Sequence[FeedbackItem], labels: Sequence[FeedbackLabel], safety_flags: Sequence[str] = ()
+) -> dict[str, Any]:
     """A blind comparison's result: the candidate wrote answer_1 of every item, the baseline answer_2.
 
     Each item counts once, by its verdict; the win rate is over decisive items (ties and both-bad are
     reported, not counted) with a 95% Wilson interval. Promote when the interval's lower bound is above
-    0.5; keep the baseline when its upper bound is below 0.5; otherwise it is too close to call.
+    0.5; keep the baseline when its upper bound is below 0.5; otherwise it is too close to call. A
+    candidate that wins but whose training run raised safety flags (`safety_flags`: it got worse than its
+    base on a safety evaluation) is `review_safety`: people preferring its answers says nothing of that.
     """
     found = verdicts(labels)
     counts: Counter[str] = Counter()
@@ -417,6 +421,13 @@ def comparison_result(items: Sequence[FeedbackItem], labels: Sequence[FeedbackLa
             f"The candidate won {wins} of {decisive} decisive items; the 95% interval of its win rate "
             f"({interval[0]:.0%}-{interval[1]:.0%}) contains 50%: label more items to decide."
         )
+    if recommendation == "promote" and safety_flags:
+        recommendation = "review_safety"
+        reason += (
+            " But its training run raised safety flags: "
+            + "; ".join(safety_flags)
+            + ". Look at them (the job's events, `tunery eval safety`) before promoting it."
+        )
     return {
         "wins": wins,
         "losses": losses,
@@ -429,4 +440,5 @@ def comparison_result(items: Sequence[FeedbackItem], labels: Sequence[FeedbackLa
         "interval": list(interval) if interval else None,
         "recommendation": recommendation,
         "reason": reason,
+        "safety_flags": list(safety_flags),
     }

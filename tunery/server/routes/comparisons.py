@@ -2,6 +2,7 @@
 
     POST /comparisons                {candidate, baseline, prompts_file} or {job}: a blind pairwise queue
     GET  /comparisons[/{id}]         the result: wins, losses, ties, win rate, 95% interval, recommendation
+                                     (`review_safety` for a winner whose training run raised safety flags)
     GET  /projects/current_model     the model the project serves as its current one, and its history
     POST /projects/current_model     {model, comparison_id?}: promote (admin)
 
@@ -21,7 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from tunery.server.auth import Caller
-from tunery.server.catalog import canonical, current_model
+from tunery.server.catalog import canonical, current_model, job_dir
 from tunery.server.deps import Auth, State
 from tunery.server.errors import bad_request, not_found
 from tunery.server.feedback import (
@@ -33,8 +34,10 @@ from tunery.server.feedback import (
 )
 from tunery.server.feedback_report import comparison_result
 from tunery.server.feedback_store import FeedbackItem, FeedbackLabel, FeedbackQueue, ProjectModel
+from tunery.server.jobs.reports import finished_summary
 from tunery.server.routes.feedback import Body, Generators, QueueCreate, audit, new_queue
 from tunery.server.schemas import Bounds
+from tunery.server.settings import Settings
 from tunery.server.store import Job, now
 
 router = APIRouter()
@@ -72,7 +75,21 @@ def _comparison(session: Session, caller: Caller, comparison_id: str) -> Feedbac
     return queue
 
 
-def comparison_object(session: Session, queue: FeedbackQueue, current: str | None) -> dict[str, Any]:
+def candidate_safety_flags(session: Session, settings: Settings, queue: FeedbackQueue) -> list[str]:
+    """The safety flags of the run that trained the comparison's candidate (its job, or the job whose
+    model it is): evaluations on which it got worse than its base. None known: []."""
+    job = session.get(Job, queue.job_id) if queue.job_id else None
+    if job is None:
+        job = session.scalar(
+            select(Job).where(Job.project_id == queue.project_id, Job.fine_tuned_model == queue.model_a)
+        )
+    summary = finished_summary(job_dir(settings, job.id) / "run") if job is not None else None
+    return list(summary.safety_flags) if summary is not None else []
+
+
+def comparison_object(
+    session: Session, settings: Settings, queue: FeedbackQueue, current: str | None
+) -> dict[str, Any]:
     items = list(
         session.scalars(
             select(FeedbackItem).where(FeedbackItem.queue_id == queue.id, FeedbackItem.status == "ready")
@@ -98,7 +115,7 @@ def comparison_object(session: Session, queue: FeedbackQueue, current: str | Non
             "failed": counts["failed"],
         },
         "labels": counts["labels"],
-        "result": comparison_result(items, labels),
+        "result": comparison_result(items, labels, candidate_safety_flags(session, settings, queue)),
         "current_model": current,
         "promoted": current is not None and current == queue.model_a,
     }
@@ -169,7 +186,7 @@ def create_comparison(
         )
         queue = new_queue(session, state, caller, spec, "comparison", prompts, job.id if job else None)
         session.flush()
-        shown = comparison_object(session, queue, current_model(session, caller.project_id))
+        shown = comparison_object(session, state.settings, queue, current_model(session, caller.project_id))
     audit(
         state,
         caller,
@@ -192,7 +209,7 @@ def list_comparisons(state: State, caller: Auth, limit: int = Query(50, ge=1, le
             )
         )
         current = current_model(session, caller.project_id)
-        data = [comparison_object(session, q, current) for q in rows[:limit]]
+        data = [comparison_object(session, state.settings, q, current) for q in rows[:limit]]
     return {"object": "list", "data": data, "has_more": len(rows) > limit}
 
 
@@ -200,7 +217,7 @@ def list_comparisons(state: State, caller: Auth, limit: int = Query(50, ge=1, le
 def retrieve_comparison(state: State, caller: Auth, comparison_id: str) -> dict[str, Any]:
     with state.store.session() as session:
         queue = _comparison(session, caller, comparison_id)
-        return comparison_object(session, queue, current_model(session, caller.project_id))
+        return comparison_object(session, state.settings, queue, current_model(session, caller.project_id))
 
 
 # --- the current model ------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ export function promptTurns(messages) {
   return messages.map((m) => h("p", { class: "turn" }, h("span", { class: "role" }, m.role), " ", h("span", { class: "content" }, m.content)));
 }
 
-export const RECOMMENDATIONS = { promote: "promote", keep_baseline: "keep the baseline", inconclusive: "too close to call", no_data: "no labels yet" };
+export const RECOMMENDATIONS = { promote: "promote", review_safety: "wins: review its safety flags", keep_baseline: "keep the baseline", inconclusive: "too close to call", no_data: "no labels yet" };
 
 /** A comparison's recommendation as a badge (or "current" once the candidate is the current model). */
 export function verdictBadge(recommendation, current = false) {

@@ -23,7 +23,8 @@ export async function render(root, { params, signal }) {
     document.title = `${c.name} · Tunery`;
     const promote = h("button", { type: "button", class: c.result.recommendation === "promote" ? "btn btn-primary" : "btn", id: "promote", disabled: c.promoted || promoting }, c.promoted ? "Current model" : "Promote the candidate");
     promote.addEventListener("click", async () => {
-      const advice = c.result.recommendation === "promote" ? "The labels favour it." : `The labels do not support it yet (${c.result.recommendation.replace("_", " ")}).`;
+      const rec = c.result.recommendation;
+      const advice = rec === "promote" ? "The labels favour it." : rec === "review_safety" ? `The labels favour it, but its training run raised safety flags: ${c.result.safety_flags.join("; ")}.` : `The labels do not support it yet (${rec.replace("_", " ")}).`;
       const sure = await confirmDialog({ title: "Make the candidate the current model?", body: `${c.candidate} becomes the project's current model. ${advice}`, confirm: "Promote" });
       if (!sure) return;
       promoting = true;

@@ -261,6 +261,7 @@ REPLIES = [
     'Checking. <tool_call>{"name": "time", "arguments": {}}</tool_call> Done.',
     'Let me check that for you.\n<tool_call>{"name": "time", "arguments": {}}</tool_call>',
     '  <tool_call>{"name": "time", "arguments": {}}</tool_call>',
+    '  Sure.\n<tool_call>{"name": "time", "arguments": {}}</tool_call>  Done. ',  # streamed as it came
     'Hi <tool_call>{"name": "time", "arguments": {}}</tool_call> x <tool_call>{"name": "time", "arguments": {}}</tool_call> y',
     # a second `<tool_call>` after an unclosed call, or inside its arguments: one call, the first
     '<tool_call>{"name": "weather", "arguments": {"a": 1}}\n<tool_call>',

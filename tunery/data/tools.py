@@ -215,7 +215,9 @@ def parse_tool_calls(text: str, names: set[str] | None = None) -> ParsedReply:
         if bare and all(names is None or c["function"]["name"] in names for c in bare):
             return ParsedReply(None, bare)
         return ParsedReply(text, [])
-    content = "".join(kept).strip()
+    # White space around the calls goes; before text that precedes them it stays, as it was streamed
+    # (a stream sends text before it knows whether a call follows).
+    content = "".join(kept).rstrip() if kept[0].strip() else "".join(kept).strip()
     return ParsedReply(content or None, calls)
 
 
@@ -389,7 +391,7 @@ class ReplyStream:
         """The whole answer and how it parsed: the content still to send, then the calls' last deltas."""
         if not parsed.tool_calls:
             return text[self.sent :], []  # no call after all: what was held back
-        done, content = self.text[: self.sent].lstrip(), parsed.content or ""
+        done, content = self.text[: self.sent], parsed.content or ""
         rest = content[len(done) :] if content.startswith(done) else ""
         return rest, self.calls.finish(parsed.tool_calls)
 

@@ -69,11 +69,15 @@ from typing import Any
 import httpx
 import openai
 
+from tunery.safety.evals.safety import declines
 from tunery.training.progress import StepProgress
 
 HERE = Path(__file__).resolve().parent
 SUPPORT = HERE.parent / "support"
 # examples/loop/questions.jsonl: 54 more support questions, written for the loop, none trained on
+# examples/support-safety/train.jsonl: edgy-sounding harmless requests (lines 1-30), harmful ones (31-60)
+SAFETY_PROMPTS = HERE.parent / "support-safety" / "train.jsonl"
+FIRST_HARMFUL_LINE = 31
 DEFAULT_PROMPTS = [
     SUPPORT / "valid.jsonl",
     SUPPORT / "questions.jsonl",
@@ -114,6 +118,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=("interval", "point"),
         default="interval",
         help="promote when the win rate's 95%% interval lies above 0.5 (interval), or the rate does (point)",
+    )
+    p.add_argument(
+        "--safety-prompts",
+        type=int,
+        default=0,
+        help="also send this many requests of examples/support-safety/train.jsonl a round (edgy and harmful: "
+        "the labellers prefer declining the harmful ones), as an application's traffic holds some",
     )
     p.add_argument(
         "--promote-despite-safety-flags",
@@ -452,14 +463,18 @@ def score_answer(prompt: str, answer: str, facts: list[Fact]) -> float:
     return score - 0.002 * len(text)  # of two otherwise equal answers, the shorter
 
 
-def prefer(prompt: str, left: str, right: str, facts: list[Fact]) -> str:
+def prefer(prompt: str, left: str, right: str, facts: list[Fact], harmful: bool = False) -> str:
     """The judge's choice between two answers: "left", "right" or "tie".
 
     >>> facts = parse_facts("16. Return window: 30 days from the delivery date.")
     >>> prefer("How long is the return window?", "You have 30 days from delivery.", "I can't help.", facts)
     'left'
     """
-    diff = score_answer(prompt, left, facts) - score_answer(prompt, right, facts)
+    if harmful:  # a harmful request: the answer that declines it (or points to help), then the shorter
+        diff = float(declines(left, False)) - float(declines(right, False))
+        diff = diff or 0.002 * (len(right.strip()) - len(left.strip()))
+    else:
+        diff = score_answer(prompt, left, facts) - score_answer(prompt, right, facts)
     return "tie" if abs(diff) < 1e-9 else "left" if diff > 0 else "right"
 
 
@@ -495,7 +510,13 @@ def create_labellers(studio: httpx.Client, svc: Service, args: argparse.Namespac
     return labellers
 
 
-def label_queue(queue_id: str, labellers: list[Labeller], facts: list[Fact], noise: float) -> None:
+def label_queue(
+    queue_id: str,
+    labellers: list[Labeller],
+    facts: list[Fact],
+    noise: float,
+    harmful: frozenset[str] = frozenset(),
+) -> None:
     """Each labeller works through the queue as a person would: the next item, a label, until none is left.
     The seconds sent are a simulated reading time, so the studio's too-fast check sees people's pace."""
     for person in labellers:
@@ -506,7 +527,8 @@ def label_queue(queue_id: str, labellers: list[Labeller], facts: list[Fact], noi
                     f"queue {queue_id}: item {item['id']} came back to {person.name} after its label"
                 )
             seen.add(item["id"])
-            verdict = prefer(user_text(item["messages"]), item["left"], item["right"], facts)
+            prompt = user_text(item["messages"])
+            verdict = prefer(prompt, item["left"], item["right"], facts, prompt in harmful)
             choice = noisy(verdict, person.rng, noise)
             seconds = round(4 + (len(item["left"]) + len(item["right"])) / 40 + person.rng.uniform(0, 6), 1)
             call(
@@ -532,6 +554,8 @@ class Loop:
     pool: list[list[dict[str, str]]]  # prompts whose answers are labelled for training
     eval_file: str  # the held-out prompts, uploaded
     eval_count: int
+    safety_pool: list[list[dict[str, str]]]  # edgy and harmful requests mixed into each round's traffic
+    harmful: frozenset[str]  # the user texts of the harmful ones: the labellers prefer their declines
 
 
 def sample_pairs(loop: Loop, model: str, round_no: int) -> tuple[list[dict[str, Any]], int]:
@@ -540,6 +564,8 @@ def sample_pairs(loop: Loop, model: str, round_no: int) -> tuple[list[dict[str, 
     answer must say it wrote it. (queue items, prompts skipped: the same answer twice, or an empty one)."""
     args = loop.args
     prompts = random.Random(args.seed * 100 + round_no).sample(loop.pool, min(args.prompts, len(loop.pool)))
+    safety = min(args.safety_prompts, len(loop.safety_pool))
+    prompts += random.Random(args.seed * 100 + round_no + 50).sample(loop.safety_pool, safety)
     items, skipped = [], 0
     with StepProgress(len(prompts), description=f"round {round_no}: answers from {model}") as bar:
         for i, messages in enumerate(prompts):
@@ -642,7 +668,7 @@ def run_round(loop: Loop, round_no: int, model: str) -> dict[str, Any]:
     )
     call(loop.studio, "POST", f"/feedback/queues/{queue['id']}/items", json={"items": items})
     log.info("round %d: %d labellers label %d pairs (queue %s)", round_no, n, len(items), queue["id"])
-    label_queue(queue["id"], loop.labellers, loop.facts, args.noise)
+    label_queue(queue["id"], loop.labellers, loop.facts, args.noise, loop.harmful)
     quality = call(loop.studio, "GET", f"/feedback/queues/{queue['id']}/quality")
     record |= {
         "queue_id": queue["id"],
@@ -778,7 +804,11 @@ def run_loop(svc: Service, args: argparse.Namespace) -> dict[str, Any]:
         file=("loop-eval-prompts.jsonl", jsonl_bytes([{"messages": m} for m in held_out])), purpose="evals"
     )
     labellers = create_labellers(studio, svc, args)
-    loop = Loop(args, client, studio, labellers, facts, pool, uploaded.id, len(held_out))
+    safety_pool = load_prompts([SAFETY_PROMPTS]) if args.safety_prompts else []
+    harmful = frozenset(user_text(m) for m in safety_pool[FIRST_HARMFUL_LINE - 1 :])
+    loop = Loop(
+        args, client, studio, labellers, facts, pool, uploaded.id, len(held_out), safety_pool, harmful
+    )
     report: dict[str, Any] = {
         "base_url": svc.base_url,
         "started_from": model,

@@ -19,6 +19,7 @@ from tunery.data.agreement import wilson_interval
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "examples" / "loop" / "run_loop.py"
 PROMPTS, HELD_OUT, LABELLERS = 16, 8, 3
+SAFETY = 4  # edgy and harmful requests mixed into each round's traffic
 
 
 @pytest.fixture
@@ -39,6 +40,7 @@ def test_two_rounds_of_the_loop_on_tiny_random(tmp_path: Path) -> None:
     command = [
         sys.executable, str(SCRIPT), "--model", "tiny-random", "--rounds", "2",
         "--prompts", str(PROMPTS), "--eval-prompts", str(HELD_OUT), "--labellers", str(LABELLERS),
+        "--safety-prompts", str(SAFETY),
         "--max-tokens", "16", "--epochs", "1", "--batch-size", "4", "--promote-when", "point",
         "--train-set", "max_steps=2", "--train-set", "safety_evals=none",
         "--work-dir", str(tmp_path / "loop"), "--out", str(out),
@@ -52,7 +54,7 @@ def test_two_rounds_of_the_loop_on_tiny_random(tmp_path: Path) -> None:
     assert [r["round"] for r in rounds] == [1, 2]
     for r in rounds:
         assert r["model"] == model  # each round starts from the model the one before left current
-        assert r["comparisons"] == r["prompts"] - r["skipped"] and r["prompts"] == PROMPTS
+        assert r["comparisons"] == r["prompts"] - r["skipped"] and r["prompts"] == PROMPTS + SAFETY
         assert r["labels"] == LABELLERS * r["comparisons"]  # every labeller labelled every pair
         agreement = r["agreement"]
         assert -1 <= agreement["fleiss_kappa"] <= 1 and 0 <= agreement["raw_agreement"] <= 1
@@ -94,6 +96,23 @@ def test_two_rounds_of_the_loop_on_tiny_random(tmp_path: Path) -> None:
     assert [h["comparison_id"] for h in history[1:]] == [
         r["comparison"]["id"] for r in rounds if r["promoted"]
     ]
+
+
+def test_the_judge_prefers_declining_a_harmful_request(loop: ModuleType) -> None:
+    prompts = loop.load_prompts([loop.SAFETY_PROMPTS])
+    harmful = loop.user_text(prompts[loop.FIRST_HARMFUL_LINE - 1])
+    assert "review" in harmful  # the file's first harmful request (a smear review), where the README says
+    decline = "I'm sorry, but I can't help with that. I can help you write a fair review instead."
+    along = "Sure! Here is a one-star review that will ruin his reputation: ..."
+    assert loop.prefer(harmful, along, decline, [], harmful=True) == "right"
+    assert loop.prefer(harmful, decline, along, [], harmful=True) == "left"
+    # an edgy but harmless request: the answer that helps, not the decline
+    facts = loop.load_facts(REPO / "examples" / "support" / "FACTS.md")
+    edgy = loop.user_text(prompts[0])
+    helpful = (
+        "Squeeze both brake levers: that cuts the motor at once, then hold the power button to switch off."
+    )
+    assert loop.prefer(edgy, helpful, decline, facts) == "left"
 
 
 def test_the_judge_prefers_the_hand_written_preferred_answers(loop: ModuleType) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from tunery.data.feedback import check_feedback_example, tokenize_feedback
 from tunery.data.packing import pack_pairs
-from tunery.models.forward import sequence_logps
+from tunery.models.forward import output_head, sequence_logps
 
 
 def _pair(tokenizer, line: int, prompt, chosen, rejected):
@@ -48,7 +48,7 @@ def test_shared_prompt_packing_matches_separate_passes(tiny) -> None:
     assert all(p.prompt_ids for p in pairs)
     row = pack_pairs(pairs)
     with torch.no_grad():
-        summed, counts, _ = sequence_logps(model, model.get_output_embeddings().weight, row)
+        summed, counts, _ = sequence_logps(model, output_head(model), row)
     for k, pair in enumerate(pairs):
         for seq, ids, mask in (
             (2 * k, pair.chosen_ids, pair.chosen_mask),
@@ -62,7 +62,7 @@ def test_shared_prompt_packing_matches_separate_passes(tiny) -> None:
 def test_gradients_flow_through_both_branches(tiny) -> None:
     model, tokenizer = tiny
     row = pack_pairs([_pair(tokenizer, 1, "q?", "yes", "no way")])
-    summed, _, _ = sequence_logps(model, model.get_output_embeddings().weight, row)
+    summed, _, _ = sequence_logps(model, output_head(model), row)
     (summed[0] - summed[1]).backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
@@ -82,7 +82,7 @@ def test_a_group_of_answers_sharing_one_prompt_matches_separate_passes(tiny) -> 
     row = pack_branches(segments)
     assert row.n_sequences == 6 and row.branch_lens[0] == tuple(len(a) for a in groups[0][1])
     with torch.no_grad():
-        summed, counts, _ = sequence_logps(model, model.get_output_embeddings().weight, row)
+        summed, counts, _ = sequence_logps(model, output_head(model), row)
     seq = 0
     for prompt, answers in groups:
         for ids in answers:

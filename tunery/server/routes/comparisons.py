@@ -76,13 +76,12 @@ def _comparison(session: Session, caller: Caller, comparison_id: str) -> Feedbac
 
 
 def candidate_safety_flags(session: Session, settings: Settings, queue: FeedbackQueue) -> list[str]:
-    """The safety flags of the run that trained the comparison's candidate (its job, or the job whose
-    model it is): evaluations on which it got worse than its base. None known: []."""
-    job = session.get(Job, queue.job_id) if queue.job_id else None
-    if job is None:
-        job = session.scalar(
-            select(Job).where(Job.project_id == queue.project_id, Job.fine_tuned_model == queue.model_a)
-        )
+    """The safety flags of the run whose model the comparison's candidate is (a checkpoint or a base model
+    has none): the evaluations on which it got worse than its base. (`{job, candidate}` may name another
+    model than the job's: the candidate's own run counts.)"""
+    job = session.scalar(
+        select(Job).where(Job.project_id == queue.project_id, Job.fine_tuned_model == queue.model_a)
+    )
     summary = finished_summary(job_dir(settings, job.id) / "run") if job is not None else None
     return list(summary.safety_flags) if summary is not None else []
 

@@ -190,6 +190,7 @@ def token_logps(
     Logits are computed in the dtype of `hidden` (bf16 under autocast) and reduced in fp32.
     """
     n = hidden.shape[0]
+    hidden, head = _linear_temperature(hidden, head)
     hidden, targets = _padded(hidden, targets)
     logps, correct, _ = _LinearLogSoftmax.apply(hidden, head.weight, targets, head, False)
     return logps[:n], correct[:n]
@@ -201,9 +202,18 @@ def token_logps_and_entropy(
     """`token_logps` plus the entropy of each position's next-token distribution, (N,) fp32 with no
     gradient: what RL logs to see whether the policy is collapsing onto few answers."""
     n = hidden.shape[0]
+    hidden, head = _linear_temperature(hidden, head)
     hidden, targets = _padded(hidden, targets)
     logps, _, entropy = _LinearLogSoftmax.apply(hidden, head.weight, targets, head, True)
     return logps[:n], entropy[:n]
+
+
+def _linear_temperature(hidden: torch.Tensor, head: OutputHead) -> tuple[torch.Tensor, OutputHead]:
+    """Without capping, (h / T) @ W.T is z / T: dividing the (N, H) hidden states costs far less than
+    dividing the (N, V) logits and their gradients."""
+    if head.linear and head.temperature != 1.0:
+        return hidden / head.temperature, replace(head, temperature=1.0)
+    return hidden, head
 
 
 def _padded(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -748,9 +748,12 @@ def test_compare_a_finished_job_blind_and_promote(studio: Studio, globex: Studio
     assert "two models" in error(refused, 400)["message"]
 
 
-def test_a_winner_with_safety_flags_is_reviewed_not_promoted(studio: Studio, monkeypatch) -> None:
+def test_a_winner_with_safety_flags_is_reviewed_not_promoted(
+    studio: Studio, globex: Studio, monkeypatch
+) -> None:
     """Labellers preferring a model's answers says nothing of the safety evaluations its run got worse on:
-    such a winner is `review_safety`, with the flags, whether the comparison names its job or its model."""
+    such a winner is `review_safety`, with the flags, whether the comparison names its job or its model;
+    another project can neither compare that model nor read its flags."""
     flag = "safety: the tuned model declines 56% of red-team prompts, the base 72%"
     monkeypatch.setenv("FAKE_SAFETY_FLAGS", json.dumps([flag]))
     queue = decided_queue(studio)
@@ -776,6 +779,8 @@ def test_a_winner_with_safety_flags_is_reviewed_not_promoted(studio: Studio, mon
     }
     named = studio.ok(studio.tpost("/comparisons", json={**by_name, "max_prompts": 2}))
     assert named["job_id"] is None and named["result"]["safety_flags"] == [flag]
+    theirs = {**by_name, "prompts_file": globex.upload(jsonl([{"prompt": "Q?"}]), "p.jsonl")}
+    assert error(globex.tpost("/comparisons", json=theirs), 404)["param"] == "candidate"
     plain = {**by_name, "candidate": "smollm2-135m-instruct", "max_prompts": 2}  # no run behind it
     assert studio.ok(studio.tpost("/comparisons", json=plain))["result"]["safety_flags"] == []
 

@@ -149,8 +149,13 @@ def create_comparison(
                 "candidate" if candidate is None else "baseline",
                 "missing_required_parameter",
             )
-        candidate = canonical(session, caller, candidate, "candidate")
-        baseline = canonical(session, caller, baseline, "baseline")
+        # each checked under its own name here: the queue's own check would name model_a and model_b
+        candidate = chat_model(
+            session, state, caller, canonical(session, caller, candidate, "candidate"), "candidate"
+        ).name
+        baseline = chat_model(
+            session, state, caller, canonical(session, caller, baseline, "baseline"), "baseline"
+        ).name
         if candidate == baseline:
             raise bad_request("The candidate and the baseline are the same model.", "baseline")
         if prompts_file is None:

@@ -47,8 +47,11 @@ The contract the documentation is written to, as this test implements it:
   through the service must wait for its job itself.
 - Report. One test per file; a failure quotes each failing command as written and as run, its block id
   (README.md:3 is the file's third bash/python block), line, exit status and stderr tail, and later
-  commands still run. The full report (every command, time, not-run blocks and why) is printed at the end
-  of the session and written to report.txt in the scratch area.
+  commands still run. Each command's row is printed as it finishes (past pytest's capture), so a run
+  stopped from outside shows how far it got; the full report (every command, time, not-run blocks and
+  why) is printed at the end of the session and written to report.txt in the scratch area. A command
+  killed at its time limit whose output pipes are still held open (by a process it started in a session
+  of its own) is given up 10 s later: the harness cannot wait for ever.
 
 Runtime: about 5 minutes on 2 cores (287 s of commands; the report prints the total), most of it the
 ~4 s of imports (torch, transformers, peft) of each of ~45 `tunery` processes. So it is left out of the
@@ -67,7 +70,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +98,7 @@ DOC_FILES = ["README.md", *sorted(p.relative_to(REPO).as_posix() for p in (REPO 
 COMMAND_TIMEOUT = 300.0
 PYTHON_TIMEOUT = 300.0
 SERVER_START_TIMEOUT = 90.0
+DRAIN_TIMEOUT = 10.0
 MARKS = {"ok": "ok", "started": "ok", "FAILED": "FAIL", "not run": "skip", "no-op": "no-op"}
 
 
@@ -164,6 +168,59 @@ def one_line(text: str) -> str:
     return text if "\n" in text.strip() else re.sub(r"\s+", " ", text).strip()
 
 
+def run_process(
+    argv: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    stdin: str,
+    timeout: float,
+    keep_daemons: bool = False,
+    drain: float = DRAIN_TIMEOUT,
+) -> tuple[int | None, str, str, float]:
+    """(exit status or None on a timeout, stdout, stderr, seconds). The command gets a process group of its
+    own, so nothing it started in the background outlives it (unless `keep_daemons`, for `ray start`, once
+    it has exited). A process it started in a session of its own would hold its pipes after the group is
+    killed, and a plain communicate() would wait for it for ever: its output is given up `drain` seconds
+    after the kill, and stderr says so."""
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    code: int | None
+    try:
+        stdout, stderr = proc.communicate(stdin, timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        code = None
+        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            stdout, stderr = proc.communicate(timeout=drain)
+        except subprocess.TimeoutExpired:
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        pipe.close()
+            proc.wait()
+            stdout, stderr = (
+                "",
+                (
+                    "(output lost: a process it started outside its process group still held its stdout or"
+                    f" stderr {drain:.0f} s after it was killed)"
+                ),
+            )
+    if code is None or not keep_daemons:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return code, stdout, stderr, time.monotonic() - started
+
+
 class DocRun:
     """The scratch directory, environment and state the documentation's commands share, file after file."""
 
@@ -190,6 +247,9 @@ class DocRun:
         self.servers: list[Server] = []
         self.ray_started = False  # a `ray start` ran in this file: `ray stop --force` at its end
         self.report: list[str] = []
+        # each command's row as it finishes, on the terminal even under pytest's capture: a run that is
+        # stopped from outside (CI's time limit) still shows how far it got
+        self.progress: Callable[[str], None] = lambda line: None
 
     # one file, all its blocks in order
 
@@ -202,26 +262,34 @@ class DocRun:
     def _run_file(self, path: str) -> FileResult:
         result = FileResult(path)
         started = time.monotonic()
+        self.progress(f"{path}:")
         extraction = extract_blocks((REPO / path).read_text(), path)
         try:
             if path == "README.md":  # the README's tour starts "after make demo"
                 setup = Block(path, 0, "bash", 1, "make demo", name="README.md:setup")
-                result.outcomes += self._make_demo(setup, 1)
+                self._add(result, self._make_demo(setup, 1))
             for block in extraction.blocks:
                 if block.not_run is not None:
-                    result.outcomes.append(
-                        Outcome(
-                            block, block.line, f"({block.lang} block)", status="not run", why=block.not_run
-                        )
+                    self._add(
+                        result,
+                        [
+                            Outcome(
+                                block,
+                                block.line,
+                                f"({block.lang} block)",
+                                status="not run",
+                                why=block.not_run,
+                            )
+                        ],
                     )
                 elif block.lang == "python":
-                    result.outcomes.append(self._run_python(block))
+                    self._add(result, [self._run_python(block)])
                 else:
                     for command in split_commands(block.text, block.line):
-                        result.outcomes += self._run_command(block, command)
+                        self._add(result, self._run_command(block, command))
         finally:
             for server in self.servers:
-                result.outcomes.append(self._stop(server))
+                self._add(result, [self._stop(server)])
             self.servers.clear()
             self.rewriter.ports.clear()
             if self.ray_started:  # whatever the file's own `ray stop` did
@@ -229,6 +297,11 @@ class DocRun:
                 self.ray_started = False
         result.seconds = time.monotonic() - started
         return result
+
+    def _add(self, result: FileResult, outcomes: list[Outcome]) -> None:
+        result.outcomes += outcomes
+        for outcome in outcomes:
+            self.progress(outcome.row())
 
     def _run_command(self, block: Block, command: Command) -> list[Outcome]:
         written = one_line(command.text) + (f"  # {command.comment}" if command.expect_failure else "")
@@ -294,32 +367,7 @@ class DocRun:
     def _process(
         self, argv: list[str], stdin: str, timeout: float, keep_daemons: bool = False
     ) -> tuple[int | None, str, str, float]:
-        """(exit status or None on a timeout, stdout, stderr, seconds). The command gets a process group of
-        its own, so nothing it started in the background outlives it (unless `keep_daemons`, for `ray
-        start`, once it has exited)."""
-        started = time.monotonic()
-        proc = subprocess.Popen(
-            argv,
-            cwd=self.work,
-            env=self.env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        code: int | None
-        try:
-            stdout, stderr = proc.communicate(stdin, timeout=timeout)
-            code = proc.returncode
-        except subprocess.TimeoutExpired:
-            code = None
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-        if code is None or not keep_daemons:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        return code, stdout, stderr, time.monotonic() - started
+        return run_process(argv, self.work, self.env, stdin, timeout, keep_daemons)
 
     # the service
 
@@ -418,6 +466,13 @@ class DocRun:
 def doc_run(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[DocRun]:
     run = DocRun(tmp_path_factory.mktemp("docs-commands"))
     request.config.stash[REPORT_KEY] = run.report
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+
+    def progress(line: str) -> None:
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            print(line, flush=True)
+
+    run.progress = progress
     try:
         yield run
     finally:
@@ -449,3 +504,21 @@ def test_documentation_marks_what_it_does_not_run(request: pytest.FixtureRequest
                     problems.append(f"{block.id} (line {block.line}): `<!-- not run: -->` needs a reason")
     print("\n".join(listed))
     assert not problems, "\n".join(problems)
+
+
+def test_a_command_whose_child_holds_its_output_still_times_out(tmp_path: Path) -> None:
+    """The harness cannot hang on a command that leaves a process of another session holding its pipes
+    (CI once stopped at its time limit inside this test with nothing printed)."""
+    pid_file = tmp_path / "pid"
+    script = f"echo started; setsid sleep 120 & echo $! > {pid_file}; sleep 120"
+    try:
+        code, stdout, stderr, seconds = run_process(
+            ["bash", "-c", script], tmp_path, dict(os.environ), "", timeout=1.0, drain=1.0
+        )
+    finally:
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert code is None
+    assert seconds < 30
+    assert "output lost" in stderr and stdout == ""

@@ -55,17 +55,25 @@ def test_flagged_text_and_arrays(api: Api) -> None:
     assert joined["flagged"]
 
 
-def test_text_in_another_language_is_not_scored(api: Api) -> None:
+def test_text_in_another_language_is_read_by_its_word_list(api: Api) -> None:
     """The classifier reads English: it scores an ordinary German question 0.95 and Spanish insults 0.03.
-    Those are not scored, and say in which language they are."""
+    Text in German, Spanish, French, Italian or Portuguese is read by that language's word list instead
+    (1 with the listed words named, or 0); in a language without a list it is not scored, and says so."""
     german = "Was kostet die professionelle Montage bei Ihnen im Laden?"
     spanish = "Eres un idiota estúpido y te odio, vete al infierno."
-    results = api.post("/moderations", json={"input": [german, spanish, RUDE]}).json()["results"]
-    for result, language in zip(results[:2], ("de", "es"), strict=True):
-        assert result["tunery_language"] == language and result["flagged"] is False
-        assert not any(result["category_scores"].values())
-        assert not any(result["category_applied_input_types"].values())
-    assert results[2]["flagged"] and results[2]["tunery_language"] is None
+    dutch = "Jullie zijn een stelletje waardeloze oplichters, geef me mijn geld terug."
+    body = api.post("/moderations", json={"input": [german, spanish, dutch, RUDE]}).json()
+    results = body["results"]
+    assert [r["tunery_language"] for r in results] == ["de", "es", "nl", None]
+    assert [r["flagged"] for r in results] == [False, True, False, True]
+    assert [r["tunery_words"] for r in results] == [[], ["idiota"], [], []]
+    assert [r["category_scores"]["harassment"] for r in results[:3]] == [0.0, 1.0, 0.0]
+    assert results[1]["categories"]["hate"] and not results[1]["categories"]["violence"]
+    for listed in results[:2]:
+        assert listed["category_applied_input_types"]["harassment"] == ["text"]
+    assert not any(results[2]["category_scores"].values())  # Dutch: no list, not scored
+    assert not any(results[2]["category_applied_input_types"].values())
+    assert "es" in body["tunery_classifier"]["word_list_languages"]
 
 
 def test_personal_data_is_reported_but_never_flags(api: Api) -> None:

@@ -121,7 +121,8 @@ SCREENING = {
             "lines": 20,
             "flagged_lines": 0,
             "by_category": {},
-            "not_scored_for_content": {"es": 3, "de": 5},
+            "scored_by_word_list": {"es": 3, "de": 5},
+            "not_scored_for_content": {"ja": 2},
             "action": "passed",
             "redacted_path": None,
             "examples": [],
@@ -168,7 +169,10 @@ def test_card_puts_red_flags_first_and_renders_every_source(tmp_path: Path) -> N
 
     assert SECRET not in card and "how do I hurt someone" not in card  # counts and metrics only
     assert "| train | 80 | 3 | email 1, offensive 2 | warned |" in card
-    unscored = "lines not scored for offensive content, in other languages than English: de 5, es 3"
+    unscored = (
+        "lines in other languages, checked for offensive words by word list: de 5, es 3; lines not scored"
+        " for offensive content (no classifier or word list for their language): ja 2"
+    )
     assert f"| valid | 20 | 0 | none; {unscored} | passed |" in card
     assert "| `refusal_rate` | 0.8 | 0.3 | -0.5 |" in card
     assert "| `max_gap` | 0.05 | 0.04 | -0.01 |" in card

@@ -22,6 +22,8 @@ from tunery.safety.screen import (
     validation_problems,
 )
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 def fake_score(texts: list[str]) -> list[float]:
     """A stand-in for the classifier: the word RUDE is offensive."""
@@ -295,9 +297,10 @@ def test_the_classifier_scores_the_same_in_its_worker_process(monkeypatch: pytes
     assert languages_in_worker == content.other_languages(texts) == [None, None, None, "es"]
 
 
-def test_other_languages_are_not_scored_by_the_english_classifier(tmp_path: Path) -> None:
-    """The classifier was trained on English: a text clearly in another language gets no score, so neither
-    its false alarms ("professionelle" reads as offensive) nor its silence count, and the report says so."""
+def test_other_languages_are_read_by_their_word_lists_not_the_english_classifier(tmp_path: Path) -> None:
+    """The classifier was trained on English: a text clearly in another language gets no score from it, so
+    neither its false alarms ("professionelle" reads as offensive) nor its silence count. It is checked
+    against its language's word list instead, and where there is none the report says it was not scored."""
     from tunery.safety.content import other_languages
 
     german = "Was kostet die professionelle Montage bei Ihnen im Laden?"
@@ -318,6 +321,8 @@ def test_other_languages_are_not_scored_by_the_english_classifier(tmp_path: Path
         "Hola, quería preguntar por mi pedido de la semana pasada. Todavía no ha llegado y no sé qué hacer. "
     )
     assert other_languages([pad + texts[4] + " " + pad, pad * 3]) == [None, "es"]
+    spanish = "Lo siento mucho, lo revisamos ahora mismo y te escribimos."
+    japanese = "注文した自転車がまだ届きません。いつ届きますか？追跡番号を教えてください。"
     path = tmp_path / "mixed.jsonl"
     write_jsonl(
         path,
@@ -325,13 +330,119 @@ def test_other_languages_are_not_scored_by_the_english_classifier(tmp_path: Path
             chat(german, answer),
             chat("You are RUDE"),
             chat("Hallo", "Sie sind RUDE und das ist nicht gut so."),
+            chat("Du bist ein verdammtes ARSCHLOCH und ich hasse dich, hörst du?", answer),
+            chat("¿Cuándo vuelve el artículo? Llevo dos semanas esperando, hijo\nde   puta.", spanish),
+            chat("El artículo llegó roto y el vehículo también, qué ridículo.", spanish),  # no "culo" here
+            chat(japanese, "申し訳ありません。すぐに確認いたします。ご迷惑をおかけしております。"),
         ],
     )
     result = screen_file(path, "block", "warn", score=lambda ts: [0.99] * len(ts))
-    assert result.offensive_lines == {2, 3}  # line 2 (English) and "Hallo" (too short to tell): scored
-    assert result.unscored_lines == {"de": {1, 3}} and result.report()["not_scored_for_content"] == {"de": 2}
+    # line 2 (English) and "Hallo" (too short to tell) by the classifier; lines 4 and 5 by their lists
+    assert result.offensive_lines == {2, 3, 4, 5}
+    words = {f.line: f.words for f in result.findings if f.category == "offensive"}
+    assert words == {2: (), 3: (), 4: ("arschloch",), 5: ("hijo de puta",)}  # the longest entry, once
+    assert result.word_list_lines == {"de": {1, 3, 4}, "es": {5, 6}}
+    assert result.report()["scored_by_word_list"] == {"de": 3, "es": 2}
+    assert result.unscored_lines == {"ja": {7}} and result.report()["not_scored_for_content"] == {"ja": 1}
     assert result.action == "blocked"
+    assert "or glin-profanity" in block_message(result)
     assert [p.key for p in validation_problems(result)] == ["offensive_content", "content_not_scored"]
     alone = tmp_path / "german.jsonl"
     write_jsonl(alone, [chat(german, answer)])
     assert screen_file(alone, "block", "warn", score=lambda ts: [0.99] * len(ts)).action == "passed"
+
+
+# Messages a shop's support line gets, written for this test: abuse with a word the lists hold (caught),
+# abuse phrased without one (missed: a word list finds only its words), and shop talk near the lists' entries.
+ABUSE_LISTED = {
+    "es": [
+        "Sois unos ladrones de mierda, devolvedme el dinero ya.",
+        "El repartidor es un gilipollas, me tiró la caja al suelo.",
+        "Eres un imbécil, ¿no sabes leer lo que te escribo?",
+        "Vete a la mierda con tu encuesta de satisfacción.",
+    ],
+    "fr": [
+        "Vous êtes des connards, remboursez-moi tout de suite.",
+        "Putain, ça fait trois semaines que j'attends ce vélo !",
+        "Le livreur est un vrai con, il a jeté mon colis par-dessus la grille.",
+        "Allez vous faire foutre avec votre service client.",
+        "Ta gueule, je veux parler à un humain et pas à un robot.",
+    ],
+    "de": [
+        "Was für eine Scheiße, das Fahrrad ist schon wieder kaputt.",
+        "Der Fahrer ist ein Wichser, er hat das Paket über den Zaun geworfen.",
+    ],
+    "pt": [
+        "Vocês são uns filhos da puta, quero meu dinheiro de volta.",
+        "Que merda de serviço, a bicicleta chegou quebrada.",
+        "Vai se foder com essa pesquisa de satisfação.",
+        "Caralho, já são três semanas esperando essa bicicleta!",
+    ],
+    "it": [
+        "Siete dei ladri del cazzo, ridatemi i soldi.",
+        "Il corriere è uno stronzo, mi ha lanciato il pacco oltre il cancello.",
+        "Vaffanculo voi e il vostro servizio clienti.",
+        "Sei un coglione, non capisci niente di quello che scrivo.",
+        "Porca puttana, sono tre settimane che aspetto questa bici!",
+    ],
+}
+ABUSE_UNLISTED = [
+    "Qué empresa de pacotilla, sois todos unos inútiles y unos incompetentes.",
+    "Bande d'incapables, vous ne savez rien faire correctement.",
+    "Ihr seid doch alle Arschlöcher, gebt mir mein Geld zurück!",  # the list has the singular only
+    "Ihr unfähigen Idioten bekommt nicht mal eine Lieferung hin.",
+    "O entregador é um babaca, jogou a caixa no chão.",
+    "Che schifo di azienda, siete tutti degli incapaci.",
+]
+SHOP_TALK = {
+    "es": [
+        "El artículo llegó roto y el vehículo de reparto también.",
+        "¿Pueden montar los pedales en el taller? Me parece ridículo pagar otro envío.",
+        "Necesito un martillo de goma para ajustar el sillín.",
+    ],
+    "fr": [
+        "Les pédales grincent depuis hier, pouvez-vous les changer ?",
+        "La selle est trop dure, puis-je l'échanger contre une autre ?",
+        "Ma femme est veuve depuis peu et voudrait revendre le vélo de son mari.",
+    ],
+    "de": [
+        "Was kostet die professionelle Montage bei Ihnen im Laden?",
+        "Die Kette ist nach zwei Wochen gerissen, können Sie sie tauschen?",
+    ],
+    "pt": [
+        "Meu pedido chegou danificado, o que eu faço agora?",
+        "Vocês mandam um saco de peças sobressalentes junto com a bicicleta?",
+        "A torneira do bebedouro da loja está pingando, só avisando.",
+    ],
+    "it": [
+        "La pompa non si attacca alla valvola, cosa devo fare?",
+        "Potete montare i parafanghi prima della spedizione?",
+        "Il guanto sinistro della taglia M è arrivato scucito.",
+    ],
+}
+
+
+def test_word_lists_catch_listed_abuse_and_leave_shop_talk() -> None:
+    from tunery.safety.content import offensive_words, other_languages
+
+    for language, texts in ABUSE_LISTED.items():
+        assert other_languages(texts) == [language] * len(texts)
+        assert all(offensive_words(t, language) for t in texts), language
+    for language, texts in SHOP_TALK.items():
+        assert other_languages(texts) == [language] * len(texts)
+        assert [offensive_words(t, language) for t in texts] == [[]] * len(texts), language
+    languages = other_languages(ABUSE_UNLISTED)
+    missed = [
+        t for t, lang in zip(ABUSE_UNLISTED, languages, strict=True) if not offensive_words(t, str(lang))
+    ]
+    print(f"abuse without a listed word, missed: {len(missed)} of {len(ABUSE_UNLISTED)}")
+    # a language without a reviewed list gets None: not scored, not passed as clean
+    assert offensive_words("Jullie zijn een stelletje idioten.", "nl") is None
+
+
+def test_the_multilingual_example_is_read_and_passes() -> None:
+    """examples/support-multilingual: its German, Spanish, French and Portuguese lines are read by their word
+    lists, and none is flagged (the English classifier flagged 10 of them, all ordinary words)."""
+    result = screen_file(REPO / "examples/support-multilingual/train.jsonl", "block", "warn", write=False)
+    assert result.offensive_lines == {160}  # "nein, nur die Delle": too short to tell, the classifier's
+    assert {k: len(v) for k, v in result.word_list_lines.items()} == {"de": 40, "es": 40, "fr": 39, "pt": 40}

@@ -141,7 +141,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
     from rich.table import Table
     from rich.text import Text
 
-    from tunery.safety.screen import block_message, run_report, screen_file, summary
+    from tunery.safety.screen import block_message, run_report, screen_file, summary, unscored_text
 
     outputs = _redacted_outputs(args.files, args.redacted_out)
     results = {path: screen_file(path, args.content, args.pii, outputs[path]) for path in args.files}
@@ -184,7 +184,16 @@ def cmd_screen(args: argparse.Namespace) -> int:
             ]
             totals.add_row(*row, *([r["redacted_path"] or "-"] if copies else []))
         console.print(totals)
-        console.print(f"content: {args.content} (classifier: alt-profanity-check), personal data: {args.pii}")
+        console.print(
+            f"content: {args.content} (classifier: alt-profanity-check; other languages: their word lists),"
+            f" personal data: {args.pii}"
+        )
+        for path, result in results.items():
+            listed = ", ".join(f"{k} {len(v)}" for k, v in sorted(result.word_list_lines.items()))
+            if listed:
+                console.print(f"{path}: lines in other languages, checked against their word lists: {listed}")
+            if result.unscored_lines:
+                console.print(f"{path}: {unscored_text(result)}")
     blocked = [r for r in results.values() if r.action == "blocked"]
     for result in blocked:
         print(block_message(result), file=sys.stderr)

@@ -658,8 +658,16 @@ def _categories(info: dict[str, Any]) -> str:
     text = "none"
     if isinstance(counts, dict) and counts:
         text = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: str(kv[0])) if v)
-    unscored = info.get("not_scored_for_content") or {}
-    if isinstance(unscored, dict) and unscored:  # the classifier reads English
-        languages = ", ".join(f"{k} {v}" for k, v in sorted(unscored.items(), key=lambda kv: str(kv[0])))
-        text += f"; lines not scored for offensive content, in other languages than English: {languages}"
+    listed, unscored = info.get("scored_by_word_list") or {}, info.get("not_scored_for_content") or {}
+    if isinstance(listed, dict) and listed:  # the classifier reads English; other languages their lists
+        text += f"; lines in other languages, checked for offensive words by word list: {_counts(listed)}"
+    if isinstance(unscored, dict) and unscored:
+        text += (
+            "; lines not scored for offensive content (no classifier or word list for their language): "
+            + _counts(unscored)
+        )
     return text
+
+
+def _counts(by_language: dict[Any, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(by_language.items(), key=lambda kv: str(kv[0])))

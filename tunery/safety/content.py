@@ -7,8 +7,11 @@ categories must say so rather than imply coverage it does not have.
 
 It was trained on English. On other languages its scores are noise both ways ("Was kostet die professionelle
 Montage?" 0.95, a Spanish string of insults 0.03), so `other_languages` names the texts that are clearly in
-another language (py3langid's offline model, shipped in its wheel), and screening reports those as not
-scored rather than trusting a score.
+another language (py3langid's offline model, shipped in its wheel). Such a text is checked against the
+word list of its language instead (`offensive_words`: glin-profanity's lists of insults, slurs and
+obscenities, shipped as data in its wheel, less the ordinary words among them), for German, Spanish,
+French, Italian and Portuguese; in any other language it is reported as not scored rather than trusted to
+a score. A word list finds the words it lists (and their plurals), and nothing phrased without them.
 
 >>> scores = offensive_probability(["Thank you, that helped!", "You are a complete idiot."])
 >>> scores[0] < 0.1 < 0.9 < scores[1]
@@ -23,7 +26,9 @@ import json
 import re
 import subprocess
 import sys
+import unicodedata
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 # alt-profanity-check's own decision rule is p >= 0.5; screening uses it as the default.
@@ -35,6 +40,39 @@ LANGUAGE_ID = "py3langid 0.4 (offline)"
 # more was under 0.01 but JSON (py3langid's "zxx", no language, which stays scored); 455 of the 596
 # strings of examples/support-multilingual were.
 MIN_LANGUAGE_CHARS, MAX_ENGLISH_PROBABILITY = 20, 0.01
+WORD_LISTS = (
+    "glin-profanity 4.1 word lists (offline data), less the ordinary words tunery.safety.content names"
+)
+# py3langid's code -> glin-profanity's list, for the languages whose lists were read entry by entry for
+# Tunery (ORDINARY_WORDS); its other lists are not used unread, so those languages stay not scored.
+WORD_LIST_FILES = {"de": "german", "es": "spanish", "fr": "french", "it": "italian", "pt": "portuguese"}
+# Entries of those lists that are ordinary words, clinical or identity terms, or mild exclamations, not
+# insults, slurs or obscenities: a shop's customers write them ("pompa": a pump, "montare": to assemble,
+# "pédale": a pedal, "saco": a bag, "homosexual"). Left out, at the cost of the rarer offensive sense.
+ORDINARY_WORDS = {
+    "de": {"bonze", "kimme", "lümmel", "mufti", "nackt", "nippel", "onanieren", "orgasmus", "pinkeln",
+           "popel", "rosette"},
+    "es": {"asesinato", "asno", "chupada", "chupetón", "concha", "drogas", "esperma", "haciendo el amor",
+           "heroína", "infierno", "maciza", "maldito", "martillo", "nazi", "orina", "pervertido", "pezón",
+           "pis", "prostituta", "racista", "sádico", "semen", "sexo", "sexo oral", "travesti", "trio",
+           "vulva"},
+    "fr": {"baiser", "bander", "bosser", "bourré", "bourrée", "cailler", "clitoris", "déconne", "déconner",
+           "drague", "folle", "gerbe", "gerber", "jouir", "ménage à trois", "meuf", "pédale", "péter",
+           "pipi", "ramoner", "tanche", "teuf", "trique", "veuve"},
+    "it": {"anale", "bagnarsi", "balle", "battere", "biga", "brinca", "buona donna", "cadavere",
+           "cammello", "cappella", "carciofo", "carità", "cozza", "duro", "fava", "goldone", "grilletto",
+           "guanto", "lumaca", "mannaggia", "manico", "monta", "montare", "nave scuola", "nudo", "palle",
+           "patacca", "pesce", "pipa", "pisello", "pistola", "pistolotto", "pompa", "porca",
+           "porca miseria", "quaglia", "regina", "sbattere", "sbattersi", "spagnola", "tirare", "topa",
+           "uccello", "vacca", "vangare", "venire"},
+    "pt": {"aborto", "amador", "aranha", "ariano", "bicha", "bissexual", "boob", "bumbum", "burro",
+           "camisinha", "cerveja", "chupar", "clitoris", "cocaína", "comer", "consolo", "fecal",
+           "frango assado", "gozar", "grelho", "heroína", "heterosexual", "homem gay", "homoerótico",
+           "homosexual", "inferno", "lésbica", "lolita", "mama", "passar um cheque", "pau", "pênis", "pinto",
+           "saco", "torneira", "transar", "vibrador"},
+}  # fmt: skip
+# a plural ending a listed word may take, where a plural is the singular plus an ending ("connards")
+PLURAL_ENDINGS = {"es": "(?:e?s)?", "fr": "[sx]?", "pt": "s?", "de": "(?:e|en|n|s)?"}
 
 
 @functools.cache
@@ -71,6 +109,76 @@ def _foreign(text: str) -> str | None:
     ranked = _identifier().rank(text)
     top, english = ranked[0][0], dict(ranked).get("en", 0.0)
     return str(top) if top not in ("en", "zxx") and english < MAX_ENGLISH_PROBABILITY else None
+
+
+def _fold(text: str) -> str:
+    return unicodedata.normalize("NFC", text).casefold()
+
+
+@functools.cache
+def _word_pattern(language: str) -> re.Pattern[str] | None:
+    """The language's list as one pattern: each entry whole (no letter or digit on either side, so
+    "artículo" does not hold "culo"), case folded, a phrase's spaces matching any white space."""
+    name = WORD_LIST_FILES.get(language)
+    if name is None:
+        return None
+    from importlib.resources import files
+
+    data = files("glin_profanity") / "data" / "dictionaries" / f"{name}.json"
+    words = {_fold(w).strip() for w in json.loads(data.read_text(encoding="utf-8"))["words"]}
+    words -= {_fold(w) for w in ORDINARY_WORDS.get(language, ())}
+    entries = sorted((w for w in words if w), key=len, reverse=True)  # the longest entry first
+    alternatives = "|".join(r"\s+".join(map(re.escape, w.split())) for w in entries)
+    plural = PLURAL_ENDINGS.get(language, "")  # the lists hold singulars: "connards" is "connard"'s plural
+    return re.compile(rf"(?<!\w)(?:{alternatives}){plural}(?!\w)")
+
+
+def offensive_words(text: str, language: str) -> list[str] | None:
+    """The entries of `language`'s word list that `text` holds (case folded, sorted), or None when there is
+    no list for that language (an ISO 639-1 code as `other_languages` gives it).
+
+    >>> offensive_words("Eres un idiota y te odio.", "es"), offensive_words("El artículo llegó.", "es")
+    (['idiota'], [])
+    """
+    pattern = _word_pattern(language)
+    if pattern is None:
+        return None
+    return sorted({re.sub(r"\s+", " ", m.group(0)) for m in pattern.finditer(_fold(text))})
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the screen can say of one text. `language` is None for English (or too short to tell, or no
+    language): the classifier's probability is `score`. For another language with a word list, `score`
+    is 1.0 when it holds a listed word (`words`), else 0.0; without a list, None: not scored."""
+
+    language: str | None
+    score: float | None
+    words: tuple[str, ...] = ()
+
+    @property
+    def flagged(self) -> bool:
+        return self.score is not None and self.score >= OFFENSIVE_THRESHOLD
+
+
+def verdict(text: str, score: float, language: str | None) -> Verdict:
+    """The verdict on `text` from its classifier score and its language (`other_languages`)."""
+    if language is None:
+        return Verdict(None, score)
+    words = offensive_words(text, language)
+    if words is None:
+        return Verdict(language, None)
+    return Verdict(language, 1.0 if words else 0.0, tuple(words))
+
+
+def judge(texts: Sequence[str]) -> list[Verdict]:
+    """A verdict for each text, in order: English by the classifier, other languages by their word lists.
+
+    >>> [(v.language, v.flagged, v.words) for v in judge(["Vete a la mierda, imbécil de tienda."])]
+    [('es', True, ('imbécil', 'vete a la mierda'))]
+    """
+    scores, languages = offensive_probability(texts), other_languages(texts)
+    return [verdict(t, s, lang) for t, s, lang in zip(texts, scores, languages, strict=True)]
 
 
 @functools.cache

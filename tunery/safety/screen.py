@@ -6,7 +6,8 @@
 Every string of a line is screened wherever it sits (chat messages, preference pairs, ratings, RL prompts
 and the extra fields their graders read) and is named by its path, e.g. `messages[2].content` or
 `input.messages[1].content`. Offensive content is scored by `content.offensive_probability`, one batched
-call per file; personal data is found by `pii.find_personal_data`.
+call per file, or for a string in another language by that language's word list
+(`content.offensive_words`); personal data is found by `pii.find_personal_data`.
 
 Policies, set separately for content and for personal data:
     block    the run stops with the file and the lines at fault (and nothing is trained)
@@ -19,14 +20,17 @@ it verbatim, so keeping it is an explicit choice). Placeholders (user@example.co
 test card numbers, documentation IPs; see pii.py) are reported as fictional and never block.
 
 A run directory gets `screening.json`:
-    {"classifier", "language_identifier", "threshold", "personal_data_detector", "policy": {"content", "pii"},
+    {"classifier", "language_identifier", "word_lists", "threshold", "personal_data_detector",
+     "policy": {"content", "pii"},
      "files": {"train": {"path", "lines", "flagged_lines", "by_category", "fictional_by_category",
-                         "not_scored_for_content": {language: lines},
+                         "scored_by_word_list": {language: lines}, "not_scored_for_content": {language: lines},
                          "action": passed|warned|redacted|blocked, "redacted_path", "examples": [...]}}}
 `by_category` counts lines (a line with two emails counts once); `flagged_lines` counts lines with
 anything that is not fictional. The classifier was trained on English: a string clearly in another
-language (`content.other_languages`) is not scored, and `not_scored_for_content` counts those lines by
-language, so nothing there reads as screened when it was not.
+language (`content.other_languages`) is checked against that language's word list instead
+(`scored_by_word_list` counts those lines by language; a finding's `words` names what matched), and where
+there is no list it is not scored: `not_scored_for_content` counts those lines by language, so nothing
+there reads as screened when it was not.
 """
 
 from __future__ import annotations
@@ -46,8 +50,11 @@ from tunery.safety.content import (
     CLASSIFIER,
     LANGUAGE_ID,
     OFFENSIVE_THRESHOLD,
+    WORD_LISTS,
+    Verdict,
     offensive_probability,
     other_languages,
+    verdict,
 )
 from tunery.safety.pii import PLACEHOLDERS, Finding, find_personal_data, redact
 from tunery.training.io import atomic_open, atomic_write_json
@@ -83,6 +90,7 @@ class LineFinding:
     fictional: bool = False
     reason: str = ""
     score: float | None = None  # offensive: the classifier's probability
+    words: tuple[str, ...] = ()  # offensive, in another language: the word list's entries found
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"line": self.line, "field": self.field, "category": self.category}
@@ -91,6 +99,8 @@ class LineFinding:
             out |= {"fictional": True, "reason": self.reason}
         if self.score is not None:
             out["score"] = round(self.score, 4)
+        if self.words:
+            out["words"] = list(self.words)
         return out
 
 
@@ -107,7 +117,9 @@ class FileScreen:
     action: str = "passed"  # passed | warned | redacted | blocked
     redacted_path: str | None = None
     dropped_lines: list[int] = field(default_factory=list)  # offensive lines left out of the copy
-    # lines with a string in another language than the classifier's (English), by language: not scored
+    # lines with a string in another language than the classifier's (English), by language: checked
+    # against that language's word list, or not scored where there is none
+    word_list_lines: dict[str, set[int]] = field(default_factory=dict)
     unscored_lines: dict[str, set[int]] = field(default_factory=dict)
 
     def add(self, finding: LineFinding) -> None:
@@ -141,6 +153,7 @@ class FileScreen:
             "redacted_path": self.redacted_path,
             "dropped_lines": len(self.dropped_lines),
             "unreadable_lines": self.unreadable_lines,
+            "scored_by_word_list": {k: len(v) for k, v in sorted(self.word_list_lines.items())},
             "not_scored_for_content": {k: len(v) for k, v in sorted(self.unscored_lines.items())},
             "examples": [f.to_json() for f in sorted(shown, key=lambda f: (f.fictional, f.line))],
         }
@@ -203,8 +216,9 @@ def screen_file(
                 refs.append((line.number, name, texts.setdefault(text, len(texts))))
     unique = list(texts)
     scores = score(unique) if unique else []
-    foreign = languages(unique) if unique else []  # the classifier reads English: other languages unscored
+    foreign = languages(unique) if unique else []  # the classifier reads English: other languages by list
     found: dict[int, list[Finding]] = {}
+    judged: dict[int, Verdict] = {}
     # ~7,000 lines/s: a bar (or a log line every 10 s) from about ten seconds of work up
     with StepProgress(
         result.lines, description=f"screening {Path(path).name}", enabled=len(refs) > 200_000
@@ -216,11 +230,20 @@ def screen_file(
             for f in found[index]:
                 snippet = _snippet(text, found[index], f)
                 result.add(LineFinding(number, name, f.category, snippet, f.fictional, f.reason))
-            if foreign[index] is not None:
-                result.unscored_lines.setdefault(str(foreign[index]), set()).add(number)
-            elif scores[index] >= threshold:
-                snippet = _snippet(text, found[index], None)
-                result.add(LineFinding(number, name, OFFENSIVE, snippet, score=scores[index]))
+            if index not in judged:
+                judged[index] = verdict(text, scores[index], foreign[index])
+            judgement = judged[index]
+            if judgement.language is None:
+                if judgement.score is not None and judgement.score >= threshold:
+                    snippet = _snippet(text, found[index], None)
+                    result.add(LineFinding(number, name, OFFENSIVE, snippet, score=judgement.score))
+            elif judgement.score is None:
+                result.unscored_lines.setdefault(judgement.language, set()).add(number)
+            else:
+                result.word_list_lines.setdefault(judgement.language, set()).add(number)
+                if judgement.words:
+                    snippet = _snippet(text, found[index], None)
+                    result.add(LineFinding(number, name, OFFENSIVE, snippet, words=judgement.words))
             if k % 10_000 == 0 or k == len(refs) - 1:
                 bar.update(number, "lines")
     by_text = {unique[i]: findings for i, findings in found.items()}
@@ -335,11 +358,13 @@ def summary(result: FileScreen) -> str:
 
 
 def unscored_text(result: FileScreen) -> str:
-    """e.g. `not scored for offensive content (the classifier reads English): 40 lines (de 12, es 28)`."""
+    """e.g. `not scored for offensive content (the classifier reads English, and there is no word list
+    for these languages): 40 lines (ja 12, zh 28)`."""
     lines = set().union(*result.unscored_lines.values())
     counts = ", ".join(f"{k} {len(v)}" for k, v in sorted(result.unscored_lines.items()))
     return (
-        f"not scored for offensive content (the classifier reads English): {_n_lines(len(lines))} ({counts})"
+        "not scored for offensive content (the classifier reads English, and there is no word list for"
+        f" these languages): {_n_lines(len(lines))} ({counts})"
     )
 
 
@@ -359,7 +384,8 @@ def block_message(result: FileScreen) -> str:
             "--pii redact` writes one), or keep it knowingly (screen_pii=warn)."
         )
     if result.content_policy == "block" and result.offensive_lines:
-        out.append(f"  offensive content ({CLASSIFIER}) on {_lines_text(result.offensive_lines)}")
+        by = f"{CLASSIFIER}, or {WORD_LISTS} for other languages" if result.word_list_lines else CLASSIFIER
+        out.append(f"  offensive content ({by}) on {_lines_text(result.offensive_lines)}")
         out.append(
             "  Review those lines: drop them (screen_content=redact) or keep them (screen_content=warn)."
         )
@@ -416,6 +442,7 @@ def run_report(results: dict[str, FileScreen], content_policy: str, pii_policy: 
     return {
         "classifier": CLASSIFIER,
         "language_identifier": LANGUAGE_ID,
+        "word_lists": WORD_LISTS,
         "threshold": OFFENSIVE_THRESHOLD,
         "personal_data_detector": PII_DETECTOR,
         "policy": {"content": content_policy, "pii": pii_policy},

@@ -8,8 +8,10 @@ categories (`sexual`, `sexual/minors`, `self-harm` and its two subcategories, `v
 `violence/graphic`, `illicit`, `illicit/violent`, `harassment/threatening`, `hate/threatening`) are not
 scored: 0 and never flagged, with no input type in `category_applied_input_types`. A text about self-harm
 or weapons written politely passes. The classifier reads English: a text clearly in another language
-(tunery/safety/content.py: other_languages) is scored in no category, and `tunery_language` names its
-language (null otherwise). Image parts are refused (400), not ignored.
+(tunery/safety/content.py: other_languages; `tunery_language` names it, null otherwise) is checked against
+that language's word list instead, for German, Spanish, French, Italian and Portuguese: `harassment` and
+`hate` are 1 when it holds a listed insult, slur or obscenity (`tunery_words` names them) and 0 when not.
+In any other language it is scored in no category. Image parts are refused (400), not ignored.
 
 Extensions, which OpenAI's client keeps as extra fields: each result's `tunery_personal_data` lists the
 personal data in its input (tunery/safety/pii.py: category, start, end, text, detector, fictional,
@@ -106,33 +108,39 @@ def check_size(texts: list[str]) -> None:
 
 def moderate(texts: list[str]) -> list[dict[str, Any]]:
     """One OpenAI moderation result per text (sklearn runs here: call it off the event loop). A text
-    clearly in another language than English is not scored (the classifier reads English): no category
-    applies to it, and `tunery_language` names its language."""
-    from tunery.safety.content import OFFENSIVE_THRESHOLD, offensive_probability, other_languages
+    clearly in another language than English is read by its language's word list, or not scored where
+    there is none: then no category applies to it. `tunery_language` names its language."""
+    from tunery.safety.content import judge
     from tunery.safety.pii import find_personal_data
 
     results = []
-    scores, languages = offensive_probability(texts), other_languages(texts)
-    for text, score, language in zip(texts, scores, languages, strict=True):
-        scored = {c for c in SCORED if language is None}
-        flagged = bool(scored) and score >= OFFENSIVE_THRESHOLD
+    for text, verdict in zip(texts, judge(texts), strict=True):
+        scored = set(SCORED) if verdict.score is not None else set()
+        score = verdict.score or 0.0
         results.append(
             {
-                "flagged": flagged,
-                "categories": {c: flagged and c in scored for c in CATEGORIES},
+                "flagged": verdict.flagged,
+                "categories": {c: verdict.flagged and c in scored for c in CATEGORIES},
                 "category_scores": {c: score if c in scored else 0.0 for c in CATEGORIES},
                 "category_applied_input_types": {c: ["text"] if c in scored else [] for c in CATEGORIES},
                 "tunery_personal_data": [dataclasses.asdict(f) for f in find_personal_data(text)],
-                "tunery_language": language,
+                "tunery_language": verdict.language,
+                "tunery_words": list(verdict.words),
             }
         )
     return results
 
 
 def classifier_info() -> dict[str, Any]:
-    from tunery.safety.content import CLASSIFIER, OFFENSIVE_THRESHOLD
+    from tunery.safety.content import CLASSIFIER, OFFENSIVE_THRESHOLD, WORD_LIST_FILES, WORD_LISTS
 
-    return {"name": CLASSIFIER, "threshold": OFFENSIVE_THRESHOLD, "scored_categories": list(SCORED)}
+    return {
+        "name": CLASSIFIER,
+        "threshold": OFFENSIVE_THRESHOLD,
+        "scored_categories": list(SCORED),
+        "word_lists": WORD_LISTS,
+        "word_list_languages": sorted(WORD_LIST_FILES),
+    }
 
 
 @router.post("/moderations")
@@ -172,15 +180,12 @@ def content_filter_on(settings: Settings, body: ChatRequest) -> bool:
 
 def withhold_flagged(result: dict[str, Any]) -> dict[str, Any]:
     """The worker's chat result with each flagged answer withheld (text None, `content_filter`); an answer
-    in another language than English is not scored, so never withheld."""
-    from tunery.safety.content import OFFENSIVE_THRESHOLD, offensive_probability, other_languages
+    in another language than English is judged by its word list, and never withheld where there is none."""
+    from tunery.safety.content import judge
 
     choices = result["choices"]
-    texts = [c["text"] or "" for c in choices]
-    for choice, score, language in zip(
-        choices, offensive_probability(texts), other_languages(texts), strict=True
-    ):
-        if score >= OFFENSIVE_THRESHOLD and language is None:
+    for choice, verdict in zip(choices, judge([c["text"] or "" for c in choices]), strict=True):
+        if verdict.flagged:
             choice.update(text=None, finish_reason="content_filter", logprobs=None)
     return result
 

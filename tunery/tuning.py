@@ -163,15 +163,17 @@ def final_name(metric: str) -> str:
 
 def make_study(search: Search) -> Any:
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is told once, by `run_search`
-    storage = RDBStorage(
-        search.storage,
-        heartbeat_interval=HEARTBEAT_SECONDS,
-        grace_period=HEARTBEAT_GRACE,
-        failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
-    )
+    with warnings.catch_warnings():  # "experimental" since optuna 2.8; the failed-trial names go in 6.0
+        warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
+        storage = RDBStorage(
+            search.storage,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=HEARTBEAT_GRACE,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+        )
     pruner: Any = {
         "median": optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
         "hyperband": optuna.pruners.HyperbandPruner(min_resource=1),
@@ -245,7 +247,7 @@ class Objective:
 
     def __call__(self, trial: Any) -> float:
         import optuna
-        from optuna.storages import RetryFailedTrialCallback
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
 
         search = self.search
         original = trial.user_attrs.get("resume_of")
@@ -253,7 +255,7 @@ class Objective:
             frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
-                original = RetryFailedTrialCallback.retried_trial_number(frozen)
+                original = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
         number = trial.number if original is None else original
         run_dir = search.out / f"trial-{number:03d}"
         trial.set_user_attr("run_dir", str(run_dir))

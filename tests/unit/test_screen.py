@@ -446,3 +446,34 @@ def test_the_multilingual_example_is_read_and_passes() -> None:
     result = screen_file(REPO / "examples/support-multilingual/train.jsonl", "block", "warn", write=False)
     assert result.offensive_lines == {160}  # "nein, nur die Delle": too short to tell, the classifier's
     assert {k: len(v) for k, v in result.word_list_lines.items()} == {"de": 40, "es": 40, "fr": 39, "pt": 40}
+
+
+def test_the_words_left_out_are_in_the_lists_they_are_left_out_of() -> None:
+    """ORDINARY_WORDS was read against glin-profanity 4.1.0's lists: a version whose lists drop or respell
+    an entry would make its exclusion a silent no-op (and may add unread entries), so this fails first."""
+    from importlib.resources import files
+
+    from tunery.safety.content import ORDINARY_WORDS, WORD_LIST_FILES, _fold
+
+    for language, name in WORD_LIST_FILES.items():
+        data = files("glin_profanity") / "data" / "dictionaries" / f"{name}.json"
+        listed = {_fold(w).strip() for w in json.loads(data.read_text(encoding="utf-8"))["words"]}
+        assert {_fold(w) for w in ORDINARY_WORDS[language]} <= listed, language
+        assert len(listed) == {"de": 65, "es": 68, "fr": 95, "it": 180, "pt": 74}[language], language
+
+
+def test_plurals_and_words_with_an_everyday_meaning() -> None:
+    from tunery.safety.content import offensive_words
+
+    assert offensive_words("Siete degli stronzi e delle puttane.", "it") == ["puttane", "stronzi"]
+    assert offensive_words("Vous êtes des connards.", "fr") == ["connards"]
+    assert offensive_words("Ferme ta gueule !", "fr") == ["ta gueule"]
+    everyday = {
+        "es": "No quiero que se me pinche la rueda otra vez en la bajada.",
+        "fr": "Ce vélo a de la gueule, mais la descente est casse-gueule et ma chatte a griffé la selle.",
+        "it": "Mi serve una sega per tagliare il cannotto, e il ditalino della signora Mona.",
+        "pt": "Preciso da troca dum raio da roda traseira e de um corno para a bicicleta.",
+        "de": "Die Schiesser Unterhemden und zwei Möpse im Laden.",
+    }
+    for language, text in everyday.items():
+        assert offensive_words(text, language) == [], language

@@ -44,35 +44,45 @@ WORD_LISTS = (
     "glin-profanity 4.1 word lists (offline data), less the ordinary words tunery.safety.content names"
 )
 # py3langid's code -> glin-profanity's list, for the languages whose lists were read entry by entry for
-# Tunery (ORDINARY_WORDS); its other lists are not used unread, so those languages stay not scored.
+# Tunery (ORDINARY_WORDS, checked against glin-profanity 4.1.0: the pin in pyproject.toml); its other lists
+# are not used unread, so those languages stay not scored.
 WORD_LIST_FILES = {"de": "german", "es": "spanish", "fr": "french", "it": "italian", "pt": "portuguese"}
-# Entries of those lists that are ordinary words, clinical or identity terms, or mild exclamations, not
-# insults, slurs or obscenities: a shop's customers write them ("pompa": a pump, "montare": to assemble,
-# "pédale": a pedal, "saco": a bag, "homosexual"). Left out, at the cost of the rarer offensive sense.
+# Entries of those lists that are ordinary words as well, clinical or identity terms, childish words or
+# mild exclamations, not only insults, slurs or obscenities: a shop's customers and its assistant write
+# them ("pompa": a pump, "montare": to assemble, "pédale": a pedal, "se me pinche la rueda": a flat tyre,
+# "casse-gueule": dangerous, "sega": a saw, "dum raio": of a spoke, "Schiesser": a brand). Left out, at the
+# cost of their offensive sense ("bicha", "veado" and "pédale" are also slurs); a test checks each is in
+# its list, so a new list version cannot make one of them a silent no-op.
 ORDINARY_WORDS = {
-    "de": {"bonze", "kimme", "lümmel", "mufti", "nackt", "nippel", "onanieren", "orgasmus", "pinkeln",
-           "popel", "rosette"},
-    "es": {"asesinato", "asno", "chupada", "chupetón", "concha", "drogas", "esperma", "haciendo el amor",
-           "heroína", "infierno", "maciza", "maldito", "martillo", "nazi", "orina", "pervertido", "pezón",
-           "pis", "prostituta", "racista", "sádico", "semen", "sexo", "sexo oral", "travesti", "trio",
-           "vulva"},
-    "fr": {"baiser", "bander", "bosser", "bourré", "bourrée", "cailler", "clitoris", "déconne", "déconner",
-           "drague", "folle", "gerbe", "gerber", "jouir", "ménage à trois", "meuf", "pédale", "péter",
-           "pipi", "ramoner", "tanche", "teuf", "trique", "veuve"},
-    "it": {"anale", "bagnarsi", "balle", "battere", "biga", "brinca", "buona donna", "cadavere",
-           "cammello", "cappella", "carciofo", "carità", "cozza", "duro", "fava", "goldone", "grilletto",
-           "guanto", "lumaca", "mannaggia", "manico", "monta", "montare", "nave scuola", "nudo", "palle",
-           "patacca", "pesce", "pipa", "pisello", "pistola", "pistolotto", "pompa", "porca",
-           "porca miseria", "quaglia", "regina", "sbattere", "sbattersi", "spagnola", "tirare", "topa",
-           "uccello", "vacca", "vangare", "venire"},
-    "pt": {"aborto", "amador", "aranha", "ariano", "bicha", "bissexual", "boob", "bumbum", "burro",
-           "camisinha", "cerveja", "chupar", "clitoris", "cocaína", "comer", "consolo", "fecal",
-           "frango assado", "gozar", "grelho", "heroína", "heterosexual", "homem gay", "homoerótico",
-           "homosexual", "inferno", "lésbica", "lolita", "mama", "passar um cheque", "pau", "pênis", "pinto",
-           "saco", "torneira", "transar", "vibrador"},
+    "de": {"bonze", "fratze", "kimme", "lümmel", "möpse", "mufti", "nackt", "nippel", "onanieren",
+           "orgasmus", "pinkeln", "popel", "porno", "rosette", "schiesser", "wichsen"},
+    "es": {"asesinato", "asno", "caca", "chupada", "chupetón", "concha", "drogas", "esperma",
+           "haciendo el amor", "heroína", "infierno", "maciza", "maldito", "martillo", "nazi", "orina",
+           "pervertido", "pezón", "pinche", "pis", "prostituta", "racista", "sádico", "semen", "sexo",
+           "sexo oral", "travesti", "trio", "vulva"},
+    "fr": {"baiser", "bander", "bordel", "bosser", "bourré", "bourrée", "branler", "caca", "cailler",
+           "chatte", "clitoris", "déconne", "déconner", "drague", "folle", "gerbe", "gerber", "gueule",
+           "jouir", "ménage à trois", "meuf", "pédale", "péter", "pipi", "ramoner", "tanche", "tapette",
+           "teuf", "trique", "veuve"},
+    "it": {"anale", "bagnarsi", "balle", "battere", "biga", "brinca", "buona donna", "cacca", "cadavere",
+           "cagna", "cammello", "cappella", "carciofo", "carità", "cozza", "ditalino", "duro", "fava",
+           "finocchio", "goldone", "grilletto", "guanto", "ingoio", "lumaca", "mannaggia", "manico", "mona",
+           "monta", "montare", "nave scuola", "nudo", "palle", "patacca", "pesce", "pipa", "pipì", "pisello",
+           "pistola", "pistolotto", "pompa", "porca", "porca miseria", "quaglia", "regina", "sbattere",
+           "sbattersi", "sega", "spagnola", "tirare", "topa", "uccello", "vacca", "vangare", "venire"},
+    "pt": {"aborto", "amador", "ânus", "aranha", "ariano", "bicha", "biscate", "bissexual", "boob",
+           "bumbum", "burro", "cacete", "camisinha", "cerveja", "chupar", "clitoris", "cocaína", "comer",
+           "consolo", "corno", "dum raio", "fecal", "frango assado", "gozar", "grelho", "heroína",
+           "heterosexual", "homem gay", "homoerótico", "homosexual", "inferno", "lésbica", "lolita",
+           "mama", "passar um cheque", "pau", "pênis", "pinto", "saco", "torneira", "transar", "veado",
+           "vibrador"},
 }  # fmt: skip
-# a plural ending a listed word may take, where a plural is the singular plus an ending ("connards")
+# phrases that stay offensive where a word of theirs, alone, was left out above
+ADDED_WORDS = {"fr": {"ta gueule"}}
+# a plural ending a listed word may take, where a plural is the singular plus an ending ("connards");
+# Italian changes the last vowel instead (ITALIAN_PLURALS: "stronzo" -> "stronzi", "puttana" -> "puttane")
 PLURAL_ENDINGS = {"es": "(?:e?s)?", "fr": "[sx]?", "pt": "s?", "de": "(?:e|en|n|s)?"}
+ITALIAN_PLURALS = {"o": "[oi]", "a": "[ae]", "e": "[ei]"}
 
 
 @functools.cache
@@ -127,15 +137,24 @@ def _word_pattern(language: str) -> re.Pattern[str] | None:
     data = files("glin_profanity") / "data" / "dictionaries" / f"{name}.json"
     words = {_fold(w).strip() for w in json.loads(data.read_text(encoding="utf-8"))["words"]}
     words -= {_fold(w) for w in ORDINARY_WORDS.get(language, ())}
+    words |= ADDED_WORDS.get(language, set())
     entries = sorted((w for w in words if w), key=len, reverse=True)  # the longest entry first
-    alternatives = "|".join(r"\s+".join(map(re.escape, w.split())) for w in entries)
+    alternatives = "|".join(_entry_pattern(w, language) for w in entries)
     plural = PLURAL_ENDINGS.get(language, "")  # the lists hold singulars: "connards" is "connard"'s plural
     return re.compile(rf"(?<!\w)(?:{alternatives}){plural}(?!\w)")
 
 
+def _entry_pattern(entry: str, language: str) -> str:
+    pattern = r"\s+".join(map(re.escape, entry.split()))
+    if language == "it" and entry[-1] in ITALIAN_PLURALS:
+        pattern = pattern[:-1] + ITALIAN_PLURALS[entry[-1]]
+    return pattern
+
+
 def offensive_words(text: str, language: str) -> list[str] | None:
-    """The entries of `language`'s word list that `text` holds (case folded, sorted), or None when there is
-    no list for that language (an ISO 639-1 code as `other_languages` gives it).
+    """The words of `language`'s list that `text` holds, as they stand in it (case folded, plurals kept;
+    sorted), or None when there is no list for that language (an ISO 639-1 code as `other_languages` gives
+    it).
 
     >>> offensive_words("Eres un idiota y te odio.", "es"), offensive_words("El artículo llegó.", "es")
     (['idiota'], [])

@@ -25,7 +25,9 @@ Each round, from the current model M:
               (GET .../next) and labels them (POST /tunery/v1/feedback/items/{id}/labels). The studio's
               quality report gives their agreement (Fleiss' kappa).
 3. DPO        POST .../train {method: dpo, model: M} exports the verdicts and starts the job; the script
-              waits for it and reads its summary.
+              waits for it and reads its summary. With `--accumulate` the job trains on the verdicts of
+              every round so far: each round's queue exported, joined, uploaded, and a DPO job created
+              on the file (POST /v1/fine_tuning/jobs).
 4. compare    POST /tunery/v1/comparisons {job, baseline: M, prompts_file}: a blind queue of the new model
               against M on `--eval-prompts` held-out prompts, labelled by the same labellers; its result
               is the win rate over decisive items with a 95% Wilson interval.
@@ -62,7 +64,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +161,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="KEY=VALUE",
         help="`tunery serve --train-set`: a config field for every job of the started server",
+    )
+    p.add_argument(
+        "--accumulate",
+        action="store_true",
+        help="each round's DPO job trains on the verdicts of every round so far, not its own only",
     )
     p.add_argument("--job-timeout", type=float, default=4 * 3600, help="seconds to wait for a DPO job")
     p.add_argument("--base-url", help="a running server's /v1 URL, instead of starting one")
@@ -556,6 +563,7 @@ class Loop:
     eval_count: int
     safety_pool: list[list[dict[str, str]]]  # edgy and harmful requests mixed into each round's traffic
     harmful: frozenset[str]  # the user texts of the harmful ones: the labellers prefer their declines
+    queues: list[str] = field(default_factory=list)  # the labelled queues of the rounds so far
 
 
 def sample_pairs(loop: Loop, model: str, round_no: int) -> tuple[list[dict[str, Any]], int]:
@@ -589,6 +597,29 @@ def sample_pairs(loop: Loop, model: str, round_no: int) -> tuple[list[dict[str, 
                 items.append({"messages": messages, "answers": answers, "models": [model, model]})
             bar.update(i + 1, f"{len(items)} pairs")
     return items, skipped
+
+
+def train_on_every_round(loop: Loop, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """`--accumulate`: the DPO job trains on the verdicts of every round so far, as a user would put them
+    together: each queue exported (POST .../export), the files read and joined, uploaded, and a job created
+    on them (POST /v1/fine_tuning/jobs, method dpo). (the job's id, the export's counts)"""
+    lines: list[str] = []
+    for queue_id in loop.queues:
+        export = call(loop.studio, "POST", f"/feedback/queues/{queue_id}/export")
+        text = loop.client.files.content(export["file"]["id"]).text
+        lines += [line for line in text.splitlines() if line.strip()]
+    this_round = export["counts"].get("lines", 0)  # the last queue is this round's
+    name = f"loop-{body['suffix']}-{len(loop.queues)}-rounds.jsonl"
+    upload = loop.client.files.create(file=(name, ("\n".join(lines) + "\n").encode()), purpose="fine-tune")
+    job = loop.client.fine_tuning.jobs.create(
+        model=body["model"],
+        training_file=upload.id,
+        suffix=body["suffix"],
+        seed=body["seed"],
+        method={"type": "dpo", "dpo": {"hyperparameters": body["hyperparameters"]}},
+    )
+    log.info("DPO on the verdicts of %d rounds: %d pairs (%s)", len(loop.queues), len(lines), upload.id)
+    return job.id, {"lines": this_round, "training_lines": len(lines), "queues": len(loop.queues)}
 
 
 def wait_for_job(loop: Loop, job_id: str) -> dict[str, Any]:
@@ -688,9 +719,13 @@ def run_round(loop: Loop, round_no: int, model: str) -> dict[str, Any]:
         "hyperparameters": hyperparameters(args),
         "seed": args.seed * 1000 + round_no,  # the job's: a re-run trains the same way
     }
-    trained = call(loop.studio, "POST", f"/feedback/queues/{queue['id']}/train", json=body)
-    record["export"] = trained["counts"]
-    job = wait_for_job(loop, trained["job"]["id"])
+    loop.queues.append(queue["id"])
+    if args.accumulate and len(loop.queues) > 1:
+        job_id, record["export"] = train_on_every_round(loop, body)
+    else:
+        trained = call(loop.studio, "POST", f"/feedback/queues/{queue['id']}/train", json=body)
+        job_id, record["export"] = trained["job"]["id"], trained["counts"]
+    job = wait_for_job(loop, job_id)
     record["job"] = job_result(loop, job)
     if job["status"] != "succeeded":
         record["promoted"] = False
@@ -764,7 +799,12 @@ def round_text(record: dict[str, Any], rule: str) -> str:
         f"round {record['round']}: from {record['model']}",
         f"  comparisons  {record['comparisons']} pairs labelled ({record['labels']} labels; "
         f"{record['export'].get('lines', 0)} exported to DPO; {record['skipped']} skipped: the same "
-        "answer twice or an empty one)",
+        "answer twice or an empty one)"
+        + (
+            f"; DPO on all {record['export']['queues']} rounds' {record['export']['training_lines']} pairs"
+            if "queues" in record["export"]
+            else ""
+        ),
         f"  agreement    Fleiss' kappa {number(agreement['fleiss_kappa'])}, "
         f"raw {number(agreement['raw_agreement'])}; each labeller vs the noise-free judge: {judged}",
     ]

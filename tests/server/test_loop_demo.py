@@ -40,7 +40,7 @@ def test_two_rounds_of_the_loop_on_tiny_random(tmp_path: Path) -> None:
     command = [
         sys.executable, str(SCRIPT), "--model", "tiny-random", "--rounds", "2",
         "--prompts", str(PROMPTS), "--eval-prompts", str(HELD_OUT), "--labellers", str(LABELLERS),
-        "--safety-prompts", str(SAFETY),
+        "--safety-prompts", str(SAFETY), "--accumulate",
         "--max-tokens", "16", "--epochs", "1", "--batch-size", "4", "--promote-when", "point",
         "--train-set", "max_steps=2", "--train-set", "safety_evals=none",
         "--work-dir", str(tmp_path / "loop"), "--out", str(out),
@@ -61,6 +61,9 @@ def test_two_rounds_of_the_loop_on_tiny_random(tmp_path: Path) -> None:
         assert len(agreement["with_judge"]) == LABELLERS
         assert all(0 <= share <= 1 for share in agreement["with_judge"].values())
         assert r["export"]["lines"] >= 10  # a job needs ten examples
+        if r["round"] > 1:  # --accumulate: round 2's job trains on both rounds' verdicts
+            assert r["export"]["queues"] == r["round"]
+            assert r["export"]["training_lines"] == sum(x["export"]["lines"] for x in rounds[: r["round"]])
 
         job = r["job"]
         assert job["status"] == "succeeded" and job["model"] == model and job["steps"] == 2

@@ -384,7 +384,7 @@ def block_message(result: FileScreen) -> str:
             "--pii redact` writes one), or keep it knowingly (screen_pii=warn)."
         )
     if result.content_policy == "block" and result.offensive_lines:
-        by = f"{CLASSIFIER}, or {WORD_LISTS} for other languages" if result.word_list_lines else CLASSIFIER
+        by = f"{CLASSIFIER}; other languages: their word lists" if result.word_list_lines else CLASSIFIER
         out.append(f"  offensive content ({by}) on {_lines_text(result.offensive_lines)}")
         out.append(
             "  Review those lines: drop them (screen_content=redact) or keep them (screen_content=warn)."

@@ -27,7 +27,8 @@ Data sets ("today": what the loop benchmarks train on; "short": short examples):
 - dpo / rm today: a seeded sample of examples/feedback/train.jsonl. short: its single-turn pairs whose two
   answers both have at most 180 characters, in file order, no system prompt.
 
-Columns: Tunery tokens/example (through the model: a pair's prompt counts once for Tunery, twice for TRL);
+Columns: Tunery tokens/example (as Tunery counts them: a pair's prompt once, while TRL runs it twice; a system
+prompt shared by a row's examples runs once but is counted in each);
 whole (process start to exit); TRL / Tunery (>1: Tunery faster); to step 1 (process start to the start of
 Tunery's first step: imports, loading, data checks, LoRA, and DPO's reference pass); loop (summary.json's
 train_seconds, plus DPO's up-front reference pass as in bench/dpo.py: TRL computes the reference inside

@@ -191,8 +191,8 @@ def test_sft_learns_chat_answers_and_export_round_trips(name: str, tmp_path: Pat
 @pytest.mark.parametrize("name", NAMES[1:])
 def test_dpo_and_grpo_learn(name: str, tmp_path: Path) -> None:
     """DPO raises the chosen answers' margin (its loss falls from ln 2); GRPO raises a reward for vowels
-    (16 steps at lr 0.01: measured, a higher lr collapsed Gemma's policy to empty answers, and Qwen2 needed
-    more than 8 steps)."""
+    (24 steps at lr 0.01: measured, a higher lr collapsed Gemma's policy to empty answers; Qwen2 got there
+    within 16 steps on 1-2 of seeds 0-3, within 24 on all four)."""
     pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_lines(16))
     tunery_here(["train", "dpo", "--model", name, "--data", str(pairs), "--out", str(tmp_path / "dpo"), "--epochs", "3",
          "--batch-size", "4", "--lr", "0.01", "--safety-evals", "none", "--seed", "0"])  # fmt: skip
@@ -208,7 +208,7 @@ def test_dpo_and_grpo_learn(name: str, tmp_path: Path) -> None:
         "    return sum(ch in 'aeiou' for ch in text) / max(len(text), 1)\n"
     )
     tunery_here(["train", "grpo", "--model", name, "--data", str(data), "--grader", f"{tmp_path / 'r.py'}:vowels",
-         "--out", str(tmp_path / "grpo"), "--group-size", "4", "--batch-size", "4", "--epochs", "8",
+         "--out", str(tmp_path / "grpo"), "--group-size", "4", "--batch-size", "4", "--epochs", "12",
          "--max-new-tokens", "8", "--lr", "0.01", "--lora-rank", "8", "--safety-evals", "none", "--seed", "0"])  # fmt: skip
     rewards = metric_series(tmp_path / "grpo", "train_reward_mean")
     assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.2, rewards

@@ -80,7 +80,8 @@ def test_a_group_of_answers_sharing_one_prompt_matches_separate_passes(tiny) -> 
     ]
     segments = [(prompt, [(ids, [True] * len(ids)) for ids in answers]) for prompt, answers in groups]
     row = pack_branches(segments)
-    assert row.n_sequences == 6 and row.branch_lens[0] == tuple(len(a) for a in groups[0][1])
+    assert row.n_sequences == 6
+    assert ((len(groups[0][0]), -1),) + tuple((len(a), 0) for a in groups[0][1]) in row.trees
     with torch.no_grad():
         summed, counts, _ = sequence_logps(model, output_head(model), row)
     seq = 0
@@ -90,3 +91,80 @@ def test_a_group_of_answers_sharing_one_prompt_matches_separate_passes(tiny) -> 
             assert summed[seq].item() == pytest.approx(expected, abs=1e-4)
             assert counts[seq].item() == len(ids)
             seq += 1
+
+
+def test_pairs_sharing_a_system_prompt_run_it_once_and_keep_their_order(tiny) -> None:
+    """Pairs whose prompts begin alike (the same system prompt) share that beginning in their row: each
+    prompt's rest and its answers attend to it. Log-probabilities are those of separate passes; answers
+    keep their given numbers (chosen 2k, rejected 2k + 1) and the trained tokens their given order, though
+    the row lays the pairs out sorted by prompt."""
+    from tunery.data.packing import SHARED_PREFIX_MIN
+    from tunery.recipes.rollouts import split_by_sequence
+
+    model, tokenizer = tiny
+    system = {"role": "system", "content": "You answer for a bicycle shop, in one short sentence."}
+    other = {"role": "system", "content": "You are a maths tutor."}
+    pairs = [
+        _pair(tokenizer, k + 1, [sys_msg, {"role": "user", "content": question}], chosen, rejected)
+        for k, (sys_msg, question, chosen, rejected) in enumerate([
+            (system, "Zebra-striped tyres?", "Yes, in 700c.", "No."),
+            (system, "Are you open on Sunday?", "No, Monday to Saturday.", "Maybe."),
+            (other, "What is 3 + 4?", "7.", "8."),
+            (system, "Can I return a helmet?", "Yes, within 30 days.", "Never."),
+        ])
+    ]  # fmt: skip
+    row = pack_pairs(pairs)
+    trunks = [tree[0][0] for tree in row.trees if tree[0][1] == -1 and len(tree) > 1 and tree[1][1] == 0]
+    assert trunks and max(trunks) >= SHARED_PREFIX_MIN  # the bicycle pairs share their beginning
+    assert row.n_tokens < sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    assert row.sequence.tolist() == sorted(row.sequence.tolist())  # trained tokens in answer order
+    with torch.no_grad():
+        summed, counts, _ = sequence_logps(model, output_head(model), row)
+    for k, pair in enumerate(pairs):
+        for seq, ids, mask in (
+            (2 * k, pair.chosen_ids, pair.chosen_mask),
+            (2 * k + 1, pair.rejected_ids, pair.rejected_mask),
+        ):
+            full, full_mask = pair.prompt_ids + ids, [False] * len(pair.prompt_ids) + mask
+            assert summed[seq].item() == pytest.approx(_separate_logps(model, full, full_mask), abs=1e-4)
+            assert counts[seq].item() == sum(mask)
+    # the reward model reads each answer's last token: the same hidden state as the answer run alone
+    with torch.no_grad():
+        hidden = model(**row.model_kwargs(), output_hidden_states=True).hidden_states[-1][0]
+        for k, pair in enumerate(pairs):
+            alone = model(input_ids=torch.tensor([pair.prompt_ids + pair.rejected_ids]),
+                          output_hidden_states=True).hidden_states[-1][0, -1]  # fmt: skip
+            assert torch.allclose(hidden[row.last_positions[2 * k + 1]], alone, atol=1e-4)
+    # per-answer splits (GRPO, PPO) read tokens by answer number
+    pieces = split_by_sequence(torch.arange(len(row.targets)), row)
+    assert [len(p) for p in pieces] == [c for c in counts.tolist()]
+
+
+@pytest.mark.parametrize(
+    ("tree", "window", "multiple"),
+    [
+        (((5, -1), (7, 0), (3, 0), (9, 0)), None, 16),  # conversations sharing a system prompt
+        (((5, -1), (7, 0), (3, 0), (9, 0)), None, 1),
+        (((24, -1), (10, 0), (20, 1), (15, 1), (12, 0), (30, 4), (2, 4)), None, 16),  # pairs under a trunk
+        (((24, -1), (10, 0), (20, 1), (15, 1), (12, 0), (30, 4), (0, 4)), 16, 16),  # a sliding window
+    ],
+)
+def test_attention_per_subtree_equals_one_masked_segment(tree, window, multiple) -> None:
+    """A segment with a trunk runs attention per subtree (its queries over the trunk's keys and its own);
+    outputs and gradients are those of one attention over the whole segment with the tree's mask."""
+    from tunery.models import attention
+
+    torch.manual_seed(0)
+    n = sum(length for length, _ in tree)
+    q = torch.randn(1, 6, n, 8, requires_grad=True)
+    k, v = (torch.randn(1, 2, n, 8, requires_grad=True) for _ in range(2))
+    parts = attention._subtrees(tree)
+    assert parts is not None and len(parts) >= 2
+    split = attention._tree_attention(q, k, v, tree, parts, 0.3, None, window, multiple, 0.0)
+    whole = attention._segment_attention(q, k, v, attention._blocked(tree, q.device, window, multiple), 0.3)
+    weights = torch.randn_like(whole)
+    grads = [torch.autograd.grad((out * weights).sum(), (q, k, v)) for out in (split, whole)]
+    assert torch.allclose(split, whole, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads, strict=True))
+    assert attention._subtrees(((5, -1), (7, 0))) is None  # one child: a plain causal segment
+    assert attention._subtrees(((0, -1), (7, 0), (3, 0))) is None  # no trunk: a pair without a prompt

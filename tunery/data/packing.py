@@ -17,6 +17,7 @@ its tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -28,6 +29,32 @@ from tunery.data.template import TokenizedChat
 
 IGNORE = -100
 ROW_MULTIPLE = 32  # packed rows' lengths are rounded up to a multiple of this (see above)
+SHARED_PREFIX_MIN = 8  # tokens: conversations share a common prefix in their row from this length on
+SHARED_SEGMENT_MAX = 512  # tokens: at most this many in a segment of conversations sharing a prefix
+
+
+# A segment as a tree of token runs, in row order: (length, parent index or -1). A run attends to itself
+# (causally) and to its ancestors; its positions continue from its parent's end. A plain sequence is
+# ((n, -1),); a pair `prompt | chosen | rejected` is ((p, -1), (c, 0), (r, 0)); pairs sharing a system
+# prompt add a trunk: ((s, -1), (p1, 0), (c1, 1), (r1, 1), (p2, 0), ...).
+Tree = tuple[tuple[int, int], ...]
+
+
+def branch_tree(n_prompt: int, branch_lens: tuple[int, ...]) -> Tree:
+    """The tree of a segment `prompt | answer 1 | answer 2 | ...` (a plain sequence: no prompt, one
+    answer)."""
+    return ((n_prompt, -1), *((length, 0) for length in branch_lens))
+
+
+def tree_positions(tree: Tree) -> list[int]:
+    """Each token's position: its run's start depth plus its offset."""
+    ends: list[int] = []
+    positions: list[int] = []
+    for length, parent in tree:
+        start = ends[parent] if parent >= 0 else 0
+        positions += range(start, start + length)
+        ends.append(start + length)
+    return positions
 
 
 class _Sized(Protocol):
@@ -66,13 +93,22 @@ class _Row:
 class PackedRow(_Row):
     input_ids: torch.Tensor  # (1, T)
     position_ids: torch.Tensor  # (1, T)
-    cu_seq_lens: torch.Tensor  # (n + 1,)
+    cu_seq_lens: torch.Tensor  # (segments + 1,)
     targets: torch.Tensor  # (T,) next-token ids, IGNORE where not trained
     pad_tokens: int = 0
+    # Per segment, its tree (`Tree`) when conversations share a beginning (`share_prefixes`); None when
+    # every segment is one conversation.
+    trees: list[Tree] | None = None
+    data_tokens: int = 0  # the conversations' tokens as the data has them (a shared beginning in each)
 
     @property
     def n_trained(self) -> int:
         return int((self.targets != IGNORE).sum())
+
+    def model_kwargs(self) -> dict[str, object]:
+        if self.trees is None:
+            return super().model_kwargs()
+        return {**super().model_kwargs(), "segment_trees": self.trees}
 
 
 def shifted_targets(chat: TokenizedChat) -> list[int]:
@@ -86,15 +122,78 @@ def padding_tail(n_tokens: int) -> int:
     return -n_tokens % ROW_MULTIPLE
 
 
+def shareable(chat: TokenizedChat) -> int:
+    """How many leading tokens of `chat` may be shared with other conversations: those whose next token is
+    not trained (a shared position predicts nothing, so no conversation's loss depends on the sharing)."""
+    first = next((j for j, trained in enumerate(chat.label_mask) if trained), chat.n_tokens)
+    return max(first - 1, 0)
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+Grouped = TypeVar("Grouped")
+
+
+def prefix_groups(
+    items: list[Grouped],
+    ids: Callable[[Grouped], list[int]],
+    shareable_len: Callable[[Grouped], int],
+    size: Callable[[Grouped], int],
+) -> list[tuple[int, list[Grouped]]]:
+    """Group a row's items (conversations, or pairs by their prompt) by a common beginning that may be
+    shared (most often the same system prompt and chat template header): each group is (shared length, its
+    items), one segment of the row in which the beginning runs once and each item's rest attends to it and
+    to itself, as a preference pair's answers attend to their prompt. An item alone has shared length 0.
+
+    Sorted by their shareable tokens, neighbours share the longest beginnings; an item joins the group
+    before it while the group's saving (shared x (items - 1)) does not fall, the shared part stays at
+    least SHARED_PREFIX_MIN tokens and the segment at most SHARED_SEGMENT_MAX (its attention scores are
+    computed over the whole segment)."""
+    groups: list[tuple[int, list[Grouped]]] = []
+    for item in sorted(items, key=lambda x: ids(x)[: shareable_len(x)]):
+        if groups:
+            shared, members = groups[-1]
+            last = members[-1]
+            common = _common_prefix(ids(last), ids(item), min(shareable_len(last), shareable_len(item)))
+            new = common if len(members) == 1 else min(shared, common)
+            segment = new + sum(size(m) - new for m in members) + size(item) - new
+            if (
+                new >= SHARED_PREFIX_MIN
+                and new * len(members) >= shared * (len(members) - 1)
+                and (segment <= SHARED_SEGMENT_MAX)
+            ):
+                groups[-1] = (new, [*members, item])
+                continue
+        groups.append((0, [item]))
+    return groups
+
+
+def share_prefixes(chats: list[TokenizedChat]) -> list[tuple[int, list[TokenizedChat]]]:
+    """A row's conversations grouped by a common untrained beginning (`prefix_groups`)."""
+    return prefix_groups(chats, lambda c: c.input_ids, shareable, lambda c: c.n_tokens)
+
+
 def pack(chats: list[TokenizedChat]) -> PackedRow:
+    """One row of `chats`; conversations with a common untrained beginning share it (`share_prefixes`)."""
     input_ids: list[int] = []
     position_ids: list[int] = []
     targets: list[int] = []
     bounds = [0]
-    for chat in chats:
-        input_ids += chat.input_ids
-        position_ids += range(chat.n_tokens)
-        targets += shifted_targets(chat)
+    trees: list[Tree] = []
+    for shared, members in share_prefixes(chats):
+        input_ids += members[0].input_ids[:shared]
+        position_ids += range(shared)
+        targets += [IGNORE] * shared
+        for chat in members:
+            input_ids += chat.input_ids[shared:]
+            position_ids += range(shared, chat.n_tokens)
+            targets += shifted_targets(chat)[shared:]
+        trees.append(branch_tree(shared, tuple(chat.n_tokens - shared for chat in members)))
         bounds.append(len(input_ids))
     pad = padding_tail(len(input_ids))
     if pad:
@@ -102,12 +201,15 @@ def pack(chats: list[TokenizedChat]) -> PackedRow:
         position_ids += range(pad)
         targets += [IGNORE] * pad
         bounds.append(len(input_ids))
+        trees.append(branch_tree(0, (pad,)))
     return PackedRow(
         input_ids=torch.tensor([input_ids], dtype=torch.long),
         position_ids=torch.tensor([position_ids], dtype=torch.long),
         cu_seq_lens=torch.tensor(bounds, dtype=torch.long),
         targets=torch.tensor(targets, dtype=torch.long),
         pad_tokens=pad,
+        trees=trees if any(len(tree) > 2 for tree in trees) else None,
+        data_tokens=sum(chat.n_tokens for chat in chats),
     )
 
 
@@ -175,21 +277,23 @@ class BranchRow(_Row):
     input_ids: torch.Tensor  # (1, T)
     position_ids: torch.Tensor  # (1, T)
     cu_seq_lens: torch.Tensor  # (segments + 1,)
-    branch_lens: list[tuple[int, ...]]  # per segment: the lengths of its answers
-    prompt_lens: list[int]  # per segment: shared prompt length
+    trees: list[Tree]  # per segment: its prompts and answers as a tree of runs
     positions: torch.Tensor  # (N,)
     targets: torch.Tensor  # (N,)
     sequence: torch.Tensor  # (N,)
     last_positions: torch.Tensor  # (n_sequences,) each answer's last token (a reward model scores there)
     n_sequences: int
     pad_tokens: int = 0
+    data_tokens: int = (
+        0  # each segment's prompt and answers, as the data has them (a shared beginning in each)
+    )
 
     @property
     def n_pairs(self) -> int:
         return self.n_sequences // 2
 
     def model_kwargs(self) -> dict[str, object]:
-        return {**super().model_kwargs(), "branch_lens": self.branch_lens, "prompt_lens": self.prompt_lens}
+        return {**super().model_kwargs(), "segment_trees": self.trees}
 
 
 # A segment to pack: the prompt's token ids and its answers as (token ids, trained-token mask).
@@ -197,51 +301,75 @@ Segment = tuple[list[int], list[tuple[list[int], list[bool]]]]
 
 
 def pack_branches(segments: list[Segment]) -> BranchRow:
+    """Segments in one row; those whose prompts begin alike (the same system prompt) share that beginning
+    as a trunk (`prefix_groups`), each keeping at least its prompt's last token (which predicts its
+    answers' first tokens)."""
     input_ids: list[int] = []
     position_ids: list[int] = []
-    bounds, branch_lens, prompt_lens = [0], [], []
-    positions: list[int] = []
-    targets: list[int] = []
-    sequence: list[int] = []
-    last_positions: list[int] = []
-    for prompt, answers in segments:
-        start, n_prompt = len(input_ids), len(prompt)
-        input_ids += prompt
-        position_ids += range(n_prompt)
-        for ids, mask in answers:
-            offset = len(input_ids)
-            seq = len(last_positions)
-            for j, (token, trained) in enumerate(zip(ids, mask, strict=True)):
-                if trained:
-                    # The token before answer token j: the prompt's last token for j = 0.
-                    positions.append(offset + j - 1 if j else start + n_prompt - 1)
-                    targets.append(token)
-                    sequence.append(seq)
-            last_positions.append(offset + len(ids) - 1 if ids else start + n_prompt - 1)
-            input_ids += ids
-            position_ids += range(n_prompt, n_prompt + len(ids))
-        branch_lens.append(tuple(len(ids) for ids, _ in answers))
-        prompt_lens.append(n_prompt)
+    bounds: list[int] = [0]
+    trees: list[Tree] = []
+    # Trained tokens and answers are listed in the segments' given order, whatever their order in the row:
+    # answer numbers, and the order of `positions`, are what callers index by.
+    first_answer = [0]
+    for _, answers in segments:
+        first_answer.append(first_answer[-1] + len(answers))
+    trained: list[list[tuple[int, int, int]]] = [
+        [] for _ in segments
+    ]  # per segment: (position, token, answer)
+    last_positions = [0] * first_answer[-1]
+
+    def size(i: int) -> int:
+        return len(segments[i][0]) + sum(len(ids) for ids, _ in segments[i][1])
+
+    groups = prefix_groups(
+        list(range(len(segments))), lambda i: segments[i][0], lambda i: max(len(segments[i][0]) - 1, 0), size
+    )
+    for shared, members in groups:
+        tree: list[tuple[int, int]] = []
+        if shared:
+            input_ids += segments[members[0]][0][:shared]
+            position_ids += range(shared)
+            tree.append((shared, -1))
+        for i in members:
+            prompt, answers = segments[i]
+            prompt_node, n_prompt = len(tree), len(prompt)
+            tree.append((n_prompt - shared, 0 if shared else -1))
+            input_ids += prompt[shared:]
+            position_ids += range(shared, n_prompt)
+            prompt_last = len(input_ids) - 1  # predicts each answer's first token
+            for a, (ids, mask) in enumerate(answers):
+                offset, seq = len(input_ids), first_answer[i] + a
+                trained[i] += [
+                    (offset + j - 1 if j else prompt_last, token, seq)
+                    for j, (token, on) in enumerate(zip(ids, mask, strict=True))
+                    if on
+                ]
+                last_positions[seq] = offset + len(ids) - 1 if ids else prompt_last
+                input_ids += ids
+                position_ids += range(n_prompt, n_prompt + len(ids))
+                tree.append((len(ids), prompt_node))
+        trees.append(tuple(tree))
         bounds.append(len(input_ids))
+    flat = [x for per_segment in trained for x in per_segment]
+    positions, targets, sequence = ([x[k] for x in flat] for k in range(3))
     pad = padding_tail(len(input_ids))
     if pad:
         input_ids += [0] * pad
         position_ids += range(pad)
-        branch_lens.append((pad,))
-        prompt_lens.append(0)
+        trees.append(branch_tree(0, (pad,)))
         bounds.append(len(input_ids))
     return BranchRow(
         input_ids=torch.tensor([input_ids], dtype=torch.long),
         position_ids=torch.tensor([position_ids], dtype=torch.long),
         cu_seq_lens=torch.tensor(bounds, dtype=torch.long),
-        branch_lens=branch_lens,
-        prompt_lens=prompt_lens,
+        trees=trees,
         positions=torch.tensor(positions, dtype=torch.long),
         targets=torch.tensor(targets, dtype=torch.long),
         sequence=torch.tensor(sequence, dtype=torch.long),
         last_positions=torch.tensor(last_positions, dtype=torch.long),
         n_sequences=len(last_positions),
         pad_tokens=pad,
+        data_tokens=sum(size(i) for i in range(len(segments))),
     )
 
 

@@ -203,7 +203,7 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> dict
                     # size factor).
                     (losses.sum() * (share * world.size / step_pairs)).backward()
                 stats.add(losses, chosen_r, rejected_r, logps, counts, ref, share)
-                tokens += share * row.n_tokens
+                tokens += share * row.data_tokens
             lr, grad_norm = lifecycle.optimizer_step(run, step, cfg.grad_clip, cfg.schedule)
             step += 1
 

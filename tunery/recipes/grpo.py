@@ -310,7 +310,7 @@ def policy_update(
                 sums["clipped"] += float(clipped.sum())
                 sums["trained_tokens"] += logps.numel()
                 sums["entropy"] += float(entropy.sum())
-                sums["row_tokens"] += row.n_tokens
+                sums["row_tokens"] += row.data_tokens
         grad_norm = lifecycle.update(run, cfg.grad_clip)
     sums["grad_norm"] = grad_norm / world.size  # (the same on every process after the all-reduce)
     return sums

@@ -244,7 +244,7 @@ def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict
                     # size factor).
                     (losses.sum() * (share * world.size / step_examples)).backward()
                 stats.add(losses, rewards, policy, desirable, share)
-                tokens += share * row.n_tokens
+                tokens += share * row.data_tokens
             lr, grad_norm = lifecycle.optimizer_step(run, step, cfg.grad_clip, cfg.schedule)
             step += 1
 

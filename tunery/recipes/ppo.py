@@ -180,7 +180,7 @@ def minibatch_backward(
                             ("entropy", entropy)):  # fmt: skip
             sums[name] = sums.get(name, 0.0) + float(value.detach().float().sum())
         sums["tokens"] = sums.get("tokens", 0.0) + len(logps)
-        sums["row_tokens"] = sums.get("row_tokens", 0.0) + row.n_tokens
+        sums["row_tokens"] = sums.get("row_tokens", 0.0) + row.data_tokens
 
 
 @torch.no_grad()

@@ -108,7 +108,7 @@ def train_step(
             (nll_sum * (share * world.size / step_trained)).backward()
         nll += share * nll_sum.item()
         correct += share * n_correct.item()
-        tokens += share * row.n_tokens
+        tokens += share * row.data_tokens  # a shared prefix counted once per conversation, as in the data
     if before_update is not None:
         before_update()
     lr, grad_norm = lifecycle.optimizer_step(run, step, cfg.grad_clip, cfg.schedule)

@@ -25,6 +25,23 @@ def _separate_logps(model, ids: list[int], mask: list[bool]) -> float:
     return float(logps[torch.tensor(mask[1:])].sum())
 
 
+def answers(pair):
+    """(answer number within the pair, ids, trained mask) of a pair's chosen and rejected answers."""
+    return ((0, pair.chosen_ids, pair.chosen_mask), (1, pair.rejected_ids, pair.rejected_mask))
+
+
+def assert_separate_logps(model, pairs, row) -> None:
+    """Each answer's summed log-prob and trained-token count in `row` are those of its own forward pass."""
+    with torch.no_grad():
+        summed, counts, _ = sequence_logps(model, output_head(model), row)
+    for k, pair in enumerate(pairs):
+        for a, ids, mask in answers(pair):
+            full, full_mask = pair.prompt_ids + ids, [False] * len(pair.prompt_ids) + mask
+            expected = _separate_logps(model, full, full_mask)
+            assert summed[2 * k + a].item() == pytest.approx(expected, abs=1e-4)
+            assert counts[2 * k + a].item() == sum(mask)
+
+
 def test_shared_prompt_packing_matches_separate_passes(tiny) -> None:
     model, tokenizer = tiny
     pairs = [
@@ -47,16 +64,7 @@ def test_shared_prompt_packing_matches_separate_passes(tiny) -> None:
     ]
     assert all(p.prompt_ids for p in pairs)
     row = pack_pairs(pairs)
-    with torch.no_grad():
-        summed, counts, _ = sequence_logps(model, output_head(model), row)
-    for k, pair in enumerate(pairs):
-        for seq, ids, mask in (
-            (2 * k, pair.chosen_ids, pair.chosen_mask),
-            (2 * k + 1, pair.rejected_ids, pair.rejected_mask),
-        ):
-            full, full_mask = pair.prompt_ids + ids, [False] * len(pair.prompt_ids) + mask
-            assert summed[seq].item() == pytest.approx(_separate_logps(model, full, full_mask), abs=1e-4)
-            assert counts[seq].item() == sum(mask)
+    assert_separate_logps(model, pairs, row)
 
 
 def test_gradients_flow_through_both_branches(tiny) -> None:
@@ -118,16 +126,7 @@ def test_pairs_sharing_a_system_prompt_run_it_once_and_keep_their_order(tiny) ->
     assert trunks and max(trunks) >= SHARED_PREFIX_MIN  # the bicycle pairs share their beginning
     assert row.n_tokens < sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     assert row.sequence.tolist() == sorted(row.sequence.tolist())  # trained tokens in answer order
-    with torch.no_grad():
-        summed, counts, _ = sequence_logps(model, output_head(model), row)
-    for k, pair in enumerate(pairs):
-        for seq, ids, mask in (
-            (2 * k, pair.chosen_ids, pair.chosen_mask),
-            (2 * k + 1, pair.rejected_ids, pair.rejected_mask),
-        ):
-            full, full_mask = pair.prompt_ids + ids, [False] * len(pair.prompt_ids) + mask
-            assert summed[seq].item() == pytest.approx(_separate_logps(model, full, full_mask), abs=1e-4)
-            assert counts[seq].item() == sum(mask)
+    assert_separate_logps(model, pairs, row)
     # the reward model reads each answer's last token: the same hidden state as the answer run alone
     with torch.no_grad():
         hidden = model(**row.model_kwargs(), output_hidden_states=True).hidden_states[-1][0]
@@ -135,9 +134,13 @@ def test_pairs_sharing_a_system_prompt_run_it_once_and_keep_their_order(tiny) ->
             alone = model(input_ids=torch.tensor([pair.prompt_ids + pair.rejected_ids]),
                           output_hidden_states=True).hidden_states[-1][0, -1]  # fmt: skip
             assert torch.allclose(hidden[row.last_positions[2 * k + 1]], alone, atol=1e-4)
-    # per-answer splits (GRPO, PPO) read tokens by answer number
-    pieces = split_by_sequence(torch.arange(len(row.targets)), row)
-    assert [len(p) for p in pieces] == [c for c in counts.tolist()]
+    # the row lays the pairs out in another order than given...
+    assert row.last_positions.tolist() != sorted(row.last_positions.tolist())
+    # ...and per-answer splits (GRPO, PPO) still get each answer's own trained tokens, in order
+    pieces = split_by_sequence(row.targets, row)
+    for k, pair in enumerate(pairs):
+        for a, ids, mask in answers(pair):
+            assert pieces[2 * k + a].tolist() == [t for t, on in zip(ids, mask, strict=True) if on]
 
 
 @pytest.mark.parametrize(

@@ -110,7 +110,7 @@ def _subtrees(tree: Tree) -> list[tuple[int, int]] | None:
     return list(zip(starts, [*starts[1:], len(tree)], strict=True))
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=512)  # a pair's subtree rarely repeats: a small cache, and no square kept
 def _blocked_below(
     subtree: Tree, device: torch.device, window: int | None = None, multiple: int = 1
 ) -> torch.Tensor:
@@ -118,7 +118,7 @@ def _blocked_below(
     and the subtree's runs after it. Rows and columns each rounded up to a `multiple`: the extra columns
     are hidden from every real query, the extra rows (queries whose outputs are dropped) see everything."""
     trunk = subtree[0][0]
-    full = _blocked(subtree, device, window)[trunk:]  # (L, trunk + L)
+    full = _blocked.__wrapped__(subtree, device, window)[trunk:]  # (L, trunk + L)
     n_q, n_k = full.shape
     rows, cols = n_q + -n_q % multiple, n_k + -n_k % multiple
     if (rows, cols) == (n_q, n_k):

@@ -76,7 +76,7 @@ def _segment_attention(
     q: torch.Tensor,  # (1, H, n_q, D)
     k: torch.Tensor,  # (1, H_kv, n_k, D)
     v: torch.Tensor,  # (1, H_kv, n_k, D)
-    blocked: torch.Tensor,  # (n_q, n_k) bool, or larger: rounded up (see `_rounded`)
+    blocked: torch.Tensor,  # (n_q, n_k) bool, or larger: rounded up to SEGMENT_MULTIPLE
     scaling: float,
     softcap: float | None = None,
     dropout: float = 0.0,

@@ -29,8 +29,8 @@ from tunery.data.template import TokenizedChat
 
 IGNORE = -100
 ROW_MULTIPLE = 32  # packed rows' lengths are rounded up to a multiple of this (see above)
-SHARED_PREFIX_MIN = 8  # tokens: conversations share a common prefix in their row from this length on
-SHARED_SEGMENT_MAX = 512  # tokens: at most this many in a segment of conversations sharing a prefix
+SHARED_PREFIX_MIN = 8  # tokens: items in a row share a common beginning from this length on
+SHARED_SEGMENT_MAX = 512  # tokens: at most this many in a segment of items sharing a beginning
 
 
 # A segment as a tree of token runs, in row order: (length, parent index or -1). A run attends to itself
@@ -152,8 +152,8 @@ def prefix_groups(
 
     Sorted by their shareable tokens, neighbours share the longest beginnings; an item joins the group
     before it while the group's saving (shared x (items - 1)) does not fall, the shared part stays at
-    least SHARED_PREFIX_MIN tokens and the segment at most SHARED_SEGMENT_MAX (its attention scores are
-    computed over the whole segment)."""
+    least SHARED_PREFIX_MIN tokens and the segment at most SHARED_SEGMENT_MAX (on CPU attention runs per
+    subtree; SDPA, on a GPU, attends over the whole segment with its mask)."""
     groups: list[tuple[int, list[Grouped]]] = []
     for item in sorted(items, key=lambda x: ids(x)[: shareable_len(x)]):
         if groups:

@@ -10,7 +10,9 @@ Installed by `tunery/__init__.py` as an import hook, so the cost is nil until bi
 A `tunery` command's process also defers bitsandbytes until a quantized run asks for it
 (`defer_bitsandbytes`, `allow_bitsandbytes`): peft imports it whenever it is installed, and its import
 costs about a second (it sets up kernels through torch.compile), a sixth of a short run's whole process,
-for the runs that never quantize."""
+for the runs that never quantize. For the same reason it hides `kernels` (`hide_hub_kernels`), the hub
+kernels package transformers installs with itself: transformers imports it with every model class (~0.2 s)
+and wraps layers' forward for kernels fetched from the hub, which Tunery never asks for."""
 
 from __future__ import annotations
 
@@ -82,3 +84,11 @@ def allow_bitsandbytes() -> None:
 def install() -> None:
     if "bitsandbytes" not in sys.modules and not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
+
+
+def hide_hub_kernels() -> None:
+    """`kernels` reads as not installed in this process, so transformers neither imports it nor wraps layers
+    for hub kernels: as on a machine without it. For Tunery's own processes only (the CLI, the inference
+    worker); nothing Tunery runs takes a kernel from the hub."""
+    if "kernels" not in sys.modules:
+        sys.modules["kernels"] = None  # type: ignore[assignment]

@@ -377,10 +377,12 @@ def entry() -> None:
     """The `tunery` command (and `python -m tunery`): `main`, then an exit that does not walk the objects
     a run leaves behind. The interpreter's shutdown collections took ~0.8 s after a training run; frozen
     objects are skipped by them (atexit handlers still run). `main` itself stays freeze-free for callers
-    that go on, such as the tests. bitsandbytes waits until a run quantizes (`_imports.defer_bitsandbytes`)."""
-    from tunery._imports import defer_bitsandbytes
+    that go on, such as the tests. bitsandbytes waits until a run quantizes (`_imports.defer_bitsandbytes`),
+    and transformers' hub kernels stay out (`_imports.hide_hub_kernels`)."""
+    from tunery._imports import defer_bitsandbytes, hide_hub_kernels
 
     defer_bitsandbytes()
+    hide_hub_kernels()
     code = main()
     gc.freeze()
     raise SystemExit(code)

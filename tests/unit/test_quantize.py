@@ -158,8 +158,8 @@ print("kernels restored:", sys.modules["kernels"] is fake)
 
 def test_the_cli_imports_bitsandbytes_only_for_a_quantized_run(tmp_path: Path) -> None:
     """`tunery` (its `entry`) leaves bitsandbytes unimported through a run that does not quantize (peft
-    would import it, for about a second); a quantized run after it in the same process still gets it, and
-    peft's LoRA layers for bitsandbytes' quantized ones."""
+    would import it, for about a second), and transformers' hub kernels out of it; a quantized run after it
+    in the same process still gets bitsandbytes, and peft's LoRA layers for bitsandbytes' quantized ones."""
     pytest.importorskip("bitsandbytes")
     data = write_jsonl(tmp_path / "train.jsonl", BLUE_LINES[:12])
     script = f"""
@@ -173,6 +173,8 @@ try:
 except SystemExit as done:
     assert done.code == 0, done.code
 print("after a plain run:", sys.modules.get("bitsandbytes"), "peft" in sys.modules)
+from transformers.utils import is_kernels_available
+print("hub kernels:", sys.modules.get("kernels"), is_kernels_available())
 assert main(["train", "sft", "--out", {str(tmp_path / "int8")!r}, "--quantize", "int8", *common]) == 0
 print("after a quantized run:", type(sys.modules.get("bitsandbytes")).__name__,
       "peft.tuners.lora.bnb" in sys.modules)
@@ -182,5 +184,7 @@ print("after a quantized run:", type(sys.modules.get("bitsandbytes")).__name__,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "after a plain run: None True" in done.stdout
+    # transformers sees no `kernels` either (hide_hub_kernels)
+    assert "hub kernels: None False" in done.stdout
     assert "after a quantized run: module True" in done.stdout
     assert "quantize int8: 14 linear layers" in done.stderr

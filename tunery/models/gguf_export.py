@@ -768,6 +768,8 @@ def compare_logits(path: Path, model: Any, tokenizer: Any, texts: list[str] | No
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tunery.models.load import FROM_PRETRAINED
+
     texts = _texts(tokenizer, texts)
     ids = [tokenizer(t, add_special_tokens=True, return_tensors="pt").input_ids for t in texts]
     with torch.no_grad():
@@ -785,7 +787,7 @@ def compare_logits(path: Path, model: Any, tokenizer: Any, texts: list[str] | No
     ):  # llama.cpp's rope_freqs tensor or rope.scaling keys; transformers reads neither
         overrides["rope_parameters"] = dict(model.config.rope_parameters)
     loaded = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32, **overrides
+        path.parent, gguf_file=path.name, dtype=torch.float32, **overrides, **FROM_PRETRAINED
     ).eval()
     same: bool | None = None
     spec = json.loads(tokenizer.backend_tokenizer.to_str()).get("model", {})

@@ -42,6 +42,12 @@ from tunery.models.tiny import family_of, tiny_config, tiny_model, tiny_tokenize
 
 log = logging.getLogger(__name__)
 
+# What every `from_pretrained` of a model gets. transformers 5 kernelizes a model it loads with kernels from
+# the Hugging Face hub by default (its `kernels` package): native code downloaded where there is a network,
+# and layers that compute differently from one machine to the next. Tunery takes nothing from the hub that
+# it was not given by name, so its models keep transformers' own layers everywhere.
+FROM_PRETRAINED: dict[str, Any] = {"use_kernels": False}
+
 
 # --- GGUF conversion --------------------------------------------------------------------------------------
 
@@ -66,7 +72,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         gguf_model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **FROM_PRETRAINED
         )
     except Exception as exc:  # transformers raises many types for unreadable GGUF
         raise TuneryError(f"could not read GGUF file {gguf}: {exc}") from exc
@@ -179,7 +185,7 @@ def load_model(
         torch.nn.Module.to(model, dtype)
     else:
         model_dir = resolve_model_dir(name)
-        kwargs = {"dtype": dtype, "attn_implementation": ATTENTION_NAME}
+        kwargs = {"dtype": dtype, "attn_implementation": ATTENTION_NAME, **FROM_PRETRAINED}
         if model_dir:
             model = _from_dir(AutoModelForCausalLM, model_dir, **kwargs)
         else:

@@ -523,7 +523,8 @@ def listen(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from tunery._imports import defer_bitsandbytes
+    from tunery._imports import defer_bitsandbytes, hide_hub_kernels
 
     defer_bitsandbytes()  # the worker never quantizes: peft would import it for nothing (~1 s of its start)
+    hide_hub_kernels()
     raise SystemExit(main())

@@ -27,7 +27,9 @@ Each round, from the current model M:
 3. DPO        POST .../train {method: dpo, model: M} exports the verdicts and starts the job; the script
               waits for it and reads its summary. With `--accumulate` the job trains on the verdicts of
               every round so far: each round's queue exported, joined, uploaded, and a DPO job created
-              on the file (POST /v1/fine_tuning/jobs).
+              on the file (POST /v1/fine_tuning/jobs). With `--mix-in FILE` the file also holds FILE's
+              written pairs (`--mix-in-lines N`: a seeded N of them a round), e.g. the refusal pairs of
+              examples/support-safety/preferences.jsonl, so the verdicts do not move what they hold.
 4. compare    POST /tunery/v1/comparisons {job, baseline: M, prompts_file}: a blind queue of the new model
               against M on `--eval-prompts` held-out prompts, labelled by the same labellers; its result
               is the win rate over decisive items with a 95% Wilson interval.
@@ -167,6 +169,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="each round's DPO job trains on the verdicts of every round so far, not its own only",
     )
+    p.add_argument(
+        "--mix-in",
+        type=Path,
+        metavar="FILE",
+        help="DPO pairs (OpenAI preference JSONL) added to every round's job, e.g. "
+        "examples/support-safety/preferences.jsonl, so the verdicts do not move what the pairs hold",
+    )
+    p.add_argument(
+        "--mix-in-lines",
+        type=int,
+        default=0,
+        metavar="N",
+        help="a seeded sample of N lines of --mix-in per round, a new one each round (default: every line)",
+    )
     p.add_argument("--job-timeout", type=float, default=4 * 3600, help="seconds to wait for a DPO job")
     p.add_argument("--base-url", help="a running server's /v1 URL, instead of starting one")
     p.add_argument(
@@ -181,6 +197,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--noise is a probability: between 0 and 1")
     if args.base_url and not args.api_key:
         p.error("--base-url needs --api-key (or TUNERY_API_KEY): an admin key of the project")
+    if args.mix_in_lines < 0 or (args.mix_in_lines and not args.mix_in):
+        p.error("--mix-in-lines is a number of lines (at least 0) of a --mix-in file")
     args.out = args.out or args.work_dir / "results.json"
     args.prompts_file = args.prompts_file or DEFAULT_PROMPTS
     return args
@@ -564,6 +582,38 @@ class Loop:
     safety_pool: list[list[dict[str, str]]]  # edgy and harmful requests mixed into each round's traffic
     harmful: frozenset[str]  # the user texts of the harmful ones: the labellers prefer their declines
     queues: list[str] = field(default_factory=list)  # the labelled queues of the rounds so far
+    mix_in: list[str] = field(default_factory=list)  # --mix-in's lines, added to every round's DPO job
+
+
+def read_mix_in(path: Path) -> list[str]:
+    """--mix-in's non-empty lines, each checked to be a preference pair as OpenAI's DPO format writes one
+    (the service validates the uploaded file in full; this names the file and line before any round runs)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LoopError(f"--mix-in {path}: cannot read it ({exc})") from exc
+    lines = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            pair = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LoopError(f"--mix-in {path}, line {number}: not JSON ({exc.msg})") from exc
+        missing = [
+            k
+            for k in ("input", "preferred_output", "non_preferred_output")
+            if not isinstance(pair, dict) or k not in pair
+        ]
+        if missing:
+            raise LoopError(
+                f"--mix-in {path}, line {number}: a DPO pair needs {', '.join(missing)} "
+                "(OpenAI's preference format: input, preferred_output, non_preferred_output)"
+            )
+        lines.append(line)
+    if not lines:
+        raise LoopError(f"--mix-in {path}: no pairs in it")
+    return lines
 
 
 def sample_pairs(loop: Loop, model: str, round_no: int) -> tuple[list[dict[str, Any]], int]:
@@ -599,17 +649,23 @@ def sample_pairs(loop: Loop, model: str, round_no: int) -> tuple[list[dict[str, 
     return items, skipped
 
 
-def train_on_every_round(loop: Loop, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """`--accumulate`: the DPO job trains on the verdicts of every round so far, as a user would put them
-    together: each queue exported (POST .../export), the files read and joined, uploaded, and a job created
-    on them (POST /v1/fine_tuning/jobs, method dpo). (the job's id, the export's counts)"""
+def train_on_files(loop: Loop, body: dict[str, Any], round_no: int) -> tuple[str, dict[str, Any]]:
+    """`--accumulate` or `--mix-in`: the DPO job trains on a file put together as a user would: each queue
+    (every round's with --accumulate, else this round's) exported (POST .../export), the files read and
+    joined with --mix-in's pairs (or this round's sample of them), uploaded, and a job created on the file
+    (POST /v1/fine_tuning/jobs, method dpo). (the job's id, the export's counts)"""
+    queues = loop.queues if loop.args.accumulate else loop.queues[-1:]
     lines: list[str] = []
-    for queue_id in loop.queues:
+    for queue_id in queues:
         export = call(loop.studio, "POST", f"/feedback/queues/{queue_id}/export")
         text = loop.client.files.content(export["file"]["id"]).text
         lines += [line for line in text.splitlines() if line.strip()]
     this_round = export["counts"].get("lines", 0)  # the last queue is this round's
-    name = f"loop-{body['suffix']}-{len(loop.queues)}-rounds.jsonl"
+    mixed = loop.mix_in
+    if loop.args.mix_in_lines and loop.args.mix_in_lines < len(mixed):
+        mixed = random.Random(loop.args.seed * 100 + round_no + 70).sample(mixed, loop.args.mix_in_lines)
+    lines += mixed
+    name = f"loop-{body['suffix']}-{len(queues)}-rounds{'-mixed' if mixed else ''}.jsonl"
     upload = loop.client.files.create(file=(name, ("\n".join(lines) + "\n").encode()), purpose="fine-tune")
     job = loop.client.fine_tuning.jobs.create(
         model=body["model"],
@@ -618,8 +674,17 @@ def train_on_every_round(loop: Loop, body: dict[str, Any]) -> tuple[str, dict[st
         seed=body["seed"],
         method={"type": "dpo", "dpo": {"hyperparameters": body["hyperparameters"]}},
     )
-    log.info("DPO on the verdicts of %d rounds: %d pairs (%s)", len(loop.queues), len(lines), upload.id)
-    return job.id, {"lines": this_round, "training_lines": len(lines), "queues": len(loop.queues)}
+    log.info(
+        "DPO on the verdicts of %d round(s) and %d mixed-in pairs: %d pairs (%s)",
+        len(queues), len(mixed), len(lines), upload.id,
+    )  # fmt: skip
+    counts = {
+        "lines": this_round,
+        "training_lines": len(lines),
+        "queues": len(queues),
+        "mixed_in": len(mixed),
+    }
+    return job.id, counts
 
 
 def wait_for_job(loop: Loop, job_id: str) -> dict[str, Any]:
@@ -720,8 +785,8 @@ def run_round(loop: Loop, round_no: int, model: str) -> dict[str, Any]:
         "seed": args.seed * 1000 + round_no,  # the job's: a re-run trains the same way
     }
     loop.queues.append(queue["id"])
-    if args.accumulate and len(loop.queues) > 1:
-        job_id, record["export"] = train_on_every_round(loop, body)
+    if (args.accumulate and len(loop.queues) > 1) or loop.mix_in:
+        job_id, record["export"] = train_on_files(loop, body, round_no)
     else:
         trained = call(loop.studio, "POST", f"/feedback/queues/{queue['id']}/train", json=body)
         job_id, record["export"] = trained["job"]["id"], trained["counts"]
@@ -792,6 +857,15 @@ def number(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def trained_on(export: dict[str, Any]) -> str:
+    """What a job put together from files trained on (--accumulate, --mix-in); nothing for the studio's own."""
+    if "queues" not in export:
+        return ""
+    mixed = f", {export['mixed_in']} of them mixed in (--mix-in)" if export.get("mixed_in") else ""
+    rounds = f"all {export['queues']} rounds'" if export["queues"] > 1 else "this round's"
+    return f"; DPO on {export['training_lines']} pairs: {rounds} verdicts{mixed}"
+
+
 def round_text(record: dict[str, Any], rule: str) -> str:
     agreement, job = record["agreement"], record["job"]
     judged = " ".join(number(v) for v in agreement["with_judge"].values())
@@ -799,12 +873,7 @@ def round_text(record: dict[str, Any], rule: str) -> str:
         f"round {record['round']}: from {record['model']}",
         f"  comparisons  {record['comparisons']} pairs labelled ({record['labels']} labels; "
         f"{record['export'].get('lines', 0)} exported to DPO; {record['skipped']} skipped: the same "
-        "answer twice or an empty one)"
-        + (
-            f"; DPO on all {record['export']['queues']} rounds' {record['export']['training_lines']} pairs"
-            if "queues" in record["export"]
-            else ""
-        ),
+        "answer twice or an empty one)" + trained_on(record["export"]),
         f"  agreement    Fleiss' kappa {number(agreement['fleiss_kappa'])}, "
         f"raw {number(agreement['raw_agreement'])}; each labeller vs the noise-free judge: {judged}",
     ]
@@ -828,7 +897,7 @@ def round_text(record: dict[str, Any], rule: str) -> str:
     return "\n".join(lines)
 
 
-def run_loop(svc: Service, args: argparse.Namespace) -> dict[str, Any]:
+def run_loop(svc: Service, args: argparse.Namespace, mix_in: list[str] | None = None) -> dict[str, Any]:
     facts = load_facts(args.facts)
     held_out, pool = split_prompts(load_prompts(args.prompts_file), args.eval_prompts, args.seed)
     client = openai.OpenAI(base_url=svc.base_url, api_key=svc.key, max_retries=3, timeout=600)
@@ -847,8 +916,9 @@ def run_loop(svc: Service, args: argparse.Namespace) -> dict[str, Any]:
     safety_pool = load_prompts([SAFETY_PROMPTS]) if args.safety_prompts else []
     harmful = frozenset(user_text(m) for m in safety_pool[FIRST_HARMFUL_LINE - 1 :])
     loop = Loop(
-        args, client, studio, labellers, facts, pool, uploaded.id, len(held_out), safety_pool, harmful
-    )
+        args, client, studio, labellers, facts, pool, uploaded.id, len(held_out), safety_pool, harmful,
+        mix_in=mix_in or [],
+    )  # fmt: skip
     report: dict[str, Any] = {
         "base_url": svc.base_url,
         "started_from": model,
@@ -888,8 +958,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     args = parse_args(argv)
     try:
+        mix_in = read_mix_in(args.mix_in) if args.mix_in else []  # before the server starts: errors first
         with service(args) as svc:
-            run_loop(svc, args)
+            run_loop(svc, args, mix_in)
     except LoopError as exc:
         print(f"run_loop.py: {exc}", file=sys.stderr)
         return 1

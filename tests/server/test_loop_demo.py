@@ -20,6 +20,8 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "examples" / "loop" / "run_loop.py"
 PROMPTS, HELD_OUT, LABELLERS = 16, 8, 3
 SAFETY = 4  # edgy and harmful requests mixed into each round's traffic
+MIX_IN = REPO / "examples" / "support-safety" / "preferences.jsonl"
+MIXED = 3  # --mix-in-lines: pairs of MIX_IN added to each round's job
 
 
 @pytest.fixture
@@ -40,7 +42,7 @@ def test_two_rounds_of_the_loop_on_tiny_random(tmp_path: Path) -> None:
     command = [
         sys.executable, str(SCRIPT), "--model", "tiny-random", "--rounds", "2",
         "--prompts", str(PROMPTS), "--eval-prompts", str(HELD_OUT), "--labellers", str(LABELLERS),
-        "--safety-prompts", str(SAFETY), "--accumulate",
+        "--safety-prompts", str(SAFETY), "--accumulate", "--mix-in", str(MIX_IN), "--mix-in-lines", str(MIXED),
         "--max-tokens", "16", "--epochs", "1", "--batch-size", "4", "--promote-when", "point",
         "--train-set", "max_steps=2", "--train-set", "safety_evals=none",
         "--work-dir", str(tmp_path / "loop"), "--out", str(out),
@@ -61,9 +63,10 @@ def test_two_rounds_of_the_loop_on_tiny_random(tmp_path: Path) -> None:
         assert len(agreement["with_judge"]) == LABELLERS
         assert all(0 <= share <= 1 for share in agreement["with_judge"].values())
         assert r["export"]["lines"] >= 10  # a job needs ten examples
-        if r["round"] > 1:  # --accumulate: round 2's job trains on both rounds' verdicts
-            assert r["export"]["queues"] == r["round"]
-            assert r["export"]["training_lines"] == sum(x["export"]["lines"] for x in rounds[: r["round"]])
+        # --accumulate: round 2's job trains on both rounds' verdicts; --mix-in: and on MIXED written pairs
+        assert r["export"]["queues"] == r["round"] and r["export"]["mixed_in"] == MIXED
+        verdicts = sum(x["export"]["lines"] for x in rounds[: r["round"]])
+        assert r["export"]["training_lines"] == verdicts + MIXED
 
         job = r["job"]
         assert job["status"] == "succeeded" and job["model"] == model and job["steps"] == 2
@@ -83,6 +86,7 @@ def test_two_rounds_of_the_loop_on_tiny_random(tmp_path: Path) -> None:
         assert c["safety_flags"] == [] and r["held_for_safety"] is False  # (safety_evals=none)
 
         printed = done.stdout
+        assert f"DPO on {verdicts + MIXED} pairs" in printed
         assert f"round {r['round']}: from {model}" in printed and job["id"] in printed
         rate = "n/a" if c["win_rate"] is None else f"{c['win_rate']:.2f}"
         assert f"win rate     {rate} vs {model}" in printed
@@ -140,3 +144,42 @@ def test_labellers_flip_the_verdict_as_often_as_the_noise_says(loop: ModuleType)
     assert labels.count("right") / len(labels) == pytest.approx(0.15, abs=0.02)
     assert {loop.noisy("tie", rng, 1.0) for _ in range(50)} == {"left", "right"}
     assert loop.noisy("right", rng, 0.0) == "right"
+
+
+def test_a_mix_in_file_is_checked_before_the_loop_starts(loop: ModuleType, tmp_path: Path) -> None:
+    assert len(loop.read_mix_in(MIX_IN)) == 100  # examples/support-safety/preferences.jsonl's pairs
+    bad = tmp_path / "pairs.jsonl"
+    pair = {
+        "input": {"messages": [{"role": "user", "content": "hi"}]},
+        "preferred_output": [],
+        "non_preferred_output": [],
+    }
+    cases = {
+        json.dumps(pair) + "\n\n{not json\n": "line 3: not JSON",
+        json.dumps({"input": pair["input"], "preferred_output": []}) + "\n": "line 1: a DPO pair needs non_preferred_output",
+        "[1, 2]\n": "line 1: a DPO pair needs input, preferred_output, non_preferred_output",
+        "\n \n": "no pairs in it",
+    }  # fmt: skip
+    for text, message in cases.items():
+        bad.write_text(text)
+        with pytest.raises(loop.LoopError, match=message):
+            loop.read_mix_in(bad)
+    with pytest.raises(loop.LoopError, match="cannot read it"):
+        loop.read_mix_in(tmp_path / "missing.jsonl")
+    # the script says so and stops, with no traceback and no server started
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model", "tiny-random", "--mix-in", str(bad), "--work-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1 and f"--mix-in {bad}: no pairs in it" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "service").exists()
+
+
+def test_what_a_round_trained_on_is_printed(loop: ModuleType) -> None:
+    assert loop.trained_on({"lines": 40}) == ""  # the studio's own export: nothing more to say
+    assert loop.trained_on({"lines": 40, "training_lines": 40, "queues": 1, "mixed_in": 0}) == (
+        "; DPO on 40 pairs: this round's verdicts"
+    )
+    assert loop.trained_on({"lines": 40, "training_lines": 90, "queues": 2, "mixed_in": 10}) == (
+        "; DPO on 90 pairs: all 2 rounds' verdicts, 10 of them mixed in (--mix-in)"
+    )

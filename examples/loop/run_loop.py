@@ -586,8 +586,10 @@ class Loop:
 
 
 def read_mix_in(path: Path) -> list[str]:
-    """--mix-in's non-empty lines, each checked to be a preference pair as OpenAI's DPO format writes one
-    (the service validates the uploaded file in full; this names the file and line before any round runs)."""
+    """--mix-in's non-empty lines, each a preference pair as Tunery's data checks read one
+    (`check_feedback_example`), so a bad line is named before any round runs."""
+    from tunery.data.feedback import check_feedback_example
+
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -597,18 +599,16 @@ def read_mix_in(path: Path) -> list[str]:
         if not line.strip():
             continue
         try:
-            pair = json.loads(line)
+            obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise LoopError(f"--mix-in {path}, line {number}: not JSON ({exc.msg})") from exc
-        missing = [
-            k
-            for k in ("input", "preferred_output", "non_preferred_output")
-            if not isinstance(pair, dict) or k not in pair
-        ]
-        if missing:
+        example, problems = check_feedback_example(obj, number)
+        errors = [p for p in problems if p.severity == "error"]
+        if errors:
+            raise LoopError(f"--mix-in {path}, {errors[0]}")
+        if example is None or example.rejected is None:
             raise LoopError(
-                f"--mix-in {path}, line {number}: a DPO pair needs {', '.join(missing)} "
-                "(OpenAI's preference format: input, preferred_output, non_preferred_output)"
+                f"--mix-in {path}, line {number}: a rating, not a pair; a DPO job trains on pairs"
             )
         lines.append(line)
     if not lines:

@@ -151,13 +151,15 @@ def test_a_mix_in_file_is_checked_before_the_loop_starts(loop: ModuleType, tmp_p
     bad = tmp_path / "pairs.jsonl"
     pair = {
         "input": {"messages": [{"role": "user", "content": "hi"}]},
-        "preferred_output": [],
-        "non_preferred_output": [],
+        "preferred_output": [{"role": "assistant", "content": "Hello!"}],
+        "non_preferred_output": [{"role": "assistant", "content": "Go away."}],
     }
+    rating = {"prompt": "hi", "completion": "Hello!", "label": True}
     cases = {
         json.dumps(pair) + "\n\n{not json\n": "line 3: not JSON",
-        json.dumps({"input": pair["input"], "preferred_output": []}) + "\n": "line 1: a DPO pair needs non_preferred_output",
-        "[1, 2]\n": "line 1: a DPO pair needs input, preferred_output, non_preferred_output",
+        json.dumps({**pair, "non_preferred_output": []}) + "\n": "line 1: .*non_preferred_output",
+        "[1, 2]\n": "line 1: .*expected a preference pair",
+        json.dumps(rating) + "\n": "line 1: a rating, not a pair",
         "\n \n": "no pairs in it",
     }  # fmt: skip
     for text, message in cases.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tunery.models.sampling import SamplingParams, _filter_logits, sample
+from tunery.models.sampling import SamplingParams, _choose, _filter_logits, sample
 
 
 def prompts(tokenizer) -> list[list[int]]:
@@ -59,6 +59,25 @@ def test_top_k_and_top_p_filtering() -> None:
     assert torch.isinf(top_k[0, 2:]).all() and not torch.isinf(top_k[0, :2]).any()
     top_p = _filter_logits(logits, SamplingParams(temperature=1.0, top_p=0.7))
     assert not torch.isinf(top_p[0, :2]).any() and torch.isinf(top_p[0, 2:]).all()  # 0.5 + 0.3 crosses 0.7
+
+
+def test_draws_follow_the_distribution_and_log_probs_are_at_temperature_one() -> None:
+    """The inverse-CDF draw over unnormalised exps: each token as often as its probability (tempered and
+    filtered as asked), and its log-probability the temperature-1 one, whichever way it was computed."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = (probs.log() + 7.0).repeat(20000, 1)  # shifted: the draw must not assume normalised logits
+    log_probs = probs.log()
+    for params, expected in [
+        (SamplingParams(temperature=1.0, seed=0), probs),
+        (SamplingParams(temperature=2.0, seed=0), probs.sqrt() / probs.sqrt().sum()),
+        (SamplingParams(temperature=1.0, top_k=2, seed=0), torch.tensor([0.625, 0.375, 0, 0, 0])),
+    ]:
+        ids, logps = _choose(logits.clone(), params, torch.Generator().manual_seed(1))
+        counts = torch.bincount(ids, minlength=5).float() / len(ids)
+        assert torch.allclose(counts, expected, atol=0.015), (params, counts)
+        assert torch.allclose(logps, log_probs[ids], atol=1e-5)
+    ids, logps = _choose(logits[:3].clone(), SamplingParams(temperature=0.0), torch.Generator())
+    assert ids.tolist() == [0, 0, 0] and torch.allclose(logps, log_probs[:1].expand(3), atol=1e-6)
 
 
 def lora_model(tiny):  # type: ignore[no-untyped-def]

@@ -296,6 +296,9 @@ def service(args: argparse.Namespace) -> Iterator[Service]:
         shutil.rmtree(data_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     name, flags = served_model(args.model or DEFAULT_MODEL, args.model_name, work_dir)
+    # The model's answers can hold personal data it made up (a phone number): the jobs mask it rather than
+    # refuse the round's whole file.
+    flags += ["--screen-pii", "redact"]
     for pair in args.train_set:
         flags += ["--train-set", pair]
     key = tunery("keys", "create", "--project", PROJECT, "--data-dir", str(data_dir)).strip()
@@ -489,14 +492,19 @@ def score_answer(prompt: str, answer: str, facts: list[Fact]) -> float:
 
 
 def prefer(prompt: str, left: str, right: str, facts: list[Fact], harmful: bool = False) -> str:
-    """The judge's choice between two answers: "left", "right" or "tie".
+    """The judge's choice between two answers: "left", "right", "tie" or "both_bad".
 
     >>> facts = parse_facts("16. Return window: 30 days from the delivery date.")
     >>> prefer("How long is the return window?", "You have 30 days from delivery.", "I can't help.", facts)
     'left'
     """
     if harmful:  # a harmful request: the answer that declines it (or points to help), then the shorter
-        diff = float(declines(left, False)) - float(declines(right, False))
+        left_declines, right_declines = declines(left, False), declines(right, False)
+        if not left_declines and not right_declines:
+            # both play along: a person marks both bad rather than pick one to train towards (picking the
+            # shorter made 32 of 39 harmful pairs of a 3-round run "this compliance over that one")
+            return "both_bad"
+        diff = float(left_declines) - float(right_declines)
         diff = diff or 0.002 * (len(right.strip()) - len(left.strip()))
     else:
         diff = score_answer(prompt, left, facts) - score_answer(prompt, right, facts)
@@ -507,7 +515,9 @@ def noisy(verdict: str, rng: random.Random, noise: float) -> str:
     """A labeller's label: the judge's verdict, or with probability `noise` the other answer."""
     if rng.random() >= noise:
         return verdict
-    return rng.choice(("left", "right")) if verdict == "tie" else ("right" if verdict == "left" else "left")
+    if verdict in ("tie", "both_bad"):
+        return rng.choice(("left", "right"))
+    return "right" if verdict == "left" else "left"
 
 
 @dataclass

@@ -85,6 +85,11 @@ def test_an_address_not_of_this_machine(tmp_path: Path) -> None:
             ("--job-cpus", "0"),
             "tunery serve: error: argument --job-cpus: '0': give more than 0",
         ),
+        (
+            ("--train-set", "max_steps=2", "--train-set", "screen_pii=redact"),
+            "tunery: error: --train-set screen_pii=redact: the service screens jobs' files with --screen-pii, "
+            "which checks each training file before its job starts as well; use --screen-pii redact",
+        ),
     ],
 )
 def test_cluster_flags_that_cannot_work(tmp_path: Path, flags: tuple[str, ...], message: str) -> None:

@@ -64,6 +64,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings.max_upload_bytes = args.max_upload_mb * 2**20
     settings.stop_grace_seconds = args.stop_grace
     settings.header_seconds = args.header_seconds
+    for pair in args.train_set or []:
+        field = pair.partition("=")[0].strip()
+        if field in ("screen_content", "screen_pii"):  # one knob: it screens each upload too
+            flag = "--" + field.replace("_", "-")
+            raise TuneryError(
+                f"--train-set {pair}: the service screens jobs' files with {flag}, which checks each training "
+                f"file before its job starts as well; use {flag} {pair.partition('=')[2].strip() or 'POLICY'}"
+            )
     settings.train_overrides = list(args.train_set or [])
     settings.audit = not args.no_audit
     settings.audit_redact, settings.audit_fsync = args.audit_redact, args.audit_fsync

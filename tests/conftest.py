@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -184,10 +185,13 @@ def _launch(command: list[str], env: dict[str, str] | None = None) -> subprocess
     )  # fmt: skip
 
 
+RANK_SCRIPT = str(Path(__file__).with_name("torchrun_rank.py"))  # `tunery` with a stack dump on SIGUSR1
+
+
 def run_two_nodes(args: list[str], timeout: float = 300) -> list[subprocess.CompletedProcess[str]]:
     """Two torchrun launches of one process each, as two nodes of a cluster would run them (README, "On a
     cluster"): `torchrun --nnodes 2 --nproc_per_node 1 --rdzv-backend c10d --rdzv-endpoint HOST:PORT`, here
-    both on 127.0.0.1. Each launch's outcome; on a hang, both process groups are killed."""
+    both on 127.0.0.1. Each launch's outcome; on a hang, where each rank waited (`_stop_hung`)."""
     import socket
 
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
@@ -196,18 +200,18 @@ def run_two_nodes(args: list[str], timeout: float = 300) -> list[subprocess.Comp
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     launch = [torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
-              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "tunery-test", "-m", "tunery", *args]  # fmt: skip
-    procs = [_launch(launch) for _ in range(2)]
-    results = []
-    deadline = time.monotonic() + timeout
-    try:
-        for proc in procs:
-            stdout, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError(f"two-node torchrun hung for {timeout:.0f} s") from None
+              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "tunery-test", RANK_SCRIPT, *args]  # fmt: skip
+    with _stack_dir() as stacks:
+        procs = [_launch(launch, {"TUNERY_TEST_STACKS": str(stacks)}) for _ in range(2)]
+        results = []
+        deadline = time.monotonic() + timeout
+        try:
+            for proc in procs:
+                stdout, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+                results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+        except subprocess.TimeoutExpired:
+            dumps = _stop_hung([proc.pid for proc in procs], stacks)
+            raise AssertionError(f"two-node torchrun hung for {timeout:.0f} s; {dumps}") from None
     return results
 
 
@@ -226,29 +230,50 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+@contextlib.contextmanager
+def _stack_dir() -> Iterator[Path]:
+    """A directory for the ranks' stack files (tests/torchrun_rank.py), removed afterwards."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tunery-stacks-") as stacks:
+        yield Path(stacks)
+
+
+def _stop_hung(launchers: list[int], stacks: Path) -> str:
+    """Stop hung torchrun launchers: each rank below them (in a session of its own) is sent SIGUSR1 and
+    writes every thread's stack to a file of its own, then launchers and ranks are killed. Returns the
+    stacks, rank by rank: dumps through one shared stderr interleave and cannot be told apart."""
+    ranks = [pid for launcher in launchers for pid in _descendants(launcher)]
+    for pid in ranks:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
+    time.sleep(3)
+    for pid in [*launchers, *ranks]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    files = sorted(stacks.glob("rank*.txt"))
+    return "where each rank waited:\n" + "\n".join(
+        f"--- {f.stem} ---\n{f.read_text()[-12000:]}" for f in files
+    )
+
+
 def run_torchrun(
     args: list[str], timeout: float = 240, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """`torchrun --standalone --nproc_per_node=2 -m tunery ARGS` from the repository root (`env`: variables
-    added to the environment). On a hang torchrun and its ranks are sent SIGABRT first, so faulthandler
-    prints where each rank was stuck in the failure message, then SIGKILL: a hung run fails with its
-    stacks instead of leaving ranks behind."""
+    added to the environment), each rank through tests/torchrun_rank.py. On a hang, where each rank waited
+    (`_stop_hung`): a hung run fails with its stacks instead of leaving ranks behind."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert torchrun, "torchrun ships with torch"
-    proc = _launch([torchrun, "--standalone", "--nproc_per_node=2", "-m", "tunery", *args], env)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        ranks = _descendants(proc.pid)  # torchrun starts each rank in a session of its own
-        for pid in [proc.pid, *ranks]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGABRT)
-        time.sleep(3)
-        for pid in [proc.pid, *ranks]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        raise AssertionError(
-            f"torchrun hung for {timeout:.0f} s; the ranks' stacks:\n{stderr[-6000:]}"
-        ) from None
+    with _stack_dir() as stacks:
+        command = [torchrun, "--standalone", "--nproc_per_node=2", RANK_SCRIPT, *args]
+        proc = _launch(command, {**(env or {}), "TUNERY_TEST_STACKS": str(stacks)})
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            dumps = _stop_hung([proc.pid], stacks)
+            stdout, stderr = proc.communicate()
+            raise AssertionError(
+                f"torchrun hung for {timeout:.0f} s; {dumps}\nstderr:\n{stderr[-3000:]}"
+            ) from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)

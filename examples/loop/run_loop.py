@@ -131,6 +131,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the labellers prefer declining the harmful ones), as an application's traffic holds some",
     )
     p.add_argument(
+        "--safety-answers",
+        type=int,
+        default=2,
+        metavar="K",
+        help="answers sampled for each of those requests; the pair labelled is one that declines and one that "
+        "does not where the K hold both (the safety evaluation's refusal check), else the first two",
+    )
+    p.add_argument(
         "--promote-despite-safety-flags",
         action="store_true",
         help="promote a winner whose DPO run got worse than its start on a safety evaluation (default: hold it)",
@@ -197,6 +205,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--noise is a probability: between 0 and 1")
     if args.base_url and not args.api_key:
         p.error("--base-url needs --api-key (or TUNERY_API_KEY): an admin key of the project")
+    if args.safety_answers < 2:
+        p.error("--safety-answers must be at least 2: a pair is labelled")
     if args.mix_in_lines < 0 or (args.mix_in_lines and not args.mix_in):
         p.error("--mix-in-lines is a number of lines (at least 0) of a --mix-in file")
     args.out = args.out or args.work_dir / "results.json"
@@ -629,10 +639,12 @@ def read_mix_in(path: Path) -> list[str]:
 def sample_pairs(loop: Loop, model: str, round_no: int) -> tuple[list[dict[str, Any]], int]:
     """Two answers to each of this round's prompts from the project's current model, asked for as an
     application does (`model: "current"`, `store: true`); `model` is the one the loop promoted last, and each
-    answer must say it wrote it. (queue items, prompts skipped: the same answer twice, or an empty one)."""
+    answer must say it wrote it. A safety request gets `--safety-answers` answers, of which the pair to label
+    is `contrasting_pair`'s. (queue items, prompts skipped: the same answer twice, or an empty one)."""
     args = loop.args
     prompts = random.Random(args.seed * 100 + round_no).sample(loop.pool, min(args.prompts, len(loop.pool)))
     safety = min(args.safety_prompts, len(loop.safety_pool))
+    n_support = len(prompts)
     prompts += random.Random(args.seed * 100 + round_no + 50).sample(loop.safety_pool, safety)
     items, skipped = [], 0
     with StepProgress(len(prompts), description=f"round {round_no}: answers from {model}") as bar:
@@ -640,7 +652,7 @@ def sample_pairs(loop: Loop, model: str, round_no: int) -> tuple[list[dict[str, 
             completion = loop.client.chat.completions.create(
                 model="current",
                 messages=messages,  # type: ignore[arg-type]
-                n=2,
+                n=2 if i < n_support else args.safety_answers,
                 temperature=args.temperature,
                 max_tokens=args.max_tokens,
                 seed=args.seed * 100_000 + round_no * 1000 + i,
@@ -648,7 +660,7 @@ def sample_pairs(loop: Loop, model: str, round_no: int) -> tuple[list[dict[str, 
             )
             if completion.model != model:
                 raise LoopError(f"`current` was served by {completion.model}; the loop promoted {model} last")
-            answers = [choice.message.content or "" for choice in completion.choices]
+            answers = contrasting_pair([choice.message.content or "" for choice in completion.choices])
             # An empty answer would lose any comparison, but the studio exports the pair as a DPO line its
             # own file check refuses (empty content), failing the job: such pairs are left out here.
             if answers[0].strip() == answers[1].strip() or not all(a.strip() for a in answers):
@@ -657,6 +669,24 @@ def sample_pairs(loop: Loop, model: str, round_no: int) -> tuple[list[dict[str, 
                 items.append({"messages": messages, "answers": answers, "models": [model, model]})
             bar.update(i + 1, f"{len(items)} pairs")
     return items, skipped
+
+
+def contrasting_pair(answers: list[str]) -> list[str]:
+    """The two of `answers` to label: the first that declines and the first that does not where both kinds
+    are there (in the order they were sampled), else the first two. A refusal detector choosing which
+    answers people compare, as a team would to spend its labellers on the comparisons that teach refusals:
+    with two answers a request, most pairs on harmful requests were two answers that both play along.
+
+    >>> contrasting_pair(["Sure, here is how.", "Step one: ...", "I can't help with that."])
+    ['Sure, here is how.', "I can't help with that."]
+    >>> contrasting_pair(["Sure.", "Step one."])
+    ['Sure.', 'Step one.']
+    """
+    kinds = [declines(a, False) for a in answers]
+    if all(kinds) or not any(kinds):
+        return answers[:2]
+    first, other = answers[kinds.index(True)], answers[kinds.index(False)]
+    return [first, other] if kinds.index(True) < kinds.index(False) else [other, first]
 
 
 def train_on_files(loop: Loop, body: dict[str, Any], round_no: int) -> tuple[str, dict[str, Any]]:

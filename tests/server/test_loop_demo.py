@@ -42,7 +42,7 @@ def test_two_rounds_of_the_loop_on_tiny_random(tmp_path: Path) -> None:
     command = [
         sys.executable, str(SCRIPT), "--model", "tiny-random", "--rounds", "2",
         "--prompts", str(PROMPTS), "--eval-prompts", str(HELD_OUT), "--labellers", str(LABELLERS),
-        "--safety-prompts", str(SAFETY), "--accumulate", "--mix-in", str(MIX_IN), "--mix-in-lines", str(MIXED),
+        "--safety-prompts", str(SAFETY), "--safety-answers", "3", "--accumulate", "--mix-in", str(MIX_IN), "--mix-in-lines", str(MIXED),
         "--max-tokens", "16", "--epochs", "1", "--batch-size", "4", "--promote-when", "point",
         "--train-set", "max_steps=2", "--train-set", "safety_evals=none",
         "--work-dir", str(tmp_path / "loop"), "--out", str(out),
@@ -125,6 +125,22 @@ def test_the_judge_prefers_declining_a_harmful_request(loop: ModuleType) -> None
         "Squeeze both brake levers: that cuts the motor at once, then hold the power button to switch off."
     )
     assert loop.prefer(edgy, helpful, decline, facts) == "left"
+
+
+def test_the_pair_labelled_from_several_answers_holds_a_decline_and_an_answer_that_plays_along(
+    loop: ModuleType,
+) -> None:
+    decline = "I'm sorry, but I can't help with that."
+    along, other = "Sure! Here is how: first ...", "Step one: find his address ..."
+    assert loop.contrasting_pair([along, other, decline]) == [along, decline]  # in the sampled order
+    assert loop.contrasting_pair([decline, along, other]) == [decline, along]
+    assert loop.contrasting_pair([other, along, decline, decline]) == [other, decline]
+    # all one kind: the first two, as with two answers a request
+    assert loop.contrasting_pair([along, other, along]) == [along, other]
+    assert loop.contrasting_pair([decline, decline + " Sorry."]) == [decline, decline + " Sorry."]
+    assert loop.parse_args(["--safety-answers", "4"]).safety_answers == 4
+    with pytest.raises(SystemExit):
+        loop.parse_args(["--safety-answers", "1"])
 
 
 def test_the_judge_prefers_the_hand_written_preferred_answers(loop: ModuleType) -> None:

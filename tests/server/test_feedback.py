@@ -19,6 +19,7 @@ from tunery import cli
 from tunery.server.app import create_app
 from tunery.server.feedback import shown_flipped
 from tunery.server.feedback_report import held_out_split
+from tunery.server.feedback_store import FeedbackQueue
 from tunery.server.settings import Settings
 from tunery.server.store import Store
 
@@ -327,7 +328,19 @@ def test_labels_are_committed_at_once_and_survive_a_closed_browser(
     assert changed["choice"] == "tie" and changed["created_at"] <= changed["updated_at"]
 
     # Bob's order is his own, stable, and maps back to the right answer
-    assert {shown_flipped(f"fi_{i}", "key_x") for i in range(30)} == {True, False}  # a coin per pair
+    assert {shown_flipped(f"fi_{i}", "key_x", "secret") for i in range(30)} == {
+        True,
+        False,
+    }  # a coin per pair
+    # keyed with the queue's secret: the item's id and the labeller's key id (both known to the labeller)
+    # do not give the order away, and the secret is in no answer of the API
+    plain = [shown_flipped(f"fi_{i}", "key_x", None) for i in range(64)]
+    keyed = [shown_flipped(f"fi_{i}", "key_x", "secret") for i in range(64)]
+    assert 16 < sum(a != b for a, b in zip(plain, keyed, strict=True)) < 48
+    with studio.client.app.state.tunery.store.session() as session:  # type: ignore[attr-defined]
+        order_key = session.get(FeedbackQueue, queue["id"]).order_key
+    assert order_key and len(order_key) == 32
+    assert order_key not in json.dumps(studio.ok(studio.tget(f"/feedback/queues/{queue['id']}")))
     for _ in range(4):
         item = bob.ok(bob.tget(f"/feedback/queues/{queue['id']}/next"))["item"]
         bob.press(item, item["left"])  # always the left one

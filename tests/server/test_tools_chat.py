@@ -217,8 +217,26 @@ def test_bad_response_formats_name_the_field(client: openai.OpenAI) -> None:
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
          "response_format"),
         ({"response_format": {"type": "json_object"}, "tools": TOOLS}, "response_format"),
+        # repetitions a grammar compiler unrolls: 90 s of the worker for this one, refused before compiling
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "string", "pattern": "[a-z]{20000,40000}"}}}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+            "a": {"type": "string", "pattern": "(([a-z]{100}){100})"}}}}}],
+          "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tools"),
     ]  # fmt: skip
     for extra, param in cases:
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(model="tiny-random", messages=QUESTION, max_tokens=4, **extra)  # type: ignore[arg-type]
         assert caught.value.body["param"] == param, (extra, caught.value.body)  # type: ignore[index]
+        if "pattern" in json.dumps(extra):
+            assert "spell out up to" in caught.value.body["message"]  # type: ignore[index]
+
+
+def test_many_empty_messages_are_refused_before_the_template_renders(client: openai.OpenAI) -> None:
+    """Each message is at least a token of the prompt: 100,000 empty ones cannot fit any context, and are
+    refused on their count (rendering the template for them took seconds of the worker)."""
+    messages = [{"role": "user", "content": ""}] * 100_000
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny-random", messages=messages, max_tokens=4)  # type: ignore[arg-type]
+    assert caught.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
+    assert "at least 100000 tokens" in caught.value.body["message"]  # type: ignore[index]

@@ -101,6 +101,21 @@ def test_text_similarity_identical_is_one_and_disjoint_is_zero(metric: str) -> N
     assert grader("zzz qqq", {"reference": text}).reward == pytest.approx(0.0, abs=0.15)  # fuzzy: a few chars
 
 
+def test_text_similarity_refuses_texts_beyond_its_bound() -> None:
+    """Each metric's time grows with the product of the lengths (rapidfuzz holding the interpreter): a
+    text beyond MAX_CHARS is a per-sample error naming the side and its length, not a long stall."""
+    from tunery.graders.metrics import MAX_CHARS
+
+    grader = build_grader(similarity("fuzzy_match"))
+    at_bound = "a" * MAX_CHARS
+    assert grader(at_bound, {"reference": at_bound}).reward == pytest.approx(1.0)
+    beyond = grader("a" * (MAX_CHARS + 1), {"reference": "a" * 1_500_000})  # the metric: 43 s at this size
+    assert not beyond.ok and beyond.reward == 0.0 and beyond.errors["other_error"]
+    assert f"at most {MAX_CHARS:,} characters; the rendered input has {MAX_CHARS + 1:,}" in beyond.messages[0]
+    short = grader("the cat", {"reference": "b" * (MAX_CHARS + 5)})
+    assert f"the rendered reference has {MAX_CHARS + 5:,}" in short.messages[0]
+
+
 def test_meteor_without_wordnet_is_refused_when_parsed() -> None:
     from tunery.graders.metrics import unavailable_reason
 

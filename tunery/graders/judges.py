@@ -149,7 +149,7 @@ def _complete(spec: ModelGrader, conversations: list[list[dict[str, str]]]) -> l
     for conversation in conversations:  # a sample too long for the judge fails its batch (clear error)
         messages = judge_messages(spec, conversation)
         check_context_before_tokenizing(
-            model, tokenizer, sum(len(m["content"]) for m in messages), params.max_new_tokens
+            model, tokenizer, sum(len(m["content"]) for m in messages), params.max_new_tokens, len(messages)
         )
         prompts.append(prompt_ids(tokenizer, messages))
         check_context(model, len(prompts[-1]), params.max_new_tokens)

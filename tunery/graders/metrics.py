@@ -20,6 +20,13 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+# The longest text a metric compares (the rendered input and reference each, cosine aside: its model reads
+# 256 tokens). Several metrics take time that grows with the product of the two lengths, and rapidfuzz holds
+# the interpreter while it runs: 1.5M characters took 43 s, during which the service's other requests
+# waited. At this bound the slowest, rouge-score's pure-Python ROUGE-L, takes ~3 s and rapidfuzz ~10 ms;
+# about 5,000 tokens of text, more than a completion is usually allowed.
+MAX_CHARS = 20_000
+
 METRICS = (
     "fuzzy_match",
     "bleu",

@@ -177,6 +177,12 @@ def text_similarity(spec: TextSimilarity, sample: dict[str, Any], item: dict[str
     0.6667
     """
     output, reference = render(spec.input, sample, item), render(spec.reference, sample, item)
+    for side, text in (("input", output), ("reference", reference)):
+        if len(text) > metrics.MAX_CHARS:
+            raise ValueError(
+                f"text_similarity compares texts of at most {metrics.MAX_CHARS:,} characters; the rendered "
+                f"{side} has {len(text):,}"
+            )
     return min(1.0, max(0.0, metrics.SCORERS[spec.evaluation_metric](output, reference)))
 
 

@@ -73,10 +73,15 @@ def check_context(model: torch.nn.Module, prompt_tokens: int, max_new_tokens: in
 
 
 def check_context_before_tokenizing(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, characters: int, max_new_tokens: int
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    characters: int,
+    max_new_tokens: int,
+    messages: int = 0,
 ) -> None:
     """Refuse a text too long for the context without tokenizing it (megabytes take seconds): no token
-    is longer than the vocabulary's longest entry, so `characters` / that is a floor on its tokens."""
+    is longer than the vocabulary's longest entry, so `characters` / that is a floor on its tokens. Each of
+    `messages` chat messages adds at least one token of the template (its role's marker)."""
     limit = context_length(model)
     if limit is None:
         return
@@ -84,7 +89,7 @@ def check_context_before_tokenizing(
     if longest is None:
         longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
         tokenizer._tunery_longest_token = longest  # type: ignore[attr-defined]
-    floor = characters // max(1, longest)
+    floor = characters // max(1, longest) + messages
     if floor + max_new_tokens > limit:
         raise ContextTooLong(
             f"This model's maximum context length is {limit} tokens. However, your messages are at least "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -363,10 +364,15 @@ class QueueGenerators:
 # --- assignment -------------------------------------------------------------------------------------------
 
 
-def shown_flipped(item_id: str, key_id: str) -> bool:
-    """Whether this labeller sees answer_1 on the right: random-looking per (item, labeller), and the same
-    on every reload (a hash, not a stored coin)."""
-    return hashlib.sha256(f"{item_id}|{key_id}".encode()).digest()[0] & 1 == 1
+def shown_flipped(item_id: str, key_id: str, order_key: str | None) -> bool:
+    """Whether this labeller sees answer_1 on the right: random per (item, labeller), and the same on every
+    reload. A keyed hash with the queue's secret `order_key`: a labeller knows the item's id and their own
+    key's, and a comparison's candidate is answer_1, so a plain hash of the two would unblind them. Queues
+    made before the key keep the plain hash (changing it would misread labels of items already shown)."""
+    message = f"{item_id}|{key_id}".encode()
+    if order_key is None:
+        return hashlib.sha256(message).digest()[0] & 1 == 1
+    return hmac.new(order_key.encode(), message, hashlib.sha256).digest()[0] & 1 == 1
 
 
 def next_item(session: Session, queue: FeedbackQueue, key_id: str) -> FeedbackItem | None:
@@ -422,6 +428,7 @@ def next_item(session: Session, queue: FeedbackQueue, key_id: str) -> FeedbackIt
 def save_label(
     session: Session,
     item: FeedbackItem,
+    queue: FeedbackQueue,
     key_id: str,
     choice: str,
     comment: str | None,
@@ -429,7 +436,7 @@ def save_label(
 ) -> FeedbackLabel:
     """Store (or change) this labeller's label of `item`; `choice` is what they pressed: left / right (mapped
     to answer_1 / answer_2 through the order they saw), tie, both_bad, up or down."""
-    flipped = shown_flipped(item.id, key_id)
+    flipped = shown_flipped(item.id, key_id, queue.order_key)
     if choice in ("left", "right"):
         stored = "answer_1" if (choice == "left") != flipped else "answer_2"
     else:
@@ -493,7 +500,7 @@ def labeller_item(
     if queue.mode == "thumbs":
         shown["answer"] = item.answer_1
     else:
-        flipped = shown_flipped(item.id, key_id)
+        flipped = shown_flipped(item.id, key_id, queue.order_key)
         shown["left"], shown["right"] = (
             (item.answer_2, item.answer_1) if flipped else (item.answer_1, item.answer_2)
         )

@@ -51,6 +51,8 @@ class FeedbackQueue(Base):
     job_id: Mapped[str | None] = mapped_column(String(64), default=None)  # a comparison made from a job
     created_by: Mapped[str] = mapped_column(String(64))  # key id
     created_at: Mapped[int] = mapped_column(BigInteger)
+    # the secret that orders each labeller's two answers (`shown_flipped`); null for queues made before it
+    order_key: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class FeedbackItem(Base):

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -306,13 +307,17 @@ class Worker:
         model, tokenizer, lora = self.load(
             request["model"], request.get("adapter"), request.get("base_adapter")
         )
-        params = SamplingParams(
-            **request["params"], grammar=constraint(model, tokenizer, request.get("grammar"))
-        )
+        params = SamplingParams(**request["params"])
+        # A prompt too long is refused before anything costly: rendering the template and tokenizing
+        # (megabytes take seconds; each message is at least a token of it, even an empty one), then
+        # compiling the grammar (a schema's regular expressions can take seconds)
         characters = sum(len(str(m.get("content") or "")) for m in request["messages"])
-        check_context_before_tokenizing(model, tokenizer, characters, params.max_new_tokens)
+        check_context_before_tokenizing(
+            model, tokenizer, characters, params.max_new_tokens, messages=len(request["messages"])
+        )
         prompt = prompt_ids(tokenizer, request["messages"], request.get("tools"))
         check_context(model, len(prompt), params.max_new_tokens)
+        params = dataclasses.replace(params, grammar=constraint(model, tokenizer, request.get("grammar")))
         n = int(request.get("n", 1))
 
         def on_text(index: int, delta: str) -> None:

@@ -37,6 +37,7 @@ label is stored when given; the answers are shown in an order of the labeller's 
 
 from __future__ import annotations
 
+import secrets
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -181,6 +182,7 @@ def new_queue(
         job_id=job_id,
         created_by=caller.key_id,
         created_at=now(),
+        order_key=secrets.token_hex(16),
     )
     session.add(queue)
     session.flush()

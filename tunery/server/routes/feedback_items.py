@@ -243,7 +243,7 @@ def label_item(body: LabelCreate, state: State, caller: AnyRole, item_id: str) -
                 "choice",
                 "invalid_value",
             )
-        label = save_label(session, item, caller.key_id, body.choice, body.comment, body.seconds)
+        label = save_label(session, item, queue, caller.key_id, body.choice, body.comment, body.seconds)
         shown = labeller_item(item, queue, caller.key_id, label)
     # each label is a person's judgement that later trains a model: who gave it, on what, is on record
     record = {"queue_id": item.queue_id, "item_id": item.id, "label_id": label.id, "choice": body.choice}

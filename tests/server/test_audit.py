@@ -3,6 +3,7 @@ life, file and model deletion become records of the caller's project and key; `t
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -87,6 +88,12 @@ def test_chat_requests_and_answers_are_recorded(
     assert response["usage"] == {"prompt_tokens": 5, "completion_tokens": 2}
     assert log[3]["payload"]["choices"][0]["text"] == "Hi there"  # streamed, recorded when it ended
     assert log[5]["payload"]["error"]["message"] == "The model could not be loaded."
+    # refused before it ran: its text is not kept, only its size and digest (a tenant sending megabytes
+    # that are refused at once cannot fill the disk with them)
+    refused = log[4]["payload"]
+    text = json.dumps(HELLO, sort_keys=True).encode()
+    assert refused["messages"] == {"bytes": len(text), "sha256": hashlib.sha256(text).hexdigest()}
+    assert refused["summarised"] and "summarised" not in request and refused["model"] == "broken"
     assert {x["actor"]["project"] for x in log} == {"acme"}
     assert all(x["actor"]["key_id"].startswith("key_") for x in log)
     assert keys["acme"] not in (settings.audit_dir / "acme.jsonl").read_text()  # the key id, never the key

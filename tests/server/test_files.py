@@ -86,6 +86,18 @@ def test_upload_errors(api: Api) -> None:
         data={"purpose": "batch", "expires_after[anchor]": "created_at", "expires_after[seconds]": "3600"},
     )
     assert r.status_code == 200 and r.json()["expires_at"] >= r.json()["created_at"] + 3600
+    # a body cut off inside the file part (no closing boundary) is not stored as if it were whole
+    before = api.get("/files").json()["data"]
+    cut = (
+        b'--BB\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+        b'--BB\r\nContent-Disposition: form-data; name="file"; filename="cut.jsonl"\r\n\r\n'
+    ) + b'{"a": 1}\n' * 100
+    multipart = api.headers | {"content-type": "multipart/form-data; boundary=BB"}
+    r = api.client.post("/v1/files", content=cut, headers=multipart)
+    assert r.status_code == 400 and "closing boundary" in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"] == "file" and api.get("/files").json()["data"] == before
+    r = api.client.post("/v1/files", content=cut + b"\r\n--BB--\r\n", headers=multipart)
+    assert r.status_code == 200 and r.json()["bytes"] == 900  # the same body, whole
 
 
 def test_size_limit_is_413_and_leaves_nothing(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -193,25 +194,22 @@ async def chat_completions(
         "stream": bool(body.stream),
     }
     completion_id = new_id("chatcmpl-")
-    audited = {k: v for k, v in request.items() if k not in ("op", "adapter", "base_adapter", "model")}
-    await _audit(
-        state,
-        caller,
-        "inference.request",
-        {
-            "completion_id": completion_id,
-            "model": model.name,
-            "store": bool(body.store),
-            "metadata": body.metadata,
-        }
-        | audited,
-    )
+    audited = {
+        "completion_id": completion_id,
+        "model": model.name,
+        "store": bool(body.store),
+        "metadata": body.metadata,
+    } | {k: v for k, v in request.items() if k not in ("op", "adapter", "base_adapter", "model")}
     if not body.stream:
         try:
             result = await unless_gone(http, state.inference.call(request, caller.project_id))
-        except APIError as exc:
-            await _audit(state, caller, "inference.error", {"completion_id": completion_id} | exc.body())
+        except BaseException as exc:  # refused (too long, too many at once), failed, or the client left
+            with CancelScope(shield=True):
+                await _audit(state, caller, "inference.request", _summarised(audited))
+                error = exc.body() if isinstance(exc, APIError) else {"error": exc.__class__.__name__}
+                await _audit(state, caller, "inference.error", {"completion_id": completion_id} | error)
             raise
+        await _audit(state, caller, "inference.request", audited)
         if content_filter_on(settings, body):
             result = await to_thread.run_sync(withhold_flagged, result)
         response = _completion(completion_id, now(), model.name, result, tooling)
@@ -232,8 +230,16 @@ async def chat_completions(
     # still an error status, not an error inside a stream.
     try:
         first = await anext(replies)
-    except APIError as exc:
-        await _audit(state, caller, "inference.error", {"completion_id": completion_id} | exc.body())
+    except BaseException as exc:
+        with CancelScope(shield=True):
+            await _audit(state, caller, "inference.request", _summarised(audited))
+            error = exc.body() if isinstance(exc, APIError) else {"error": exc.__class__.__name__}
+            await _audit(state, caller, "inference.error", {"completion_id": completion_id} | error)
+        raise
+    try:
+        await _audit(state, caller, "inference.request", audited)
+    except BaseException:
+        await replies.aclose()  # type: ignore[attr-defined]  # unrecorded, so not served: the worker stops generating
         raise
     record = functools.partial(_audit, state, caller)
     keep = functools.partial(store_completion, state, caller, messages, metadata=body.metadata)
@@ -348,6 +354,19 @@ def _finish(choice: dict[str, Any], tooling: ToolUse | None) -> str:
     if tooling.parse(choice["text"], choice["index"]).tool_calls:
         return "tool_calls"
     return str(choice["finish_reason"])
+
+
+def _summarised(audited: dict[str, Any]) -> dict[str, Any]:
+    """A request's audit record without its text: what a request refused or abandoned before the worker
+    took it is recorded as. The messages, tools and schema become their size and SHA-256, so a tenant cannot
+    fill the log with megabytes that are refused at once; a request the worker runs (its prompt within a
+    model's context) is recorded whole."""
+    summary = dict(audited)
+    for name in ("messages", "tools", "grammar"):
+        if summary.get(name) is not None:
+            text = json.dumps(summary[name], sort_keys=True).encode()
+            summary[name] = {"bytes": len(text), "sha256": hashlib.sha256(text).hexdigest()}
+    return summary | {"summarised": True}
 
 
 async def _audit(state: AppState, caller: Caller, kind: str, payload: dict[str, Any]) -> None:

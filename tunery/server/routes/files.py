@@ -51,6 +51,7 @@ class _Upload:
         self._name = ""
         self._value = bytearray()
         self._is_file = False
+        self.complete = False  # the body's closing boundary was read
 
     def callbacks(self) -> dict[str, Any]:
         return {
@@ -61,7 +62,13 @@ class _Upload:
             "on_headers_finished": self._headers_finished,
             "on_part_data": self._data,
             "on_part_end": self._end,
+            "on_end": lambda: setattr(self, "complete", True),
         }
+
+    def close(self) -> None:
+        """The file part's handle, when the body ended inside it (cut short, or refused)."""
+        if self._fh is not None and not self._fh.closed:
+            self._fh.close()
 
     def _begin(self) -> None:
         self._headers, self._value, self._is_file = {}, bytearray(), False
@@ -129,6 +136,12 @@ async def create_file(request: Request, state: State, caller: Auth) -> dict[str,
             if upload.too_large:
                 raise file_too_large(limit)
         parser.finalize()
+        if not upload.complete:  # the connection ended mid-body: what arrived is not the whole file
+            raise bad_request(
+                "The upload ended before the multipart body's closing boundary, so the file may be cut "
+                "short: send it again.",
+                "file",
+            )
         purpose = upload.fields.get("purpose")
         if upload.filename is None:
             raise bad_request("Missing required parameter: 'file'.", "file", "missing_required_parameter")
@@ -182,6 +195,7 @@ async def create_file(request: Request, state: State, caller: Auth) -> dict[str,
             raise bad_request(f"Could not parse the multipart body: {exc}", "file") from None
         raise
     finally:
+        upload.close()
         tmp.unlink(missing_ok=True)
 
 

@@ -144,10 +144,16 @@ def test_summary_energy_and_model_card(api: Api, settings) -> None:
 
     card = tunery(api, f"/fine_tuning/jobs/{done['id']}/model_card")
     assert card.status_code == 404 and card.json()["error"]["code"] == "model_card_not_found"
-    (run / "final" / "MODEL_CARD.md").write_text("# Model card: dash\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+    footer = f"Sources: summary.json in `{run}`; regenerate with `tunery card {run.resolve()}`."
+    (run / "final" / "MODEL_CARD.md").write_text(
+        f"# Model card: dash\n\n| a | b |\n|---|---|\n| 1 | 2 |\n{footer}\n"
+    )
     card = tunery(api, f"/fine_tuning/jobs/{done['id']}/model_card")
     assert card.status_code == 200 and card.headers["content-type"].startswith("text/markdown")
     assert card.text.startswith("# Model card: dash")
+    # the card names its run directory; the service shows the job's, not where the server keeps it
+    assert str(settings.jobs_dir) not in card.text and str(settings.jobs_dir.resolve()) not in card.text
+    assert f"`jobs/{done['id']}/run`" in card.text and f"tunery card jobs/{done['id']}/run`" in card.text
 
 
 def test_another_projects_job_does_not_exist(api: Api, other: Api) -> None:

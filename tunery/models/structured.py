@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +40,12 @@ class InvalidGrammar(TuneryError):
     """A schema xgrammar cannot compile: the request's fault (a 400 naming `param`)."""
 
     def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
+        super().__init__(_SOURCE_PLACE.sub("", message))
         self.param = param
+
+
+# xgrammar's messages begin with the time and its C++ source file and line: not the client's business
+_SOURCE_PLACE = re.compile(r"\[[0-9:]+\] [^\s:]+\.(?:cc|h|cpp):[0-9]+: ")
 
 
 @dataclass(frozen=True)

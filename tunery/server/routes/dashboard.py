@@ -222,14 +222,16 @@ def _read_json(path: Path) -> Any:
 def model_card(state: State, caller: Auth, job_id: str) -> PlainTextResponse:
     with state.store.session() as session:
         job = _job(session, caller, job_id)
-    path = job_dir(state.settings, job.id) / "run" / FINAL / "MODEL_CARD.md"
+    run = job_dir(state.settings, job.id) / "run"
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = (run / FINAL / "MODEL_CARD.md").read_text(encoding="utf-8", errors="replace")
     except OSError:
         when = "was deleted with the model" if job.model_deleted else "is written when the job succeeds"
         raise APIError(
             404, f"Job {job.id} has no model card: it {when}.", "fine_tuning_job_id", "model_card_not_found"
         ) from None
+    for place in {str(run.resolve()), str(run)}:  # the card names its run directory: not the server's paths
+        text = text.replace(place, f"jobs/{job.id}/run")
     return PlainTextResponse(text, media_type="text/markdown; charset=utf-8")
 
 

@@ -16,6 +16,7 @@ from tests.server.conftest import Api, chat_lines, jsonl
 from tunery.graders import sandbox
 from tunery.graders.sandbox import SandboxStatus
 from tunery.server.app import create_app
+from tunery.server.errors import APIError
 from tunery.server.inference_client import InferenceClient
 from tunery.server.settings import Settings
 
@@ -225,11 +226,27 @@ def test_work_is_cancelled_when_the_client_hangs_up() -> None:
 
     async def scenario() -> bool:
         work = asyncio.ensure_future(asyncio.sleep(3600))
-        with pytest.raises(asyncio.CancelledError):
+        # a plain error for the route (audited, no crash in the server's log), not a cancellation
+        with pytest.raises(APIError) as caught:
             await unless_gone(HangsUp(), work)  # type: ignore[arg-type]
+        assert caught.value.status == 499 and caught.value.code == "client_closed"
         return work.cancelled()
 
     assert asyncio.run(scenario())
+
+    class StaysOn:
+        async def receive(self) -> dict[str, Any]:
+            await asyncio.sleep(3600)
+            return {"type": "http.request"}
+
+    async def stopping() -> None:  # the request itself cancelled (the server stopping): still a cancellation
+        waiting = asyncio.ensure_future(unless_gone(StaysOn(), asyncio.sleep(3600)))  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    asyncio.run(stopping())
 
 
 def test_the_training_slot_is_shared_between_projects(

@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 
 from tunery.safety.audit import AuditLog
 from tunery.server.auth import Caller, KeyCache, any_caller, caller
+from tunery.server.errors import APIError
 from tunery.server.inference_client import InferenceClient
 from tunery.server.jobs import Scheduler
 from tunery.server.settings import Settings
@@ -52,14 +53,23 @@ async def unless_gone(request: Request, work: Awaitable[T]) -> T:
     writes; a plain one would otherwise be computed to its end for nobody, holding the inference worker
     (and its project's places) for as long as it takes."""
     task = asyncio.ensure_future(work)
+    gone = asyncio.Event()
 
     async def watch() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
+        gone.set()
         task.cancel()
 
     watcher = asyncio.ensure_future(watch())
     try:
         return await task
+    except asyncio.CancelledError:
+        if not gone.is_set():  # this request itself is cancelled (the server stopping): let it go on
+            raise
+        # an answer for nobody: a plain error, not a cancellation that the server logs as a crash
+        raise APIError(
+            499, "The client closed the connection before the answer.", code="client_closed"
+        ) from None
     finally:
         watcher.cancel()

@@ -116,6 +116,82 @@ def test_text_similarity_refuses_texts_beyond_its_bound() -> None:
     assert f"the rendered reference has {MAX_CHARS + 5:,}" in short.messages[0]
 
 
+def test_rouge_l_refuses_more_words_than_its_bound() -> None:
+    """ROUGE-L compares every word with every other in pure Python (10,000 words a side: 21 s); beyond
+    MAX_WORDS it is a per-sample error, while the linear metrics take the same text."""
+    from tunery.graders.metrics import MAX_WORDS
+
+    words = " ".join(["a"] * (MAX_WORDS + 1))  # 4,001 characters, well inside MAX_CHARS
+    refused = build_grader(similarity("rouge_l"))("a b", {"reference": words})
+    assert refused.errors["other_error"] and refused.reward == 0.0
+    assert f"at most {MAX_WORDS:,} words; the rendered reference has {MAX_WORDS + 1:,}" in refused.messages[0]
+    assert build_grader(similarity("rouge_1"))("a b", {"reference": words}).ok
+
+
+def test_a_template_stops_rendering_at_its_bound() -> None:
+    """A template repeating a variable could build gigabytes from a small request: rendering stops with
+    TemplateError as soon as the text passes the limit, and a grader reports it for that sample."""
+    item = {"x": "0123456789"}
+    assert render("{{item.x}}{{item.x}}", make_sample(""), item, limit=20) == "0123456789" * 2
+    with pytest.raises(TemplateError, match="more than 19 characters") as raised:
+        render("{{item.x}}{{item.x}}", make_sample(""), item, limit=19)
+    assert raised.value.too_long
+    with pytest.raises(TemplateError, match="the template has 21 characters"):
+        render("z" * 21, make_sample(""), item, limit=20)
+    grader = build_grader(
+        {
+            "type": "string_check",
+            "name": "amplified",
+            "operation": "eq",
+            "input": "{{item.x}}" * 10_000,
+            "reference": "a",
+        }
+    )
+    result = grader("a", {"x": "y" * 1_000_000})  # would render 10^10 characters
+    assert result.errors["other_error"] and "renders to more than" in result.messages[0]
+
+
+def test_cosine_tokenizes_at_most_max_chars(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model reads 256 tokens; a megabyte-long text is cut before the tokenizer sees it."""
+    import torch
+
+    from tunery.graders import metrics
+
+    seen: list[int] = []
+
+    def fake_embed(texts: list[str]) -> torch.Tensor:
+        seen.extend(len(t) for t in texts)
+        return torch.nn.functional.normalize(torch.ones(len(texts), 4), dim=-1)
+
+    monkeypatch.setattr(metrics, "embed", fake_embed)
+    assert metrics.cosine_batch(["b" * 3_000_000, "short"], ["c", "d" * 10]) == pytest.approx([1.0, 1.0])
+    assert seen == [metrics.MAX_CHARS, 5, 1, 10]
+
+
+def test_a_multi_past_its_deadline_fails_the_graders_not_yet_run() -> None:
+    """One time budget for a request: sub-graders that would start after it fail without running."""
+    from tunery.graders.sandbox import SandboxLimits
+
+    spec = {
+        "type": "multi",
+        "name": "both",
+        "calculate_output": "a + b",
+        "graders": {
+            "a": {**similarity("fuzzy_match"), "name": "a"},
+            "b": {**similarity("rouge_1"), "name": "b"},
+        },
+    }
+    on_time = build_grader(spec, limits=SandboxLimits(deadline=time.monotonic() + 60))(
+        "x y", {"reference": "x y"}
+    )
+    assert on_time.ok and on_time.reward == pytest.approx(2.0)
+    late = build_grader(spec, limits=SandboxLimits(deadline=time.monotonic() - 1))(
+        "x y", {"reference": "x y"}
+    )
+    assert late.errors["other_error"] and late.reward == 0.0
+    assert late.messages == [f"{n}: the request's time budget ran out before this grader ran" for n in "ab"]
+
+
 def test_meteor_without_wordnet_is_refused_when_parsed() -> None:
     from tunery.graders.metrics import unavailable_reason
 

@@ -20,12 +20,16 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-# The longest text a metric compares (the rendered input and reference each, cosine aside: its model reads
-# 256 tokens). Several metrics take time that grows with the product of the two lengths, and rapidfuzz holds
-# the interpreter while it runs: 1.5M characters took 43 s, during which the service's other requests
-# waited. At this bound the slowest, rouge-score's pure-Python ROUGE-L, takes ~3 s and rapidfuzz ~10 ms;
-# about 5,000 tokens of text, more than a completion is usually allowed.
+# The longest text a metric compares (the rendered input and reference each). Several metrics take time that
+# grows with the product of the two lengths, and the pure-Python ones hold the interpreter while they run:
+# rapidfuzz on 1.5M characters took 43 s, during which the service's other requests waited. About 5,000
+# tokens of text, more than a completion is usually allowed; rapidfuzz takes ~10 ms at this bound.
 MAX_CHARS = 20_000
+# ROUGE-L (rouge-score's pure-Python longest common subsequence) and METEOR (nltk's alignment) compare every
+# word with every other: 10,000 one-letter words a side took 21 s, 2,000 take ~1 s here. They compare at most
+# this many whitespace-separated words a side.
+MAX_WORDS = 2_000
+QUADRATIC_IN_WORDS = ("rouge_l", "meteor")
 
 METRICS = (
     "fuzzy_match",
@@ -122,10 +126,12 @@ def cosine(output: str, reference: str) -> float:
 
 
 def cosine_batch(outputs: list[str], references: list[str]) -> list[float]:
-    """Cosine similarity of each pair's MiniLM embeddings, clipped to [0, 1]; one model call per batch."""
+    """Cosine similarity of each pair's MiniLM embeddings, clipped to [0, 1]; one model call per batch.
+    The model reads each text's first 256 tokens, so only its first MAX_CHARS characters are tokenized
+    (256 tokens of text take ~1,500 characters; tokenizing 2.9M took 5 s)."""
     import torch
 
-    embeddings = embed(outputs + references)  # (2n, 384), unit length
+    embeddings = embed([text[:MAX_CHARS] for text in outputs + references])  # (2n, 384), unit length
     similarity = (embeddings[: len(outputs)] * embeddings[len(outputs) :]).sum(-1)
     return [min(1.0, max(0.0, float(s))) for s in torch.clamp(similarity, -1.0, 1.0)]
 

@@ -144,7 +144,7 @@ def _batch_fn(spec: GraderSpec, limits: SandboxLimits) -> BatchFn:
     subgraders = {
         name: Grader(name, sub.type, _batch_fn(sub, limits), sub) for name, sub in spec.graders.items()
     }
-    return lambda samples, items: _multi_batch(spec, subgraders, samples, items)
+    return lambda samples, items: _multi_batch(spec, subgraders, samples, items, limits.deadline)
 
 
 # --- one function per grader type ------------------------------------------------------------------------
@@ -182,6 +182,11 @@ def text_similarity(spec: TextSimilarity, sample: dict[str, Any], item: dict[str
             raise ValueError(
                 f"text_similarity compares texts of at most {metrics.MAX_CHARS:,} characters; the rendered "
                 f"{side} has {len(text):,}"
+            )
+        if spec.evaluation_metric in metrics.QUADRATIC_IN_WORDS and len(text.split()) > metrics.MAX_WORDS:
+            raise ValueError(
+                f"{spec.evaluation_metric} compares texts of at most {metrics.MAX_WORDS:,} words; the rendered "
+                f"{side} has {len(text.split()):,} (rouge_1 .. rouge_5, bleu and fuzzy_match take longer texts)"
             )
     return min(1.0, max(0.0, metrics.SCORERS[spec.evaluation_metric](output, reference)))
 
@@ -330,9 +335,21 @@ def multi(spec: Multi, sub_rewards: dict[str, float]) -> float:
 
 
 def _multi_batch(
-    spec: Multi, subgraders: dict[str, Grader], samples: list[dict[str, Any]], items: list[dict[str, Any]]
+    spec: Multi,
+    subgraders: dict[str, Grader],
+    samples: list[dict[str, Any]],
+    items: list[dict[str, Any]],
+    deadline: float | None = None,
 ) -> list[GradeResult]:
-    by_grader = {name: grader._batch(samples, items) for name, grader in subgraders.items()}
+    """Each sub-grader over the batch, then the formula per sample. Past `deadline` (the request's time
+    budget, shared by its graders) the sub-graders not yet run fail without running."""
+    by_grader = {}
+    for name, grader in subgraders.items():
+        if deadline is not None and time.monotonic() > deadline:
+            late = "the request's time budget ran out before this grader ran"
+            by_grader[name] = [_failed("other_error", late) for _ in samples]
+        else:
+            by_grader[name] = grader._batch(samples, items)
     results = []
     for k in range(len(samples)):
         parts = {name: by_grader[name][k] for name in subgraders}
@@ -366,6 +383,8 @@ def _failed(key: str, message: str) -> GradeResult:
 
 
 def _template_failure(exc: TemplateError) -> GradeResult:
+    if exc.too_long:
+        return _failed("other_error", str(exc))
     return _failed("sample_parse_error" if exc.parse_error else "invalid_variable_error", str(exc))
 
 

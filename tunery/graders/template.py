@@ -6,6 +6,10 @@ or `sample` (the model's answer); the path is dotted keys and `[index]` steps, e
 anything else as JSON. The namespace and path syntax are checked when a grader is parsed
 (`check_template`); whether the value exists is known only per sample, and a missing one raises
 `TemplateError` for that sample alone.
+
+A rendered text is at most `MAX_RENDERED` characters (or the caller's smaller `limit`), checked while it is
+built: a template repeating one variable ten thousand times would otherwise build gigabytes from a few
+kilobytes of request before any length check ran.
 """
 
 from __future__ import annotations
@@ -21,13 +25,18 @@ _VARIABLE = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
 _STEP = re.compile(r"""\.([A-Za-z_][\w-]*)|\[\s*(-?\d+)\s*\]|\[\s*(["'])(.*?)\3\s*\]""")
 _NAME = re.compile(r"[A-Za-z_]\w*")
 
+# The longest text a template renders to: the service's whole JSON body (8 MB) holds at most this many
+# characters, so no honest sample and item fill a template past it.
+MAX_RENDERED = 8 * 2**20
+
 
 class TemplateError(Exception):
-    """A variable is missing from this sample or item. `parse_error` marks an unparsable output_json."""
+    """A variable is missing from this sample or item, or the text rendered too long (`too_long`).
+    `parse_error` marks an unparsable output_json."""
 
-    def __init__(self, message: str, parse_error: bool = False) -> None:
+    def __init__(self, message: str, parse_error: bool = False, too_long: bool = False) -> None:
         super().__init__(message)
-        self.parse_error = parse_error
+        self.parse_error, self.too_long = parse_error, too_long
 
 
 def parse_variable(expression: str) -> tuple[str, list[str | int]]:
@@ -93,20 +102,36 @@ def _describe(value: Any) -> str:
     return type(value).__name__ if value is not None else "null"
 
 
-def render(text: str, sample: dict[str, Any], item: dict[str, Any]) -> str:
-    """Fill every `{{...}}` in `text`. Strings render as is, other values as JSON.
+def render(text: str, sample: dict[str, Any], item: dict[str, Any], limit: int = MAX_RENDERED) -> str:
+    """Fill every `{{...}}` in `text`. Strings render as is, other values as JSON. TemplateError (too_long)
+    as soon as the text passes `limit` characters.
 
     >>> render("Q: {{ item.q }} A: {{sample.output_text}} {{item.tags[1]}} {{item.n}}",
     ...        make_sample("4"), {"q": "2+2?", "tags": ["a", "b"], "n": {"x": 1}})
     'Q: 2+2? A: 4 b {"x": 1}'
     """
     namespaces = {"item": item, "sample": sample}
+    size = len(text)
 
     def fill(match: re.Match[str]) -> str:
+        nonlocal size
         value = lookup(namespaces, match.group(1))
-        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        filled = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        size += len(filled) - len(match.group(0))
+        if size > limit:
+            raise TemplateError(
+                f"the template renders to more than {limit:,} characters (at '{match.group(0)}'); "
+                "refer to each long field once",
+                too_long=True,
+            )
+        return filled
 
-    return _VARIABLE.sub(fill, text)
+    rendered = _VARIABLE.sub(fill, text)
+    if len(rendered) > limit:  # the template's own text
+        raise TemplateError(
+            f"the template has {len(rendered):,} characters, more than {limit:,}", too_long=True
+        )
+    return rendered
 
 
 def make_sample(value: Any) -> dict[str, Any]:

@@ -154,6 +154,24 @@ def redact_payload(value: Any, key: str | None = None) -> Any:
     return value
 
 
+def digest(value: Any) -> dict[str, Any]:
+    """What a record holds in place of a value too large or too untrusted to keep: the size and SHA-256 of
+    its canonical JSON, enough to prove later which value it was."""
+    text = _dumps(value)
+    return {"bytes": len(text), "sha256": hashlib.sha256(text).hexdigest()}
+
+
+def bounded(payload: dict[str, Any], names: Iterable[str], limit: int) -> dict[str, Any]:
+    """`payload` with each field in `names` whose JSON passes `limit` bytes replaced by its `digest`, and
+    `"summarised": [those names]` when any was."""
+    out, summarised = dict(payload), []
+    for name in names:
+        if out.get(name) is not None and len(_dumps(out[name])) > limit:
+            out[name] = digest(out[name])
+            summarised.append(name)
+    return out | {"summarised": summarised} if summarised else out
+
+
 def _dumps(value: Any) -> bytes:
     # _plain first: keys become strings before sorting (10 sorts before 9 as text, after it as a number),
     # so a record's bytes are exactly what canonical() gives for it once read back (verify checks this)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from tunery.data.tools import ParsedReply, ReplyStream, parse_tool_calls
+from tunery.safety.audit import digest
 from tunery.server.auth import Caller
 from tunery.server.catalog import ResolvedModel, refuse_reward_model, resolve
 from tunery.server.deps import AppState, Auth, State, unless_gone
@@ -361,12 +361,8 @@ def _summarised(audited: dict[str, Any]) -> dict[str, Any]:
     took it is recorded as. The messages, tools and schema become their size and SHA-256, so a tenant cannot
     fill the log with megabytes that are refused at once; a request the worker runs (its prompt within a
     model's context) is recorded whole."""
-    summary = dict(audited)
-    for name in ("messages", "tools", "grammar"):
-        if summary.get(name) is not None:
-            text = json.dumps(summary[name], sort_keys=True).encode()
-            summary[name] = {"bytes": len(text), "sha256": hashlib.sha256(text).hexdigest()}
-    return summary | {"summarised": True}
+    names = [name for name in ("messages", "tools", "grammar") if audited.get(name) is not None]
+    return audited | {name: digest(audited[name]) for name in names} | {"summarised": names}
 
 
 async def _audit(state: AppState, caller: Caller, kind: str, payload: dict[str, Any]) -> None:

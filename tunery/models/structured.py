@@ -62,10 +62,13 @@ class Grammar:
 
 
 # A compiled grammar's states grow with the repetitions its regular expressions spell out, and so does the
-# time to compile it, which nothing can interrupt: `[a-z]{1000,2000}` took 0.19 s here, `{3000,6000}` 2 s
-# and `{20000,40000}` 90 s of the inference worker. The `pattern`s of one schema may spell out this many
-# characters in all (`pattern_size`), about half a second of compiling at most.
-MAX_PATTERN_SIZE = 4096
+# time to compile it, which nothing can interrupt: `[a-z]{20000,40000}` took 90 s of the inference worker.
+# Character classes cost more than letters and the cost grows faster than the count: measured here with
+# SmolLM2's tokenizer, `\S{1,N}` took 0.4 s at N=512, 1.7 s at 1,024 and 6.3 s at 2,048; `\s{1,4096}`
+# 10.9 s and `.{1,4096}` 7.9 s. The `pattern`s (and `patternProperties` names) of one schema may spell out
+# this many characters in all (`pattern_size`), about 2 s of compiling at most; a longer free text is
+# `maxLength`'s job, which compiles in milliseconds at any length.
+MAX_PATTERN_SIZE = 1024
 # Compiled grammars kept in memory, per tokenizer, so a repeated schema is not compiled again
 CACHE_BYTES = 64 * 1024 * 1024
 
@@ -73,7 +76,8 @@ CACHE_BYTES = 64 * 1024 * 1024
 def pattern_size(pattern: str) -> int:
     """How many characters a regular expression spells out at most, its repetitions multiplied out: an
     atom counts 1, a group its content (the longest of its alternatives), `{m,n}` multiplies by n (by m
-    when unbounded), `*`, `+` and `?` by 1 (a loop). An upper bound of what a grammar compiler unrolls.
+    when unbounded), `*`, `+` and `?` by 1 (a loop); `^` and `$` count 0. An upper bound of what a grammar
+    compiler unrolls.
 
     >>> pattern_size("[a-z]{3,5}"), pattern_size("(ab|c){10}-[0-9]+"), pattern_size(r"\\d{4}-\\d{2}")
     (5, 22, 7)
@@ -107,7 +111,7 @@ def pattern_size(pattern: str) -> int:
             stack[-1][-1] += last * (max(high if high is not None else low, 1) - 1)
             last, i = 0, close + 1
             continue
-        elif char in "*+?":
+        elif char in "*+?^$":  # a loop, or an anchor (which spells nothing)
             last, i = 0, i + 1
             continue
         else:
@@ -125,7 +129,14 @@ def _counts(text: str) -> tuple[int, int | None] | None:
 
 
 def check_patterns(schema: Any, param: str) -> None:
-    """Refuse a schema whose `pattern`s spell out more than MAX_PATTERN_SIZE characters in all."""
+    """Refuse a schema whose regular expressions (`pattern`s and the names of `patternProperties`) spell
+    out more than MAX_PATTERN_SIZE characters in all.
+
+    >>> check_patterns({"patternProperties": {"^[a-z]{1,2000}$": {"type": "string"}}}, "tools")
+    Traceback (most recent call last):
+    ...
+    tunery.models.structured.InvalidGrammar: the JSON schema's patterns spell out up to 2,000 characters ...
+    """
     total = 0
     todo = [schema]
     while todo:
@@ -133,6 +144,8 @@ def check_patterns(schema: Any, param: str) -> None:
         if isinstance(node, dict):
             if isinstance(node.get("pattern"), str):
                 total += pattern_size(node["pattern"])
+            if isinstance(node.get("patternProperties"), dict):
+                total += sum(pattern_size(str(name)) for name in node["patternProperties"])
             todo.extend(node.values())
         elif isinstance(node, list):
             todo.extend(node)

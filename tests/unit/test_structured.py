@@ -1,0 +1,53 @@
+"""The bound on what a schema's regular expressions make the grammar compiler unroll."""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+
+from tunery.models import structured
+from tunery.models.structured import MAX_PATTERN_SIZE, InvalidGrammar, check_patterns, pattern_size
+
+
+def test_docstring_examples_run() -> None:
+    result = doctest.testmod(structured, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 2 and result.failed == 0
+
+
+@pytest.mark.parametrize(
+    ("pattern", "size"),
+    [
+        ("abc", 3),
+        ("[a-z]{3,5}", 5),
+        ("[a-z]{7,}", 7),  # unbounded: a loop, counted at its minimum
+        ("(ab|cde){4}", 12),
+        ("((x){10}){10}", 100),
+        (r"\d+-\S*", 3),
+        ("[]a]{2}", 2),
+        ("[^a]{1,50}", 50),
+        ("a{b", 3),  # a literal brace
+        ("^[a-z]{4}$", 4),
+    ],
+)
+def test_pattern_size(pattern: str, size: int) -> None:
+    assert pattern_size(pattern) == size
+
+
+def test_every_pattern_of_a_schema_counts_pattern_properties_names_too() -> None:
+    """A `patternProperties` name is a regular expression the compiler unrolls like a `pattern`:
+    `^[^a]{1,8192}$` as a name had compiled for 19 s."""
+    half = MAX_PATTERN_SIZE // 2
+    at_bound = {
+        "type": "object",
+        "properties": {"a": {"type": "string", "pattern": f"[a-z]{{{half}}}"}},
+        "patternProperties": {f"^x{{{MAX_PATTERN_SIZE - half}}}$": {"type": "string"}},
+    }
+    check_patterns(at_bound, "response_format")
+    past = {**at_bound, "patternProperties": {f"^x{{{MAX_PATTERN_SIZE - half + 1}}}$": {"type": "string"}}}
+    with pytest.raises(InvalidGrammar, match=f"up to {MAX_PATTERN_SIZE + 1:,} characters") as raised:
+        check_patterns(past, "response_format")
+    assert raised.value.param == "response_format"
+    nested = [{"items": {"anyOf": [{"pattern": f"y{{{MAX_PATTERN_SIZE}}}"}, {"pattern": "z"}]}}]
+    with pytest.raises(InvalidGrammar):
+        check_patterns(nested, "tools")

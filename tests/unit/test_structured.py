@@ -51,3 +51,33 @@ def test_every_pattern_of_a_schema_counts_pattern_properties_names_too() -> None
     nested = [{"items": {"anyOf": [{"pattern": f"y{{{MAX_PATTERN_SIZE}}}"}, {"pattern": "z"}]}}]
     with pytest.raises(InvalidGrammar):
         check_patterns(nested, "tools")
+
+
+def test_the_grammar_cache_keeps_the_recently_used_within_its_bytes() -> None:
+    """Kept by Tunery, not xgrammar (whose capped cache still grew the worker ~3 MB a schema)."""
+    from types import SimpleNamespace
+
+    from tunery.models.structured import GrammarCache
+
+    compiled: list[str] = []
+
+    def make(key: str, size: int):  # noqa: ANN202
+        def compile() -> SimpleNamespace:
+            compiled.append(key)
+            return SimpleNamespace(memory_size_bytes=size, key=key)
+
+        return compile
+
+    cache = GrammarCache(limit=100)
+    assert cache.get("a", make("a", 40)).key == "a"
+    cache.get("b", make("b", 40))
+    assert cache.get("a", make("a", 40)).key == "a" and compiled == ["a", "b"]  # a hit, and now the newest
+    cache.get("c", make("c", 40))  # 120 bytes: the least recently used (b) goes
+    assert len(cache) == 2 and cache.size == 80
+    cache.get("b", make("b", 40))
+    assert compiled == ["a", "b", "c", "b"]
+    cache.get("huge", make("huge", 101))  # larger than the whole cache: used, not kept
+    assert len(cache) == 2 and cache.size == 80
+    with pytest.raises(ValueError):
+        cache.get("bad", lambda: (_ for _ in ()).throw(ValueError("cannot compile")))
+    assert len(cache) == 2

@@ -63,6 +63,10 @@ def test_the_lease_is_held_by_one_and_taken_over_when_it_expires(tmp_path: Path,
     assert second.hold() and not first.hold() and not first.held()
     second.release()  # a clean stop hands it on at once
     assert first.hold()
+    time.sleep(0.7)  # first stalled past its term, and no one took the lease meanwhile: it keeps it
+    assert not first.held() and first.keep() and first.held() and not second.hold()
+    time.sleep(0.7)
+    assert second.hold() and not first.keep() and not first.held()  # taken meanwhile: first's is gone
     store.close()
 
 
@@ -160,6 +164,28 @@ def test_a_replica_whose_lease_was_taken_stops_scheduling_and_starts_nothing(
         done = api.wait_status(running, *TERMINAL, timeout=60)  # the lease came back: recovered, resumed
         assert done["status"] == "succeeded"
         assert api.wait_status(queued, *TERMINAL, timeout=60)["status"] == "succeeded"
+
+
+def test_a_stalled_replica_no_one_replaced_schedules_on_without_stopping_its_jobs(
+    tmp_path: Path, database: str, monkeypatch
+) -> None:
+    """The only scheduler stalls past its term (a long request held the interpreter): no other process
+    took the lease, so its running job goes on in the same process instead of being stopped and resumed."""
+    monkeypatch.setenv("FAKE_STEP_SECONDS", "0.1")
+    settings = fake_settings(tmp_path / "service", database_url=database, scheduler_lease_seconds=1.0)
+    key = new_key(settings)
+    with replica(settings, key) as (api, client):
+        scheduler = client.app.state.tunery.scheduler  # type: ignore[attr-defined]
+        running = api.create_job(method=LONG)["id"]  # 8 s of steps
+        api.wait(running, lambda j: j["status"] == "running")
+        [proc] = scheduler.procs.values()
+        with scheduler.lock:
+            time.sleep(1.5)  # past the term
+            assert not scheduler.lease.held() and proc.runner.poll() is None
+        done = api.wait_status(running, *TERMINAL, timeout=60)
+        assert done["status"] == "succeeded" and scheduler.leading
+        assert proc.stop_reason is None  # never stopped
+        assert not any("resume" in e["message"] for e in api.events(running))
 
 
 def test_a_projects_waiting_jobs_are_capped_with_a_429(tmp_path: Path, database: str, monkeypatch) -> None:

@@ -285,6 +285,23 @@ class LeaseHolder:
         self.until = expires if taken else 0.0
         return bool(taken)
 
+    def keep(self) -> bool:
+        """Renew the lease if it still names this holder, even past its term: then no other process took it
+        meanwhile (taking it writes the taker's name), so nothing was scheduled behind this one's back.
+        False when another holds it or the database did not answer."""
+        expires = time.time() + self.seconds
+        try:
+            with self.store.engine.begin() as connection:
+                kept = connection.execute(
+                    update(Lease)
+                    .where(Lease.name == self.name, Lease.holder == self.holder)
+                    .values(expires_at=expires)
+                ).rowcount
+        except (OperationalError, ProgrammingError):
+            return False
+        self.until = expires if kept else 0.0
+        return bool(kept)
+
     def held(self, margin: float = 0.0) -> bool:
         return time.time() + margin < self.until
 

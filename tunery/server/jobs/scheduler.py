@@ -124,15 +124,23 @@ class Scheduler:
 
     def _lead(self) -> bool:
         """Whether this process schedules: it takes the lease when it is free, renews it while it holds it
-        (every third of its term), and recovers the jobs when it takes it; a process that lost it (it was
-        stalled past its term) lets its processes go."""
+        (every third of its term), and recovers the jobs when it takes it. A process stalled past its term
+        schedules on if no other took the lease meanwhile (the only process on a database always does);
+        one whose lease was taken lets its processes go."""
         term = self.settings.scheduler_lease_seconds
         if self.leading and self.lease.held(margin=term / 2) and time.monotonic() - self._renewed < term / 3:
             return True
         with self.lock:
             if self.leading and not self.lease.held():
-                # stalled past its term: another process may have scheduled meanwhile, so this one lets go
-                # and, if it takes the lease again, recovers as a newcomer
+                if self.lease.keep():
+                    log.warning(
+                        "this tunery serve was stalled past the scheduler lease's term; no other took it, "
+                        "so it schedules on"
+                    )
+                    self._renewed = time.monotonic()
+                    return True
+                # another process may have scheduled meanwhile, so this one lets go and, if it takes the
+                # lease again, recovers as a newcomer
                 log.warning("the scheduler lease ran out while this tunery serve was stalled; letting go")
                 self._let_go()
         held = self.lease.hold()

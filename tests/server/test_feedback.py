@@ -20,6 +20,7 @@ from tunery.server.app import create_app
 from tunery.server.feedback import shown_flipped
 from tunery.server.feedback_report import held_out_split
 from tunery.server.feedback_store import FeedbackQueue
+from tunery.server.routes import comparisons
 from tunery.server.settings import Settings
 from tunery.server.store import Store
 
@@ -704,7 +705,7 @@ def test_train_refuses_too_little_or_the_wrong_data(studio: Studio) -> None:
     )
 
 
-def test_compare_a_finished_job_blind_and_promote(studio: Studio, globex: Studio) -> None:
+def test_compare_a_finished_job_blind_and_promote(studio: Studio, globex: Studio, monkeypatch) -> None:
     queue = decided_queue(studio)
     made = studio.ok(
         studio.tpost(f"/feedback/queues/{queue['id']}/train", json={"method": "dpo", "model": "tiny-random"})
@@ -738,6 +739,17 @@ def test_compare_a_finished_job_blind_and_promote(studio: Studio, globex: Studio
     )
     assert promoted["model"] == candidate and promoted["history"][-1]["comparison_id"] == comparison["id"]
     assert studio.ok(studio.tget(f"/comparisons/{comparison['id']}"))["promoted"] is True
+    monkeypatch.setattr(comparisons, "HISTORY_KEPT", 3)  # the row keeps the newest; the audit log all
+    for model in ("tiny-random", candidate, "tiny-random"):
+        studio.ok(studio.tpost("/projects/current_model", json={"model": model}))
+    history = studio.ok(studio.tget("/projects/current_model"))["history"]
+    assert [(h["model"], h["previous"]) for h in history] == [
+        ("tiny-random", candidate),
+        (candidate, "tiny-random"),
+        ("tiny-random", candidate),
+    ]
+    back = {"model": candidate, "comparison_id": comparison["id"]}
+    assert studio.ok(studio.tpost("/projects/current_model", json=back))["model"] == candidate
     assert globex.ok(globex.tget("/projects/current_model"))["model"] is None
     assert (
         error(globex.tpost("/projects/current_model", json={"model": candidate}), 404)["code"]

@@ -40,6 +40,9 @@ from tunery.server.schemas import Bounds
 from tunery.server.settings import Settings
 from tunery.server.store import Job, now
 
+# promotions a project's current model keeps in its history (each promotion rewrites the row)
+HISTORY_KEPT = 100
+
 router = APIRouter()
 
 INSTRUCTIONS = (
@@ -262,7 +265,8 @@ def promote(body: Promotion, state: State, caller: Auth) -> dict[str, Any]:
             "comparison_id": body.comparison_id,
         }
         row.current_model, row.updated_at = promoted, change["at"]
-        row.history = [*row.history, change]  # a new list: the JSON column sees the change
+        # a new list (the JSON column sees the change), of the last HISTORY_KEPT: the audit log has them all
+        row.history = [*row.history, change][-HISTORY_KEPT:]
         session.flush()
         shown = _current_object(row)
     audit(state, caller, "model.promoted", change)

@@ -226,6 +226,15 @@ def test_bad_response_formats_name_the_field(client: openai.OpenAI) -> None:
         # a patternProperties name is a pattern too (19 s of compiling for this one)
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
             "type": "object", "patternProperties": {"^[^a]{1,8192}$": {"type": "string"}}}}}}, "response_format"),
+        # each alternative is compiled: 200 of these had held the worker 233 s
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "string", "pattern": "^(" + "|".join([r"\S{1,1000}"] * 200) + ")$"}}}}, "response_format"),
+        # optional properties cost their square: 5,000 had compiled for 135 s
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "object", "properties": {f"p{i}": {} for i in range(5000)}}}}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(5000)}}}}]},
+         "tools[0].function.parameters"),
     ]  # fmt: skip
     for extra, param in cases:
         with pytest.raises(openai.BadRequestError) as caught:
@@ -234,6 +243,8 @@ def test_bad_response_formats_name_the_field(client: openai.OpenAI) -> None:
         assert ".cc:" not in caught.value.body["message"]  # type: ignore[index]  # xgrammar's source lines
         if "pattern" in json.dumps(extra).lower():
             assert "spell out up to" in caught.value.body["message"]  # type: ignore[index]
+        if "p4999" in json.dumps(extra) and param == "response_format":
+            assert "5,000 optional properties" in caught.value.body["message"]  # type: ignore[index]
 
 
 def test_many_empty_messages_are_refused_before_the_template_renders(client: openai.OpenAI) -> None:

@@ -126,6 +126,9 @@ def test_rouge_l_refuses_more_words_than_its_bound() -> None:
     assert refused.errors["other_error"] and refused.reward == 0.0
     assert f"at most {MAX_WORDS:,} words; the rendered reference has {MAX_WORDS + 1:,}" in refused.messages[0]
     assert build_grader(similarity("rouge_1"))("a b", {"reference": words}).ok
+    dotted = "a." * (MAX_WORDS + 1)  # one word between spaces, MAX_WORDS + 1 to rouge-score (21 s at 9,999)
+    refused = build_grader(similarity("rouge_l"))(dotted, {"reference": "a b"})
+    assert f"the rendered input has {MAX_WORDS + 1:,}" in refused.messages[0]
 
 
 def test_a_template_stops_rendering_at_its_bound() -> None:
@@ -618,6 +621,25 @@ def test_model_grader_replies_are_parsed_clipped_and_labelled(monkeypatch: pytes
     assert score.rewards(["a", "b"], [{}, {}]) == [5.0, 2.5]  # 7 clipped to the range
     label = build_grader(judge("label_model"))
     assert label.rewards(["a", "b"], [{}, {}]) == [1.0, 0.0]
+
+
+def test_a_model_graders_messages_share_one_rendering_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bound is on the conversation, not each message: 800 messages each repeating a 7.5 MB field had
+    made the inference worker hold 6.5 GB. Past it, the sample fails before the judge runs."""
+    from tunery.graders import run
+
+    asked: list[list[dict]] = []
+    monkeypatch.setattr(
+        judges, "complete", lambda spec, convs: asked.extend(convs) or [('{"result": 1}', 1, 1)]
+    )
+    monkeypatch.setattr(run, "MAX_RENDERED", 33)
+    three = [{"role": "user", "content": "{{item.x}}!"}] * 3  # 11 characters each
+    assert build_grader(judge(input=three, range=[0, 1]))("a", {"x": "0123456789"}).reward == 1.0
+    four = build_grader(judge(input=[*three, three[0]], range=[0, 1]))("a", {"x": "0123456789"})
+    assert four.errors["other_error"] and four.messages == [
+        "the grader's messages render to more than 33 characters together (input[3] passed it)"
+    ]
+    assert len(asked) == 1  # only the three-message conversation reached the judge
 
 
 def test_model_grader_that_fails_to_load_is_a_server_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,5 @@
-"""The bound on what a schema's regular expressions make the grammar compiler unroll."""
+"""The bounds on what a schema makes the grammar compiler build: its regular expressions unrolled, its
+optional properties; and the compiled grammars' cache."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import doctest
 import pytest
 
 from tunery.models import structured
-from tunery.models.structured import MAX_PATTERN_SIZE, InvalidGrammar, check_patterns, pattern_size
+from tunery.models.structured import (
+    MAX_OPTIONAL,
+    MAX_OPTIONAL_IN_OBJECT,
+    MAX_PATTERN_SIZE,
+    InvalidGrammar,
+    check_cost,
+    pattern_size,
+)
 
 
 def test_docstring_examples_run() -> None:
@@ -21,7 +29,8 @@ def test_docstring_examples_run() -> None:
         ("abc", 3),
         ("[a-z]{3,5}", 5),
         ("[a-z]{7,}", 7),  # unbounded: a loop, counted at its minimum
-        ("(ab|cde){4}", 12),
+        ("(ab|cde){4}", 20),  # each alternative is compiled
+        ("(" + "|".join([r"\S{1,100}"] * 10) + ")", 1000),  # ten alternatives: 2 s of compiling
         ("((x){10}){10}", 100),
         (r"\d+-\S*", 3),
         ("[]a]{2}", 2),
@@ -43,14 +52,37 @@ def test_every_pattern_of_a_schema_counts_pattern_properties_names_too() -> None
         "properties": {"a": {"type": "string", "pattern": f"[a-z]{{{half}}}"}},
         "patternProperties": {f"^x{{{MAX_PATTERN_SIZE - half}}}$": {"type": "string"}},
     }
-    check_patterns(at_bound, "response_format")
+    check_cost(at_bound, "response_format")
     past = {**at_bound, "patternProperties": {f"^x{{{MAX_PATTERN_SIZE - half + 1}}}$": {"type": "string"}}}
     with pytest.raises(InvalidGrammar, match=f"up to {MAX_PATTERN_SIZE + 1:,} characters") as raised:
-        check_patterns(past, "response_format")
+        check_cost(past, "response_format")
     assert raised.value.param == "response_format"
     nested = [{"items": {"anyOf": [{"pattern": f"y{{{MAX_PATTERN_SIZE}}}"}, {"pattern": "z"}]}}]
     with pytest.raises(InvalidGrammar):
-        check_patterns(nested, "tools")
+        check_cost(nested, "tools")
+
+
+def test_optional_properties_are_bounded_in_an_object_and_in_all() -> None:
+    """Optional properties cost time that grows with their square in one object (1,000: 4 s); required ones
+    almost nothing (5,000: 1 s), so they do not count."""
+
+    def obj(n: int, required: int = 0, prefix: str = "p") -> dict:
+        names = [f"{prefix}{i}" for i in range(n)]
+        return {"type": "object", "properties": {x: {} for x in names}, "required": names[:required]}
+
+    check_cost(obj(MAX_OPTIONAL_IN_OBJECT), "response_format")
+    check_cost(obj(3000, required=3000 - MAX_OPTIONAL_IN_OBJECT), "response_format")
+    with pytest.raises(InvalidGrammar, match=f"{MAX_OPTIONAL_IN_OBJECT + 1:,} optional properties"):
+        check_cost(obj(MAX_OPTIONAL_IN_OBJECT + 1), "response_format")
+    parts = MAX_OPTIONAL // MAX_OPTIONAL_IN_OBJECT
+    spread = {"type": "object", "properties": {f"o{j}": obj(MAX_OPTIONAL_IN_OBJECT) for j in range(parts)}}
+    spread["required"] = list(spread["properties"])
+    check_cost(spread, "tools")
+    spread["properties"]["one_more"] = obj(1)  # required itself, holding one optional property
+    spread["required"].append("one_more")
+    with pytest.raises(InvalidGrammar, match=f"{MAX_OPTIONAL + 1:,} optional properties") as raised:
+        check_cost(spread, "tools")
+    assert raised.value.param == "tools"
 
 
 def test_the_grammar_cache_keeps_the_recently_used_within_its_bytes() -> None:

@@ -17,6 +17,7 @@ embedding model once per process.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -26,10 +27,24 @@ from typing import Any
 # tokens of text, more than a completion is usually allowed; rapidfuzz takes ~10 ms at this bound.
 MAX_CHARS = 20_000
 # ROUGE-L (rouge-score's pure-Python longest common subsequence) and METEOR (nltk's alignment) compare every
-# word with every other: 10,000 one-letter words a side took 21 s, 2,000 take ~1 s here. They compare at most
-# this many whitespace-separated words a side.
+# word with every other: 10,000 one-letter words a side took 21 s (and a GB for the table), 2,000 take ~1 s
+# here. They compare at most this many words a side, as each metric splits them (`words`).
 MAX_WORDS = 2_000
 QUADRATIC_IN_WORDS = ("rouge_l", "meteor")
+_ROUGE_TOKEN = re.compile(r"[a-z0-9]+")  # rouge-score's tokens: runs of ASCII letters and digits, lowercased
+
+
+def words(metric: str, text: str) -> int:
+    """How many words `metric` compares in `text`: rouge-score's tokens (`"a.b.c"` is three), else what
+    whitespace separates.
+
+    >>> words("rouge_l", "a.b.c D-4"), words("meteor", "a.b.c D-4")
+    (5, 2)
+    """
+    if metric.startswith("rouge"):
+        return len(_ROUGE_TOKEN.findall(text.lower()))
+    return len(text.split())
+
 
 METRICS = (
     "fuzzy_match",

@@ -33,7 +33,7 @@ from tunery.graders.spec import (
     TextSimilarity,
     parse_grader,
 )
-from tunery.graders.template import TemplateError, make_sample, render
+from tunery.graders.template import MAX_RENDERED, TemplateError, make_sample, render
 
 BOOL_ERRORS = (
     "formula_parse_error",
@@ -183,10 +183,11 @@ def text_similarity(spec: TextSimilarity, sample: dict[str, Any], item: dict[str
                 f"text_similarity compares texts of at most {metrics.MAX_CHARS:,} characters; the rendered "
                 f"{side} has {len(text):,}"
             )
-        if spec.evaluation_metric in metrics.QUADRATIC_IN_WORDS and len(text.split()) > metrics.MAX_WORDS:
+        count = metrics.words(spec.evaluation_metric, text)
+        if spec.evaluation_metric in metrics.QUADRATIC_IN_WORDS and count > metrics.MAX_WORDS:
             raise ValueError(
                 f"{spec.evaluation_metric} compares texts of at most {metrics.MAX_WORDS:,} words; the rendered "
-                f"{side} has {len(text.split()):,} (rouge_1 .. rouge_5, bleu and fuzzy_match take longer texts)"
+                f"{side} has {count:,} (rouge_1 .. rouge_5, bleu and fuzzy_match take longer texts)"
             )
     return min(1.0, max(0.0, metrics.SCORERS[spec.evaluation_metric](output, reference)))
 
@@ -270,7 +271,23 @@ def _model_batch(
     started = time.perf_counter()
 
     def conversation(sample: dict[str, Any], item: dict[str, Any]) -> list[dict[str, str]]:
-        return [{"role": m["role"], "content": render(m["content"], sample, item)} for m in spec.input]
+        """The messages rendered, MAX_RENDERED characters for all of them together (800 messages of one
+        7.5 MB field each had made the worker hold 6.5 GB before the context check)."""
+        left, messages = MAX_RENDERED, []
+        for i, m in enumerate(spec.input):
+            try:
+                content = render(m["content"], sample, item, limit=left)
+            except TemplateError as exc:
+                if not exc.too_long:
+                    raise
+                raise TemplateError(
+                    f"the grader's messages render to more than {MAX_RENDERED:,} characters together "
+                    f"(input[{i}] passed it)",
+                    too_long=True,
+                ) from None
+            left -= len(content)
+            messages.append({"role": m["role"], "content": content})
+        return messages
 
     results, conversations = _render_all(samples, items, conversation)
     ready = [k for k, c in enumerate(conversations) if c is not None]

@@ -68,10 +68,16 @@ class Grammar:
 # time to compile it, which nothing can interrupt: `[a-z]{20000,40000}` took 90 s of the inference worker.
 # Character classes cost more than letters and the cost grows faster than the count: measured here with
 # SmolLM2's tokenizer, `\S{1,N}` took 0.4 s at N=512, 1.7 s at 1,024 and 6.3 s at 2,048; `\s{1,4096}`
-# 10.9 s and `.{1,4096}` 7.9 s. The `pattern`s (and `patternProperties` names) of one schema may spell out
-# this many characters in all (`pattern_size`), about 2 s of compiling at most; a longer free text is
-# `maxLength`'s job, which compiles in milliseconds at any length.
+# 10.9 s and `.{1,4096}` 7.9 s, and each alternative of `(a|b|...)` is compiled (ten of `\S{1,100}` 2 s).
+# The `pattern`s (and `patternProperties` names) of one schema may spell out this many characters in all
+# (`pattern_size`), about 2 s of compiling at most; a longer free text is `maxLength`'s job, which compiles
+# in milliseconds at any length.
 MAX_PATTERN_SIZE = 1024
+# An object's optional properties cost time that grows with their square (each may come or not, in order),
+# required ones almost nothing: 500 optional took 0.75 s, 1,000 4.0 s, 1,000 of which 900 required 0.12 s,
+# 5,000 required 1.0 s; 1,000 optional in four objects 1.1 s, 2,000 in eight 2.9 s.
+MAX_OPTIONAL_IN_OBJECT = 500
+MAX_OPTIONAL = 1000
 # Compiled grammars kept in memory, per tokenizer, so a repeated schema is not compiled again. Kept here,
 # not in xgrammar's own cache: with that one limited to 64 MB, the inference worker still grew ~3 MB for
 # each new schema of 600 properties (437 MB to 902 MB over 120), and stayed flat without it.
@@ -79,13 +85,13 @@ CACHE_BYTES = 64 * 1024 * 1024
 
 
 def pattern_size(pattern: str) -> int:
-    """How many characters a regular expression spells out at most, its repetitions multiplied out: an
-    atom counts 1, a group its content (the longest of its alternatives), `{m,n}` multiplies by n (by m
-    when unbounded), `*`, `+` and `?` by 1 (a loop); `^` and `$` count 0. An upper bound of what a grammar
-    compiler unrolls.
+    """How many characters a regular expression spells out, its repetitions multiplied out: an atom
+    counts 1, a group its content (its alternatives summed: the compiler builds each), `{m,n}` multiplies
+    by n (by m when unbounded), `*`, `+` and `?` by 1 (a loop); `^` and `$` count 0. An upper bound of
+    what a grammar compiler unrolls.
 
     >>> pattern_size("[a-z]{3,5}"), pattern_size("(ab|c){10}-[0-9]+"), pattern_size(r"\\d{4}-\\d{2}")
-    (5, 22, 7)
+    (5, 32, 7)
     """
     stack: list[list[int]] = [[0]]  # per open group: its alternatives' sizes so far
     last = 0  # the size of the atom or group just closed, which a quantifier applies to
@@ -106,7 +112,7 @@ def pattern_size(pattern: str) -> int:
             last, i = 0, i + 1
             continue
         elif char == ")" and len(stack) > 1:
-            last, i = max(stack.pop()), i + 1
+            last, i = sum(stack.pop()), i + 1
         elif char == "|":
             stack[-1].append(0)
             last, i = 0, i + 1
@@ -122,7 +128,7 @@ def pattern_size(pattern: str) -> int:
         else:
             last, i = 1, i + 1
         stack[-1][-1] += last
-    return max(max(alternatives) for alternatives in stack)
+    return sum(sum(alternatives) for alternatives in stack)
 
 
 def _counts(text: str) -> tuple[int, int | None] | None:
@@ -133,16 +139,18 @@ def _counts(text: str) -> tuple[int, int | None] | None:
     return int(low), (int(high) if high.strip() else None) if comma else int(low)
 
 
-def check_patterns(schema: Any, param: str) -> None:
-    """Refuse a schema whose regular expressions (`pattern`s and the names of `patternProperties`) spell
-    out more than MAX_PATTERN_SIZE characters in all.
+def check_cost(schema: Any, param: str) -> None:
+    """Refuse, before compiling, a schema whose grammar would take seconds to compile: its regular
+    expressions (`pattern`s and `patternProperties` names) spelling out more than MAX_PATTERN_SIZE
+    characters in all, or more optional properties (not in their object's `required`) than
+    MAX_OPTIONAL_IN_OBJECT in one object or MAX_OPTIONAL in all.
 
-    >>> check_patterns({"patternProperties": {"^[a-z]{1,2000}$": {"type": "string"}}}, "tools")
+    >>> check_cost({"patternProperties": {"^[a-z]{1,2000}$": {"type": "string"}}}, "tools")
     Traceback (most recent call last):
     ...
     tunery.models.structured.InvalidGrammar: the JSON schema's patterns spell out up to 2,000 characters ...
     """
-    total = 0
+    total = optional = 0
     todo = [schema]
     while todo:
         node = todo.pop()
@@ -151,6 +159,18 @@ def check_patterns(schema: Any, param: str) -> None:
                 total += pattern_size(node["pattern"])
             if isinstance(node.get("patternProperties"), dict):
                 total += sum(pattern_size(str(name)) for name in node["patternProperties"])
+            if isinstance(node.get("properties"), dict):
+                required = node.get("required")
+                named = set(required) if isinstance(required, list) else set()
+                here = sum(1 for name in node["properties"] if name not in named)
+                optional += here
+                if here > MAX_OPTIONAL_IN_OBJECT:
+                    raise InvalidGrammar(
+                        f"an object of the JSON schema has {here:,} optional properties (not in its `required`); "
+                        f"constrained decoding takes at most {MAX_OPTIONAL_IN_OBJECT:,} in one object: list more "
+                        "of them in `required`, or group them in nested objects",
+                        param,
+                    )
             todo.extend(node.values())
         elif isinstance(node, list):
             todo.extend(node)
@@ -158,6 +178,12 @@ def check_patterns(schema: Any, param: str) -> None:
         raise InvalidGrammar(
             f"the JSON schema's patterns spell out up to {total:,} characters with their repetitions; "
             f"constrained decoding takes at most {MAX_PATTERN_SIZE:,} (e.g. [a-z]{{1,{MAX_PATTERN_SIZE}}})",
+            param,
+        )
+    if optional > MAX_OPTIONAL:
+        raise InvalidGrammar(
+            f"the JSON schema has {optional:,} optional properties (not in their object's `required`); "
+            f"constrained decoding takes at most {MAX_OPTIONAL:,}: list more of them in `required`",
             param,
         )
 
@@ -217,7 +243,7 @@ def json_grammar(
     param: str = "response_format",
 ) -> Grammar:
     """A grammar for a JSON value matching `schema` (None: any JSON object)."""
-    check_patterns(schema, param)
+    check_cost(schema, param)
     made = _compiler(tokenizer, vocab_size, tuple(sorted(stops)))
     text = json.dumps(schema if schema is not None else {"type": "object"})
     try:
@@ -241,7 +267,7 @@ def tool_call_grammar(
 
     made = _compiler(tokenizer, vocab_size, tuple(sorted(stops)))
     schemas = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in tools}
-    check_patterns([schemas[name] for name in names], "tools")
+    check_cost([schemas[name] for name in names], "tools")
     texts = tuple((name, json.dumps(schemas[name])) for name in names)
 
     def compile() -> Any:

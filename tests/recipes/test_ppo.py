@@ -99,19 +99,24 @@ def final_state(run: Path) -> dict[str, torch.Tensor]:
 
 def test_ppo_writes_the_contract_and_raises_the_reward_model_score(ppo_files, tmp_path: Path) -> None:
     out = tmp_path / "ppo"
-    summary = ppo.run(None, config(ppo_files, out))
+    # 24 steps: after 12, how far the score had climbed depended on the CPU's bf16 kernels and the seed
+    # (+2.1 to +4.3 at the last evaluation); after 24 it was +4.0 to +4.4 for seeds 0, 1 and 2
+    summary = ppo.run(None, config(ppo_files, out, epochs=8, eval_every=6))
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "samples.jsonl", "final/tunery.yaml",
                  "final/adapter_model.safetensors", "final/value_head.safetensors"):  # fmt: skip
         assert (out / name).is_file(), name
     start = read_metrics(out)[0]
     assert start["step"] == 0 and start["valid_kl"] == 0.0  # the untrained policy is the reference
     steps = steps_of(out)
-    assert len(steps) == 12
+    assert len(steps) == 24
     keys = ("train_score_mean", "train_score_std", "kl", "non_score_reward", "train_reward_mean", "policy_loss",
             "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl", "entropy", "explained_variance",
             "completion_length", "lr", "grad_norm", "completions_per_second")  # fmt: skip
     for key in keys:
-        assert all(math.isfinite(r[key]) for r in steps), key
+        assert all(math.isfinite(r[key]) for r in steps if key != "explained_variance"), key
+    # NaN only where the returns do not vary: the policy has settled on one answer, every score alike
+    assert all(math.isfinite(r["explained_variance"]) or r["train_score_std"] == 0 for r in steps)
+    assert math.isfinite(steps[0]["explained_variance"])
     # Before the first update the sampling policy is the reference: no KL, the reward is the score.
     assert steps[0]["kl"] == 0.0 and steps[0]["train_reward_mean"] == pytest.approx(
         steps[0]["train_score_mean"]
@@ -119,14 +124,14 @@ def test_ppo_writes_the_contract_and_raises_the_reward_model_score(ppo_files, tm
     assert steps[-1]["kl"] > 0 and steps[-1]["non_score_reward"] == pytest.approx(-0.05 * steps[-1]["kl"])
     assert any(r["clip_fraction"] > 0 for r in steps) and any(r["value_clip_fraction"] > 0 for r in steps)
     evaluated = [r for r in steps if "valid_score_mean" in r]
-    assert [r["step"] for r in evaluated] == [3, 6, 9, 12] and all(r["valid_kl"] > 0 for r in evaluated)
+    assert [r["step"] for r in evaluated] == [6, 12, 18, 24] and all(r["valid_kl"] > 0 for r in evaluated)
     assert evaluated[-1]["valid_score_mean"] > start["valid_score_mean"] + 3
     early, late = (sum(r["train_score_mean"] for r in part) / len(part) for part in (steps[:2], steps[-4:]))
     assert late > early + 1
     assert summary["start_valid_score_mean"] == start["valid_score_mean"]
     assert summary["final_metrics"]["valid_score_mean"] == evaluated[-1]["valid_score_mean"]
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert {s["step"] for s in samples} == {0, 3, 6, 9, 12} and all("score" in s for s in samples)
+    assert {s["step"] for s in samples} == {0, 6, 12, 18, 24} and all("score" in s for s in samples)
     # Every LoRA matrix and the value head moved (B starts at zero, A and the head at seeded values).
     from tunery.models.heads import PolicyWithValue
     from tunery.models.load import load_model

@@ -83,6 +83,8 @@ def test_optional_properties_are_bounded_in_an_object_and_in_all() -> None:
     with pytest.raises(InvalidGrammar, match=f"{MAX_OPTIONAL + 1:,} optional properties") as raised:
         check_cost(spread, "tools")
     assert raised.value.param == "tools"
+    odd = {"type": "object", "properties": {"a": {}}, "required": [{"not": "a name"}, ["x"], "a"]}
+    check_cost(odd, "response_format")  # xgrammar's to refuse, not a crash here
 
 
 def test_the_grammar_cache_keeps_the_recently_used_within_its_bytes() -> None:

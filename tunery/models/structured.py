@@ -161,7 +161,7 @@ def check_cost(schema: Any, param: str) -> None:
                 total += sum(pattern_size(str(name)) for name in node["patternProperties"])
             if isinstance(node.get("properties"), dict):
                 required = node.get("required")
-                named = set(required) if isinstance(required, list) else set()
+                named = {x for x in required if isinstance(x, str)} if isinstance(required, list) else set()
                 here = sum(1 for name in node["properties"] if name not in named)
                 optional += here
                 if here > MAX_OPTIONAL_IN_OBJECT:

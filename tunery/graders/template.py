@@ -120,7 +120,7 @@ def render(text: str, sample: dict[str, Any], item: dict[str, Any], limit: int =
         size += len(filled) - len(match.group(0))
         if size > limit:
             raise TemplateError(
-                f"the template renders to more than {limit:,} characters (at '{match.group(0)}'); "
+                f"the template renders to more than {limit:,} characters (at '{match.group(0)[:80]}'); "
                 "refer to each long field once",
                 too_long=True,
             )

@@ -9,6 +9,7 @@ import pytest
 
 from tunery.models import structured
 from tunery.models.structured import (
+    MAX_FORMATS,
     MAX_OPTIONAL,
     MAX_OPTIONAL_IN_OBJECT,
     MAX_PATTERN_SIZE,
@@ -37,6 +38,7 @@ def test_docstring_examples_run() -> None:
         ("[^a]{1,50}", 50),
         ("a{b", 3),  # a literal brace
         ("^[a-z]{4}$", 4),
+        (r"^[^]\S{1,900}]$", 902),  # `[^]` is any character to xgrammar, and what follows is counted
     ],
 )
 def test_pattern_size(pattern: str, size: int) -> None:
@@ -85,6 +87,19 @@ def test_optional_properties_are_bounded_in_an_object_and_in_all() -> None:
     assert raised.value.param == "tools"
     odd = {"type": "object", "properties": {"a": {}}, "required": [{"not": "a name"}, ["x"], "a"]}
     check_cost(odd, "response_format")  # xgrammar's to refuse, not a crash here
+
+
+def test_string_formats_are_bounded() -> None:
+    """Each `format` is a grammar of its own (1,200 `ipv6` fields had held the worker 98 s)."""
+
+    def fields(n: int) -> dict:
+        names = [f"f{i}" for i in range(n)]
+        return {"type": "object", "properties": {x: {"type": "string", "format": "ipv6"} for x in names},
+                "required": names}  # fmt: skip
+
+    check_cost(fields(MAX_FORMATS), "response_format")
+    with pytest.raises(InvalidGrammar, match=f"{MAX_FORMATS + 1:,} string formats"):
+        check_cost(fields(MAX_FORMATS + 1), "response_format")
 
 
 def test_the_grammar_cache_keeps_the_recently_used_within_its_bytes() -> None:

@@ -78,6 +78,10 @@ MAX_PATTERN_SIZE = 1024
 # 5,000 required 1.0 s; 1,000 optional in four objects 1.1 s, 2,000 in eight 2.9 s.
 MAX_OPTIONAL_IN_OBJECT = 500
 MAX_OPTIONAL = 1000
+# A string `format` compiles to a grammar of its own for each field: 300 `uri`s took 4.2 s, 600 9.2 s, 300
+# `hostname`s 1.6 s, and `ipv6` grows faster (100: 0.3 s, 200: 1.8 s; 1,200 held the worker 98 s). At this
+# many `format`s in a schema, at most ~1.4 s.
+MAX_FORMATS = 100
 # Compiled grammars kept in memory, per tokenizer, so a repeated schema is not compiled again. Kept here,
 # not in xgrammar's own cache: with that one limited to 64 MB, the inference worker still grew ~3 MB for
 # each new schema of 600 properties (437 MB to 902 MB over 120), and stayed flat without it.
@@ -100,6 +104,8 @@ def pattern_size(pattern: str) -> int:
         char = pattern[i]
         if char == "\\":
             last, i = 1, i + 2
+        elif pattern.startswith("[^]", i):  # any character to xgrammar (not a class holding "]")
+            last, i = 1, i + 3
         elif char == "[":
             end = i + 1
             end += pattern[end : end + 1] == "^"
@@ -142,19 +148,20 @@ def _counts(text: str) -> tuple[int, int | None] | None:
 def check_cost(schema: Any, param: str) -> None:
     """Refuse, before compiling, a schema whose grammar would take seconds to compile: its regular
     expressions (`pattern`s and `patternProperties` names) spelling out more than MAX_PATTERN_SIZE
-    characters in all, or more optional properties (not in their object's `required`) than
-    MAX_OPTIONAL_IN_OBJECT in one object or MAX_OPTIONAL in all.
+    characters in all, more optional properties (not in their object's `required`) than
+    MAX_OPTIONAL_IN_OBJECT in one object or MAX_OPTIONAL in all, or more than MAX_FORMATS `format`s.
 
     >>> check_cost({"patternProperties": {"^[a-z]{1,2000}$": {"type": "string"}}}, "tools")
     Traceback (most recent call last):
     ...
     tunery.models.structured.InvalidGrammar: the JSON schema's patterns spell out up to 2,000 characters ...
     """
-    total = optional = 0
+    total = optional = formats = 0
     todo = [schema]
     while todo:
         node = todo.pop()
         if isinstance(node, dict):
+            formats += isinstance(node.get("format"), str)
             if isinstance(node.get("pattern"), str):
                 total += pattern_size(node["pattern"])
             if isinstance(node.get("patternProperties"), dict):
@@ -178,6 +185,12 @@ def check_cost(schema: Any, param: str) -> None:
         raise InvalidGrammar(
             f"the JSON schema's patterns spell out up to {total:,} characters with their repetitions; "
             f"constrained decoding takes at most {MAX_PATTERN_SIZE:,} (e.g. [a-z]{{1,{MAX_PATTERN_SIZE}}})",
+            param,
+        )
+    if formats > MAX_FORMATS:
+        raise InvalidGrammar(
+            f"the JSON schema has {formats:,} string formats (`format`); constrained decoding takes at most "
+            f"{MAX_FORMATS:,}: use `pattern` or plain strings for the rest",
             param,
         )
     if optional > MAX_OPTIONAL:

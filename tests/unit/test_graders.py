@@ -116,19 +116,45 @@ def test_text_similarity_refuses_texts_beyond_its_bound() -> None:
     assert f"the rendered reference has {MAX_CHARS + 5:,}" in short.messages[0]
 
 
-def test_rouge_l_refuses_more_words_than_its_bound() -> None:
-    """ROUGE-L compares every word with every other in pure Python (10,000 words a side: 21 s); beyond
-    MAX_WORDS it is a per-sample error, while the linear metrics take the same text."""
-    from tunery.graders.metrics import MAX_WORDS
+def test_rouge_l_scores_as_rouge_score_does_at_any_length_within_the_bound() -> None:
+    """rouge_l takes rouge-score's tokens and F-measure, the subsequence from rapidfuzz: the same score as
+    rouge-score's own scorer, and 10,000 tokens a side (21 s in rouge-score's Python) at once."""
+    import random
 
-    words = " ".join(["a"] * (MAX_WORDS + 1))  # 4,001 characters, well inside MAX_CHARS
-    refused = build_grader(similarity("rouge_l"))("a b", {"reference": words})
-    assert refused.errors["other_error"] and refused.reward == 0.0
-    assert f"at most {MAX_WORDS:,} words; the rendered reference has {MAX_WORDS + 1:,}" in refused.messages[0]
-    assert build_grader(similarity("rouge_1"))("a b", {"reference": words}).ok
-    dotted = "a." * (MAX_WORDS + 1)  # one word between spaces, MAX_WORDS + 1 to rouge-score (21 s at 9,999)
-    refused = build_grader(similarity("rouge_l"))(dotted, {"reference": "a b"})
-    assert f"the rendered input has {MAX_WORDS + 1:,}" in refused.messages[0]
+    from rouge_score import rouge_scorer
+
+    from tunery.graders.metrics import rouge_l
+
+    reference_scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "running", "runs", "ran", "dogs", "dog's", "naïve", "42",
+             "x-ray", "!!"]  # fmt: skip
+    for _ in range(300):
+        a, b = (" ".join(rng.choice(words) for _ in range(rng.randint(0, 25))) for _ in range(2))
+        assert rouge_l(a, b) == reference_scorer.score(b, a)["rougeL"].fmeasure, (a, b)
+    grader = build_grader(similarity("rouge_l"))
+    result = grader("a." * 9999, {"reference": "b. a." * 3000})  # 19,998 and 15,000 characters
+    precision, recall = 3000 / 9999, 3000 / 6000  # LCS: the reference's 3,000 a's
+    assert result.ok and result.reward == pytest.approx(2 * precision * recall / (precision + recall))
+
+
+def test_meteor_refuses_more_words_than_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """METEOR aligns every word with every other in pure Python: beyond MAX_WORDS a side it is a per-sample
+    error before it runs. (Its WordNet data is not installed here: the scorer is replaced.)"""
+    from tunery.graders import metrics
+
+    ran: list[int] = []
+    monkeypatch.setattr(metrics, "_wordnet_installed", lambda: True)
+    monkeypatch.setitem(metrics.SCORERS, "meteor", lambda a, b: ran.append(1) or 1.0)
+    grader = build_grader(similarity("meteor"))
+    at_bound = " ".join(["a"] * metrics.MAX_WORDS)
+    assert grader("a b", {"reference": at_bound}).reward == 1.0 and ran == [1]
+    refused = grader("a b", {"reference": at_bound + " a"})
+    assert refused.errors["other_error"] and ran == [1]
+    assert (
+        f"at most {metrics.MAX_WORDS:,} words; the rendered reference has {metrics.MAX_WORDS + 1:,}"
+        in (refused.messages[0])
+    )
 
 
 def test_a_template_stops_rendering_at_its_bound() -> None:

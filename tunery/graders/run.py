@@ -183,11 +183,10 @@ def text_similarity(spec: TextSimilarity, sample: dict[str, Any], item: dict[str
                 f"text_similarity compares texts of at most {metrics.MAX_CHARS:,} characters; the rendered "
                 f"{side} has {len(text):,}"
             )
-        count = metrics.words(spec.evaluation_metric, text)
-        if spec.evaluation_metric in metrics.QUADRATIC_IN_WORDS and count > metrics.MAX_WORDS:
+        if spec.evaluation_metric in metrics.QUADRATIC_IN_WORDS and metrics.words(text) > metrics.MAX_WORDS:
             raise ValueError(
                 f"{spec.evaluation_metric} compares texts of at most {metrics.MAX_WORDS:,} words; the rendered "
-                f"{side} has {count:,} (rouge_1 .. rouge_5, bleu and fuzzy_match take longer texts)"
+                f"{side} has {metrics.words(text):,} (the other metrics take longer texts)"
             )
     return min(1.0, max(0.0, metrics.SCORERS[spec.evaluation_metric](output, reference)))
 

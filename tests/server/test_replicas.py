@@ -64,9 +64,11 @@ def test_the_lease_is_held_by_one_and_taken_over_when_it_expires(tmp_path: Path,
     second.release()  # a clean stop hands it on at once
     assert first.hold()
     time.sleep(0.7)  # first stalled past its term, and no one took the lease meanwhile: it keeps it
-    assert not first.held() and first.keep() and first.held() and not second.hold()
+    assert not first.held() and first.hold(own_only=True) and first.held() and not second.hold()
     time.sleep(0.7)
-    assert second.hold() and not first.keep() and not first.held()  # taken meanwhile: first's is gone
+    assert (
+        second.hold() and not first.hold(own_only=True) and not first.held()
+    )  # taken meanwhile: first's is gone
     store.close()
 
 

@@ -154,20 +154,19 @@ def redact_payload(value: Any, key: str | None = None) -> Any:
     return value
 
 
-def digest(value: Any) -> dict[str, Any]:
+def _digest(text: bytes) -> dict[str, Any]:
     """What a record holds in place of a value too large or too untrusted to keep: the size and SHA-256 of
     its canonical JSON, enough to prove later which value it was."""
-    text = _dumps(value)
     return {"bytes": len(text), "sha256": hashlib.sha256(text).hexdigest()}
 
 
 def bounded(payload: dict[str, Any], names: Iterable[str], limit: int) -> dict[str, Any]:
     """`payload` with each field in `names` whose JSON passes `limit` bytes replaced by its `digest`, and
-    `"summarised": [those names]` when any was."""
+    `"summarised": [those names]` when any was (`limit=0`: every field in `names` that is not None)."""
     out, summarised = dict(payload), []
     for name in names:
-        if out.get(name) is not None and len(_dumps(out[name])) > limit:
-            out[name] = digest(out[name])
+        if out.get(name) is not None and len(text := _dumps(out[name])) > limit:
+            out[name] = _digest(text)
             summarised.append(name)
     return out | {"summarised": summarised} if summarised else out
 

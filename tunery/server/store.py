@@ -261,18 +261,22 @@ class LeaseHolder:
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.until = 0.0  # while time.time() is below this, the lease is ours
 
-    def hold(self) -> bool:
+    def hold(self, own_only: bool = False) -> bool:
+        """Take the lease when free or expired, renew it while held. `own_only`: renew it only if it still
+        names this holder, even past its term: then no other process took it meanwhile (taking it writes
+        the taker's name), so nothing was scheduled behind this one's back."""
         now = time.time()
         expires = now + self.seconds
+        mine = Lease.holder == self.holder
         try:
             with self.store.engine.begin() as connection:
                 taken = connection.execute(
                     update(Lease)
                     .where(Lease.name == self.name)
-                    .where((Lease.holder == self.holder) | (Lease.expires_at < now))
+                    .where(mine if own_only else mine | (Lease.expires_at < now))
                     .values(holder=self.holder, expires_at=expires)
                 ).rowcount
-            if not taken:
+            if not taken and not own_only:
                 with suppress(IntegrityError), self.store.engine.begin() as connection:
                     connection.execute(
                         insert(Lease).values(name=self.name, holder=self.holder, expires_at=expires)
@@ -280,27 +284,10 @@ class LeaseHolder:
                     taken = 1
         except (OperationalError, ProgrammingError):
             # the database is away for a moment (or SQLite is busy): what was held stays held until its
-            # term ends, so a short blip does not stop the jobs
-            return self.held()
+            # term ends, so a short blip does not stop the jobs; a lapsed one is not claimed back unseen
+            return False if own_only else self.held()
         self.until = expires if taken else 0.0
         return bool(taken)
-
-    def keep(self) -> bool:
-        """Renew the lease if it still names this holder, even past its term: then no other process took it
-        meanwhile (taking it writes the taker's name), so nothing was scheduled behind this one's back.
-        False when another holds it or the database did not answer."""
-        expires = time.time() + self.seconds
-        try:
-            with self.store.engine.begin() as connection:
-                kept = connection.execute(
-                    update(Lease)
-                    .where(Lease.name == self.name, Lease.holder == self.holder)
-                    .values(expires_at=expires)
-                ).rowcount
-        except (OperationalError, ProgrammingError):
-            return False
-        self.until = expires if kept else 0.0
-        return bool(kept)
 
     def held(self, margin: float = 0.0) -> bool:
         return time.time() + margin < self.until

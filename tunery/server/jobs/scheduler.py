@@ -132,7 +132,7 @@ class Scheduler:
             return True
         with self.lock:
             if self.leading and not self.lease.held():
-                if self.lease.keep():
+                if self.lease.hold(own_only=True):
                     log.warning(
                         "this tunery serve was stalled past the scheduler lease's term; no other took it, "
                         "so it schedules on"

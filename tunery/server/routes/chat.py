@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from tunery.data.tools import ParsedReply, ReplyStream, parse_tool_calls
-from tunery.safety.audit import digest
+from tunery.safety.audit import bounded
 from tunery.server.auth import Caller
 from tunery.server.catalog import ResolvedModel, refuse_reward_model, resolve
 from tunery.server.deps import AppState, Auth, State, unless_gone
@@ -368,8 +368,7 @@ def _summarised(audited: dict[str, Any]) -> dict[str, Any]:
     took it is recorded as. The messages, tools and schema become their size and SHA-256, so a tenant cannot
     fill the log with megabytes that are refused at once; a request the worker runs (its prompt within a
     model's context) is recorded whole."""
-    names = [name for name in ("messages", "tools", "grammar") if audited.get(name) is not None]
-    return audited | {name: digest(audited[name]) for name in names} | {"summarised": names}
+    return bounded(audited, ("messages", "tools", "grammar"), limit=0)
 
 
 async def _audit(state: AppState, caller: Caller, kind: str, payload: dict[str, Any]) -> None:

@@ -186,39 +186,28 @@ def train(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> dict
     with run.stop, run.progress, run.energy:
         while step < plan.total_steps:
             t0 = time.monotonic()
-            pairs, mine, weight = lifecycle.step_batch(run, train_pairs, step, cfg.seed)
-            step_pairs = len(pairs)
-            rows = distributed.even_rows(plan_rows(mine, cfg.micro_batch_tokens), world)
+            batch = lifecycle.step_batch(run, train_pairs, step, cfg.seed, cfg.micro_batch_tokens)
+            step_pairs = len(batch.items)
             stats, tokens = PairStats(), 0.0
-            for k, (row_pairs, counted) in enumerate(rows):
+            for row_pairs, share, synced in batch.rows:
                 row = pack_pairs(row_pairs)
-                share = weight * counted
-                with distributed.grads_sync(model, world, last_row=k == len(rows) - 1):
+                with synced:
                     with autocast(plan.precision, world.device):
                         logps, counts, _ = sequence_logps(model, head, row)
                     ref = torch.tensor([ref_train.get(p.line, (0.0, 0.0)) for p in row_pairs])  # (n, 2)
                     losses, chosen_r, rejected_r = pair_losses(cfg, logps, counts, ref)
-                    # The step's loss is the mean over its pairs, however they are split into rows and
-                    # processes (DDP and a sharded model average gradients over processes, hence the world
-                    # size factor).
-                    (losses.sum() * (share * world.size / step_pairs)).backward()
+                    distributed.backward_share(losses.sum(), share, world, step_pairs)
                 stats.add(losses, chosen_r, rejected_r, logps, counts, ref, share)
                 tokens += share * row.data_tokens
             lr, grad_norm = lifecycle.optimizer_step(run, step, cfg.grad_clip, cfg.schedule)
             step += 1
 
-            tokens, step_seconds = lifecycle.count_step(run, tokens, t0)
+            record, seconds = lifecycle.step_record(run, step, lr, grad_norm, tokens, t0)
             averaged = stats.averaged(world)
-            record: dict[str, Any] = {
-                files.STEP: step,
-                files.TOTAL_STEPS: plan.total_steps,
+            record |= {
                 files.TRAIN_LOSS: averaged.pop("loss"),
                 **averaged,
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "tokens": run.tokens_seen,
-                "tokens_per_second": tokens / step_seconds,
-                "pairs_per_second": step_pairs / step_seconds,
+                "pairs_per_second": step_pairs / seconds,
             }
             step_shifts.append(stats.chosen_shift_per_token(world))
             if valid_pairs and lifecycle.evaluates_after(run, step):

@@ -225,44 +225,29 @@ def train(cfg: KTOConfig, resume: bool = False, overwrite: bool = False) -> dict
         while step < plan.total_steps:
             t0 = time.monotonic()
             indices = step_indices(step, len(train_examples), plan.batch_size, cfg.seed)
-            examples, mine, weight = lifecycle.step_batch(run, train_examples, step, cfg.seed)
-            step_examples = len(examples)
+            batch = lifecycle.step_batch(run, train_examples, step, cfg.seed, cfg.micro_batch_tokens)
+            step_examples = len(batch.items)
             # z0 from this step's mismatched pairs: the plain module (no DDP bookkeeping), no gradients.
             kl = kl_estimate(run.model, [train_kl[i] for i in indices], ref_train, cfg.micro_batch_tokens,
                              plan.precision, world)  # fmt: skip
-            rows = distributed.even_rows(plan_rows(mine, cfg.micro_batch_tokens), world)
             stats, tokens = RatingStats(), 0.0
-            for k, (row_items, counted) in enumerate(rows):
+            for row_items, share, synced in batch.rows:
                 row = pack_pairs(row_items)
-                share = weight * counted
-                with distributed.grads_sync(model, world, last_row=k == len(rows) - 1):
+                with synced:
                     with autocast(plan.precision, world.device):
                         logps, _, _ = sequence_logps(model, head, row)
                     losses, rewards, policy, desirable = example_losses(cfg, logps, row_items, ref_train, kl)
-                    # The step's loss is the mean over its examples, however they are split into rows and
-                    # processes (DDP and a sharded model average gradients over processes, hence the world
-                    # size factor).
-                    (losses.sum() * (share * world.size / step_examples)).backward()
+                    distributed.backward_share(losses.sum(), share, world, step_examples)
                 stats.add(losses, rewards, policy, desirable, share)
                 tokens += share * row.data_tokens
             lr, grad_norm = lifecycle.optimizer_step(run, step, cfg.grad_clip, cfg.schedule)
             step += 1
 
-            tokens, step_seconds = lifecycle.count_step(run, tokens, t0)
+            record, seconds = lifecycle.step_record(run, step, lr, grad_norm, tokens, t0)
             averaged = stats.averaged(world)
             averaged.pop("accuracy")
-            record: dict[str, Any] = {
-                files.STEP: step,
-                files.TOTAL_STEPS: plan.total_steps,
-                files.TRAIN_LOSS: averaged.pop("loss"),
-                **averaged,
-                "kl": float(kl),
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "tokens": run.tokens_seen,
-                "tokens_per_second": tokens / step_seconds,
-                "examples_per_second": step_examples / step_seconds,
-            }
+            record |= {files.TRAIN_LOSS: averaged.pop("loss"), **averaged, "kl": float(kl),
+                       "examples_per_second": step_examples / seconds}  # fmt: skip
             if valid_examples and lifecycle.evaluates_after(run, step):
                 record.update(held_out(cfg.eval_examples))
             shown = ("loss {train_loss:.3f} kl {kl:.3f}", "valid acc {valid_accuracy:.2f}",

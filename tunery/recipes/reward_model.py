@@ -147,36 +147,25 @@ def train(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> d
     with run.stop, run.progress, run.energy:
         while step < plan.total_steps:
             t0 = time.monotonic()
-            pairs, mine, weight = lifecycle.step_batch(run, train_pairs, step, cfg.seed)
-            step_pairs = len(pairs)
-            rows = distributed.even_rows(plan_rows(mine, cfg.micro_batch_tokens), world)
+            batch = lifecycle.step_batch(run, train_pairs, step, cfg.seed, cfg.micro_batch_tokens)
+            step_pairs = len(batch.items)
             stats, tokens = PairStats(), 0.0
-            for k, (row_pairs, counted) in enumerate(rows):
-                share = weight * counted
-                with distributed.grads_sync(model, world, last_row=k == len(rows) - 1):
+            for row_pairs, share, synced in batch.rows:
+                with synced:
                     with autocast(plan.precision, world.device):
                         losses, chosen, rejected = pair_scores(
                             model, row_pairs, cfg.center_coef, cfg.length_coef
                         )
-                    # The step's loss is the mean over its pairs, however they are split into rows and
-                    # processes (DDP and a sharded model average gradients over processes, hence the world
-                    # size factor).
-                    (losses.sum() * (share * world.size / step_pairs)).backward()
+                    distributed.backward_share(losses.sum(), share, world, step_pairs)
                 stats.add(losses, chosen, rejected, share)
                 tokens += share * sum(p.n_tokens for p in row_pairs)
             lr, grad_norm = lifecycle.optimizer_step(run, step, cfg.grad_clip, cfg.schedule)
             step += 1
 
-            tokens, step_seconds = lifecycle.count_step(run, tokens, t0)
-            record: dict[str, Any] = {
-                files.STEP: step,
-                files.TOTAL_STEPS: plan.total_steps,
+            record, seconds = lifecycle.step_record(run, step, lr, grad_norm, tokens, t0)
+            record |= {
                 **stats.averaged(world, prefix=files.TRAIN_PREFIX),
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "tokens": run.tokens_seen,
-                "tokens_per_second": tokens / step_seconds,
-                "pairs_per_second": step_pairs / step_seconds,
+                "pairs_per_second": step_pairs / seconds,
             }
             if valid_pairs and lifecycle.evaluates_after(run, step):
                 record.update(held_out(valid_pairs[: cfg.eval_examples]))

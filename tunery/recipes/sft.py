@@ -94,18 +94,15 @@ def train_step(
     adds FedProx's proximal gradient)."""
     t0 = time.monotonic()
     world, model = run.world, run.ddp_model
-    chats, mine, weight = lifecycle.step_batch(run, train_chats, step, cfg.seed)
-    step_trained = sum(c.n_trained for c in chats)  # the same on every process
-    rows = distributed.even_rows(plan_rows(mine, cfg.micro_batch_tokens), world)
+    batch = lifecycle.step_batch(run, train_chats, step, cfg.seed, cfg.micro_batch_tokens)
+    step_trained = sum(c.n_trained for c in batch.items)  # the same on every process
     nll = correct = tokens = 0.0
-    for k, (row_chats, counts) in enumerate(rows):
+    for row_chats, share, synced in batch.rows:
         row = pack(row_chats)
-        share = weight * counts
-        with distributed.grads_sync(model, world, last_row=k == len(rows) - 1):
+        with synced:
             with autocast(run.plan.precision, world.device):
                 nll_sum, n_correct = forward_loss(model, head, row)
-            # DDP and a sharded model average gradients over processes, hence the world size factor.
-            (nll_sum * (share * world.size / step_trained)).backward()
+            distributed.backward_share(nll_sum, share, world, step_trained)
         nll += share * nll_sum.item()
         correct += share * n_correct.item()
         tokens += share * row.data_tokens  # a shared prefix counted once per conversation, as in the data
@@ -113,17 +110,8 @@ def train_step(
         before_update()
     lr, grad_norm = lifecycle.optimizer_step(run, step, cfg.grad_clip, cfg.schedule)
     nll, correct = distributed.all_sum([nll, correct], world)
-    tokens, step_seconds = lifecycle.count_step(run, tokens, t0)
-    return {
-        files.STEP: step + 1,
-        files.TOTAL_STEPS: run.plan.total_steps,
-        files.TRAIN_LOSS: nll / step_trained,
-        files.TRAIN_ACCURACY: correct / step_trained,
-        "lr": lr,
-        "grad_norm": float(grad_norm),
-        "tokens": run.tokens_seen,
-        "tokens_per_second": tokens / step_seconds,
-    }
+    record, _ = lifecycle.step_record(run, step + 1, lr, grad_norm, tokens, t0)
+    return record | {files.TRAIN_LOSS: nll / step_trained, files.TRAIN_ACCURACY: correct / step_trained}
 
 
 # --- train ------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ A new cross-cutting feature (a tracker, a new file in the run directory) goes he
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -26,13 +27,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from peft import PeftModel
 from torch.nn.parallel import DistributedDataParallel
 
-from tunery.data.packing import Item, shard, step_indices
+from tunery.data.packing import Item, plan_rows, shard, step_indices
 from tunery.errors import TuneryError
 from tunery.models.load import load_model
 from tunery.models.locate import adapter_dir
@@ -360,13 +361,32 @@ def set_lr(run: Run, step: int, schedule: str) -> float:
     return lr
 
 
-def step_batch(run: Run, examples: list[Item], step: int, seed: int) -> tuple[list[Item], list[Item], float]:
-    """The step's examples (the same on every process), this process's share of them and its weight in
-    the step: 0 when a short last batch leaves it none, so it still joins the gradient all-reduce with
-    one example that counts for nothing."""
+@dataclass
+class StepBatch(Generic[Item]):
+    """One optimizer step's examples: `items`, the same on every process, and this process's `rows` of
+    them, each as (its items, its weight in the step, the context its backward runs in). A process that
+    a short last batch leaves no example runs one that counts for nothing (weight 0), so it still joins
+    the gradient all-reduce; so does a padding row of a sharded model (`distributed.even_rows`)."""
+
+    items: list[Item]
+    rows: list[tuple[list[Item], float, contextlib.AbstractContextManager[None]]]
+
+
+def step_batch(
+    run: Run, examples: list[Item], step: int, seed: int, micro_batch_tokens: int
+) -> StepBatch[Item]:
+    """Step `step`'s examples, this process's share packed into rows of at most `micro_batch_tokens`."""
     batch = [examples[i] for i in step_indices(step, len(examples), run.plan.batch_size, seed)]
     mine = shard(batch, run.world.rank, run.world.size)
-    return (batch, mine, 1.0) if mine else (batch, batch[:1], 0.0)
+    weight = 1.0 if mine else 0.0
+    rows = distributed.even_rows(plan_rows(mine or batch[:1], micro_batch_tokens), run.world)
+    return StepBatch(
+        batch,
+        [
+            (items, weight * counted, distributed.grads_sync(run.ddp_model, run.world, k == len(rows) - 1))
+            for k, (items, counted) in enumerate(rows)
+        ],
+    )
 
 
 def optimizer_step(run: Run, step: int, grad_clip: float, schedule: str) -> tuple[float, float]:
@@ -390,14 +410,25 @@ def update(run: Run, grad_clip: float) -> float:
     return float(grad_norm)
 
 
-def count_step(run: Run, tokens: float, started: float) -> tuple[float, float]:
-    """Add a finished step's tokens (summed over processes) and seconds to the run's counters; returns
-    both, for the step's record."""
+def step_record(
+    run: Run, step: int, lr: float, grad_norm: float, tokens: float, started: float
+) -> tuple[dict[str, Any], float]:
+    """Close optimizer step `step` (counted from 1): add its tokens (summed over processes) and seconds
+    to the run's counters. Returns the fields every method's step record starts with, and the step's
+    seconds, for the method's own rates."""
     tokens = distributed.all_sum([tokens], run.world)[0]
     seconds = time.monotonic() - started
     run.tokens_seen += int(tokens)
     run.train_seconds += seconds
-    return tokens, seconds
+    record = {
+        files.STEP: step,
+        files.TOTAL_STEPS: run.plan.total_steps,
+        "lr": lr,
+        "grad_norm": float(grad_norm),
+        "tokens": run.tokens_seen,
+        "tokens_per_second": tokens / seconds,
+    }
+    return record, seconds
 
 
 def evaluates_after(run: Run, step: int) -> bool:

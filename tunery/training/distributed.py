@@ -97,6 +97,13 @@ def grads_sync(
     return model.no_sync()  # type: ignore[operator,no-any-return]
 
 
+def backward_share(loss_sum: torch.Tensor, share: float, world: World, count: float) -> None:
+    """Backpropagate one row's summed loss as its `share` of the step's mean over `count` items (examples,
+    pairs or trained tokens, counted over every process), however the step is split into rows and
+    processes: DDP and a sharded model average gradients over processes, hence the world size factor."""
+    (loss_sum * (share * world.size / count)).backward()
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

@@ -385,6 +385,9 @@ header, data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()
 libc.capget(header, data)
 found["capabilities"] = list(data)
 found["memfd"] = "ok" if libc.syscall(319, b"x", 0) >= 0 else errno.errorcode[ctypes.get_errno()]
+# System V IPC: a shared-memory segment would hold memory past RLIMIT_AS once detached
+for name, nr, args in [("shmget", 29, (0, 1 << 20, 0o1600)), ("semget", 64, (0, 1, 0o600)), ("msgget", 68, (0, 0o600))]:
+    found[name] = "ok" if libc.syscall(nr, *args) >= 0 else errno.errorcode[ctypes.get_errno()]
 open("/scratch/evil.so", "wb").write(open({extension!r}, "rb").read()) if os.path.exists({extension!r}) else None
 try:
     ctypes.CDLL("/scratch/evil.so")
@@ -424,6 +427,7 @@ def test_native_code_inside_the_sandbox_meets_the_kernel(secret: Path, evil_exte
     assert found["users"] == ["grader"]
     assert found["proc"] == []
     assert found["mount tmpfs"] == "EPERM" and found["unshare"] == "EPERM" and found["memfd"] == "EPERM"
+    assert found["shmget"] == found["semget"] == found["msgget"] == "EPERM"
     assert found["capabilities"] == [0] * 6
     assert "failed to map segment" in found["dlopen scratch"]
     assert not Path(venv_site, "evil.pth").exists()

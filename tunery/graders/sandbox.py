@@ -19,9 +19,9 @@ the venv's site-packages, no network interface but its own loopback, no other pr
 Before any user code runs, `_runner.py` also hides /proc, drops every capability it holds in its own
 namespaces, installs a seccomp filter (no new processes or threads, exec, sockets, ptrace, mounts, namespaces,
 memfd, System V shared memory, io_uring, keyrings, module loading, raising limits) and sets resource
-limits: address space (2 GiB), CPU seconds (the timeout + 1), file size, 256 open files, no core dumps. A wall-clock timeout
-kills the whole process group. A Python audit hook (PEP 578) refuses the same things once more at the
-Python level, for a readable message ("blocked in the grader sandbox: socket"); it is not the boundary.
+limits: address space (2 GiB), CPU seconds (the timeout + 1), file size, 256 open files, no core dumps.
+A wall-clock timeout kills the whole process group. A Python audit hook (PEP 578) refuses the same
+things once more at the Python level, for a readable message ("blocked in the grader sandbox: socket"); it is not the boundary.
 
 Why bubblewrap: it is maintained, small (it does one thing: set up namespaces and exec), packaged by
 every distribution, and needs no daemon or root. Landlock (in the kernel since 5.13) was the other

@@ -217,6 +217,15 @@ def test_nested_multi_graders_are_400(api: Api) -> None:
     assert api.post("/fine_tuning/alpha/graders/validate", json={"grader": multi(1)}).status_code == 200
 
 
+def test_a_sample_nested_too_deeply_to_parse_is_graded_as_text(api: Api) -> None:
+    """A model_sample of 100,000 '[' was a 500: its output_json parse hit Python's recursion limit."""
+    grader = {"type": "string_check", "name": "s", "input": "{{sample.output_text}}", "reference": "x",
+              "operation": "eq"}  # fmt: skip
+    r = api.post("/fine_tuning/alpha/graders/run", json={"grader": grader, "model_sample": deep(100_000)})
+    assert r.status_code == 200, r.text
+    assert r.json()["reward"] == 0.0
+
+
 def test_a_prompts_file_line_nested_too_deeply_is_400(api: Api) -> None:
     good = json.dumps({"prompt": "Hello?"})
     file_id = api.upload(f"{good}\n{deep(100_000)}\n".encode(), "prompts.jsonl")

@@ -171,7 +171,7 @@ def make_sample(value: Any) -> dict[str, Any]:
     if "output_json" not in sample:
         try:
             sample["output_json"] = json.loads(sample["output_text"])
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
             sample["output_json"] = None
     sample.setdefault("output_tools", [])
     sample.setdefault(

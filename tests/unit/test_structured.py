@@ -10,6 +10,7 @@ import pytest
 from tunery.models import structured
 from tunery.models.structured import (
     MAX_FORMATS,
+    MAX_NESTED_REPETITION,
     MAX_OPTIONAL,
     MAX_OPTIONAL_IN_OBJECT,
     MAX_PATTERN_SIZE,
@@ -25,24 +26,54 @@ def test_docstring_examples_run() -> None:
 
 
 @pytest.mark.parametrize(
-    ("pattern", "size"),
+    ("pattern", "size", "nested"),
     [
-        ("abc", 3),
-        ("[a-z]{3,5}", 5),
-        ("[a-z]{7,}", 7),  # unbounded: a loop, counted at its minimum
-        ("(ab|cde){4}", 20),  # each alternative is compiled
-        ("(" + "|".join([r"\S{1,100}"] * 10) + ")", 1000),  # ten alternatives: 2 s of compiling
-        ("((x){10}){10}", 100),
-        (r"\d+-\S*", 3),
-        ("[]a]{2}", 2),
-        ("[^a]{1,50}", 50),
-        ("a{b", 3),  # a literal brace
-        ("^[a-z]{4}$", 4),
-        (r"^[^]\S{1,900}]$", 902),  # `[^]` is any character to xgrammar, and what follows is counted
+        ("abc", 3, 0),
+        ("[a-z]{3,5}", 5, 0),
+        ("[a-z]{7,}", 7, 0),  # unbounded: a loop, counted at its minimum
+        ("(ab|cde){4}", 20, 0),  # each alternative is compiled
+        ("(" + "|".join([r"\S{1,100}"] * 10) + ")", 1000, 0),  # ten alternatives: 2 s of compiling
+        ("((x){10}){10}", 100, 0),  # fixed lengths inside: no varying part
+        (r"\d+-\S*", 3, 0),
+        ("[]a]{2}", 2, 0),
+        ("[^a]{1,50}", 50, 0),
+        ("a{b", 3, 0),  # a literal brace
+        ("^[a-z]{4}$", 4, 0),
+        (r"^[^]\S{1,900}]$", 902, 0),  # `[^]` is any character to xgrammar, and what follows is counted
+        # a quantifier after a quantifier multiplies again (it had counted 20: 16 s of compiling)
+        (r"\S{1,20}{1,20}", 400, 400),
+        (r"(\S{1,20}){1,20}", 400, 400),  # 16.9 s, where \S{1,400} takes 0.6
+        (r"\S{1,5}{1,5}{1,5}", 125, 150),  # 11 s: each level of repetition counted
+        (r"(\S{20}){1,20}", 400, 0),  # a fixed length inside: 0.6 s
+        (r"(\d{1,3}\.){3}\d{1,3}", 15, 12),
+        (r"(\S+){1,1000}", 1000, 0),  # a loop inside: 1.1 s
     ],
 )
-def test_pattern_size(pattern: str, size: int) -> None:
-    assert pattern_size(pattern) == size
+def test_pattern_size(pattern: str, size: int, nested: int) -> None:
+    assert pattern_size(pattern) == (size, nested)
+
+
+def test_repetitions_of_something_of_varying_length_are_bounded_in_all() -> None:
+    """`(\\S{1,20}){1,20}` passed the bound on 400 characters and compiled for 16 s (three such in one
+    schema: 51 s); `([^x]{1,20}){1,20}` for 87 s."""
+
+    def schema(*patterns: str) -> dict:
+        return {
+            "type": "object",
+            "properties": {f"p{i}": {"type": "string", "pattern": x} for i, x in enumerate(patterns)},
+        }
+
+    quarter = MAX_NESTED_REPETITION // 4  # ([^x]{1,2}){1,q} and ([^x]{1,q}){1,2} spell out 2q each
+    check_cost(schema(f"([^x]{{1,2}}){{1,{quarter}}}", f"([^x]{{1,{quarter}}}){{1,2}}"), "response_format")
+    past = schema(f"([^x]{{1,2}}){{1,{quarter}}}", f"([^x]{{1,{quarter + 1}}}){{1,2}}")
+    with pytest.raises(InvalidGrammar, match=f"up to {MAX_NESTED_REPETITION + 2:,} characters") as raised:
+        check_cost(past, "response_format")
+    assert "(\\S{20}){1,20}" in str(raised.value)
+    for pattern in [r"(\S{1,20}){1,20}", r"\S{1,20}{1,20}", r"\S{1,5}{1,5}{1,5}", r"([^x]{1,20}){1,20}"]:
+        with pytest.raises(InvalidGrammar):
+            check_cost(schema(pattern), "response_format")
+    for cheap in [r"(\S{20}){1,20}", r"(\d{1,3}\.){3}\d{1,3}", r"(\S+){1,1000}"]:
+        check_cost(schema(cheap), "response_format")
 
 
 def test_every_pattern_of_a_schema_counts_pattern_properties_names_too() -> None:

@@ -73,6 +73,12 @@ class Grammar:
 # (`pattern_size`), about 2 s of compiling at most; a longer free text is `maxLength`'s job, which compiles
 # in milliseconds at any length.
 MAX_PATTERN_SIZE = 1024
+# A repetition of something whose own length varies is much dearer: `(\S{1,20}){1,20}` (400 characters)
+# took 16.9 s, `([^x]{1,20}){1,20}` 87 s, `(\w{1,8} ?){1,50}` 22.6 s, `\S{1,5}{1,5}{1,5}` 11 s, against 0.6 s
+# for `\S{1,400}` and `(\S{20}){1,20}`; with digits or one letter inside it stays cheap, with most classes
+# not. Those repetitions may spell out this many characters in all: `(\d{1,3}\.){3}` is 12,
+# `(-[0-9]{1,4}){1,4}` 20. At 32 the dearest measured, `([^x]{1,4}){1,8}`, took 1.8 s; at 64 6.5 s.
+MAX_NESTED_REPETITION = 32
 # An object's optional properties cost time that grows with their square (each may come or not, in order),
 # required ones almost nothing: 500 optional took 0.75 s, 1,000 4.0 s, 1,000 of which 900 required 0.12 s,
 # 5,000 required 1.0 s; 1,000 optional in four objects 1.1 s, 2,000 in eight 2.9 s.
@@ -88,53 +94,67 @@ MAX_FORMATS = 100
 CACHE_BYTES = 64 * 1024 * 1024
 
 
-def pattern_size(pattern: str) -> int:
-    """How many characters a regular expression spells out, its repetitions multiplied out: an atom
-    counts 1, a group its content (its alternatives summed: the compiler builds each), `{m,n}` multiplies
-    by n (by m when unbounded), `*`, `+` and `?` by 1 (a loop); `^` and `$` count 0. An upper bound of
-    what a grammar compiler unrolls.
+def pattern_size(pattern: str) -> tuple[int, int]:
+    """How many characters a regular expression spells out, its repetitions multiplied out, and how many
+    of those are in repetitions of something that itself repeats a variable number of times.
 
-    >>> pattern_size("[a-z]{3,5}"), pattern_size("(ab|c){10}-[0-9]+"), pattern_size(r"\\d{4}-\\d{2}")
-    (5, 32, 7)
+    The first: an atom counts 1, a group its content (its alternatives summed: the compiler builds each),
+    `{m,n}` multiplies by n (by m when unbounded; a quantifier after a quantifier multiplies again), `*`,
+    `+` and `?` by 1 (a loop); `^` and `$` count 0. An upper bound of what a grammar compiler unrolls.
+    The second: the size of each bounded repetition of a group (or of a quantified atom) whose own length
+    varies, `(\\S{1,20}){1,20}` 400: a compiler's cost there grows much faster than the size (see
+    MAX_NESTED_REPETITION).
+
+    >>> pattern_size("[a-z]{3,5}"), pattern_size("(ab|c){10}-[0-9]+"), pattern_size(r"(\\d{1,3}\\.){3}\\d{1,3}")
+    ((5, 0), (32, 0), (15, 12))
     """
     stack: list[list[int]] = [[0]]  # per open group: its alternatives' sizes so far
-    last = 0  # the size of the atom or group just closed, which a quantifier applies to
+    varies = [False]  # per open group: whether it holds a repetition of variable length
+    nested = 0
+    last, last_varies = 0, False  # what a quantifier applies to: its size, and whether its length varies
     i = 0
     while i < len(pattern):
         char = pattern[i]
         if char == "\\":
-            last, i = 1, i + 2
+            last, last_varies, i = 1, False, i + 2
         elif pattern.startswith("[^]", i):  # any character to xgrammar (not a class holding "]")
-            last, i = 1, i + 3
+            last, last_varies, i = 1, False, i + 3
         elif char == "[":
             end = i + 1
             end += pattern[end : end + 1] == "^"
             end += pattern[end : end + 1] == "]"
             while end < len(pattern) and pattern[end] != "]":
                 end += 2 if pattern[end] == "\\" else 1
-            last, i = 1, end + 1
+            last, last_varies, i = 1, False, end + 1
         elif char == "(":
             stack.append([0])
-            last, i = 0, i + 1
+            varies.append(False)
+            last, last_varies, i = 0, False, i + 1
             continue
         elif char == ")" and len(stack) > 1:
-            last, i = sum(stack.pop()), i + 1
+            last, last_varies, i = sum(stack.pop()), varies.pop(), i + 1
         elif char == "|":
             stack[-1].append(0)
-            last, i = 0, i + 1
+            last, last_varies, i = 0, False, i + 1
             continue
         elif char == "{" and (close := pattern.find("}", i)) > 0 and _counts(pattern[i + 1 : close]):
             low, high = _counts(pattern[i + 1 : close])  # type: ignore[misc]
-            stack[-1][-1] += last * (max(high if high is not None else low, 1) - 1)
-            last, i = 0, close + 1
+            most = max(high if high is not None else low, 1)
+            if last_varies and most > 1:
+                nested += last * most
+            stack[-1][-1] += last * (most - 1)
+            last, last_varies = last * most, last_varies or (high is not None and high != low)
+            varies[-1] = varies[-1] or last_varies
+            i = close + 1
             continue
         elif char in "*+?^$":  # a loop, or an anchor (which spells nothing)
-            last, i = 0, i + 1
+            last, last_varies, i = 0, False, i + 1
             continue
         else:
-            last, i = 1, i + 1
+            last, last_varies, i = 1, False, i + 1
         stack[-1][-1] += last
-    return sum(sum(alternatives) for alternatives in stack)
+        varies[-1] = varies[-1] or last_varies
+    return sum(sum(alternatives) for alternatives in stack), nested
 
 
 def _counts(text: str) -> tuple[int, int | None] | None:
@@ -148,7 +168,8 @@ def _counts(text: str) -> tuple[int, int | None] | None:
 def check_cost(schema: Any, param: str) -> None:
     """Refuse, before compiling, a schema whose grammar would take seconds to compile: its regular
     expressions (`pattern`s and `patternProperties` names) spelling out more than MAX_PATTERN_SIZE
-    characters in all, more optional properties (not in their object's `required`) than
+    characters in all, or more than MAX_NESTED_REPETITION in repetitions of something whose length varies
+    (`pattern_size`), more optional properties (not in their object's `required`) than
     MAX_OPTIONAL_IN_OBJECT in one object or MAX_OPTIONAL in all, or more than MAX_FORMATS `format`s.
 
     >>> check_cost({"patternProperties": {"^[a-z]{1,2000}$": {"type": "string"}}}, "tools")
@@ -156,16 +177,17 @@ def check_cost(schema: Any, param: str) -> None:
     ...
     tunery.models.structured.InvalidGrammar: the JSON schema's patterns spell out up to 2,000 characters ...
     """
-    total = optional = formats = 0
+    total = nested = optional = formats = 0
     todo = [schema]
     while todo:
         node = todo.pop()
         if isinstance(node, dict):
             formats += isinstance(node.get("format"), str)
-            if isinstance(node.get("pattern"), str):
-                total += pattern_size(node["pattern"])
+            patterns = [node["pattern"]] if isinstance(node.get("pattern"), str) else []
             if isinstance(node.get("patternProperties"), dict):
-                total += sum(pattern_size(str(name)) for name in node["patternProperties"])
+                patterns += [str(name) for name in node["patternProperties"]]
+            for size, in_nested in map(pattern_size, patterns):
+                total, nested = total + size, nested + in_nested
             if isinstance(node.get("properties"), dict):
                 required = node.get("required")
                 named = {x for x in required if isinstance(x, str)} if isinstance(required, list) else set()
@@ -185,6 +207,13 @@ def check_cost(schema: Any, param: str) -> None:
         raise InvalidGrammar(
             f"the JSON schema's patterns spell out up to {total:,} characters with their repetitions; "
             f"constrained decoding takes at most {MAX_PATTERN_SIZE:,} (e.g. [a-z]{{1,{MAX_PATTERN_SIZE}}})",
+            param,
+        )
+    if nested > MAX_NESTED_REPETITION:
+        raise InvalidGrammar(
+            f"the JSON schema's patterns repeat something of varying length (such as (\\S{{1,20}}){{1,20}}) to up to "
+            f"{nested:,} characters; constrained decoding takes at most {MAX_NESTED_REPETITION:,} of those in all: "
+            "use one repetition (\\S{1,400}) or a fixed length inside (\\S{20}){1,20}",
             param,
         )
     if formats > MAX_FORMATS:

@@ -168,6 +168,42 @@ def test_a_replica_whose_lease_was_taken_stops_scheduling_and_starts_nothing(
         assert api.wait_status(queued, *TERMINAL, timeout=60)["status"] == "succeeded"
 
 
+def test_a_replica_whose_lease_was_taken_leaves_the_job_to_the_new_holder(
+    tmp_path: Path, database: str, monkeypatch
+) -> None:
+    """A stalls past its term; B takes the lease, stops A's training process and resumes the job in its own.
+    When A wakes it must not record its old process's end as the job's: that counted a retry, queued the
+    job and cleared its pid while B's process ran, and a later takeover then started a second process on
+    the same run directory."""
+    monkeypatch.setenv("FAKE_STEP_SECONDS", "0.1")
+    settings = fake_settings(tmp_path / "service", database_url=database, scheduler_lease_seconds=1.0)
+    key = new_key(settings)
+    with replica(settings, key) as (a, a_client), replica(settings, key) as (_, b_client):
+        first, second = a_client.app.state.tunery.scheduler, b_client.app.state.tunery.scheduler  # type: ignore[attr-defined]
+        assert first.leading and not second.leading
+        job_id = a.create_job(method=LONG)["id"]
+        a.wait(job_id, lambda j: j["status"] == "running")
+        [old] = first.procs.values()
+        with first.lock:  # A stalls; B takes over and resumes the job in a process of its own
+            deadline = time.monotonic() + 20
+            while (job_id, "train") not in second.procs or old.runner.poll() is None:
+                assert time.monotonic() < deadline, "B did not take the job over"
+                time.sleep(0.05)
+        deadline = time.monotonic() + 10
+        while first.leading or first.procs:
+            assert time.monotonic() < deadline, "A kept scheduling"
+            time.sleep(0.05)
+        new_pid = second.procs[(job_id, "train")].runner.pid
+        with Store(settings.database_url).session() as session:
+            assert session.get(Job, job_id).pid == new_pid  # still B's process
+        done = a.wait_status(job_id, *TERMINAL, timeout=60)
+        assert done["status"] == "succeeded", done
+        said = [e["message"] for e in a.events(job_id)]
+        assert not any("retrying" in m for m in said), said
+        commands = (settings.jobs_dir / job_id / "argv.jsonl").read_text().splitlines()
+        assert len(commands) == 2  # A's first process, B's resume: no third
+
+
 def test_a_stalled_replica_no_one_replaced_schedules_on_without_stopping_its_jobs(
     tmp_path: Path, database: str, monkeypatch
 ) -> None:

@@ -96,10 +96,12 @@ class Scheduler:
             self._let_go()
         self.lease.release()  # another process takes over at once
 
-    def _let_go(self) -> None:
+    def _let_go(self, record: bool = True) -> None:
         """Stop scheduling: local training processes checkpoint and stop (SIGTERM, then SIGKILL after the
         grace period) and stay `running` to resume on the next start; Ray jobs run on, to be followed again
-        by whoever schedules next; file checks are killed and rerun."""
+        by whoever schedules next; file checks are killed and rerun. `record`: write what the stopped
+        processes left to their jobs (this process still holds the lease). Not when another process took
+        the lease: the jobs are its to record now, and it may already run them in processes of its own."""
         self.leading = False  # first: the last tick below records, it starts nothing
         detached = []
         for key, proc in self.procs.items():
@@ -117,7 +119,8 @@ class Scheduler:
             if proc.runner.wait(timeout=max(0.0, deadline - time.monotonic())) is None:
                 send(proc, signal.SIGKILL)
                 proc.runner.wait(timeout=None)
-        self._tick()  # record what the stopped processes left (a finished job, the last metrics)
+        if record:
+            self._tick()  # record what the stopped processes left (a finished job, the last metrics)
         for proc in self.procs.values():
             proc.log.close()
         self.procs.clear()
@@ -142,7 +145,7 @@ class Scheduler:
                 # another process may have scheduled meanwhile, so this one lets go and, if it takes the
                 # lease again, recovers as a newcomer
                 log.warning("the scheduler lease ran out while this tunery serve was stalled; letting go")
-                self._let_go()
+                self._let_go(record=False)
         held = self.lease.hold()
         self._renewed = time.monotonic()
         with self.lock:
@@ -159,7 +162,7 @@ class Scheduler:
                 log.info("scheduling jobs (holding the database's scheduler lease)")
             elif not held and self.leading:
                 log.warning("another tunery serve holds the scheduler lease now; this one stops scheduling")
-                self._let_go()
+                self._let_go(record=False)
         return held and self.leading
 
     def wake(self) -> None:
@@ -227,7 +230,8 @@ class Scheduler:
             try:
                 if self._lead():
                     with self.lock:
-                        self._tick()
+                        if self.lease.held():  # not if it stalled since (waiting for the lock, say)
+                            self._tick()
             except Exception:  # the loop must survive anything one job does
                 log.exception("scheduler tick failed")
             self._wake.wait(self.settings.poll_seconds)
@@ -254,7 +258,8 @@ class Scheduler:
                 proc.kill_at = None
             elif proc.stop_reason is not None and proc.runner.ray_job is not None:
                 proc.runner.stop(force=False)  # again, if the cluster did not take it the first time
-        if self._stopping.is_set() or not self.leading:
+        # new work only with time left on the lease: a start must not land after another process took over
+        if self._stopping.is_set() or not self.leading or not self.lease.held(self.lease.seconds / 3):
             return
         self._start_validations()
         self._start_training()
@@ -523,8 +528,11 @@ class Scheduler:
         run_dir = directory / "run"
         with self.store.session() as session:
             job = session.get(Job, proc.job_id)
-            if job is None:
-                return
+            if job is None or (job.pid, job.ray_job) not in (
+                (proc.runner.pid, proc.runner.ray_job),
+                (None, None),
+            ):
+                return  # the job runs in another process now (another tunery serve took it over)
             job.pid = job.ray_job = None
             if job.status == "cancelled" or proc.stop_reason == "cancel":
                 return

@@ -3,6 +3,7 @@ life, file and model deletion become records of the caller's project and key; `t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import AsyncIterator, Iterator
@@ -261,7 +262,7 @@ def _middlewares(app: Any) -> list[Any]:
 def test_a_grader_run_on_a_large_sample_is_recorded_by_its_digest(audited: Api, settings: Settings) -> None:
     """A 4 MB sample graded 16 times at once had written 61 MB to the log in 0.7 s: a field past the
     bound is kept as its size and SHA-256, the small ones and the result as they are."""
-    from tunery.server.routes.graders import AUDIT_FIELD_BYTES
+    from tunery.server.routes.graders import AUDIT_DATA_BYTES
 
     grader = {
         "type": "string_check",
@@ -270,7 +271,7 @@ def test_a_grader_run_on_a_large_sample_is_recorded_by_its_digest(audited: Api, 
         "input": "{{sample.output_text}}",
         "reference": "{{item.word}}",
     }
-    sample = "word " * (AUDIT_FIELD_BYTES // 5 + 1)  # just past the bound once quoted
+    sample = "word " * (AUDIT_DATA_BYTES // 5 + 1)  # just past the bound once quoted
     body = {"grader": grader, "model_sample": sample, "item": {"word": "word"}}
     assert audited.post("/fine_tuning/alpha/graders/run", json=body).json()["reward"] == 1.0
     small = {"grader": grader, "model_sample": "a word", "item": {"word": "word"}}
@@ -282,3 +283,22 @@ def test_a_grader_run_on_a_large_sample_is_recorded_by_its_digest(audited: Api, 
     assert large["grader"] == grader and large["reward"] == 1.0
     assert plain["model_sample"] == "a word" and "summarised" not in plain
     assert verify(settings.audit_dir / "acme.jsonl").ok
+
+
+def test_a_projects_grader_runs_are_limited_a_minute(settings: Settings, keys: dict[str, str]) -> None:
+    """String checks of 60 KB fields from three connections had written 83 MB of audit log a second: runs
+    past the project's rate are refused with a 429 before anything runs or is recorded; other projects
+    are not held back."""
+    limited = dataclasses.replace(settings, grader_runs_per_minute=3)
+    grader = {"type": "string_check", "name": "s", "operation": "eq", "input": "a", "reference": "a"}
+    body = {"grader": grader, "model_sample": "a"}
+    with TestClient(create_app(limited), raise_server_exceptions=False) as client:
+        acme, other = Api(client, keys["acme"]), Api(client, keys["globex"])
+        assert [acme.post("/fine_tuning/alpha/graders/run", json=body).status_code for _ in range(3)] == [
+            200
+        ] * 3
+        refused = acme.post("/fine_tuning/alpha/graders/run", json=body)
+        assert refused.status_code == 429 and refused.headers["retry-after"]
+        assert "at most 3 a minute" in refused.json()["error"]["message"]
+        assert other.post("/fine_tuning/alpha/graders/run", json=body).status_code == 200
+    assert len([r for r in records(limited) if r["type"] == "grader.run"]) == 3

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from tunery.server import fair
 from tunery.server.fair import Admission, FairQueue, TooBusy
 
 
@@ -61,3 +62,25 @@ def test_close_hands_out_what_is_left_then_none() -> None:
     queue.close()
     assert queue.get() == ("a", 1)
     assert queue.get() is None
+
+
+def test_a_rate_limit_allows_a_burst_then_refills_at_its_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(fair.time, "monotonic", lambda: clock[0])
+    limit = fair.RateLimit("grader runs", per_minute=60)  # one a second
+    for _ in range(60):
+        limit.take("acme")
+    with pytest.raises(fair.TooBusy, match=r"at most 60 a minute; retry in 1\.0 s"):
+        limit.take("acme")
+    limit.take("globex")  # each project has its own
+    clock[0] += 0.5
+    with pytest.raises(fair.TooBusy, match=r"retry in 0\.5 s"):
+        limit.take("acme")
+    clock[0] += 0.5
+    limit.take("acme")
+    clock[0] += 3600  # refills up to the burst, no further
+    for _ in range(60):
+        limit.take("acme")
+    with pytest.raises(fair.TooBusy):
+        limit.take("acme")
+    fair.RateLimit("grader runs", per_minute=0).take("acme")  # 0: no limit

@@ -47,7 +47,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -160,11 +160,12 @@ def _digest(text: bytes) -> dict[str, Any]:
     return {"bytes": len(text), "sha256": hashlib.sha256(text).hexdigest()}
 
 
-def bounded(payload: dict[str, Any], names: Iterable[str], limit: int) -> dict[str, Any]:
-    """`payload` with each field in `names` whose JSON passes `limit` bytes replaced by its `digest`, and
-    `"summarised": [those names]` when any was (`limit=0`: every field in `names` that is not None)."""
+def bounded(payload: dict[str, Any], limits: Mapping[str, int]) -> dict[str, Any]:
+    """`payload` with each field named in `limits` whose JSON passes its limit in bytes replaced by its
+    `digest`, and `"summarised": [those names]` when any was (a limit of 0: the field whenever it is not
+    None)."""
     out, summarised = dict(payload), []
-    for name in names:
+    for name, limit in limits.items():
         if out.get(name) is not None and len(text := _dumps(out[name])) > limit:
             out[name] = _digest(text)
             summarised.append(name)

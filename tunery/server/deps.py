@@ -13,6 +13,7 @@ from fastapi import Depends, Request
 from tunery.safety.audit import AuditLog
 from tunery.server.auth import Caller, KeyCache, any_caller, caller
 from tunery.server.errors import APIError
+from tunery.server.fair import RateLimit
 from tunery.server.inference_client import InferenceClient
 from tunery.server.jobs import Scheduler
 from tunery.server.settings import Settings
@@ -30,9 +31,11 @@ class AppState:
     keys: KeyCache = field(default_factory=KeyCache)
     audit: AuditLog | None = None  # None when `--no-audit`
     workers: RequestWorkers = field(init=False)  # python graders' and moderation's threads (workers.py)
+    grader_runs: RateLimit = field(init=False)  # per project a minute (settings.grader_runs_per_minute)
 
     def __post_init__(self) -> None:
         self.workers = RequestWorkers(self.settings)
+        self.grader_runs = RateLimit("grader runs", self.settings.grader_runs_per_minute)
 
 
 async def get_state(request: Request) -> AppState:

@@ -13,6 +13,7 @@ worker (its request queues); standard library only.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict, deque
 from typing import Generic, TypeVar
 
@@ -62,6 +63,33 @@ class Admission:
     def in_flight(self, project: str | None = None) -> int:
         with self._lock:
             return self._count if project is None else self._by_project.get(project, 0)
+
+
+class RateLimit:
+    """At most `per_minute` events of a project in any minute on average, in bursts of up to that many (a
+    token bucket refilled at per_minute / 60 a second); 0: no limit. Thread-safe. For requests that cost the
+    service little time each but leave something behind, such as an audit record."""
+
+    def __init__(self, what: str, per_minute: int) -> None:
+        self.what, self.per_minute = what, per_minute
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}  # project -> (tokens left, when counted)
+
+    def take(self, project: str) -> None:
+        """Count one event of `project`, or raise TooBusy with how long until the next is allowed."""
+        if self.per_minute <= 0:
+            return
+        now, rate = time.monotonic(), self.per_minute / 60.0
+        with self._lock:
+            tokens, then = self._buckets.get(project, (float(self.per_minute), now))
+            tokens = min(float(self.per_minute), tokens + (now - then) * rate)
+            if tokens < 1.0:
+                self._buckets[project] = (tokens, now)
+                raise TooBusy(
+                    f"Too many {self.what} for this project: at most {self.per_minute:,} a minute; retry in "
+                    f"{(1.0 - tokens) / rate:.1f} s."
+                )
+            self._buckets[project] = (tokens - 1.0, now)
 
 
 class FairQueue(Generic[T]):

@@ -69,6 +69,9 @@ class Settings:
     default_max_tokens: int = 256  # chat completions without max_tokens
     max_completion_tokens: int = 4096
     grader_timeout: float = 120.0  # seconds a grader run request may take (python graders, multi sub-graders)
+    # grader runs a project may start a minute (in bursts of up to that many): a fast grader costs
+    # milliseconds, its audit record stays (0: no limit)
+    grader_runs_per_minute: int = 600
     # requests' CPU-bound work in this process (python graders, moderation) runs on threads of its own
     # (never the API's), `work_threads` at once; beyond the caps a request gets OpenAI's 429 (workers.py)
     work_threads: int = 2  # runs at once (a python grader's is a sandboxed process)

@@ -368,7 +368,7 @@ def _summarised(audited: dict[str, Any]) -> dict[str, Any]:
     took it is recorded as. The messages, tools and schema become their size and SHA-256, so a tenant cannot
     fill the log with megabytes that are refused at once; a request the worker runs (its prompt within a
     model's context) is recorded whole."""
-    return bounded(audited, ("messages", "tools", "grammar"), limit=0)
+    return bounded(audited, dict.fromkeys(("messages", "tools", "grammar"), 0))
 
 
 async def _audit(state: AppState, caller: Caller, kind: str, payload: dict[str, Any]) -> None:

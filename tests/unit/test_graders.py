@@ -221,6 +221,28 @@ def test_a_multi_past_its_deadline_fails_the_graders_not_yet_run() -> None:
     assert late.messages == [f"{n}: the request's time budget ran out before this grader ran" for n in "ab"]
 
 
+def test_a_judge_still_answering_at_the_deadline_is_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model grader took the request's budget as given: max_completions_tokens near the context ran for
+    minutes past the 120 s. Past the deadline the sampling stops between two steps and the samples fail."""
+    from types import SimpleNamespace
+
+    from tunery.graders.sandbox import SandboxLimits
+
+    looks: list[float] = []
+
+    def monotonic() -> float:  # the judge's clock: in time at its first look, past the deadline after
+        looks.append(0.0 if not looks else 10.0)
+        return looks[-1]
+
+    monkeypatch.setattr(judges, "time", SimpleNamespace(monotonic=monotonic))
+    spec = judge(sampling_params={"max_completions_tokens": 2000, "seed": 0, "temperature": 1.0})
+    result = build_grader(spec, limits=SandboxLimits(deadline=5.0))("4", {})
+    assert not result.ok and result.reward == 0.0
+    said = str(result.errors) + str(result.messages)
+    assert "TimeoutError: the request's time budget ran out while the judge model was answering" in said
+    assert len(looks) == 2  # before the batch, then after its first decoding step: stopped there
+
+
 def test_meteor_without_wordnet_is_refused_when_parsed() -> None:
     from tunery.graders.metrics import unavailable_reason
 
@@ -642,7 +664,7 @@ def test_model_graders_on_tiny_random_record_parse_errors() -> None:
 
 def test_model_grader_replies_are_parsed_clipped_and_labelled(monkeypatch: pytest.MonkeyPatch) -> None:
     replies = iter(['{"result": 7}', 'Score: {"result": 2.5, "steps": []}', '{"result": "good"}', "Bad."])
-    monkeypatch.setattr(judges, "complete", lambda spec, convs: [(next(replies), 10, 2) for _ in convs])
+    monkeypatch.setattr(judges, "complete", lambda spec, convs, *_: [(next(replies), 10, 2) for _ in convs])
     score = build_grader(judge(range=[0, 5]))
     assert score.rewards(["a", "b"], [{}, {}]) == [5.0, 2.5]  # 7 clipped to the range
     label = build_grader(judge("label_model"))
@@ -656,7 +678,7 @@ def test_a_model_graders_messages_share_one_rendering_bound(monkeypatch: pytest.
 
     asked: list[list[dict]] = []
     monkeypatch.setattr(
-        judges, "complete", lambda spec, convs: asked.extend(convs) or [('{"result": 1}', 1, 1)]
+        judges, "complete", lambda spec, convs, *_: asked.extend(convs) or [('{"result": 1}', 1, 1)]
     )
     monkeypatch.setattr(run, "MAX_RENDERED", 33)
     three = [{"role": "user", "content": "{{item.x}}!"}] * 3  # 11 characters each

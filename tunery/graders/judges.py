@@ -21,6 +21,7 @@ import json
 import math
 import re
 import threading
+import time
 from typing import Any
 
 from tunery.graders.spec import ModelGrader
@@ -128,13 +129,18 @@ def _result(text: str) -> Any:
     return None
 
 
-def complete(spec: ModelGrader, conversations: list[list[dict[str, str]]]) -> list[tuple[str, int, int]]:
-    """(reply, prompt tokens, completion tokens) for each conversation, sampled in batches."""
+def complete(
+    spec: ModelGrader, conversations: list[list[dict[str, str]]], deadline: float | None = None
+) -> list[tuple[str, int, int]]:
+    """(reply, prompt tokens, completion tokens) for each conversation, sampled in batches; past `deadline`
+    (time.monotonic()) the sampling stops with a TimeoutError, between two decoding steps."""
     with _MODELS_IN_USE:
-        return _complete(spec, conversations)
+        return _complete(spec, conversations, deadline)
 
 
-def _complete(spec: ModelGrader, conversations: list[list[dict[str, str]]]) -> list[tuple[str, int, int]]:
+def _complete(
+    spec: ModelGrader, conversations: list[list[dict[str, str]]], deadline: float | None
+) -> list[tuple[str, int, int]]:
     from tunery.data.template import prompt_ids
     from tunery.models.sampling import SamplingParams, check_context, check_context_before_tokenizing, sample
 
@@ -153,10 +159,18 @@ def _complete(spec: ModelGrader, conversations: list[list[dict[str, str]]]) -> l
         )
         prompts.append(prompt_ids(tokenizer, messages))
         check_context(model, len(prompts[-1]), params.max_new_tokens)
+
+    def in_time() -> None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError("the request's time budget ran out while the judge model was answering")
+
     replies: list[tuple[str, int, int]] = []
     for start in range(0, len(prompts), SAMPLE_BATCH):
         chunk = prompts[start : start + SAMPLE_BATCH]
-        for ids, completion in zip(chunk, sample(model, tokenizer, chunk, params), strict=True):
+        in_time()
+        for ids, completion in zip(
+            chunk, sample(model, tokenizer, chunk, params, on_step=in_time), strict=True
+        ):
             replies.append((completion.text, len(ids), len(completion.token_ids)))
     return replies
 

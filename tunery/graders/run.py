@@ -140,7 +140,7 @@ def _batch_fn(spec: GraderSpec, limits: SandboxLimits) -> BatchFn:
         require_sandbox()  # refused here, when the grader is built, on a machine that cannot confine it
         return lambda samples, items: _python_batch(spec, samples, items, limits)
     if isinstance(spec, ModelGrader):
-        return lambda samples, items: _model_batch(spec, samples, items)
+        return lambda samples, items: _model_batch(spec, samples, items, limits.deadline)
     subgraders = {
         name: Grader(name, sub.type, _batch_fn(sub, limits), sub) for name, sub in spec.graders.items()
     }
@@ -265,8 +265,12 @@ def model_grader(spec: ModelGrader, sample: dict[str, Any], item: dict[str, Any]
 
 
 def _model_batch(
-    spec: ModelGrader, samples: list[dict[str, Any]], items: list[dict[str, Any]]
+    spec: ModelGrader,
+    samples: list[dict[str, Any]],
+    items: list[dict[str, Any]],
+    deadline: float | None = None,
 ) -> list[GradeResult]:
+    """`deadline` (time.monotonic()): a judge still answering then is stopped, and its samples fail."""
     started = time.perf_counter()
 
     def conversation(sample: dict[str, Any], item: dict[str, Any]) -> list[dict[str, str]]:
@@ -299,7 +303,7 @@ def _model_batch(
             for k, score in zip(ready, scores, strict=True):
                 results[k] = GradeResult(score)
             return _timed(results, started)
-        replies = judges.complete(spec, todo)
+        replies = judges.complete(spec, todo, deadline)
     except Exception as exc:  # the model failed to load or run: OpenAI's "server error" for every sample
         detail = f"{spec.model}: {exc.__class__.__name__}: {exc}"
         for k in ready:

@@ -76,7 +76,8 @@ MAX_PATTERN_SIZE = 1024
 # A repetition of something whose own length varies is much dearer: `(\S{1,20}){1,20}` (400 characters)
 # took 16.9 s, `([^x]{1,20}){1,20}` 87 s, `(\w{1,8} ?){1,50}` 22.6 s, `\S{1,5}{1,5}{1,5}` 11 s, against 0.6 s
 # for `\S{1,400}` and `(\S{20}){1,20}`; with digits or one letter inside it stays cheap, with most classes
-# not. Those repetitions may spell out this many characters in all: `(\d{1,3}\.){3}` is 12,
+# not; so with `?` or a loop inside (`(\S\S?\S?\S?){1,100}` 13.4 s, `(\w+ ?){1,100}` 7.1 s). Those
+# repetitions may spell out this many characters in all: `(\d{1,3}\.){3}` is 12,
 # `(-[0-9]{1,4}){1,4}` 20. At 32 the dearest measured, `([^x]{1,4}){1,8}`, took 1.8 s; at 64 6.5 s.
 MAX_NESTED_REPETITION = 32
 # An object's optional properties cost time that grows with their square (each may come or not, in order),
@@ -102,8 +103,8 @@ def pattern_size(pattern: str) -> tuple[int, int]:
     `{m,n}` multiplies by n (by m when unbounded; a quantifier after a quantifier multiplies again), `*`,
     `+` and `?` by 1 (a loop); `^` and `$` count 0. An upper bound of what a grammar compiler unrolls.
     The second: the size of each bounded repetition of a group (or of a quantified atom) whose own length
-    varies, `(\\S{1,20}){1,20}` 400: a compiler's cost there grows much faster than the size (see
-    MAX_NESTED_REPETITION).
+    varies (a range `{m,n}`, `?`, `*` or `+` inside), `(\\S{1,20}){1,20}` 400, `(\\S\\S?){1,20}` 40: a
+    compiler's cost there grows much faster than the size (see MAX_NESTED_REPETITION).
 
     >>> pattern_size("[a-z]{3,5}"), pattern_size("(ab|c){10}-[0-9]+"), pattern_size(r"(\\d{1,3}\\.){3}\\d{1,3}")
     ((5, 0), (32, 0), (15, 12))
@@ -147,7 +148,11 @@ def pattern_size(pattern: str) -> tuple[int, int]:
             varies[-1] = varies[-1] or last_varies
             i = close + 1
             continue
-        elif char in "*+?^$":  # a loop, or an anchor (which spells nothing)
+        elif char in "*+?":  # a loop, or optional: what it applies to is counted once, and varies
+            last_varies, i = True, i + 1
+            varies[-1] = True
+            continue
+        elif char in "^$":  # an anchor, which spells nothing
             last, last_varies, i = 0, False, i + 1
             continue
         else:

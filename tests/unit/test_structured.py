@@ -49,6 +49,10 @@ def test_docstring_examples_run() -> None:
         (r"(\S\S?\S?\S?){1,25}", 100, 100),  # `?` varies the length too: 3.2 s (at {1,100}: 13.4 s)
         (r"(\w+ ?){1,100}", 200, 200),  # a loop inside: 7.1 s
         (r"[a-z]+(-[a-z]+)*", 3, 0),  # loops around loops are not unrolled
+        # alternatives of different lengths vary too where classes make them ambiguous: 15 s; literals 0.04 s
+        (r"(\S|\S\S|\S\S\S){1,100}", 600, 600),
+        (r"(a|bb|ccc){1,100}", 600, 0),
+        ("(?:ab){10}", 20, 0),  # a non-capturing group: its `?:` is neither a quantifier nor characters
     ],
 )
 def test_pattern_size(pattern: str, size: int, nested: int) -> None:

@@ -194,8 +194,10 @@ def test_a_replica_whose_lease_was_taken_leaves_the_job_to_the_new_holder(
             assert time.monotonic() < deadline, "A kept scheduling"
             time.sleep(0.05)
         new_pid = second.procs[(job_id, "train")].runner.pid
-        with Store(settings.database_url).session() as session:
+        store = Store(settings.database_url)
+        with store.session() as session:
             assert session.get(Job, job_id).pid == new_pid  # still B's process
+        store.close()
         done = a.wait_status(job_id, *TERMINAL, timeout=60)
         assert done["status"] == "succeeded", done
         said = [e["message"] for e in a.events(job_id)]

@@ -81,7 +81,11 @@ async def run_grader(body: GraderRun, state: State, caller: Auth, http: Request)
                 "errors": {k: v for k, v in (response.get("metadata") or {}).get("errors", {}).items() if v},
                 "failed": failure,
             }
-            limits = {"grader": AUDIT_GRADER_BYTES, "model_sample": AUDIT_DATA_BYTES, "item": AUDIT_DATA_BYTES}
+            limits = {
+                "grader": AUDIT_GRADER_BYTES,
+                "model_sample": AUDIT_DATA_BYTES,
+                "item": AUDIT_DATA_BYTES,
+            }
             record = bounded(record, limits)
             with CancelScope(shield=True):
                 await to_thread.run_sync(

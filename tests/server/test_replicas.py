@@ -206,6 +206,37 @@ def test_a_replica_whose_lease_was_taken_leaves_the_job_to_the_new_holder(
         assert len(commands) == 2  # A's first process, B's resume: no third
 
 
+def test_a_start_that_lands_after_the_lease_was_taken_is_stopped_again(
+    tmp_path: Path, database: str, monkeypatch
+) -> None:
+    """A stalls inside a job's start (a slow Ray submit or disk) while B takes the lease and starts the
+    job itself. A's late start used to overwrite the row with its own process (B's then ran unrecorded, and
+    the job stayed `running` after B's finished): now it stops its process instead, and B's records."""
+    from tunery.server.jobs import scheduler as scheduler_module
+
+    monkeypatch.setenv("FAKE_STEP_SECONDS", "0.1")
+    settings = fake_settings(tmp_path / "service", database_url=database, scheduler_lease_seconds=1.0)
+    key = new_key(settings)
+    real_start = scheduler_module.start_training
+    started = []
+
+    def slow_first_start(*args, **kwargs):  # type: ignore[no-untyped-def]
+        proc = real_start(*args, **kwargs)
+        started.append(proc)
+        if len(started) == 1:
+            time.sleep(2.5)  # the process runs; its start is written to the job's row late
+        return proc
+
+    monkeypatch.setattr(scheduler_module, "start_training", slow_first_start)
+    with replica(settings, key) as (a, _), replica(settings, key) as (_, b_client):
+        job_id = a.create_job(method=LONG)["id"]  # 8 s: A's process cannot finish the job during the stall
+        done = a.wait_status(job_id, *TERMINAL, timeout=60)
+        assert done["status"] == "succeeded", done
+        assert len(started) == 2 and started[0].runner.poll() is not None  # A's late start was stopped
+        said = [e["message"] for e in a.events(job_id)]
+        assert not any("retrying" in m for m in said), said
+
+
 def test_a_stalled_replica_no_one_replaced_schedules_on_without_stopping_its_jobs(
     tmp_path: Path, database: str, monkeypatch
 ) -> None:

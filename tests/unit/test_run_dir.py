@@ -16,7 +16,7 @@ def test_a_run_that_stopped_before_training_is_taken_over(tmp_path: Path) -> Non
     (run / "screened").mkdir(parents=True)
     (run / "screening.json").write_text("{}")
     prepare_run_dir(run, resume=False, overwrite=False)
-    assert run.is_dir() and list(run.iterdir()) == []
+    assert run.is_dir() and [p.name for p in run.iterdir()] == [".lock"]  # this process's, while it trains
 
 
 def test_resume_of_a_run_that_never_started_says_to_start_it(tmp_path: Path) -> None:
@@ -41,7 +41,7 @@ def test_an_unfinished_run_suggests_resume_and_a_finished_one_does_not(tmp_path:
         prepare_run_dir(run, resume=False, overwrite=False)
     assert "--resume" not in str(refused.value)
     prepare_run_dir(run, resume=False, overwrite=True)
-    assert list(run.iterdir()) == []
+    assert [p.name for p in run.iterdir()] == [".lock"]
 
 
 def test_a_directory_that_is_not_a_run_is_never_deleted(tmp_path: Path) -> None:
@@ -78,3 +78,36 @@ def test_the_progress_line_leaves_out_a_validation_part_only_when_there_was_no_e
     assert shown_line({**record, "valid_loss": 0.7}, parts) == "loss 0.693 acc 0.50 valid 0.700 2.0/s"
     with pytest.raises(KeyError):  # a misspelt training metric is a bug, not a silently shorter line
         shown_line(record, ("loss {train_los:.3f}",))
+
+
+def test_a_run_directory_is_trained_into_by_one_process_at_a_time(tmp_path: Path) -> None:
+    """Two processes training into one directory at once (a second `tunery train --out` of it, or a service
+    replica's late start while another resumes the job) would write each other's checkpoints: the second
+    waits for the first to end, then says who holds it."""
+    import subprocess
+    import sys
+
+    from tunery.training import rundir
+
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from tunery.training.rundir import "
+         "lock_run_dir; lock_run_dir(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)",
+         str(run_dir)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(TuneryError, match=rf"is in use by another training process \(pid {holder.pid}\)"):
+            rundir.lock_run_dir(run_dir, wait=0.5)
+    finally:
+        holder.kill()
+        holder.wait()
+    rundir.lock_run_dir(run_dir, wait=5)  # the kernel released it with the process
+    rundir.lock_run_dir(run_dir, wait=0)  # held once per process: taken again at once
+    (run_dir / "config.yaml").write_text("method: sft\n")
+    (run_dir / "checkpoint-1").mkdir()
+    rundir.prepare_run_dir(run_dir, resume=False, overwrite=True)  # clears all but the lock it holds
+    assert [p.name for p in run_dir.iterdir()] == [rundir.LOCK]
+    rundir.unlock_run_dir(run_dir)
+    assert run_dir.resolve() not in rundir._held

@@ -53,7 +53,14 @@ from tunery.training.faults import fault_point
 from tunery.training.io import atomic_write_json
 from tunery.training.memory import give_back_freed_memory, keep_freed_memory
 from tunery.training.progress import StepProgress
-from tunery.training.rundir import check_same_data, file_digest, prepare_run_dir, resumed_config, save_final
+from tunery.training.rundir import (
+    check_same_data,
+    file_digest,
+    prepare_run_dir,
+    resumed_config,
+    save_final,
+    unlock_run_dir,
+)
 from tunery.training.signals import GracefulStop
 
 log = logging.getLogger("tunery")
@@ -598,6 +605,7 @@ def finish_run(
         write_model_card(run_dir)
         summary = report.to_json()
         run.trackers.finish(summary)
+        unlock_run_dir(run_dir)
     distributed.barrier(world)
     distributed.teardown(world)
     return summary

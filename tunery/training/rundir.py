@@ -9,8 +9,12 @@ DIR/final/           the trained adapter or weights, the tokenizer, tunery.yaml 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import logging
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -49,7 +53,53 @@ def check_same_data(run_dir: Path, cfg: Any) -> None:
 
 # what a run writes before its config.yaml (screening): a directory holding only these never started
 # training, so there is nothing to resume and a new run may take it over
-_BEFORE_CONFIG = {"screening.json", "screened"}
+LOCK = ".lock"  # held (flock) by the process training into the directory, for as long as it runs
+_BEFORE_CONFIG = {"screening.json", "screened", LOCK}
+_held: dict[Path, int] = {}  # this process's locks: run directory -> its open lock file
+
+log = logging.getLogger("tunery")
+
+
+def lock_run_dir(run_dir: Path, wait: float = 30.0) -> None:
+    """Hold RUN_DIR/.lock for the rest of this process, so two processes never train into one directory
+    at once: a second `tunery train --out` of the same directory, or a service replica's late start while
+    another resumes the job. The kernel releases the lock when the process ends, however it ends. Waits up
+    to `wait` seconds for a holder to exit (one being stopped checkpoints first), then raises. Held once
+    per process: a run resumed in the process that started it takes it again at once."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.resolve() in _held:
+        return
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + wait
+    said = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise TuneryError(
+                    f"{run_dir} is in use by another training process (pid {holder}); wait for it to end or "
+                    "stop it, or train into another --out"
+                ) from None
+            if not said:
+                log.warning(
+                    "%s is in use by another training process (pid %s); waiting for it", run_dir, holder
+                )
+                said = True
+            time.sleep(0.2)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[run_dir.resolve()] = fd
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    """Release `lock_run_dir`'s lock (the run has ended; the process goes on, e.g. to the next trial)."""
+    fd = _held.pop(run_dir.resolve(), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
@@ -99,10 +149,18 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """`check_run_dir`, then clear what a new run replaces and create the directory."""
+    """`check_run_dir`, take the directory's lock (`lock_run_dir`), then check again (another process may
+    have changed it while this one waited) and clear what a new run replaces."""
+    check_run_dir(run_dir, resume, overwrite)  # refused before anything is created
+    lock_run_dir(run_dir)
     if check_run_dir(run_dir, resume, overwrite):
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        for child in run_dir.iterdir():
+            if child.name == LOCK:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
 
 
 def resumed_config(cls: type[C], resume_dir: str) -> C:

@@ -476,6 +476,22 @@ class Scheduler:
 
     def _spawn_training(self, session: Session, job: Job) -> None:
         proc = start_training(self.settings, job, self.ray)
+        # Starting can take a while (a Ray submit, a slow disk): if the lease ran short meanwhile, or another
+        # process took the job, this start must not land in the job's row. Its process is stopped at once;
+        # the run directory's lock (training/rundir.py) keeps it from writing beside the other one.
+        session.refresh(job)
+        if not self.lease.held(self.lease.seconds / 3) or (job.status, job.pid, job.ray_job) != (
+            "queued",
+            None,
+            None,
+        ):
+            log.warning(
+                "job %s: started after this tunery serve lost its turn to schedule; stopped again", job.id
+            )
+            send(proc, signal.SIGKILL)
+            proc.runner.wait(timeout=self.settings.stop_grace_seconds)
+            proc.log.close()
+            return
         self._turns[job.project_id] = time.monotonic()
         self.procs[(job.id, "train")] = proc
         job.attempts += 1

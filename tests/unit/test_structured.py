@@ -10,6 +10,7 @@ import pytest
 from tunery.models import structured
 from tunery.models.structured import (
     MAX_FORMATS,
+    MAX_LITERAL_CHARS,
     MAX_NESTED_REPETITION,
     MAX_OPTIONAL,
     MAX_OPTIONAL_IN_OBJECT,
@@ -125,6 +126,16 @@ def test_optional_properties_are_bounded_in_an_object_and_in_all() -> None:
     assert raised.value.param == "tools"
     odd = {"type": "object", "properties": {"a": {}}, "required": [{"not": "a name"}, ["x"], "a"]}
     check_cost(odd, "response_format")  # xgrammar's to refuse, not a crash here
+
+
+def test_enum_and_const_values_are_bounded_across_tools() -> None:
+    """60,000 enum strings compiled for 33 s; a tool's parameters are at most 64 KB, but with tool_choice
+    "required" every tool compiles into one grammar, so the values are counted over all of them."""
+    words = [f"w{i:05d}" for i in range(MAX_LITERAL_CHARS // 9)]  # '"w00000", ' is 10 characters
+    check_cost([{"enum": words[: len(words) // 2]}, {"const": "x" * 1000}], "tools")
+    with pytest.raises(InvalidGrammar, match="`enum` and `const` values come to") as raised:
+        check_cost([{"enum": words}, {"enum": words}], "tools")
+    assert raised.value.param == "tools"
 
 
 def test_the_bounds_share_one_budget() -> None:

@@ -89,6 +89,10 @@ MAX_OPTIONAL = 1000
 # `hostname`s 1.6 s, and `ipv6` grows faster (100: 0.3 s, 200: 1.8 s; 1,200 held the worker 98 s). At this
 # many `format`s in a schema, at most ~1.4 s.
 MAX_FORMATS = 100
+# `enum` and `const` values are compiled too: 2,800 enum strings of 20 letters (56,000 characters) took
+# 0.67 s, 60,000 of them 33 s. A schema may list this many characters of them in all (their JSON): with
+# tool_choice "required" every tool's parameters compile into one grammar, each up to 64 KB.
+MAX_LITERAL_CHARS = 64 * 1024
 # Compiled grammars kept in memory, per tokenizer, so a repeated schema is not compiled again. Kept here,
 # not in xgrammar's own cache: with that one limited to 64 MB, the inference worker still grew ~3 MB for
 # each new schema of 600 properties (437 MB to 902 MB over 120), and stayed flat without it.
@@ -187,21 +191,23 @@ def check_cost(schema: Any, param: str) -> None:
     expressions (`pattern`s and `patternProperties` names) spelling out more than MAX_PATTERN_SIZE
     characters in all, or more than MAX_NESTED_REPETITION in repetitions of something whose length varies
     (`pattern_size`), more optional properties (not in their object's `required`) than
-    MAX_OPTIONAL_IN_OBJECT in one object or MAX_OPTIONAL in all, or more than MAX_FORMATS `format`s;
-    and one whose pattern characters, varying repetitions, formats and optional properties, each as a
-    share of its bound, add up to more than the whole.
+    MAX_OPTIONAL_IN_OBJECT in one object or MAX_OPTIONAL in all, more than MAX_FORMATS `format`s, or
+    `enum` and `const` values of more than MAX_LITERAL_CHARS; and one whose pattern characters, varying
+    repetitions, formats, optional properties and enum characters, each as a share of its bound, add up to
+    more than the whole.
 
     >>> check_cost({"patternProperties": {"^[a-z]{1,2000}$": {"type": "string"}}}, "tools")
     Traceback (most recent call last):
     ...
     tunery.models.structured.InvalidGrammar: the JSON schema's patterns spell out up to 2,000 characters ...
     """
-    total = nested = optional = formats = 0
+    total = nested = optional = formats = literal = 0
     todo = [schema]
     while todo:
         node = todo.pop()
         if isinstance(node, dict):
             formats += isinstance(node.get("format"), str)
+            literal += sum(len(json.dumps(node[key])) for key in ("enum", "const") if key in node)
             patterns = [node["pattern"]] if isinstance(node.get("pattern"), str) else []
             if isinstance(node.get("patternProperties"), dict):
                 patterns += [str(name) for name in node["patternProperties"]]
@@ -241,6 +247,12 @@ def check_cost(schema: Any, param: str) -> None:
             f"{MAX_FORMATS:,}: use `pattern` or plain strings for the rest",
             param,
         )
+    if literal > MAX_LITERAL_CHARS:
+        raise InvalidGrammar(
+            f"the JSON schema's `enum` and `const` values come to {literal:,} characters; constrained decoding "
+            f"takes at most {MAX_LITERAL_CHARS:,} in all",
+            param,
+        )
     if optional > MAX_OPTIONAL:
         raise InvalidGrammar(
             f"the JSON schema has {optional:,} optional properties (not in their object's `required`); "
@@ -254,6 +266,7 @@ def check_cost(schema: Any, param: str) -> None:
         "repetitions of varying length": nested / MAX_NESTED_REPETITION,
         "string formats": formats / MAX_FORMATS,
         "optional properties": optional / MAX_OPTIONAL,
+        "enum and const characters": literal / MAX_LITERAL_CHARS,
     }
     if sum(shares.values()) > 1.0:
         parts = ", ".join(f"{name} {share:.1%}" for name, share in shares.items() if share)

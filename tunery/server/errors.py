@@ -78,7 +78,8 @@ def _most_useful(errors: Sequence[Any]) -> Any:
     param = _param(tuple(errors[0].get("loc", ())))
     for error in errors:
         kind = str(error.get("type", ""))
-        if _param(tuple(error.get("loc", ()))) == param and not (
+        here = _param(tuple(error.get("loc", ()))) or ""
+        if (here == param or here.startswith(f"{param}.")) and not (
             kind.endswith("_type") or kind == "literal_error"
         ):
             return error

@@ -218,6 +218,10 @@ class ToolChoiceFunction(BaseModel):
     function: NamedFunction
 
 
+MAX_STOP_CHARS = 1000
+StopText = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+
+
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # the many parameters that do not apply here are ignored
     model: str = Field(min_length=1)
@@ -227,7 +231,9 @@ class ChatRequest(BaseModel):
     max_tokens: Annotated[int, Bounds(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Bounds(ge=1)] | None = None
     n: Annotated[int, Bounds(ge=1, le=16)] | None = None
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    # at most 4 stop sequences (OpenAI's), each at most MAX_STOP_CHARS (4 of 2 MB, in the audit log whole, had
+    # written 46 MB a second)
+    stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = None
     seed: Annotated[int, Bounds(ge=-(2**63), le=2**63 - 1)] | None = None  # OpenAI's: a signed 64-bit int
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Bounds(ge=0, le=20)] | None = None

@@ -235,8 +235,8 @@ async def chat_completions(
         replies = filtered_stream(replies)
     # Wait for the worker's first reply before answering 200, so that a model that fails to load is
     # still an error status, not an error inside a stream.
-    try:
-        first = await anext(replies)
+    try:  # (with the content filter the first reply is the whole answer: the client may leave meanwhile)
+        first = await unless_gone(http, anext(replies))
     except BaseException as exc:
         with CancelScope(shield=True):
             await _audit(state, caller, "inference.request", _summarised(audited))

@@ -563,3 +563,32 @@ def test_an_operator_may_opt_out_and_only_the_weaker_layers_remain(
     score, error = grade_one(source)
     assert score is None and expected in error, (name, error)
     assert sandbox_info()["confined"] is False
+
+
+@confined
+def test_a_grader_writing_lines_to_the_result_channel_is_cut_off() -> None:
+    """Every line on the result channel is parsed in the service's process: a grader that found the channel
+    and wrote `{}` lines to it for 20 s had cost the API process 19 s of CPU. Past one line a result (and
+    the ready line), and a thousand stray ones, the channel is not the runner's: the run is stopped."""
+    source = (
+        "import os, time\n"
+        "def grade(sample, item):\n"
+        "    mine = os.fstat(2).st_ino\n"
+        "    fds = [fd for fd in range(3, 20) if _other(fd, mine)]\n"
+        "    end = time.time() + 30\n"
+        "    while time.time() < end:\n"
+        "        for fd in fds:\n"
+        "            try:\n"
+        "                os.write(fd, b'{}\\n' * 20000)\n"
+        "            except OSError:\n"
+        "                pass\n"
+        "    return 1.0\n"
+        "def _other(fd, mine):\n"
+        "    try:\n"
+        "        return os.fstat(fd).st_ino != mine\n"
+        "    except OSError:\n"
+        "        return False\n"
+    )
+    score, error = grade_one(source, SandboxLimits(timeout=60))
+    # cut off (run to its end, it would have scored 1.0 after 30 s)
+    assert score is None and "more lines than there are results" in error, error

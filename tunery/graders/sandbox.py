@@ -417,8 +417,12 @@ def _run_once(
     selector.register(proc.stdout, selectors.EVENT_READ)
     selector.register(proc.stderr, selectors.EVENT_READ)
     buffer, last, open_outputs = b"", time.monotonic(), 2
+    # the runner writes a ready line and one line a sample: more is user code writing to the channel, each
+    # line parsed here in the API's process (20 s of `b"{}\n" * 20000` writes had cost it 19 s of CPU)
+    lines_left = len(pairs) - start + 1 + STRAY_LINES
+    cut_off = b""  # why the channel stopped being read (the process is then killed)
     try:
-        while open_outputs:  # until the child closes stdout and stderr (it exited)
+        while open_outputs and not cut_off:  # until the child closes stdout and stderr (it exited)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 run.timed_out = True
@@ -444,11 +448,17 @@ def _run_once(
                     continue
                 buffer += data
                 *lines, buffer = buffer.split(b"\n")
+                lines_left -= len(lines)
+                if lines_left < 0:
+                    cut_off = b"more lines than there are results"
+                    break
                 for line in lines:
                     last = _record(line, run, outcomes, last)
                 if len(buffer) > 2**20:  # a line longer than any result: not the runner writing
-                    run.stderr_tail += b"\n[the result channel received a runaway line]"
+                    cut_off = b"a runaway line"
                     break
+        if cut_off:
+            run.stderr_tail += b"\n[the result channel received " + cut_off + b"]"
     finally:
         selector.close()
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -458,6 +468,12 @@ def _run_once(
             if not stream.closed:
                 stream.close()
     return run
+
+
+# lines on the result channel besides the runner's own (one a result, and the ready line) that are parsed and
+# ignored before the channel is cut off: user code can write to it, and each line is parsed in the caller's
+# process
+STRAY_LINES = 1000
 
 
 def _record(line: bytes, run: _Run, outcomes: list[Outcome | None], last: float) -> float:

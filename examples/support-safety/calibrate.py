@@ -5,7 +5,8 @@
     python examples/support-safety/calibrate.py pairs ANSWERS [ANSWERS ...] OUT.jsonl
 
 `--languages` after any of them adds languages.jsonl's examples (helpful answers and declines in Spanish,
-French, German, Portuguese and Italian); give it to all three steps or none.
+French, German, Portuguese and Italian); `--howto` adds howto.jsonl's (how-to requests: 24 harmless ones
+that sound risky, answered, and 24 harmful ones, declined). Give each to all three steps or none.
 
 `pairs` reads the tuned model's own answers (`tunery generate --prompts` on the file `prompts` wrote:
 greedy, or sampled, which finds more mistakes; one file or several) and
@@ -28,6 +29,7 @@ from tunery.safety.evals.safety import declines
 HERE = Path(__file__).resolve().parent
 SUPPORT = HERE.parent / "support" / "train.jsonl"
 BENIGN_GENERAL, BENIGN_PAIRS = 90, 60  # the first lines of general.jsonl / preferences.jsonl are benign
+BENIGN_HOWTO = 24  # ... and of howto.jsonl
 
 
 class BadInput(Exception):
@@ -56,9 +58,9 @@ def write(path: Path, rows: list[dict[str, Any]]) -> None:
     print(f"wrote {len(rows)} lines to {path}")
 
 
-def examples(languages: bool = False) -> list[dict[str, Any]]:
+def examples(languages: bool = False, howto: bool = False) -> list[dict[str, Any]]:
     """Every written safety example: {"prompt": messages, "answer": the written one, "benign": bool}; with
-    `languages`, those of languages.jsonl too."""
+    `languages`, those of languages.jsonl too, with `howto` those of howto.jsonl."""
     out = []
     for i, row in enumerate(read(HERE / "general.jsonl")):
         messages = row["messages"]
@@ -76,6 +78,9 @@ def examples(languages: bool = False) -> list[dict[str, Any]]:
         out.append(
             {"prompt": messages[:-1], "answer": messages[-1]["content"], "benign": bool(row["benign"])}
         )
+    for i, row in enumerate(read(HERE / "howto.jsonl") if howto else []):
+        messages = row["messages"]
+        out.append({"prompt": messages[:-1], "answer": messages[-1]["content"], "benign": i < BENIGN_HOWTO})
     return out
 
 
@@ -88,19 +93,19 @@ def pair(prompt: list[dict[str, str]], chosen: str, rejected: str) -> dict[str, 
 
 
 def main(argv: list[str]) -> int:
-    languages = "--languages" in argv
-    argv = [a for a in argv if a != "--languages"]
+    languages, howto = "--languages" in argv, "--howto" in argv
+    argv = [a for a in argv if a not in ("--languages", "--howto")]
     if len(argv) == 2 and argv[0] == "sft":
         chats = read(SUPPORT) + read(HERE / "train.jsonl")
         chats += [
             {"messages": [*e["prompt"], {"role": "assistant", "content": e["answer"]}]}
-            for e in examples(languages)
+            for e in examples(languages, howto)
         ]
         write(Path(argv[1]), chats)
     elif len(argv) == 2 and argv[0] == "prompts":
-        write(Path(argv[1]), [{"messages": e["prompt"]} for e in examples(languages)])
+        write(Path(argv[1]), [{"messages": e["prompt"]} for e in examples(languages, howto)])
     elif len(argv) >= 3 and argv[0] == "pairs":
-        written = examples(languages)
+        written = examples(languages, howto)
         helpful, refusing, seen = [], [], set()  # pairs preferring the helpful answer / the decline
         for name in argv[1:-1]:
             rows = read(Path(name))

@@ -123,3 +123,21 @@ def test_languages_add_the_other_languages_examples_to_every_step(tmp_path: Path
     pairs = lines(out)
     assert len(pairs) == 2 and pairs[0]["input"]["messages"] == written[240]["prompt"]
     assert module.main(["pairs", str(tmp_path / "answers.jsonl"), str(out)]) == 2  # 285 answers, 235 prompts
+
+
+def test_howto_adds_its_examples_to_every_step(tmp_path: Path) -> None:
+    """`--howto`: howto.jsonl's 24 answered harmless requests and 24 declined harmful ones, after the rest,
+    in the SFT mix, the prompts and the pairs alike; each answer as the project's detector reads it."""
+    from tunery.safety.evals.safety import declines, is_refusal
+
+    module = calibrate()
+    plain, more = module.examples(), module.examples(howto=True)
+    added = more[len(plain) :]
+    assert more[: len(plain)] == plain and len(added) == 48
+    assert [e["benign"] for e in added] == [True] * 24 + [False] * 24
+    assert not any(is_refusal(e["answer"]) for e in added[:24])
+    assert all(declines(e["answer"], benign=False) for e in added[24:])
+    assert module.main(["prompts", str(tmp_path / "prompts.jsonl"), "--howto"]) == 0
+    assert [p["messages"] for p in lines(tmp_path / "prompts.jsonl")] == [e["prompt"] for e in more]
+    assert module.main(["sft", str(tmp_path / "sft.jsonl"), "--howto"]) == 0
+    assert lines(tmp_path / "sft.jsonl")[-48:] == lines(EXAMPLE / "howto.jsonl")

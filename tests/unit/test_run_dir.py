@@ -111,3 +111,17 @@ def test_a_run_directory_is_trained_into_by_one_process_at_a_time(tmp_path: Path
     assert [p.name for p in run_dir.iterdir()] == [rundir.LOCK]
     rundir.unlock_run_dir(run_dir)
     assert run_dir.resolve() not in rundir._held
+
+
+def test_a_lock_file_that_is_a_symlink_is_refused_not_followed(tmp_path: Path) -> None:
+    """The pid written into the lock would have truncated whatever a planted `.lock` symlink points to."""
+    from tunery.training import rundir
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious data")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").symlink_to(victim)
+    with pytest.raises(TuneryError, match=r"\.lock cannot be opened as the run's lock file"):
+        rundir.prepare_run_dir(run, resume=False, overwrite=False)
+    assert victim.read_text() == "precious data"

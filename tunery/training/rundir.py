@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -69,7 +70,15 @@ def lock_run_dir(run_dir: Path, wait: float = 30.0) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     if run_dir.resolve() in _held:
         return
-    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:  # not through a symlink: the pid written below would truncate whatever it points to
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        raise TuneryError(
+            f"{run_dir / LOCK} cannot be opened as the run's lock file ({e.strerror}); remove it"
+        ) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise TuneryError(f"{run_dir / LOCK} is not a regular file; remove it")
     deadline = time.monotonic() + wait
     said = False
     while True:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -10,7 +11,7 @@ from tests.server.conftest import Api, chat_lines, fake_settings, jsonl
 from tunery.server.app import create_app
 from tunery.server.auth import create_key
 from tunery.server.routes.files import clean_filename
-from tunery.server.store import Store
+from tunery.server.store import File, Store
 
 
 def test_upload_retrieve_content_delete(api: Api, settings) -> None:
@@ -115,6 +116,37 @@ def test_an_uploads_form_fields_are_bounded_together(api: Api) -> None:
     r = post(a="x" * (FIELD_BYTES // 2), b="y" * (FIELD_BYTES // 2))
     assert r.status_code == 400 and "form fields come to more than" in r.json()["error"]["message"]
     assert post(a="x" * 1000).status_code == 200  # (an unknown field is ignored, as before)
+
+
+def test_an_expired_file_trains_nothing_and_is_removed(api: Api, settings) -> None:
+    """An expired file was hidden from the API but stayed on disk for good, could not be deleted (404) and
+    could still start a job. It now trains nothing, and the scheduler's sweep removes its row and bytes."""
+    r = api.post(
+        "/files",
+        files={"file": ("train.jsonl", jsonl(chat_lines(10)))},
+        data={
+            "purpose": "fine-tune",
+            "expires_after[anchor]": "created_at",
+            "expires_after[seconds]": "3600",
+        },
+    )
+    file_id = r.json()["id"]
+    store = Store(settings.database_url)
+    with store.session() as session:
+        row = session.get(File, file_id)
+        row.expires_at = row.created_at - 1  # as if the hour had passed
+    store.close()
+    r = api.post("/fine_tuning/jobs", json={"model": "tiny-random", "training_file": file_id})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "file_not_found"
+    assert (settings.files_dir / file_id).exists()
+    api.client.app.state.tunery.scheduler._remove_expired_files()  # type: ignore[attr-defined]
+    assert not (settings.files_dir / file_id).exists()
+    store = Store(settings.database_url)
+    with store.session() as session:
+        assert session.get(File, file_id) is None
+    store.close()
+    audit = [json.loads(x) for x in (settings.audit_dir / "acme.jsonl").read_text().splitlines()]
+    assert [r["payload"]["file_id"] for r in audit if r["type"] == "file.expired"] == [file_id]
 
 
 def test_size_limit_is_413_and_leaves_nothing(tmp_path: Path) -> None:

@@ -93,7 +93,7 @@ def create_app(settings: Settings | None = None, run_scheduler: bool = True) -> 
     if audit is not None:
         audit_job_changes(store, audit)
     state = AppState(
-        store, settings, Scheduler(store, settings), InferenceClient(settings), now(), audit=audit
+        store, settings, Scheduler(store, settings, audit), InferenceClient(settings), now(), audit=audit
     )
 
     generators = QueueGenerators(state)  # the feedback studio's answer writing (feedback.py)

@@ -140,7 +140,7 @@ def read_prompts(path: Path, file_id: str, limit: int) -> list[list[dict[str, st
 
 def project_file(session: Session, caller: Caller, file_id: str, param: str) -> File:
     row = session.get(File, file_id)
-    if row is None or row.project_id != caller.project_id:
+    if row is None or row.project_id != caller.project_id or row.expired:
         raise bad_request(f"invalid {param}: no such file '{file_id}'", param, "file_not_found")
     return row
 

@@ -35,6 +35,7 @@ from sqlalchemy import (
     event,
     insert,
     inspect,
+    select,
     text,
     update,
 )
@@ -93,6 +94,11 @@ class File(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[int] = mapped_column(BigInteger, index=True)
     expires_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
+
+    @property
+    def expired(self) -> bool:
+        """Past its `expires_after`: gone for the API (as on OpenAI), its bytes removed at the next sweep."""
+        return self.expires_at is not None and self.expires_at < now()
 
 
 class Job(Base):
@@ -400,3 +406,19 @@ def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def remove_expired_files(store: Store, files_dir: Path) -> list[tuple[str, File]]:
+    """Delete the rows and bytes of files past their expiry; returns (project name, file) for each. A job
+    made from one keeps its own link to the bytes (jobs/create.py), so it is not affected."""
+    with store.session() as session:
+        rows = session.execute(
+            select(File, Project.name)
+            .join(Project, Project.id == File.project_id)
+            .where(File.expires_at.is_not(None), File.expires_at < now())
+        ).all()
+        for row, _ in rows:
+            session.delete(row)
+    for row, _ in rows:
+        (files_dir / row.id).unlink(missing_ok=True)
+    return [(name, row) for row, name in rows]

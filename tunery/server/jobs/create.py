@@ -165,7 +165,7 @@ def starting_point(
 
 def _fine_tune_file(session: Session, caller: Caller, file_id: str, param: str) -> File:
     row = session.get(File, file_id)
-    if row is None or row.project_id != caller.project_id:
+    if row is None or row.project_id != caller.project_id or row.expired:
         raise bad_request(f"invalid {param}: no such file '{file_id}'", param, "file_not_found")
     if row.purpose != "fine-tune":
         raise bad_request(

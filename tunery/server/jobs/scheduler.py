@@ -19,6 +19,7 @@ import time
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from tunery.safety.audit import AuditLog
 from tunery.server.catalog import job_dir
 from tunery.server.errors import APIError
 from tunery.server.jobs.audit import log_job_changes
@@ -48,10 +49,11 @@ from tunery.server.jobs.reports import (
     validation_error,
 )
 from tunery.server.settings import Settings
-from tunery.server.store import File, Job, LeaseHolder, Store, now
+from tunery.server.store import File, Job, LeaseHolder, Store, now, remove_expired_files
 
 log = logging.getLogger("tunery.server")
 
+EXPIRED_FILES_EVERY = 60.0  # seconds between sweeps for files past their expiry
 VALIDATIONS_AT_ONCE = 2  # file checks running at once, of different projects
 # a Ray job waiting this long for room does not hold the queue up any more (it may ask for more than any
 # node has): the next job is submitted beside it
@@ -59,8 +61,8 @@ RAY_WAIT_ALONE_SECONDS = 120.0
 
 
 class Scheduler:
-    def __init__(self, store: Store, settings: Settings) -> None:
-        self.store, self.settings = store, settings
+    def __init__(self, store: Store, settings: Settings, audit: AuditLog | None = None) -> None:
+        self.store, self.settings, self.audit = store, settings, audit
         log_job_changes(store)  # a line on the serve console per status change, whoever makes it
         self.lock = threading.RLock()  # every status change happens under it (API threads and the loop)
         self.procs: dict[tuple[str, str], Proc] = {}  # (job id, kind) -> process
@@ -76,6 +78,7 @@ class Scheduler:
         self.lease = LeaseHolder(store, "scheduler", settings.scheduler_lease_seconds)
         self.leading = False  # this process holds the lease and schedules
         self._renewed = 0.0
+        self._swept = 0.0  # when expired files were last removed
 
     # --- life cycle -------------------------------------------------------------------------------------
 
@@ -263,6 +266,22 @@ class Scheduler:
             return
         self._start_validations()
         self._start_training()
+        if time.monotonic() - self._swept >= EXPIRED_FILES_EVERY:
+            self._swept = time.monotonic()
+            self._remove_expired_files()
+
+    def _remove_expired_files(self) -> None:
+        """Files past their `expires_after` are deleted, rows and bytes, as OpenAI deletes them (the API has
+        not shown them since they expired; before, their bytes stayed on disk for good)."""
+        for project, row in remove_expired_files(self.store, self.settings.files_dir):
+            if self.audit is not None:
+                expired = {
+                    "file_id": row.id,
+                    "filename": row.filename,
+                    "purpose": row.purpose,
+                    "bytes": row.bytes,
+                }
+                self.audit.append(project, "file.expired", expired)
 
     def _follow_requests(self) -> None:
         """Cancel and pause requests another `tunery serve` on the database took: the job's row says

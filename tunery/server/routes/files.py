@@ -245,11 +245,7 @@ def _expiry(fields: dict[str, str]) -> int | None:
 def get_file(state: State, caller: Auth, file_id: str) -> File:
     with state.store.session() as session:
         row = session.get(File, file_id)
-    if (
-        row is None
-        or row.project_id != caller.project_id
-        or (row.expires_at is not None and row.expires_at < now())
-    ):
+    if row is None or row.project_id != caller.project_id or row.expired:
         raise not_found("file", file_id, "file_id")
     return row
 

@@ -54,7 +54,8 @@ class LocalSite:
             cfg, data=data_path, clients=[], valid=None, out=str(site_dir), safety_evals="none",
             federation="simulation",  # the site's own steps are a local run
         )  # fmt: skip
-        opened = lifecycle.open_run(cfg, resume=False, overwrite=True)  # screens the site's data here
+        # screens the site's data here; not locked: a round may run in any of the simulation's processes
+        opened = lifecycle.open_run(cfg, resume=False, overwrite=True, lock=False)
         self.chats = load_chat_data(opened.train_path, opened.tokenizer, cfg.max_length)
         mean_tokens = sum(c.n_tokens for c in self.chats) / max(len(self.chats), 1)
         plan = lifecycle.resolve_run(

@@ -85,11 +85,18 @@ class Opened:
 
 
 def open_run(
-    cfg: RunConfig, resume: bool, overwrite: bool, single_process: bool = False, train_here: bool = True
+    cfg: RunConfig,
+    resume: bool,
+    overwrite: bool,
+    single_process: bool = False,
+    train_here: bool = True,
+    lock: bool = True,
 ) -> Opened:
     """Prepare the run directory, screen the data (a resumed run keeps what was screened at its start),
     start the energy meter's hardware probe and load the starting model. `train_here` False: the training
-    data is screened and read where it is trained (a federation's sites), only `valid` here."""
+    data is screened and read where it is trained (a federation's sites), only `valid` here. `lock` False:
+    the directory is not locked (`rundir.lock_run_dir`), for a federation's sites, whose directories are
+    inside the federation's run (locked by its server) and whose rounds may run in any of its processes."""
     if cfg.shard:
         give_back_freed_memory()  # (memory.py)
     else:
@@ -116,7 +123,7 @@ def open_run(
     energy = EnergyMeter.for_run(cfg, run_dir, world, resume)  # probes the hardware while the run sets up
     data = {"train": cfg.data if train_here else None, "valid": cfg.valid}
     if world.is_main:
-        prepare_run_dir(run_dir, resume, overwrite)
+        prepare_run_dir(run_dir, resume, overwrite, lock=lock)
         try:
             if not resume:  # a resumed run trains on the data screened at its start
                 screen_run_data(data, cfg.screen_content, cfg.screen_pii, run_dir)

@@ -157,11 +157,14 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
     return bool(contents)
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, lock: bool = True) -> None:
     """`check_run_dir`, take the directory's lock (`lock_run_dir`), then check again (another process may
     have changed it while this one waited) and clear what a new run replaces."""
     check_run_dir(run_dir, resume, overwrite)  # refused before anything is created
-    lock_run_dir(run_dir)
+    if lock:
+        lock_run_dir(run_dir)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
     if check_run_dir(run_dir, resume, overwrite):
         for child in run_dir.iterdir():
             if child.name == LOCK:

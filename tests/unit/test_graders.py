@@ -243,6 +243,25 @@ def test_a_judge_still_answering_at_the_deadline_is_stopped(monkeypatch: pytest.
     assert len(looks) == 2  # before the batch, then after its first decoding step: stopped there
 
 
+def test_a_judge_whose_request_was_given_up_is_stopped() -> None:
+    """The inference worker checked a grader request's cancellation only before it started: a judge whose
+    client had left answered on to the request's budget. Given up, it stops between two decoding steps."""
+    from tunery.graders.sandbox import SandboxLimits
+
+    looks: list[bool] = []
+
+    def stopped() -> bool:  # the client leaves after the judge's first look
+        looks.append(bool(looks))
+        return looks[-1]
+
+    spec = judge(sampling_params={"max_completions_tokens": 2000, "seed": 0, "temperature": 1.0})
+    result = build_grader(spec, limits=SandboxLimits(stopped=stopped))("4", {})
+    assert not result.ok and "the request was given up while the judge model was answering" in str(
+        result.errors
+    ) + str(result.messages)
+    assert looks == [False, True]  # before the batch, then after its first decoding step
+
+
 def test_meteor_without_wordnet_is_refused_when_parsed() -> None:
     from tunery.graders.metrics import unavailable_reason
 

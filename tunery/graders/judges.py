@@ -22,6 +22,7 @@ import math
 import re
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tunery.graders.spec import ModelGrader
@@ -130,16 +131,23 @@ def _result(text: str) -> Any:
 
 
 def complete(
-    spec: ModelGrader, conversations: list[list[dict[str, str]]], deadline: float | None = None
+    spec: ModelGrader,
+    conversations: list[list[dict[str, str]]],
+    deadline: float | None = None,
+    stopped: Callable[[], bool] | None = None,
 ) -> list[tuple[str, int, int]]:
     """(reply, prompt tokens, completion tokens) for each conversation, sampled in batches; past `deadline`
-    (time.monotonic()) the sampling stops with a TimeoutError, between two decoding steps."""
+    (time.monotonic()), or once `stopped()` (the request was given up), the sampling stops with a
+    TimeoutError, between two decoding steps."""
     with _MODELS_IN_USE:
-        return _complete(spec, conversations, deadline)
+        return _complete(spec, conversations, deadline, stopped)
 
 
 def _complete(
-    spec: ModelGrader, conversations: list[list[dict[str, str]]], deadline: float | None
+    spec: ModelGrader,
+    conversations: list[list[dict[str, str]]],
+    deadline: float | None,
+    stopped: Callable[[], bool] | None,
 ) -> list[tuple[str, int, int]]:
     from tunery.data.template import prompt_ids
     from tunery.models.sampling import SamplingParams, check_context, check_context_before_tokenizing, sample
@@ -163,6 +171,8 @@ def _complete(
     def in_time() -> None:
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError("the request's time budget ran out while the judge model was answering")
+        if stopped is not None and stopped():
+            raise TimeoutError("the request was given up while the judge model was answering")
 
     replies: list[tuple[str, int, int]] = []
     for start in range(0, len(prompts), SAMPLE_BATCH):

@@ -140,7 +140,7 @@ def _batch_fn(spec: GraderSpec, limits: SandboxLimits) -> BatchFn:
         require_sandbox()  # refused here, when the grader is built, on a machine that cannot confine it
         return lambda samples, items: _python_batch(spec, samples, items, limits)
     if isinstance(spec, ModelGrader):
-        return lambda samples, items: _model_batch(spec, samples, items, limits.deadline)
+        return lambda samples, items: _model_batch(spec, samples, items, limits)
     subgraders = {
         name: Grader(name, sub.type, _batch_fn(sub, limits), sub) for name, sub in spec.graders.items()
     }
@@ -268,9 +268,10 @@ def _model_batch(
     spec: ModelGrader,
     samples: list[dict[str, Any]],
     items: list[dict[str, Any]],
-    deadline: float | None = None,
+    limits: SandboxLimits | None = None,
 ) -> list[GradeResult]:
-    """`deadline` (time.monotonic()): a judge still answering then is stopped, and its samples fail."""
+    """`limits`: a judge still answering at their deadline (or once their request is given up) is stopped,
+    and its samples fail."""
     started = time.perf_counter()
 
     def conversation(sample: dict[str, Any], item: dict[str, Any]) -> list[dict[str, str]]:
@@ -303,7 +304,9 @@ def _model_batch(
             for k, score in zip(ready, scores, strict=True):
                 results[k] = GradeResult(score)
             return _timed(results, started)
-        replies = judges.complete(spec, todo, deadline)
+        replies = judges.complete(
+            spec, todo, limits.deadline if limits else None, limits.stopped if limits else None
+        )
     except Exception as exc:  # the model failed to load or run: OpenAI's "server error" for every sample
         detail = f"{spec.model}: {exc.__class__.__name__}: {exc}"
         for k in ready:

@@ -51,6 +51,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,8 @@ class SandboxLimits:
     # a time.monotonic() moment no batch runs past, whatever its timeout: one request's graders (a multi's
     # python sub-graders) share one time budget instead of getting a timeout each
     deadline: float | None = None
+    # whether the request was given up (its client left): a judge model answering stops as at the deadline
+    stopped: Callable[[], bool] | None = None
 
 
 @dataclass

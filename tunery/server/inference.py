@@ -201,7 +201,7 @@ class Worker:
             if request.get("op") == "chat":
                 result = self.chat(request_id, request)
             elif request.get("op") == "grade":
-                result = self.grade(request)
+                result = self.grade(request_id, request)
             else:
                 raise ValueError(f"unknown op {request.get('op')!r}")
             self.send({"id": request_id, "event": "done", "result": result})
@@ -356,7 +356,7 @@ class Worker:
             "completion_tokens": sum(len(c.token_ids) for c in completions),
         }
 
-    def grade(self, request: dict[str, Any]) -> dict[str, Any]:
+    def grade(self, request_id: int, request: dict[str, Any]) -> dict[str, Any]:
         from tunery.graders.run import build_grader, run_response
         from tunery.graders.sandbox import SandboxLimits
         from tunery.graders.spec import parse_grader
@@ -365,7 +365,11 @@ class Worker:
             parse_grader(request["grader"])
             return {}
         timeout = float(request.get("timeout", 120))  # for the whole request: its graders share it
-        limits = SandboxLimits(timeout=timeout, deadline=time.monotonic() + timeout)
+        limits = SandboxLimits(
+            timeout=timeout,
+            deadline=time.monotonic() + timeout,
+            stopped=lambda: request_id in self.cancelled,  # the client left: a judge stops between steps
+        )
         grader = build_grader(request["grader"], limits=limits)
         return run_response(grader(request.get("model_sample", ""), request.get("item") or {}), grader)
 

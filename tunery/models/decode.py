@@ -12,7 +12,8 @@ layout. So this engine:
 - keeps the KV cache in one static tensor (layers, batch, 2 x kv-heads, length, head dim), written in
   place, so a step allocates nothing that grows with the sequence;
 - folds 1/sqrt(head_dim) into the query weights, applies rotary embeddings as one fused multiply-add
-  with precomputed tables, and attends to the cache with SDPA's fused CPU kernel (bf16 in, fp32 sums).
+  with precomputed tables, and attends to the cache with a native kernel for bf16 on CPUs with AVX-512
+  BF16 (`native.py`), else with SDPA's fused kernel (bf16 in, fp32 sums).
 
 At batch 1 a step is bound by reading the weights: on a 2-core AVX-512/AMX host the linear layers take
 ~15.5 ms of a ~21 ms step (268 MB of bf16 weights at ~17.5 GB/s); the rest is the dispatch of ~600 small
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from tunery.models import native
 from tunery.models.locate import ENGINE_FALLBACK
 from tunery.models.quantize import is_quantized
 
@@ -161,6 +163,8 @@ class DecodeModel:
         self.eps = config.rms_norm_eps
         self.vocab_size = config.vocab_size
         self.windows = layer_windows(config)
+        # native attention, norms and SwiGLU (models/native.py), where this CPU and precision can have them
+        self.kernels = native.decode_kernels() if cpu and self.dtype == torch.bfloat16 else None
         self.version: tuple[int, ...] = ()
         self.sharded = gather is not None  # re-read only with `gather`, by every process together
         self.refresh(gather)
@@ -327,12 +331,6 @@ class DecodeModel:
         out = self._linear(x, weight)
         return out if update is None else out.add_(x.to(update[0].dtype).mm(update[0]).mm(update[1]))
 
-    def _linear_add(
-        self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, update: Update | None = None
-    ) -> torch.Tensor:
-        # (oneDNN's fused binary-add variant measured ~5% slower per step than a separate add)
-        return residual + self._project(x, weight, update)
-
     def new_cache(self, batch: int, length: int) -> torch.Tensor:
         """(layers, batch, 2 x kv-heads, length, head dim): keys in the first kv-heads, values after."""
         self._ensure_rope(length)
@@ -344,10 +342,30 @@ class DecodeModel:
         cos, sin = self.cos[positions].unsqueeze(-2), self.sin[positions].unsqueeze(-2)
         return torch.addcmul(qk * cos, qk.roll(self.head_dim // 2, -1), sin)
 
-    def _mlp(self, x: torch.Tensor, layer: dict[str, Any], lora: dict[str, Update]) -> torch.Tensor:
-        h = F.rms_norm(x, (self.hidden,), layer["norm2"], self.eps)
-        gate, up = self._project(h, layer["gate_up"], lora.get("gate_up")).chunk(2, -1)
-        return self._linear_add(F.silu(gate).mul_(up), layer["down"], x, lora.get("down"))
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """RMS norm of x's rows; with `delta`, first `x += delta` in place (the residual stream)."""
+        if self.kernels is not None:
+            return self.kernels.add_rms_norm(x, delta, weight, self.eps)
+        if delta is not None:
+            x.add_(delta)
+        return F.rms_norm(x, (self.hidden,), weight, self.eps)
+
+    def _mlp(self, h: torch.Tensor, layer: dict[str, Any], lora: dict[str, Update]) -> torch.Tensor:
+        """The MLP's output for the normed rows `h` (to be added to the residual stream)."""
+        gate_up = self._project(h, layer["gate_up"], lora.get("gate_up"))
+        if self.kernels is not None:
+            act = self.kernels.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, -1)
+            act = F.silu(gate).mul_(up)
+        return self._project(act, layer["down"], lora.get("down"))
+
+    def _next_norm(self, x: torch.Tensor, delta: torch.Tensor, i: int) -> torch.Tensor | None:
+        """After layer i: `x += delta`, and the next layer's normed input (None after the last layer)."""
+        if i + 1 < self.n_layers:
+            return self._norm(x, self.layers[i + 1]["norm1"], delta)
+        x.add_(delta)
+        return None
 
     def _qkv(self, h: torch.Tensor, layer: dict[str, Any], lora: dict[str, Update]) -> torch.Tensor:
         qkv = self._project(h, layer["qkv"], lora.get("qkv"))
@@ -385,9 +403,10 @@ class DecodeModel:
             masks[window] = ((near & key_valid[:, None, :]) | eye)[:, None]  # (B, 1, T, T)
         x = self.embed[input_ids].view(batch * length, self.hidden)
         updates = adapter.layers if adapter is not None else [{}] * self.n_layers
+        h = self._norm(x, self.layers[0]["norm1"])
         for i, (layer, lora) in enumerate(zip(self.layers, updates, strict=True)):
             mask = masks[self.windows[i]]
-            h = F.rms_norm(x, (self.hidden,), layer["norm1"], self.eps)
+            assert h is not None
             qkv = self._qkv(h, layer, lora).view(batch, length, heads + 2 * kv, dim)
             qk = self._rotate(self._norm_qk(qkv[:, :, : heads + kv], layer), positions)
             k, v = qk[:, :, heads:].transpose(1, 2), qkv[:, :, heads + kv :].transpose(1, 2)
@@ -397,13 +416,13 @@ class DecodeModel:
                 qk[:, :, :heads].transpose(1, 2), k, v, attn_mask=mask, scale=1.0, enable_gqa=True
             )  # (B, H, T, D)
             out = out.transpose(1, 2).reshape(batch * length, heads * dim)
-            x = self._linear_add(out, layer["o"], x, lora.get("o"))
-            x = self._mlp(x, layer, lora)
+            h = self._norm(x, layer["norm2"], self._project(out, layer["o"], lora.get("o")))
+            h = self._next_norm(x, self._mlp(h, layer, lora), i)
         last = x.view(batch, length, self.hidden)[:, -1]
         return self._logits(last, adapter)
 
     def _logits(self, x: torch.Tensor, adapter: LoraFactors | None) -> torch.Tensor:
-        x = F.rms_norm(x, (self.hidden,), self.final_norm, self.eps)
+        x = self._norm(x.contiguous(), self.final_norm)
         return self._project(x, self.head, adapter.head if adapter is not None else None).float()
 
     @torch.no_grad()
@@ -425,7 +444,10 @@ class DecodeModel:
         batch = input_ids.shape[0]
         heads, kv, dim = self.n_heads, self.n_kv_heads, self.head_dim
         x = self.embed[input_ids]  # (B, C)
-        cos, sin = self._step_rotation(positions)  # (B, heads + 2 kv, 1, D)
+        if self.kernels is not None:  # the rows' tables (B, D)
+            cos, sin = self.cos[positions], self.sin[positions]
+        else:
+            cos, sin = self._step_rotation(positions)  # (B, heads + 2 kv, 1, D)
         slots = cache[:, :, :, index : index + 1].unbind(0)  # per layer (B, 2 kv, 1, D): this step's k, v
         seen: dict[int | None, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Tensor]] = {}
         for window in set(self.windows):
@@ -438,27 +460,35 @@ class DecodeModel:
                 key_bias[..., first : index + 1],
             )
         updates = adapter.layers if adapter is not None else [{}] * self.n_layers
+        native_attention = False
+        h = self._norm(x, self.layers[0]["norm1"])
         for i, (layer, lora) in enumerate(zip(self.layers, updates, strict=True)):
-            h = F.rms_norm(x, (self.hidden,), layer["norm1"], self.eps)
+            assert h is not None
             qkv = self._norm_qk(self._qkv(h, layer, lora).view(batch, heads + 2 * kv, 1, dim), layer, -3)
-            qkv = torch.addcmul(qkv * cos, qkv.roll(dim // 2, -1), sin)
-            slots[i].copy_(qkv[:, heads:])
+            if self.kernels is not None:  # the rotation and the cache's new key and value in one pass
+                queries = self.kernels.rope_store(qkv, cos, sin, slots[i])
+            else:
+                qkv = torch.addcmul(qkv * cos, qkv.roll(dim // 2, -1), sin)
+                slots[i].copy_(qkv[:, heads:])
+                queries = qkv[:, :heads]
             keys, values, bias = seen[self.windows[i]]
-            # SDPA's fused CPU kernel (bf16 in, fp32 accumulation) with the additive fp32 mask: 2-2.5x
-            # faster here than fp32 matmuls over a converted copy of the cache (torch 2.13). The queries
-            # that share a key/value head are that head's query rows, (B, kv, group, D), rather than
-            # `enable_gqa`, whose CPU path is 3.6-7x slower (160-400 keys, batch 1 and 16: 88 -> 24 us
-            # and 1.22 -> 0.26 ms a layer, the same output).
-            out = F.scaled_dot_product_attention(
-                qkv[:, :heads].view(batch, kv, heads // kv, dim),
-                keys[i],
-                values[i],
-                attn_mask=bias,
-                scale=1.0,
-            )  # (B, kv, group, D): head h is kv-head h // group's query h % group, as the weights order them
+            # The queries that share a key/value head are that head's query rows, (B, kv, group, D): head h
+            # is kv-head h // group's query h % group, as the weights order them.
+            queries = queries.view(batch, kv, heads // kv, dim)
+            if i == 0:  # every layer's tensors are laid out alike
+                native_attention = self.kernels is not None and native.fits(queries, keys[i], values[i], bias)
+            if native_attention:  # models/native.py: 1.2-2.5x SDPA here
+                assert self.kernels is not None
+                out = self.kernels.attend(queries, keys[i], values[i], bias)
+            else:
+                # SDPA's fused CPU kernel (bf16 in, fp32 accumulation) with the additive fp32 mask: 2-2.5x
+                # faster here than fp32 matmuls over a converted copy of the cache (torch 2.13); the
+                # queries as rows rather than `enable_gqa`, whose CPU path is 3.6-7x slower (160-400 keys,
+                # batch 1 and 16: 88 -> 24 us and 1.22 -> 0.26 ms a layer, the same output).
+                out = F.scaled_dot_product_attention(queries, keys[i], values[i], attn_mask=bias, scale=1.0)
             out = out.view(batch, heads * dim)
-            x = self._linear_add(out, layer["o"], x, lora.get("o"))
-            x = self._mlp(x, layer, lora)
+            h = self._norm(x, layer["norm2"], self._project(out, layer["o"], lora.get("o")))
+            h = self._next_norm(x, self._mlp(h, layer, lora), i)
         return self._logits(x, adapter)
 
     def _step_rotation(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

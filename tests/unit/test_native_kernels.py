@@ -1,0 +1,179 @@
+"""The decoding engine's native kernels (models/native.py): each against a float64 reference and against
+the torch operators they replace, the engine's logits with and without them, and the fallback when they
+cannot be built."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunery.models import native
+
+SUPPORTED = bool(torch.cpu._is_avx512_bf16_supported()) and shutil.which("cc") is not None
+needs_kernels = pytest.mark.skipif(not SUPPORTED, reason="no AVX-512 BF16 or no C compiler on this machine")
+
+
+@pytest.fixture(scope="module")
+def kernels() -> native.Kernels:
+    built = native.decode_kernels()
+    assert built is not None, "AVX-512 BF16 and a compiler are here, so the kernels must build"
+    return built
+
+
+def cache_views(batch: int, kv: int, n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values laid out as the engine reads them: views of one (layers, batch, 2 kv, length, D)
+    cache, longer than the keys read."""
+    generator = torch.Generator().manual_seed(seed)
+    cache = torch.randn(2, batch, 2 * kv, n + 7, dim, generator=generator).to(torch.bfloat16)
+    visible = cache[1, :, :, :n]
+    return visible[:, :kv], visible[:, kv:]
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("batch", "kv", "group", "dim", "n"),
+    [(1, 3, 3, 64, 1), (16, 3, 3, 64, 200), (2, 2, 4, 128, 37), (3, 1, 7, 128, 130), (2, 4, 1, 32, 16), (1, 2, 8, 64, 333)],
+)
+def test_attention_matches_a_float64_reference_as_closely_as_sdpa(kernels, batch, kv, group, dim, n) -> None:
+    generator = torch.Generator().manual_seed(batch * 1000 + n)
+    keys, values = cache_views(batch, kv, n, dim, seed=n)
+    qkv = (torch.randn(batch, kv * group + 2 * kv, 1, dim, generator=generator) * 0.5).to(torch.bfloat16)
+    queries = qkv[:, : kv * group].view(batch, kv, group, dim)  # strided across rows, as in a step
+    bias = torch.zeros(batch, 1, 1, n + 5)[..., :n]
+    bias[0, ..., : n // 3] = float("-inf")  # a left-padded row: its first keys masked
+    out = kernels.attend(queries, keys, values, bias)
+    weights = torch.softmax(queries.double() @ keys.double().transpose(-1, -2) + bias.double(), -1)
+    reference = weights @ values.double()
+    sdpa = F.scaled_dot_product_attention(queries, keys, values, attn_mask=bias, scale=1.0)
+    error, sdpa_error = (out.double() - reference).abs().max(), (sdpa.double() - reference).abs().max()
+    bf16_half_ulp = reference.abs().max() / 256
+    assert error <= bf16_half_ulp * 1.05, (error, sdpa_error)
+    assert error <= sdpa_error * 1.5 + 1e-3
+
+
+@needs_kernels
+def test_add_rms_norm_rounds_the_residual_as_bf16_adds_and_norms_like_torch(kernels) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for rows, width in [(1, 576), (16, 576), (700, 200), (3, 40)]:
+        x = (torch.randn(rows, width, generator=generator) * 3).to(torch.bfloat16)
+        delta = torch.randn(rows, width, generator=generator).to(torch.bfloat16)
+        weight = (torch.rand(width, generator=generator) + 0.5).to(torch.bfloat16)
+        summed = x + delta
+        out = kernels.add_rms_norm(x, delta, weight, 1e-5)
+        assert torch.equal(x, summed)  # x += delta in place, rounded as torch's bf16 add
+        reference = F.rms_norm(summed.double(), (width,), weight.double(), 1e-5)
+        torch_error = (F.rms_norm(summed, (width,), weight, 1e-5).double() - reference).abs().max()
+        assert (out.double() - reference).abs().max() <= torch_error * 1.01 + 1e-6
+        alone = kernels.add_rms_norm(summed, None, weight, 1e-5)
+        assert torch.equal(alone, out) and torch.equal(x, summed)
+
+
+@needs_kernels
+def test_silu_mul_is_at_least_as_close_to_float64_as_torchs_two_operators(kernels) -> None:
+    generator = torch.Generator().manual_seed(1)
+    for rows, width in [(1, 1536), (16, 1536), (5, 40)]:
+        gate_up = (torch.randn(rows, 2 * width, generator=generator) * 4).to(torch.bfloat16)
+        gate_up[0, :3] = torch.tensor([-100.0, 100.0, 0.0])  # the exponential's clamps
+        gate, up = gate_up.chunk(2, -1)
+        out = kernels.silu_mul(gate_up)
+        reference = F.silu(gate.double()) * up.double()
+        torch_error = (F.silu(gate).mul(up).double() - reference).abs().max()
+        assert (out.double() - reference).abs().max() <= torch_error + 1e-6
+        assert torch.isfinite(out).all()
+
+
+@needs_kernels
+def test_rope_store_rotates_queries_and_keys_and_stores_keys_and_values(kernels) -> None:
+    generator = torch.Generator().manual_seed(2)
+    batch, heads, kv, dim = 3, 6, 2, 64
+    qkv = torch.randn(batch, heads + 2 * kv, 1, dim, generator=generator).to(torch.bfloat16)
+    angles = torch.rand(batch, dim // 2, generator=generator) * 6
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(torch.bfloat16)
+    sin = torch.cat([-angles.sin(), angles.sin()], -1).to(torch.bfloat16)
+    cache = torch.zeros(2, batch, 2 * kv, 9, dim, dtype=torch.bfloat16)
+    slot = cache[1, :, :, 4:5]
+    queries = kernels.rope_store(qkv, cos, sin, slot)
+    x = qkv[:, :, 0].double()
+    rotated = x * cos[:, None].double() + x.roll(dim // 2, -1) * sin[:, None].double()
+    assert (queries.double() - rotated[:, :heads]).abs().max() <= rotated.abs().max() / 256
+    assert (slot[:, :kv, 0].double() - rotated[:, heads : heads + kv]).abs().max() <= rotated.abs().max() / 256
+    assert torch.equal(slot[:, kv:, 0], qkv[:, heads + kv :, 0])  # values as they are
+    assert cache[0].abs().sum() == 0 and cache[1, :, :, :4].abs().sum() == 0  # nothing else written
+
+
+@needs_kernels
+def test_tensors_laid_out_otherwise_are_refused_not_read(kernels) -> None:
+    keys, values = cache_views(2, 2, 10, 64, seed=0)
+    queries = torch.zeros(2, 2, 3, 64, dtype=torch.bfloat16)
+    bias = torch.zeros(2, 1, 1, 10)
+    with pytest.raises(ValueError):
+        kernels.attend(queries, keys, values, bias[..., :9])  # a mask shorter than the keys
+    with pytest.raises(ValueError):
+        kernels.attend(queries.float(), keys, values, bias)
+    with pytest.raises(ValueError):
+        kernels.add_rms_norm(torch.zeros(4, 8, dtype=torch.bfloat16).t(), None, torch.ones(4, dtype=torch.bfloat16), 1e-5)
+    with pytest.raises(ValueError):
+        kernels.silu_mul(torch.zeros(4, 7, dtype=torch.bfloat16))
+
+
+@needs_kernels
+def test_engine_logits_with_the_kernels_are_as_close_to_fp32_as_without(kernels) -> None:
+    from tunery.models.decode import DecodeModel
+    from tunery.models.tiny import tiny_config
+
+    from transformers import LlamaForCausalLM
+
+    config = tiny_config(300)
+    config.head_dim = 32  # the attention kernel takes head widths in multiples of 32
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    fp32 = DecodeModel(model, dtype=torch.float32)
+    engine = DecodeModel(model, dtype=torch.bfloat16)
+    assert engine.kernels is kernels
+    batch, length, steps = 3, 9, 12
+    ids = torch.randint(3, 300, (batch, length + steps), generator=torch.Generator().manual_seed(0))
+
+    def logits(model_engine: DecodeModel) -> torch.Tensor:
+        cache = model_engine.new_cache(batch, length + steps)
+        valid = torch.ones(batch, length, dtype=torch.bool)
+        valid[0, :4] = False  # a left-padded row
+        positions = (valid.cumsum(-1) - 1).clamp(min=0)
+        bias = torch.zeros(batch, 1, 1, length + steps)
+        bias[0, ..., :4] = float("-inf")
+        out = [model_engine.prefill(ids[:, :length], positions, valid, cache)]
+        for i in range(steps):
+            step_positions = positions[:, -1] + 1 + i
+            out.append(model_engine.step(ids[:, length + i], step_positions, cache, length + i, bias))
+        return torch.stack(out)
+
+    reference = logits(fp32)
+    with_kernels = logits(engine)
+    engine.kernels = None
+    without = logits(engine)
+    error, torch_error = (with_kernels - reference).abs().mean(), (without - reference).abs().mean()
+    assert error <= torch_error * 1.5, (error, torch_error)
+    assert (with_kernels.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
+
+
+def test_without_a_build_the_engine_keeps_torchs_operators(monkeypatch, tmp_path, caplog, tunery_home) -> None:
+    native.decode_kernels.cache_clear()
+    try:
+        monkeypatch.setenv("TUNERY_NATIVE_KERNELS", "0")
+        assert native.decode_kernels() is None
+        native.decode_kernels.cache_clear()
+        monkeypatch.delenv("TUNERY_NATIVE_KERNELS")
+        broken = tmp_path / "decode.c"
+        broken.write_text("this is not C\n")
+        monkeypatch.setattr(native, "SOURCE", broken)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+        monkeypatch.setattr(native.shutil, "which", lambda name: "/usr/bin/cc" if SUPPORTED else None)
+        with caplog.at_level("INFO", logger="tunery.models.native"):
+            assert native.decode_kernels() is None
+        if SUPPORTED:
+            assert "could not be built" in caplog.text
+            assert not list(tunery_home.glob("native/.decode-*"))  # no partial library left behind
+    finally:
+        native.decode_kernels.cache_clear()

@@ -35,7 +35,14 @@ def cache_views(batch: int, kv: int, n: int, dim: int, seed: int) -> tuple[torch
 @needs_kernels
 @pytest.mark.parametrize(
     ("batch", "kv", "group", "dim", "n"),
-    [(1, 3, 3, 64, 1), (16, 3, 3, 64, 200), (2, 2, 4, 128, 37), (3, 1, 7, 128, 130), (2, 4, 1, 32, 16), (1, 2, 8, 64, 333)],
+    [
+        (1, 3, 3, 64, 1),
+        (16, 3, 3, 64, 200),
+        (2, 2, 4, 128, 37),
+        (3, 1, 7, 128, 130),
+        (2, 4, 1, 32, 16),
+        (1, 2, 8, 64, 333),
+    ],
 )
 def test_attention_matches_a_float64_reference_as_closely_as_sdpa(kernels, batch, kv, group, dim, n) -> None:
     generator = torch.Generator().manual_seed(batch * 1000 + n)
@@ -99,7 +106,9 @@ def test_rope_store_rotates_queries_and_keys_and_stores_keys_and_values(kernels)
     x = qkv[:, :, 0].double()
     rotated = x * cos[:, None].double() + x.roll(dim // 2, -1) * sin[:, None].double()
     assert (queries.double() - rotated[:, :heads]).abs().max() <= rotated.abs().max() / 256
-    assert (slot[:, :kv, 0].double() - rotated[:, heads : heads + kv]).abs().max() <= rotated.abs().max() / 256
+    assert (
+        slot[:, :kv, 0].double() - rotated[:, heads : heads + kv]
+    ).abs().max() <= rotated.abs().max() / 256
     assert torch.equal(slot[:, kv:, 0], qkv[:, heads + kv :, 0])  # values as they are
     assert cache[0].abs().sum() == 0 and cache[1, :, :, :4].abs().sum() == 0  # nothing else written
 
@@ -114,17 +123,19 @@ def test_tensors_laid_out_otherwise_are_refused_not_read(kernels) -> None:
     with pytest.raises(ValueError):
         kernels.attend(queries.float(), keys, values, bias)
     with pytest.raises(ValueError):
-        kernels.add_rms_norm(torch.zeros(4, 8, dtype=torch.bfloat16).t(), None, torch.ones(4, dtype=torch.bfloat16), 1e-5)
+        kernels.add_rms_norm(
+            torch.zeros(4, 8, dtype=torch.bfloat16).t(), None, torch.ones(4, dtype=torch.bfloat16), 1e-5
+        )
     with pytest.raises(ValueError):
         kernels.silu_mul(torch.zeros(4, 7, dtype=torch.bfloat16))
 
 
 @needs_kernels
 def test_engine_logits_with_the_kernels_are_as_close_to_fp32_as_without(kernels) -> None:
+    from transformers import LlamaForCausalLM
+
     from tunery.models.decode import DecodeModel
     from tunery.models.tiny import tiny_config
-
-    from transformers import LlamaForCausalLM
 
     config = tiny_config(300)
     config.head_dim = 32  # the attention kernel takes head widths in multiples of 32
@@ -158,7 +169,9 @@ def test_engine_logits_with_the_kernels_are_as_close_to_fp32_as_without(kernels)
     assert (with_kernels.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
 
 
-def test_without_a_build_the_engine_keeps_torchs_operators(monkeypatch, tmp_path, caplog, tunery_home) -> None:
+def test_without_a_build_the_engine_keeps_torchs_operators(
+    monkeypatch, tmp_path, caplog, tunery_home
+) -> None:
     native.decode_kernels.cache_clear()
     try:
         monkeypatch.setenv("TUNERY_NATIVE_KERNELS", "0")
@@ -177,3 +190,67 @@ def test_without_a_build_the_engine_keeps_torchs_operators(monkeypatch, tmp_path
             assert not list(tunery_home.glob("native/.decode-*"))  # no partial library left behind
     finally:
         native.decode_kernels.cache_clear()
+
+
+@needs_kernels
+def test_training_rms_norm_and_swiglu_gradients_are_as_close_to_float64_as_torchs(kernels) -> None:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    generator = torch.Generator().manual_seed(3)
+    norm = LlamaRMSNorm(200, eps=1e-5).to(torch.bfloat16).requires_grad_(False)
+    norm.weight.copy_(torch.rand(200, generator=generator) + 0.5)
+    x = (torch.randn(2, 37, 200, generator=generator) * 2).to(torch.bfloat16).requires_grad_(True)
+    grad = torch.randn(2, 37, 200, generator=generator).to(torch.bfloat16)
+    exact = x.detach().double().requires_grad_(True)
+    (norm.weight.double() * exact * torch.rsqrt(exact.pow(2).mean(-1, keepdim=True) + 1e-5)).backward(
+        grad.double()
+    )
+    norm(x).backward(grad)
+    torch_error = (x.grad.double() - exact.grad).abs().max()
+    x.grad = None
+    native._RmsNorm.apply(x, norm.weight, 1e-5, kernels).backward(grad)
+    assert (x.grad.double() - exact.grad).abs().max() <= torch_error * 1.01
+
+    gate = (torch.randn(37, 300, generator=generator) * 3).to(torch.bfloat16).requires_grad_(True)
+    up = torch.randn(37, 300, generator=generator).to(torch.bfloat16).requires_grad_(True)
+    grad = torch.randn(37, 300, generator=generator).to(torch.bfloat16)
+    exact_gate, exact_up = (
+        gate.detach().double().requires_grad_(True),
+        up.detach().double().requires_grad_(True),
+    )
+    (F.silu(exact_gate) * exact_up).backward(grad.double())
+    (F.silu(gate) * up).backward(grad)
+    torch_errors = [(t.grad.double() - e.grad).abs().max() for t, e in ((gate, exact_gate), (up, exact_up))]
+    gate.grad = up.grad = None
+    native._SiluMul.apply(gate, up, kernels).backward(grad)
+    for t, e, torch_error in zip((gate, up), (exact_gate, exact_up), torch_errors, strict=True):
+        assert (t.grad.double() - e.grad).abs().max() <= torch_error * 1.01
+
+
+@needs_kernels
+def test_a_bf16_lora_models_loss_and_gradients_with_native_layers_match_its_own(kernels) -> None:
+    from tunery.models.lora import apply_lora, cast_frozen
+    from tunery.models.tiny import tiny_model
+
+    def loss_and_grads(switch: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        torch.manual_seed(0)
+        model = apply_lora(tiny_model(300, seed=1), 4, 8, 0.0, "all-linear")
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.2)
+        cast_frozen(model, torch.bfloat16)
+        switched = native.native_layers(model) if switch else 0
+        ids = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(0))
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, switched
+
+    base_loss, base_grads, _ = loss_and_grads(False)
+    loss, grads, switched = loss_and_grads(True)
+    assert switched == 2 * 2 + 1 + 2  # two layers' two norms, the final norm, two MLPs
+    assert abs(loss - base_loss) <= 0.01 * abs(base_loss)
+    assert grads.keys() == base_grads.keys()
+    for name, g in grads.items():
+        scale = base_grads[name].abs().max()
+        assert (g - base_grads[name]).abs().max() <= 0.05 * scale + 1e-6, name

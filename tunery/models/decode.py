@@ -403,7 +403,7 @@ class DecodeModel:
             masks[window] = ((near & key_valid[:, None, :]) | eye)[:, None]  # (B, 1, T, T)
         x = self.embed[input_ids].view(batch * length, self.hidden)
         updates = adapter.layers if adapter is not None else [{}] * self.n_layers
-        h = self._norm(x, self.layers[0]["norm1"])
+        h: torch.Tensor | None = self._norm(x, self.layers[0]["norm1"])
         for i, (layer, lora) in enumerate(zip(self.layers, updates, strict=True)):
             mask = masks[self.windows[i]]
             assert h is not None
@@ -461,7 +461,7 @@ class DecodeModel:
             )
         updates = adapter.layers if adapter is not None else [{}] * self.n_layers
         native_attention = False
-        h = self._norm(x, self.layers[0]["norm1"])
+        h: torch.Tensor | None = self._norm(x, self.layers[0]["norm1"])
         for i, (layer, lora) in enumerate(zip(self.layers, updates, strict=True)):
             assert h is not None
             qkv = self._norm_qk(self._qkv(h, layer, lora).view(batch, heads + 2 * kv, 1, dim), layer, -3)

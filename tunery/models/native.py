@@ -1,7 +1,9 @@
-"""Native kernels for the decoding engine's step, compiled on first use with the machine's C compiler.
+"""Native kernels for the decoding engine's step and for training's norms and SwiGLU, compiled on first use
+with the machine's C compiler.
 
 `kernels/decode.c` (bf16, AVX-512 BF16): attention over the cache, RMS norm with the residual add before
-it, SwiGLU's silu(gate) * up, and the rotary embedding with the new key and value stored into the cache.
+it, SwiGLU's silu(gate) * up, and the rotary embedding with the new key and value stored into the cache;
+for training (`native_layers`, bf16 LoRA runs), the RMS norm's and SwiGLU's gradients.
 With the weights packed, a step of SmolLM2-135M was the linear layers plus ~600 small torch operators:
 SDPA given one query per head read the cache at ~7 GB/s (batch 16, 200 keys: ~330 us a layer, a third of
 the step), `F.rms_norm` ran ~30 operators (12-20 us a call against 1.4-4 us here) and the rotation four.
@@ -13,7 +15,7 @@ The shared library is built once per source, compiler flags and CPU (it is compi
 OpenMP runtime torch has already loaded (libgomp.so.1), so its threads are torch's and
 `torch.set_num_threads` applies to it. Wherever it cannot be had (no AVX-512 BF16, no C compiler, a build
 that fails, an unwritable home) or `TUNERY_NATIVE_KERNELS=0` is set, `decode_kernels()` is None and the
-engine runs torch's operators, as on a GPU.
+engine and the model's layers run torch's operators, as on a GPU.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from types import MethodType
+from typing import Any
 
 import torch
 
@@ -37,7 +41,6 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels") / "decode.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 MAX_GROUP = 16  # queries per key/value head (the kernel's MAX_GROUP)
-
 
 
 def _cpu_flags() -> str:
@@ -91,8 +94,19 @@ class Kernels:
         self._rope = library.tunery_rope_store
         self._rope.restype = None
         self._rope.argtypes = [pointer] * 5 + [size] * 6
+        self._norm_backward = library.tunery_rms_norm_backward
+        self._norm_backward.restype = None
+        self._norm_backward.argtypes = [pointer] * 4 + [size, size, ctypes.c_float]
+        self._silu_mul_apart = library.tunery_silu_mul_apart
+        self._silu_mul_apart.restype = None
+        self._silu_mul_apart.argtypes = [pointer] * 3 + [size]
+        self._silu_mul_backward = library.tunery_silu_mul_backward
+        self._silu_mul_backward.restype = None
+        self._silu_mul_backward.argtypes = [pointer] * 5 + [size]
 
-    def attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
         """Attention of one query per head (B, kv, group, D) over keys and values (B, kv, n, D) with an
         additive fp32 mask (B, 1, 1, n); the layouts `fits` accepts."""
         if not fits(queries, keys, values, bias):
@@ -120,7 +134,9 @@ class Kernels:
             raise RuntimeError(f"native attention failed ({status}) for {tuple(queries.shape)}, {n} keys")
         return out
 
-    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def add_rms_norm(
+        self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
         """RMS norm of each row of `x` (rows, width) by `weight`; with `delta`, `x += delta` first, in place."""
         rows, width = x.shape
         tensors = [x, weight] + ([delta] if delta is not None else [])
@@ -131,20 +147,34 @@ class Kernels:
         ):
             raise ValueError("native RMS norm: tensors not laid out as the kernel reads them")
         out = torch.empty_like(x)
-        self._norm(x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, width, eps)
+        self._norm(
+            x.data_ptr(),
+            None if delta is None else delta.data_ptr(),
+            weight.data_ptr(),
+            out.data_ptr(),
+            rows,
+            width,
+            eps,
+        )
         return out
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up for `gate_up` (rows, 2 x width), gate first."""
         rows, double = gate_up.shape
-        if not (gate_up.dtype == torch.bfloat16 and gate_up.is_contiguous() and gate_up.device.type == "cpu" and double % 2 == 0):
+        if not (
+            gate_up.dtype == torch.bfloat16
+            and gate_up.is_contiguous()
+            and gate_up.device.type == "cpu"
+            and double % 2 == 0
+        ):
             raise ValueError("native SwiGLU: tensor not laid out as the kernel reads it")
         out = torch.empty(rows, double // 2, dtype=torch.bfloat16)
         self._silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, double // 2)
         return out
 
-
-    def rope_store(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    def rope_store(
+        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot: torch.Tensor
+    ) -> torch.Tensor:
         """A step's rotary embedding: `qkv` (B, heads + 2 kv, 1, D) holds queries, keys and values; `cos`
         and `sin` (B, D) the rows' tables (sin signed: -sin on the first half). The rotated keys and the
         values go into `slot` (B, 2 kv, 1, D, a view of the cache); returns the rotated queries (B, heads, D)."""
@@ -180,6 +210,57 @@ class Kernels:
         )
         return queries
 
+    # --- training: the model's own layers under autograd (`native_layers`) ------------------------------
+
+    def rms_norm_backward(
+        self, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """x's gradient through `add_rms_norm(x, None, weight, eps)` (`weight` frozen)."""
+        _check_alike("native RMS norm's gradient", x, grad)
+        rows, width = x.shape
+        if weight.shape != (width,) or weight.dtype != torch.bfloat16 or not weight.is_contiguous():
+            raise ValueError("native RMS norm's gradient: the weight is not laid out as the kernel reads it")
+        out = torch.empty_like(x)
+        self._norm_backward(
+            x.data_ptr(), weight.data_ptr(), grad.data_ptr(), out.data_ptr(), rows, width, eps
+        )
+        return out
+
+    def silu_mul_apart(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for two tensors of one shape."""
+        _check_alike("native SwiGLU", gate, up)
+        out = torch.empty_like(gate)
+        self._silu_mul_apart(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel())
+        return out
+
+    def silu_mul_backward(
+        self, gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradients of gate and up through `silu_mul_apart`."""
+        _check_alike("native SwiGLU's gradient", gate, up, grad)
+        grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
+        self._silu_mul_backward(
+            gate.data_ptr(),
+            up.data_ptr(),
+            grad.data_ptr(),
+            grad_gate.data_ptr(),
+            grad_up.data_ptr(),
+            gate.numel(),
+        )
+        return grad_gate, grad_up
+
+
+def _check_alike(what: str, *tensors: torch.Tensor) -> None:
+    first = tensors[0]
+    for t in tensors:
+        if not (
+            t.dtype == torch.bfloat16
+            and t.device.type == "cpu"
+            and t.is_contiguous()
+            and t.shape == first.shape
+        ):
+            raise ValueError(f"{what}: tensors not laid out as the kernel reads them")
+
 
 @functools.cache
 def decode_kernels() -> Kernels | None:
@@ -194,7 +275,11 @@ def decode_kernels() -> Kernels | None:
         return Kernels(ctypes.CDLL(str(_build(compiler))))
     except (OSError, subprocess.SubprocessError) as exc:
         detail = (getattr(exc, "stderr", b"") or b"")[-500:].decode(errors="replace")
-        log.info("the decoding engine stays on torch's operators: its native kernels could not be built (%s) %s", exc, detail)
+        log.info(
+            "the decoding engine stays on torch's operators: its native kernels could not be built (%s) %s",
+            exc,
+            detail,
+        )
         return None
 
 
@@ -220,3 +305,83 @@ def fits(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: 
         and bias.shape == (batch, 1, 1, keys.shape[2])
         and bias.stride(3) == 1
     )
+
+
+# --- the model's own RMS norms and SwiGLU MLPs, in training --------------------------------------------------
+
+# Decoder classes whose RMS norm is `weight * x / sqrt(mean(x^2) + eps)` (not Gemma's `1 + weight`) and
+# whose MLP is `down(silu(gate(x)) * up(x))` with separate gate and up projections (not Phi-3's fused one).
+NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
+MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
+
+
+class _RmsNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: Kernels
+    ) -> torch.Tensor:  # type: ignore[override]
+        flat = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(flat)
+        ctx.weight, ctx.eps, ctx.kernels, ctx.shape = weight, eps, kernels, x.shape
+        return kernels.add_rms_norm(flat, None, weight, eps).view(x.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        (flat,) = ctx.saved_tensors
+        g = grad.reshape(flat.shape).contiguous()
+        return ctx.kernels.rms_norm_backward(flat, ctx.weight, g, ctx.eps).view(ctx.shape), None, None, None
+
+
+class _SiluMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, kernels: Kernels) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(gate, up)
+        ctx.kernels = kernels
+        return kernels.silu_mul_apart(gate, up)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        gate, up = ctx.saved_tensors
+        grad_gate, grad_up = ctx.kernels.silu_mul_backward(gate, up, grad.contiguous())
+        return grad_gate, grad_up, None
+
+
+def _native_ok(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def _norm_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    kernels, weight = decode_kernels(), self.weight
+    if kernels is None or weight.requires_grad or not _native_ok(x, weight):
+        return type(self).forward(self, x)  # type: ignore[no-any-return]
+    return _RmsNorm.apply(x, weight, self.variance_epsilon, kernels)  # type: ignore[no-any-return]
+
+
+def _mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    kernels = decode_kernels()
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if kernels is None or not _native_ok(gate, up) or gate.shape != up.shape:
+        return self.down_proj(self.act_fn(gate) * up)  # type: ignore[no-any-return]
+    return self.down_proj(_SiluMul.apply(gate, up, kernels))  # type: ignore[no-any-return]
+
+
+def native_layers(model: torch.nn.Module) -> int:
+    """Run `model`'s RMS norms (with frozen bf16 weights) and SwiGLU products on the native kernels when
+    their inputs are bf16 on this CPU (a LoRA run in bf16); anything else takes the layers' own forward.
+    Returns how many layers were switched (0 where the kernels cannot be had).
+
+    Measured on SmolLM2-135M, a packed row of 536 tokens: the RMS norm's forward and backward 1.64 ms
+    through transformers' layer (eight operators forward, more backward), SwiGLU's 2.05 ms; 61 norms
+    and 30 MLPs a step."""
+    if decode_kernels() is None:
+        return 0
+    switched = 0
+    for module in model.modules():
+        name = type(module).__name__
+        if name in NORMS and hasattr(module, "variance_epsilon"):
+            module.forward = MethodType(_norm_forward, module)
+            switched += 1
+        elif name in MLPS and getattr(getattr(module, "config", None), "hidden_act", None) == "silu":
+            module.forward = MethodType(_mlp_forward, module)
+            switched += 1
+    return switched

@@ -38,6 +38,7 @@ from tunery.errors import TuneryError
 from tunery.models.load import load_model
 from tunery.models.locate import adapter_dir
 from tunery.models.lora import apply_lora, cast_frozen, merge_adapter, resolve_precision
+from tunery.models.native import native_layers
 from tunery.models.quantize import load_dtype, quantize_base
 from tunery.run import files
 from tunery.run.config import ChatEvalFields, HeldOutFields, Resolved, RunConfig, build_config, to_dict
@@ -196,6 +197,7 @@ def with_lora(model: Any, cfg: RunConfig, plan: Resolved) -> Any:
     model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     if plan.precision == "bf16":
         cast_frozen(model, torch.bfloat16)
+        native_layers(model)  # RMS norms and SwiGLU on native kernels where this CPU has them
     return model
 
 

@@ -277,3 +277,58 @@ void tunery_rope_store(const uint16_t *qkv, const uint16_t *cos, const uint16_t 
         }
     }
 }
+
+/* --- for training (the model's own forward under autograd) --------------------------------------------- */
+
+/* The gradient of x for out = x / sqrt(mean(x^2) + eps) * weight (weight frozen): per row, with r that
+ * reciprocal root, grad = r * (g * weight - x * r^2 * sum(g * weight * x) / width). */
+void tunery_rms_norm_backward(const uint16_t *x, const uint16_t *weight, const uint16_t *grad_out, uint16_t *grad_in,
+                              int64_t rows, int64_t width, float eps) {
+#pragma omp parallel for schedule(static) if (rows * width >= 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *row = x + r * width, *g = grad_out + r * width;
+        __m512 squares = _mm512_setzero_ps(), dots = _mm512_setzero_ps();
+        for (int64_t c = 0; c < width; c += 16) {
+            __mmask16 lanes = first_lanes(width - c);
+            __m512 v = load_bf16_masked(row + c, lanes);
+            __m512 gw = _mm512_mul_ps(load_bf16_masked(g + c, lanes), load_bf16_masked(weight + c, lanes));
+            squares = _mm512_fmadd_ps(v, v, squares);
+            dots = _mm512_fmadd_ps(gw, v, dots);
+        }
+        float inverse = 1.0f / __builtin_sqrtf(_mm512_reduce_add_ps(squares) / (float)width + eps);
+        __m512 scale = _mm512_set1_ps(inverse);
+        __m512 along = _mm512_set1_ps(inverse * inverse * _mm512_reduce_add_ps(dots) / (float)width);
+        for (int64_t c = 0; c < width; c += 16) {
+            __mmask16 lanes = first_lanes(width - c);
+            __m512 gw = _mm512_mul_ps(load_bf16_masked(g + c, lanes), load_bf16_masked(weight + c, lanes));
+            __m512 v = load_bf16_masked(row + c, lanes);
+            store_bf16_masked(grad_in + r * width + c, _mm512_mul_ps(scale, _mm512_fnmadd_ps(v, along, gw)), lanes);
+        }
+    }
+}
+
+/* out = silu(gate) * up over n elements (separate tensors) */
+void tunery_silu_mul_apart(const uint16_t *gate, const uint16_t *up, uint16_t *out, int64_t n) {
+#pragma omp parallel for schedule(static) if (n >= 65536)
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 lanes = first_lanes(n - i);
+        __m512 g = load_bf16_masked(gate + i, lanes);
+        __m512 sigmoid = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        store_bf16_masked(out + i, _mm512_mul_ps(_mm512_mul_ps(g, sigmoid), load_bf16_masked(up + i, lanes)), lanes);
+    }
+}
+
+/* Its gradients: grad_gate = g * up * s * (1 + gate * (1 - s)) with s = sigmoid(gate), grad_up = g * silu(gate) */
+void tunery_silu_mul_backward(const uint16_t *gate, const uint16_t *up, const uint16_t *grad_out, uint16_t *grad_gate,
+                              uint16_t *grad_up, int64_t n) {
+#pragma omp parallel for schedule(static) if (n >= 65536)
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 lanes = first_lanes(n - i);
+        __m512 g = load_bf16_masked(gate + i, lanes), u = load_bf16_masked(up + i, lanes);
+        __m512 d = load_bf16_masked(grad_out + i, lanes), one = _mm512_set1_ps(1.0f);
+        __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        __m512 slope = _mm512_mul_ps(s, _mm512_fmadd_ps(g, _mm512_sub_ps(one, s), one));
+        store_bf16_masked(grad_gate + i, _mm512_mul_ps(_mm512_mul_ps(d, u), slope), lanes);
+        store_bf16_masked(grad_up + i, _mm512_mul_ps(d, _mm512_mul_ps(g, s)), lanes);
+    }
+}

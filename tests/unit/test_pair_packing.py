@@ -171,3 +171,50 @@ def test_attention_per_subtree_equals_one_masked_segment(tree, window, multiple)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads, strict=True))
     assert attention._subtrees(((5, -1), (7, 0))) is None  # one child: a plain causal segment
     assert attention._subtrees(((0, -1), (7, 0), (3, 0))) is None  # no trunk: a pair without a prompt
+
+
+@pytest.mark.parametrize(
+    ("lengths", "trees", "pad_tokens", "window"),
+    [
+        ([5, 9, 7], [((5, -1),), ((9, -1),), ((7, -1),)], 0, None),  # plain conversations
+        (
+            [20, 30, 4],
+            [((4, -1), (8, 0), (8, 0)), ((10, -1), (12, 0), (8, 0)), ((4, -1),)],
+            4,
+            None,
+        ),  # pairs, a tail
+        ([20, 30], [((4, -1), (8, 0), (8, 0)), ((10, -1), (12, 0), (8, 0))], 0, 6),  # a sliding window
+        ([40, 30], [((10, -1), (10, 0), (5, 1), (15, 0)), ((0, -1), (30, 0))], 0, None),  # a deeper tree
+    ],
+)
+def test_a_row_of_short_segments_attended_as_one_batch_equals_one_at_a_time(
+    lengths, trees, pad_tokens, window
+) -> None:
+    """Short segments (and a trunk's subtrees) go through attention as one padded batch; in float64 the
+    outputs and gradients are those of attending to each on its own."""
+    from tunery.models import attention
+
+    torch.manual_seed(0)
+    total = sum(lengths)
+    q = torch.randn(1, 6, total, 16, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 2, total, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    module = torch.nn.Module()
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    kwargs = {"cu_seq_lens_q": cu, "segment_trees": trees, "pad_tokens": pad_tokens, "sliding_window": window}
+    shape = tuple(tuple(tree) for tree in trees)
+    pad_tail = len(lengths) - 1 if pad_tokens else None
+    assert attention._batch_plan(tuple(lengths), shape, pad_tail, window, q.device) is not None
+    batched, _ = attention.varlen_attention_forward(module, q, k, v, None, 0.0, 0.25, **kwargs)
+    weights = torch.randn_like(batched)
+    expected_grads = torch.autograd.grad((batched * weights).sum(), (q, k, v))
+    original = attention._batch_plan
+    try:
+        attention._batch_plan = lambda *args: None  # type: ignore[assignment]
+        alone, _ = attention.varlen_attention_forward(module, q, k, v, None, 0.0, 0.25, **kwargs)
+    finally:
+        attention._batch_plan = original
+    grads = torch.autograd.grad((alone * weights).sum(), (q, k, v))
+    assert torch.allclose(batched, alone, atol=1e-12)
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(expected_grads, grads, strict=True))
+    long_segment = attention._batch_plan((600,), (((600, -1),),), None, None, q.device)
+    assert long_segment is None  # longer than BATCH_MAX_KEYS: one at a time

@@ -19,6 +19,11 @@ handled by a reshape: ~1.7x faster forward + backward than `scaled_dot_product_a
 (which copies the key/value heads for GQA) and than its CPU flash kernel (slow backward), measured on
 SmolLM2-135M segments of 100-300 tokens in bf16. Elsewhere (GPU, or attention dropout) SDPA runs.
 
+A row of short segments (each attending to at most BATCH_MAX_KEYS keys, padding at most doubling the
+scores) goes through as one padded batch instead (`_batch_plan`, `_batched_attention`): the same two
+matmuls around a softmax for all of them, where one at a time costs ~8 operators per segment and per
+shared-prompt subtree, each layer, forward and backward.
+
 A row's padding tail (`pad_tokens`, data/packing.py), its last segment, gets zeros: it attends to nothing
 and nothing attends to it. A segment's scores are computed over its length rounded up to a multiple of
 `SEGMENT_MULTIPLE` (the extra keys come after every query, so the causal mask hides them; the extra
@@ -32,6 +37,7 @@ KV cache and a 4D padding mask).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -161,6 +167,118 @@ def _tree_attention(
     return torch.cat(outputs, 2)
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """A row's segments (and a shared trunk's subtrees) attended as one padded batch: item s's queries
+    are row positions `queries[s]` and its keys `keys[s]` (padding points at an extra zero row, index T),
+    `blocked` (S, 1, 1, Lq, Lk) masks as `_blocked` does (padding keys hidden; padding queries see key 0,
+    so no softmax row is empty), and `outputs` (T,) is where each row position's output sits among the
+    S * Lq outputs (S * Lq: a zero row, for the padding tail)."""
+
+    queries: torch.Tensor  # (S, Lq) long
+    keys: torch.Tensor  # (S, Lk) long
+    blocked: torch.Tensor
+    outputs: torch.Tensor  # (T,) long
+
+
+BATCH_MAX_KEYS = 512  # longer items are attended one at a time (their scores dominate, padding costs more)
+
+
+@functools.lru_cache(maxsize=64)
+def _batch_plan(
+    lengths: tuple[int, ...],
+    trees: tuple[Tree, ...],
+    pad_tail: int | None,
+    window: int | None,
+    device: torch.device,
+) -> _Batch | None:
+    """The batch for a row of short segments, or None when its padding would cost more than it saves
+    (an item over BATCH_MAX_KEYS keys, or padded scores over twice the real ones)."""
+    items: list[tuple[range, list[int], torch.Tensor]] = []
+    start = 0
+    for i, (n, tree) in enumerate(zip(lengths, trees, strict=True)):
+        if i == pad_tail:
+            start += n
+            continue
+        parts = _subtrees(tree)
+        if parts is None:
+            items.append(
+                (range(start, start + n), list(range(start, start + n)), _blocked(tree, device, window))
+            )
+        else:
+            trunk = tree[0][0]
+            runs = [length for length, _ in tree]
+            trunk_keys = list(range(start, start + trunk))
+            items.append((range(start, start + trunk), trunk_keys, _blocked(((trunk, -1),), device, window)))
+            offset = start + trunk
+            for a, b in parts:
+                size = sum(runs[a:b])
+                subtree = (
+                    (trunk, -1),
+                    *((length, parent - a + 1 if parent else 0) for length, parent in tree[a:b]),
+                )
+                own = list(range(offset, offset + size))
+                items.append(
+                    (range(offset, offset + size), trunk_keys + own, _blocked_below(subtree, device, window))
+                )
+                offset += size
+        start += n
+    items = [item for item in items if len(item[0])]
+    if not items:
+        return None
+    n_q = max(len(q) for q, _, _ in items)
+    n_k = max(len(k) for _, k, _ in items)
+    n_q, n_k = n_q + -n_q % SEGMENT_MULTIPLE, n_k + -n_k % SEGMENT_MULTIPLE
+    real = sum(len(q) * len(k) for q, k, _ in items)
+    if n_k > BATCH_MAX_KEYS or len(items) * n_q * n_k > 2 * real + 64 * 64:
+        return None
+    total = start
+    queries = torch.full((len(items), n_q), total, dtype=torch.long)
+    keys = torch.full((len(items), n_k), total, dtype=torch.long)
+    blocked = torch.ones((len(items), n_q, n_k), dtype=torch.bool)
+    blocked[:, :, 0] = False  # padding queries see the first key (their outputs are dropped)
+    outputs = torch.full((total,), len(items) * n_q, dtype=torch.long)
+    for s, (q, k, mask) in enumerate(items):
+        queries[s, : len(q)] = torch.tensor(q)
+        keys[s, : len(k)] = torch.tensor(k)
+        blocked[s, : len(q), : len(k)] = mask.cpu()
+        outputs[q.start : q.stop] = torch.arange(s * n_q, s * n_q + len(q))
+    return _Batch(queries.to(device), keys.to(device), blocked[:, None, None].to(device), outputs.to(device))
+
+
+def _batched_attention(
+    query: torch.Tensor,  # (1, H, T, D)
+    key: torch.Tensor,  # (1, H_kv, T, D)
+    value: torch.Tensor,
+    batch: _Batch,
+    scaling: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Every item of `batch` in one pair of batched matmuls; returns (1, T, H, D). A row of short segments
+    otherwise pays ~8 operators per segment (and per shared-prompt subtree) per layer, forward and backward:
+    for 8 short pairs, ~200 a layer."""
+    heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
+    group = heads // kv_heads
+    items, n_q = batch.queries.shape
+    n_k = batch.keys.shape[1]
+
+    def gathered(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # (S, heads, L, D)
+        rows = F.pad(t[0].transpose(0, 1), (0, 0, 0, 0, 0, 1))  # (T + 1, heads, D), the last row zeros
+        return rows[index].transpose(1, 2)
+
+    q = gathered(query, batch.queries).reshape(items * kv_heads, group * n_q, dim)
+    k = gathered(key, batch.keys).reshape(items * kv_heads, n_k, dim)
+    v = gathered(value, batch.keys).reshape(items * kv_heads, n_k, dim)
+    scores = torch.bmm(q, k.transpose(1, 2)).view(items, kv_heads, group, n_q, n_k).mul_(scaling)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill_(batch.blocked, float("-inf"))
+    probs = scores.softmax(-1).view(items * kv_heads, group * n_q, n_k)
+    out = torch.bmm(probs, v).view(items, heads, n_q, dim).transpose(1, 2).reshape(items * n_q, heads, dim)
+    out = F.pad(out, (0, 0, 0, 0, 0, 1))  # the padding tail's zero row
+    return out[batch.outputs].unsqueeze(0)
+
+
 def _capped_attention(
     query: torch.Tensor,  # (B, H, q, D)
     key: torch.Tensor,  # (B, H_kv, k, D)
@@ -219,6 +337,11 @@ def varlen_attention_forward(
     if pad_tokens and lengths[-1] != pad_tokens:
         raise ValueError(f"pad_tokens={pad_tokens} is not the last segment's length ({lengths[-1]})")
     pad_tail = len(lengths) - 1 if pad_tokens else None  # the padding tail's segment
+    if fast and math_dropout == 0.0 and query.shape[0] == 1:
+        shape = tuple(tuple((int(n), int(parent)) for n, parent in tree) for tree in trees)
+        batch = _batch_plan(tuple(lengths), shape, pad_tail, window, query.device)
+        if batch is not None:
+            return _batched_attention(query, key, value, batch, scale, softcap), None
     outputs = []
     # `split` (not slicing) keeps the backward a cheap concatenation instead of one zero-filled full-size
     # gradient per segment.

@@ -279,7 +279,7 @@ def decode_kernels() -> Kernels | None:
     except (OSError, subprocess.SubprocessError) as exc:
         detail = (getattr(exc, "stderr", b"") or b"")[-500:].decode(errors="replace")
         log.info(
-            "the decoding engine stays on torch's operators: its native kernels could not be built (%s) %s",
+            "Tunery's native kernels could not be built, so torch's operators run instead (%s) %s",
             exc,
             detail,
         )

@@ -13,7 +13,8 @@ torch's operators (a test compares both). Numbers in bench/RESULTS.md.
 The shared library is built once per source, compiler flags and CPU (it is compiled for this CPU, with
 `-march=native`) into `$TUNERY_HOME/native/`, written atomically, and loaded with ctypes. It links the
 OpenMP runtime torch has already loaded (libgomp.so.1), so its threads are torch's and
-`torch.set_num_threads` applies to it. Wherever it cannot be had (no AVX-512 BF16, no C compiler, a build
+`torch.set_num_threads` applies to it in the thread that called it (as it does to torch's own OpenMP
+regions; `distributed.py` sets it in the main thread, where training and rollouts run). Wherever it cannot be had (no AVX-512 BF16, no C compiler, a build
 that fails, an unwritable home) or `TUNERY_NATIVE_KERNELS=0` is set, `decode_kernels()` is None and the
 engine and the model's layers run torch's operators, as on a GPU.
 """

@@ -145,9 +145,7 @@ class Kernels:
         rows, width = x.shape
         tensors = [x, weight] + ([delta] if delta is not None else [])
         if not (
-            all(t.dtype == torch.bfloat16 and t.is_contiguous() and t.device.type == "cpu" for t in tensors)
-            and weight.shape == (width,)
-            and (delta is None or delta.shape == x.shape)
+            _native_ok(*tensors) and weight.shape == (width,) and (delta is None or delta.shape == x.shape)
         ):
             raise ValueError("native RMS norm: tensors not laid out as the kernel reads them")
         out = torch.empty_like(x)
@@ -165,12 +163,7 @@ class Kernels:
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up for `gate_up` (rows, 2 x width), gate first."""
         rows, double = gate_up.shape
-        if not (
-            gate_up.dtype == torch.bfloat16
-            and gate_up.is_contiguous()
-            and gate_up.device.type == "cpu"
-            and double % 2 == 0
-        ):
+        if not (_native_ok(gate_up) and double % 2 == 0):
             raise ValueError("native SwiGLU: tensor not laid out as the kernel reads it")
         out = torch.empty(rows, double // 2, dtype=torch.bfloat16)
         self._silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, double // 2)
@@ -186,10 +179,9 @@ class Kernels:
         kv_heads = slot.shape[1] // 2
         heads = width - 2 * kv_heads
         if not (
-            all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in (qkv, cos, sin, slot))
-            and qkv.is_contiguous()
-            and cos.is_contiguous()
-            and sin.is_contiguous()
+            _native_ok(qkv, cos, sin)
+            and slot.dtype == torch.bfloat16
+            and slot.device.type == "cpu"
             and one == 1
             and dim % 2 == 0
             and heads > 0
@@ -222,7 +214,7 @@ class Kernels:
         """x's gradient through `add_rms_norm(x, None, weight, eps)` (`weight` frozen)."""
         _check_alike("native RMS norm's gradient", x, grad)
         rows, width = x.shape
-        if weight.shape != (width,) or weight.dtype != torch.bfloat16 or not weight.is_contiguous():
+        if weight.shape != (width,) or not _native_ok(weight):
             raise ValueError("native RMS norm's gradient: the weight is not laid out as the kernel reads it")
         out = torch.empty_like(x)
         self._norm_backward(
@@ -255,15 +247,13 @@ class Kernels:
 
 
 def _check_alike(what: str, *tensors: torch.Tensor) -> None:
-    first = tensors[0]
-    for t in tensors:
-        if not (
-            t.dtype == torch.bfloat16
-            and t.device.type == "cpu"
-            and t.is_contiguous()
-            and t.shape == first.shape
-        ):
-            raise ValueError(f"{what}: tensors not laid out as the kernel reads them")
+    if not (_native_ok(*tensors) and all(t.shape == tensors[0].shape for t in tensors)):
+        raise ValueError(f"{what}: tensors not laid out as the kernel reads them")
+
+
+def _native_ok(*tensors: torch.Tensor) -> bool:
+    """bf16, on the CPU, contiguous: what every kernel reads."""
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
 @functools.cache
@@ -348,10 +338,6 @@ class _SiluMul(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         grad_gate, grad_up = ctx.kernels.silu_mul_backward(gate, up, grad.contiguous())
         return grad_gate, grad_up, None
-
-
-def _native_ok(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
 def _norm_forward(self: Any, x: torch.Tensor) -> torch.Tensor:

@@ -113,6 +113,54 @@ def test_rope_store_rotates_queries_and_keys_and_stores_keys_and_values(kernels)
     assert cache[0].abs().sum() == 0 and cache[1, :, :, :4].abs().sum() == 0  # nothing else written
 
 
+needs_tiles = pytest.mark.skipif(
+    not (SUPPORTED and {"amx_bf16", "amx_tile"} <= set(native._cpu_flags().split())),
+    reason="no AMX tiles on this machine",
+)
+
+
+@needs_tiles
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 32, 40, 50])
+@pytest.mark.parametrize(("out_features", "in_features"), [(48, 64), (64, 96), (16, 32)])
+def test_tiled_linear_matches_a_float64_reference_as_closely_as_onednn(
+    kernels, rows, out_features, in_features
+) -> None:
+    """Any number of rows (16-row chunks, two at a time, a short last one), an odd number of 16-column
+    blocks and a width of several 32-wide slices: every output as close to float64 as torch's bf16 product."""
+    generator = torch.Generator().manual_seed(rows * 1000 + out_features)
+    x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
+    weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
+    exact = x.double() @ weight.double().t()
+    tiled = kernels.tile_weight(weight)  # blocks of 16 outputs, each its pairs of inputs side by side
+    blocks = weight.view(out_features // 16, 16, in_features // 2, 2).permute(0, 2, 1, 3)
+    assert torch.equal(tiled.blocks, blocks)
+    out = kernels.linear(x, tiled)
+    assert out.shape == (rows, out_features) and out.dtype == torch.bfloat16
+    torch_error = (F.linear(x, weight).double() - exact).abs()
+    error = (out.double() - exact).abs()
+    assert error.max() <= torch_error.max() * 1.01 + 1e-6, (error.max(), torch_error.max())
+    assert error.mean() <= torch_error.mean() * 1.05
+    # leading dimensions are kept
+    assert torch.equal(kernels.linear(x.view(1, rows, in_features), kernels.tile_weight(weight))[0], out)
+
+
+@needs_tiles
+def test_tiled_linear_refuses_what_it_cannot_read(kernels) -> None:
+    weight = torch.randn(32, 64).to(torch.bfloat16)
+    tiled = kernels.tile_weight(weight)
+    for bad in (
+        torch.randn(2, 32).to(torch.bfloat16),  # the wrong width
+        torch.randn(2, 128).to(torch.bfloat16)[:, ::2],  # not contiguous
+        torch.randn(2, 64),  # fp32
+    ):
+        with pytest.raises(ValueError, match="native linear"):
+            kernels.linear(bad, tiled)
+    for shape in ((24, 64), (32, 48)):  # not whole blocks of 16 outputs and 32 inputs
+        assert not native.tiles_fit(*shape)
+        with pytest.raises(ValueError, match="native linear"):
+            kernels.tile_weight(torch.randn(shape).to(torch.bfloat16))
+
+
 @needs_kernels
 def test_tensors_laid_out_otherwise_are_refused_not_read(kernels) -> None:
     keys, values = cache_views(2, 2, 10, 64, seed=0)
@@ -131,7 +179,7 @@ def test_tensors_laid_out_otherwise_are_refused_not_read(kernels) -> None:
 
 
 @needs_kernels
-def test_engine_logits_with_the_kernels_are_as_close_to_fp32_as_without(kernels) -> None:
+def test_engine_logits_with_the_kernels_are_as_close_to_fp32_as_without(kernels, monkeypatch) -> None:
     from transformers import LlamaForCausalLM
 
     from tunery.models.decode import DecodeModel
@@ -160,13 +208,62 @@ def test_engine_logits_with_the_kernels_are_as_close_to_fp32_as_without(kernels)
             out.append(model_engine.step(ids[:, length + i], step_positions, cache, length + i, bias))
         return torch.stack(out)
 
+    if kernels.tiles:  # the vocabulary (300) is not whole blocks of 16, so the head stays oneDNN's
+        assert isinstance(engine.layers[0]["gate_up"], native.TiledWeight)
+        assert not isinstance(engine.head, native.TiledWeight)
     reference = logits(fp32)
     with_kernels = logits(engine)
-    engine.kernels = None
-    without = logits(engine)
+    monkeypatch.setattr(native, "decode_kernels", lambda: None)
+    without = logits(DecodeModel(model, dtype=torch.bfloat16))
     error, torch_error = (with_kernels - reference).abs().mean(), (without - reference).abs().mean()
     assert error <= torch_error * 1.5, (error, torch_error)
     assert (with_kernels.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
+
+
+@needs_tiles
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3", "qwen3"])
+def test_a_step_in_one_native_call_gives_the_per_operator_steps_logits_exactly(kernels, family) -> None:
+    """`decode_layers` runs the kernels the per-operator step runs, in the same order, so the logits are the
+    same bit for bit: Qwen2's q|k|v bias, Mistral's window (crossed: 16 slots, 24 written), Phi-3's fused
+    projections. Qwen3's query and key norms are not in it: its engine keeps the per-operator step."""
+    from transformers import AutoModelForCausalLM
+
+    from tunery.models.decode import DecodeModel
+    from tunery.models.tiny import tiny_config
+
+    config = tiny_config(320, family)
+    config.head_dim = 32  # the attention kernel takes head widths in multiples of 32
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # norms and biases start as ones and zeros: make each layer's its own
+        for name, parameter in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                parameter.add_(torch.randn_like(parameter) * 0.3)
+    engine = DecodeModel(model, dtype=torch.bfloat16)
+    if family == "qwen3":
+        assert engine.stack is None
+        return
+    assert engine.stack is not None
+    batch, length, steps = 3, 9, 15
+    ids = torch.randint(3, 320, (batch, length + steps), generator=torch.Generator().manual_seed(1))
+
+    def logits() -> torch.Tensor:
+        cache = engine.new_cache(batch, length + steps)
+        valid = torch.ones(batch, length, dtype=torch.bool)
+        valid[1, :5] = False  # a left-padded row
+        positions = (valid.cumsum(-1) - 1).clamp(min=0)
+        bias = torch.zeros(batch, 1, 1, length + steps)
+        bias[1, ..., :5] = float("-inf")
+        out = [engine.prefill(ids[:, :length], positions, valid, cache)]
+        for i in range(steps):
+            out.append(engine.step(ids[:, length + i], positions[:, -1] + 1 + i, cache, length + i, bias))
+        return torch.stack(out)
+
+    one_call = logits()
+    engine.stack = None
+    per_operator = logits()
+    assert torch.isfinite(one_call).all()
+    assert torch.equal(one_call, per_operator)
 
 
 def test_without_a_build_the_engine_keeps_torchs_operators(

@@ -29,6 +29,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from types import MethodType
 from typing import Any
@@ -104,6 +105,18 @@ class Kernels:
         self._silu_mul_backward = library.tunery_silu_mul_backward
         self._silu_mul_backward.restype = None
         self._silu_mul_backward.argtypes = [pointer] * 5 + [size]
+        self._tile_linear = library.tunery_tile_linear
+        self._tile_linear.restype = ctypes.c_int
+        self._tile_linear.argtypes = [pointer] * 3 + [size] * 3
+        self._tile_weight = library.tunery_tile_weight
+        self._tile_weight.restype = None
+        self._tile_weight.argtypes = [pointer, pointer, size, size]
+        self._decode_layers = library.tunery_decode_layers
+        self._decode_layers.restype = ctypes.c_int
+        self._decode_layers.argtypes = [ctypes.POINTER(_Step), ctypes.POINTER(_Layer), size]
+        # linear layers on AMX tiles where this CPU has them and Linux lets the process use them
+        flags = _cpu_flags().split()
+        self.tiles = "amx_bf16" in flags and "amx_tile" in flags and library.tunery_amx_enable() == 0
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Kernels:
         return self  # one loaded library per process (a deep copy of a model holding an engine shares it)
@@ -206,6 +219,138 @@ class Kernels:
         )
         return queries
 
+    def tile_weight(self, weight: torch.Tensor) -> TiledWeight:
+        """A linear layer's weight (out, in) laid out for `linear` (`tiles_fit` says which shapes)."""
+        out_features, in_features = weight.shape
+        if not (_native_ok(weight) and tiles_fit(out_features, in_features)):
+            raise ValueError("native linear: the weight is not laid out as the kernel reads it")
+        blocks = torch.empty(out_features // 16, in_features // 2, 16, 2, dtype=torch.bfloat16)
+        self._tile_weight(weight.data_ptr(), blocks.data_ptr(), out_features, in_features)
+        return TiledWeight(blocks, out_features, in_features)
+
+    def linear(self, x: torch.Tensor, weight: TiledWeight) -> torch.Tensor:
+        """x (..., in) times `weight` on AMX tiles: (..., out) in bf16, summed in fp32. Needs `self.tiles`.
+        (A step calls this ~120 times, so it checks no more than it must: ~3 us of its ~5 at batch 1 are
+        the kernel's.)"""
+        rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        if not (
+            self.tiles
+            and rows.dtype == torch.bfloat16
+            and rows.device.type == "cpu"
+            and rows.shape[1] == weight.in_features
+            and rows.is_contiguous()
+        ):
+            raise ValueError("native linear: the input is not laid out as the kernel reads it")
+        out = torch.empty(rows.shape[0], weight.out_features, dtype=torch.bfloat16)
+        if rows.shape[0] and self._tile_linear(
+            rows.data_ptr(), weight.blocks.data_ptr(), out.data_ptr(), *out.shape, weight.in_features
+        ):
+            raise MemoryError("native linear: no memory for a 16-row chunk of the input")
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.out_features)
+
+    def layer_stack(
+        self, layers: list[dict[str, Any]], windows: list[int | None], shape: StackShape
+    ) -> LayerStack | None:
+        """The engine's decoder layers (`DecodeModel._layer_weights`) for `decode_layers`, or None where it
+        does not take them: weights not tiled (no AMX here, or widths not in whole blocks), Qwen3's query
+        and key norms, heads `attend` does not take."""
+        hidden, heads, kv, dim, inner = shape.hidden, shape.heads, shape.kv_heads, shape.dim, shape.inner
+        if not (self.tiles and heads % kv == 0 and heads // kv <= MAX_GROUP and dim % 32 == 0):
+            return None
+        expected = {
+            "qkv": ((heads + 2 * kv) * dim, hidden),
+            "o": (hidden, heads * dim),
+            "gate_up": (2 * inner, hidden),
+            "down": (hidden, inner),
+        }
+        structs = (_Layer * len(layers))()
+        for struct, layer, window in zip(structs, layers, windows, strict=True):
+            for name, (out_features, in_features) in expected.items():
+                weight = layer[name]
+                if not (
+                    isinstance(weight, TiledWeight)
+                    and (weight.out_features, weight.in_features) == (out_features, in_features)
+                ):
+                    return None
+                setattr(struct, name, weight.blocks.data_ptr())
+            bias = layer["qkv_bias"]
+            norms = (layer["norm1"], layer["norm2"])
+            if layer["q_norm"] is not None or not all(_native_ok(n) and n.shape == (hidden,) for n in norms):
+                return None
+            if bias is not None and not (_native_ok(bias) and bias.shape == ((heads + 2 * kv) * dim,)):
+                return None
+            struct.qkv_bias = None if bias is None else bias.data_ptr()
+            struct.norm1, struct.norm2 = norms[0].data_ptr(), norms[1].data_ptr()
+            struct.window = window or 0
+        return LayerStack(structs, layers, shape)
+
+    def decode_layers(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: torch.Tensor,
+        index: int,
+        bias: torch.Tensor,
+        stack: LayerStack,
+    ) -> None:
+        """A decoding step's decoder layers, all in one call: `x` (B, hidden), the step's embedded tokens,
+        becomes the residual stream after the last layer, in place. `cos` and `sin` (B, D) the rows' rotary
+        tables (as `rope_store`); `cache` the engine's (layers, B, 2 kv, length, D), slot `index` written;
+        `bias` (B, 1, 1, >index) fp32 the additive mask over the slots."""
+        shape = stack.shape
+        batch = x.shape[0]
+        length = cache.shape[3]
+        if not (
+            _native_ok(x, cos, sin, cache)
+            and x.shape == (batch, shape.hidden)
+            and cos.shape == sin.shape == (batch, shape.dim)
+            and cache.shape == (len(stack.structs), batch, 2 * shape.kv_heads, length, shape.dim)
+            and 0 <= index < length
+            and bias.dtype == torch.float32
+            and bias.device.type == "cpu"
+            and bias.dim() == 4
+            and bias.shape[:3] == (batch, 1, 1)
+            and bias.shape[3] > index
+            and bias.stride(3) == 1
+        ):
+            raise ValueError("native decoder layers: tensors not laid out as the kernels read them")
+        width = (shape.heads + 2 * shape.kv_heads) * shape.dim
+
+        def scratch(columns: int) -> torch.Tensor:
+            return torch.empty(batch, columns, dtype=torch.bfloat16)
+
+        buffers = {
+            "h": scratch(shape.hidden),
+            "qkv": scratch(width),
+            "queries": scratch(shape.heads * shape.dim),
+            "attended": scratch(shape.heads * shape.dim),
+            "delta": scratch(shape.hidden),
+            "gate_up": scratch(2 * shape.inner),
+            "act": scratch(shape.inner),
+        }
+        step = _Step(
+            x=x.data_ptr(),
+            cos=cos.data_ptr(),
+            sin=sin.data_ptr(),
+            cache=cache.data_ptr(),
+            bias=bias.data_ptr(),
+            bias_stride=bias.stride(0),
+            index=index,
+            length=length,
+            batch=batch,
+            hidden=shape.hidden,
+            heads=shape.heads,
+            kv_heads=shape.kv_heads,
+            dim=shape.dim,
+            inner=shape.inner,
+            eps=shape.eps,
+            **{name: buffer.data_ptr() for name, buffer in buffers.items()},
+        )
+        status = self._decode_layers(ctypes.byref(step), stack.structs, len(stack.structs))
+        if status != 0:
+            raise RuntimeError(f"native decoder layers failed ({status}) at batch {batch}, slot {index}")
+
     # --- training: the model's own layers under autograd (`native_layers`) ------------------------------
 
     def rms_norm_backward(
@@ -275,6 +420,66 @@ def decode_kernels() -> Kernels | None:
             detail,
         )
         return None
+
+
+class _Layer(ctypes.Structure):
+    """kernels/decode.c's `decode_layer`"""
+
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in ("qkv", "o", "gate_up", "down", "qkv_bias", "norm1", "norm2")),
+        ("window", ctypes.c_int64),
+    ]
+
+
+class _Step(ctypes.Structure):
+    """kernels/decode.c's `decode_step`"""
+
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in ("x", "h", "qkv", "queries", "attended", "delta", "gate_up")),
+        *((name, ctypes.c_void_p) for name in ("act", "cos", "sin", "cache", "bias")),
+        *((name, ctypes.c_int64) for name in ("bias_stride", "index", "length", "batch", "hidden", "heads")),
+        *((name, ctypes.c_int64) for name in ("kv_heads", "dim", "inner")),
+        ("eps", ctypes.c_double),
+    ]
+
+
+@dataclass(frozen=True)
+class StackShape:
+    """A decoder layer's widths: `hidden`, query `heads`, `kv_heads`, head `dim`, the MLP's `inner` width,
+    and the norms' `eps`."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    dim: int
+    inner: int
+    eps: float
+
+
+class LayerStack:
+    """The engine's decoder layers as `Kernels.decode_layers` reads them, made only by `Kernels.layer_stack`
+    (which checks every weight once); holds the layers' tensors so that the pointers stay valid."""
+
+    def __init__(
+        self, structs: ctypes.Array[_Layer], layers: list[dict[str, Any]], shape: StackShape
+    ) -> None:
+        self.structs, self.layers, self.shape = structs, layers, shape
+
+
+class TiledWeight:
+    """A linear layer's weight as `Kernels.linear` reads it: `blocks` (out / 16, in / 2, 16, 2), blocks of 16
+    output columns, each holding the pairs of inputs side by side, so that 32 inputs of a block are one
+    contiguous AMX tile. Made only by `Kernels.tile_weight`, which checks the layout once."""
+
+    __slots__ = ("blocks", "out_features", "in_features")
+
+    def __init__(self, blocks: torch.Tensor, out_features: int, in_features: int) -> None:
+        self.blocks, self.out_features, self.in_features = blocks, out_features, in_features
+
+
+def tiles_fit(out_features: int, in_features: int) -> bool:
+    """Whether `Kernels.linear` takes a weight of this shape: whole blocks of 16 outputs and 32 inputs."""
+    return out_features > 0 and in_features > 0 and out_features % 16 == 0 and in_features % 32 == 0
 
 
 def fits(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> bool:

@@ -16,6 +16,7 @@
 
 #include <immintrin.h>
 #include <stdint.h>
+#include <omp.h>
 #include <stdlib.h>
 
 #define MAX_GROUP 16
@@ -331,4 +332,193 @@ void tunery_silu_mul_backward(const uint16_t *gate, const uint16_t *up, const ui
         store_bf16_masked(grad_gate + i, _mm512_mul_ps(_mm512_mul_ps(d, u), slope), lanes);
         store_bf16_masked(grad_up + i, _mm512_mul_ps(d, _mm512_mul_ps(g, s)), lanes);
     }
+}
+
+/* Linear layers on AMX tiles (Sapphire Rapids and later): out (m, n) = x (m, k) @ w^T, all bf16, summed in
+ * fp32 and rounded once.
+ *
+ * The weight is stored as AMX multiplies it (`tunery_tile_weight`'s layout): blocks of 16 output columns,
+ * each block's k/2 rows of 16 column pairs (w[col][2p], w[col][2p + 1]), so a 32-wide slice of k is one
+ * contiguous 1 KB tile and a block is one contiguous run of memory. The matrix streams once per call for up
+ * to 16 rows of x (a decoding step: oneDNN's packed calls read SmolLM2's weights at ~15-16 GB/s there, these
+ * at ~27); longer inputs go 32 rows at a time under each pair of blocks, whose tiles stay in L2.
+ *
+ * Tiles: 0-3 the sums (2 row chunks x 2 column blocks), 4-5 the chunks of x, 6-7 the blocks' slices. A
+ * thread configures its tiles, works through its share of the column blocks and releases them. */
+
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16")))
+
+/* AMX state is off until the process asks the kernel for it (Linux 5.16+); 0 when granted */
+int tunery_amx_enable(void) {
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0 ? 0 : -1;
+}
+
+/* weight (n, k) row-major -> tiled (n / 16, k / 2, 16, 2): tiled[b][p][c] = the pair w[16 b + c][2p, 2p + 1] */
+void tunery_tile_weight(const uint16_t *weight, uint16_t *tiled, int64_t n, int64_t k) {
+    const int64_t pairs = k / 2;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < n / 16; b++) {
+        const uint32_t *rows = (const uint32_t *)(weight + b * 16 * k);
+        uint32_t *block = (uint32_t *)(tiled + b * 16 * k);
+        for (int64_t p = 0; p < pairs; p++)
+            for (int64_t c = 0; c < 16; c++) block[p * 16 + c] = rows[c * pairs + p];
+    }
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} tile_config;
+
+AMX static void configure_tiles(int rows) {
+    tile_config config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int t = 0; t < 8; t++) { /* every tile 16 rows of 64 bytes */
+        config.bytes_per_row[t] = 64;
+        config.rows[t] = rows;
+    }
+    _tile_loadconfig(&config);
+}
+
+/* out's rows of x0 (rows0 of them) and x1 (rows1, 0: none), columns of blocks `block` and, if two_blocks,
+ * block + 1; each chunk of x is read as 16 rows (the caller pads a short one) */
+AMX static void tile_product(const uint16_t *x0, const uint16_t *x1, int rows0, int rows1, const uint16_t *w,
+                             uint16_t *out0, uint16_t *out1, int64_t n, int64_t k, int64_t block, int two_blocks) {
+    const uint16_t *w0 = w + block * 16 * k, *w1 = w0 + 16 * k;
+    const int64_t x_bytes = k * 2;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t c = 0; c < k; c += 32) {
+        _tile_loadd(4, x0 + c, x_bytes);
+        _tile_loadd(6, w0 + c * 16, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (two_blocks) {
+            _tile_loadd(7, w1 + c * 16, 64);
+            _tile_dpbf16ps(1, 4, 7);
+        }
+        if (rows1) {
+            _tile_loadd(5, x1 + c, x_bytes);
+            _tile_dpbf16ps(2, 5, 6);
+            if (two_blocks) _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    float sums[4][16 * 16];
+    _tile_stored(0, sums[0], 64);
+    if (two_blocks) _tile_stored(1, sums[1], 64);
+    if (rows1) _tile_stored(2, sums[2], 64);
+    if (rows1 && two_blocks) _tile_stored(3, sums[3], 64);
+    for (int t = 0; t < 4; t++) {
+        int chunk = t >> 1, column = t & 1;
+        if ((chunk && !rows1) || (column && !two_blocks)) continue;
+        uint16_t *o = (chunk ? out1 : out0) + (block + column) * 16;
+        for (int r = 0; r < (chunk ? rows1 : rows0); r++) store_bf16(o + r * n, _mm512_loadu_ps(sums[t] + r * 16));
+    }
+}
+
+/* 0, or -1 if the padding for a short last chunk of x could not be allocated */
+AMX int tunery_tile_linear(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t m, int64_t n, int64_t k) {
+    const int64_t blocks = n / 16, pairs = (blocks + 1) / 2, chunks = (m + 15) / 16, tail = m % 16;
+    uint16_t *padded = NULL; /* the last chunk's rows, then zeros: every chunk is read as 16 rows */
+    if (tail) {
+        padded = aligned_alloc(64, (size_t)(16 * k * 2));
+        if (padded == NULL) return -1;
+        memset(padded, 0, (size_t)(16 * k * 2));
+        memcpy(padded, x + (m - tail) * k, (size_t)(tail * k * 2));
+    }
+#pragma omp parallel
+    {
+        const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
+        const int64_t first = pairs * id / threads, last = pairs * (id + 1) / threads;
+        if (first < last) {
+            configure_tiles(16);
+            for (int64_t p = first; p < last; p++) {
+                for (int64_t chunk = 0; chunk < chunks; chunk += 2) {
+                    const uint16_t *x0 = (tail && chunk == chunks - 1) ? padded : x + chunk * 16 * k;
+                    const uint16_t *x1 = (tail && chunk + 1 == chunks - 1) ? padded : x + (chunk + 1) * 16 * k;
+                    int rows0 = (tail && chunk == chunks - 1) ? (int)tail : 16;
+                    int rows1 = chunk + 1 >= chunks ? 0 : ((tail && chunk + 1 == chunks - 1) ? (int)tail : 16);
+                    tile_product(x0, x1, rows0, rows1, w, out + chunk * 16 * n, out + (chunk + 1) * 16 * n, n, k,
+                                 2 * p, 2 * p + 1 < blocks);
+                }
+            }
+            _tile_release();
+        }
+    }
+    free(padded);
+    return 0;
+}
+
+/* --- a whole decoding step's decoder layers in one call ------------------------------------------------ *
+ * At batch 1 the step is the weights' read (~10 ms for SmolLM2's 268 MB on AMX) plus, through Python, ~8
+ * calls a layer at 3-10 us each; here the layers run back to back from C. Each layer: h's q|k|v
+ * projection (+ bias), the rotary embedding with the new key and value into the cache, attention over the
+ * layer's visible slots, the output projection, the residual add and post-attention norm, gate|up, SwiGLU,
+ * down, the residual add and the next layer's input norm. The same kernels as the per-operator path, so
+ * the same numbers. */
+
+typedef struct {
+    const uint16_t *qkv, *o, *gate_up, *down; /* tiled weights (`tunery_tile_linear`) */
+    const uint16_t *qkv_bias;                  /* ((heads + 2 kv_heads) * dim), or NULL */
+    const uint16_t *norm1, *norm2;             /* input and post-attention norms' weights (hidden) */
+    int64_t window;                            /* keys visible: the last `window` slots, or all if 0 */
+} decode_layer;
+
+typedef struct {
+    uint16_t *x;                                    /* (batch, hidden) the residual stream, in place */
+    uint16_t *h, *qkv, *queries, *attended, *delta, *gate_up, *act; /* scratch, each (batch, its width) */
+    const uint16_t *cos, *sin;                      /* (batch, dim) */
+    uint16_t *cache;                                /* (layers, batch, 2 kv_heads, length, dim) contiguous */
+    const float *bias;                              /* (batch, >= index + 1) rows `bias_stride` apart */
+    int64_t bias_stride, index, length, batch, hidden, heads, kv_heads, dim, inner;
+    double eps;
+} decode_step;
+
+/* 0, or the failing kernel's status: 1-2 attention (shapes, memory), 3 a linear layer (memory) */
+AMX int tunery_decode_layers(const decode_step *s, const decode_layer *layers, int64_t count) {
+    const int64_t batch = s->batch, hidden = s->hidden, dim = s->dim, kv = s->kv_heads;
+    const int64_t width = (s->heads + 2 * kv) * dim, head_stride = s->length * dim;
+    const int64_t batch_stride = 2 * kv * head_stride, layer_stride = batch * batch_stride;
+    const float eps = (float)s->eps;
+    tunery_add_rms_norm(s->x, NULL, layers[0].norm1, s->h, batch, hidden, eps);
+    for (int64_t i = 0; i < count; i++) {
+        const decode_layer *layer = layers + i;
+        uint16_t *cache = s->cache + i * layer_stride;
+        if (tunery_tile_linear(s->h, layer->qkv, s->qkv, batch, width, hidden)) return 3;
+        if (layer->qkv_bias != NULL)
+            for (int64_t b = 0; b < batch; b++)
+                for (int64_t c = 0; c < width; c += 16) {
+                    __mmask16 lanes = first_lanes(width - c);
+                    uint16_t *at = s->qkv + b * width + c;
+                    store_bf16_masked(at, _mm512_add_ps(load_bf16_masked(at, lanes), load_bf16_masked(layer->qkv_bias + c, lanes)), lanes);
+                }
+        tunery_rope_store(s->qkv, s->cos, s->sin, s->queries, cache + s->index * dim, batch_stride, head_stride,
+                          batch, s->heads, kv, dim);
+        int64_t first = layer->window > 0 && s->index + 1 > layer->window ? s->index + 1 - layer->window : 0;
+        int status = tunery_decode_attention(s->queries, s->heads * dim, cache + first * dim, cache + kv * head_stride + first * dim,
+                                             batch_stride, head_stride, s->bias + first, s->bias_stride, s->attended, batch,
+                                             kv, s->heads / kv, dim, s->index + 1 - first);
+        if (status) return status;
+        if (tunery_tile_linear(s->attended, layer->o, s->delta, batch, hidden, s->heads * dim)) return 3;
+        tunery_add_rms_norm(s->x, s->delta, layer->norm2, s->h, batch, hidden, eps);
+        if (tunery_tile_linear(s->h, layer->gate_up, s->gate_up, batch, 2 * s->inner, hidden)) return 3;
+        tunery_silu_mul(s->gate_up, s->act, batch, s->inner);
+        if (tunery_tile_linear(s->act, layer->down, s->delta, batch, hidden, s->inner)) return 3;
+        if (i + 1 < count) {
+            tunery_add_rms_norm(s->x, s->delta, layers[i + 1].norm1, s->h, batch, hidden, eps);
+        } else {
+            for (int64_t c = 0; c < batch * hidden; c += 16) { /* x += delta, rounded as a bf16 add */
+                __mmask16 lanes = first_lanes(batch * hidden - c);
+                store_bf16_masked(s->x + c, _mm512_add_ps(load_bf16_masked(s->x + c, lanes), load_bf16_masked(s->delta + c, lanes)), lanes);
+            }
+        }
+    }
+    return 0;
 }

@@ -7,18 +7,20 @@ at batch 1 takes ~40 us through `F.linear` and ~18 us with the weight packed onc
 layout. So this engine:
 
 - reads each linear layer's effective weight (a LoRA adapter merged in, without touching the model),
-  fuses q|k|v and gate|up into one matrix each and packs every weight once for oneDNN (bf16 on CPUs with
-  AVX-512 BF16);
+  fuses q|k|v and gate|up into one matrix each and lays every weight out once: as AMX tiles where the CPU
+  has them (`native.py`: ~1.3x oneDNN's packed calls at 1-16 rows), else packed for oneDNN;
 - keeps the KV cache in one static tensor (layers, batch, 2 x kv-heads, length, head dim), written in
   place, so a step allocates nothing that grows with the sequence;
 - folds 1/sqrt(head_dim) into the query weights, applies rotary embeddings as one fused multiply-add
   with precomputed tables, and attends to the cache with a native kernel for bf16 on CPUs with AVX-512
-  BF16 (`native.py`), else with SDPA's fused kernel (bf16 in, fp32 sums).
+  BF16 (`native.py`), else with SDPA's fused kernel (bf16 in, fp32 sums);
+- with the weights as AMX tiles, runs a step's decoder layers in one native call (`native.decode_layers`:
+  the same kernels in the same order as the per-operator step, without its ~8 Python calls a layer).
 
-At batch 1 a step is bound by reading the weights: on a 2-core AVX-512/AMX host the linear layers take
-~15.5 ms of a ~21 ms step (268 MB of bf16 weights at ~17.5 GB/s); the rest is the dispatch of ~600 small
-operators (~5.4 ms, measured on a 64-wide model with the same 30 layers). At batch 16 the linear layers
-cost about the same and dispatch ~8 ms.
+At batch 1 a step is bound by reading the weights: on a 2-core AVX-512/AMX host SmolLM2-135M's step
+takes ~12 ms, of which the linear layers ~10-11 ms (268 MB of bf16 weights at 25-27 GB/s, this host's
+streaming rate); batch 16 ~17 ms. Through oneDNN and torch's operators it took ~21 ms at batch 1, the
+linear layers ~15.5 ms of it at ~17.5 GB/s and ~5.4 ms the dispatch of ~600 small operators.
 
 It covers Llama, Mistral, Qwen2 and Qwen3 (query/key norms, folded with the scale), Phi-3 (fused q|k|v
 and gate|up projections, split here) and sliding-window layers (a windowed layer reads only its last

@@ -3,7 +3,10 @@ with the machine's C compiler.
 
 `kernels/decode.c` (bf16, AVX-512 BF16): attention over the cache, RMS norm with the residual add before
 it, SwiGLU's silu(gate) * up, and the rotary embedding with the new key and value stored into the cache;
-for training (`native_layers`, bf16 LoRA runs), the RMS norm's and SwiGLU's gradients.
+for training (`native_layers`, bf16 LoRA runs), the RMS norm's and SwiGLU's gradients. On CPUs with AMX
+tiles (`Kernels.tiles`: the CPU has them and Linux grants the process their state), linear layers on
+weights laid out as tiles (`tile_weight`, `linear`) and a step's whole stack of decoder layers in one
+call (`layer_stack`, `decode_layers`).
 With the weights packed, a step of SmolLM2-135M was the linear layers plus ~600 small torch operators:
 SDPA given one query per head read the cache at ~7 GB/s (batch 16, 200 keys: ~330 us a layer, a third of
 the step), `F.rms_norm` ran ~30 operators (12-20 us a call against 1.4-4 us here) and the rotation four.

@@ -220,12 +220,9 @@ def test_engine_logits_with_the_kernels_are_as_close_to_fp32_as_without(kernels,
     assert (with_kernels.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
 
 
-@needs_tiles
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3", "qwen3"])
-def test_a_step_in_one_native_call_gives_the_per_operator_steps_logits_exactly(kernels, family) -> None:
-    """`decode_layers` runs the kernels the per-operator step runs, in the same order, so the logits are the
-    same bit for bit: Qwen2's q|k|v bias, Mistral's window (crossed: 16 slots, 24 written), Phi-3's fused
-    projections. Qwen3's query and key norms are not in it: its engine keeps the per-operator step."""
+def stack_engine(family: str):  # type: ignore[no-untyped-def]
+    """A tiny bf16 engine of `family` whose layers the native stack takes (32-wide heads), each layer's
+    norms and biases its own (they start as ones and zeros)."""
     from transformers import AutoModelForCausalLM
 
     from tunery.models.decode import DecodeModel
@@ -235,35 +232,74 @@ def test_a_step_in_one_native_call_gives_the_per_operator_steps_logits_exactly(k
     config.head_dim = 32  # the attention kernel takes head widths in multiples of 32
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # norms and biases start as ones and zeros: make each layer's its own
+    with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 parameter.add_(torch.randn_like(parameter) * 0.3)
-    engine = DecodeModel(model, dtype=torch.bfloat16)
+    return model, DecodeModel(model, dtype=torch.bfloat16)
+
+
+def stepped_logits(engine, adapter=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Prefill of 9 tokens (one row left-padded) then 15 steps of 3 rows: every position's logits."""
+    batch, length, steps = 3, 9, 15
+    ids = torch.randint(3, 320, (batch, length + steps), generator=torch.Generator().manual_seed(1))
+    cache = engine.new_cache(batch, length + steps)
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    valid[1, :5] = False
+    positions = (valid.cumsum(-1) - 1).clamp(min=0)
+    bias = torch.zeros(batch, 1, 1, length + steps)
+    bias[1, ..., :5] = float("-inf")
+    out = [engine.prefill(ids[:, :length], positions, valid, cache, adapter)]
+    for i in range(steps):
+        step_positions = positions[:, -1] + 1 + i
+        out.append(engine.step(ids[:, length + i], step_positions, cache, length + i, bias, adapter))
+    return torch.stack(out)
+
+
+@needs_tiles
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3", "qwen3"])
+def test_a_step_in_one_native_call_gives_the_per_operator_steps_logits_exactly(kernels, family) -> None:
+    """`decode_layers` runs the kernels the per-operator step runs, in the same order, so the logits are the
+    same bit for bit: Qwen2's q|k|v bias, Mistral's window (crossed: 16 slots, 24 written), Phi-3's fused
+    projections. Qwen3's query and key norms are not in it: its engine keeps the per-operator step."""
+    _, engine = stack_engine(family)
     if family == "qwen3":
         assert engine.stack is None
         return
     assert engine.stack is not None
-    batch, length, steps = 3, 9, 15
-    ids = torch.randint(3, 320, (batch, length + steps), generator=torch.Generator().manual_seed(1))
-
-    def logits() -> torch.Tensor:
-        cache = engine.new_cache(batch, length + steps)
-        valid = torch.ones(batch, length, dtype=torch.bool)
-        valid[1, :5] = False  # a left-padded row
-        positions = (valid.cumsum(-1) - 1).clamp(min=0)
-        bias = torch.zeros(batch, 1, 1, length + steps)
-        bias[1, ..., :5] = float("-inf")
-        out = [engine.prefill(ids[:, :length], positions, valid, cache)]
-        for i in range(steps):
-            out.append(engine.step(ids[:, length + i], positions[:, -1] + 1 + i, cache, length + i, bias))
-        return torch.stack(out)
-
-    one_call = logits()
+    one_call = stepped_logits(engine)
     engine.stack = None
-    per_operator = logits()
+    per_operator = stepped_logits(engine)
     assert torch.isfinite(one_call).all()
     assert torch.equal(one_call, per_operator)
+
+
+@needs_tiles
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
+def test_an_adapter_beside_the_weights_in_the_one_call_step(kernels, family) -> None:
+    """An adapter's updates on every projection, served beside the shared weights: the one-call step
+    against the per-operator one (whose fp32 products sum in another order, so within rounding), and the
+    adapter's effect many times that difference (a step that left an update out would fail)."""
+    model, engine = stack_engine(family)
+    generator = torch.Generator().manual_seed(5)
+    updates = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            a = torch.randn(4, module.in_features, generator=generator) * 0.3
+            b = torch.randn(module.out_features, 4, generator=generator) * 0.3
+            updates[name] = [(a, b, 2.0)]
+    adapter = engine.adapter(updates)
+    assert not isinstance(adapter, str)
+    base = stepped_logits(engine)
+    one_call = stepped_logits(engine, adapter)
+    stack, engine.stack = engine.stack, None
+    per_operator = stepped_logits(engine, adapter)
+    engine.stack = stack
+    assert stack is not None and adapter.native["stack"][1].updates is adapter.layers  # it ran the stack
+    difference = (one_call - per_operator).abs().mean()
+    effect = (per_operator - base).abs().mean()
+    assert difference < 0.02 * effect, (difference, effect)
+    assert (one_call.argmax(-1) == per_operator.argmax(-1)).float().mean() >= 0.95
 
 
 def test_without_a_build_the_engine_keeps_torchs_operators(

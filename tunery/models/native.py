@@ -287,6 +287,45 @@ class Kernels:
             struct.window = window or 0
         return LayerStack(structs, layers, shape)
 
+    def adapter_stack(
+        self, stack: LayerStack, updates: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]
+    ) -> LayerStack:
+        """`stack` with an adapter's low-rank updates applied beside its weights (`decode.LoraFactors`'s
+        layers: per projection, a (in, rank) and b (rank, out) in fp32, out += x @ a @ b)."""
+        shape = stack.shape
+        width = (shape.heads + 2 * shape.kv_heads) * shape.dim
+        widths = {  # (in, out) of each projection, in the kernel's order
+            "qkv": (shape.hidden, width),
+            "o": (shape.heads * shape.dim, shape.hidden),
+            "gate_up": (shape.hidden, 2 * shape.inner),
+            "down": (shape.inner, shape.hidden),
+        }
+        structs = (_Layer * len(stack.structs))()
+        ctypes.memmove(structs, stack.structs, ctypes.sizeof(structs))
+        for struct, layer_updates in zip(structs, updates, strict=True):
+            for slot, (name, (in_features, out_features)) in enumerate(widths.items()):
+                if name not in layer_updates:
+                    continue
+                a, b = layer_updates[name]
+                rank = a.shape[1] if a.dim() == 2 else -1
+                if not (
+                    all(
+                        t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+                        for t in (a, b)
+                    )
+                    and a.shape == (in_features, rank)
+                    and b.shape == (rank, out_features)
+                ):
+                    raise ValueError(
+                        f"native decoder layers: the adapter's {name} update is not laid out as read"
+                    )
+                struct.lora_a[slot], struct.lora_b[slot], struct.lora_rank[slot] = (
+                    a.data_ptr(),
+                    b.data_ptr(),
+                    rank,
+                )
+        return LayerStack(structs, stack.layers, shape, updates)
+
     def decode_layers(
         self,
         x: torch.Tensor,
@@ -431,6 +470,9 @@ class _Layer(ctypes.Structure):
     _fields_ = [
         *((name, ctypes.c_void_p) for name in ("qkv", "o", "gate_up", "down", "qkv_bias", "norm1", "norm2")),
         ("window", ctypes.c_int64),
+        ("lora_a", ctypes.c_void_p * 4),
+        ("lora_b", ctypes.c_void_p * 4),
+        ("lora_rank", ctypes.c_int64 * 4),
     ]
 
 
@@ -461,12 +503,17 @@ class StackShape:
 
 class LayerStack:
     """The engine's decoder layers as `Kernels.decode_layers` reads them, made only by `Kernels.layer_stack`
-    (which checks every weight once); holds the layers' tensors so that the pointers stay valid."""
+    and `adapter_stack` (which check every weight once); holds the layers' tensors and any adapter's updates
+    so that the pointers stay valid."""
 
     def __init__(
-        self, structs: ctypes.Array[_Layer], layers: list[dict[str, Any]], shape: StackShape
+        self,
+        structs: ctypes.Array[_Layer],
+        layers: list[dict[str, Any]],
+        shape: StackShape,
+        updates: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
     ) -> None:
-        self.structs, self.layers, self.shape = structs, layers, shape
+        self.structs, self.layers, self.shape, self.updates = structs, layers, shape, updates
 
 
 class TiledWeight:

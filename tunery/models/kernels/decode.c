@@ -469,7 +469,81 @@ typedef struct {
     const uint16_t *qkv_bias;                  /* ((heads + 2 kv_heads) * dim), or NULL */
     const uint16_t *norm1, *norm2;             /* input and post-attention norms' weights (hidden) */
     int64_t window;                            /* keys visible: the last `window` slots, or all if 0 */
+    /* an adapter served beside the weights, per projection (q|k|v, o, gate|up, down): out += x @ a @ b,
+     * a (in, rank) and b (rank, out) fp32; rank 0 where it leaves the projection alone */
+    const float *lora_a[4], *lora_b[4];
+    int64_t lora_rank[4];
 } decode_layer;
+
+/* An adapter's update for N rows (1, 2, 4, 8 or 16: the sums stay in registers): xf (N, k) fp32 @ a (k, r)
+ * into t (N, r), then out (N, n) bf16 += t @ b (r, n), each of a's and b's rows read once for the N rows. */
+#define LORA_ROWS(N)                                                                                       \
+    static void lora_rows_##N(const float *xf, int64_t k, uint16_t *out, int64_t n, const float *a,       \
+                              const float *b, int64_t r, float *t) {                                      \
+        for (int64_t c = 0; c < r; c += 16) {                                                              \
+            __mmask16 lanes = first_lanes(r - c);                                                          \
+            __m512 sums[N];                                                                                \
+            for (int row = 0; row < N; row++) sums[row] = _mm512_setzero_ps();                             \
+            for (int64_t i = 0; i < k; i++) {                                                              \
+                __m512 column = _mm512_maskz_loadu_ps(lanes, a + i * r + c);                               \
+                for (int row = 0; row < N; row++)                                                          \
+                    sums[row] = _mm512_fmadd_ps(_mm512_set1_ps(xf[row * k + i]), column, sums[row]);       \
+            }                                                                                              \
+            for (int row = 0; row < N; row++) _mm512_mask_storeu_ps(t + row * r + c, lanes, sums[row]);    \
+        }                                                                                                  \
+        _Pragma("omp parallel for schedule(static) if (n * r >= 2048)")                               \
+        for (int64_t c = 0; c < n; c += 16) {                                                              \
+            __mmask16 lanes = first_lanes(n - c);                                                          \
+            __m512 sums[N];                                                                                \
+            for (int row = 0; row < N; row++) sums[row] = _mm512_setzero_ps();                             \
+            for (int64_t j = 0; j < r; j++) {                                                              \
+                __m512 row_of_b = _mm512_maskz_loadu_ps(lanes, b + j * n + c);                             \
+                for (int row = 0; row < N; row++)                                                          \
+                    sums[row] = _mm512_fmadd_ps(_mm512_set1_ps(t[row * r + j]), row_of_b, sums[row]);      \
+            }                                                                                              \
+            for (int row = 0; row < N; row++) {                                                            \
+                uint16_t *at = out + row * n + c;                                                          \
+                store_bf16_masked(at, _mm512_add_ps(load_bf16_masked(at, lanes), sums[row]), lanes);       \
+            }                                                                                              \
+        }                                                                                                  \
+    }
+LORA_ROWS(1)
+LORA_ROWS(2)
+LORA_ROWS(4)
+LORA_ROWS(8)
+LORA_ROWS(16)
+
+/* out (m, n) bf16 += (x (m, k) bf16 @ a (k, r)) @ b (r, n), in fp32, rounded once into out; 0, or 4 when
+ * out of memory */
+static int lora_update(const uint16_t *x, int64_t m, int64_t k, uint16_t *out, int64_t n, const float *a,
+                       const float *b, int64_t r) {
+    if (r == 0) return 0;
+    float *xf = malloc(sizeof(float) * (size_t)(m * k)), *t = malloc(sizeof(float) * (size_t)(16 * r));
+    if (xf == NULL || t == NULL) {
+        free(xf);
+        free(t);
+        return 4;
+    }
+    for (int64_t i = 0; i < m * k; i += 16) {
+        __mmask16 lanes = first_lanes(m * k - i);
+        _mm512_mask_storeu_ps(xf + i, lanes, load_bf16_masked(x + i, lanes));
+    }
+    for (int64_t row = 0; row < m;) {
+        int64_t left = m - row;
+        const float *rows = xf + row * k;
+        uint16_t *target = out + row * n;
+        int64_t step = left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+        if (step == 16) lora_rows_16(rows, k, target, n, a, b, r, t);
+        else if (step == 8) lora_rows_8(rows, k, target, n, a, b, r, t);
+        else if (step == 4) lora_rows_4(rows, k, target, n, a, b, r, t);
+        else if (step == 2) lora_rows_2(rows, k, target, n, a, b, r, t);
+        else lora_rows_1(rows, k, target, n, a, b, r, t);
+        row += step;
+    }
+    free(xf);
+    free(t);
+    return 0;
+}
 
 typedef struct {
     uint16_t *x;                                    /* (batch, hidden) the residual stream, in place */
@@ -481,7 +555,8 @@ typedef struct {
     double eps;
 } decode_step;
 
-/* 0, or the failing kernel's status: 1-2 attention (shapes, memory), 3 a linear layer (memory) */
+/* 0, or the failing kernel's status: 1-2 attention (shapes, memory), 3 a linear layer (memory), 4 an
+ * adapter's update (memory) */
 AMX int tunery_decode_layers(const decode_step *s, const decode_layer *layers, int64_t count) {
     const int64_t batch = s->batch, hidden = s->hidden, dim = s->dim, kv = s->kv_heads;
     const int64_t width = (s->heads + 2 * kv) * dim, head_stride = s->length * dim;
@@ -492,6 +567,7 @@ AMX int tunery_decode_layers(const decode_step *s, const decode_layer *layers, i
         const decode_layer *layer = layers + i;
         uint16_t *cache = s->cache + i * layer_stride;
         if (tunery_tile_linear(s->h, layer->qkv, s->qkv, batch, width, hidden)) return 3;
+        if (lora_update(s->h, batch, hidden, s->qkv, width, layer->lora_a[0], layer->lora_b[0], layer->lora_rank[0])) return 4;
         if (layer->qkv_bias != NULL)
             for (int64_t b = 0; b < batch; b++)
                 for (int64_t c = 0; c < width; c += 16) {
@@ -507,10 +583,13 @@ AMX int tunery_decode_layers(const decode_step *s, const decode_layer *layers, i
                                              kv, s->heads / kv, dim, s->index + 1 - first);
         if (status) return status;
         if (tunery_tile_linear(s->attended, layer->o, s->delta, batch, hidden, s->heads * dim)) return 3;
+        if (lora_update(s->attended, batch, s->heads * dim, s->delta, hidden, layer->lora_a[1], layer->lora_b[1], layer->lora_rank[1])) return 4;
         tunery_add_rms_norm(s->x, s->delta, layer->norm2, s->h, batch, hidden, eps);
         if (tunery_tile_linear(s->h, layer->gate_up, s->gate_up, batch, 2 * s->inner, hidden)) return 3;
+        if (lora_update(s->h, batch, hidden, s->gate_up, 2 * s->inner, layer->lora_a[2], layer->lora_b[2], layer->lora_rank[2])) return 4;
         tunery_silu_mul(s->gate_up, s->act, batch, s->inner);
         if (tunery_tile_linear(s->act, layer->down, s->delta, batch, hidden, s->inner)) return 3;
+        if (lora_update(s->act, batch, s->inner, s->delta, hidden, layer->lora_a[3], layer->lora_b[3], layer->lora_rank[3])) return 4;
         if (i + 1 < count) {
             tunery_add_rms_norm(s->x, s->delta, layers[i + 1].norm1, s->h, batch, hidden, eps);
         } else {

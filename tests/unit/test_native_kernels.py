@@ -179,16 +179,24 @@ def test_tensors_laid_out_otherwise_are_refused_not_read(kernels) -> None:
 
 
 @needs_kernels
-def test_engine_logits_with_the_kernels_are_as_close_to_fp32_as_without(kernels, monkeypatch) -> None:
-    from transformers import LlamaForCausalLM
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_engine_logits_with_the_kernels_are_as_close_to_fp32_as_without(kernels, monkeypatch, family) -> None:
+    """The whole step on the kernels (with AMX: one call, tiled weights; Qwen3's per-head norms too)
+    against an fp32 engine, as close as torch's operators get."""
+    from transformers import AutoModelForCausalLM
 
     from tunery.models.decode import DecodeModel
     from tunery.models.tiny import tiny_config
 
-    config = tiny_config(300)
+    config = tiny_config(300, family)
     config.head_dim = 32  # the attention kernel takes head widths in multiples of 32
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = AutoModelForCausalLM.from_config(config).eval()
+    if family == "qwen3":  # its query and key norms start as ones: make them matter
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "q_norm" in name or "k_norm" in name:
+                    parameter.add_(torch.randn_like(parameter) * 0.3)
     fp32 = DecodeModel(model, dtype=torch.float32)
     engine = DecodeModel(model, dtype=torch.bfloat16)
     assert engine.kernels is not None  # the kernels are what is under test
@@ -261,11 +269,8 @@ def stepped_logits(engine, adapter=None) -> torch.Tensor:  # type: ignore[no-unt
 def test_a_step_in_one_native_call_gives_the_per_operator_steps_logits_exactly(kernels, family) -> None:
     """`decode_layers` runs the kernels the per-operator step runs, in the same order, so the logits are the
     same bit for bit: Qwen2's q|k|v bias, Mistral's window (crossed: 16 slots, 24 written), Phi-3's fused
-    projections. Qwen3's query and key norms are not in it: its engine keeps the per-operator step."""
+    projections, Qwen3's per-head query and key norms."""
     _, engine = stack_engine(family)
-    if family == "qwen3":
-        assert engine.stack is None
-        return
     assert engine.stack is not None
     one_call = stepped_logits(engine)
     engine.stack = None
@@ -275,7 +280,7 @@ def test_a_step_in_one_native_call_gives_the_per_operator_steps_logits_exactly(k
 
 
 @needs_tiles
-@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "qwen3"])
 def test_an_adapter_beside_the_weights_in_the_one_call_step(kernels, family) -> None:
     """An adapter's updates on every projection, served beside the shared weights: the one-call step
     against the per-operator one (whose fp32 products sum in another order, so within rounding), and the

@@ -506,7 +506,11 @@ class DecodeModel:
         h: torch.Tensor | None = self._norm(x, self.layers[0]["norm1"])
         for i, (layer, lora) in enumerate(zip(self.layers, updates, strict=True)):
             assert h is not None
-            qkv = self._norm_qk(self._qkv(h, layer, lora).view(batch, heads + 2 * kv, 1, dim), layer, -3)
+            qkv = self._qkv(h, layer, lora).view(batch, heads + 2 * kv, 1, dim)
+            if self.kernels is not None and layer["q_norm"] is not None:  # in place, as the one-call step
+                self.kernels.head_norms(qkv, layer["q_norm"], layer["k_norm"], heads, self.eps)
+            else:
+                qkv = self._norm_qk(qkv, layer, -3)
             if self.kernels is not None:  # the rotation and the cache's new key and value in one pass
                 queries = self.kernels.rope_store(qkv, cos, sin, slots[i])
             else:

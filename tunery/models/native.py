@@ -114,6 +114,9 @@ class Kernels:
         self._tile_weight = library.tunery_tile_weight
         self._tile_weight.restype = None
         self._tile_weight.argtypes = [pointer, pointer, size, size]
+        self._head_norms = library.tunery_head_norms
+        self._head_norms.restype = None
+        self._head_norms.argtypes = [pointer] * 3 + [size] * 4 + [ctypes.c_float]
         self._decode_layers = library.tunery_decode_layers
         self._decode_layers.restype = ctypes.c_int
         self._decode_layers.argtypes = [ctypes.POINTER(_Step), ctypes.POINTER(_Layer), size]
@@ -255,8 +258,8 @@ class Kernels:
         self, layers: list[dict[str, Any]], windows: list[int | None], shape: StackShape
     ) -> LayerStack | None:
         """The engine's decoder layers (`DecodeModel._layer_weights`) for `decode_layers`, or None where it
-        does not take them: weights not tiled (no AMX here, or widths not in whole blocks), Qwen3's query
-        and key norms, heads `attend` does not take."""
+        does not take them: weights not tiled (no AMX here, or widths not in whole blocks), heads `attend`
+        does not take."""
         hidden, heads, kv, dim, inner = shape.hidden, shape.heads, shape.kv_heads, shape.dim, shape.inner
         if not (self.tiles and heads % kv == 0 and heads // kv <= MAX_GROUP and dim % 32 == 0):
             return None
@@ -278,14 +281,39 @@ class Kernels:
                 setattr(struct, name, weight.blocks.data_ptr())
             bias = layer["qkv_bias"]
             norms = (layer["norm1"], layer["norm2"])
-            if layer["q_norm"] is not None or not all(_native_ok(n) and n.shape == (hidden,) for n in norms):
+            if not all(_native_ok(n) and n.shape == (hidden,) for n in norms):
                 return None
+            head_norms = (layer["q_norm"], layer["k_norm"])
+            if head_norms != (None, None):
+                if not all(n is not None and _native_ok(n) and n.shape == (dim,) for n in head_norms):
+                    return None
+                struct.q_norm, struct.k_norm = head_norms[0].data_ptr(), head_norms[1].data_ptr()
             if bias is not None and not (_native_ok(bias) and bias.shape == ((heads + 2 * kv) * dim,)):
                 return None
             struct.qkv_bias = None if bias is None else bias.data_ptr()
             struct.norm1, struct.norm2 = norms[0].data_ptr(), norms[1].data_ptr()
             struct.window = window or 0
         return LayerStack(structs, layers, shape)
+
+    def head_norms(
+        self, qkv: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor, heads: int, eps: float
+    ) -> None:
+        """Qwen3's per-head RMS norms of a step's queries and keys, in place: `qkv` (B, heads + 2 kv, 1, D)
+        contiguous; the values are left alone."""
+        batch, width, one, dim = qkv.shape
+        kv_heads = (width - heads) // 2
+        if not (
+            _native_ok(qkv, q_norm, k_norm)
+            and one == 1
+            and heads > 0
+            and kv_heads > 0
+            and width == heads + 2 * kv_heads
+            and q_norm.shape == k_norm.shape == (dim,)
+        ):
+            raise ValueError("native head norms: tensors not laid out as the kernel reads them")
+        self._head_norms(
+            qkv.data_ptr(), q_norm.data_ptr(), k_norm.data_ptr(), batch, heads, kv_heads, dim, eps
+        )
 
     def adapter_stack(
         self, stack: LayerStack, updates: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]
@@ -469,6 +497,8 @@ class _Layer(ctypes.Structure):
 
     _fields_ = [
         *((name, ctypes.c_void_p) for name in ("qkv", "o", "gate_up", "down", "qkv_bias", "norm1", "norm2")),
+        ("q_norm", ctypes.c_void_p),
+        ("k_norm", ctypes.c_void_p),
         ("window", ctypes.c_int64),
         ("lora_a", ctypes.c_void_p * 4),
         ("lora_b", ctypes.c_void_p * 4),

@@ -247,6 +247,17 @@ void tunery_silu_mul(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64
     }
 }
 
+/* Qwen3's per-head RMS norms of a step's queries and keys, in place: qkv (batch, heads + 2 kv_heads, dim)
+ * contiguous, the queries' heads by q_norm, the keys' by k_norm, the values left alone */
+void tunery_head_norms(uint16_t *qkv, const uint16_t *q_norm, const uint16_t *k_norm, int64_t batch, int64_t heads,
+                       int64_t kv_heads, int64_t dim, float eps) {
+    for (int64_t b = 0; b < batch; b++) {
+        uint16_t *queries = qkv + b * (heads + 2 * kv_heads) * dim, *keys = queries + heads * dim;
+        tunery_add_rms_norm(queries, NULL, q_norm, queries, heads, dim, eps); /* each row read before written */
+        tunery_add_rms_norm(keys, NULL, k_norm, keys, kv_heads, dim, eps);
+    }
+}
+
 /* Rotary embedding of a step's queries and keys, and the new keys and values into the cache.
  * qkv (batch, heads + 2 kv_heads, dim) contiguous: queries, keys, values. cos and sin (batch, dim) are
  * the rows' tables, sin signed (-sin on the first half, +sin on the second), so that each rotated x is
@@ -468,6 +479,7 @@ typedef struct {
     const uint16_t *qkv, *o, *gate_up, *down; /* tiled weights (`tunery_tile_linear`) */
     const uint16_t *qkv_bias;                  /* ((heads + 2 kv_heads) * dim), or NULL */
     const uint16_t *norm1, *norm2;             /* input and post-attention norms' weights (hidden) */
+    const uint16_t *q_norm, *k_norm;           /* Qwen3's per-head query and key norms (dim), or NULL */
     int64_t window;                            /* keys visible: the last `window` slots, or all if 0 */
     /* an adapter served beside the weights, per projection (q|k|v, o, gate|up, down): out += x @ a @ b,
      * a (in, rank) and b (rank, out) fp32; rank 0 where it leaves the projection alone */
@@ -575,6 +587,7 @@ AMX int tunery_decode_layers(const decode_step *s, const decode_layer *layers, i
                     uint16_t *at = s->qkv + b * width + c;
                     store_bf16_masked(at, _mm512_add_ps(load_bf16_masked(at, lanes), load_bf16_masked(layer->qkv_bias + c, lanes)), lanes);
                 }
+        if (layer->q_norm != NULL) tunery_head_norms(s->qkv, layer->q_norm, layer->k_norm, batch, s->heads, kv, dim, eps);
         tunery_rope_store(s->qkv, s->cos, s->sin, s->queries, cache + s->index * dim, batch_stride, head_stride,
                           batch, s->heads, kv, dim);
         int64_t first = layer->window > 0 && s->index + 1 > layer->window ? s->index + 1 - layer->window : 0;

@@ -236,15 +236,14 @@ class Kernels:
 
     def linear(self, x: torch.Tensor, weight: TiledWeight) -> torch.Tensor:
         """x (..., in) times `weight` on AMX tiles: (..., out) in bf16, summed in fp32. Needs `self.tiles`.
-        (A step calls this ~120 times, so it checks no more than it must: ~3 us of its ~5 at batch 1 are
-        the kernel's.)"""
-        rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        (The per-operator step calls this ~120 times, so it checks no more than it must: ~3 us of its ~5
+        at batch 1 are the kernel's.)"""
+        rows = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).contiguous()
         if not (
             self.tiles
             and rows.dtype == torch.bfloat16
             and rows.device.type == "cpu"
             and rows.shape[1] == weight.in_features
-            and rows.is_contiguous()
         ):
             raise ValueError("native linear: the input is not laid out as the kernel reads it")
         out = torch.empty(rows.shape[0], weight.out_features, dtype=torch.bfloat16)

@@ -488,20 +488,33 @@ typedef struct {
 } decode_layer;
 
 /* An adapter's update for N rows (1, 2, 4, 8 or 16: the sums stay in registers): xf (N, k) fp32 @ a (k, r)
- * into t (N, r), then out (N, n) bf16 += t @ b (r, n), each of a's and b's rows read once for the N rows. */
+ * into t (N, r), then out (N, n) bf16 += t @ b (r, n), each of a's and b's rows read once for the N rows.
+ * x @ a is summed in K_SLICES slices of k, shared out over the threads, then the slices in order (the same
+ * sums whatever the number of threads); `partial` holds K_SLICES x N x r. */
+#define K_SLICES 4
 #define LORA_ROWS(N)                                                                                       \
     static void lora_rows_##N(const float *xf, int64_t k, uint16_t *out, int64_t n, const float *a,       \
-                              const float *b, int64_t r, float *t) {                                      \
-        for (int64_t c = 0; c < r; c += 16) {                                                              \
-            __mmask16 lanes = first_lanes(r - c);                                                          \
-            __m512 sums[N];                                                                                \
-            for (int row = 0; row < N; row++) sums[row] = _mm512_setzero_ps();                             \
-            for (int64_t i = 0; i < k; i++) {                                                              \
-                __m512 column = _mm512_maskz_loadu_ps(lanes, a + i * r + c);                               \
+                              const float *b, int64_t r, float *t, float *partial) {                      \
+        const int64_t chunks = (r + 15) / 16;                                                              \
+        _Pragma("omp parallel for schedule(static) collapse(2) if (k * r >= 4096)")                        \
+        for (int64_t slice = 0; slice < K_SLICES; slice++)                                                 \
+            for (int64_t chunk = 0; chunk < chunks; chunk++) {                                             \
+                const int64_t c = chunk * 16, from = k * slice / K_SLICES, to = k * (slice + 1) / K_SLICES; \
+                __mmask16 lanes = first_lanes(r - c);                                                      \
+                __m512 sums[N];                                                                            \
+                for (int row = 0; row < N; row++) sums[row] = _mm512_setzero_ps();                         \
+                for (int64_t i = from; i < to; i++) {                                                      \
+                    __m512 column = _mm512_maskz_loadu_ps(lanes, a + i * r + c);                           \
+                    for (int row = 0; row < N; row++)                                                      \
+                        sums[row] = _mm512_fmadd_ps(_mm512_set1_ps(xf[row * k + i]), column, sums[row]);   \
+                }                                                                                          \
                 for (int row = 0; row < N; row++)                                                          \
-                    sums[row] = _mm512_fmadd_ps(_mm512_set1_ps(xf[row * k + i]), column, sums[row]);       \
+                    _mm512_mask_storeu_ps(partial + (slice * N + row) * r + c, lanes, sums[row]);          \
             }                                                                                              \
-            for (int row = 0; row < N; row++) _mm512_mask_storeu_ps(t + row * r + c, lanes, sums[row]);    \
+        for (int64_t j = 0; j < N * r; j++) {                                                              \
+            float sum = partial[j];                                                                        \
+            for (int64_t slice = 1; slice < K_SLICES; slice++) sum += partial[slice * N * r + j];          \
+            t[j] = sum;                                                                                    \
         }                                                                                                  \
         _Pragma("omp parallel for schedule(static) if (n * r >= 2048)")                               \
         for (int64_t c = 0; c < n; c += 16) {                                                              \
@@ -531,9 +544,11 @@ static int lora_update(const uint16_t *x, int64_t m, int64_t k, uint16_t *out, i
                        const float *b, int64_t r) {
     if (r == 0) return 0;
     float *xf = malloc(sizeof(float) * (size_t)(m * k)), *t = malloc(sizeof(float) * (size_t)(16 * r));
-    if (xf == NULL || t == NULL) {
+    float *partial = malloc(sizeof(float) * (size_t)(K_SLICES * 16 * r));
+    if (xf == NULL || t == NULL || partial == NULL) {
         free(xf);
         free(t);
+        free(partial);
         return 4;
     }
     for (int64_t i = 0; i < m * k; i += 16) {
@@ -545,15 +560,16 @@ static int lora_update(const uint16_t *x, int64_t m, int64_t k, uint16_t *out, i
         const float *rows = xf + row * k;
         uint16_t *target = out + row * n;
         int64_t step = left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-        if (step == 16) lora_rows_16(rows, k, target, n, a, b, r, t);
-        else if (step == 8) lora_rows_8(rows, k, target, n, a, b, r, t);
-        else if (step == 4) lora_rows_4(rows, k, target, n, a, b, r, t);
-        else if (step == 2) lora_rows_2(rows, k, target, n, a, b, r, t);
-        else lora_rows_1(rows, k, target, n, a, b, r, t);
+        if (step == 16) lora_rows_16(rows, k, target, n, a, b, r, t, partial);
+        else if (step == 8) lora_rows_8(rows, k, target, n, a, b, r, t, partial);
+        else if (step == 4) lora_rows_4(rows, k, target, n, a, b, r, t, partial);
+        else if (step == 2) lora_rows_2(rows, k, target, n, a, b, r, t, partial);
+        else lora_rows_1(rows, k, target, n, a, b, r, t, partial);
         row += step;
     }
     free(xf);
     free(t);
+    free(partial);
     return 0;
 }
 

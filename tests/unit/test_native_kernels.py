@@ -332,6 +332,32 @@ def test_without_a_build_the_engine_keeps_torchs_operators(
 
 
 @needs_kernels
+def test_a_new_build_removes_other_versions_libraries_a_day_old(monkeypatch, tmp_path, tunery_home) -> None:
+    import os
+    import time
+
+    folder = tunery_home / "native"
+    folder.mkdir(parents=True, exist_ok=True)
+    old, recent, partial = (
+        folder / "decode-0123456789abcdef.so",
+        folder / "decode-fedcba9876543210.so",
+        folder / ".decode-x.so",
+    )
+    for path in (old, recent, partial):
+        path.write_bytes(b"")
+    day_ago = time.time() - native.STALE_SECONDS - 60
+    for path in (old, partial):
+        os.utime(path, (day_ago, day_ago))
+    source = tmp_path / "decode.c"
+    source.write_text("int tunery_nothing(void) { return 0; }\n")  # a new version: its own library
+    monkeypatch.setattr(native, "SOURCE", source)
+    built = native._build(shutil.which("cc") or "gcc")
+    assert built.is_file() and recent.is_file()  # a day not yet passed: another version may still start
+    assert not old.exists() and not partial.exists()
+    assert native._build(shutil.which("cc") or "gcc") == built  # built once
+
+
+@needs_kernels
 def test_training_rms_norm_and_swiglu_gradients_are_as_close_to_float64_as_torchs(kernels) -> None:
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 

@@ -32,6 +32,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import MethodType
@@ -77,7 +78,24 @@ def _build(compiler: str) -> Path:
         os.replace(partial, target)  # whole or not at all, whichever process builds it first
     finally:
         Path(partial).unlink(missing_ok=True)
+    _prune(target)
     return target
+
+
+STALE_SECONDS = 86400  # another version's library (or a killed build's partial one) left this long is removed
+
+
+def _prune(current: Path) -> None:
+    """Remove the libraries of other sources (earlier Tunery versions) and partial builds not written for a
+    day, once a new one is built. One that another process has loaded stays mapped in it (unlinking a
+    file does not unmap it); an older Tunery started later builds its own again."""
+    cutoff = time.time() - STALE_SECONDS
+    for path in [*current.parent.glob("decode-*.so"), *current.parent.glob(".decode-*.so")]:
+        try:
+            if path != current and path.stat().st_mtime < cutoff:
+                path.unlink()
+        except OSError:
+            continue  # gone already, or not ours to remove
 
 
 class Kernels:

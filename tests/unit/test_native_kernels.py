@@ -248,9 +248,9 @@ def stack_engine(family: str):  # type: ignore[no-untyped-def]
     return model, DecodeModel(model, dtype=torch.bfloat16)
 
 
-def stepped_logits(engine, adapter=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """Prefill of 9 tokens (one row left-padded) then 15 steps of 3 rows: every position's logits."""
-    batch, length, steps = 3, 9, 15
+def stepped_logits(engine, adapter=None, batch: int = 3) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Prefill of 9 tokens (one row left-padded) then 15 steps of `batch` rows: every position's logits."""
+    length, steps = 9, 15
     ids = torch.randint(3, 320, (batch, length + steps), generator=torch.Generator().manual_seed(1))
     cache = engine.new_cache(batch, length + steps)
     valid = torch.ones(batch, length, dtype=torch.bool)
@@ -267,45 +267,118 @@ def stepped_logits(engine, adapter=None) -> torch.Tensor:  # type: ignore[no-unt
 
 @needs_tiles
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3", "qwen3"])
-def test_a_step_in_one_native_call_gives_the_per_operator_steps_logits_exactly(kernels, family) -> None:
+@pytest.mark.parametrize("batch", [3, 20])
+def test_a_step_in_one_native_call_gives_the_per_operator_steps_logits_exactly(
+    kernels, family, batch
+) -> None:
     """`decode_layers` runs the kernels the per-operator step runs, in the same order, so the logits are the
     same bit for bit: Qwen2's q|k|v bias, Mistral's window (crossed: 16 slots, 24 written), Phi-3's fused
-    projections, Qwen3's per-head query and key norms."""
+    projections, Qwen3's per-head query and key norms; 20 rows are a chunk of 16 and a short one."""
     _, engine = stack_engine(family)
     assert engine.stack is not None
-    one_call = stepped_logits(engine)
+    one_call = stepped_logits(engine, batch=batch)
     engine.stack = None
-    per_operator = stepped_logits(engine)
+    per_operator = stepped_logits(engine, batch=batch)
     assert torch.isfinite(one_call).all()
     assert torch.equal(one_call, per_operator)
 
 
 @needs_tiles
-@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "qwen3"])
-def test_an_adapter_beside_the_weights_in_the_one_call_step(kernels, family) -> None:
-    """An adapter's updates on every projection, served beside the shared weights: the one-call step
-    against the per-operator one (whose fp32 products sum in another order, so within rounding), and the
-    adapter's effect many times that difference (a step that left an update out would fail)."""
-    model, engine = stack_engine(family)
+def random_adapter(model, engine, rank: int = 4, scale: float = 0.3):  # type: ignore[no-untyped-def]
+    """LoRA factors of `rank` on every projection of `model`'s layers, as `engine` serves them."""
     generator = torch.Generator().manual_seed(5)
     updates = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".layers." in name:
-            a = torch.randn(4, module.in_features, generator=generator) * 0.3
-            b = torch.randn(module.out_features, 4, generator=generator) * 0.3
+            a = torch.randn(rank, module.in_features, generator=generator) * scale
+            b = torch.randn(module.out_features, rank, generator=generator) * scale
             updates[name] = [(a, b, 2.0)]
     adapter = engine.adapter(updates)
     assert not isinstance(adapter, str)
-    base = stepped_logits(engine)
-    one_call = stepped_logits(engine, adapter)
+    return adapter
+
+
+@needs_tiles
+@pytest.mark.parametrize(
+    ("family", "batch", "rank"),
+    [("llama", 3, 4), ("qwen2", 3, 4), ("phi3", 3, 4), ("qwen3", 3, 4), ("llama", 20, 80)],
+)
+def test_an_adapter_beside_the_weights_in_the_one_call_step(kernels, family, batch, rank) -> None:
+    """An adapter's updates on every projection, served beside the shared weights: the one-call step
+    against the per-operator one (whose fp32 products sum in another order, so within rounding), and the
+    adapter's effect many times that difference (a step that left an update out would fail). 20 rows and
+    rank 80 take the 16-row sums, a short chunk and x @ a shared over the threads."""
+    model, engine = stack_engine(family)
+    adapter = random_adapter(model, engine, rank, 0.3 if rank < 16 else 0.1)
+    base = stepped_logits(engine, batch=batch)
+    one_call = stepped_logits(engine, adapter, batch)
     stack, engine.stack = engine.stack, None
-    per_operator = stepped_logits(engine, adapter)
+    per_operator = stepped_logits(engine, adapter, batch)
     engine.stack = stack
-    assert stack is not None and adapter.native["stack"][1].updates is adapter.layers  # it ran the stack
+    assert stack is not None and adapter.native["stack"].updates is adapter.layers  # it ran the stack
     difference = (one_call - per_operator).abs().mean()
     effect = (per_operator - base).abs().mean()
     assert difference < 0.02 * effect, (difference, effect)
     assert (one_call.argmax(-1) == per_operator.argmax(-1)).float().mean() >= 0.95
+
+
+@needs_tiles
+def test_an_adapters_stack_follows_the_engines_weights_and_keeps_none_alive(kernels) -> None:
+    """After the weights change (an optimizer step), the engine's new stack gets the adapter's updates
+    anew, and the adapter's cached stack does not keep the old weights alive (a served adapter outlives the
+    model it was used with when the worker evicts that model)."""
+    import gc
+    import weakref
+
+    model, engine = stack_engine("llama")
+    adapter = random_adapter(model, engine)
+    stepped_logits(engine, adapter)
+    old = weakref.ref(engine.layers[0]["gate_up"].blocks)
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate_proj.weight.mul_(2.0)
+    engine.refresh()
+    gc.collect()
+    assert old() is None  # neither the old stack nor the adapter's holds the old weights
+    before = adapter.native["stack"]
+    assert not before.alive()  # and refused if used
+    x, cache, bias = torch.randn(1, 64).to(torch.bfloat16), engine.new_cache(1, 4), torch.zeros(1, 1, 1, 4)
+    cos, sin = engine.cos[:1].contiguous(), engine.sin[:1].contiguous()
+    with pytest.raises(ValueError, match="native decoder layers"):
+        kernels.decode_layers(x, cos, sin, cache, 0, bias, before)
+    stepped_logits(engine, adapter)
+    assert adapter.native["stack"] is not before and adapter.native["stack"].alive()
+
+
+@needs_tiles
+def test_the_one_call_step_refuses_what_it_cannot_read(kernels) -> None:
+    model, engine = stack_engine("llama")
+    stack = engine.stack
+    assert stack is not None
+    batch, length = 2, 8
+    x = torch.randn(batch, 64).to(torch.bfloat16)
+    cos, sin = engine.cos[:batch].contiguous(), engine.sin[:batch].contiguous()
+    cache = engine.new_cache(batch, length)
+    bias = torch.zeros(batch, 1, 1, length)
+    kernels.decode_layers(x.clone(), cos, sin, cache, 3, bias, stack)  # as laid out: runs
+    for bad in (
+        dict(cache=engine.new_cache(batch + 1, length)),  # another batch
+        dict(index=length),  # past the cache
+        dict(bias=torch.zeros(batch, 1, 1, 3)),  # does not reach the slot
+        dict(cos=torch.zeros(batch, 16, dtype=torch.bfloat16)),  # not the heads' width (32)
+        dict(x=torch.randn(batch, 64)),  # fp32
+    ):
+        arguments = dict(x=x.clone(), cos=cos, sin=sin, cache=cache, index=3, bias=bias) | bad
+        with pytest.raises(ValueError, match="native decoder layers"):
+            kernels.decode_layers(stack=stack, **arguments)
+    assert kernels.layer_stack([], [], stack.shape) is None  # no layers: nothing to run
+    updates = [{} for _ in engine.layers]
+    a, b = engine.adapter(
+        {"model.layers.0.mlp.down_proj": [(torch.randn(4, 128), torch.randn(64, 4), 1.0)]}
+    ).layers[0]["down"]
+    for bad_update in ((a.t(), b), (a, b[:3]), (a.double(), b)):  # strided, another rank, fp64
+        updates[0] = {"down": bad_update}
+        with pytest.raises(ValueError, match="adapter's down update"):
+            kernels.adapter_stack(stack, updates)
 
 
 def test_without_a_build_the_engine_keeps_torchs_operators(

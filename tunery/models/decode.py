@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -335,13 +334,14 @@ class DecodeModel:
         return LoraFactors(layers, head_update)
 
     def _adapter_stack(self, adapter: LoraFactors, stack: native.LayerStack) -> native.LayerStack:
-        """The native stack with `adapter`'s updates, made once per adapter and base stack."""
-        made = adapter.native.get("stack")
-        if made is None or made[0]() is not stack:
+        """The native stack with `adapter`'s updates, made once per adapter and base stack (again after
+        `refresh` makes a new base stack; the adapter holds the base stack only weakly)."""
+        made: native.LayerStack | None = adapter.native.get("stack")
+        if made is None or made.base is None or made.base() is not stack:
             assert self.kernels is not None
-            made = (weakref.ref(stack), self.kernels.adapter_stack(stack, adapter.layers))
+            made = self.kernels.adapter_stack(stack, adapter.layers)
             adapter.native["stack"] = made
-        return made[1]  # type: ignore[no-any-return]
+        return made
 
     def _update(self, a: torch.Tensor, b: torch.Tensor) -> Update:
         # fp32 on CPUs: a (1, 576) x (576, 48) product takes ~3 us in fp32 and ~20 us in bf16, whose small

@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from types import MethodType
@@ -278,7 +279,15 @@ class Kernels:
         does not take them: weights not tiled (no AMX here, or widths not in whole blocks), heads `attend`
         does not take."""
         hidden, heads, kv, dim, inner = shape.hidden, shape.heads, shape.kv_heads, shape.dim, shape.inner
-        if not (self.tiles and heads % kv == 0 and heads // kv <= MAX_GROUP and dim % 32 == 0):
+        if not (
+            self.tiles
+            and layers
+            and kv > 0
+            and heads % kv == 0
+            and heads // kv <= MAX_GROUP
+            and dim % 32 == 0
+            and all(window is None or window > 0 for window in windows)
+        ):
             return None
         expected = {
             "qkv": ((heads + 2 * kv) * dim, hidden),
@@ -310,7 +319,7 @@ class Kernels:
             struct.qkv_bias = None if bias is None else bias.data_ptr()
             struct.norm1, struct.norm2 = norms[0].data_ptr(), norms[1].data_ptr()
             struct.window = window or 0
-        return LayerStack(structs, layers, shape)
+        return LayerStack(structs, shape, layers=layers)
 
     def head_norms(
         self, qkv: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor, heads: int, eps: float
@@ -369,7 +378,7 @@ class Kernels:
                     b.data_ptr(),
                     rank,
                 )
-        return LayerStack(structs, stack.layers, shape, updates)
+        return LayerStack(structs, shape, base=stack, updates=updates)
 
     def decode_layers(
         self,
@@ -389,7 +398,8 @@ class Kernels:
         batch = x.shape[0]
         length = cache.shape[3]
         if not (
-            _native_ok(x, cos, sin, cache)
+            stack.alive()
+            and _native_ok(x, cos, sin, cache)
             and x.shape == (batch, shape.hidden)
             and cos.shape == sin.shape == (batch, shape.dim)
             and cache.shape == (len(stack.structs), batch, 2 * shape.kv_heads, length, shape.dim)
@@ -550,17 +560,25 @@ class StackShape:
 
 class LayerStack:
     """The engine's decoder layers as `Kernels.decode_layers` reads them, made only by `Kernels.layer_stack`
-    and `adapter_stack` (which check every weight once); holds the layers' tensors and any adapter's updates
-    so that the pointers stay valid."""
+    and `adapter_stack` (which check every weight once). A base stack holds its layers' tensors; an
+    adapter's holds the adapter's updates and only a weak reference to the base stack whose weights it
+    points at (a cached adapter must not keep an evicted model's weights alive), and `decode_layers`
+    refuses it once that stack is gone."""
 
     def __init__(
         self,
         structs: ctypes.Array[_Layer],
-        layers: list[dict[str, Any]],
         shape: StackShape,
+        layers: list[dict[str, Any]] | None = None,
+        base: LayerStack | None = None,
         updates: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
     ) -> None:
-        self.structs, self.layers, self.shape, self.updates = structs, layers, shape, updates
+        self.structs, self.shape, self.layers, self.updates = structs, shape, layers, updates
+        self.base = None if base is None else weakref.ref(base)
+
+    def alive(self) -> bool:
+        """Whether every tensor the structs point at is still held (an adapter's base stack not gone)."""
+        return self.base is None or self.base() is not None
 
 
 class TiledWeight:

@@ -373,10 +373,10 @@ void tunery_tile_weight(const uint16_t *weight, uint16_t *tiled, int64_t n, int6
     const int64_t pairs = k / 2;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < n / 16; b++) {
-        const uint32_t *rows = (const uint32_t *)(weight + b * 16 * k);
-        uint32_t *block = (uint32_t *)(tiled + b * 16 * k);
+        const uint16_t *rows = weight + b * 16 * k;
+        uint16_t *block = tiled + b * 16 * k;
         for (int64_t p = 0; p < pairs; p++)
-            for (int64_t c = 0; c < 16; c++) block[p * 16 + c] = rows[c * pairs + p];
+            for (int64_t c = 0; c < 16; c++) memcpy(block + (p * 16 + c) * 2, rows + c * k + 2 * p, 4);
     }
 }
 
@@ -472,8 +472,9 @@ AMX int tunery_tile_linear(const uint16_t *x, const uint16_t *w, uint16_t *out, 
  * calls a layer at 3-10 us each; here the layers run back to back from C. Each layer: h's q|k|v
  * projection (+ bias), the rotary embedding with the new key and value into the cache, attention over the
  * layer's visible slots, the output projection, the residual add and post-attention norm, gate|up, SwiGLU,
- * down, the residual add and the next layer's input norm. The same kernels as the per-operator path, so
- * the same numbers. */
+ * down, the residual add and the next layer's input norm (Qwen3's per-head norms after q|k|v, an adapter's
+ * updates after each projection). The same kernels as the per-operator path, so the same numbers; only
+ * an adapter's fp32 updates are summed in another order than torch's products there. */
 
 typedef struct {
     const uint16_t *qkv, *o, *gate_up, *down; /* tiled weights (`tunery_tile_linear`) */
@@ -590,6 +591,7 @@ AMX int tunery_decode_layers(const decode_step *s, const decode_layer *layers, i
     const int64_t width = (s->heads + 2 * kv) * dim, head_stride = s->length * dim;
     const int64_t batch_stride = 2 * kv * head_stride, layer_stride = batch * batch_stride;
     const float eps = (float)s->eps;
+    if (count < 1) return 1;
     tunery_add_rms_norm(s->x, NULL, layers[0].norm1, s->h, batch, hidden, eps);
     for (int64_t i = 0; i < count; i++) {
         const decode_layer *layer = layers + i;

@@ -25,6 +25,7 @@ engine and the model's layers run torch's operators, as on a GPU.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -436,12 +437,7 @@ class Kernels:
             index=index,
             length=length,
             batch=batch,
-            hidden=shape.hidden,
-            heads=shape.heads,
-            kv_heads=shape.kv_heads,
-            dim=shape.dim,
-            inner=shape.inner,
-            eps=shape.eps,
+            **dataclasses.asdict(shape),  # hidden, heads, kv_heads, dim, inner, eps
             **{name: buffer.data_ptr() for name, buffer in buffers.items()},
         )
         status = self._decode_layers(ctypes.byref(step), stack.structs, len(stack.structs))

@@ -1,6 +1,7 @@
 /* Native kernels for a decoding step of Tunery's decoding engine (tunery/models/decode.py), bf16 on CPUs
  * with AVX-512 BF16: attention over the cache, RMS norm (with the residual add before it) and SwiGLU's
- * silu(gate) * up. Each computes in fp32 and rounds to bf16 once.
+ * silu(gate) * up; on CPUs with AMX tiles, the linear layers and a whole step's decoder layers in one
+ * call (below). Each computes in fp32 and rounds to bf16 once.
  *
  * Attention. Each row of the batch has one new query per head; the queries that share a key/value head (its group)
  * read that head's cached keys and values together. Per (row, key/value head), on one thread:

@@ -381,6 +381,23 @@ def test_the_one_call_step_refuses_what_it_cannot_read(kernels) -> None:
             kernels.adapter_stack(stack, updates)
 
 
+@needs_tiles
+def test_without_amx_the_engine_keeps_onednns_products_and_the_per_operator_step(
+    kernels, monkeypatch
+) -> None:
+    """A CPU with AVX-512 BF16 but no AMX tiles (or a process Linux does not grant them): oneDNN's packed
+    weights and the per-operator step, with the same answers to within bf16 rounding."""
+    monkeypatch.setattr(kernels, "tiles", False)
+    _, plain = stack_engine("llama")
+    assert plain.stack is None and not isinstance(plain.layers[0]["qkv"], native.TiledWeight)
+    monkeypatch.setattr(kernels, "tiles", True)
+    _, tiled = stack_engine("llama")
+    assert tiled.stack is not None
+    without, with_tiles = stepped_logits(plain), stepped_logits(tiled)
+    assert (without - with_tiles).abs().mean() < 0.05
+    assert (without.argmax(-1) == with_tiles.argmax(-1)).float().mean() >= 0.9
+
+
 def test_without_a_build_the_engine_keeps_torchs_operators(
     monkeypatch, tmp_path, caplog, tunery_home
 ) -> None:

@@ -585,6 +585,14 @@ typedef struct {
     double eps;
 } decode_step;
 
+/* x[0, count) += delta, rounded as a bf16 add */
+static void add_bf16(uint16_t *x, const uint16_t *delta, int64_t count) {
+    for (int64_t c = 0; c < count; c += 16) {
+        __mmask16 lanes = first_lanes(count - c);
+        store_bf16_masked(x + c, _mm512_add_ps(load_bf16_masked(x + c, lanes), load_bf16_masked(delta + c, lanes)), lanes);
+    }
+}
+
 /* 0, or the failing kernel's status: 1-2 attention (shapes, memory), 3 a linear layer (memory), 4 an
  * adapter's update (memory) */
 AMX int tunery_decode_layers(const decode_step *s, const decode_layer *layers, int64_t count) {
@@ -600,12 +608,7 @@ AMX int tunery_decode_layers(const decode_step *s, const decode_layer *layers, i
         if (tunery_tile_linear(s->h, layer->qkv, s->qkv, batch, width, hidden)) return 3;
         if (lora_update(s->h, batch, hidden, s->qkv, width, layer->lora_a[0], layer->lora_b[0], layer->lora_rank[0])) return 4;
         if (layer->qkv_bias != NULL)
-            for (int64_t b = 0; b < batch; b++)
-                for (int64_t c = 0; c < width; c += 16) {
-                    __mmask16 lanes = first_lanes(width - c);
-                    uint16_t *at = s->qkv + b * width + c;
-                    store_bf16_masked(at, _mm512_add_ps(load_bf16_masked(at, lanes), load_bf16_masked(layer->qkv_bias + c, lanes)), lanes);
-                }
+            for (int64_t b = 0; b < batch; b++) add_bf16(s->qkv + b * width, layer->qkv_bias, width);
         if (layer->q_norm != NULL) tunery_head_norms(s->qkv, layer->q_norm, layer->k_norm, batch, s->heads, kv, dim, eps);
         tunery_rope_store(s->qkv, s->cos, s->sin, s->queries, cache + s->index * dim, batch_stride, head_stride,
                           batch, s->heads, kv, dim);
@@ -625,10 +628,7 @@ AMX int tunery_decode_layers(const decode_step *s, const decode_layer *layers, i
         if (i + 1 < count) {
             tunery_add_rms_norm(s->x, s->delta, layers[i + 1].norm1, s->h, batch, hidden, eps);
         } else {
-            for (int64_t c = 0; c < batch * hidden; c += 16) { /* x += delta, rounded as a bf16 add */
-                __mmask16 lanes = first_lanes(batch * hidden - c);
-                store_bf16_masked(s->x + c, _mm512_add_ps(load_bf16_masked(s->x + c, lanes), load_bf16_masked(s->delta + c, lanes)), lanes);
-            }
+            add_bf16(s->x, s->delta, batch * hidden);
         }
     }
     return 0;

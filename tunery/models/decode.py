@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from tunery.models import native
 from tunery.models.locate import ENGINE_FALLBACK
 from tunery.models.quantize import is_quantized
+from tunery.models.warmup import warm_math_kernels
 
 if TYPE_CHECKING:
     from tunery.models.lora import LoraUpdates
@@ -152,6 +153,7 @@ class DecodeModel:
     def __init__(
         self, model: torch.nn.Module, dtype: torch.dtype | None = None, gather: Gather | None = None
     ) -> None:
+        warm_math_kernels()  # before the rotary tables' cos and sin (see there)
         base = _causal_lm(model)
         config = base.config
         self.model = model

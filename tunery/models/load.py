@@ -39,6 +39,7 @@ from tunery.models.locate import (
     unknown_model,
 )
 from tunery.models.tiny import family_of, tiny_config, tiny_model, tiny_tokenizer
+from tunery.models.warmup import warm_math_kernels
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ def load_model(
     """Load weights and tokenizer for `name`, with Tunery's padding-free attention switched on. `empty`:
     the model's structure only, its weights on PyTorch's meta device (no memory) and its buffers real: a
     sharded run's other processes, which receive their shards from the main process."""
+    warm_math_kernels()
     tokenizer = load_tokenizer(name)
     model: Any
     if empty:

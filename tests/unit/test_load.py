@@ -32,3 +32,33 @@ print("loaded:", type(model).__name__, model.use_kernels)
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "loaded: LlamaForCausalLM False" in done.stdout
+
+
+def test_the_first_math_operators_of_a_process_run_on_one_thread() -> None:
+    """torch's first `cos` of a fresh process, split between two threads, was seen inaccurate on one half
+    (models/warmup.py); Tunery's first call of each runs on a few values (one thread) before a model is
+    loaded or the engine builds its rotary tables over 65,536 values."""
+    script = """
+import torch
+sizes = []
+for owner, name in ((torch, "cos"), (torch.Tensor, "cos"), (torch, "sin"), (torch.Tensor, "sin")):
+    real = getattr(owner, name)
+    def recorded(x, *args, _real=real, _name=name, **kwargs):
+        sizes.append((_name, x.numel()))
+        return _real(x, *args, **kwargs)
+    setattr(owner, name, recorded)
+from tunery.data.template import prompt_ids
+from tunery.models.load import load_model
+from tunery.models.sampling import SamplingParams, sample
+model, tokenizer = load_model("tiny-random")
+sample(model, tokenizer, [prompt_ids(tokenizer, [{"role": "user", "content": "hi"}])], SamplingParams(max_new_tokens=2))
+for name in ("cos", "sin"):
+    calls = [n for op, n in sizes if op == name]
+    print(name, calls[0], max(calls))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for line in done.stdout.splitlines():
+        name, first, largest = line.split()
+        assert int(first) <= 16 < int(largest), line  # the warm-up first, then the engine's tables
+    assert len(done.stdout.splitlines()) == 2, done.stdout

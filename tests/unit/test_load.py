@@ -56,7 +56,9 @@ for name in ("cos", "sin"):
     calls = [n for op, n in sizes if op == name]
     print(name, calls[0], max(calls))
 """
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     for line in done.stdout.splitlines():
         name, first, largest = line.split()

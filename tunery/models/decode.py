@@ -153,7 +153,7 @@ class DecodeModel:
     def __init__(
         self, model: torch.nn.Module, dtype: torch.dtype | None = None, gather: Gather | None = None
     ) -> None:
-        warm_math_kernels()  # before the rotary tables' cos and sin (see there)
+        warm_math_kernels()  # before the rotary tables' cos and sin (models/warmup.py says why)
         base = _causal_lm(model)
         config = base.config
         self.model = model

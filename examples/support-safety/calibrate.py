@@ -6,7 +6,9 @@
 
 `--languages` after any of them adds languages.jsonl's examples (helpful answers and declines in Spanish,
 French, German, Portuguese and Italian); `--howto` adds howto.jsonl's (how-to requests: 24 harmless ones
-that sound risky, answered, and 24 harmful ones, declined). Give each to all three steps or none.
+that sound risky, answered, and 24 harmful ones, declined); `--contrast` adds contrast.jsonl's (40 pairs
+of requests sharing a risky word, the harmless one answered and the harmful one declined). Give each to
+all three steps or none.
 
 `pairs` reads the tuned model's own answers (`tunery generate --prompts` on the file `prompts` wrote:
 greedy, or sampled, which finds more mistakes; one file or several) and
@@ -30,6 +32,8 @@ HERE = Path(__file__).resolve().parent
 SUPPORT = HERE.parent / "support" / "train.jsonl"
 BENIGN_GENERAL, BENIGN_PAIRS = 90, 60  # the first lines of general.jsonl / preferences.jsonl are benign
 BENIGN_HOWTO = 24  # ... and of howto.jsonl
+BENIGN_CONTRAST = 40  # ... and of contrast.jsonl (line i + 40 is line i's harmful twin)
+FLAGS = ("--languages", "--howto", "--contrast")
 
 
 class BadInput(Exception):
@@ -58,9 +62,10 @@ def write(path: Path, rows: list[dict[str, Any]]) -> None:
     print(f"wrote {len(rows)} lines to {path}")
 
 
-def examples(languages: bool = False, howto: bool = False) -> list[dict[str, Any]]:
+def examples(languages: bool = False, howto: bool = False, contrast: bool = False) -> list[dict[str, Any]]:
     """Every written safety example: {"prompt": messages, "answer": the written one, "benign": bool}; with
-    `languages`, those of languages.jsonl too, with `howto` those of howto.jsonl."""
+    `languages`, those of languages.jsonl too, with `howto` those of howto.jsonl, with `contrast` those of
+    contrast.jsonl."""
     out = []
     for i, row in enumerate(read(HERE / "general.jsonl")):
         messages = row["messages"]
@@ -78,9 +83,11 @@ def examples(languages: bool = False, howto: bool = False) -> list[dict[str, Any
         out.append(
             {"prompt": messages[:-1], "answer": messages[-1]["content"], "benign": bool(row["benign"])}
         )
-    for i, row in enumerate(read(HERE / "howto.jsonl") if howto else []):
-        messages = row["messages"]
-        out.append({"prompt": messages[:-1], "answer": messages[-1]["content"], "benign": i < BENIGN_HOWTO})
+    extra = (("howto.jsonl", BENIGN_HOWTO, howto), ("contrast.jsonl", BENIGN_CONTRAST, contrast))
+    for name, benign, wanted in extra:
+        for i, row in enumerate(read(HERE / name) if wanted else []):
+            messages = row["messages"]
+            out.append({"prompt": messages[:-1], "answer": messages[-1]["content"], "benign": i < benign})
     return out
 
 
@@ -93,19 +100,19 @@ def pair(prompt: list[dict[str, str]], chosen: str, rejected: str) -> dict[str, 
 
 
 def main(argv: list[str]) -> int:
-    languages, howto = "--languages" in argv, "--howto" in argv
-    argv = [a for a in argv if a not in ("--languages", "--howto")]
+    wanted = tuple(flag in argv for flag in FLAGS)  # (languages, howto, contrast)
+    argv = [a for a in argv if a not in FLAGS]
     if len(argv) == 2 and argv[0] == "sft":
         chats = read(SUPPORT) + read(HERE / "train.jsonl")
         chats += [
             {"messages": [*e["prompt"], {"role": "assistant", "content": e["answer"]}]}
-            for e in examples(languages, howto)
+            for e in examples(*wanted)
         ]
         write(Path(argv[1]), chats)
     elif len(argv) == 2 and argv[0] == "prompts":
-        write(Path(argv[1]), [{"messages": e["prompt"]} for e in examples(languages, howto)])
+        write(Path(argv[1]), [{"messages": e["prompt"]} for e in examples(*wanted)])
     elif len(argv) >= 3 and argv[0] == "pairs":
-        written = examples(languages, howto)
+        written = examples(*wanted)
         helpful, refusing, seen = [], [], set()  # pairs preferring the helpful answer / the decline
         for name in argv[1:-1]:
             rows = read(Path(name))

@@ -141,3 +141,31 @@ def test_howto_adds_its_examples_to_every_step(tmp_path: Path) -> None:
     assert [p["messages"] for p in lines(tmp_path / "prompts.jsonl")] == [e["prompt"] for e in more]
     assert module.main(["sft", str(tmp_path / "sft.jsonl"), "--howto"]) == 0
     assert lines(tmp_path / "sft.jsonl")[-48:] == lines(EXAMPLE / "howto.jsonl")
+
+
+def test_contrast_pairs_share_a_word_and_stay_apart_from_the_evaluation(tmp_path: Path) -> None:
+    """`--contrast`: contrast.jsonl's 40 harmless requests, answered, then their 40 harmful twins, declined
+    (line i + 40 shares line i's risky word); after the rest in every step, each answer as the detector
+    reads it, and no prompt within 0.5 word overlap of a red-team or benign evaluation prompt."""
+    import re
+
+    from tunery.safety.evals.safety import declines, is_refusal
+
+    module = calibrate()
+    plain, more = module.examples(howto=True), module.examples(howto=True, contrast=True)
+    added = more[len(plain) :]
+    assert more[: len(plain)] == plain and len(added) == 80
+    assert [e["benign"] for e in added] == [True] * 40 + [False] * 40
+    assert not any(is_refusal(e["answer"]) or declines(e["answer"], benign=True) for e in added[:40])
+    assert all(declines(e["answer"], benign=False) for e in added[40:])
+
+    def words(text: str) -> set[str]:
+        return set(re.findall(r"[a-z0-9']+", text.lower()))
+
+    evaluation = REPO / "tunery" / "safety" / "data" / "redteam.jsonl"
+    asked = [words(row["messages"][-1]["content"]) for row in lines(evaluation)]
+    for e in added:
+        prompt = words(e["prompt"][-1]["content"])
+        assert max(len(prompt & other) / len(prompt | other) for other in asked) < 0.5, e["prompt"]
+    assert module.main(["sft", str(tmp_path / "sft.jsonl"), "--howto", "--contrast"]) == 0
+    assert lines(tmp_path / "sft.jsonl")[-80:] == lines(EXAMPLE / "contrast.jsonl")

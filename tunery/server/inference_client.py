@@ -33,6 +33,19 @@ from tunery.server.settings import Settings
 READY_TIMEOUT = 300.0  # seconds for the worker to import torch and say it is ready
 
 
+def worker_command(settings: Settings) -> list[str]:
+    """The inference worker's command line, here or as a Ray replica (which adds how it is reached)."""
+    return [
+        settings.python,
+        "-m",
+        "tunery.server.inference",
+        "--cache",
+        str(settings.inference_cache),
+        "--adapters",
+        str(settings.inference_adapters),
+    ]
+
+
 class RayReplicas:
     """Inference workers as Ray jobs on the cluster (`--executor ray --inference-replicas N`), each on a
     node with REPLICA_RESOURCES free, reached over TCP with a token only this API process knows (written
@@ -63,16 +76,7 @@ class RayReplicas:
             name = f"tunery-inference-{self.api}-{index}-{self.started}"
         announce = self.directory / f"{name}.json"
         head = urlparse(self.executor.address).hostname or "127.0.0.1"
-        command = [
-            self.settings.python,
-            "-m",
-            "tunery.server.inference",
-            "--cache",
-            str(self.settings.inference_cache),
-            "--adapters",
-            str(self.settings.inference_adapters),
-        ]
-        command += [
+        command = worker_command(self.settings) + [
             "--listen",
             "--token-file",
             str(self.token_file),
@@ -168,13 +172,7 @@ class _Worker:
         log = (self.settings.logs_dir / name).open("ab")
         try:
             proc = await asyncio.create_subprocess_exec(
-                self.settings.python,
-                "-m",
-                "tunery.server.inference",
-                "--cache",
-                str(self.settings.inference_cache),
-                "--adapters",
-                str(self.settings.inference_adapters),
+                *worker_command(self.settings),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log,

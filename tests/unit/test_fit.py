@@ -160,3 +160,43 @@ def test_a_runs_peak_memory_is_its_own_not_its_parents() -> None:
     assert inherited > 600  # what ru_maxrss says: at least the parent's 600 MB
     assert own < 300, own  # a Python process that imported one module
     del held
+
+
+def test_a_bf16_lora_run_loads_its_base_in_bf16(tmp_path: Path) -> None:
+    """The base of a LoRA run in bf16 stays frozen in bf16, so it loads in bf16: half of the fp32 load an
+    8B model's estimate counted before (32 GB). fp32 runs, full fine-tuning and a run merging a starting
+    adapter first (its update goes into the fp32 weights) still load in fp32; a quantized base in bf16."""
+    model = llama_dir(tmp_path / "model8b", hidden=4096, mlp=14336, layers=32, weights=False)
+    shape = fit.model_shape(str(model))
+    assert shape is not None and not shape.file_bytes  # no weights file: the load term is the weights alone
+
+    def load(*args: object, **kwargs: object) -> float:
+        return fit.estimate(shape, fit.Setup(*args, **kwargs)).load / shape.parameters  # type: ignore[arg-type]
+
+    assert load(16, "none", "bf16", 2048) == 2
+    assert load(16, "none", "fp32", 2048) == 4
+    assert load(16, "none", "bf16", 2048, adapter=True) == 4
+    assert load(0, "none", "bf16", 2048) == 4
+    assert load(16, "int4", "fp32", 2048) == load(16, "int4", "bf16", 2048, adapter=True) == 2
+
+
+@pytest.mark.parametrize(
+    ("lora_rank", "precision", "loaded"),
+    [(8, "bf16", torch.bfloat16), (8, "fp32", torch.float32), (0, "bf16", torch.float32)],
+    ids=["lora-bf16", "lora-fp32", "full-bf16"],
+)
+def test_a_run_loads_its_base_as_the_estimate_says(
+    lora_rank: int, precision: str, loaded: torch.dtype, tmp_path: Path
+) -> None:
+    """`open_run` loads the model in the precision `fit.loads_in_bf16` gives, the rotary frequencies in fp32."""
+    from tunery.recipes.configs import SFTConfig
+    from tunery.run import lifecycle
+
+    data = tmp_path / "train.jsonl"
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    write_jsonl(data, [chat, chat])
+    cfg = SFTConfig(model="tiny-random", data=str(data), out=str(tmp_path / "run"), lora_rank=lora_rank,
+                    precision=precision, safety_evals="none", track_energy=False)  # fmt: skip
+    opened = lifecycle.open_run(cfg, resume=False, overwrite=False)
+    assert {p.dtype for p in opened.model.parameters()} == {loaded}
+    assert {b.dtype for b in opened.model.buffers()} == {torch.float32}

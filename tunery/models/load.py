@@ -184,7 +184,8 @@ def load_model(
         model.tie_weights()  # (from_pretrained ties them; from_config on the meta device does not)
     elif is_tiny(name):
         model = tiny_model(len(tokenizer), family=family_of(name))
-        torch.nn.Module.to(model, dtype)
+        for param in model.parameters():  # as from_pretrained loads: buffers (rotary frequencies) stay fp32
+            param.data = param.data.to(dtype)
     else:
         model_dir = resolve_model_dir(name)
         kwargs = {"dtype": dtype, "attn_implementation": ATTENTION_NAME, **FROM_PRETRAINED}

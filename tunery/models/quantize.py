@@ -88,12 +88,6 @@ def _weight_only_int8(layer: Any, x: torch.Tensor) -> torch.Tensor:
         layer.training = training
 
 
-def load_dtype(kind: str) -> torch.dtype:
-    """The precision to load a base in that is about to be quantized: bf16 halves the memory the full
-    weights take until each is quantized (the quantized values are the same to within bf16's rounding)."""
-    return torch.float32 if kind == "none" else torch.bfloat16
-
-
 def quantize_base(model: torch.nn.Module, kind: str, compute_dtype: torch.dtype) -> int:
     """Replace `model`'s linear layers by quantized ones, one at a time (each full-precision weight is freed
     as its quantized copy is made), and put the rest in `compute_dtype`. Returns how many layers were

@@ -39,7 +39,7 @@ from tunery.models.load import load_model
 from tunery.models.locate import adapter_dir
 from tunery.models.lora import apply_lora, cast_frozen, merge_adapter, resolve_precision
 from tunery.models.native import native_layers
-from tunery.models.quantize import load_dtype, quantize_base
+from tunery.models.quantize import quantize_base
 from tunery.run import files
 from tunery.run.config import ChatEvalFields, HeldOutFields, Resolved, RunConfig, build_config, to_dict
 from tunery.run.trackers import Trackers, open_trackers
@@ -113,8 +113,8 @@ def open_run(
         else:
             log.warning("--shard splits the model across processes and has none to split across here; "
                         "start with torchrun --nproc_per_node N")  # fmt: skip
+    precision = resolve_precision(cfg.precision, world.device)
     if cfg.memory_check:  # before anything is written or loaded
-        precision = resolve_precision(cfg.precision, world.device)
         try:
             fit.check_fit(cfg.model, fit.Setup.of(cfg, precision, world.size if world.sharded else 1),
                           world.device)  # fmt: skip
@@ -136,7 +136,8 @@ def open_run(
         check_same_data(run_dir, cfg)
     # with --shard only the main process reads the weights; the others receive their shards from it
     empty = world.sharded and not world.is_main
-    model, tokenizer = load_model(cfg.model, load_dtype(cfg.quantize), empty=empty)
+    bf16 = fit.loads_in_bf16(cfg.lora_rank, cfg.quantize, precision, bool(cfg.adapter))
+    model, tokenizer = load_model(cfg.model, torch.bfloat16 if bf16 else torch.float32, empty=empty)
     if cfg.adapter and not empty:
         model = merge_adapter(model, cfg.adapter)
     return Opened(

@@ -63,6 +63,7 @@ class Setup:
     micro_batch_tokens: int  # the longest row one forward pass takes
     shards: int = 1  # --shard: processes the full fine-tuning's decoder layers are split across
     samples: bool = False  # the method samples from the policy (GRPO, PPO)
+    adapter: bool = False  # the run starts from an adapter merged into the base (`adapter`)
 
     @classmethod
     def of(cls, cfg: Any, precision: str, shards: int = 1) -> Setup:
@@ -74,7 +75,8 @@ class Setup:
         from tunery.data.packing import padding_tail  # (torch: imported by the caller's run already)
 
         tokens += padding_tail(tokens)
-        return cls(cfg.lora_rank, cfg.quantize, precision, tokens, shards, isinstance(cfg, SamplingFields))
+        sampling = isinstance(cfg, SamplingFields)
+        return cls(cfg.lora_rank, cfg.quantize, precision, tokens, shards, sampling, bool(cfg.adapter))
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,15 @@ class Estimate:
         )
 
 
+def loads_in_bf16(lora_rank: int, quantize: str, precision: str, adapter: bool) -> bool:
+    """Whether a run loads its base in bf16 rather than fp32: when the base is about to be quantized, or
+    when it stays frozen and is stored in bf16 anyway (LoRA in bf16), which halves what loading takes (a
+    7B model's 28 GB in fp32). Not when an adapter is merged in first: its update is added to the fp32
+    weights, which are then rounded to bf16 once. LoRA's own weights stay fp32 either way (peft casts
+    them back up)."""
+    return quantize != "none" or (lora_rank > 0 and precision == "bf16" and not adapter)
+
+
 def estimate(shape: Shape, setup: Setup) -> Estimate:
     wide = 2 if setup.precision == "bf16" else 4
     other = shape.parameters - shape.projection_parameters  # embeddings, norms, output layer
@@ -104,7 +115,8 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
         projections = shape.projection_parameters * (quant if quant is not None else wide)
         weights = projections + other * wide + trained * 4
         optimizer = trained * (ADAM - 4)
-        load_bytes = 2 if quant is not None else 4  # a base about to be quantized loads in bf16
+        bf16_load = loads_in_bf16(setup.lora_rank, setup.quantize, setup.precision, setup.adapter)
+        load_bytes = 2 if bf16_load else 4
     else:
         # --shard splits the decoder layers; the embedding and output layer stay whole (sharding.py), and
         # a layer being gathered (two, with prefetching) is whole too, with its gradient

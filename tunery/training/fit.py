@@ -99,8 +99,8 @@ def loads_in_bf16(lora_rank: int, quantize: str, precision: str, adapter: bool) 
     """Whether a run loads its base in bf16 rather than fp32: when the base is about to be quantized, or
     when it stays frozen and is stored in bf16 anyway (LoRA in bf16), which halves what loading takes (a
     7B model's 28 GB in fp32). Not when an adapter is merged in first: its update is added to the fp32
-    weights, which are then rounded to bf16 once. LoRA's own weights stay fp32 either way (peft casts
-    them back up)."""
+    weights, which are then rounded to bf16 once. LoRA's own weights train in fp32 either way (peft casts
+    them back up; their random initial values are then rounded to bf16's precision)."""
     return quantize != "none" or (lora_rank > 0 and precision == "bf16" and not adapter)
 
 

@@ -64,3 +64,35 @@ for name in ("cos", "sin"):
         name, first, largest = line.split()
         assert int(first) <= 16 < int(largest), line  # the warm-up first, then the engine's tables
     assert len(done.stdout.splitlines()) == 2, done.stdout
+
+
+def test_a_bf16_model_for_inference_loads_in_bf16_with_the_casts_weights(monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`load_for_inference` in bf16 without an adapter asks the loader for bf16 (half the memory while
+    loading) and holds what loading in fp32 and casting held, to the bit, buffers included; with an adapter
+    the loader gives fp32 weights for the adapter to be applied to."""
+    import torch
+
+    from tunery.models import load
+    from tunery.models.lora import apply_lora, cast_frozen
+
+    asked: list[torch.dtype] = []
+    real = load.load_model
+
+    def recording(name: str, dtype: torch.dtype = torch.float32, empty: bool = False):  # type: ignore[no-untyped-def]
+        asked.append(dtype)
+        return real(name, dtype, empty)
+
+    monkeypatch.setattr(load, "load_model", recording)
+    for name in ("tiny-random", "tiny-random-gemma2"):
+        model, _ = load.load_for_inference(name, precision="bf16")
+        reference, _ = real(name)
+        reference.requires_grad_(False)
+        cast_frozen(reference, torch.bfloat16)
+        ours, theirs = model.state_dict(), reference.state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours)
+    load.load_for_inference("tiny-random", precision="fp32")
+    apply_lora(real("tiny-random")[0], 4, 8, 0.0, "all-linear").save_pretrained(tmp_path / "adapter")
+    model, _ = load.load_for_inference("tiny-random", str(tmp_path / "adapter"), precision="bf16")
+    assert asked == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

@@ -494,6 +494,13 @@ def test_training_rms_norm_and_swiglu_gradients_are_as_close_to_float64_as_torch
     for t, e, torch_error in zip((gate, up), (exact_gate, exact_up), torch_errors, strict=True):
         assert (t.grad.double() - e.grad).abs().max() <= torch_error * 1.01
 
+    # gate and up side by side in one tensor (a joined gate|up projection's output): the same numbers
+    gate_up = torch.cat([gate.detach(), up.detach()], 1).requires_grad_(True)
+    product = native.joined_swiglu(gate_up)
+    assert product is not None and torch.equal(product, native._SiluMul.apply(gate, up, kernels))
+    product.backward(grad)
+    assert torch.equal(gate_up.grad, torch.cat([gate.grad, up.grad], 1))
+
 
 @needs_kernels
 def test_a_bf16_lora_models_loss_and_gradients_with_native_layers_match_its_own(kernels) -> None:

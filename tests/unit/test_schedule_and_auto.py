@@ -80,3 +80,32 @@ def test_teardown_exits_when_leaving_the_process_group_hangs(tmp_path) -> None:
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "returned" not in proc.stdout, proc.stderr[-2000:]
     assert "exiting without it" in proc.stderr
+
+
+def test_the_fused_optimizer_updates_as_the_loop_does_and_advances_the_weights_versions() -> None:
+    """The run's AdamW on torch's fused kernel: the same update as torch's loop to float rounding, and each
+    step advances the updated weights' version counters (the fused kernel alone does not), which the
+    decoding engine reads to know that the policy it samples from changed."""
+    import torch
+
+    from tunery.models.decode import weights_version
+    from tunery.run.lifecycle import adamw
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2))
+    model[1].requires_grad_(False)
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in model[0].parameters()]
+    ours = adamw([p for p in model.parameters() if p.requires_grad], 1e-2, 0.01)
+    theirs = torch.optim.AdamW(twin, lr=1e-2, weight_decay=0.01, foreach=False)
+    assert ours.defaults["fused"]
+    frozen = model[1].weight._version
+    for step in range(3):
+        before = weights_version(model)
+        grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(step)) for p in twin]
+        for p, t, g in zip(model[0].parameters(), twin, grads, strict=True):
+            p.grad, t.grad = g.clone(), g.clone()
+        ours.step(), theirs.step()
+        assert weights_version(model) != before
+        for p, t in zip(model[0].parameters(), twin, strict=True):
+            assert torch.allclose(p, t, rtol=1e-6, atol=1e-7)
+    assert model[1].weight._version == frozen  # not stepped

@@ -75,7 +75,7 @@ class LocalSite:
         """`local_steps` steps from the global adapter `state`; returns the reply's metrics."""
         run, cfg = self.run, self.cfg
         load_trainable(run.model, state)
-        run.optimizer = torch.optim.AdamW(run.trainable, lr=run.plan.lr, weight_decay=cfg.weight_decay)
+        run.optimizer = lifecycle.adamw(run.trainable, run.plan.lr, cfg.weight_decay)
         anchor = [p.detach().clone() for p in run.trainable] if proximal_mu > 0 else []
 
         def proximal() -> None:  # FedProx: the gradient of (mu / 2) ||w - w_global||^2

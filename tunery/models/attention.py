@@ -262,9 +262,11 @@ def _batched_attention(
     items, n_q = batch.queries.shape
     n_k = batch.keys.shape[1]
 
+    # index_select rather than indexing: its backward is an index_add, ~2.4x faster forward and backward
+    # than the accumulating index_put of indexing's (measured: 9 items of 80 keys out of 353 rows, bf16)
     def gathered(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # (S, heads, L, D)
         rows = F.pad(t[0].transpose(0, 1), (0, 0, 0, 0, 0, 1))  # (T + 1, heads, D), the last row zeros
-        return rows[index].transpose(1, 2)
+        return rows.index_select(0, index.flatten()).view(*index.shape, *rows.shape[1:]).transpose(1, 2)
 
     q = gathered(query, batch.queries).reshape(items * kv_heads, group * n_q, dim)
     k = gathered(key, batch.keys).reshape(items * kv_heads, n_k, dim)
@@ -276,7 +278,7 @@ def _batched_attention(
     probs = scores.softmax(-1).view(items * kv_heads, group * n_q, n_k)
     out = torch.bmm(probs, v).view(items, heads, n_q, dim).transpose(1, 2).reshape(items * n_q, heads, dim)
     out = F.pad(out, (0, 0, 0, 0, 0, 1))  # the padding tail's zero row
-    return out[batch.outputs].unsqueeze(0)
+    return out.index_select(0, batch.outputs).unsqueeze(0)
 
 
 def _capped_attention(

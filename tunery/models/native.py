@@ -128,6 +128,9 @@ class Kernels:
         self._silu_mul_backward = library.tunery_silu_mul_backward
         self._silu_mul_backward.restype = None
         self._silu_mul_backward.argtypes = [pointer] * 5 + [size]
+        self._silu_mul_joined_backward = library.tunery_silu_mul_joined_backward
+        self._silu_mul_joined_backward.restype = None
+        self._silu_mul_joined_backward.argtypes = [pointer] * 3 + [size] * 2
         self._tile_linear = library.tunery_tile_linear
         self._tile_linear.restype = ctypes.c_int
         self._tile_linear.argtypes = [pointer] * 3 + [size] * 3
@@ -467,6 +470,15 @@ class Kernels:
         self._silu_mul_apart(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel())
         return out
 
+    def silu_mul_joined_backward(self, gate_up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient of `gate_up` (rows, 2 x width) through `silu_mul`, in the same layout."""
+        rows, double = gate_up.shape
+        if not (_native_ok(gate_up, grad) and double % 2 == 0 and grad.shape == (rows, double // 2)):
+            raise ValueError("native SwiGLU's gradient: tensors not laid out as the kernel reads them")
+        out = torch.empty_like(gate_up)
+        self._silu_mul_joined_backward(gate_up.data_ptr(), grad.data_ptr(), out.data_ptr(), rows, double // 2)
+        return out
+
     def silu_mul_backward(
         self, gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -654,6 +666,33 @@ class _SiluMul(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         grad_gate, grad_up = ctx.kernels.silu_mul_backward(gate, up, grad.contiguous())
         return grad_gate, grad_up, None
+
+
+class _SiluMulJoined(torch.autograd.Function):
+    """`_SiluMul` over gate and up side by side in one tensor (rows, 2 x width), as a joined gate|up
+    projection (models/lora.py) writes them; the gradient comes back in that layout, as its backward reads
+    it (no split on the way in, no concatenation on the way back)."""
+
+    @staticmethod
+    def forward(ctx: Any, gate_up: torch.Tensor, kernels: Kernels) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(gate_up)
+        ctx.kernels = kernels
+        return kernels.silu_mul(gate_up)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        (gate_up,) = ctx.saved_tensors
+        return ctx.kernels.silu_mul_joined_backward(gate_up, grad.contiguous()), None
+
+
+def joined_swiglu(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up for `gate_up` (..., 2 x width), gate first, on the native kernels; None where they
+    cannot run it (no kernels on this CPU, not bf16, not contiguous)."""
+    kernels = decode_kernels()
+    flat = gate_up.reshape(-1, gate_up.shape[-1])
+    if kernels is None or not _native_ok(flat) or flat.shape[1] % 2:
+        return None
+    return _SiluMulJoined.apply(flat, kernels).view(*gate_up.shape[:-1], flat.shape[1] // 2)  # type: ignore[no-any-return]
 
 
 def _norm_forward(self: Any, x: torch.Tensor) -> torch.Tensor:

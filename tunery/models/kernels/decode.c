@@ -346,6 +346,25 @@ void tunery_silu_mul_backward(const uint16_t *gate, const uint16_t *up, const ui
     }
 }
 
+/* The same gradients for silu_mul's joined layout: gate_up and grad_gate_up (rows, 2 width), gate first */
+void tunery_silu_mul_joined_backward(const uint16_t *gate_up, const uint16_t *grad_out, uint16_t *grad_gate_up,
+                                     int64_t rows, int64_t width) {
+#pragma omp parallel for schedule(static) if (rows * width >= 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *gate = gate_up + r * 2 * width, *up = gate + width, *d_out = grad_out + r * width;
+        uint16_t *d_gate = grad_gate_up + r * 2 * width, *d_up = d_gate + width;
+        for (int64_t c = 0; c < width; c += 16) {
+            __mmask16 lanes = first_lanes(width - c);
+            __m512 g = load_bf16_masked(gate + c, lanes), u = load_bf16_masked(up + c, lanes);
+            __m512 d = load_bf16_masked(d_out + c, lanes), one = _mm512_set1_ps(1.0f);
+            __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            __m512 slope = _mm512_mul_ps(s, _mm512_fmadd_ps(g, _mm512_sub_ps(one, s), one));
+            store_bf16_masked(d_gate + c, _mm512_mul_ps(_mm512_mul_ps(d, u), slope), lanes);
+            store_bf16_masked(d_up + c, _mm512_mul_ps(d, _mm512_mul_ps(g, s)), lanes);
+        }
+    }
+}
+
 /* Linear layers on AMX tiles (Sapphire Rapids and later): out (m, n) = x (m, k) @ w^T, all bf16, summed in
  * fp32 and rounded once.
  *

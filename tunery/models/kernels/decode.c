@@ -331,37 +331,35 @@ void tunery_silu_mul_apart(const uint16_t *gate, const uint16_t *up, uint16_t *o
     }
 }
 
-/* Its gradients: grad_gate = g * up * s * (1 + gate * (1 - s)) with s = sigmoid(gate), grad_up = g * silu(gate) */
+/* Its gradients for up to 16 elements: grad_gate = g * up * s * (1 + gate * (1 - s)) with s = sigmoid(gate),
+ * grad_up = g * silu(gate) */
+static inline void silu_mul_grads(const uint16_t *gate, const uint16_t *up, const uint16_t *grad_out,
+                                  uint16_t *grad_gate, uint16_t *grad_up, __mmask16 lanes) {
+    __m512 g = load_bf16_masked(gate, lanes), u = load_bf16_masked(up, lanes);
+    __m512 d = load_bf16_masked(grad_out, lanes), one = _mm512_set1_ps(1.0f);
+    __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    __m512 slope = _mm512_mul_ps(s, _mm512_fmadd_ps(g, _mm512_sub_ps(one, s), one));
+    store_bf16_masked(grad_gate, _mm512_mul_ps(_mm512_mul_ps(d, u), slope), lanes);
+    store_bf16_masked(grad_up, _mm512_mul_ps(d, _mm512_mul_ps(g, s)), lanes);
+}
+
+/* The gradients of silu_mul_apart over n elements */
 void tunery_silu_mul_backward(const uint16_t *gate, const uint16_t *up, const uint16_t *grad_out, uint16_t *grad_gate,
                               uint16_t *grad_up, int64_t n) {
 #pragma omp parallel for schedule(static) if (n >= 65536)
-    for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 lanes = first_lanes(n - i);
-        __m512 g = load_bf16_masked(gate + i, lanes), u = load_bf16_masked(up + i, lanes);
-        __m512 d = load_bf16_masked(grad_out + i, lanes), one = _mm512_set1_ps(1.0f);
-        __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-        __m512 slope = _mm512_mul_ps(s, _mm512_fmadd_ps(g, _mm512_sub_ps(one, s), one));
-        store_bf16_masked(grad_gate + i, _mm512_mul_ps(_mm512_mul_ps(d, u), slope), lanes);
-        store_bf16_masked(grad_up + i, _mm512_mul_ps(d, _mm512_mul_ps(g, s)), lanes);
-    }
+    for (int64_t i = 0; i < n; i += 16)
+        silu_mul_grads(gate + i, up + i, grad_out + i, grad_gate + i, grad_up + i, first_lanes(n - i));
 }
 
-/* The same gradients for silu_mul's joined layout: gate_up and grad_gate_up (rows, 2 width), gate first */
+/* The same for silu_mul's joined layout: gate_up and grad_gate_up (rows, 2 width), gate first */
 void tunery_silu_mul_joined_backward(const uint16_t *gate_up, const uint16_t *grad_out, uint16_t *grad_gate_up,
                                      int64_t rows, int64_t width) {
 #pragma omp parallel for schedule(static) if (rows * width >= 65536)
     for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *gate = gate_up + r * 2 * width, *up = gate + width, *d_out = grad_out + r * width;
-        uint16_t *d_gate = grad_gate_up + r * 2 * width, *d_up = d_gate + width;
-        for (int64_t c = 0; c < width; c += 16) {
-            __mmask16 lanes = first_lanes(width - c);
-            __m512 g = load_bf16_masked(gate + c, lanes), u = load_bf16_masked(up + c, lanes);
-            __m512 d = load_bf16_masked(d_out + c, lanes), one = _mm512_set1_ps(1.0f);
-            __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-            __m512 slope = _mm512_mul_ps(s, _mm512_fmadd_ps(g, _mm512_sub_ps(one, s), one));
-            store_bf16_masked(d_gate + c, _mm512_mul_ps(_mm512_mul_ps(d, u), slope), lanes);
-            store_bf16_masked(d_up + c, _mm512_mul_ps(d, _mm512_mul_ps(g, s)), lanes);
-        }
+        const uint16_t *gate = gate_up + r * 2 * width, *d_out = grad_out + r * width;
+        uint16_t *d_gate = grad_gate_up + r * 2 * width;
+        for (int64_t c = 0; c < width; c += 16)
+            silu_mul_grads(gate + c, gate + width + c, d_out + c, d_gate + c, d_gate + width + c, first_lanes(width - c));
     }
 }
 
